@@ -1,0 +1,23 @@
+"""vqkit: vector quantization for PyTorch.
+
+The VQ-VAE quantizer layers (gradient-trained and EMA) on an exact, chunked
+nearest-code search that never builds the N x K distance matrix.
+"""
+
+from .metrics import code_counts, perplexity, usage_fraction
+from .quantizers import QuantizerOutput, VectorQuantizer, VectorQuantizerEMA
+from .search import nearest_code, squared_distances
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizerOutput",
+    "VectorQuantizer",
+    "VectorQuantizerEMA",
+    "code_counts",
+    "nearest_code",
+    "perplexity",
+    "squared_distances",
+    "usage_fraction",
+    "__version__",
+]

@@ -1,0 +1,38 @@
+"""Codebook-usage metrics computed from per-code counts.
+
+All functions take ``counts`` (K,), the number of vectors assigned to each
+code (from ``torch.bincount``), so no N x K one-hot is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["code_counts", "perplexity", "usage_fraction", "dead_codes"]
+
+
+def code_counts(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """Per-code counts (K,) int64 of an index tensor of any shape."""
+    return torch.bincount(indices.reshape(-1), minlength=num_embeddings)
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``exp(-sum_k p_k log p_k)`` with ``p = counts / sum(counts)``.
+
+    Ranges from 1 (one code used) to K (uniform usage). With no vectors at all
+    (an empty batch) every ``p_k`` is 0 and the perplexity is 1 by the
+    convention ``0 log 0 = 0``.
+    """
+    counts = counts.to(torch.float32)
+    p = counts / counts.sum().clamp(min=1.0)
+    return torch.exp(-torch.special.xlogy(p, p).sum())
+
+
+def usage_fraction(counts: torch.Tensor) -> torch.Tensor:
+    """Fraction of codes with at least one assigned vector (float32 scalar)."""
+    return (counts > 0).to(torch.float32).mean()
+
+
+def dead_codes(ema_counts: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Boolean mask (K,) of codes whose (EMA) count is below ``threshold``."""
+    return ema_counts < threshold

@@ -1,0 +1,191 @@
+"""Vector quantizer whose codebook follows exponential moving averages
+(van den Oord et al., 2017, appendix A.1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..codebook import all_reduce_sum, assignment_stats, ema_, laplace_smooth
+from ..metrics import code_counts
+from ..search import DEFAULT_SCRATCH_BYTES
+from .base import CodebookQuantizer, QuantizerOutput, mse_terms
+
+__all__ = ["VectorQuantizerEMA"]
+
+
+class VectorQuantizerEMA(CodebookQuantizer):
+    """Vector quantizer with an EMA-updated codebook and no codebook loss.
+
+    Each training step, after quantizing with the current codebook, the batch
+    statistics ``n_k`` (vectors assigned to code k) and ``s_k`` (their sum) update
+
+        N_k <- decay * N_k + (1 - decay) * n_k
+        m_k <- decay * m_k + (1 - decay) * s_k
+        e_k <- m_k / N~_k,   N~_k = (N_k + eps) / (n + K eps) * n,  n = sum_k N_k
+
+    (Laplace smoothing keeps ``N~_k > 0``). The loss is
+    ``commitment_cost * ||x - sg[e_k]||^2`` only.
+
+    EMA start (``zero_debias``):
+      * ``False`` (default): the statistics start as if every code had been seen
+        once at its initial position, ``N_k = 1`` and ``m_k = e_k``. A code that
+        is never chosen stays where it is (``m_k / N_k`` is unchanged by decay),
+        instead of being divided by a near-zero count and flung far away, which
+        is what the classic PyTorch port does with its independently initialised
+        ``ema_w``. Codes drift from their start towards the data at the EMA rate.
+      * ``True`` (Sonnet's choice): statistics start at zero and are divided by
+        ``1 - decay^t`` after t updates, so after step 1 every used code is
+        exactly the mean of its assigned vectors; codes unused so far sit at 0.
+
+    The codebook and the statistics are **buffers** (``codebook``,
+    ``cluster_size``, ``embed_sum``, ``num_updates``): nothing here is a
+    parameter, so no optimizer holds stale tensors and DDP sees no unused
+    parameter. Updates happen only in training mode and after the output has
+    been computed (the output uses the pre-update codebook); eval never changes
+    the codebook.
+
+    Distributed: in training mode, when ``torch.distributed`` is initialised
+    (checked at call time), ``n_k`` and ``s_k`` are summed over the process group
+    by one all-reduce before the update, so every rank computes the same
+    codebook from the global batch, and the returned perplexity/usage describe
+    the global batch. Every rank must then call ``forward`` in training mode
+    the same number of times (an empty local batch is fine).
+
+    Args:
+        num_embeddings, embedding_dim, commitment_cost: as in
+            :class:`~vqkit.VectorQuantizer`.
+        decay: EMA decay in [0, 1] (1 freezes the codebook).
+        epsilon: Laplace smoothing constant (> 0).
+        zero_debias: see above.
+        process_group: the group to sync statistics over (default: the world).
+        sync_stats: set False to keep per-rank codebooks (not recommended).
+        Other keyword arguments as in :class:`~vqkit.VectorQuantizer`.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        commitment_cost: float = 0.25,
+        decay: float = 0.99,
+        epsilon: float = 1e-5,
+        *,
+        zero_debias: bool = False,
+        process_group: dist.ProcessGroup | None = None,
+        sync_stats: bool = True,
+        channels_last: bool = False,
+        check_finite: bool = True,
+        max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+        search_backend: str = "torch",
+    ) -> None:
+        super().__init__(
+            num_embeddings,
+            embedding_dim,
+            channels_last=channels_last,
+            check_finite=check_finite,
+            max_scratch_bytes=max_scratch_bytes,
+            search_backend=search_backend,
+        )
+        if not isinstance(commitment_cost, (int, float)) or not commitment_cost >= 0:
+            raise ValueError(
+                f"commitment_cost must be a non-negative number; got {commitment_cost!r}"
+            )
+        if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must lie in [0, 1]; got {decay!r}")
+        if not isinstance(epsilon, (int, float)) or not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0; got {epsilon!r}")
+        if zero_debias and decay >= 1.0:
+            raise ValueError("zero_debias needs decay < 1 (the debias factor 1 - decay^t is 0)")
+        self.commitment_cost = float(commitment_cost)
+        self.decay = float(decay)
+        self.epsilon = float(epsilon)
+        self.zero_debias = bool(zero_debias)
+        self.process_group = process_group
+        self.sync_stats = bool(sync_stats)
+        k, d = num_embeddings, embedding_dim
+        self.register_buffer("codebook", torch.empty(k, d))
+        self.register_buffer("cluster_size", torch.empty(k))
+        self.register_buffer("embed_sum", torch.empty(k, d))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Codebook ~ N(0, 1) (as in the classic EMA code); statistics reset."""
+        with torch.no_grad():
+            self.codebook.normal_()
+        self.reset_statistics()
+
+    @torch.no_grad()
+    def reset_statistics(self) -> None:
+        """Restart the EMA from the current codebook (call after setting it by hand)."""
+        self.num_updates.zero_()
+        if self.zero_debias:
+            self.cluster_size.zero_()
+            self.embed_sum.zero_()
+        else:
+            self.cluster_size.fill_(1.0)
+            self.embed_sum.copy_(self.codebook)
+
+    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+        self._validate(x, self.codebook.device)
+        flat = self.to_flat(x)
+        indices, distances = self._assign(flat)
+        quantized_flat = F.embedding(indices, self.codebook)  # pre-update codebook
+        commitment = mse_terms(flat, quantized_flat)["commitment"]
+        if self.training:
+            counts = self.update_codebook(flat, indices)[0].long()
+        else:
+            counts = code_counts(indices, self.num_embeddings)
+        losses = {"commitment": commitment}
+        return self._output(
+            x,
+            flat,
+            quantized_flat,
+            indices,
+            distances,
+            counts,
+            losses,
+            self.commitment_cost * commitment,
+        )
+
+    @torch.no_grad()
+    def update_codebook(
+        self, flat: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One EMA step from a batch ``flat`` (N, D) and its ``indices`` (N,).
+
+        Returns the (globally summed, when distributed) counts (K,) and sums (K, D).
+        """
+        counts, sums = assignment_stats(flat, indices, self.num_embeddings)
+        if self.sync_stats:
+            counts, sums = all_reduce_sum([counts, sums], self.process_group)
+        if self.decay < 1.0:
+            ema_(self.cluster_size, counts, self.decay)
+            ema_(self.embed_sum, sums, self.decay)
+        self.num_updates += 1
+        cluster_size, embed_sum = self.cluster_size, self.embed_sum
+        if self.zero_debias:
+            bias = 1.0 - torch.pow(
+                torch.tensor(self.decay, dtype=torch.float64, device=flat.device),
+                self.num_updates,
+            ).to(torch.float32)
+            cluster_size = cluster_size / bias
+            embed_sum = embed_sum / bias
+        smoothed = laplace_smooth(cluster_size, self.epsilon)
+        # Nothing observed yet (a globally empty first batch): keep the codebook.
+        new = torch.where(
+            (smoothed > 0).unsqueeze(1),
+            embed_sum / smoothed.clamp(min=1e-30).unsqueeze(1),
+            self.codebook,
+        )
+        self.codebook.copy_(new)
+        return counts, sums
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{super().extra_repr()}, commitment_cost={self.commitment_cost}, "
+            f"decay={self.decay}, epsilon={self.epsilon}"
+        )
+        return s + (", zero_debias=True" if self.zero_debias else "")
