@@ -1,0 +1,93 @@
+"""Reconstruction quality and codebook usage of a VQ-VAE on a dataset split."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .data import ImageData, normalize
+from .metrics import perplexity
+from .models import VQVAE
+
+__all__ = ["evaluate"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: VQVAE,
+    data: ImageData,
+    *,
+    data_variance: float,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    batch_perplexity_size: int = 32,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (in eval mode; the codebook is not touched) on ``data``.
+
+    Returns a dict:
+      * ``mse``: mean squared error per pixel on the model's scale ([-0.5, 0.5]),
+        reconstructions unclamped (the quantity the model is trained on);
+      * ``nmse``: ``mse / data_variance`` (the training set's variance);
+      * ``psnr``: dB, from the MSE of reconstructions clamped to the valid range
+        (peak 1.0, the image a person sees);
+      * ``perplexity``: of the code usage pooled over the whole split;
+      * ``batch_perplexity``: mean perplexity over consecutive groups of
+        ``batch_perplexity_size`` images (the training-time figure);
+      * ``codes_used``, ``usage``: codes used at least once, and that over K;
+      * ``counts``: per-code counts (list), ``num_images``.
+    """
+    if not data_variance > 0:
+        raise ValueError(f"data_variance must be > 0; got {data_variance}")
+    was_training = model.training
+    model.eval()
+    k = model.config.num_embeddings
+    n = len(data) if limit is None else min(limit, len(data))
+    if n == 0:
+        raise ValueError(f"nothing to evaluate: the split '{data.split}' of {data.source} is empty")
+    counts = torch.zeros(k, dtype=torch.int64)
+    sq_err = 0.0
+    sq_err_clamped = 0.0
+    n_pix = 0
+    batch_ppl: list[float] = []
+    step = max(batch_size, batch_perplexity_size)
+    step -= step % batch_perplexity_size
+    iterator = range(0, n, step)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="eval", unit="batch", leave=False)
+    try:
+        for i in iterator:
+            x = normalize(data.images[i : min(n, i + step)].to(device))
+            out = model(x)
+            diff = out.recon - x
+            sq_err += float(diff.double().pow(2).sum())
+            sq_err_clamped += float((out.recon.clamp(-0.5, 0.5) - x).double().pow(2).sum())
+            n_pix += x.numel()
+            idx = out.vq.indices.reshape(x.shape[0], -1).cpu()
+            counts += torch.bincount(idx.reshape(-1), minlength=k)
+            # full groups only, so every figure is over the same number of images
+            for j in range(0, x.shape[0] - batch_perplexity_size + 1, batch_perplexity_size):
+                group = idx[j : j + batch_perplexity_size].reshape(-1)
+                batch_ppl.append(float(perplexity(torch.bincount(group, minlength=k))))
+    finally:
+        model.train(was_training)
+    mse = sq_err / n_pix
+    mse_c = sq_err_clamped / n_pix
+    used = int((counts > 0).sum())
+    return {
+        "num_images": n,
+        "mse": mse,
+        "nmse": mse / data_variance,
+        "psnr": 10.0 * math.log10(1.0 / mse_c) if mse_c > 0 else float("inf"),
+        "perplexity": float(perplexity(counts)),
+        "batch_perplexity": sum(batch_ppl) / len(batch_ppl) if batch_ppl else float("nan"),
+        "codes_used": used,
+        "usage": used / k,
+        "data_variance": data_variance,
+        "counts": counts.tolist(),
+    }

@@ -1,0 +1,137 @@
+"""Pictures a person opens: reconstruction grids (Pillow), training curves and
+codebook-usage histograms (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write
+
+__all__ = ["image_grid", "save_images", "save_recon_grid", "plot_curves", "plot_usage"]
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-0.5, 0.5] -> uint8 (B, H, W, C)."""
+    x = ((x.detach().float().cpu() + 0.5).clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
+    """Tile rows of images (each (B, C, H, W), [-0.5, 0.5]) into one uint8 picture."""
+    imgs = [_to_uint8(r) for r in rows]
+    b = max(r.shape[0] for r in imgs)
+    h, w, c = imgs[0].shape[1:]
+    grid = np.full((len(imgs) * (h + pad) + pad, b * (w + pad) + pad, c), 255, np.uint8)
+    for i, row in enumerate(imgs):
+        for j, im in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y : y + h, x : x + w] = im
+    return grid
+
+
+def _save_png(array: np.ndarray, path: str | os.PathLike[str], scale: int = 1) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_recon_grid(
+    originals: torch.Tensor,
+    recons: torch.Tensor,
+    path: str | os.PathLike[str],
+    per_row: int = 16,
+    scale: int = 2,
+) -> None:
+    """PNG with originals above their reconstructions, ``per_row`` images per row."""
+    rows = []
+    for i in range(0, originals.shape[0], per_row):
+        rows += [originals[i : i + per_row], recons[i : i + per_row]]
+    _save_png(image_grid(rows), path, scale)
+
+
+def save_images(images: torch.Tensor, paths: Sequence[str | os.PathLike[str]]) -> None:
+    """One PNG per image (B, C, H, W) in [-0.5, 0.5]."""
+    for im, p in zip(_to_uint8(images), paths, strict=True):
+        _save_png(im, p)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_fig(fig: Any, path: str | os.PathLike[str]) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def plot_curves(metrics_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Training curves from a metrics JSONL file: loss, reconstruction NMSE,
+    perplexity and codebook usage against step (train and eval records)."""
+    train: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    for line in Path(metrics_path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            (evals if rec.get("kind") == "eval" else train).append(rec)
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    panels = [
+        ("loss", "total loss", True),
+        ("recon_nmse", "reconstruction NMSE", True),
+        ("perplexity", "batch perplexity", False),
+        ("window_usage", "codes used (window)", False),
+    ]
+    for ax, (key, title, log) in zip(axes.flat, panels, strict=True):
+        xs = [r["step"] for r in train if key in r]
+        ax.plot(xs, [r[key] for r in train if key in r], label="train")
+        ekey = {
+            "recon_nmse": "nmse",
+            "perplexity": "batch_perplexity",
+            "window_usage": "usage",
+        }.get(key)
+        if ekey and evals:
+            ax.plot([r["step"] for r in evals], [r[ekey] for r in evals], "o-", label="eval")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if log and xs:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_usage(counts: Sequence[int], path: str | os.PathLike[str], title: str = "") -> None:
+    """Codebook-usage histogram: per-code counts sorted by frequency (log scale)."""
+    c = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
+    k = len(c)
+    used = int((c > 0).sum())
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.bar(np.arange(k), np.maximum(c, 0.5), width=1.0, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("code rank (most used first)")
+    ax.set_ylabel("assignments")
+    p = c / max(c.sum(), 1)
+    nz = p[p > 0]
+    ppl = float(np.exp(-(nz * np.log(nz)).sum())) if nz.size else 1.0
+    ax.set_title(f"{title} codes used {used}/{k}, perplexity {ppl:.1f}".strip())
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
