@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -149,6 +151,32 @@ class _Window:
         return out
 
 
+class _DeferredInterrupt:
+    """Within the block, the first SIGINT only sets ``requested`` (the loop stops at
+    the next step boundary); a second one interrupts at once. Only in the main
+    thread, where Python delivers signals."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.completed_step = True
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 class Trainer:
     """Owns one training run. ``Trainer(config).fit()``; see the module docstring."""
 
@@ -249,7 +277,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.optimizer.step()
-        values = {k: float(v) for k, v in terms.items()}
+        values = {k: float(v.detach()) for k, v in terms.items()}
         values["perplexity"] = float(out.vq.perplexity)
         values["usage"] = float(out.vq.usage)
         return values, out.vq.counts
@@ -266,22 +294,18 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(
-            json.dumps(
-                {
-                    "train": asdict(cfg),
-                    "model": self.model_config.to_dict(),
-                    "data": {
-                        "train": self.train_data.describe(),
-                        "eval": self.eval_data.describe(),
-                        "data_variance": self.data_variance,
-                    },
-                    "device": str(self.device),
-                    "torch": torch.__version__,
-                },
-                indent=2,
-            )
-        )
+        run_info = {
+            "train": asdict(cfg),
+            "model": self.model_config.to_dict(),
+            "data": {
+                "train": self.train_data.describe(),
+                "eval": self.eval_data.describe(),
+                "data_variance": self.data_variance,
+            },
+            "device": str(self.device),
+            "torch": torch.__version__,
+        }
+        (self.out / "config.json").write_text(json.dumps(run_info, indent=2))
         window = _Window(self.model_config.num_embeddings)
         bar = None
         if cfg.progress:
@@ -290,39 +314,17 @@ class Trainer:
             bar = tqdm(
                 total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
             )
+        stop = _DeferredInterrupt()
+        self._loader_state = self.loader.state_dict()
         try:
-            while self.step < cfg.steps:
-                x, _ = self.loader.next_batch()
-                values, counts = self.train_step(x)
-                self.step += 1
-                window.add(values, counts, x.shape[0])
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"loss became {values['loss']} at step {self.step}; lower the learning rate"
-                    )
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{values['loss']:.4f}",
-                        nmse=f"{values['recon_nmse']:.4f}",
-                        ppl=f"{values['perplexity']:.1f}",
-                        used=f"{values['usage']:.2f}",
-                        refresh=False,
-                    )
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._log(
-                        {
-                            "kind": "train",
-                            "step": self.step,
-                            "epoch": self.loader.epoch,
-                            **window.summary(),
-                        }
-                    )
-                    window.reset()
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    self._periodic_eval()
-                    self.save()
+            with stop:
+                self._loop(bar, window, stop)
         except KeyboardInterrupt:
+            # Ctrl-C is deferred to a step boundary, so model, optimizer and loader
+            # agree. A hard interrupt inside a step (second Ctrl-C) rewinds the
+            # loader to before that step's draw, so the batch is drawn again on resume.
+            if not stop.completed_step:
+                self.loader.load_state_dict(self._loader_state)
             self.save()
             if bar is not None:
                 bar.close()
@@ -333,6 +335,45 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self.finish()
+
+    def _loop(self, bar: Any, window: _Window, stop: _DeferredInterrupt) -> None:
+        cfg = self.config
+        while self.step < cfg.steps:
+            stop.completed_step = False
+            self._loader_state = self.loader.state_dict()
+            x, _ = self.loader.next_batch()
+            values, counts = self.train_step(x)
+            self.step += 1
+            stop.completed_step = True
+            window.add(values, counts, x.shape[0])
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(
+                    f"loss became {values['loss']} at step {self.step}; lower the learning rate"
+                )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{values['loss']:.4f}",
+                    nmse=f"{values['recon_nmse']:.4f}",
+                    ppl=f"{values['perplexity']:.1f}",
+                    used=f"{values['usage']:.2f}",
+                    refresh=False,
+                )
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(
+                    {
+                        "kind": "train",
+                        "step": self.step,
+                        "epoch": self.loader.epoch,
+                        **window.summary(),
+                    }
+                )
+                window.reset()
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self._periodic_eval()
+                self.save()
+            if stop.requested:
+                raise KeyboardInterrupt
 
     def _periodic_eval(self) -> None:
         result = self.evaluate(limit=self.config.eval_images)
