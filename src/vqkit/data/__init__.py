@@ -1,0 +1,211 @@
+"""Datasets for VQ-VAE training, without torchvision.
+
+Formats:
+
+* CIFAR-10 python (``cifar-10-python.tar.gz`` or ``cifar-10-batches-py/``): :func:`load_cifar10`
+* image folders (PNG/JPEG tree, optionally class and split subfolders, or a tar of one):
+  :func:`load_image_folder`
+* idx (MNIST / Fashion-MNIST, raw or .gz): :func:`load_idx`, :func:`read_idx`
+* the built-in set shipped in ``vqkit/assets`` (a Fashion-MNIST subset): :func:`load_builtin`
+
+:func:`load_dataset` picks the format from the source. Every loader returns an
+:class:`ImageData` (uint8 (N, C, H, W) images + int64 labels), which :class:`BatchLoader`
+turns into endless, resumable, shardable float batches in [-0.5, 0.5].
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Literal
+
+from ._cache import CACHE_ENV, default_cache_dir, resolve_cache_dir
+from ._core import ImageData, data_variance, denormalize, normalize
+from .cifar import (
+    CIFAR10_ARCHIVE,
+    CIFAR10_FOLDER,
+    CIFAR10_MD5,
+    CIFAR10_URL,
+    DatasetDownloadError,
+    download_cifar10,
+    load_cifar10,
+    verify_cifar10_archive,
+)
+from .idx import FASHION_MNIST_CLASSES, load_idx, read_idx
+from .imagefolder import is_tar_path, load_image_folder
+from .loader import BatchLoader, epoch_permutation, iterate_batches
+
+__all__ = [
+    "BUILTIN_DIR",
+    "CACHE_ENV",
+    "CIFAR10_MD5",
+    "CIFAR10_URL",
+    "FASHION_MNIST_DIR",
+    "BatchLoader",
+    "DatasetDownloadError",
+    "DatasetFormat",
+    "ImageData",
+    "data_variance",
+    "default_cache_dir",
+    "denormalize",
+    "detect_format",
+    "download_cifar10",
+    "epoch_permutation",
+    "iterate_batches",
+    "load_builtin",
+    "load_cifar10",
+    "load_dataset",
+    "load_idx",
+    "load_image_folder",
+    "normalize",
+    "read_idx",
+    "verify_cifar10_archive",
+]
+
+DatasetFormat = Literal["auto", "builtin", "cifar10", "idx", "imagefolder"]
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
+
+_FORMATS_HELP = (
+    "expected one of: 'builtin' (or None); a CIFAR-10 python archive (cifar-10-python.tar.gz) "
+    "or its cifar-10-batches-py/ folder; a directory of idx files (train-images-idx3-ubyte"
+    "[.gz], ...); a folder of PNG/JPEG images (optionally in class and split subfolders) or "
+    "a .tar/.tar.gz/.tgz of one; or the names 'cifar10' / 'fashion-mnist'"
+)
+
+
+def load_builtin(
+    split: str = "train", *, image_size: int | None = None, channels: int | None = None
+) -> ImageData:
+    """The built-in dataset: 5000 train / 1000 test Fashion-MNIST images, 1 x 28 x 28.
+
+    Returns images (N, 1, 28, 28) uint8 unless ``channels``/``image_size`` say otherwise.
+    See ``vqkit/assets/README.md`` for provenance and licence (MIT).
+    """
+    data = load_idx(
+        BUILTIN_DIR, split, image_size=image_size, channels=channels, classes=FASHION_MNIST_CLASSES
+    )
+    return ImageData(data.images, data.labels, data.classes, "builtin", data.split)
+
+
+def _tar_looks_like_cifar(path: Path) -> bool:
+    names = {"data_batch_1", "test_batch", "batches.meta"}
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for i, m in enumerate(tf):
+                if m.name.rsplit("/", 1)[-1] in names:
+                    return True
+                if i >= 20:  # the batches come first in the official archive
+                    return False
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: corrupt or truncated archive ({e})") from e
+    return False
+
+
+def detect_format(source: str | os.PathLike[str]) -> str:
+    """The format :func:`load_dataset` would use for an existing path (no decoding).
+
+    Raises FileNotFoundError if the path does not exist and ValueError if it matches no
+    known format; both messages name the path.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset source not found: {path}; {_FORMATS_HELP}")
+    if path.is_dir():
+        if any(
+            (path / d / n).is_file()
+            for d in (".", CIFAR10_FOLDER)
+            for n in ("data_batch_1", "test_batch")
+        ):
+            return "cifar10"
+        if (path / CIFAR10_ARCHIVE).is_file():
+            return "cifar10"
+        if any(p.name.startswith(("train-images", "t10k-images")) for p in path.iterdir()):
+            return "idx"
+        return "imagefolder"
+    name = path.name.lower()
+    if name == CIFAR10_ARCHIVE:
+        return "cifar10"
+    if is_tar_path(path):
+        return "cifar10" if _tar_looks_like_cifar(path) else "imagefolder"
+    if "idx3-ubyte" in name or "idx1-ubyte" in name:
+        return "idx"
+    raise ValueError(f"{path}: unrecognised dataset file; {_FORMATS_HELP}")
+
+
+def load_dataset(
+    source: str | os.PathLike[str] | None = None,
+    split: str = "train",
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    format: DatasetFormat = "auto",
+    download: bool = True,
+    num_workers: int | None = None,
+) -> ImageData:
+    """Load one split of a dataset as ImageData: uint8 images (N, C, H, W), int64 labels (N,).
+
+    ``source``: None or "builtin" (the shipped Fashion-MNIST subset), a path (CIFAR-10
+    python archive/folder, idx directory, image folder or tar of one; detected
+    automatically, or fixed with ``format``), or the name "cifar10" (looked up in the cache
+    directory, downloaded there if ``download``) or "fashion-mnist" (the Debian
+    dataset-fashion-mnist files). An existing path always wins over a name.
+
+    ``image_size``: shorter side resized to it, then centre-cropped square (Pillow bicubic).
+    ``channels``: 1 or 3 (None: the source's own). ``cache_dir``: decoded-data cache,
+    default ``$VQKIT_CACHE`` or ``~/.cache/vqkit``.
+    """
+    if format not in ("auto", "builtin", "cifar10", "idx", "imagefolder"):
+        raise ValueError(
+            f"unknown format {format!r}; use auto, builtin, cifar10, idx or imagefolder"
+        )
+    if (
+        source is None
+        or format == "builtin"
+        or (str(source) == "builtin" and not Path(source).exists())
+    ):
+        return load_builtin(split, image_size=image_size, channels=channels)
+    path = Path(source)
+    if not path.exists():
+        name = str(source).lower().replace("_", "-")
+        if name in ("cifar10", "cifar-10") and format in ("auto", "cifar10"):
+            cached = resolve_cache_dir(cache_dir)
+            for cand in (cached / CIFAR10_FOLDER, cached / CIFAR10_ARCHIVE):
+                if cand.exists():
+                    path = cand
+                    break
+            else:
+                if not download:
+                    raise FileNotFoundError(
+                        f"CIFAR-10 not found in {cached}: put {CIFAR10_ARCHIVE} (md5 "
+                        f"{CIFAR10_MD5}, from {CIFAR10_URL}) there, or pass its path"
+                    )
+                path = download_cifar10(cached)
+            format = "cifar10"
+        elif name in ("fashion-mnist", "fashionmnist") and format in ("auto", "idx"):
+            if not FASHION_MNIST_DIR.is_dir():
+                raise FileNotFoundError(
+                    f"Fashion-MNIST not found at {FASHION_MNIST_DIR}; install it with "
+                    "'apt-get install dataset-fashion-mnist' or pass a directory of idx files"
+                )
+            path, format = FASHION_MNIST_DIR, "idx"
+        else:
+            raise FileNotFoundError(f"dataset source not found: {path}; {_FORMATS_HELP}")
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "cifar10":
+        return load_cifar10(
+            path, split, image_size=image_size, channels=channels, cache_dir=cache_dir
+        )
+    if fmt == "idx":
+        return load_idx(path, split, image_size=image_size, channels=channels)
+    return load_image_folder(
+        path,
+        split,
+        image_size=image_size,
+        channels=channels,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+    )
