@@ -131,6 +131,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3 writes bytes in protocol-2 pickles as _codecs.encode(str, "latin1").
+        ("_codecs", "encode"),
+        ("builtins", "bytes"),
+        ("__builtin__", "bytes"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -259,7 +263,7 @@ def load_cifar10(
     else:
         assert archive is not None
         raw = _read_from_archive(archive, names)
-    parts = [_parse_batch(_unpickle(raw[n], n), f"{path}:{n}") for n in names]
+    parts = [_parse_batch(_unpickle(raw[n], f"{path}:{n}"), f"{path}:{n}") for n in names]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     images = np.ascontiguousarray(transform_array(images, channels, image_size))
