@@ -145,6 +145,7 @@ def load_dataset(
     format: DatasetFormat = "auto",
     download: bool = True,
     num_workers: int | None = None,
+    cache: bool = True,
 ) -> ImageData:
     """Load one split of a dataset as ImageData: uint8 images (N, C, H, W), int64 labels (N,).
 
@@ -156,7 +157,8 @@ def load_dataset(
 
     ``image_size``: shorter side resized to it, then centre-cropped square (Pillow bicubic).
     ``channels``: 1 or 3 (None: the source's own). ``cache_dir``: decoded-data cache,
-    default ``$VQKIT_CACHE`` or ``~/.cache/vqkit``.
+    default ``$VQKIT_CACHE`` or ``~/.cache/vqkit``; ``cache=False`` neither reads nor writes
+    it. ``num_workers``: image-folder decode processes (None: automatic).
     """
     if format not in ("auto", "builtin", "cifar10", "idx", "imagefolder"):
         raise ValueError(
@@ -197,7 +199,12 @@ def load_dataset(
     fmt = detect_format(path) if format == "auto" else format
     if fmt == "cifar10":
         return load_cifar10(
-            path, split, image_size=image_size, channels=channels, cache_dir=cache_dir
+            path,
+            split,
+            image_size=image_size,
+            channels=channels,
+            cache_dir=cache_dir,
+            cache=cache,
         )
     if fmt == "idx":
         return load_idx(path, split, image_size=image_size, channels=channels)
@@ -208,4 +215,5 @@ def load_dataset(
         channels=channels,
         cache_dir=cache_dir,
         num_workers=num_workers,
+        cache=cache,
     )
