@@ -100,8 +100,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    import torch
-
     from .checkpoint import load_checkpoint, load_model
     from .train import resolve_device
 
@@ -114,7 +112,6 @@ def _load(args: argparse.Namespace):
             "data_variance": ckpt.get("data_variance"),
             "train_config": ckpt.get("train_config", {}),
         }
-    torch.set_grad_enabled(False)
     return model, meta, device
 
 
@@ -242,10 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": _train, "eval": _eval, "encode": _encode, "decode": _decode}
+    import torch
+
     from .checkpoint import CheckpointError
 
     try:
-        return handler[args.command](args)
+        if args.command == "train":
+            return handler[args.command](args)
+        with torch.no_grad():  # scoped: in-process callers keep their grad mode
+            return handler[args.command](args)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         print(f"vqkit {args.command}: error: {e}", file=sys.stderr)
         return 2

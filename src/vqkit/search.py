@@ -5,8 +5,9 @@ The distance between a query ``x`` and a code ``e`` is expanded as
     ||x - e||^2 = ||x||^2 + ||e||^2 - 2 x.e
 
 The cross term is a GEMM. The search walks over tiles of queries (rows) and codes
-(columns); for each tile ``||e||^2 - 2 x.e`` is written by one ``addmm`` into a
-scratch buffer that is reused for every tile, reduced to a per-row minimum, and
+(columns); for each tile ``||e||^2 - 2 x.e`` is written by one GEMM of augmented
+operands ``[x, 1] . [-2e, ||e||^2]^T`` into a scratch buffer that is reused for
+every tile (no separate bias pass), reduced to a per-row minimum, and
 merged into a running best. ``||x||^2`` is constant along a row, so it is added
 only to the N winning values at the end, which are then clamped at 0 (the
 expansion can go slightly negative through cancellation).
@@ -125,21 +126,30 @@ def _row_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _nearest_torch(
     x: torch.Tensor, codebook: torch.Tensor, code_sqnorm: torch.Tensor, max_scratch_bytes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n, k = x.shape[0], codebook.shape[0]
+    n, d = x.shape
+    k = codebook.shape[0]
     tile_n, tile_k = _tile_sizes(n, k, max_scratch_bytes)
+    # ||e||^2 - 2 x.e as ONE plain GEMM of augmented operands [x, 1] . [-2e, ||e||^2]^T.
+    # addmm(bias, ...) would first copy the broadcast bias into every tile, a full
+    # extra pass over the tile that cost more than the GEMM itself at small D and K.
+    xa = torch.empty(n, d + 1, dtype=torch.float32, device=x.device)
+    xa[:, :d] = x
+    xa[:, d] = 1.0
+    ea = torch.empty(k, d + 1, dtype=torch.float32, device=x.device)
+    torch.mul(codebook, -2.0, out=ea[:, :d])
+    ea[:, d] = code_sqnorm
     scratch = torch.empty(tile_n * tile_k, dtype=torch.float32, device=x.device)
     best_val = torch.empty(n, dtype=torch.float32, device=x.device)
     best_idx = torch.empty(n, dtype=torch.int64, device=x.device)
     for r0 in range(0, n, tile_n):
         r1 = min(n, r0 + tile_n)
-        xb = x[r0:r1]
+        xb = xa[r0:r1]
         run_val = best_val[r0:r1]
         run_idx = best_idx[r0:r1]
         for c0 in range(0, k, tile_k):
             c1 = min(k, c0 + tile_k)
             s = scratch[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-            # s = ||e||^2 - 2 x.e  (||x||^2 is added to the winners only)
-            torch.addmm(code_sqnorm[c0:c1], xb, codebook[c0:c1].t(), beta=1.0, alpha=-2.0, out=s)
+            torch.mm(xb, ea[c0:c1].t(), out=s)  # ||x||^2 is added to the winners only
             val, idx = _row_min(s)
             if c0 == 0:
                 run_val.copy_(val)
