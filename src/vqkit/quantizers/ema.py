@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -112,9 +114,13 @@ class VectorQuantizerEMA(CodebookQuantizer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Codebook ~ N(0, 1) (as in the classic EMA code); statistics reset."""
+        """Codebook ~ uniform(-sqrt(3/D), sqrt(3/D)) (Sonnet's variance scaling: codes of
+        about unit norm, the scale of a freshly initialised encoder's output); statistics
+        reset. The classic PyTorch port's N(0, 1) codes have norm ~sqrt(D), so at the
+        start nearly every vector picks the one code of smallest norm."""
+        bound = math.sqrt(3.0 / self.embedding_dim)
         with torch.no_grad():
-            self.codebook.normal_()
+            self.codebook.uniform_(-bound, bound)
         self.reset_statistics()
 
     @torch.no_grad()
