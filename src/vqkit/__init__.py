@@ -5,12 +5,13 @@ nearest-code search that never builds the N x K distance matrix.
 """
 
 from .metrics import code_counts, perplexity, usage_fraction
-from .quantizers import QuantizerOutput, VectorQuantizer, VectorQuantizerEMA
+from .quantizers import FSQ, QuantizerOutput, VectorQuantizer, VectorQuantizerEMA
 from .search import nearest_code, squared_distances
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FSQ",
     "QuantizerOutput",
     "VectorQuantizer",
     "VectorQuantizerEMA",

@@ -2,11 +2,13 @@
 
 from .base import BaseQuantizer, CodebookQuantizer, QuantizerOutput
 from .ema import VectorQuantizerEMA
+from .fsq import FSQ
 from .vq import VectorQuantizer
 
 __all__ = [
     "BaseQuantizer",
     "CodebookQuantizer",
+    "FSQ",
     "QuantizerOutput",
     "VectorQuantizer",
     "VectorQuantizerEMA",

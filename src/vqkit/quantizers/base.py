@@ -4,10 +4,18 @@ Layout convention (one place, every quantizer): inputs are channels-first,
 ``(B, C, *spatial)`` with ``C == embedding_dim`` (for images ``(B, C, H, W)``),
 unless the quantizer was built with ``channels_last=True``, in which case they are
 ``(B, *spatial, C)``. Internally every quantizer works on the flattened
-``(N, C)`` matrix with ``N = B * prod(spatial)``; indices come back shaped
-``(B, *spatial)``.
-"""
+``(N, C)`` matrix with ``N = B * prod(spatial)``; the output ``quantized`` has the
+input's shape, layout and dtype. Indices come back shaped ``(B, *spatial)``
+(one code per position: :class:`~vqkit.VectorQuantizer`, the EMA variant and
+:class:`~vqkit.quantizers.FSQ`, whose index is the mixed-radix number of its
+levels), or ``(B, *spatial, Q)`` for :class:`~vqkit.quantizers.ResidualVQ`
+(one index per stage, last axis). ``decode(indices)`` maps any of them straight
+back to the output space (after any out-projection), in the same layout.
 
+Precision: the search / rounding always runs in float32, also under
+``torch.autocast`` (the region is excluded from autocast); ``quantized`` is cast
+to the input's dtype and the loss terms are float32 scalars.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -25,6 +33,8 @@ __all__ = [
     "QuantizerOutput",
     "BaseQuantizer",
     "CodebookQuantizer",
+    "check_indices",
+    "fp32_region",
     "mse_terms",
     "straight_through",
 ]
@@ -39,12 +49,18 @@ class QuantizerOutput:
             the input (forward value = chosen codes, gradient = identity).
         loss: scalar, the weighted sum of ``losses``.
         perplexity: scalar, ``exp(entropy)`` of code usage in this batch.
-        indices: int64 ``(B, *spatial)`` chosen code per position.
-        losses: named unweighted loss terms (e.g. ``codebook``, ``commitment``).
+        indices: int64 ``(B, *spatial)`` chosen code per position
+            (``(B, *spatial, Q)`` for a Q-stage :class:`ResidualVQ`).
+        losses: named unweighted loss terms (e.g. ``codebook``, ``commitment``);
+            empty for quantizers without loss terms (FSQ, whose ``loss`` is 0).
         usage: scalar, fraction of the K codes used at least once in this batch.
-        counts: int64 (K,) number of positions assigned to each code.
-        distances: float32 ``(B, *spatial)`` squared distance to the chosen code.
+        counts: int64 (K,) number of positions assigned to each code ((Q, K) per
+            stage for ResidualVQ; None for an FSQ too large to bincount).
+        distances: float32 ``(B, *spatial)`` squared distance to the chosen code
+            (in the search space; None where there is no search).
         num_embeddings: K, needed to build ``encodings`` on demand.
+        stages: for ResidualVQ, each stage's own output (on that stage's
+            residual, flattened to (N, D)); None otherwise.
 
     Unpacks like the classic VQ-VAE module:
     ``loss, quantized, perplexity, encodings = vq(x)``. ``encodings`` is the
@@ -60,6 +76,7 @@ class QuantizerOutput:
     counts: torch.Tensor | None = None
     distances: torch.Tensor | None = None
     num_embeddings: int = 0
+    stages: list[QuantizerOutput] | None = None
 
     @property
     def encodings(self) -> torch.Tensor:
@@ -77,6 +94,32 @@ class QuantizerOutput:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def fp32_region(device: torch.device) -> torch.autocast:
+    """A region excluded from autocast: code there runs in the dtypes it is given
+    (the quantizers cast to float32 first), whatever autocast is active outside."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def check_indices(indices: torch.Tensor, device: torch.device, high: int, low: int = 0) -> None:
+    """Type, device and (outside compilation: one host sync) range checks of an index
+    tensor for ``decode``; valid values lie in ``[low, high)``."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor; got {type(indices).__name__}")
+    if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"indices must be an integer tensor; got dtype {indices.dtype}")
+    if indices.dim() < 1:
+        raise ValueError("indices must have at least a batch dimension: (B, *spatial)")
+    if indices.device != device:
+        raise ValueError(
+            f"indices are on {indices.device} but the codebook is on "
+            f"{device}; put both on the same device"
+        )
+    if not _compiling() and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < low or hi >= high:
+            raise ValueError(f"indices must lie in [{low}, {high}); got range [{lo}, {hi}]")
 
 
 class BaseQuantizer(nn.Module):
@@ -225,23 +268,7 @@ class CodebookQuantizer(BaseQuantizer):
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Map an index map (B, *spatial) back to codes in the input layout:
         (B, D, *spatial), or (B, *spatial, D) when ``channels_last``."""
-        if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"indices must be a torch.Tensor; got {type(indices).__name__}")
-        if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"indices must be an integer tensor; got dtype {indices.dtype}")
-        if indices.dim() < 1:
-            raise ValueError("indices must have at least a batch dimension: (B, *spatial)")
-        if indices.device != self.codebook.device:
-            raise ValueError(
-                f"indices are on {indices.device} but the codebook is on "
-                f"{self.codebook.device}; put both on the same device"
-            )
-        if not _compiling() and indices.numel() > 0:
-            lo, hi = int(indices.min()), int(indices.max())
-            if lo < 0 or hi >= self.num_embeddings:
-                raise ValueError(
-                    f"indices must lie in [0, {self.num_embeddings}); got range [{lo}, {hi}]"
-                )
+        check_indices(indices, self.codebook.device, self.num_embeddings)
         codes = F.embedding(indices.long(), self.codebook)  # (B, *spatial, D)
         return codes if self.channels_last else codes.movedim(-1, 1)
 
