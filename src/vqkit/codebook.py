@@ -9,11 +9,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .distributed import all_gather_rows, broadcast_
+from .search import DEFAULT_SCRATCH_BYTES, nearest_code
+
 __all__ = [
     "assignment_stats",
     "all_reduce_sum",
     "ema_",
+    "kmeans",
+    "kmeans_init",
+    "kmeans_plusplus",
     "laplace_smooth",
+    "sample_replacements",
     "world_size",
 ]
 
@@ -73,3 +80,150 @@ def laplace_smooth(cluster_size: torch.Tensor, epsilon: float) -> torch.Tensor:
     n = cluster_size.sum()
     k = cluster_size.shape[0]
     return (cluster_size + epsilon) / (n + k * epsilon) * n
+
+
+# -- data-dependent initialisation ------------------------------------------------
+
+
+def _sample_index(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index drawn with probability proportional to ``weights`` (uniform if all 0).
+    Drawn on the CPU, so a CPU ``generator`` works for data on any device."""
+    w = weights.detach().to("cpu", torch.float64)
+    total = float(w.sum())
+    if not total > 0 or not torch.isfinite(w).all():
+        return int(torch.randint(w.numel(), (1,), generator=generator))
+    return int(torch.multinomial(w / total, 1, generator=generator))
+
+
+@torch.no_grad()
+def kmeans_plusplus(
+    x: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): k rows of ``x`` (N, D), each
+    drawn with probability proportional to its squared distance to the nearest
+    centre chosen so far. Keeps one (N,) distance vector, updated against the newest
+    centre only: O(N D) per centre, no N x K matrix. With fewer distinct points than
+    k, the remaining centres are drawn uniformly (duplicates). Returns float32 (k, D)."""
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"kmeans_plusplus needs a non-empty (N, D) tensor; got {tuple(x.shape)}")
+    x = x.detach().to(torch.float32)
+    centers = torch.empty(k, x.shape[1], dtype=torch.float32, device=x.device)
+    j = int(torch.randint(x.shape[0], (1,), generator=generator))
+    centers[0] = x[j]
+    d2 = (x - x[j]).pow_(2).sum(1)
+    for i in range(1, k):
+        j = _sample_index(d2, generator)
+        centers[i] = x[j]
+        torch.minimum(d2, (x - x[j]).pow_(2).sum(1), out=d2)
+    return centers
+
+
+@torch.no_grad()
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 10,
+    generator: torch.Generator | None = None,
+    max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+) -> torch.Tensor:
+    """k-means++ seeding then ``iters`` Lloyd iterations on ``x`` (N, D); assignments
+    by :func:`vqkit.search.nearest_code` (no N x K matrix). A centre that loses all its
+    points keeps its position. Returns float32 (k, D) centres."""
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0; got {iters}")
+    x = x.detach().to(torch.float32)
+    centers = kmeans_plusplus(x, k, generator)
+    for _ in range(iters):
+        idx, _ = nearest_code(x, centers, max_scratch_bytes=max_scratch_bytes)
+        counts, sums = assignment_stats(x, idx, k)
+        centers = torch.where(
+            (counts > 0).unsqueeze(1), sums / counts.clamp(min=1.0).unsqueeze(1), centers
+        )
+    return centers
+
+
+@torch.no_grad()
+def kmeans_init(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 10,
+    *,
+    group: dist.ProcessGroup | None = None,
+    generator: torch.Generator | None = None,
+    max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+) -> torch.Tensor:
+    """:func:`kmeans` over the rows of ``x`` (N_r, D) of EVERY rank, identical on all.
+
+    Under ``torch.distributed`` the rows are all-gathered (local sizes may differ),
+    rank 0 of ``group`` runs k-means and broadcasts the (k, D) result, so every rank
+    holds the same bits. Every rank must call this (collectives are unconditional);
+    raises ValueError on every rank when the global batch is empty.
+    """
+    rows = all_gather_rows(x.detach().to(torch.float32), group)
+    if rows.shape[0] == 0:
+        raise ValueError("k-means initialisation needs at least one vector (the batch is empty)")
+    if world_size(group) == 1:
+        return kmeans(rows, k, iters, generator, max_scratch_bytes)
+    if dist.get_rank(group) == 0:
+        centers = kmeans(rows, k, iters, generator, max_scratch_bytes)
+    else:
+        centers = torch.empty(k, rows.shape[1], dtype=torch.float32, device=rows.device)
+    return broadcast_(centers, group)
+
+
+# -- dead-code revival ------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_replacements(
+    flat: torch.Tensor,
+    dead: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    sync: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New vectors for the ``dead`` codes (bool (K,)), drawn from the global batch.
+
+    Each rank offers up to K random rows of its local ``flat`` (N_r, D); the offers
+    (fixed size, (K, D + 1) with a validity column) are all-gathered, each dead code
+    gets a distinct offered row (with repetition only if fewer than the dead count were
+    offered), and rank 0's decision (mask and rows) is broadcast, so every rank
+    returns the same bits. The draw is uniform over the offered rows, which is
+    uniform over the global batch when the ranks' batches are equally large.
+
+    Returns ``(mask, vectors)``: bool (K,), the codes to replace (rank 0's ``dead``;
+    nothing when the global batch is empty), and float32 (K, D) replacement rows
+    (meaningful where ``mask``). ``sync=False`` keeps everything local. Every rank
+    must call this the same number of times, whatever its data.
+    """
+    k = dead.shape[0]
+    d = flat.shape[1]
+    flat = flat.detach().to(torch.float32)
+    ws = world_size(group) if sync else 1
+    n = flat.shape[0]
+    m = min(k, n)
+    offer = torch.zeros(k, d + 1, dtype=torch.float32, device=flat.device)
+    if m > 0:
+        pick = torch.randperm(n, generator=generator)[:m].to(flat.device)
+        offer[:m, :d] = flat[pick]
+        offer[:m, d] = 1.0
+    if ws > 1:
+        parts = [torch.empty_like(offer) for _ in range(ws)]
+        dist.all_gather(parts, offer, group=group)
+        offer = torch.cat(parts)
+    pool = offer[offer[:, d] > 0, :d]
+    # Every rank computes the choice (same data, same RNG use), rank 0's is broadcast.
+    decision = torch.zeros(k, d + 1, dtype=torch.float32, device=flat.device)
+    want = dead.to(flat.device).bool()
+    n_dead = int(want.sum())
+    if n_dead and pool.shape[0]:
+        if pool.shape[0] >= n_dead:
+            choice = torch.randperm(pool.shape[0], generator=generator)[:n_dead]
+        else:
+            choice = torch.randint(pool.shape[0], (n_dead,), generator=generator)
+        decision[want, :d] = pool[choice.to(flat.device)]
+        decision[want, d] = 1.0
+    if ws > 1:
+        broadcast_(decision, group)
+    return decision[:, d] > 0, decision[:, :d]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["code_counts", "perplexity", "usage_fraction", "dead_codes"]
+__all__ = ["code_counts", "codebook_health", "perplexity", "usage_fraction", "dead_codes"]
 
 
 def code_counts(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
@@ -36,3 +36,36 @@ def usage_fraction(counts: torch.Tensor) -> torch.Tensor:
 def dead_codes(ema_counts: torch.Tensor, threshold: float) -> torch.Tensor:
     """Boolean mask (K,) of codes whose (EMA) count is below ``threshold``."""
     return ema_counts < threshold
+
+
+def codebook_health(
+    counts: torch.Tensor,
+    ema_counts: torch.Tensor | None = None,
+    threshold: float = 1.0,
+) -> dict[str, float]:
+    """Codebook health over a window of steps, as plain numbers.
+
+    Args:
+        counts: (K,) assignments per code summed over the window (global, i.e. summed
+            over ranks, when distributed).
+        ema_counts: optional (K,) EMA of per-step counts (``VectorQuantizerEMA.cluster_size``,
+            in assignments per global batch).
+        threshold: a code is dead when its EMA count is below ``threshold``; without
+            ``ema_counts``, when it was never used in the window.
+
+    Returns ``{"perplexity", "window_usage", "codes_used", "dead"}``: the perplexity of
+    the window's pooled usage, the fraction and number of codes used at least once in the
+    window, and the number of dead codes.
+    """
+    counts = counts.detach().cpu()
+    used = int((counts > 0).sum())
+    if ema_counts is not None:
+        dead = int((ema_counts.detach().cpu() < threshold).sum())
+    else:
+        dead = counts.numel() - used
+    return {
+        "perplexity": float(perplexity(counts)),
+        "window_usage": used / max(counts.numel(), 1),
+        "codes_used": used,
+        "dead": dead,
+    }

@@ -9,7 +9,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..codebook import all_reduce_sum, assignment_stats, ema_, laplace_smooth
+from ..codebook import (
+    all_reduce_sum,
+    assignment_stats,
+    ema_,
+    kmeans,
+    kmeans_init,
+    laplace_smooth,
+    sample_replacements,
+)
 from ..metrics import code_counts
 from ..search import DEFAULT_SCRATCH_BYTES
 from .base import CodebookQuantizer, QuantizerOutput, mse_terms
@@ -188,6 +196,81 @@ class VectorQuantizerEMA(CodebookQuantizer):
         )
         self.codebook.copy_(new)
         return counts, sums
+
+    # -- codebook health: data-dependent init, dead codes, revival ----------------
+    def _debias(self) -> float:
+        """``1 - decay^t`` under zero_debias (the factor the statistics are divided
+        by), else 1."""
+        if not self.zero_debias:
+            return 1.0
+        return 1.0 - self.decay ** int(self.num_updates)
+
+    @torch.no_grad()
+    def init_codebook_kmeans(
+        self, x: torch.Tensor, iters: int = 10, generator: torch.Generator | None = None
+    ) -> None:
+        """Set the codebook to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input
+        of this layer, or flat (N, D) vectors) of every rank, then restart the EMA
+        statistics from it (:meth:`reset_statistics`). Identical on all ranks; every
+        rank must call it (explicit, never done inside ``forward``)."""
+        flat = self.to_flat(x)
+        group = self.process_group if self.sync_stats else None
+        if self.sync_stats:
+            centers = kmeans_init(
+                flat,
+                self.num_embeddings,
+                iters,
+                group=group,
+                generator=generator,
+                max_scratch_bytes=self.max_scratch_bytes,
+            )
+        else:
+            centers = kmeans(flat, self.num_embeddings, iters, generator, self.max_scratch_bytes)
+        self.codebook.copy_(centers)
+        self.reset_statistics()
+
+    def dead_codes(self, threshold: float = 1.0) -> torch.Tensor:
+        """Bool (K,): codes whose EMA cluster size (vectors per global batch, debiased
+        under zero_debias) is below ``threshold``. Identical on every rank, since the
+        statistics are synced."""
+        return self.cluster_size / max(self._debias(), 1e-30) < threshold
+
+    @torch.no_grad()
+    def revive_dead_codes(
+        self,
+        x: torch.Tensor,
+        threshold: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> int:
+        """Replace every code whose EMA cluster size is below ``threshold`` (expected
+        assignments per GLOBAL batch, so its meaning does not change with the world size)
+        by a vector drawn from the current global batch ``x`` (an input of this layer or
+        flat (N, D) vectors; see :func:`vqkit.codebook.sample_replacements`).
+
+        The revived code's statistics are restarted consistently: ``cluster_size = threshold``
+        and ``embed_sum = vector * threshold`` (scaled by the debias factor under
+        zero_debias), so the next EMA update computes ``m_k / N_k`` = a weighted mean of the
+        new vector and the vectors it attracts instead of snapping back to the old
+        statistics. Same codes and vectors on every rank; every rank must call it at the
+        same steps, whatever its data. Returns the number of codes revived.
+        """
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0; got {threshold!r}")
+        flat = self.to_flat(x)
+        mask, vectors = sample_replacements(
+            flat,
+            self.dead_codes(threshold),
+            group=self.process_group,
+            sync=self.sync_stats,
+            generator=generator,
+        )
+        mass = threshold * self._debias()
+        vectors = vectors.to(self.codebook.dtype)
+        keep = ~mask.unsqueeze(1)
+        self.codebook.copy_(torch.where(keep, self.codebook, vectors))
+        self.cluster_size.copy_(torch.where(mask, mass, self.cluster_size))
+        self.embed_sum.copy_(torch.where(keep, self.embed_sum, vectors * mass))
+        return int(mask.sum())
 
     def extra_repr(self) -> str:
         s = (

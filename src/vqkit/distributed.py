@@ -1,0 +1,117 @@
+"""Small helpers around ``torch.distributed`` for the trainer and the codebook code.
+
+Everything is asked at call time (nothing is cached at import), so a module built
+before ``init_process_group`` still syncs once training starts. Without an
+initialised process group every helper behaves as a single process of rank 0.
+
+Launch: ``torchrun --nproc_per_node=N -m vqkit train ...`` (or
+``python -m torch.distributed.run ...``) sets RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT; :func:`init_from_env` reads them (``env://``).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_gather_rows",
+    "broadcast_",
+    "env_world_size",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "local_rank",
+    "rank",
+    "teardown",
+    "world_size",
+]
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE from the environment (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """True when torch.distributed is initialised now with more than one rank."""
+    return world_size(group) > 1
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Size of ``group`` if torch.distributed is initialised now, else 1."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (0 without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank(group)
+
+
+def local_rank() -> int:
+    """LOCAL_RANK from the environment (the GPU index on this node), 0 if unset."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0 of the world (the process that writes files and shows progress)."""
+    return rank() == 0
+
+
+def init_from_env(device: torch.device, timeout_s: float = 1800.0) -> bool:
+    """Initialise the default process group from torchrun's environment when
+    WORLD_SIZE > 1: NCCL for CUDA devices, gloo otherwise. Returns True when a group
+    was created here (the caller then owns :func:`teardown`)."""
+    if env_world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def teardown() -> None:
+    """Destroy the default process group if one is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _src(group: dist.ProcessGroup | None) -> int:
+    """Global rank of the group's rank 0."""
+    return 0 if group is None else dist.get_global_rank(group, 0)
+
+
+def broadcast_(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """In place: every rank gets the group's rank-0 value. A no-op in one process."""
+    if world_size(group) > 1:
+        dist.broadcast(tensor, src=_src(group), group=group)
+    return tensor
+
+
+def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` (N_r, ...) along dim 0, in rank order, on all ranks.
+
+    The N_r may differ (0 included): sizes are exchanged first, then the rows are
+    gathered padded to the largest. Two collectives, called unconditionally.
+    """
+    ws = world_size(group)
+    if ws == 1:
+        return x
+    n = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    sizes_t = [torch.zeros_like(n) for _ in range(ws)]
+    dist.all_gather(sizes_t, n, group=group)
+    sizes = [int(s) for s in sizes_t]
+    m = max(1, max(sizes))
+    padded = x.new_zeros((m, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(ws)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])

@@ -1,0 +1,254 @@
+"""torch.distributed (gloo, CPU, 2 processes): EMA sync, empty local batches, k-means
+init and dead-code revival identical across ranks, and a 2-process ``vqkit train``
+checkpoint resumed in one process.
+
+Every multi-process job runs under a hard deadline: a hang fails the test (the
+processes are killed) instead of blocking CI. The scenarios share one 2-rank job
+(one process-group start-up) whose per-rank results the tests compare.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vqkit import VectorQuantizerEMA
+from vqkit.codebook import kmeans
+from vqkit.metrics import codebook_health
+
+WORLD = 2
+DEADLINE_S = 120.0
+K, D = 16, 4
+STEPS = 5
+SIZES = [(3, 2), (1, 5)]  # (rank-0 images, rank-1 images) alternating per step; 9 vectors each
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, *args, world: int = WORLD, deadline: float = DEADLINE_S) -> None:
+    """Start ``fn(rank, world, port, *args)`` in ``world`` spawned processes; fail (after
+    killing them) if any is still running after ``deadline`` seconds or exits non-zero."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=fn, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    end = time.monotonic() + deadline
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    hung = [i for i, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    assert not hung, f"ranks {hung} still running after {deadline:.0f} s (a collective hung?)"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"rank exit codes {codes}"
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+
+
+# -- the shared data of the scenarios (the same on every rank and in the parent) ----------
+
+
+def global_batches(seed: int = 1):
+    """Per step: the global batch split into the two ranks' (uneven) shards."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in range(STEPS):
+        n0, n1 = SIZES[s % 2]
+        x = torch.randn(n0 + n1, D, 3, 3, generator=g) * 2.0
+        out.append((x[:n0], x[n0:]))
+    return out
+
+
+def fresh_ema(decay: float = 0.9) -> VectorQuantizerEMA:
+    torch.manual_seed(0)
+    return VectorQuantizerEMA(K, D, decay=decay)
+
+
+def clusters(n_per: int, seed: int, k: int = 8, d: int = D):
+    """``k`` well-separated Gaussian clusters in ``d`` dims: (centres (k, d), points)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g)
+    centres = 6.0 * centres / centres.norm(dim=1, keepdim=True) + torch.arange(k)[:, None]
+    pts = centres.repeat_interleave(n_per, 0) + 0.1 * torch.randn(k * n_per, d, generator=g)
+    return centres, pts[torch.randperm(k * n_per, generator=g)]
+
+
+def ema_state(q: VectorQuantizerEMA) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in q.state_dict().items()}
+
+
+def _scenarios(rank: int, world: int, port: int, out_dir: str) -> None:
+    _init(rank, world, port)
+    res: dict[str, object] = {}
+    batches = global_batches()
+
+    # 1. EMA sync on uneven shards
+    q = fresh_ema().train()
+    res["sync_counts"] = [q(shards[rank]).counts.clone() for shards in batches]
+    res["sync"] = ema_state(q)
+
+    # 2. rank 1 has an empty batch at every other step
+    q = fresh_ema().train()
+    for s, shards in enumerate(batches):
+        x = shards[rank] if rank == 0 or s % 2 == 0 else shards[1][:0]
+        q(x)
+    res["empty"] = ema_state(q)
+
+    # 3. k-means init on separable clusters, each rank holding different points
+    _, pts = clusters(40, seed=5)
+    q = VectorQuantizerEMA(8, D)
+    q.init_codebook_kmeans(pts[rank::world] if rank == 0 else pts[rank::world][:50], iters=10)
+    res["kmeans"] = ema_state(q)
+
+    # 4. revival from a collapsed codebook (every code at the same point)
+    _, pts = clusters(64, seed=7)
+    q = fresh_ema(decay=0.8).train()
+    with torch.no_grad():
+        q.codebook.zero_()
+    q.reset_statistics()
+    shard = pts[rank::world]
+    for _ in range(3):
+        q(shard)
+    res["dead_mask"] = q.dead_codes(1.0)
+    res["dead_before"] = int(res["dead_mask"].sum())
+    res["revived_n"] = q.revive_dead_codes(shard, threshold=1.0)
+    res["revived_state"] = ema_state(q)
+    res["after_one_step"] = q(shard).counts.clone()
+    res["after_one_step_codebook"] = q.codebook.clone()
+    for _ in range(4):
+        counts = q(shard).counts
+    res["after_counts"] = counts.clone()
+    res["dead_after"] = int(q.dead_codes(1.0).sum())
+    res["revival"] = ema_state(q)
+
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    run_ranks(_scenarios, str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_close_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_ema_codebooks_identical_across_ranks_and_equal_to_one_process(ranks):
+    assert_identical(ranks[0]["sync"], ranks[1]["sync"])
+    ref = fresh_ema().train()
+    ref_counts = [ref(torch.cat(shards)).counts for shards in global_batches()]
+    assert_close_state(ranks[0]["sync"], ema_state(ref))
+    assert int(ranks[0]["sync"]["num_updates"]) == STEPS
+    # the counts (hence perplexity / usage) a rank reports are those of the global batch
+    for a, b, r in zip(ranks[0]["sync_counts"], ranks[1]["sync_counts"], ref_counts, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, r)
+
+
+def test_empty_local_batch_does_not_hang(ranks):
+    assert_identical(ranks[0]["empty"], ranks[1]["empty"])
+    ref = fresh_ema().train()
+    for s, shards in enumerate(global_batches()):
+        ref(torch.cat(shards) if s % 2 == 0 else shards[0])
+    assert_close_state(ranks[0]["empty"], ema_state(ref))
+
+
+def test_kmeans_init_identical_across_ranks_and_finds_every_cluster(ranks):
+    assert_identical(ranks[0]["kmeans"], ranks[1]["kmeans"])
+    centres, _ = clusters(40, seed=5)
+    codebook = ranks[0]["kmeans"]["codebook"]
+    # every cluster has a code at its mean (noise 0.1, so within 0.1)
+    dist_to_code = torch.cdist(centres, codebook).min(dim=1).values
+    assert (dist_to_code < 0.1).all(), dist_to_code
+    # statistics restarted from the new codebook
+    assert torch.equal(ranks[0]["kmeans"]["embed_sum"], codebook)
+    assert int(ranks[0]["kmeans"]["num_updates"]) == 0
+
+
+def test_revival_same_on_every_rank_and_revived_codes_get_used(ranks):
+    r0, r1 = ranks
+    for key in ("revived_state", "revival"):
+        assert_identical(r0[key], r1[key])
+    assert torch.equal(r0["after_counts"], r1["after_counts"])
+    assert torch.equal(r0["dead_mask"], r1["dead_mask"])
+    assert r0["dead_before"] >= K - 2  # collapsed: one or two codes ever chosen
+    assert r0["revived_n"] == r0["dead_before"]
+    assert r0["dead_after"] < r0["dead_before"]
+    assert int((r0["after_counts"] > 0).sum()) >= 8  # the 8 clusters are all covered
+    # the revived codes got assignments and the EMA step did not snap them back to 0
+    revived = r0["dead_mask"]
+    assert (r0["revived_state"]["cluster_size"][revived] == 1.0).all()
+    assert (r0["after_one_step"][revived] > 0).sum() >= 6
+    assert (r0["after_one_step_codebook"][revived].norm(dim=1) > 1.0).all()
+    # revived codes are rows of the data
+    _, pts = clusters(64, seed=7)
+    new = r0["revived_state"]["codebook"][revived]
+    assert (new[:, None] == pts[None]).all(-1).any(1).all()
+
+
+# -- single-process checks of the same functions (no process group) --------------------
+
+
+def test_kmeans_single_process_and_fewer_points_than_codes():
+    centres, pts = clusters(30, seed=11)
+    cb = kmeans(pts, 8, iters=10, generator=torch.Generator().manual_seed(0))
+    assert (torch.cdist(centres, cb).min(dim=1).values < 0.1).all()
+    few = kmeans(pts[:3], 8, iters=2)  # duplicates, no error
+    assert few.shape == (8, D) and torch.isfinite(few).all()
+    q = VectorQuantizerEMA(8, D)
+    with pytest.raises(ValueError, match="empty"):
+        q.init_codebook_kmeans(pts[:0])
+
+
+def test_revive_single_process_and_health():
+    _, pts = clusters(64, seed=7)
+    q = fresh_ema(decay=0.8).train()
+    with torch.no_grad():
+        q.codebook.zero_()
+    q.reset_statistics()
+    window = torch.zeros(K, dtype=torch.int64)
+    for _ in range(3):
+        window += q(pts).counts
+    h = codebook_health(window, ema_counts=q.cluster_size, threshold=1.0)
+    assert h["dead"] >= K - 2 and h["codes_used"] <= 2 and h["perplexity"] < 2.0
+    assert q.revive_dead_codes(pts, threshold=1.0) == h["dead"]
+    window.zero_()
+    for _ in range(3):
+        window += q(pts).counts
+    h = codebook_health(window, ema_counts=q.cluster_size, threshold=1.0)
+    assert h["dead"] < K - 2 and h["perplexity"] > 6.0
+    with pytest.raises(ValueError, match="threshold"):
+        q.revive_dead_codes(pts, threshold=0.0)
