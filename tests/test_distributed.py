@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from vqkit import VectorQuantizerEMA
 from vqkit.codebook import kmeans
+from vqkit.data import BatchLoader
 from vqkit.metrics import codebook_health
 
 WORLD = 2
@@ -252,3 +253,50 @@ def test_revive_single_process_and_health():
     assert h["dead"] < K - 2 and h["perplexity"] > 6.0
     with pytest.raises(ValueError, match="threshold"):
         q.revive_dead_codes(pts, threshold=0.0)
+
+
+def _ids(n: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.uint8).reshape(n, 1, 1, 1)
+
+
+def _labels(loader: BatchLoader, n: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(n):
+        x, _ = loader.next_batch()
+        out += [round((v + 0.5) * 255) for v in x.reshape(-1).tolist()]
+    return out
+
+
+@pytest.mark.parametrize("n", [40, 41])
+def test_loader_state_converts_between_world_sizes(n):
+    data = _ids(n)
+    order = _labels(BatchLoader(data, 1, seed=4, drop_last=False), 2 * n)  # the global order
+    # 2 ranks x 3 batches of 4 = the first 24 of the epoch; 1 rank continues at 24
+    two = [BatchLoader(data, 4, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    for loader in two:
+        _labels(loader, 3)
+    one = BatchLoader(data, 4, seed=4)
+    one.load_state_dict(two[1].state_dict())
+    assert (one.epoch, one.position) == (0, 24)
+    assert _labels(one, 2) == order[24:32]
+    # 1 rank at 28 -> 2 ranks at 14 each: the next global batch is order[28:36]
+    one = BatchLoader(data, 4, seed=4)
+    _labels(one, 7)
+    two = [BatchLoader(data, 4, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    for loader in two:
+        loader.load_state_dict(one.state_dict())
+    got = [_labels(loader, 1) for loader in two]
+    assert sorted(got[0] + got[1]) == sorted(order[28:36])
+    # 1 rank at 30 (not divisible by 2 x batch) -> 2 ranks re-read at most one sample
+    one = BatchLoader(data, 2, seed=4)
+    _labels(one, 15)
+    two = [BatchLoader(data, 2, seed=4, rank=r, world_size=2) for r in (0, 1)]
+    for loader in two:
+        loader.load_state_dict(one.state_dict())
+        assert loader.position == 15
+    # an old run's state at the end of its padded epoch rolls over to the next epoch
+    three = BatchLoader(data, 1, seed=4, rank=0, world_size=3, drop_last=False)
+    state = {**three.state_dict(), "position": three.shard_size, "epoch": 0}
+    one = BatchLoader(data, 1, seed=4, drop_last=False)
+    one.load_state_dict(state)
+    assert _labels(one, 1) == order[n : n + 1]

@@ -201,12 +201,20 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``. The seed is taken from the state; the dataset size,
-        batch size, world size and order options must match (the rank may differ, since
-        every rank is at the same epoch and position)."""
+        batch size and order options must match (the rank may differ, since every rank is
+        at the same epoch and position).
+
+        A state saved under another world size is mapped to the same point of the epoch's
+        global order: ranks take interleaved elements of one permutation, so after
+        ``position`` samples per rank on ``W`` ranks exactly the first ``position * W``
+        elements of the epoch's (padded) order are consumed. Here the position becomes
+        ``floor(position * W / world_size)``, so going to fewer ranks continues exactly
+        where the old run stopped, and going to more ranks re-reads at most
+        ``world_size - 1`` samples. Past the end of this epoch's (padded) order, the next
+        batch starts the next epoch."""
         for key in (
             "num_samples",
             "batch_size",
-            "world_size",
             "shuffle",
             "drop_last",
             "shard_tail",
@@ -217,6 +225,11 @@ class BatchLoader:
                     f"{getattr(self, key)!r} here"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
+        saved_world = int(state.get("world_size", self.world_size))
+        if saved_world < 1 or position < 0:
+            raise ValueError(f"invalid loader state: world_size={saved_world}, position={position}")
+        if saved_world != self.world_size:
+            position = min(position * saved_world // self.world_size, self.shard_size)
         if epoch < 0 or not 0 <= position <= self.shard_size:
             raise ValueError(f"invalid loader state: epoch={epoch}, position={position}")
         self.seed = int(state.get("seed", self.seed))
