@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vqkit import FSQ
+from vqkit import FSQ, VectorQuantizer, VectorQuantizerEMA
 
 from .reference import flat_channels_first
 
@@ -127,3 +127,143 @@ def test_fsq_projection_and_channels_last():
         FSQ([8, 5], dim=1)
     with pytest.raises(ValueError, match=r"\[0, 40\)"):
         FSQ([8, 5]).decode(torch.tensor([40]))
+
+
+# --- VQ options: cosine codes, projections, rotation trick --------------------------------
+
+
+def _randn_codebook(vq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.randn(vq.codebook.shape, generator=g))
+    if isinstance(vq, VectorQuantizerEMA):
+        vq.reset_statistics()
+
+
+def test_cosine_search_matches_normalised_float64_reference():
+    torch.manual_seed(0)
+    k, d = 29, 5
+    vq = VectorQuantizer(k, d, use_cosine=True)
+    _randn_codebook(vq)
+    x = (torch.randn(2, d, 4, 6) * 3).requires_grad_(True)
+    out = vq(x)
+    flat = flat_channels_first(x.detach().double())
+    e = vq.codebook.detach().double()
+    xn = flat / flat.norm(dim=1, keepdim=True)
+    en = e / e.norm(dim=1, keepdim=True)
+    cos = xn @ en.t()
+    idx = cos.argmax(1)
+    assert torch.equal(out.indices.reshape(-1), idx)
+    q = en[idx]
+    close64(flat_channels_first(out.quantized.detach()), q)
+    close64(out.losses["commitment"], ((xn - q) ** 2).mean())
+    close64(out.distances.reshape(-1), 2 - 2 * cos.max(1).values, atol=1e-5)
+    assert torch.equal(vq.decode(out.indices), out.quantized.detach())
+    # l2_normalize is the same switch
+    vq2 = VectorQuantizer(k, d, l2_normalize=True)
+    vq2.load_state_dict(vq.state_dict())
+    assert torch.equal(vq2(x).indices, out.indices)
+    # the codebook term reaches the raw codebook through the normalisation
+    out.loss.backward()
+    assert vq.codebook.grad is not None and vq.codebook.grad.abs().sum() > 0
+
+
+def test_low_dimensional_codes_with_projections():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(40, 16, codebook_dim=4)
+    assert vq.codebook.shape == (40, 4)
+    _randn_codebook(vq)
+    x = torch.randn(2, 16, 3, 5, requires_grad=True)
+    out = vq(x)
+    z = flat_channels_first(x.detach().double()) @ vq.project_in.weight.double().t()
+    z = z + vq.project_in.bias.double()
+    e = vq.codebook.detach().double()
+    idx = ((z[:, None] - e[None]) ** 2).sum(-1).argmin(1)
+    assert torch.equal(out.indices.reshape(-1), idx)
+    ref = e[idx] @ vq.project_out.weight.double().t() + vq.project_out.bias.double()
+    close64(flat_channels_first(out.quantized.detach()), ref, atol=1e-5)
+    close64(out.losses["commitment"], ((z - e[idx]) ** 2).mean())
+    torch.testing.assert_close(vq.decode(out.indices), out.quantized.detach())
+    assert torch.equal(vq.encode(x), out.indices)
+    (out.loss + out.quantized.sum()).backward()
+    for p in (vq.project_in.weight, vq.project_out.weight, vq.codebook):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def rotation_reference_grad(x, q, g):
+    """dL/dx of sg[lambda R] x, R built explicitly from two Householder reflections."""
+    x, q, g = x.double(), q.double(), g.double()
+    u, v = x / x.norm(), q / q.norm()
+    r = (u + v) / (u + v).norm()
+    eye = torch.eye(x.numel(), dtype=torch.float64)
+    rot = (eye - 2 * torch.outer(v, v)) @ (eye - 2 * torch.outer(r, r))
+    torch.testing.assert_close(rot @ u, v)  # R takes x's direction to q's
+    torch.testing.assert_close(rot @ rot.t(), eye)
+    return (q.norm() / x.norm()) * rot.t() @ g
+
+
+def test_rotation_trick_gradient_matches_closed_form():
+    from vqkit.quantizers.base import rotation_trick
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, requires_grad=True)
+    q = torch.randn(6, 5) * 2
+    g = torch.randn(6, 5)
+    out = rotation_trick(x, q)
+    assert torch.equal(out, q)
+    out.backward(g)
+    ref = torch.stack([rotation_reference_grad(x[i].detach(), q[i], g[i]) for i in range(6)])
+    close64(x.grad, ref, rtol=1e-5, atol=1e-6)
+    # the gradient preserves the angle between g and x, scaled by ||q|| / ||x||: a
+    # gradient along q's direction maps to one along x's direction
+    x2 = x.detach().clone().requires_grad_(True)
+    rotation_trick(x2, q).backward(q)
+    close64(
+        x2.grad,
+        (q.norm(dim=1, keepdim=True) ** 2 / x.detach().norm(dim=1, keepdim=True))
+        * x.detach()
+        / x.detach().norm(dim=1, keepdim=True),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_vq_layer_with_rotation_gradient():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4, gradient="rotation")
+    _randn_codebook(vq)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    out = vq(x)
+    assert torch.equal(vq.decode(out.indices), out.quantized.detach())
+    g = torch.randn_like(x)
+    (out.quantized * g).sum().backward()
+    flat = flat_channels_first(x.detach())
+    q = vq.codebook.detach()[out.indices.reshape(-1)]
+    gf = flat_channels_first(g)
+    ref = torch.stack([rotation_reference_grad(flat[i], q[i], gf[i]) for i in range(len(flat))])
+    close64(flat_channels_first(x.grad), ref, rtol=1e-5, atol=1e-6)
+    assert vq.codebook.grad is None  # no codebook gradient through the output path
+    with pytest.raises(ValueError, match="gradient"):
+        VectorQuantizer(8, 4, gradient="bogus")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(use_cosine=True),
+        dict(codebook_dim=3),
+        dict(gradient="rotation"),
+        dict(use_cosine=True, codebook_dim=3, gradient="rotation"),
+    ],
+)
+def test_ema_options(options):
+    torch.manual_seed(0)
+    vq = VectorQuantizerEMA(12, 6, **options)
+    vq.train()
+    x = torch.randn(3, 6, 4, 4, requires_grad=True)
+    out = vq(x)
+    (out.loss + out.quantized.sum()).backward()
+    assert x.grad is not None
+    vq.eval()
+    out = vq(x)
+    torch.testing.assert_close(vq.decode(out.indices), out.quantized.detach())

@@ -16,6 +16,7 @@ Precision: the search / rounding always runs in float32, also under
 ``torch.autocast`` (the region is excluded from autocast); ``quantized`` is cast
 to the input's dtype and the loss terms are float32 scalars.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ __all__ = [
     "check_indices",
     "fp32_region",
     "mse_terms",
+    "rotation_trick",
     "straight_through",
 ]
 
@@ -196,10 +198,27 @@ class BaseQuantizer(nn.Module):
 
 
 class CodebookQuantizer(BaseQuantizer):
-    """A quantizer with an explicit (K, D) codebook searched by nearest L2 code.
+    """A quantizer with an explicit (K, d) codebook searched by nearest L2 code.
 
-    Subclasses register ``codebook`` (a parameter or a buffer) and call
-    ``_assign`` / ``_output`` from ``forward``.
+    Subclasses register ``codebook`` (a parameter or a buffer) of shape
+    ``(num_embeddings, codebook_dim)`` and call ``_search_input`` / ``_assign`` /
+    ``_search_codebook`` / ``_output`` from ``forward``.
+
+    Options shared by the VQ layers (the defaults give the classic layer, whose
+    forward runs exactly the ops it always did):
+
+    * ``codebook_dim`` (default ``embedding_dim``): a smaller code space, with a
+      linear in-projection ``embedding_dim -> codebook_dim`` before the search and
+      an out-projection back after it (factorised codes, Yu et al. 2021,
+      "Vector-quantized Image Modeling with Improved VQGAN"). The loss terms
+      live in the code space; ``decode`` applies the out-projection.
+    * ``use_cosine`` (alias ``l2_normalize``): inputs (after the in-projection)
+      and codes are l2-normalised before the search and the lookup, so the
+      nearest code is the one of largest cosine similarity, the quantized
+      vectors are unit codes and the loss terms compare unit vectors.
+    * ``gradient``: ``"ste"`` (straight-through: identity to the input) or
+      ``"rotation"`` (the rotation trick, Fifty et al. 2024, see
+      :func:`rotation_trick`). Either way the forward value is exactly the code.
     """
 
     codebook: torch.Tensor
@@ -213,6 +232,10 @@ class CodebookQuantizer(BaseQuantizer):
         check_finite: bool = True,
         max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
         search_backend: str = "torch",
+        codebook_dim: int | None = None,
+        use_cosine: bool = False,
+        l2_normalize: bool | None = None,
+        gradient: str = "ste",
     ) -> None:
         super().__init__(embedding_dim, channels_last=channels_last, check_finite=check_finite)
         if not isinstance(num_embeddings, int) or num_embeddings < 1:
@@ -223,15 +246,51 @@ class CodebookQuantizer(BaseQuantizer):
             raise ValueError(
                 f"search_backend must be 'torch', 'faiss' or 'auto'; got {search_backend!r}"
             )
+        if codebook_dim is None:
+            codebook_dim = embedding_dim
+        if not isinstance(codebook_dim, int) or codebook_dim < 1:
+            raise ValueError(f"codebook_dim must be a positive int; got {codebook_dim!r}")
+        if gradient not in ("ste", "rotation"):
+            raise ValueError(f"gradient must be 'ste' or 'rotation'; got {gradient!r}")
+        if l2_normalize is not None:
+            use_cosine = use_cosine or bool(l2_normalize)
         self.num_embeddings = num_embeddings
+        self.codebook_size = num_embeddings
         self.max_scratch_bytes = max_scratch_bytes
         self.search_backend = search_backend
+        self.codebook_dim = codebook_dim
+        self.use_cosine = bool(use_cosine)
+        self.gradient = gradient
+        if codebook_dim != embedding_dim:
+            self.project_in: nn.Linear | None = nn.Linear(embedding_dim, codebook_dim)
+            self.project_out: nn.Linear | None = nn.Linear(codebook_dim, embedding_dim)
+        else:
+            self.project_in = self.project_out = None
+        # the classic layer: no projection, no normalisation, straight-through
+        self._plain = self.project_in is None and not self.use_cosine and gradient == "ste"
+
+    def _search_input(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, embedding_dim) -> the vectors that are searched and compared with the
+        codes (N, codebook_dim): in-projected and/or l2-normalised (float32) when
+        those options are on; ``flat`` itself otherwise."""
+        if self.project_in is not None:
+            flat = self.project_in(flat)
+        if self.use_cosine:
+            flat = F.normalize(flat.to(torch.float32), dim=-1)
+        return flat
+
+    def _search_codebook(self) -> torch.Tensor:
+        """The codes as searched and looked up: ``codebook``, l2-normalised rows when
+        ``use_cosine`` (differentiable, K x d: no N x K)."""
+        if self.use_cosine:
+            return F.normalize(self.codebook, dim=-1)
+        return self.codebook
 
     def _assign(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest code per row of ``flat`` (N, D): (indices (N,), sq. distances (N,))."""
         return nearest_code(
             flat,
-            self.codebook,
+            self._search_codebook(),
             max_scratch_bytes=self.max_scratch_bytes,
             backend=self.search_backend,
         )  # type: ignore[arg-type]
@@ -247,11 +306,21 @@ class CodebookQuantizer(BaseQuantizer):
         losses: dict[str, torch.Tensor],
         loss: torch.Tensor,
     ) -> QuantizerOutput:
-        quantized = self.from_flat(quantized_flat.to(x.dtype), x.shape)
-        # Straight-through: the gradient of the classic x + sg[q - x] (identity to x,
-        # none to the codebook), but the forward value is exactly the code, so
-        # decode(indices) == quantized bit for bit.
-        quantized = straight_through(x, quantized)
+        if self._plain:
+            quantized = self.from_flat(quantized_flat.to(x.dtype), x.shape)
+            # Straight-through: the gradient of the classic x + sg[q - x] (identity to
+            # x, none to the codebook), but the forward value is exactly the code, so
+            # decode(indices) == quantized bit for bit.
+            quantized = straight_through(x, quantized)
+        else:
+            # flat: the searched vectors (projected / normalised), quantized_flat: codes
+            if self.gradient == "rotation":
+                st = rotation_trick(flat, quantized_flat)
+            else:
+                st = straight_through(flat, quantized_flat)
+            if self.project_out is not None:
+                st = self.project_out(st)
+            quantized = self.from_flat(st.to(x.dtype), x.shape)
         index_shape = self.index_shape(x.shape)
         return QuantizerOutput(
             quantized=quantized,
@@ -265,17 +334,33 @@ class CodebookQuantizer(BaseQuantizer):
             num_embeddings=self.num_embeddings,
         )
 
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Input -> int64 index map (B, *spatial). Never updates a codebook."""
+        self._validate(x, self.codebook.device)
+        indices, _ = self._assign(self._search_input(self.to_flat(x)))
+        return indices.reshape(self.index_shape(x.shape))
+
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Map an index map (B, *spatial) back to codes in the input layout:
-        (B, D, *spatial), or (B, *spatial, D) when ``channels_last``."""
+        (B, D, *spatial), or (B, *spatial, D) when ``channels_last`` (normalised
+        codes when ``use_cosine``, out-projected when ``codebook_dim`` is set)."""
         check_indices(indices, self.codebook.device, self.num_embeddings)
-        codes = F.embedding(indices.long(), self.codebook)  # (B, *spatial, D)
+        codes = F.embedding(indices.long(), self._search_codebook())  # (B, *spatial, d)
+        if self.project_out is not None:
+            codes = self.project_out(codes)
         return codes if self.channels_last else codes.movedim(-1, 1)
 
     lookup = decode
 
     def extra_repr(self) -> str:
         s = f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}"
+        if self.project_in is not None:
+            s += f", codebook_dim={self.codebook_dim}"
+        if self.use_cosine:
+            s += ", use_cosine=True"
+        if self.gradient != "ste":
+            s += f", gradient={self.gradient!r}"
         extra = super().extra_repr()
         return f"{s}, {extra}" if extra else s
 
@@ -339,3 +424,53 @@ class _StraightThrough(torch.autograd.Function):
 def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Value of ``q`` (exactly, cast to ``x.dtype``), gradient of ``x``."""
     return _StraightThrough.apply(x, q)
+
+
+class _RotationTrick(torch.autograd.Function):
+    """Forward: the codes ``q`` (exactly, in ``x``'s dtype); backward: the gradient of
+    ``sg[lambda R] x`` (see :func:`rotation_trick`), nothing to ``q``. Saves only
+    ``x`` and ``q`` (already alive); the rotation is applied in the backward without
+    forming a d x d matrix."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, q)
+        return torch.empty_like(x).copy_(q)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, q = ctx.saved_tensors
+        x = x.to(torch.float32)
+        q = q.to(torch.float32)
+        g = grad.to(torch.float32)
+        tiny = torch.finfo(torch.float32).tiny
+        x_norm = x.norm(dim=-1, keepdim=True)
+        q_norm = q.norm(dim=-1, keepdim=True)
+        u = x / x_norm.clamp(min=tiny)  # x / ||x||
+        v = q / q_norm.clamp(min=tiny)  # e / ||e||
+        r = u + v
+        r = r / r.norm(dim=-1, keepdim=True).clamp(min=tiny)
+        # R^T g = g - 2 r (r.g) + 2 u (v.g)
+        rot = g - 2.0 * r * (r * g).sum(-1, keepdim=True) + 2.0 * u * (v * g).sum(-1, keepdim=True)
+        out = (q_norm / x_norm.clamp(min=tiny)) * rot
+        # ||x|| = 0: no direction to rotate from; fall back to the identity
+        out = torch.where(x_norm > 0, out, g)
+        return out.to(grad.dtype), None
+
+
+def rotation_trick(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The rotation-trick estimator (Fifty et al. 2024, "Restructuring Vector
+    Quantization with the Rotation Trick") for rows of ``x`` (N, d) and their codes
+    ``q`` (N, d).
+
+    Forward value: exactly ``q`` (cast to ``x.dtype``). Gradient: that of
+    ``sg[lambda R] x`` with ``lambda = ||q|| / ||x||`` and ``R`` the rotation taking
+    ``x / ||x||`` to ``q / ||q||``, built from two Householder reflections,
+    ``R = (I - 2 v v^T)(I - 2 r r^T) = I - 2 r r^T + 2 v u^T`` with
+    ``u = x/||x||``, ``v = q/||q||``, ``r = (u + v)/||u + v||``; so
+    ``dL/dx = lambda R^T dL/dq_out`` and no gradient reaches ``q`` through this path
+    (the codebook learns from its loss term, as with straight-through). Rows with
+    ``x = 0`` get the identity; for ``u = -v`` (``r`` undefined) ``r`` is taken as 0,
+    which still maps ``u`` onto ``v``.
+    """
+    return _RotationTrick.apply(x, q)

@@ -71,7 +71,11 @@ class VectorQuantizerEMA(CodebookQuantizer):
         zero_debias: see above.
         process_group: the group to sync statistics over (default: the world).
         sync_stats: set False to keep per-rank codebooks (not recommended).
-        Other keyword arguments as in :class:`~vqkit.VectorQuantizer`.
+        Other keyword arguments as in :class:`~vqkit.VectorQuantizer`, including
+        ``codebook_dim`` (the EMA codebook and statistics live in the projected
+        space; the projections are trained by gradient), ``use_cosine`` (the EMA
+        averages normalised vectors; codes are normalised when searched and looked
+        up) and ``gradient``.
     """
 
     def __init__(
@@ -89,6 +93,10 @@ class VectorQuantizerEMA(CodebookQuantizer):
         check_finite: bool = True,
         max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
         search_backend: str = "torch",
+        codebook_dim: int | None = None,
+        use_cosine: bool = False,
+        l2_normalize: bool | None = None,
+        gradient: str = "ste",
     ) -> None:
         super().__init__(
             num_embeddings,
@@ -97,6 +105,10 @@ class VectorQuantizerEMA(CodebookQuantizer):
             check_finite=check_finite,
             max_scratch_bytes=max_scratch_bytes,
             search_backend=search_backend,
+            codebook_dim=codebook_dim,
+            use_cosine=use_cosine,
+            l2_normalize=l2_normalize,
+            gradient=gradient,
         )
         if not isinstance(commitment_cost, (int, float)) or not commitment_cost >= 0:
             raise ValueError(
@@ -114,7 +126,7 @@ class VectorQuantizerEMA(CodebookQuantizer):
         self.zero_debias = bool(zero_debias)
         self.process_group = process_group
         self.sync_stats = bool(sync_stats)
-        k, d = num_embeddings, embedding_dim
+        k, d = num_embeddings, self.codebook_dim
         self.register_buffer("codebook", torch.empty(k, d))
         self.register_buffer("cluster_size", torch.empty(k))
         self.register_buffer("embed_sum", torch.empty(k, d))
@@ -144,9 +156,10 @@ class VectorQuantizerEMA(CodebookQuantizer):
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         self._validate(x, self.codebook.device)
-        flat = self.to_flat(x)
+        # the input itself by default; in-projected / normalised with those options
+        flat = self._search_input(self.to_flat(x))
         indices, distances = self._assign(flat)
-        quantized_flat = F.embedding(indices, self.codebook)  # pre-update codebook
+        quantized_flat = F.embedding(indices, self._search_codebook())  # pre-update codes
         commitment = mse_terms(flat, quantized_flat)["commitment"]
         if self.training:
             counts = self.update_codebook(flat, indices)[0].long()

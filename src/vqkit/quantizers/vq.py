@@ -36,6 +36,12 @@ class VectorQuantizer(CodebookQuantizer):
         max_scratch_bytes: memory bound of the search's scratch tile.
         search_backend: "torch" (default), "faiss" or "auto"; see
             :func:`vqkit.search.nearest_code`.
+        codebook_dim: a smaller code space with linear in/out projections
+            (factorised codes); ``use_cosine`` / ``l2_normalize``: l2-normalised
+            inputs and codes (cosine-similarity search); ``gradient``: ``"ste"`` or
+            ``"rotation"`` (the rotation trick). See
+            :class:`~vqkit.quantizers.CodebookQuantizer`; the defaults are the
+            classic layer.
 
     The codebook is the parameter ``codebook`` (K, D), initialised
     uniform(-1/K, 1/K) as in the classic implementation.
@@ -55,6 +61,10 @@ class VectorQuantizer(CodebookQuantizer):
         check_finite: bool = True,
         max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
         search_backend: str = "torch",
+        codebook_dim: int | None = None,
+        use_cosine: bool = False,
+        l2_normalize: bool | None = None,
+        gradient: str = "ste",
     ) -> None:
         super().__init__(
             num_embeddings,
@@ -63,13 +73,17 @@ class VectorQuantizer(CodebookQuantizer):
             check_finite=check_finite,
             max_scratch_bytes=max_scratch_bytes,
             search_backend=search_backend,
+            codebook_dim=codebook_dim,
+            use_cosine=use_cosine,
+            l2_normalize=l2_normalize,
+            gradient=gradient,
         )
         for name, v in (("commitment_cost", commitment_cost), ("codebook_weight", codebook_weight)):
             if not isinstance(v, (int, float)) or v < 0 or v != v:
                 raise ValueError(f"{name} must be a non-negative number; got {v!r}")
         self.commitment_cost = float(commitment_cost)
         self.codebook_weight = float(codebook_weight)
-        self.codebook = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        self.codebook = nn.Parameter(torch.empty(num_embeddings, self.codebook_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -78,9 +92,9 @@ class VectorQuantizer(CodebookQuantizer):
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         self._validate(x, self.codebook.device)
-        flat = self.to_flat(x)
+        flat = self._search_input(self.to_flat(x))  # the input itself by default
         indices, distances = self._assign(flat)
-        quantized_flat = F.embedding(indices, self.codebook)
+        quantized_flat = F.embedding(indices, self._search_codebook())
         losses = mse_terms(flat, quantized_flat)
         loss = (
             self.codebook_weight * losses["codebook"] + self.commitment_cost * losses["commitment"]
