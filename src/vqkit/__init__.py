@@ -5,7 +5,7 @@ nearest-code search that never builds the N x K distance matrix.
 """
 
 from .metrics import code_counts, perplexity, usage_fraction
-from .quantizers import FSQ, QuantizerOutput, VectorQuantizer, VectorQuantizerEMA
+from .quantizers import FSQ, QuantizerOutput, ResidualVQ, VectorQuantizer, VectorQuantizerEMA
 from .search import nearest_code, squared_distances
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FSQ",
     "QuantizerOutput",
+    "ResidualVQ",
     "VectorQuantizer",
     "VectorQuantizerEMA",
     "code_counts",

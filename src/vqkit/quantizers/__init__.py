@@ -3,6 +3,7 @@
 from .base import BaseQuantizer, CodebookQuantizer, QuantizerOutput
 from .ema import VectorQuantizerEMA
 from .fsq import FSQ
+from .residual import ResidualVQ
 from .vq import VectorQuantizer
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "CodebookQuantizer",
     "FSQ",
     "QuantizerOutput",
+    "ResidualVQ",
     "VectorQuantizer",
     "VectorQuantizerEMA",
 ]
