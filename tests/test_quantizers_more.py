@@ -421,3 +421,76 @@ def test_residual_shared_codebook_and_options():
         ResidualVQ(2, 8, 4, quantizer_dropout=1.5)
     with pytest.raises(ValueError):
         ResidualVQ(2, 8, 4, stage="fsq")
+
+
+# --- factory, VQ-VAE and CLI ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, options, index_shape",
+    [
+        ("vq", {}, (2, 4, 4)),
+        ("ema", {}, (2, 4, 4)),
+        ("rvq", {"num_quantizers": 3, "rvq_stage": "vq", "quantizer_dropout": 0.5}, (2, 4, 4, 3)),
+        ("rvq", {"num_quantizers": 2, "shared_codebook": True}, (2, 4, 4, 2)),
+        ("fsq", {"levels": "8,5,5,5"}, (2, 4, 4)),
+    ],
+)
+def test_vqvae_with_each_quantizer(kind, options, index_shape):
+    from vqkit.models import VQVAE, VQVAEConfig
+
+    torch.manual_seed(0)
+    cfg = VQVAEConfig(
+        in_channels=1,
+        image_size=16,
+        hidden=16,
+        res_hidden=8,
+        res_layers=1,
+        num_embeddings=32,
+        embedding_dim=8,
+        quantizer=kind,
+        **options,
+    )
+    model = VQVAE(cfg)
+    x = torch.rand(2, 1, 16, 16) - 0.5
+    out = model.train()(x)
+    terms = VQVAE.loss(out, x, data_variance=0.1)
+    terms["loss"].backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+    model.eval()
+    idx = model.encode(x)
+    assert idx.shape == index_shape and model.index_dims == len(index_shape)
+    recon = model.decode(idx)
+    torch.testing.assert_close(recon, model(x).recon)
+    # the config survives a dict (JSON) round trip and old configs still load
+    assert VQVAEConfig.from_dict(cfg.to_dict()) == cfg
+    assert VQVAEConfig.from_dict({"quantizer": "ema"}).num_quantizers == 4
+
+
+def test_build_quantizer_and_cli_options():
+    from vqkit.cli import build_parser
+    from vqkit.quantizers import build_quantizer
+
+    assert isinstance(build_quantizer("fsq", 4, levels="8,5,5,5"), FSQ)
+    rvq = build_quantizer("rvq", 6, num_embeddings=16, num_quantizers=3, stage="ema")
+    assert isinstance(rvq, ResidualVQ) and rvq.num_quantizers == 3
+    assert isinstance(build_quantizer("vq", 6, num_embeddings=8, use_cosine=True), VectorQuantizer)
+    with pytest.raises(ValueError, match="kind"):
+        build_quantizer("pq", 4)
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--quantizer",
+            "rvq",
+            "--num-quantizers",
+            "6",
+            "--rvq-stage",
+            "vq",
+            "--quantizer-dropout",
+            "0.5",
+            "--levels",
+            "8,8,8",
+        ]
+    )
+    assert (args.quantizer, args.num_quantizers, args.rvq_stage) == ("rvq", 6, "vq")
+    assert args.quantizer_dropout == 0.5 and args.levels == "8,8,8"

@@ -38,13 +38,13 @@ def evaluate(
       * ``batch_perplexity``: mean perplexity over consecutive groups of
         ``batch_perplexity_size`` images (the training-time figure);
       * ``codes_used``, ``usage``: codes used at least once, and that over K;
-      * ``counts``: per-code counts (list), ``num_images``.
+      * ``counts``: per-code counts (list; rvq: pooled over stages), ``num_images``.
     """
     if not data_variance > 0:
         raise ValueError(f"data_variance must be > 0; got {data_variance}")
     was_training = model.training
     model.eval()
-    k = model.config.num_embeddings
+    k = model.num_codes  # K, or the FSQ grid; rvq: pooled over stages
     n = len(data) if limit is None else min(limit, len(data))
     if n == 0:
         raise ValueError(f"nothing to evaluate: the split '{data.split}' of {data.source} is empty")

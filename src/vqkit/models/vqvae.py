@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantizers import QuantizerOutput, VectorQuantizer, VectorQuantizerEMA
+from ..quantizers import QUANTIZER_KINDS, QuantizerOutput, ResidualVQ, build_quantizer
+from ..quantizers.factory import parse_levels
 
 __all__ = ["VQVAE", "VQVAEConfig", "VQVAEOutput", "ResidualStack", "Encoder", "Decoder"]
-
-QUANTIZER_KINDS = ("ema", "vq")
 
 
 @dataclass
@@ -29,10 +28,17 @@ class VQVAEConfig:
     num_embeddings: int = 512
     embedding_dim: int = 64
     commitment_cost: float = 0.25
-    quantizer: str = "ema"
+    quantizer: str = "ema"  # one of vqkit.quantizers.QUANTIZER_KINDS: ema, vq, rvq, fsq
     decay: float = 0.99
     epsilon: float = 1e-5
     zero_debias: bool = False
+    # rvq: stages (each num_embeddings codes), stage kind, dropout, shared codebook
+    num_quantizers: int = 4
+    rvq_stage: str = "ema"
+    quantizer_dropout: float = 0.0
+    shared_codebook: bool = False
+    # fsq: levels per channel ("8,5,5,5" or a list); projections embedding_dim <-> len
+    levels: Any = "8,5,5,5"
 
     def __post_init__(self) -> None:
         for name in (
@@ -56,6 +62,8 @@ class VQVAEConfig:
             )
         if self.quantizer not in QUANTIZER_KINDS:
             raise ValueError(f"quantizer must be one of {QUANTIZER_KINDS}; got {self.quantizer!r}")
+        # stored as the canonical string, so configs compare equal after a JSON trip
+        self.levels = ",".join(str(v) for v in parse_levels(self.levels))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQVAEConfig:
@@ -67,6 +75,35 @@ class VQVAEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _quantizer_options(c: VQVAEConfig) -> dict[str, Any]:
+    """Constructor options of the configured quantizer kind (see ``build_quantizer``)."""
+    if c.quantizer == "fsq":
+        return {"levels": c.levels}
+    if c.quantizer == "vq":
+        return {"num_embeddings": c.num_embeddings, "commitment_cost": c.commitment_cost}
+    ema = {
+        "num_embeddings": c.num_embeddings,
+        "commitment_cost": c.commitment_cost,
+        "decay": c.decay,
+        "epsilon": c.epsilon,
+        "zero_debias": c.zero_debias,
+    }
+    if c.quantizer == "ema":
+        return ema
+    opts = (
+        ema
+        if c.rvq_stage == "ema"
+        else {"num_embeddings": c.num_embeddings, "commitment_cost": c.commitment_cost}
+    )
+    return {
+        **opts,
+        "num_quantizers": c.num_quantizers,
+        "stage": c.rvq_stage,
+        "quantizer_dropout": c.quantizer_dropout,
+        "shared_codebook": c.shared_codebook,
+    }
 
 
 class ResidualBlock(nn.Module):
@@ -153,17 +190,7 @@ class VQVAE(nn.Module):
         c = config
         self.encoder = Encoder(c.in_channels, c.hidden, c.res_hidden, c.res_layers)
         self.pre_vq = nn.Conv2d(c.hidden, c.embedding_dim, 1)
-        if c.quantizer == "ema":
-            self.quantizer: VectorQuantizer | VectorQuantizerEMA = VectorQuantizerEMA(
-                c.num_embeddings,
-                c.embedding_dim,
-                c.commitment_cost,
-                c.decay,
-                c.epsilon,
-                zero_debias=c.zero_debias,
-            )
-        else:
-            self.quantizer = VectorQuantizer(c.num_embeddings, c.embedding_dim, c.commitment_cost)
+        self.quantizer = build_quantizer(c.quantizer, c.embedding_dim, **_quantizer_options(c))
         self.decoder = Decoder(c.embedding_dim, c.hidden, c.in_channels, c.res_hidden, c.res_layers)
 
     def _check_images(self, x: torch.Tensor) -> None:
@@ -189,19 +216,29 @@ class VQVAE(nn.Module):
         vq = self.quantizer(self.encode_latents(x))
         return VQVAEOutput(recon=self.decoder(vq.quantized), vq=vq)
 
+    @property
+    def num_codes(self) -> int:
+        """Codes an index can take: K, or the FSQ grid size (per stage for rvq)."""
+        return int(self.quantizer.codebook_size)
+
+    @property
+    def index_dims(self) -> int:
+        """Dimensions of a batch of index maps: 3 (B, h, w), or 4 (B, h, w, Q) for rvq."""
+        return 4 if isinstance(self.quantizer, ResidualVQ) else 3
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> code indices (B, H/4, W/4), int64. Never updates the codebook."""
-        z = self.encode_latents(x)
-        flat = self.quantizer.to_flat(z)
-        idx, _ = self.quantizer._assign(flat)
-        return idx.reshape(self.quantizer.index_shape(z.shape))
+        """Images -> code indices (B, H/4, W/4), int64 ((B, H/4, W/4, Q) for rvq).
+        Never updates the codebook."""
+        return self.quantizer.encode(self.encode_latents(x))
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w) -> images (B, C, 4h, 4w) in [-0.5, 0.5] (unclamped)."""
-        if indices.dim() != 3:
-            raise ValueError(f"expected an index map (B, h, w); got shape {tuple(indices.shape)}")
+        """Code indices (B, h, w) ((B, h, w, Q) for rvq) -> images (B, C, 4h, 4w) in
+        [-0.5, 0.5] (unclamped)."""
+        if indices.dim() != self.index_dims:
+            want = "(B, h, w, Q)" if self.index_dims == 4 else "(B, h, w)"
+            raise ValueError(f"expected an index map {want}; got shape {tuple(indices.shape)}")
         return self.decoder(self.quantizer.decode(indices))
 
     @staticmethod

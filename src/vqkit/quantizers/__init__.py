@@ -2,6 +2,7 @@
 
 from .base import BaseQuantizer, CodebookQuantizer, QuantizerOutput
 from .ema import VectorQuantizerEMA
+from .factory import QUANTIZER_KINDS, build_quantizer, parse_levels
 from .fsq import FSQ
 from .residual import ResidualVQ
 from .vq import VectorQuantizer
@@ -14,4 +15,7 @@ __all__ = [
     "ResidualVQ",
     "VectorQuantizer",
     "VectorQuantizerEMA",
+    "QUANTIZER_KINDS",
+    "build_quantizer",
+    "parse_levels",
 ]
