@@ -494,3 +494,81 @@ def test_build_quantizer_and_cli_options():
     )
     assert (args.quantizer, args.num_quantizers, args.rvq_stage) == ("rvq", 6, "vq")
     assert args.quantizer_dropout == 0.5 and args.levels == "8,8,8"
+
+
+# --- mixed precision and torch.compile ------------------------------------------------------
+
+
+def _all_kinds():
+    torch.manual_seed(0)
+    return {
+        "vq": (VectorQuantizer(32, 8), 8),
+        "ema": (VectorQuantizerEMA(32, 8), 8),
+        "vq-options": (
+            VectorQuantizer(32, 8, use_cosine=True, codebook_dim=4, gradient="rotation"),
+            8,
+        ),
+        "rvq": (ResidualVQ(3, 32, 8), 8),
+        "rvq-ema": (ResidualVQ(3, 32, 8, stage="ema"), 8),
+        "fsq": (FSQ([8, 5, 5, 5]), 4),
+        "fsq-proj": (FSQ([8, 5, 5, 5], dim=8), 8),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_and_half_inputs(dtype):
+    x32 = torch.randn(2, 8, 4, 4)
+    for name, (q, d) in _all_kinds().items():
+        q.eval()
+        x = x32[:, :d]
+        ref = q(x)
+        for inp in (x, x.to(dtype)):
+            inp = inp.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=dtype):
+                out = q(inp)
+            assert out.quantized.dtype == inp.dtype, name
+            assert out.loss.dtype == torch.float32, name
+            (out.loss + out.quantized.float().sum()).backward()
+            assert inp.grad is not None and inp.grad.dtype == inp.dtype, name
+            if inp.dtype == torch.float32 and "options" not in name and "proj" not in name:
+                # no projection: the search / rounding runs in float32 despite autocast
+                assert torch.equal(out.indices, ref.indices), name
+    # nearest_code itself is excluded from autocast
+    from vqkit import nearest_code
+
+    a, b = torch.randn(50, 8), torch.randn(300, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nearest_code(a, b)
+    want = nearest_code(a, b)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_compile_without_graph_breaks():
+    """Eval-mode forward of every quantizer traces to ONE graph (fullgraph): the
+    NaN check and the decode range check are skipped while compiling, the search
+    and the counts have traceable forms. (Training mode adds the quantizer-dropout
+    draws (data-dependent row selection) and, for FSQ grids above max_bincount,
+    torch.unique: graph breaks there.)"""
+    x32 = torch.randn(2, 8, 4, 4)
+    for name, (q, d) in _all_kinds().items():
+        q.eval()
+        x = x32[:, :d]
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(q)(x)
+        assert explained.graph_break_count == 0, (name, explained.break_reasons)
+        ref = q(x)
+        out = torch.compile(q, backend="eager", fullgraph=True)(x)
+        assert torch.equal(out.indices, ref.indices), name
+        torch.testing.assert_close(out.quantized, ref.quantized)
+        torch.testing.assert_close(out.perplexity, ref.perplexity)
+    # through AOT autograd too (inductor's code generation takes ~30 s on 2 CPU cores;
+    # tests/test_quantizers.py runs it for the VQ layers)
+    for name in ("fsq", "rvq"):
+        q, d = _all_kinds()[name]
+        q.eval()
+        torch._dynamo.reset()
+        x = x32[:, :d]
+        out = torch.compile(q, backend="aot_eager", fullgraph=True)(x)
+        ref = q(x)
+        assert torch.equal(out.indices, ref.indices)
+        torch.testing.assert_close(out.quantized, ref.quantized)

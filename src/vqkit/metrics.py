@@ -12,8 +12,15 @@ __all__ = ["code_counts", "codebook_health", "perplexity", "usage_fraction", "de
 
 
 def code_counts(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
-    """Per-code counts (K,) int64 of an index tensor of any shape."""
-    return torch.bincount(indices.reshape(-1), minlength=num_embeddings)
+    """Per-code counts (K,) int64 of an index tensor of any shape.
+
+    Under ``torch.compile`` a scatter-add into K zeros (bincount's output shape depends
+    on the data, a graph break); the same counts."""
+    flat = indices.reshape(-1)
+    if torch.compiler.is_compiling():
+        counts = torch.zeros(num_embeddings, dtype=torch.int64, device=flat.device)
+        return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int64))
+    return torch.bincount(flat, minlength=num_embeddings)
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ expansion can go slightly negative through cancellation).
 Peak extra memory is one scratch tile (bounded by ``max_scratch_bytes``) plus
 O(N + K) vectors; the dense N x K matrix never exists.
 
-Everything is computed in float32, also for float16/bfloat16 inputs. Ties resolve
+Everything is computed in float32, also for float16/bfloat16 inputs and inside
+``torch.autocast`` (the search is excluded from it). Ties resolve
 to the lowest index, like ``torch.argmin``: tiles are visited in increasing code
 order and a later tile replaces the running best only when strictly smaller.
 """
@@ -129,6 +130,8 @@ def _nearest_torch(
     n, d = x.shape
     k = codebook.shape[0]
     tile_n, tile_k = _tile_sizes(n, k, max_scratch_bytes)
+    if torch.compiler.is_compiling():
+        return _nearest_traced(x, codebook, code_sqnorm, tile_n, tile_k)
     # ||e||^2 - 2 x.e as ONE plain GEMM of augmented operands [x, 1] . [-2e, ||e||^2]^T.
     # addmm(bias, ...) would first copy the broadcast bias into every tile, a full
     # extra pass over the tile that cost more than the GEMM itself at small D and K.
@@ -159,6 +162,32 @@ def _nearest_torch(
                 run_val.copy_(torch.where(better, val, run_val))
                 run_idx.copy_(torch.where(better, idx + c0, run_idx))
     return best_idx, best_val
+
+
+def _nearest_traced(
+    x: torch.Tensor, codebook: torch.Tensor, code_sqnorm: torch.Tensor, tile_n: int, tile_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same tiled search for ``torch.compile``: Dynamo cannot trace ``out=`` into
+    views of a scratch buffer, so each tile is a fresh (N_t, K_t) GEMM result (the same
+    bound on memory, no reuse) and the merge is functional. Same ties (strict <)."""
+    k = codebook.shape[0]
+    neg2e = codebook * -2.0
+    vals, idxs = [], []
+    for r0 in range(0, x.shape[0], tile_n):
+        xb = x[r0 : r0 + tile_n]
+        best_val = best_idx = None
+        for c0 in range(0, k, tile_k):
+            s = torch.addmm(code_sqnorm[c0 : c0 + tile_k], xb, neg2e[c0 : c0 + tile_k].t())
+            val, idx = s.min(dim=1)
+            if best_val is None:
+                best_val, best_idx = val, idx
+            else:
+                better = val < best_val
+                best_val = torch.where(better, val, best_val)
+                best_idx = torch.where(better, idx + c0, best_idx)
+        vals.append(best_val)
+        idxs.append(best_idx)
+    return torch.cat(idxs), torch.cat(vals)
 
 
 @torch.no_grad()
@@ -227,9 +256,11 @@ def nearest_code(
                 f"code_sqnorm must have shape ({codebook.shape[0]},); "
                 f"got {tuple(code_sqnorm.shape)}"
             )
-    idx, val = _nearest_torch(x, codebook, code_sqnorm, max_scratch_bytes)
-    val.add_(x.pow(2).sum(dim=1)).clamp_(min=0.0)
-    return idx, val
+    # float32 GEMMs also inside a torch.autocast region (which would run mm in half)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        idx, val = _nearest_torch(x, codebook, code_sqnorm, max_scratch_bytes)
+    val = val + x.pow(2).sum(dim=1)
+    return idx, val.clamp(min=0.0)
 
 
 def squared_distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
