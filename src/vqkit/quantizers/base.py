@@ -15,6 +15,13 @@ back to the output space (after any out-projection), in the same layout.
 Precision: the search / rounding always runs in float32, also under
 ``torch.autocast`` (the region is excluded from autocast); ``quantized`` is cast
 to the input's dtype and the loss terms are float32 scalars.
+
+``torch.compile``: the eval-mode forward of every quantizer traces to one graph
+(``fullgraph=True``; tested with ``torch._dynamo.explain``). Host syncs left in
+eager mode: the finiteness check (one per forward, ``check_finite=False`` removes
+it) and the range check in ``decode`` (both skipped while compiling). Left in
+training mode: ResidualVQ's quantizer dropout (row selection per stage,
+``nonzero``), and FSQ grids above ``max_bincount`` (``torch.unique``).
 """
 
 from __future__ import annotations
