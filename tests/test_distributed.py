@@ -9,8 +9,11 @@ processes are killed) instead of blocking CI. The scenarios share one 2-rank job
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -300,3 +303,63 @@ def test_loader_state_converts_between_world_sizes(n):
     one = BatchLoader(data, 1, seed=4, drop_last=False)
     one.load_state_dict(state)
     assert _labels(one, 1) == order[n : n + 1]
+
+
+TINY = ["--hidden", "32", "--res-hidden", "8", "--res-layers", "1"]
+TINY += ["--num-embeddings", "32", "--embedding-dim", "8", "--no-progress", "--seed", "3"]
+
+
+def test_torchrun_train_matches_one_process_and_resumes_in_one_process(tmp_path):
+    """2-process ``vqkit train`` (DDP, gloo) = 1 process on the global batch; its
+    checkpoint resumes in 1 process at the same global data position."""
+    from vqkit.checkpoint import load_checkpoint
+    from vqkit.cli import main
+    from vqkit.train import TrainConfig, Trainer
+
+    run = tmp_path / "ddp"
+    common = ["--steps", "4", "--log-every", "2", "--eval-every", "4", "--eval-images", "16"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "vqkit", "train", "--out", str(run), "--batch-size", "8", *common, *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        pytest.fail(f"torchrun still running after {DEADLINE_S:.0f} s")
+    assert proc.returncode == 0, log.decode()[-3000:]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["global_batch_size"] == 16
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]  # written once (rank 0 only)
+    assert all("dead" in r and "codes_used" in r for r in train)
+    ddp = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ddp["loader"]["world_size"] == 2 and ddp["loader"]["position"] == 4 * 8
+
+    # one process on the same global batches (interleaved shards = consecutive 16)
+    one = tmp_path / "one"
+    assert main(["train", "--out", str(one), "--batch-size", "16", *common, *TINY]) == 0
+    single = load_checkpoint(one / "checkpoints" / "last.pt")
+    for k, v in single["model"].items():
+        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    r1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()][0]
+    assert abs(r1["loss"] - train[0]["loss"]) < 1e-4 and r1["codes_used"] == train[0]["codes_used"]
+
+    # resume the 2-process checkpoint in 1 process (batch 16 = the old global batch)
+    kw = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
+    resumed = Trainer(
+        TrainConfig(
+            out_dir=str(run), steps=6, batch_size=16, log_every=2, eval_every=6,
+            eval_images=16, progress=False, seed=3, revive_every=1, **kw,
+        ),
+        resume=True,
+    )  # fmt: skip
+    assert resumed.step == 4 and resumed.loader.position == 4 * 16
+    resumed.fit()
+    after = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert after["step"] == 6 and after["loader"]["world_size"] == 1
+    assert after["loader"]["position"] == 6 * 16

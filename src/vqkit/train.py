@@ -16,6 +16,26 @@ A run directory holds::
 ``resume=True`` continues from ``checkpoints/last.pt``: model, optimizer, EMA
 buffers, RNG and data position are restored, so the resumed run produces the
 same weights as an uninterrupted one.
+
+Distributed (``torchrun --nproc_per_node=N -m vqkit train ...``): the process group
+is initialised from torchrun's environment (gloo on CPU, NCCL on GPU, one GPU per
+process by LOCAL_RANK); the model is wrapped in DistributedDataParallel; each rank
+reads its own shard of every epoch (``batch_size`` is per rank, the global batch is
+``batch_size * world_size``); the logged metrics are global (all-reduced every step,
+together with the Ctrl-C flag so that all ranks stop at the same step); only rank 0
+writes files and shows the progress bar. Evaluation runs on rank 0 alone, on the
+unwrapped model in eval mode, which calls no collective (the EMA quantizer syncs
+only in training mode), so the other ranks cannot hang on it: they simply wait at
+the next step's collectives. A checkpoint resumes under any world size (the data
+position is mapped to the same point of the global epoch).
+
+Codebook health: ``init="kmeans"`` sets the codebook by k-means++ and ``init_iters``
+Lloyd iterations on the first batch's latents of all ranks (once, at step 0);
+``revive_every=N`` replaces, every N steps, the EMA quantizer's codes whose EMA
+count is below ``dead_threshold`` assignments per global batch by latents of the
+current global batch. Every log record carries ``dead`` (codes below
+``dead_threshold``, or unused in the window for the plain quantizer), ``codes_used``,
+``window_perplexity`` and ``revived``.
 """
 
 from __future__ import annotations
@@ -31,11 +51,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from . import distributed
 from .checkpoint import CheckpointError, export_safetensors, load_checkpoint, save_checkpoint
 from .data import BatchLoader, ImageData, data_variance, load_dataset, normalize
 from .evaluate import evaluate
+from .metrics import codebook_health, perplexity, usage_fraction
 from .models import VQVAE, VQVAEConfig
+from .quantizers import VectorQuantizerEMA
 
 __all__ = ["TrainConfig", "Trainer", "train"]
 
@@ -66,17 +90,17 @@ class TrainConfig:
     decay: float = 0.99
     epsilon: float = 1e-5
     zero_debias: bool = False
-    num_quantizers: int = 4  # rvq
-    rvq_stage: str = "ema"  # rvq: vq or ema stages
-    quantizer_dropout: float = 0.0  # rvq
-    shared_codebook: bool = False  # rvq
-    levels: str = "8,5,5,5"  # fsq
     # optimisation
     batch_size: int = 32
     steps: int = 1500
     lr: float = 3e-4
     seed: int = 0
     device: str = "auto"
+    # codebook health
+    init: str = "random"  # "random" (the quantizer's own init) or "kmeans" (first batch)
+    init_iters: int = 10
+    revive_every: int = 0  # 0: no revival
+    dead_threshold: float = 1.0  # EMA assignments per global batch below which a code is dead
     # bookkeeping
     out_dir: str = "runs/vqkit"
     log_every: int = 50
@@ -93,6 +117,14 @@ class TrainConfig:
             raise ValueError(f"steps must be an int >= 0; got {self.steps!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0; got {self.lr}")
+        if self.init not in ("random", "kmeans"):
+            raise ValueError(f"init must be 'random' or 'kmeans'; got {self.init!r}")
+        for name in ("init_iters", "revive_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0; got {v!r}")
+        if not self.dead_threshold > 0:
+            raise ValueError(f"dead_threshold must be > 0; got {self.dead_threshold}")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
@@ -141,19 +173,20 @@ class _Window:
         self.counts = torch.zeros(self.k, dtype=torch.int64)
         self.t0 = time.perf_counter()
         self.images = 0
+        self.revived = 0
 
     def add(self, values: dict[str, float], counts: torch.Tensor, images: int) -> None:
         for key, v in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + v
         self.n += 1
-        if counts is not None:  # (K,), (Q, K) for rvq (pooled); None: a huge FSQ grid
-            self.counts += counts.reshape(-1, self.k).sum(0).cpu()
+        self.counts += counts.cpu()
         self.images += images
 
     def summary(self) -> dict[str, float]:
         out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
         out["window_usage"] = float((self.counts > 0).float().mean())
         out["images_per_s"] = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        out["revived"] = self.revived
         return out
 
 
@@ -202,8 +235,62 @@ class Trainer:
         if resume and not self.last_path.exists():
             raise CheckpointError(f"nothing to resume: {self.last_path} does not exist")
         self.device = resolve_device(config.device)
+        if distributed.env_world_size() > 1 and self.device.type == "cuda":
+            if self.device.index is None:  # one GPU per process, by LOCAL_RANK
+                self.device = torch.device("cuda", distributed.local_rank())
+            torch.cuda.set_device(self.device)
         self.resume = resume
+        self._owns_group = distributed.init_from_env(self.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        if self.world > 1 and not self.is_main:
+            dist.barrier()  # rank 0 loads first (and fills the decode cache)
+        self._load_data(config)
+        if self.world > 1 and self.is_main:
+            dist.barrier()
 
+        torch.manual_seed(config.seed)
+        size = self.train_data.images.shape[-1]
+        self.model_config = config.model_config(self.train_data.channels, size)
+        self.model = VQVAE(self.model_config).to(self.device)
+        quantizer = self.model.quantizer
+        if config.init == "kmeans" and not hasattr(quantizer, "init_codebook_kmeans"):
+            raise ValueError(f"init='kmeans' is not supported by {type(quantizer).__name__}")
+        if config.revive_every and not hasattr(quantizer, "revive_dead_codes"):
+            raise ValueError(
+                f"revive_every is not supported by {type(quantizer).__name__} (only the EMA "
+                "quantizer revives dead codes for now)"
+            )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.loader = BatchLoader(
+            self.train_data,
+            config.batch_size,
+            seed=config.seed,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world,
+        )
+        self.step = 0
+        self.best_nmse = math.inf
+        if resume:
+            self._restore(load_checkpoint(self.last_path, map_location=self.device))
+        self.ddp: torch.nn.Module = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # broadcast_buffers=False: DDP would otherwise copy rank 0's buffers to every
+            # rank before each forward. The EMA codebook and statistics are buffers that
+            # are already identical on every rank, because every update is computed from
+            # statistics all-reduced inside the quantizer; the broadcast would only cost
+            # a collective per step. (At construction DDP still syncs parameters and
+            # buffers from rank 0 once.)
+            self.ddp = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+
+    def _load_data(self, config: TrainConfig) -> None:
         self.train_data = load_dataset(
             config.data,
             "train",
@@ -228,19 +315,6 @@ class Trainer:
             self.train_data = self.train_data.subset(slice(0, len(self.train_data) - n_eval))
         self.data_variance = data_variance(self.train_data)
 
-        torch.manual_seed(config.seed)
-        size = self.train_data.images.shape[-1]
-        self.model_config = config.model_config(self.train_data.channels, size)
-        self.model = VQVAE(self.model_config).to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.loader = BatchLoader(
-            self.train_data, config.batch_size, seed=config.seed, device=self.device
-        )
-        self.step = 0
-        self.best_nmse = math.inf
-        if resume:
-            self._restore(load_checkpoint(self.last_path, map_location=self.device))
-
     # -- state ------------------------------------------------------------------
     def _payload(self) -> dict[str, Any]:
         return {
@@ -253,11 +327,11 @@ class Trainer:
             "train_config": asdict(self.config),
             "data_variance": self.data_variance,
             "best_nmse": self.best_nmse,
+            "world_size": self.world,
         }
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        # from_dict: a checkpoint written before a config key existed gets its default
-        if VQVAEConfig.from_dict(ckpt["model_config"]).to_dict() != self.model_config.to_dict():
+        if ckpt["model_config"] != self.model_config.to_dict():
             raise CheckpointError(
                 f"{self.last_path}: the checkpoint's model config {ckpt['model_config']} "
                 f"does not match this run's {self.model_config.to_dict()}"
@@ -270,16 +344,20 @@ class Trainer:
         self.best_nmse = float(ckpt.get("best_nmse", math.inf))
 
     def save(self) -> None:
-        save_checkpoint(self.last_path, self._payload())
+        """Write ``checkpoints/last.pt`` (rank 0 only; the other ranks hold the same state)."""
+        if self.is_main:
+            save_checkpoint(self.last_path, self._payload())
 
     # -- loop -------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def train_step(self, x: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
         self.model.train()
-        out = self.model(x)
+        out = self.ddp(x)
         terms = VQVAE.loss(out, x, self.data_variance)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -299,8 +377,18 @@ class Trainer:
         )
 
     def fit(self) -> dict[str, Any]:
+        """Train to ``steps``; returns the final evaluation (rank 0; ``{"step": ...}``
+        on the other ranks). Tears down a process group it created."""
+        try:
+            return self._fit()
+        finally:
+            if self._owns_group:
+                distributed.teardown()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         run_info = {
             "train": asdict(cfg),
             "model": self.model_config.to_dict(),
@@ -310,12 +398,15 @@ class Trainer:
                 "data_variance": self.data_variance,
             },
             "device": str(self.device),
+            "world_size": self.world,
+            "global_batch_size": cfg.batch_size * self.world,
             "torch": torch.__version__,
         }
-        (self.out / "config.json").write_text(json.dumps(run_info, indent=2))
-        window = _Window(self.model.num_codes)
+        if self.is_main:
+            (self.out / "config.json").write_text(json.dumps(run_info, indent=2))
+        window = _Window(self.model_config.num_embeddings)
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(
@@ -335,13 +426,82 @@ class Trainer:
             self.save()
             if bar is not None:
                 bar.close()
-            print(
-                f"\ninterrupted at step {self.step}: saved {self.last_path}; continue with --resume"
-            )
+            if self.is_main:
+                print(
+                    f"\ninterrupted at step {self.step}: saved {self.last_path}; "
+                    "continue with --resume"
+                )
             raise
         if bar is not None:
             bar.close()
+        if not self.is_main:
+            return {"step": self.step}
         return self.finish()
+
+    def _generator(self, *tag: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, *tag): the same on every rank, no state to save,
+        and the global RNG is left alone."""
+        g = torch.Generator()
+        g.manual_seed(hash((self.config.seed, *tag)) & ((1 << 62) - 1))
+        return g
+
+    @torch.no_grad()
+    def _latents(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_latents(x)
+
+    def init_codebook(self, x: torch.Tensor) -> None:
+        """``init="kmeans"``: k-means on the latents of the first batch of every rank."""
+        self.model.quantizer.init_codebook_kmeans(  # type: ignore[operator]
+            self._latents(x), iters=self.config.init_iters, generator=self._generator(0)
+        )
+
+    def revive(self, x: torch.Tensor) -> int:
+        """Replace dead codes by latents of this step's global batch (same on all ranks)."""
+        return self.model.quantizer.revive_dead_codes(  # type: ignore[operator]
+            self._latents(x),
+            threshold=self.config.dead_threshold,
+            generator=self._generator(1, self.step),
+        )
+
+    def _global(
+        self, values: dict[str, float], counts: torch.Tensor | None, stop: bool
+    ) -> tuple[dict[str, float], torch.Tensor | None, bool]:
+        """Step figures of the global batch, and whether ANY rank asked to stop, by one
+        all-reduce (identity in one process): the ranks' losses are averaged, the per-code
+        counts summed (the EMA quantizer's are global already) and, for one codebook,
+        perplexity and usage recomputed from the global counts (otherwise averaged)."""
+        if self.world == 1:
+            return values, counts, stop
+        q = self.model.quantizer
+        counts_global = isinstance(q, VectorQuantizerEMA) and q.sync_stats
+        reduce_counts = counts is not None and not counts_global
+        keys = list(values)
+        parts = [torch.tensor([values[k] for k in keys] + [float(stop)], dtype=torch.float64)]
+        if reduce_counts:
+            parts.append(counts.detach().reshape(-1).cpu().to(torch.float64))
+        buf = torch.cat(parts).to(self.device)
+        dist.all_reduce(buf)
+        buf = buf.cpu()
+        out = {k: float(buf[i]) / self.world for i, k in enumerate(keys)}
+        stop_any = bool(buf[len(keys)] > 0)
+        if reduce_counts:
+            counts = buf[len(keys) + 1 :].round().to(torch.int64).reshape(counts.shape)
+        if counts is not None and counts.dim() == 1:
+            out["perplexity"] = float(perplexity(counts))
+            out["usage"] = float(usage_fraction(counts))
+        return out, counts, stop_any
+
+    def _health(self, window: _Window) -> dict[str, float]:
+        q = self.model.quantizer
+        ema = None
+        if isinstance(q, VectorQuantizerEMA):
+            ema = q.cluster_size / max(q._debias(), 1e-30)
+        h = codebook_health(window.counts, ema_counts=ema, threshold=self.config.dead_threshold)
+        return {
+            "dead": h["dead"],
+            "codes_used": h["codes_used"],
+            "window_perplexity": h["perplexity"],
+        }
 
     def _loop(self, bar: Any, window: _Window, stop: _DeferredInterrupt) -> None:
         cfg = self.config
@@ -349,10 +509,15 @@ class Trainer:
             stop.completed_step = False
             self._loader_state = self.loader.state_dict()
             x, _ = self.loader.next_batch()
+            if self.step == 0 and cfg.init == "kmeans":
+                self.init_codebook(x)
             values, counts = self.train_step(x)
+            values, counts, stop_any = self._global(values, counts, stop.requested)
             self.step += 1
+            if cfg.revive_every and self.step % cfg.revive_every == 0:
+                window.revived += self.revive(x)
             stop.completed_step = True
-            window.add(values, counts, x.shape[0])
+            window.add(values, counts, x.shape[0] * self.world)
             if not math.isfinite(values["loss"]):
                 raise FloatingPointError(
                     f"loss became {values['loss']} at step {self.step}; lower the learning rate"
@@ -373,13 +538,15 @@ class Trainer:
                         "step": self.step,
                         "epoch": self.loader.epoch,
                         **window.summary(),
+                        **self._health(window),
                     }
                 )
                 window.reset()
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                self._periodic_eval()
+                if self.is_main:  # no collective inside: the other ranks go on
+                    self._periodic_eval()
                 self.save()
-            if stop.requested:
+            if stop_any if self.world > 1 else stop.requested:
                 raise KeyboardInterrupt
 
     def _periodic_eval(self) -> None:

@@ -202,7 +202,8 @@ class BatchLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from ``state_dict()``. The seed is taken from the state; the dataset size,
         batch size and order options must match (the rank may differ, since every rank is
-        at the same epoch and position).
+        at the same epoch and position; the per-rank batch size may differ when the world
+        size does).
 
         A state saved under another world size is mapped to the same point of the epoch's
         global order: ranks take interleaved elements of one permutation, so after
@@ -212,6 +213,7 @@ class BatchLoader:
         where the old run stopped, and going to more ranks re-reads at most
         ``world_size - 1`` samples. Past the end of this epoch's (padded) order, the next
         batch starts the next epoch."""
+        saved_world = int(state.get("world_size", self.world_size))
         for key in (
             "num_samples",
             "batch_size",
@@ -219,13 +221,14 @@ class BatchLoader:
             "drop_last",
             "shard_tail",
         ):
+            if key == "batch_size" and saved_world != self.world_size:
+                continue  # the per-rank batch may change with the number of ranks
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"loader state does not match: {key}={state[key]!r} in the state, "
                     f"{getattr(self, key)!r} here"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
-        saved_world = int(state.get("world_size", self.world_size))
         if saved_world < 1 or position < 0:
             raise ValueError(f"invalid loader state: world_size={saved_world}, position={position}")
         if saved_world != self.world_size:
