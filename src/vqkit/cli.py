@@ -34,7 +34,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "data": "dataset: 'builtin', a CIFAR-10 python archive/folder, an idx directory, "
         "an image folder or .tar(.gz) of one, or 'cifar10' / 'fashion-mnist'",
         "data_format": "auto, builtin, cifar10, idx or imagefolder",
-        "quantizer": "ema (EMA codebook) or vq (gradient-trained codebook)",
+        "quantizer": "ema (EMA codebook), vq (gradient-trained codebook), rvq (residual "
+        "VQ: --num-quantizers stages of --num-embeddings codes, --rvq-stage vq or ema) or "
+        "fsq (finite scalar quantization with --levels)",
+        "levels": "fsq: levels per channel, comma-separated (8,5,5,5: 1000 codes)",
+        "num_quantizers": "rvq: number of residual stages",
+        "rvq_stage": "rvq: stage quantizer, ema or vq",
+        "quantizer_dropout": "rvq: probability per training image of using only a random "
+        "number of leading stages (SoundStream quantizer dropout)",
+        "shared_codebook": "rvq: one codebook for all stages",
         "device": "auto (CUDA when present), cpu, cuda, cuda:1, ...",
         "out_dir": "run directory",
         "eval_split": "split used for evaluation (falls back to 5%% of train)",
@@ -201,12 +209,13 @@ def _decode(args: argparse.Namespace) -> int:
             idx = np.load(p, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read index map {p}: {e}") from e
-        if idx.ndim == 2:
+        nd = model.index_dims  # 3: (B, h, w); 4: (B, h, w, Q) for rvq
+        if idx.ndim == nd - 1:
             idx = idx[None]
-        if idx.ndim != 3 or not np.issubdtype(idx.dtype, np.integer):
+        if idx.ndim != nd or not np.issubdtype(idx.dtype, np.integer):
+            want = "(h, w, Q) or (B, h, w, Q)" if nd == 4 else "(h, w) or (B, h, w)"
             raise ValueError(
-                f"{p}: expected an integer index map (h, w) or (B, h, w); "
-                f"got {idx.dtype} {idx.shape}"
+                f"{p}: expected an integer index map {want}; got {idx.dtype} {idx.shape}"
             )
         images = model.decode(torch.from_numpy(idx.astype(np.int64)).to(device))
         names = (

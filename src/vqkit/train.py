@@ -90,6 +90,11 @@ class TrainConfig:
     decay: float = 0.99
     epsilon: float = 1e-5
     zero_debias: bool = False
+    num_quantizers: int = 4  # rvq
+    rvq_stage: str = "ema"  # rvq: vq or ema stages
+    quantizer_dropout: float = 0.0  # rvq
+    shared_codebook: bool = False  # rvq
+    levels: str = "8,5,5,5"  # fsq
     # optimisation
     batch_size: int = 32
     steps: int = 1500
@@ -179,7 +184,8 @@ class _Window:
         for key, v in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + v
         self.n += 1
-        self.counts += counts.cpu()
+        if counts is not None:  # (K,), (Q, K) for rvq (pooled); None: a huge FSQ grid
+            self.counts += counts.reshape(-1, self.k).sum(0).cpu()
         self.images += images
 
     def summary(self) -> dict[str, float]:
@@ -331,7 +337,8 @@ class Trainer:
         }
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        if ckpt["model_config"] != self.model_config.to_dict():
+        # from_dict: a checkpoint written before a config key existed gets its default
+        if VQVAEConfig.from_dict(ckpt["model_config"]).to_dict() != self.model_config.to_dict():
             raise CheckpointError(
                 f"{self.last_path}: the checkpoint's model config {ckpt['model_config']} "
                 f"does not match this run's {self.model_config.to_dict()}"
@@ -404,7 +411,7 @@ class Trainer:
         }
         if self.is_main:
             (self.out / "config.json").write_text(json.dumps(run_info, indent=2))
-        window = _Window(self.model_config.num_embeddings)
+        window = _Window(self.model.num_codes)
         bar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
