@@ -363,3 +363,13 @@ def test_torchrun_train_matches_one_process_and_resumes_in_one_process(tmp_path)
     after = load_checkpoint(run / "checkpoints" / "last.pt")
     assert after["step"] == 6 and after["loader"]["world_size"] == 1
     assert after["loader"]["position"] == 6 * 16
+
+
+def test_plain_quantizer_kmeans_init():
+    from vqkit import VectorQuantizer
+
+    centres, pts = clusters(30, seed=13)
+    q = VectorQuantizer(8, D)
+    q.init_codebook_kmeans(pts, iters=10, generator=torch.Generator().manual_seed(0))
+    assert (torch.cdist(centres, q.codebook.detach()).min(dim=1).values < 0.1).all()
+    assert q(pts).perplexity > 7.5  # every code used about equally

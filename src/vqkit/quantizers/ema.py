@@ -188,10 +188,15 @@ class VectorQuantizerEMA(CodebookQuantizer):
         counts, sums = assignment_stats(flat, indices, self.num_embeddings)
         if self.sync_stats:
             counts, sums = all_reduce_sum([counts, sums], self.process_group)
+        # A globally empty batch carries no information: it must leave the statistics
+        # and the codebook exactly as they are (not decay them, nor count a step).
+        # Tensor-valued decay instead of a Python branch: no host sync, compile-friendly.
+        observed = counts.sum() > 0
+        decay = torch.where(observed, self.decay, 1.0)
         if self.decay < 1.0:
-            ema_(self.cluster_size, counts, self.decay)
-            ema_(self.embed_sum, sums, self.decay)
-        self.num_updates += 1
+            ema_(self.cluster_size, counts, decay)
+            ema_(self.embed_sum, sums, decay)
+        self.num_updates += observed.to(self.num_updates.dtype)
         cluster_size, embed_sum = self.cluster_size, self.embed_sum
         if self.zero_debias:
             bias = 1.0 - torch.pow(
@@ -201,9 +206,9 @@ class VectorQuantizerEMA(CodebookQuantizer):
             cluster_size = cluster_size / bias
             embed_sum = embed_sum / bias
         smoothed = laplace_smooth(cluster_size, self.epsilon)
-        # Nothing observed yet (a globally empty first batch): keep the codebook.
+        # Keep the codebook when this batch was empty or nothing was ever observed.
         new = torch.where(
-            (smoothed > 0).unsqueeze(1),
+            (observed & (smoothed > 0)).unsqueeze(1),
             embed_sum / smoothed.clamp(min=1e-30).unsqueeze(1),
             self.codebook,
         )
@@ -226,7 +231,7 @@ class VectorQuantizerEMA(CodebookQuantizer):
         of this layer, or flat (N, D) vectors) of every rank, then restart the EMA
         statistics from it (:meth:`reset_statistics`). Identical on all ranks; every
         rank must call it (explicit, never done inside ``forward``)."""
-        flat = self.to_flat(x)
+        flat = self._search_input(self.to_flat(x))
         group = self.process_group if self.sync_stats else None
         if self.sync_stats:
             centers = kmeans_init(
@@ -269,7 +274,7 @@ class VectorQuantizerEMA(CodebookQuantizer):
         """
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0; got {threshold!r}")
-        flat = self.to_flat(x)
+        flat = self._search_input(self.to_flat(x))
         mask, vectors = sample_replacements(
             flat,
             self.dead_codes(threshold),

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..codebook import kmeans_init
 from ..metrics import code_counts
 from ..search import DEFAULT_SCRATCH_BYTES
 from .base import CodebookQuantizer, QuantizerOutput, mse_terms
@@ -101,6 +102,30 @@ class VectorQuantizer(CodebookQuantizer):
         )
         counts = code_counts(indices, self.num_embeddings)
         return self._output(x, flat, quantized_flat, indices, distances, counts, losses, loss)
+
+    @torch.no_grad()
+    def init_codebook_kmeans(
+        self,
+        x: torch.Tensor,
+        iters: int = 10,
+        generator: torch.Generator | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+    ) -> None:
+        """Set the codebook to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input of
+        this layer, or flat (N, embedding_dim) vectors; searched as ``forward`` does, i.e.
+        in-projected / normalised with those options) of every rank of ``process_group``,
+        identical on all. Explicit (never inside ``forward``); call it before the optimizer
+        steps, since optimizer moments for the codebook are not reset here."""
+        flat = self._search_input(self.to_flat(x))
+        centers = kmeans_init(
+            flat,
+            self.num_embeddings,
+            iters,
+            group=process_group,
+            generator=generator,
+            max_scratch_bytes=self.max_scratch_bytes,
+        )
+        self.codebook.copy_(centers.to(self.codebook.dtype))
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, commitment_cost={self.commitment_cost}"
