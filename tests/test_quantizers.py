@@ -181,6 +181,7 @@ def test_half_precision_input(cls, dtype):
 def test_empty_batch(cls):
     vq = cls(16, 4)
     before = vq.codebook.detach().clone()
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
     x = torch.randn(0, 4, 5, 5, requires_grad=True)
     out = vq(x)
     assert out.quantized.shape == (0, 4, 5, 5)
@@ -191,6 +192,9 @@ def test_empty_batch(cls):
     out.loss.backward()
     assert vq.decode(out.indices).shape == (0, 4, 5, 5)
     assert torch.equal(vq.codebook.detach(), before)
+    # no information, no change: EMA statistics and step count stay as they were
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, state[k]), k
 
 
 @pytest.mark.parametrize("cls", QUANTIZERS)

@@ -68,9 +68,13 @@ def all_reduce_sum(
     return out
 
 
-def ema_(average: torch.Tensor, value: torch.Tensor, decay: float) -> None:
-    """In place: ``average <- decay * average + (1 - decay) * value``."""
-    average.mul_(decay).add_(value, alpha=1.0 - decay)
+def ema_(average: torch.Tensor, value: torch.Tensor, decay: float | torch.Tensor) -> None:
+    """In place: ``average <- decay * average + (1 - decay) * value`` (``decay`` a float
+    or a 0-d tensor)."""
+    if isinstance(decay, torch.Tensor):
+        average.mul_(decay).add_(value * (1.0 - decay))
+    else:
+        average.mul_(decay).add_(value, alpha=1.0 - decay)
 
 
 def laplace_smooth(cluster_size: torch.Tensor, epsilon: float) -> torch.Tensor:
