@@ -134,11 +134,12 @@ class VectorQuantizerEMA(CodebookQuantizer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Codebook ~ uniform(-sqrt(3/D), sqrt(3/D)) (Sonnet's variance scaling: codes of
-        about unit norm, the scale of a freshly initialised encoder's output); statistics
-        reset. The classic PyTorch port's N(0, 1) codes have norm ~sqrt(D), so at the
-        start nearly every vector picks the one code of smallest norm."""
-        bound = math.sqrt(3.0 / self.embedding_dim)
+        """Codebook ~ uniform(-sqrt(3/d), sqrt(3/d)), d = codebook_dim (Sonnet's
+        variance scaling: codes of about unit norm, the scale of a freshly initialised
+        encoder's output); statistics reset. The classic PyTorch port's N(0, 1) codes
+        have norm ~sqrt(d), so at the start nearly every vector picks the one code of
+        smallest norm."""
+        bound = math.sqrt(3.0 / self.codebook_dim)  # the space the codes live in
         with torch.no_grad():
             self.codebook.uniform_(-bound, bound)
         self.reset_statistics()
