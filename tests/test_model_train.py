@@ -348,6 +348,12 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_write(target, boom)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+    # a successful write has the permissions an ordinary open() gives (not mkstemp's 0600)
+    new = tmp_path / "g.bin"
+    atomic_write(new, lambda tmp: open(tmp, "wb").write(b"x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_config_file(tmp_path):

@@ -50,6 +50,10 @@ def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp creates 0600; give the file the mode an ordinary open() would (umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -152,9 +152,12 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
+    import torch
+
     from .data import normalize
 
-    x = normalize(data.images[:32].to(device))
+    pick = torch.linspace(0, len(data) - 1, min(32, len(data))).round().long()
+    x = normalize(data.images[pick].to(device))  # strided: every class of sorted data
     save_recon_grid(x, model(x).recon, out / "recon.png")
     print(json.dumps(result, indent=2))
     print(f"wrote {out / 'eval.json'} and {out / 'recon.png'}")

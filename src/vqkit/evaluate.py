@@ -23,7 +23,7 @@ def evaluate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     batch_perplexity_size: int = 32,
-    limit: int | None = None,
+    limit: int | None = None,  # an evenly strided subset of this many images
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (in eval mode; the codebook is not touched) on ``data``.
@@ -45,7 +45,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     k = model.num_codes  # K, or the FSQ grid; rvq: pooled over stages
-    n = len(data) if limit is None else min(limit, len(data))
+    if limit is not None and limit < len(data):
+        # evenly strided, so a class-sorted split (image folders) is still covered
+        data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())
+    n = len(data)
     if n == 0:
         raise ValueError(f"nothing to evaluate: the split '{data.split}' of {data.source} is empty")
     counts = torch.zeros(k, dtype=torch.int64)

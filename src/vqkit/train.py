@@ -577,7 +577,9 @@ class Trainer:
         (self.out / "eval.json").write_text(json.dumps(result, indent=2))
         export_safetensors(self.model, self.out / "model.safetensors")
         n = min(32, len(self.eval_data))
-        x = normalize(self.eval_data.images[:n].to(self.device))
+        # evenly strided over the split, so class-sorted data shows every class
+        pick = torch.linspace(0, len(self.eval_data) - 1, n).round().long()
+        x = normalize(self.eval_data.images[pick].to(self.device))
         self.model.eval()
         with torch.no_grad():
             recon = self.model(x).recon
