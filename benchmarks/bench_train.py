@@ -144,6 +144,7 @@ def run_vqkit(data, batch_size, steps, warmup):
     trainer = Trainer.__new__(Trainer)
     trainer.config = TrainConfig(batch_size=batch_size)
     trainer.model = VQVAE()
+    trainer.ddp = trainer.model  # what the trainer calls; DDP-wrapped under torchrun
     trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=3e-4)
     trainer.data_variance = data_variance(data)
     loader = BatchLoader(data, batch_size, seed=0)
