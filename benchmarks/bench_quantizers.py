@@ -45,7 +45,6 @@ import json
 import os
 import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -57,11 +56,9 @@ from bench_search import (  # noqa: E402  (sibling script, not a package)
     _git_commit,
     _is_oom,
     _machine,
-    _malloc_trim,
-    _reset_hwm,
-    _status_kib,
     _top,
     _vqkit_fingerprint,
+    measure,
 )
 
 LEVELS = [8, 5, 5, 5]
@@ -269,43 +266,9 @@ def _worker(args: argparse.Namespace) -> int:
         status = "OOM" if _is_oom(e) else "error"
         return emit(status=status, error=f"{type(e).__name__}: {str(e)[:300]}", phase="setup")
 
-    import gc
-
-    gc.collect()
-    _malloc_trim()
-    base_kib = _status_kib("VmRSS")
-    hwm_reset = _reset_hwm()
-    if not hwm_reset:
-        rec["memory_note"] = "VmHWM not resettable; peak includes setup"
-    times: list[float] = []
-    try:
-        t0 = time.perf_counter()
-        run()
-        warm = time.perf_counter() - t0
-        cleanup()
-        repeats = args.repeats
-        if warm > 10.0:
-            repeats = max(1, min(repeats, int(args.time_budget // warm)))
-        spent = 0.0
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            dt = time.perf_counter() - t0
-            cleanup()
-            times.append(dt)
-            spent += dt
-            if spent >= args.time_budget:
-                break
-    except (RuntimeError, MemoryError) as e:
-        peak = _status_kib("VmHWM")
-        status = "OOM" if _is_oom(e) else "error"
-        return emit(status=status, error=f"{type(e).__name__}: {str(e)[:300]}", phase="run",
-                    times_s=times, peak_extra_mib=(peak - base_kib) / 1024)
-    peak_kib = _status_kib("VmHWM") if hwm_reset else resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss
-    rec.update(status="ok", warmup_s=warm, times_s=times, median_s=statistics.median(times),
-               min_s=min(times), baseline_rss_mib=base_kib / 1024,
-               peak_rss_mib=peak_kib / 1024, peak_extra_mib=(peak_kib - base_kib) / 1024)
+    rec.update(measure(run, cleanup, args.repeats, args.time_budget))
+    if rec["status"] != "ok":
+        return emit()
     # One agreement check per (shape, vqkit method): in the fwd worker.
     if method in BASELINE and mode == "fwd" and not args.no_check:
         try:

@@ -330,6 +330,54 @@ def _agreement(x, idx, codebook) -> dict:
     }
 
 
+def measure(run, cleanup, repeats: int, time_budget: float) -> dict:
+    """One warm-up call, then up to ``repeats`` timed calls (fewer once they used
+    ``time_budget`` s, or when the warm-up alone took over 10 s); peak extra memory is
+    the kernel's RSS high-water mark above the RSS just before the warm-up.
+
+    Returns record fields with ``status`` "ok", "OOM" or "error"."""
+    import gc
+
+    gc.collect()
+    _malloc_trim()
+    base_kib = _status_kib("VmRSS")
+    hwm_reset = _reset_hwm()
+    out: dict = {}
+    if not hwm_reset:
+        # Without a resettable VmHWM the peak covers setup as well (upper bound).
+        out["memory_note"] = "VmHWM not resettable; peak includes setup"
+    times: list[float] = []
+    try:
+        t0 = time.perf_counter()
+        run()
+        warm = time.perf_counter() - t0
+        cleanup()
+        if warm > 10.0:
+            repeats = max(1, min(repeats, int(time_budget // warm)))
+        spent = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            dt = time.perf_counter() - t0
+            cleanup()
+            times.append(dt)
+            spent += dt
+            if spent >= time_budget:
+                break
+    except (RuntimeError, MemoryError) as e:
+        peak = _status_kib("VmHWM")
+        out.update(status="OOM" if _is_oom(e) else "error",
+                   error=f"{type(e).__name__}: {str(e)[:300]}", phase="run", times_s=times,
+                   peak_extra_mib=(peak - base_kib) / 1024)
+        return out
+    peak_kib = _status_kib("VmHWM") if hwm_reset else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss
+    out.update(status="ok", warmup_s=warm, times_s=times, median_s=statistics.median(times),
+               min_s=min(times), baseline_rss_mib=base_kib / 1024,
+               peak_rss_mib=peak_kib / 1024, peak_extra_mib=(peak_kib - base_kib) / 1024)
+    return out
+
+
 def _worker(args: argparse.Namespace) -> int:
     cap = int(args.mem_cap_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -360,51 +408,9 @@ def _worker(args: argparse.Namespace) -> int:
             return emit(status="OOM", error=str(e)[:300], phase="setup")
         return emit(status="error", error=f"{type(e).__name__}: {str(e)[:300]}", phase="setup")
 
-    import gc
-
-    gc.collect()
-    _malloc_trim()
-    base_kib = _status_kib("VmRSS")
-    hwm_reset = _reset_hwm()
-    if not hwm_reset:
-        # Without a resettable VmHWM the peak covers setup as well (upper bound).
-        rec["memory_note"] = "VmHWM not resettable; peak includes setup"
-    times: list[float] = []
-    try:
-        t0 = time.perf_counter()
-        run()
-        warm = time.perf_counter() - t0
-        cleanup()
-        repeats = args.repeats
-        if warm > 10.0:
-            repeats = max(1, min(repeats, int(args.time_budget // warm)))
-        spent = 0.0
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            dt = time.perf_counter() - t0
-            cleanup()
-            times.append(dt)
-            spent += dt
-            if spent >= args.time_budget:
-                break
-    except (RuntimeError, MemoryError) as e:
-        peak = _status_kib("VmHWM")
-        status = "OOM" if _is_oom(e) else "error"
-        return emit(status=status, error=f"{type(e).__name__}: {str(e)[:300]}", phase="run",
-                    times_s=times, peak_extra_mib=(peak - base_kib) / 1024)
-    peak_kib = _status_kib("VmHWM") if hwm_reset else resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss
-    rec.update(
-        status="ok",
-        warmup_s=warm,
-        times_s=times,
-        median_s=statistics.median(times),
-        min_s=min(times),
-        baseline_rss_mib=base_kib / 1024,
-        peak_rss_mib=peak_kib / 1024,
-        peak_extra_mib=(peak_kib - base_kib) / 1024,
-    )
+    rec.update(measure(run, cleanup, args.repeats, args.time_budget))
+    if rec["status"] != "ok":
+        return emit()
     if check is not None and not args.no_check:
         try:
             g = torch.Generator().manual_seed(SEED)
