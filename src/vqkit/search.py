@@ -96,7 +96,7 @@ def _row_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     On CPU ``Tensor.min(dim)`` with indices runs about 10x slower than the
     vectorised ``amin``. So the row is cut into groups of ``_GROUP`` contiguous
     columns: ``amin`` finds each group's minimum, a short ``min`` over the group
-    minima picks the first group that holds the row minimum, and a ``argmin``
+    minima picks the first group that holds the row minimum, and an ``argmin``
     over that group's ``_GROUP`` values gives the first position inside it. The
     lowest winning index always lies in the first winning group, so the result
     is identical to ``s.min(1)``.
