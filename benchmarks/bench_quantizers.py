@@ -45,9 +45,7 @@ import json
 import os
 import resource
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,6 +57,7 @@ from bench_search import (  # noqa: E402  (sibling script, not a package)
     _top,
     _vqkit_fingerprint,
     measure,
+    run_child,
 )
 
 LEVELS = [8, 5, 5, 5]
@@ -294,26 +293,7 @@ def _run_worker(shape: str, method: str, mode: str, args: argparse.Namespace) ->
     _, n, d, k, _ = ALL_SHAPES[shape]
     base = {"shape": shape, "method": method, "mode": mode, "N": n,
             "D": _input_dim(method, d), "K": k, "loadavg_before": os.getloadavg()}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        return {**base, "status": "timeout", "wall_s": time.perf_counter() - t0,
-                "error": f"no result within {args.timeout} s"}
-    rec = None
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            rec = json.loads(line[len("RESULT "):])
-    if rec is None:
-        tail = err.strip().splitlines()[-3:]
-        oom = any(_is_oom(Exception(t)) for t in tail) or proc.returncode == -9
-        rec = {"status": "OOM" if oom else "crash",
-               "error": f"exit code {proc.returncode}: {' | '.join(tail)[:400]}"}
-    return {**base, **rec, "wall_s": time.perf_counter() - t0}
+    return run_child(cmd, base, args.timeout)
 
 
 def _shape_title(shape: str) -> str:

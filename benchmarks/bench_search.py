@@ -482,16 +482,22 @@ def _run_worker(shape: str, method: str, args: argparse.Namespace) -> dict:
     n, d, k, _ = ALL_SHAPES[shape]
     base = {"shape": shape, "method": method, "N": n, "D": d, "K": k,
             "loadavg_before": os.getloadavg()}
+    return run_child(cmd, base, args.timeout)
+
+
+def run_child(cmd: list[str], base: dict, timeout: float) -> dict:
+    """Run one worker process (killed with its group after ``timeout`` s) and return
+    ``base`` merged with its ``RESULT`` line, or a timeout / OOM / crash record."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=args.timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.communicate()
         return {**base, "status": "timeout", "wall_s": time.perf_counter() - t0,
-                "error": f"no result within {args.timeout} s"}
+                "error": f"no result within {timeout} s"}
     rec = None
     for line in out.splitlines():
         if line.startswith("RESULT "):
@@ -501,8 +507,7 @@ def _run_worker(shape: str, method: str, args: argparse.Namespace) -> dict:
         oom = any(_is_oom(Exception(t)) for t in tail) or proc.returncode == -9
         rec = {"status": "OOM" if oom else "crash",
                "error": f"exit code {proc.returncode}: {' | '.join(tail)[:400]}"}
-    rec = {**base, **rec, "wall_s": time.perf_counter() - t0}
-    return rec
+    return {**base, **rec, "wall_s": time.perf_counter() - t0}
 
 
 def _fmt(v: float | None, spec: str) -> str:
