@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqkit import VectorQuantizerEMA
+from vqkit import VectorQuantizer, VectorQuantizerEMA
 from vqkit.codebook import kmeans
 from vqkit.data import BatchLoader
 from vqkit.metrics import codebook_health
@@ -91,6 +91,11 @@ def fresh_ema(decay: float = 0.9) -> VectorQuantizerEMA:
     return VectorQuantizerEMA(K, D, decay=decay)
 
 
+def fresh_vq() -> VectorQuantizer:
+    torch.manual_seed(0)
+    return VectorQuantizer(K, D, usage_decay=0.9)
+
+
 def clusters(n_per: int, seed: int, k: int = 8, d: int = D):
     """``k`` well-separated Gaussian clusters in ``d`` dims: (centres (k, d), points)."""
     g = torch.Generator().manual_seed(seed)
@@ -138,7 +143,7 @@ def _scenarios(rank: int, world: int, port: int, out_dir: str) -> None:
         q(shard)
     res["dead_mask"] = q.dead_codes(1.0)
     res["dead_before"] = int(res["dead_mask"].sum())
-    res["revived_n"] = q.revive_dead_codes(shard, threshold=1.0)
+    res["revived_n"] = int(q.revive_dead_codes(shard, threshold=1.0).sum())
     res["revived_state"] = ema_state(q)
     res["after_one_step"] = q(shard).counts.clone()
     res["after_one_step_codebook"] = q.codebook.clone()
@@ -147,6 +152,22 @@ def _scenarios(rank: int, world: int, port: int, out_dir: str) -> None:
     res["after_counts"] = counts.clone()
     res["dead_after"] = int(q.dead_codes(1.0).sum())
     res["revival"] = ema_state(q)
+
+    # 5. the gradient-trained codebook: usage statistics on uneven shards (one empty at
+    # every other step), then revival of a collapsed codebook
+    q = fresh_vq().train()
+    for s, shards in enumerate(batches):
+        x = shards[rank] if rank == 0 or s % 2 == 0 else shards[1][:0]
+        res.setdefault("vq_counts", []).append(q(x).counts.clone())
+    res["vq_usage"] = ema_state(q)
+    _, pts = clusters(64, seed=7)
+    q = fresh_vq().train()
+    with torch.no_grad():
+        q.codebook.zero_()
+    for _ in range(3):
+        q(pts[rank::world])
+    res["vq_revived"] = q.revive_dead_codes(pts[rank::world], threshold=1.0)
+    res["vq_revived_state"] = ema_state(q)
 
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
@@ -180,6 +201,24 @@ def test_ema_codebooks_identical_across_ranks_and_equal_to_one_process(ranks):
     # the counts (hence perplexity / usage) a rank reports are those of the global batch
     for a, b, r in zip(ranks[0]["sync_counts"], ranks[1]["sync_counts"], ref_counts, strict=True):
         assert torch.equal(a, b) and torch.equal(a, r)
+
+
+def test_plain_vq_usage_and_revival_synced_across_ranks(ranks):
+    r0, r1 = ranks
+    assert_identical(r0["vq_usage"], r1["vq_usage"])
+    # the usage EMA equals one process fed the global batches (empty ones skipped)
+    ref = fresh_vq().train()
+    ref_counts = []
+    for s, shards in enumerate(global_batches()):
+        ref_counts.append(ref(torch.cat(shards) if s % 2 == 0 else shards[0]).counts)
+    torch.testing.assert_close(r0["vq_usage"]["usage_ema"], ref.usage_ema)
+    assert torch.equal(r0["vq_usage"]["usage_updates"], ref.usage_updates)
+    for a, b, r in zip(r0["vq_counts"], r1["vq_counts"], ref_counts, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, r)
+    # revival: the same codes and vectors on both ranks
+    assert torch.equal(r0["vq_revived"], r1["vq_revived"])
+    assert int(r0["vq_revived"].sum()) >= K - 2
+    assert_identical(r0["vq_revived_state"], r1["vq_revived_state"])
 
 
 def test_empty_local_batch_does_not_hang(ranks):
@@ -248,7 +287,7 @@ def test_revive_single_process_and_health():
         window += q(pts).counts
     h = codebook_health(window, ema_counts=q.cluster_size, threshold=1.0)
     assert h["dead"] >= K - 2 and h["codes_used"] <= 2 and h["perplexity"] < 2.0
-    assert q.revive_dead_codes(pts, threshold=1.0) == h["dead"]
+    assert int(q.revive_dead_codes(pts, threshold=1.0).sum()) == h["dead"]
     window.zero_()
     for _ in range(3):
         window += q(pts).counts

@@ -287,7 +287,14 @@ def test_ema_state_is_buffers_not_parameters():
     vq = VectorQuantizerEMA(16, 4)
     assert list(vq.parameters()) == []
     names = dict(vq.named_buffers())
-    assert set(names) == {"codebook", "cluster_size", "embed_sum", "num_updates"}
+    assert set(names) == {
+        "codebook",
+        "cluster_size",
+        "embed_sum",
+        "num_updates",
+        "usage_ema",
+        "usage_updates",
+    }
     # the same tensor objects survive training steps (no re-created parameters)
     ids = {n: id(b) for n, b in vq.named_buffers()}
     vq.train()

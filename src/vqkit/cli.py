@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .train import TrainConfig
+    from .train import PRESETS, TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -49,9 +49,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "eval_every": "evaluate on --eval-images and write checkpoints every N steps",
         "batch_size": "images per step and per process (global batch: x number of processes)",
         "init": "codebook init: random (the quantizer's own) or kmeans (k-means++ and "
-        "--init-iters Lloyd iterations on the first batch's latents, all processes)",
-        "revive_every": "every N steps replace dead codes (EMA quantizer) by latents of "
-        "the current batch; 0: never",
+        "--init-iters Lloyd iterations on the latents of --init-batches batches, all "
+        "processes)",
+        "init_batches": "batches per process for --init kmeans; 0: enough for 16 vectors per code",
+        "revive_every": "every N steps replace dead codes (vq and ema quantizers) by "
+        "latents of the current batch (and restart their optimizer state); 0: never",
+        "preset": "named option set, overridden by --config and by flags: "
+        + ", ".join(sorted(PRESETS)),
+        "codebook_dim": "vq/ema/rvq: search in a smaller code space with linear in/out "
+        "projections (factorised codes, Yu et al. 2021); 0: embedding_dim",
+        "use_cosine": "vq/ema/rvq: l2-normalised inputs and codes (cosine similarity)",
+        "gradient": "vq/ema/rvq: ste (straight-through) or rotation (rotation trick, "
+        "Fifty et al. 2024)",
+        "affine_codebook": "vq: codes = codebook * scale + shift with a learned shared "
+        "scale and shift (Huh et al. 2023)",
+        "codebook_lr_scale": "learning rate of the codebook parameters = --lr x this",
         "dead_threshold": "a code is dead when its EMA count is below this many "
         "assignments per global batch (revival and the logged 'dead' count)",
     }
@@ -91,7 +103,9 @@ def _train(args: argparse.Namespace) -> int:
         if getattr(args, f.name) is not None
     }
     cfg = (
-        TrainConfig.from_file(args.config, **overrides) if args.config else TrainConfig(**overrides)
+        TrainConfig.from_file(args.config, **overrides)
+        if args.config
+        else TrainConfig.build(**overrides)
     )
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     try:

@@ -20,6 +20,7 @@ __all__ = [
     "kmeans_init",
     "kmeans_plusplus",
     "laplace_smooth",
+    "reset_optimizer_rows",
     "sample_replacements",
     "world_size",
 ]
@@ -231,3 +232,33 @@ def sample_replacements(
     if ws > 1:
         broadcast_(decision, group)
     return decision[:, d] > 0, decision[:, :d]
+
+
+@torch.no_grad()
+def reset_optimizer_rows(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor
+) -> int:
+    """Restart ``optimizer``'s state for some rows of ``param`` (e.g. revived codes).
+
+    Every state tensor the optimizer keeps for ``param`` with ``param``'s shape (Adam's
+    ``exp_avg`` / ``exp_avg_sq`` / ``max_exp_avg_sq``, SGD's ``momentum_buffer``,
+    RMSprop's ``square_avg``, Adagrad's ``sum``, ...) is zeroed at ``rows`` (bool (K,)
+    or int indices along dim 0): those rows continue as if their history were empty,
+    so old momentum cannot drag a replaced row back to where it was. Scalar state
+    (Adam's shared ``step``) is left alone, so Adam's bias correction treats the
+    restarted rows as long-trained; their first steps are then somewhat larger than
+    ``lr`` (up to ~6x for the default betas) and settle within ~1/(1 - beta2) steps.
+    Works with any ``torch.optim`` optimizer whose per-element state has the
+    parameter's shape; returns the number of state tensors touched.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return 0
+    if rows.dtype == torch.bool:
+        rows = rows.nonzero().squeeze(1)
+    touched = 0
+    for value in state.values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.index_fill_(0, rows.to(value.device), 0.0)
+            touched += 1
+    return touched

@@ -30,12 +30,14 @@ the next step's collectives. A checkpoint resumes under any world size (the data
 position is mapped to the same point of the global epoch).
 
 Codebook health: ``init="kmeans"`` sets the codebook by k-means++ and ``init_iters``
-Lloyd iterations on the first batch's latents of all ranks (once, at step 0);
-``revive_every=N`` replaces, every N steps, the EMA quantizer's codes whose EMA
-count is below ``dead_threshold`` assignments per global batch by latents of the
-current global batch. Every log record carries ``dead`` (codes below
-``dead_threshold``, or unused in the window for the plain quantizer), ``codes_used``,
-``window_perplexity`` and ``revived``.
+Lloyd iterations on the initial encoder's latents of ``init_batches`` batches of all
+ranks (once, at step 0); ``revive_every=N`` replaces, every N steps, the codes whose
+EMA count (the EMA quantizer's cluster size, the plain quantizer's ``usage_ema``) is
+below ``dead_threshold`` assignments per global batch by latents of the current
+global batch, and for the gradient-trained codebook restarts the optimizer's state of
+those rows (:func:`vqkit.codebook.reset_optimizer_rows`). Every log record carries
+``dead`` (codes below ``dead_threshold``), ``codes_used``, ``window_perplexity`` and
+``revived``. ``preset`` picks a named set of these options (:data:`PRESETS`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import torch.distributed as dist
 
 from . import distributed
 from .checkpoint import CheckpointError, export_safetensors, load_checkpoint, save_checkpoint
+from .codebook import reset_optimizer_rows
 from .data import BatchLoader, ImageData, data_variance, load_dataset, normalize
 from .evaluate import evaluate
 from .metrics import codebook_health, perplexity, usage_fraction
@@ -95,15 +98,21 @@ class TrainConfig:
     quantizer_dropout: float = 0.0  # rvq
     shared_codebook: bool = False  # rvq
     levels: str = "8,5,5,5"  # fsq
+    codebook_dim: int = 0  # vq/ema/rvq: code space with in/out projections; 0: embedding_dim
+    use_cosine: bool = False  # vq/ema/rvq: l2-normalised codes and inputs
+    gradient: str = "ste"  # vq/ema/rvq: "ste" or "rotation" (rotation trick)
+    affine_codebook: bool = False  # vq: affine re-parameterised codebook (Huh et al. 2023)
     # optimisation
     batch_size: int = 32
     steps: int = 1500
     lr: float = 3e-4
     seed: int = 0
     device: str = "auto"
+    codebook_lr_scale: float = 1.0  # learning rate of codebook parameters = lr * this
     # codebook health
-    init: str = "random"  # "random" (the quantizer's own init) or "kmeans" (first batch)
+    init: str = "random"  # "random" (the quantizer's own init) or "kmeans"
     init_iters: int = 10
+    init_batches: int = 0  # batches of latents for k-means; 0: enough for 16 vectors/code
     revive_every: int = 0  # 0: no revival
     dead_threshold: float = 1.0  # EMA assignments per global batch below which a code is dead
     # bookkeeping
@@ -112,8 +121,14 @@ class TrainConfig:
     eval_every: int = 500
     eval_images: int = 1000
     progress: bool = True
+    # a named set of defaults (PRESETS) applied before the file and the flags
+    preset: str | None = None
 
     def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {self.preset!r}")
+        if not self.codebook_lr_scale > 0:
+            raise ValueError(f"codebook_lr_scale must be > 0; got {self.codebook_lr_scale}")
         for name in ("batch_size", "log_every", "eval_every", "eval_images"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -124,7 +139,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0; got {self.lr}")
         if self.init not in ("random", "kmeans"):
             raise ValueError(f"init must be 'random' or 'kmeans'; got {self.init!r}")
-        for name in ("init_iters", "revive_every"):
+        for name in ("init_iters", "revive_every", "init_batches"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0; got {v!r}")
@@ -146,7 +161,16 @@ class TrainConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"config file {path}: unknown keys {sorted(unknown)}")
-        return cls(**{**values, **overrides})
+        return cls.build(**{**values, **overrides})
+
+    @classmethod
+    def build(cls, **values: Any) -> TrainConfig:
+        """A config from ``values`` on top of the named ``preset`` among them (if any),
+        on top of the defaults: explicit values always win over the preset's."""
+        name = values.get("preset")
+        if name is not None and name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
+        return cls(**{**(PRESETS[name] if name else {}), **values})
 
     def model_config(self, in_channels: int, image_size: int) -> VQVAEConfig:
         return VQVAEConfig(
@@ -154,6 +178,29 @@ class TrainConfig:
             image_size=image_size,
             **{k: getattr(self, k) for k in MODEL_KEYS},
         )
+
+
+# Named option sets (``--preset``), chosen from the CIFAR-10 runs in docs/results.md.
+# dead_threshold is in assignments per global batch: 0.25 is 1/16 of a uniform code's
+# share at K = 512 and 32 images of 8 x 8 latents (2048 vectors per batch).
+PRESETS: dict[str, dict[str, Any]] = {
+    # the gradient-trained codebook that uses its whole codebook: k-means init on the
+    # first latents, then dead-code revival every 20 steps (often enough to catch the
+    # encoder's early growth, when the classic layer collapses)
+    "vq-healthy": {
+        "quantizer": "vq",
+        "init": "kmeans",
+        "revive_every": 20,
+        "dead_threshold": 0.25,
+    },
+    # the EMA codebook with the same init and revival
+    "ema-healthy": {
+        "quantizer": "ema",
+        "init": "kmeans",
+        "revive_every": 20,
+        "dead_threshold": 0.25,
+    },
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -264,10 +311,10 @@ class Trainer:
             raise ValueError(f"init='kmeans' is not supported by {type(quantizer).__name__}")
         if config.revive_every and not hasattr(quantizer, "revive_dead_codes"):
             raise ValueError(
-                f"revive_every is not supported by {type(quantizer).__name__} (only the EMA "
-                "quantizer revives dead codes for now)"
+                f"revive_every is not supported by {type(quantizer).__name__} (the vq and "
+                "ema quantizers revive dead codes)"
             )
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(self._param_groups(), lr=config.lr)
         self.loader = BatchLoader(
             self.train_data,
             config.batch_size,
@@ -295,6 +342,24 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """One group for everything, a second at ``lr * codebook_lr_scale`` for the
+        quantizer's codebook parameters when the scale is not 1."""
+        if self.config.codebook_lr_scale == 1.0:
+            return [{"params": list(self.model.parameters())}]
+        names = ("codebook", "codebook_scale", "codebook_shift")
+        codebook = [
+            p for n, p in self.model.quantizer.named_parameters() if n.split(".")[-1] in names
+        ]
+        ids = {id(p) for p in codebook}
+        rest = [p for p in self.model.parameters() if id(p) not in ids]
+        groups: list[dict[str, Any]] = [{"params": rest}]
+        if codebook:
+            groups.append(
+                {"params": codebook, "lr": self.config.lr * self.config.codebook_lr_scale}
+            )
+        return groups
 
     def _load_data(self, config: TrainConfig) -> None:
         self.train_data = load_dataset(
@@ -456,19 +521,49 @@ class Trainer:
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_latents(x)
 
-    def init_codebook(self, x: torch.Tensor) -> None:
-        """``init="kmeans"``: k-means on the latents of the first batch of every rank."""
-        self.model.quantizer.init_codebook_kmeans(  # type: ignore[operator]
-            self._latents(x), iters=self.config.init_iters, generator=self._generator(0)
+    def init_batch_count(self) -> int:
+        """Batches (per rank) whose latents feed the k-means init: ``init_batches``, or
+        (0) enough for about 16 vectors per code, at least one."""
+        if self.config.init_batches:
+            return self.config.init_batches
+        positions = (self.model_config.image_size // 4) ** 2
+        per_batch = self.config.batch_size * self.world * positions
+        return max(1, math.ceil(16 * self.model.num_codes / per_batch))
+
+    def init_codebook(self) -> None:
+        """``init="kmeans"``: k-means on the initial encoder's latents of
+        :meth:`init_batch_count` batches of every rank. The batches come from a loader
+        of their own (another seed, same shards), so the training stream is the same
+        with and without the init."""
+        loader = BatchLoader(
+            self.train_data,
+            self.config.batch_size,
+            seed=self.config.seed + 7919,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world,
+        )
+        latents = [self._latents(loader.next_batch()[0]) for _ in range(self.init_batch_count())]
+        q = self.model.quantizer
+        flat = torch.cat([q.to_flat(z) for z in latents])
+        q.init_codebook_kmeans(  # type: ignore[operator]
+            flat, iters=self.config.init_iters, generator=self._generator(0)
         )
 
     def revive(self, x: torch.Tensor) -> int:
-        """Replace dead codes by latents of this step's global batch (same on all ranks)."""
-        return self.model.quantizer.revive_dead_codes(  # type: ignore[operator]
+        """Replace dead codes by latents of this step's global batch (same on all ranks);
+        for a gradient-trained codebook, the optimizer's state of the revived rows is
+        restarted too, so momentum cannot pull them back."""
+        q = self.model.quantizer
+        mask = q.revive_dead_codes(  # type: ignore[operator]
             self._latents(x),
             threshold=self.config.dead_threshold,
             generator=self._generator(1, self.step),
         )
+        codebook = getattr(q, "codebook", None)
+        if isinstance(codebook, torch.nn.Parameter):
+            reset_optimizer_rows(self.optimizer, codebook, mask)
+        return int(mask.sum())
 
     def _global(
         self, values: dict[str, float], counts: torch.Tensor | None, stop: bool
@@ -506,6 +601,8 @@ class Trainer:
         ema = None
         if isinstance(q, VectorQuantizerEMA):
             ema = q.cluster_size / max(q._debias(), 1e-30)
+        elif isinstance(q, CodebookQuantizer):
+            ema = q.code_usage()
         h = codebook_health(window.counts, ema_counts=ema, threshold=self.config.dead_threshold)
         return {
             "dead": h["dead"],
@@ -520,7 +617,7 @@ class Trainer:
             self._loader_state = self.loader.state_dict()
             x, _ = self.loader.next_batch()
             if self.step == 0 and cfg.init == "kmeans":
-                self.init_codebook(x)
+                self.init_codebook()
             values, counts = self.train_step(x)
             values, counts, stop_any = self._global(values, counts, stop.requested)
             self.step += 1
@@ -599,7 +696,7 @@ def train(
 ) -> dict[str, Any]:
     """Train a VQ-VAE; returns the final evaluation dict."""
     if config is None:
-        config = TrainConfig(**overrides)
+        config = TrainConfig.build(**overrides)
     elif overrides:
         config = TrainConfig(**{**asdict(config), **overrides})
     return Trainer(config, resume=resume, overwrite=overwrite).fit()

@@ -39,6 +39,13 @@ class VQVAEConfig:
     shared_codebook: bool = False
     # fsq: levels per channel ("8,5,5,5" or a list); projections embedding_dim <-> len
     levels: Any = "8,5,5,5"
+    # codebook options of vq / ema (and rvq stages): a smaller code space with in/out
+    # projections (0: embedding_dim), cosine (l2-normalised) codes, the gradient
+    # estimator ("ste" or "rotation"), and the affine codebook (vq only)
+    codebook_dim: int = 0
+    use_cosine: bool = False
+    gradient: str = "ste"
+    affine_codebook: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -62,6 +69,22 @@ class VQVAEConfig:
             )
         if self.quantizer not in QUANTIZER_KINDS:
             raise ValueError(f"quantizer must be one of {QUANTIZER_KINDS}; got {self.quantizer!r}")
+        if not isinstance(self.codebook_dim, int) or self.codebook_dim < 0:
+            raise ValueError(f"codebook_dim must be an int >= 0; got {self.codebook_dim!r}")
+        if self.gradient not in ("ste", "rotation"):
+            raise ValueError(f"gradient must be 'ste' or 'rotation'; got {self.gradient!r}")
+        codebook_kinds = ("vq", "ema", "rvq")
+        if self.quantizer not in codebook_kinds and (
+            self.codebook_dim or self.use_cosine or self.gradient != "ste"
+        ):
+            raise ValueError(
+                f"codebook_dim / use_cosine / gradient apply to {codebook_kinds}, not "
+                f"{self.quantizer!r}"
+            )
+        if self.affine_codebook and not (
+            self.quantizer == "vq" or (self.quantizer == "rvq" and self.rvq_stage == "vq")
+        ):
+            raise ValueError("affine_codebook applies to gradient-trained codebooks (vq)")
         # stored as the canonical string, so configs compare equal after a JSON trip
         self.levels = ",".join(str(v) for v in parse_levels(self.levels))
 
@@ -81,22 +104,23 @@ def _quantizer_options(c: VQVAEConfig) -> dict[str, Any]:
     """Constructor options of the configured quantizer kind (see ``build_quantizer``)."""
     if c.quantizer == "fsq":
         return {"levels": c.levels}
-    if c.quantizer == "vq":
-        return {"num_embeddings": c.num_embeddings, "commitment_cost": c.commitment_cost}
-    ema = {
+    common: dict[str, Any] = {
         "num_embeddings": c.num_embeddings,
         "commitment_cost": c.commitment_cost,
-        "decay": c.decay,
-        "epsilon": c.epsilon,
-        "zero_debias": c.zero_debias,
     }
+    if c.codebook_dim:
+        common["codebook_dim"] = c.codebook_dim
+    if c.use_cosine:
+        common["use_cosine"] = True
+    if c.gradient != "ste":
+        common["gradient"] = c.gradient
+    vq = {**common, "affine_codebook": True} if c.affine_codebook else common
+    if c.quantizer == "vq":
+        return vq
+    ema = {**common, "decay": c.decay, "epsilon": c.epsilon, "zero_debias": c.zero_debias}
     if c.quantizer == "ema":
         return ema
-    opts = (
-        ema
-        if c.rvq_stage == "ema"
-        else {"num_embeddings": c.num_embeddings, "commitment_cost": c.commitment_cost}
-    )
+    opts = ema if c.rvq_stage == "ema" else vq
     return {
         **opts,
         "num_quantizers": c.num_quantizers,

@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..codebook import all_reduce_sum, sample_replacements
 from ..metrics import perplexity, usage_fraction
 from ..search import DEFAULT_SCRATCH_BYTES, nearest_code
 
@@ -180,6 +182,50 @@ class BaseQuantizer(nn.Module):
             if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 raise ValueError("input contains NaN or Inf")
 
+    # -- usage tracking ---------------------------------------------------------
+    def _init_usage(self, num_codes: int, decay: float) -> None:
+        """Register the usage buffers: ``usage_ema`` (K,), an EMA of per-code counts per
+        (global) training batch, and ``usage_updates``, the number of updates (for the
+        zero-debiasing in :meth:`code_usage`)."""
+        if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"usage_decay must lie in [0, 1); got {decay!r}")
+        self.usage_decay = float(decay)
+        self.register_buffer("usage_ema", torch.zeros(num_codes))
+        self.register_buffer("usage_updates", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def _track_usage(self, counts: torch.Tensor) -> None:
+        """One EMA step of ``usage_ema`` from a training batch's per-code ``counts``
+        (already global under torch.distributed). A globally empty batch changes
+        nothing; no host sync."""
+        counts = counts.to(self.usage_ema.dtype)
+        observed = counts.sum() > 0
+        decay = torch.where(observed, self.usage_decay, 1.0)
+        self.usage_ema.mul_(decay).add_(counts * (1.0 - decay))
+        self.usage_updates += observed.to(self.usage_updates.dtype)
+
+    def code_usage(self) -> torch.Tensor:
+        """Float32 (K,): expected assignments of each code per (global) training batch,
+        an EMA over recent training steps (horizon ~``1 / (1 - usage_decay)`` steps),
+        zero-debiased so that it is meaningful from the first step (zeros before
+        any training step). Eval-mode calls never change it."""
+        t = int(self.usage_updates)
+        return self.usage_ema / (1.0 - self.usage_decay**t if t else 1.0)
+
+    @torch.no_grad()
+    def _restart_usage(self, mask: torch.Tensor, threshold: float) -> None:
+        """Give the (revived) codes in ``mask`` a usage of ``threshold`` per batch, in the
+        units of ``usage_ema`` (times the debias factor), so they get one EMA horizon to
+        be picked before they count as dead again."""
+        t = int(self.usage_updates)
+        scale = 1.0 - self.usage_decay**t if t else 1.0
+        self.usage_ema.copy_(torch.where(mask, threshold * scale, self.usage_ema))
+
+    def dead_codes(self, threshold: float = 1.0) -> torch.Tensor:
+        """Bool (K,): codes used less than ``threshold`` times per (global) training batch
+        on average over recent steps (:meth:`code_usage`). Identical on every rank."""
+        return self.code_usage() < threshold
+
     def _layout_str(self) -> str:
         return "(B, *spatial, C)" if self.channels_last else "(B, C, *spatial)"
 
@@ -226,6 +272,15 @@ class CodebookQuantizer(BaseQuantizer):
     * ``gradient``: ``"ste"`` (straight-through: identity to the input) or
       ``"rotation"`` (the rotation trick, Fifty et al. 2024, see
       :func:`rotation_trick`). Either way the forward value is exactly the code.
+
+    Usage tracking (every codebook quantizer): in training mode each forward folds the
+    batch's per-code counts (summed over the ranks of ``process_group`` when
+    ``torch.distributed`` is initialised and ``sync_stats``) into the buffer
+    ``usage_ema`` with decay ``usage_decay``; :meth:`code_usage` and
+    :meth:`dead_codes` read it. Under torch.distributed every rank must therefore call
+    ``forward`` in training mode the same number of times (an empty local batch is
+    fine), and the returned ``counts`` / ``perplexity`` / ``usage`` describe the
+    global batch.
     """
 
     codebook: torch.Tensor
@@ -243,6 +298,9 @@ class CodebookQuantizer(BaseQuantizer):
         use_cosine: bool = False,
         l2_normalize: bool | None = None,
         gradient: str = "ste",
+        usage_decay: float = 0.99,
+        process_group: dist.ProcessGroup | None = None,
+        sync_stats: bool = True,
     ) -> None:
         super().__init__(embedding_dim, channels_last=channels_last, check_finite=check_finite)
         if not isinstance(num_embeddings, int) or num_embeddings < 1:
@@ -275,6 +333,27 @@ class CodebookQuantizer(BaseQuantizer):
             self.project_in = self.project_out = None
         # the classic layer: no projection, no normalisation, straight-through
         self._plain = self.project_in is None and not self.use_cosine and gradient == "ste"
+        self.process_group = process_group
+        self.sync_stats = bool(sync_stats)
+        self._init_usage(num_embeddings, usage_decay)
+
+    def _global_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Per-code counts of a training batch summed over the ranks of ``process_group``
+        (one all-reduce; identity in one process or with ``sync_stats=False``)."""
+        if not self.sync_stats:
+            return counts
+        return all_reduce_sum([counts], self.process_group)[0]
+
+    def _replacements(
+        self, x: torch.Tensor, dead: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask (K,), vectors (K, codebook_dim)): rows of the current global batch ``x``
+        (an input of this layer or flat (N, embedding_dim) vectors, searched as
+        ``forward`` does) for the ``dead`` codes; the same bits on every rank."""
+        flat = self._search_input(self.to_flat(x.detach()))
+        return sample_replacements(
+            flat, dead, group=self.process_group, sync=self.sync_stats, generator=generator
+        )
 
     def _search_input(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, embedding_dim) -> the vectors that are searched and compared with the

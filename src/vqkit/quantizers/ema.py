@@ -16,7 +16,6 @@ from ..codebook import (
     kmeans,
     kmeans_init,
     laplace_smooth,
-    sample_replacements,
 )
 from ..metrics import code_counts
 from ..search import DEFAULT_SCRATCH_BYTES
@@ -75,7 +74,8 @@ class VectorQuantizerEMA(CodebookQuantizer):
         ``codebook_dim`` (the EMA codebook and statistics live in the projected
         space; the projections are trained by gradient), ``use_cosine`` (the EMA
         averages normalised vectors; codes are normalised when searched and looked
-        up) and ``gradient``.
+        up) and ``gradient``; ``usage_decay`` (see
+        :class:`~vqkit.quantizers.CodebookQuantizer`).
     """
 
     def __init__(
@@ -97,6 +97,7 @@ class VectorQuantizerEMA(CodebookQuantizer):
         use_cosine: bool = False,
         l2_normalize: bool | None = None,
         gradient: str = "ste",
+        usage_decay: float = 0.99,
     ) -> None:
         super().__init__(
             num_embeddings,
@@ -109,6 +110,9 @@ class VectorQuantizerEMA(CodebookQuantizer):
             use_cosine=use_cosine,
             l2_normalize=l2_normalize,
             gradient=gradient,
+            usage_decay=usage_decay,
+            process_group=process_group,
+            sync_stats=sync_stats,
         )
         if not isinstance(commitment_cost, (int, float)) or not commitment_cost >= 0:
             raise ValueError(
@@ -124,8 +128,6 @@ class VectorQuantizerEMA(CodebookQuantizer):
         self.decay = float(decay)
         self.epsilon = float(epsilon)
         self.zero_debias = bool(zero_debias)
-        self.process_group = process_group
-        self.sync_stats = bool(sync_stats)
         k, d = num_embeddings, self.codebook_dim
         self.register_buffer("codebook", torch.empty(k, d))
         self.register_buffer("cluster_size", torch.empty(k))
@@ -164,6 +166,7 @@ class VectorQuantizerEMA(CodebookQuantizer):
         commitment = mse_terms(flat, quantized_flat)["commitment"]
         if self.training:
             counts = self.update_codebook(flat, indices)[0].long()
+            self._track_usage(counts)
         else:
             counts = code_counts(indices, self.num_embeddings)
         losses = {"commitment": commitment}
@@ -260,7 +263,7 @@ class VectorQuantizerEMA(CodebookQuantizer):
         x: torch.Tensor,
         threshold: float = 1.0,
         generator: torch.Generator | None = None,
-    ) -> int:
+    ) -> torch.Tensor:
         """Replace every code whose EMA cluster size is below ``threshold`` (expected
         assignments per GLOBAL batch, so its meaning does not change with the world size)
         by a vector drawn from the current global batch ``x`` (an input of this layer or
@@ -270,26 +273,21 @@ class VectorQuantizerEMA(CodebookQuantizer):
         and ``embed_sum = vector * threshold`` (scaled by the debias factor under
         zero_debias), so the next EMA update computes ``m_k / N_k`` = a weighted mean of the
         new vector and the vectors it attracts instead of snapping back to the old
-        statistics. Same codes and vectors on every rank; every rank must call it at the
-        same steps, whatever its data. Returns the number of codes revived.
+        statistics; its ``usage_ema`` row restarts at ``threshold`` too. Same codes and
+        vectors on every rank; every rank must call it at the same steps, whatever its
+        data. Returns the bool (K,) mask of revived codes.
         """
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0; got {threshold!r}")
-        flat = self._search_input(self.to_flat(x))
-        mask, vectors = sample_replacements(
-            flat,
-            self.dead_codes(threshold),
-            group=self.process_group,
-            sync=self.sync_stats,
-            generator=generator,
-        )
+        mask, vectors = self._replacements(x, self.dead_codes(threshold), generator)
         mass = threshold * self._debias()
         vectors = vectors.to(self.codebook.dtype)
         keep = ~mask.unsqueeze(1)
         self.codebook.copy_(torch.where(keep, self.codebook, vectors))
         self.cluster_size.copy_(torch.where(mask, mass, self.cluster_size))
         self.embed_sum.copy_(torch.where(keep, self.embed_sum, vectors * mass))
-        return int(mask.sum())
+        self._restart_usage(mask, threshold)
+        return mask
 
     def extra_repr(self) -> str:
         s = (

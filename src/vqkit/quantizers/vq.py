@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..codebook import kmeans_init
+from ..codebook import kmeans, kmeans_init
 from ..metrics import code_counts
 from ..search import DEFAULT_SCRATCH_BYTES
 from .base import CodebookQuantizer, QuantizerOutput, mse_terms
@@ -43,6 +43,14 @@ class VectorQuantizer(CodebookQuantizer):
             ``"rotation"`` (the rotation trick). See
             :class:`~vqkit.quantizers.CodebookQuantizer`; the defaults are the
             classic layer.
+        affine_codebook: the codes are ``codebook * codebook_scale + codebook_shift``
+            with a learned per-dimension scale and shift shared by all codes (the
+            affine re-parameterisation of Huh et al. 2023, "Straightening Out the
+            Straight-Through Estimator"): every gradient step moves the whole
+            codebook towards the encoder's output statistics, so codes that are
+            never chosen still follow the data instead of being stranded.
+        usage_decay, process_group, sync_stats: usage tracking and its distributed
+            sync (see :class:`~vqkit.quantizers.CodebookQuantizer`).
 
     The codebook is the parameter ``codebook`` (K, D), initialised
     uniform(-1/K, 1/K) as in the classic implementation.
@@ -66,6 +74,10 @@ class VectorQuantizer(CodebookQuantizer):
         use_cosine: bool = False,
         l2_normalize: bool | None = None,
         gradient: str = "ste",
+        affine_codebook: bool = False,
+        usage_decay: float = 0.99,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        sync_stats: bool = True,
     ) -> None:
         super().__init__(
             num_embeddings,
@@ -78,6 +90,9 @@ class VectorQuantizer(CodebookQuantizer):
             use_cosine=use_cosine,
             l2_normalize=l2_normalize,
             gradient=gradient,
+            usage_decay=usage_decay,
+            process_group=process_group,
+            sync_stats=sync_stats,
         )
         for name, v in (("commitment_cost", commitment_cost), ("codebook_weight", codebook_weight)):
             if not isinstance(v, (int, float)) or v < 0 or v != v:
@@ -85,11 +100,44 @@ class VectorQuantizer(CodebookQuantizer):
         self.commitment_cost = float(commitment_cost)
         self.codebook_weight = float(codebook_weight)
         self.codebook = nn.Parameter(torch.empty(num_embeddings, self.codebook_dim))
+        self.affine_codebook = bool(affine_codebook)
+        if self.affine_codebook:
+            self.codebook_scale: nn.Parameter | None = nn.Parameter(torch.ones(self.codebook_dim))
+            self.codebook_shift: nn.Parameter | None = nn.Parameter(torch.zeros(self.codebook_dim))
+            self._plain = False
+        else:
+            self.codebook_scale = self.codebook_shift = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         k = self.num_embeddings
         nn.init.uniform_(self.codebook, -1.0 / k, 1.0 / k)
+        if self.codebook_scale is not None and self.codebook_shift is not None:
+            nn.init.ones_(self.codebook_scale)
+            nn.init.zeros_(self.codebook_shift)
+
+    def effective_codebook(self) -> torch.Tensor:
+        """The codes before any l2-normalisation: ``codebook``, or
+        ``codebook * codebook_scale + codebook_shift`` with ``affine_codebook``."""
+        if self.codebook_scale is None or self.codebook_shift is None:
+            return self.codebook
+        return torch.addcmul(self.codebook_shift, self.codebook, self.codebook_scale)
+
+    def _search_codebook(self) -> torch.Tensor:
+        cb = self.effective_codebook()
+        return F.normalize(cb, dim=-1) if self.use_cosine else cb
+
+    @torch.no_grad()
+    def _set_codes(self, mask: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Make the effective codes of the rows in ``mask`` equal ``vectors`` (search
+        space), inverting the affine map when there is one."""
+        if self.codebook_scale is not None and self.codebook_shift is not None:
+            scale = self.codebook_scale
+            # keep the sign, avoid dividing by ~0
+            scale = torch.where(scale.abs() < 1e-6, torch.full_like(scale, 1e-6), scale)
+            vectors = (vectors - self.codebook_shift) / scale
+        vectors = vectors.to(self.codebook.dtype)
+        self.codebook.copy_(torch.where(mask.unsqueeze(1), vectors, self.codebook))
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         self._validate(x, self.codebook.device)
@@ -101,6 +149,9 @@ class VectorQuantizer(CodebookQuantizer):
             self.codebook_weight * losses["codebook"] + self.commitment_cost * losses["commitment"]
         )
         counts = code_counts(indices, self.num_embeddings)
+        if self.training:
+            counts = self._global_counts(counts)
+            self._track_usage(counts)
         return self._output(x, flat, quantized_flat, indices, distances, counts, losses, loss)
 
     @torch.no_grad()
@@ -109,26 +160,60 @@ class VectorQuantizer(CodebookQuantizer):
         x: torch.Tensor,
         iters: int = 10,
         generator: torch.Generator | None = None,
-        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
-        """Set the codebook to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input of
+        """Set the codes to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input of
         this layer, or flat (N, embedding_dim) vectors; searched as ``forward`` does, i.e.
-        in-projected / normalised with those options) of every rank of ``process_group``,
-        identical on all. Explicit (never inside ``forward``); call it before the optimizer
-        steps, since optimizer moments for the codebook are not reset here."""
+        in-projected / normalised with those options) of every rank of
+        ``process_group``, identical on all; usage statistics restart. Explicit (never
+        inside ``forward``); call it before the optimizer steps, or reset the optimizer's
+        state for the codebook afterwards (:func:`vqkit.codebook.reset_optimizer_rows`)."""
         flat = self._search_input(self.to_flat(x))
-        centers = kmeans_init(
-            flat,
-            self.num_embeddings,
-            iters,
-            group=process_group,
-            generator=generator,
-            max_scratch_bytes=self.max_scratch_bytes,
-        )
-        self.codebook.copy_(centers.to(self.codebook.dtype))
+        if self.sync_stats:
+            centers = kmeans_init(
+                flat,
+                self.num_embeddings,
+                iters,
+                group=self.process_group,
+                generator=generator,
+                max_scratch_bytes=self.max_scratch_bytes,
+            )
+        else:
+            centers = kmeans(flat, self.num_embeddings, iters, generator, self.max_scratch_bytes)
+        self._set_codes(torch.ones(self.num_embeddings, dtype=torch.bool), centers)
+        self.usage_ema.zero_()
+        self.usage_updates.zero_()
+
+    @torch.no_grad()
+    def revive_dead_codes(
+        self,
+        x: torch.Tensor,
+        threshold: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Replace every code used less than ``threshold`` times per GLOBAL training batch
+        (:meth:`dead_codes`, from the ``usage_ema`` buffer) by a vector drawn from the
+        current global batch ``x`` (an input of this layer or flat (N, embedding_dim)
+        vectors). Same codes and vectors on every rank; every rank must call it at the
+        same steps, whatever its data. Revived codes restart with a usage of
+        ``threshold``, so they have one usage horizon to be picked.
+
+        The codebook is a parameter: an optimizer with per-parameter state (Adam's
+        moments, SGD's momentum) would drag a revived row back towards where it was.
+        Pass the returned bool (K,) mask to
+        :func:`vqkit.codebook.reset_optimizer_rows` (the trainer does) to restart that
+        state for the revived rows.
+        """
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0; got {threshold!r}")
+        mask, vectors = self._replacements(x, self.dead_codes(threshold), generator)
+        self._set_codes(mask, vectors)
+        self._restart_usage(mask, threshold)
+        return mask
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, commitment_cost={self.commitment_cost}"
+        if self.affine_codebook:
+            s += ", affine_codebook=True"
         if self.codebook_weight != 1.0:
             s += f", codebook_weight={self.codebook_weight}"
         return s
