@@ -1,16 +1,26 @@
-"""Collect finished CIFAR-10 runs into docs/results.md material: a table of the final
-test evaluation, one plot of NMSE / perplexity / usage over training for every run,
-and each run's reconstruction grid.
+"""Collect finished CIFAR-10 runs into docs/results.md material: one Markdown table
+(and the same numbers as JSON) of each run's evaluation, one plot of NMSE / perplexity /
+fraction of codes used over training for every run, and each run's reconstruction grid.
 
-    python benchmarks/report_cifar.py runs/cifar10-ema runs/cifar10-vq \
-        --names "EMA" "plain VQ" --out docs/img --prefix cifar10
+    python benchmarks/report_cifar.py runs/cifar10-ema runs/cifar10-vq \\
+        --names "EMA" "plain VQ" --prefix cifar10
+
+By default the table holds the final evaluation on the whole eval split (``eval.json``);
+``--at-step N`` takes the periodic evaluation logged at step N instead (a strided
+subset of the eval split, the same for every run), so runs of different lengths can be
+compared at the same step. Training figures (batch perplexity, NMSE) are means over the
+last ``--window`` steps up to that point; ms/step is the median over the log records.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -19,64 +29,155 @@ def load(run: Path) -> tuple[list[dict], list[dict], dict, dict]:
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         (evals if rec.get("kind") == "eval" else train).append(rec)
-    final = json.loads((run / "eval.json").read_text())
+    final = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     cfg = json.loads((run / "config.json").read_text())
     return train, evals, final, cfg
+
+
+def code_budget(model: dict) -> tuple[int, float]:
+    """(codes an index can take per position and stage, bits per latent position)."""
+    kind = model["quantizer"]
+    if kind == "fsq":
+        k = math.prod(int(v) for v in str(model["levels"]).split(","))
+        return k, math.log2(k)
+    k = int(model["num_embeddings"])
+    stages = int(model["num_quantizers"]) if kind == "rvq" else 1
+    return k, stages * math.log2(k)
+
+
+def describe(model: dict, train_cfg: dict) -> str:
+    kind = model["quantizer"]
+    parts = [kind]
+    if kind == "rvq":
+        parts.append(f"{model['num_quantizers']}x{model['num_embeddings']} ({model['rvq_stage']})")
+    elif kind == "fsq":
+        parts.append(f"[{model['levels']}]")
+    else:
+        parts.append(f"K={model['num_embeddings']}")
+    if model.get("codebook_dim"):
+        parts.append(f"d={model['codebook_dim']}")
+    if model.get("use_cosine"):
+        parts.append("cosine")
+    if model.get("affine_codebook"):
+        parts.append("affine")
+    if train_cfg.get("init") == "kmeans":
+        parts.append("k-means init")
+    if train_cfg.get("revive_every"):
+        parts.append(f"revive/{train_cfg['revive_every']} <{train_cfg['dead_threshold']}")
+    return " ".join(parts)
+
+
+def summarise(run: Path, at_step: int | None, window: int) -> dict:
+    train, evals, final, cfg = load(run)
+    if at_step is None:
+        if not final:
+            raise SystemExit(f"{run}: no eval.json (unfinished run?); use --at-step")
+        result, source = final, "final, whole eval split"
+        step = int(final["step"])
+    else:
+        match = [r for r in evals if r["step"] == at_step]
+        if not match:
+            raise SystemExit(f"{run}: no evaluation logged at step {at_step}")
+        result, source, step = match[-1], "periodic, strided eval subset", at_step
+    recent = [r for r in train if step - window < r["step"] <= step]
+    ips = sorted(r["images_per_s"] for r in train if "images_per_s" in r)
+    batch = cfg.get("global_batch_size", cfg["train"]["batch_size"])
+    k, bits = code_budget(cfg["model"])
+    return {
+        "run": run.name,
+        "config": describe(cfg["model"], cfg["train"]),
+        "step": step,
+        "eval": source,
+        "eval_images": result["num_images"],
+        "nmse": result["nmse"],
+        "mse": result["mse"],
+        "psnr": result["psnr"],
+        "codes_used": result["codes_used"],
+        "codes": k,
+        "bits_per_position": bits,
+        "eval_batch_perplexity": result.get("batch_perplexity"),
+        "train_batch_perplexity": sum(r["perplexity"] for r in recent) / max(len(recent), 1),
+        "train_nmse": sum(r["recon_nmse"] for r in recent) / max(len(recent), 1),
+        "train_window_usage": recent[-1]["window_usage"] if recent else float("nan"),
+        "ms_per_step": 1000 * batch / ips[len(ips) // 2] if ips else float("nan"),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--names", nargs="+")
-    ap.add_argument("--out", default="docs/img")
+    ap.add_argument("--out", default="docs/img", help="pictures go here")
+    ap.add_argument("--results", default="benchmarks/results", help="table + JSON go here")
     ap.add_argument("--prefix", default="cifar10")
+    ap.add_argument("--at-step", type=int, default=None)
+    ap.add_argument("--window", type=int, default=1000)
     args = ap.parse_args()
     names = args.names or [Path(r).name for r in args.runs]
-    out = Path(args.out)
+    out, results = Path(args.out), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     rows = []
     for run, name in zip(map(Path, args.runs), names, strict=True):
-        train, evals, final, cfg = load(run)
+        train, evals, _, cfg = load(run)
+        s = summarise(run, args.at_step, args.window)
+        s["name"] = name
+        rows.append(s)
         steps = [r["step"] for r in train]
-        axes[0].plot(steps, [r["recon_nmse"] for r in train], label=f"{name} (train)")
-        if evals:
-            axes[0].plot([r["step"] for r in evals], [r["nmse"] for r in evals], "o--",
-                         label=f"{name} (eval)")
-        axes[1].plot(steps, [r["perplexity"] for r in train], label=name)
-        k = cfg["model"]["num_embeddings"]
-        axes[2].plot(steps, [r["window_usage"] * k for r in train], label=name)
-        sec_per_step = [r["images_per_s"] for r in train if "images_per_s" in r]
-        ips = sorted(sec_per_step)[len(sec_per_step) // 2] if sec_per_step else float("nan")
-        rows.append(
-            f"| {name} | {final['step']} | {final['nmse']:.4f} | {final['mse']:.5f} | "
-            f"{final['psnr']:.2f} | {final['batch_perplexity']:.1f} | "
-            f"{final['perplexity']:.1f} | {final['codes_used']} / {k} | "
-            f"{1000 * cfg['train']['batch_size'] / ips:.0f} |"
+        (line,) = axes[0].plot(
+            [r["step"] for r in evals], [r["nmse"] for r in evals], "o-", ms=3, label=name
         )
-        shutil.copy(run / "recon.png", out / f"{args.prefix}_{run.name}_recon.png")
-        if (run / "usage.png").exists():
-            shutil.copy(run / "usage.png", out / f"{args.prefix}_{run.name}_usage.png")
+        axes[1].plot(steps, [r["perplexity"] for r in train], color=line.get_color(), label=name)
+        axes[2].plot(steps, [r["window_usage"] for r in train], color=line.get_color(), label=name)
+        if (run / "recon.png").exists():
+            shutil.copy(run / "recon.png", out / f"{args.prefix}_{run.name}_recon.png")
     axes[0].set_yscale("log")
-    axes[0].set_title("reconstruction NMSE")
+    axes[0].set_title("eval NMSE (strided eval subset)")
+    axes[1].set_yscale("log")
     axes[1].set_title("batch perplexity (train)")
-    axes[2].set_title("codes used per log window (train)")
+    axes[2].set_title("fraction of codes used per log window (train)")
+    axes[2].set_ylim(0, 1.02)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend()
+    axes[2].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / f"{args.prefix}_curves.png", dpi=110)
-    print("| run | steps | test NMSE | test MSE | test PSNR dB | batch perplexity (test, 32 "
-          "images) | perplexity (whole test set) | codes used (test) | ms/step (median) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
+
+    header = (
+        "| run | config | step | eval NMSE | PSNR dB | codes used (eval) | bits/position | "
+        "train batch perplexity | train NMSE | codes used per 100 steps (train) | ms/step |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    lines = [
+        f"| {r['name']} | {r['config']} | {r['step']} | {r['nmse']:.4f} | {r['psnr']:.2f} | "
+        f"{r['codes_used']} / {r['codes']} | {r['bits_per_position']:.1f} | "
+        f"{r['train_batch_perplexity']:.1f} | {r['train_nmse']:.4f} | "
+        f"{100 * r['train_window_usage']:.0f} % | {r['ms_per_step']:.0f} |"
+        for r in rows
+    ]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    command = "python " + " ".join(sys.argv)
+    evals = sorted({f"{r['eval']} ({r['eval_images']} images)" for r in rows})
+    md = (
+        f"Command: `{command}` (commit {commit}, {platform.machine()} {platform.node()}).\n"
+        f"Eval: {'; '.join(evals)}. Training figures: mean over the last {args.window} "
+        "steps.\n\n" + header + "\n" + "\n".join(lines) + "\n"
+    )
+    (results / f"{args.prefix}.md").write_text(md)
+    (results / f"{args.prefix}.json").write_text(
+        json.dumps({"command": command, "commit": commit, "rows": rows}, indent=2)
+    )
+    print(md)
 
 
 if __name__ == "__main__":
