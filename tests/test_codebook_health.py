@@ -297,3 +297,18 @@ def test_model_config_rejects_codebook_options_for_fsq():
 
     m = VQVAE(cfg)
     assert m.quantizer.codebook_dim == 4 and m.quantizer.use_cosine
+
+
+def test_fsq_tracks_usage_for_small_grids_only():
+    from vqkit.quantizers import FSQ
+
+    q = FSQ([3, 3], usage_decay=0.5).train()
+    x = torch.randn(4, 2, 3, 3)
+    counts = q(x).counts
+    torch.testing.assert_close(q.code_usage(), counts.float())  # debiased after one step
+    assert "usage_ema" in q.state_dict()
+    big = FSQ([8, 8], max_bincount=10).train()
+    big(torch.randn(2, 2, 3, 3))
+    assert not big.tracks_usage
+    with pytest.raises(RuntimeError, match="usage"):
+        big.code_usage()

@@ -601,7 +601,7 @@ class Trainer:
         ema = None
         if isinstance(q, VectorQuantizerEMA):
             ema = q.cluster_size / max(q._debias(), 1e-30)
-        elif isinstance(q, CodebookQuantizer):
+        elif isinstance(getattr(q, "usage_ema", None), torch.Tensor):
             ema = q.code_usage()
         h = codebook_health(window.counts, ema_counts=ema, threshold=self.config.dead_threshold)
         return {

@@ -183,15 +183,30 @@ class BaseQuantizer(nn.Module):
                 raise ValueError("input contains NaN or Inf")
 
     # -- usage tracking ---------------------------------------------------------
-    def _init_usage(self, num_codes: int, decay: float) -> None:
+    def _init_usage(
+        self,
+        num_codes: int,
+        decay: float,
+        process_group: dist.ProcessGroup | None = None,
+        sync_stats: bool = True,
+    ) -> None:
         """Register the usage buffers: ``usage_ema`` (K,), an EMA of per-code counts per
         (global) training batch, and ``usage_updates``, the number of updates (for the
-        zero-debiasing in :meth:`code_usage`)."""
+        zero-debiasing in :meth:`code_usage`); and the group the counts are summed over."""
         if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"usage_decay must lie in [0, 1); got {decay!r}")
         self.usage_decay = float(decay)
+        self.process_group = process_group
+        self.sync_stats = bool(sync_stats)
         self.register_buffer("usage_ema", torch.zeros(num_codes))
         self.register_buffer("usage_updates", torch.zeros((), dtype=torch.int64))
+
+    def _global_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Per-code counts of a training batch summed over the ranks of ``process_group``
+        (one all-reduce; identity in one process or with ``sync_stats=False``)."""
+        if not self.sync_stats:
+            return counts
+        return all_reduce_sum([counts], self.process_group)[0]
 
     @torch.no_grad()
     def _track_usage(self, counts: torch.Tensor) -> None:
@@ -209,8 +224,11 @@ class BaseQuantizer(nn.Module):
         an EMA over recent training steps (horizon ~``1 / (1 - usage_decay)`` steps),
         zero-debiased so that it is meaningful from the first step (zeros before
         any training step). Eval-mode calls never change it."""
+        usage = getattr(self, "usage_ema", None)
+        if usage is None:
+            raise RuntimeError(f"{type(self).__name__} does not track code usage (grid too large)")
         t = int(self.usage_updates)
-        return self.usage_ema / (1.0 - self.usage_decay**t if t else 1.0)
+        return usage / (1.0 - self.usage_decay**t if t else 1.0)
 
     @torch.no_grad()
     def _restart_usage(self, mask: torch.Tensor, threshold: float) -> None:
@@ -333,16 +351,7 @@ class CodebookQuantizer(BaseQuantizer):
             self.project_in = self.project_out = None
         # the classic layer: no projection, no normalisation, straight-through
         self._plain = self.project_in is None and not self.use_cosine and gradient == "ste"
-        self.process_group = process_group
-        self.sync_stats = bool(sync_stats)
-        self._init_usage(num_embeddings, usage_decay)
-
-    def _global_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        """Per-code counts of a training batch summed over the ranks of ``process_group``
-        (one all-reduce; identity in one process or with ``sync_stats=False``)."""
-        if not self.sync_stats:
-            return counts
-        return all_reduce_sum([counts], self.process_group)[0]
+        self._init_usage(num_embeddings, usage_decay, process_group, sync_stats)
 
     def _replacements(
         self, x: torch.Tensor, dead: torch.Tensor, generator: torch.Generator | None

@@ -62,6 +62,11 @@ class FSQ(BaseQuantizer):
             ``torch.unique`` of the batch's indices (exact, O(N log N), a host sync
             and a graph break under ``torch.compile``) and ``counts`` is None.
         channels_last, check_finite: as in :class:`~vqkit.VectorQuantizer`.
+        usage_decay, process_group, sync_stats: usage tracking, as for the codebook
+            quantizers (:class:`~vqkit.quantizers.CodebookQuantizer`): in training mode
+            the (globally summed) per-code counts feed the ``usage_ema`` buffer, read by
+            :meth:`code_usage` / :meth:`dead_codes`. Only for grids of at most
+            ``max_bincount`` codes (``tracks_usage``).
 
     No loss terms: ``losses`` is empty and ``loss`` is a float32 zero.
     ``indices`` are int64 ``(B, *spatial)``; ``decode(indices)`` returns exactly
@@ -77,6 +82,9 @@ class FSQ(BaseQuantizer):
         max_bincount: int = DEFAULT_MAX_BINCOUNT,
         channels_last: bool = False,
         check_finite: bool = True,
+        usage_decay: float = 0.99,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        sync_stats: bool = True,
     ) -> None:
         levels = list(levels)
         if not levels or not all(isinstance(v, int) and v >= 2 for v in levels):
@@ -113,6 +121,12 @@ class FSQ(BaseQuantizer):
             self.project_out: nn.Linear | None = nn.Linear(d, dim)
         else:
             self.project_in = self.project_out = None
+        # usage buffers only for grids whose counts are built (K floats of state)
+        self.tracks_usage = size <= self.max_bincount
+        if self.tracks_usage:
+            self._init_usage(size, usage_decay, process_group, sync_stats)
+        else:
+            self.process_group, self.sync_stats = process_group, bool(sync_stats)
 
     # -- the grid ---------------------------------------------------------------
     def bound(self, z: torch.Tensor) -> torch.Tensor:
@@ -162,6 +176,11 @@ class FSQ(BaseQuantizer):
         out = self.project_out(codes) if self.project_out is not None else codes
         quantized = self.from_flat(out.to(x.dtype), x.shape)
         counts, ppl, usage = self._counts(indices)
+        if self.training and counts is not None:
+            # global counts for the usage EMA, and so the metrics describe the global batch
+            counts = self._global_counts(counts)
+            ppl, usage = perplexity(counts), usage_fraction(counts)
+            self._track_usage(counts)
         index_shape = self.index_shape(x.shape)
         return QuantizerOutput(
             quantized=quantized,
