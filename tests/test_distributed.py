@@ -422,3 +422,37 @@ def test_plain_quantizer_kmeans_init():
     q.init_codebook_kmeans(pts, iters=10, generator=torch.Generator().manual_seed(0))
     assert (torch.cdist(centres, q.codebook.detach()).min(dim=1).values < 0.1).all()
     assert q(pts).perplexity > 7.5  # every code used about equally
+
+
+def test_torchrun_plain_vq_with_init_and_revival(tmp_path):
+    """2-process ``vqkit train --preset vq-healthy``: k-means init, usage sync and revival
+    of the gradient codebook (with its Adam rows) run under DDP without hanging; the
+    logged figures are those of the global batch."""
+    from vqkit.checkpoint import load_checkpoint
+
+    run = tmp_path / "vq"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "vqkit", "train", "--out", str(run), "--batch-size", "8", "--steps", "6"]
+    cmd += ["--preset", "vq-healthy", "--revive-every", "2", "--dead-threshold", "4"]
+    cmd += ["--log-every", "3", "--eval-every", "6", "--eval-images", "16", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        pytest.fail(f"torchrun still running after {DEADLINE_S:.0f} s")
+    assert proc.returncode == 0, log.decode()[-3000:]
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [3, 6]
+    assert sum(r["revived"] for r in train) > 0
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    # 6 training steps, each folding the GLOBAL batch (2 x 8 images of 7 x 7 latents)
+    assert int(ckpt["model"]["quantizer.usage_updates"]) == 6
+    # (revival only lifts revived codes to the threshold, 4, from below)
+    usage = float((ckpt["model"]["quantizer.usage_ema"] / (1 - 0.99**6)).sum())
+    assert 2 * 8 * 49 - 1.0 < usage < 2 * 8 * 49 + 32 * 4 + 1.0

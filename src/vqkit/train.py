@@ -62,7 +62,7 @@ from .data import BatchLoader, ImageData, data_variance, load_dataset, normalize
 from .evaluate import evaluate
 from .metrics import codebook_health, perplexity, usage_fraction
 from .models import VQVAE, VQVAEConfig
-from .quantizers import CodebookQuantizer, VectorQuantizerEMA
+from .quantizers import VectorQuantizerEMA
 
 __all__ = ["TrainConfig", "Trainer", "train"]
 
@@ -574,11 +574,14 @@ class Trainer:
         perplexity and usage recomputed from the global counts (otherwise averaged)."""
         if self.world == 1:
             return values, counts, stop
-        # EMA codebooks (also as residual stages) return counts summed over ranks already
-        leaves = [m for m in self.model.quantizer.modules() if isinstance(m, CodebookQuantizer)]
-        counts_global = bool(leaves) and all(
-            isinstance(m, VectorQuantizerEMA) and m.sync_stats for m in leaves
-        )
+        # quantizers that track usage (codebooks, also as residual stages, and small FSQ
+        # grids) return training counts summed over ranks already
+        leaves = [
+            m
+            for m in self.model.quantizer.modules()
+            if isinstance(getattr(m, "usage_ema", None), torch.Tensor)
+        ]
+        counts_global = bool(leaves) and all(m.sync_stats for m in leaves)
         reduce_counts = counts is not None and not counts_global
         keys = list(values)
         parts = [torch.tensor([values[k] for k in keys] + [float(stop)], dtype=torch.float64)]
