@@ -348,17 +348,9 @@ TINY = ["--hidden", "32", "--res-hidden", "8", "--res-layers", "1"]
 TINY += ["--num-embeddings", "32", "--embedding-dim", "8", "--no-progress", "--seed", "3"]
 
 
-def test_torchrun_train_matches_one_process_and_resumes_in_one_process(tmp_path):
-    """2-process ``vqkit train`` (DDP, gloo) = 1 process on the global batch; its
-    checkpoint resumes in 1 process at the same global data position."""
-    from vqkit.checkpoint import load_checkpoint
-    from vqkit.cli import main
-    from vqkit.train import TrainConfig, Trainer
-
-    run = tmp_path / "ddp"
-    common = ["--steps", "4", "--log-every", "2", "--eval-every", "4", "--eval-images", "16"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "vqkit", "train", "--out", str(run), "--batch-size", "8", *common, *TINY]
+def run_torchrun(cmd: list[str]) -> None:
+    """Run a torchrun command line under the deadline (its process group killed on a hang);
+    fails the test on a hang or a non-zero exit, with the log's tail."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -370,6 +362,20 @@ def test_torchrun_train_matches_one_process_and_resumes_in_one_process(tmp_path)
         proc.communicate()
         pytest.fail(f"torchrun still running after {DEADLINE_S:.0f} s")
     assert proc.returncode == 0, log.decode()[-3000:]
+
+
+def test_torchrun_train_matches_one_process_and_resumes_in_one_process(tmp_path):
+    """2-process ``vqkit train`` (DDP, gloo) = 1 process on the global batch; its
+    checkpoint resumes in 1 process at the same global data position."""
+    from vqkit.checkpoint import load_checkpoint
+    from vqkit.cli import main
+    from vqkit.train import TrainConfig, Trainer
+
+    run = tmp_path / "ddp"
+    common = ["--steps", "4", "--log-every", "2", "--eval-every", "4", "--eval-images", "16"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "vqkit", "train", "--out", str(run), "--batch-size", "8", *common, *TINY]
+    run_torchrun(cmd)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size"] == 2 and cfg["global_batch_size"] == 16
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -435,17 +441,7 @@ def test_torchrun_plain_vq_with_init_and_revival(tmp_path):
     cmd += ["-m", "vqkit", "train", "--out", str(run), "--batch-size", "8", "--steps", "6"]
     cmd += ["--preset", "vq-healthy", "--revive-every", "2", "--dead-threshold", "4"]
     cmd += ["--log-every", "3", "--eval-every", "6", "--eval-images", "16", *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        log, _ = proc.communicate(timeout=DEADLINE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        pytest.fail(f"torchrun still running after {DEADLINE_S:.0f} s")
-    assert proc.returncode == 0, log.decode()[-3000:]
+    run_torchrun(cmd)
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if r["kind"] == "train"]
     assert [r["step"] for r in train] == [3, 6]

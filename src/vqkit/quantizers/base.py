@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..codebook import all_reduce_sum, sample_replacements
+from ..codebook import all_reduce_sum, kmeans, kmeans_init, sample_replacements
 from ..metrics import perplexity, usage_fraction
 from ..search import DEFAULT_SCRATCH_BYTES, nearest_code
 
@@ -352,6 +352,25 @@ class CodebookQuantizer(BaseQuantizer):
         # the classic layer: no projection, no normalisation, straight-through
         self._plain = self.project_in is None and not self.use_cosine and gradient == "ste"
         self._init_usage(num_embeddings, usage_decay, process_group, sync_stats)
+
+    def _kmeans_centers(
+        self, x: torch.Tensor, iters: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """(K, codebook_dim) float32 k-means++ + ``iters`` Lloyd centres of ``x`` (an input
+        of this layer or flat (N, embedding_dim) vectors, searched as ``forward`` does)
+        of every rank of ``process_group`` (identical on all; local with
+        ``sync_stats=False``)."""
+        flat = self._search_input(self.to_flat(x.detach()))
+        if not self.sync_stats:
+            return kmeans(flat, self.num_embeddings, iters, generator, self.max_scratch_bytes)
+        return kmeans_init(
+            flat,
+            self.num_embeddings,
+            iters,
+            group=self.process_group,
+            generator=generator,
+            max_scratch_bytes=self.max_scratch_bytes,
+        )
 
     def _replacements(
         self, x: torch.Tensor, dead: torch.Tensor, generator: torch.Generator | None

@@ -13,8 +13,6 @@ from ..codebook import (
     all_reduce_sum,
     assignment_stats,
     ema_,
-    kmeans,
-    kmeans_init,
     laplace_smooth,
 )
 from ..metrics import code_counts
@@ -235,19 +233,7 @@ class VectorQuantizerEMA(CodebookQuantizer):
         of this layer, or flat (N, D) vectors) of every rank, then restart the EMA
         statistics from it (:meth:`reset_statistics`). Identical on all ranks; every
         rank must call it (explicit, never done inside ``forward``)."""
-        flat = self._search_input(self.to_flat(x))
-        group = self.process_group if self.sync_stats else None
-        if self.sync_stats:
-            centers = kmeans_init(
-                flat,
-                self.num_embeddings,
-                iters,
-                group=group,
-                generator=generator,
-                max_scratch_bytes=self.max_scratch_bytes,
-            )
-        else:
-            centers = kmeans(flat, self.num_embeddings, iters, generator, self.max_scratch_bytes)
+        centers = self._kmeans_centers(x, iters, generator)
         self.codebook.copy_(centers)
         self.reset_statistics()
 

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..codebook import kmeans, kmeans_init
 from ..metrics import code_counts
 from ..search import DEFAULT_SCRATCH_BYTES
 from .base import CodebookQuantizer, QuantizerOutput, mse_terms
@@ -167,18 +166,7 @@ class VectorQuantizer(CodebookQuantizer):
         ``process_group``, identical on all; usage statistics restart. Explicit (never
         inside ``forward``); call it before the optimizer steps, or reset the optimizer's
         state for the codebook afterwards (:func:`vqkit.codebook.reset_optimizer_rows`)."""
-        flat = self._search_input(self.to_flat(x))
-        if self.sync_stats:
-            centers = kmeans_init(
-                flat,
-                self.num_embeddings,
-                iters,
-                group=self.process_group,
-                generator=generator,
-                max_scratch_bytes=self.max_scratch_bytes,
-            )
-        else:
-            centers = kmeans(flat, self.num_embeddings, iters, generator, self.max_scratch_bytes)
+        centers = self._kmeans_centers(x, iters, generator)
         self._set_codes(torch.ones(self.num_embeddings, dtype=torch.bool), centers)
         self.usage_ema.zero_()
         self.usage_updates.zero_()
