@@ -131,15 +131,13 @@ def main() -> None:
         s["name"] = name
         rows.append(s)
         steps = [r["step"] for r in train]
-        (line,) = axes[0].plot(
-            [r["step"] for r in evals], [r["nmse"] for r in evals], "o-", ms=3, label=name
-        )
+        (line,) = axes[0].plot(steps, [r["recon_nmse"] for r in train], label=name)
         axes[1].plot(steps, [r["perplexity"] for r in train], color=line.get_color(), label=name)
         axes[2].plot(steps, [r["window_usage"] for r in train], color=line.get_color(), label=name)
         if (run / "recon.png").exists():
             shutil.copy(run / "recon.png", out / f"{args.prefix}_{run.name}_recon.png")
     axes[0].set_yscale("log")
-    axes[0].set_title("eval NMSE (strided eval subset)")
+    axes[0].set_title("reconstruction NMSE (train, per log window)")
     axes[1].set_yscale("log")
     axes[1].set_title("batch perplexity (train)")
     axes[2].set_title("fraction of codes used per log window (train)")

@@ -312,3 +312,14 @@ def test_fsq_tracks_usage_for_small_grids_only():
     assert not big.tracks_usage
     with pytest.raises(RuntimeError, match="usage"):
         big.code_usage()
+
+
+def test_preset_on_the_command_line_beats_the_config_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"quantizer": "ema", "steps": 10}')
+    cfg = TrainConfig.from_file(path, preset="vq-healthy")
+    assert cfg.quantizer == "vq" and cfg.init == "kmeans" and cfg.steps == 10
+    cfg = TrainConfig.from_file(path, preset="vq-healthy", quantizer="ema")
+    assert cfg.quantizer == "ema" and cfg.revive_every == PRESETS["vq-healthy"]["revive_every"]
+    with pytest.raises(ValueError, match="preset"):
+        TrainConfig.from_file(path, preset="nope")

@@ -54,7 +54,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "init_batches": "batches per process for --init kmeans; 0: enough for 16 vectors per code",
         "revive_every": "every N steps replace dead codes (vq and ema quantizers) by "
         "latents of the current batch (and restart their optimizer state); 0: never",
-        "preset": "named option set, overridden by --config and by flags: "
+        "preset": "named option set; applies over --config, other flags override it: "
         + ", ".join(sorted(PRESETS)),
         "codebook_dim": "vq/ema/rvq: search in a smaller code space with linear in/out "
         "projections (factorised codes, Yu et al. 2021); 0: embedding_dim",

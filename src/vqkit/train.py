@@ -148,7 +148,9 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
-        """Options from a JSON file, then ``overrides`` on top."""
+        """Options from a JSON file, then ``overrides`` on top. A ``preset`` among the
+        ``overrides`` (named on the command line) applies over the file's values (and under
+        the other overrides); a ``preset`` in the file applies under the file's values."""
         try:
             values = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -161,6 +163,11 @@ class TrainConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"config file {path}: unknown keys {sorted(unknown)}")
+        preset = overrides.get("preset")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}")
+            return cls(**{**values, **PRESETS[preset], **overrides})
         return cls.build(**{**values, **overrides})
 
     @classmethod
