@@ -192,13 +192,15 @@ class TrainConfig:
 # share at K = 512 and 32 images of 8 x 8 latents (2048 vectors per batch).
 PRESETS: dict[str, dict[str, Any]] = {
     # the gradient-trained codebook that uses its whole codebook: k-means init on the
-    # first latents, then dead-code revival every 20 steps (often enough to catch the
-    # encoder's early growth, when the classic layer collapses)
+    # first latents, dead-code revival every 20 steps (often enough to catch the
+    # encoder's early growth, when the classic layer collapses) and a 10x codebook
+    # learning rate so the codes keep up with the encoder (best of the measured options)
     "vq-healthy": {
         "quantizer": "vq",
         "init": "kmeans",
         "revive_every": 20,
         "dead_threshold": 0.25,
+        "codebook_lr_scale": 10.0,
     },
     # the EMA codebook with the same init and revival
     "ema-healthy": {
