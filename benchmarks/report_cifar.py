@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,8 @@ def describe(model: dict, train_cfg: dict) -> str:
         parts.append("cosine")
     if model.get("affine_codebook"):
         parts.append("affine")
+    if train_cfg.get("codebook_lr_scale", 1.0) != 1.0:
+        parts.append(f"codebook lr x{train_cfg['codebook_lr_scale']:g}")
     if train_cfg.get("init") == "kmeans":
         parts.append("k-means init")
     if train_cfg.get("revive_every"):
@@ -164,7 +167,7 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    command = "python " + " ".join(sys.argv)
+    command = "python " + shlex.join(sys.argv)
     evals = sorted({f"{r['eval']} ({r['eval_images']} images)" for r in rows})
     md = (
         f"Command: `{command}` (commit {commit}, {platform.machine()} {platform.node()}).\n"
