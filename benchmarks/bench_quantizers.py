@@ -44,20 +44,19 @@ import datetime as _dt
 import json
 import os
 import resource
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import (  # noqa: E402  (sibling script, not a package)
     _fmt,
-    _git_commit,
     _is_oom,
-    _machine,
-    _top,
     _vqkit_fingerprint,
+    check_choices,
     measure,
     run_child,
+    run_jobs,
+    run_meta,
 )
 
 LEVELS = [8, 5, 5, 5]
@@ -391,54 +390,32 @@ def _parent(args: argparse.Namespace) -> int:
         list(QUICK_SHAPES) if args.quick else list(SHAPES))
     methods = args.methods.split(",") if args.methods else list(METHODS)
     modes = args.modes.split(",") if args.modes else list(MODES)
-    for s in shapes:
-        if s not in ALL_SHAPES:
-            sys.exit(f"unknown shape {s!r}; choose from {', '.join(ALL_SHAPES)}")
-    for m in methods:
-        if m not in METHODS:
-            sys.exit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    for m in modes:
-        if m not in MODES:
-            sys.exit(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    check_choices(shapes, ALL_SHAPES, "shape")
+    check_choices(methods, METHODS, "method")
+    check_choices(modes, MODES, "mode")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "quantizers_cpu_quick" if args.quick and not args.shapes else "quantizers_cpu"
-    started = _dt.datetime.now(_dt.timezone.utc)
-    meta = {
-        "command": shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "git_commit": _git_commit(),
-        "date_utc": started.isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "loadavg_start": os.getloadavg(),
-        "top_start": _top(),
-        "settings": {"repeats": args.repeats, "mem_cap_gib": args.mem_cap_gib,
-                     "timeout_s": args.timeout, "time_budget_s": args.time_budget,
-                     "threads": args.threads or "torch default", "seed": SEED,
-                     "check_rows": CHECK_ROWS, "levels": LEVELS,
-                     "num_quantizers": NUM_QUANTIZERS},
-        "methods": {m: METHODS[m][2] for m in methods},
-        "shapes": {s: dict(zip(("family", "N", "D", "K", "note"), ALL_SHAPES[s], strict=True))
-                   for s in shapes},
+    meta = run_meta(args, _dt.datetime.now(_dt.timezone.utc))
+    meta["settings"] = {"repeats": args.repeats, "mem_cap_gib": args.mem_cap_gib,
+                        "timeout_s": args.timeout, "time_budget_s": args.time_budget,
+                        "threads": args.threads or "torch default", "seed": SEED,
+                        "check_rows": CHECK_ROWS, "levels": LEVELS,
+                        "num_quantizers": NUM_QUANTIZERS}
+    meta["methods"] = {m: METHODS[m][2] for m in methods}
+    meta["shapes"] = {
+        s: dict(zip(("family", "N", "D", "K", "note"), ALL_SHAPES[s], strict=True))
+        for s in shapes
     }
-    if args.note:
-        meta["note"] = args.note
     jobs = [(s, m, mo) for s in shapes for m in methods for mo in modes
             if METHODS[m][0] == ALL_SHAPES[s][0]]
-    records: list[dict] = []
-    for i, (shape, method, mode) in enumerate(jobs, 1):
-        rec = _run_worker(shape, method, mode, args)
-        records.append(rec)
-        msg = (f"[{i}/{len(jobs)}] {shape} {method:15s} {mode:7s} {rec['status']:6s} "
-               f"median={_fmt(rec.get('median_s'), '.3f')}s "
-               f"peak_extra={_fmt(rec.get('peak_extra_mib'), ',.0f')}MiB "
-               f"wall={rec['wall_s']:.1f}s load={rec['loadavg_before'][0]:.2f}")
-        if rec["status"] != "ok":
-            msg += f" ({rec.get('error', '')[:120]})"
-        print(msg, file=sys.stderr, flush=True)
-        _write(out_dir, stem, meta, records, shapes)  # partial results survive interruption
-    meta["loadavg_end"] = os.getloadavg()
-    meta["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    _write(out_dir, stem, meta, records, shapes)
+    run_jobs(
+        jobs,
+        lambda shape, method, mode: _run_worker(shape, method, mode, args),
+        lambda job: f"{job[0]} {job[1]:15s} {job[2]:7s}",
+        lambda records: _write(out_dir, stem, meta, records, shapes),
+        meta,
+    )
     print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}", file=sys.stderr)
     return 0
 

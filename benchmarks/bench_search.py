@@ -35,6 +35,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -609,54 +610,74 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[dict, list[str]]
     return checks, lines + tl
 
 
-def _parent(args: argparse.Namespace) -> int:
-    shapes = args.shapes.split(",") if args.shapes else (
-        list(QUICK_SHAPES) if args.quick else list(SHAPES))
-    methods = args.methods.split(",") if args.methods else list(METHODS)
-    for s in shapes:
-        if s not in ALL_SHAPES:
-            sys.exit(f"unknown shape {s!r}; choose from {', '.join(ALL_SHAPES)}")
-    for m in methods:
-        if m not in METHODS:
-            sys.exit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "search_cpu_quick" if args.quick and not args.shapes else "search_cpu"
-    started = _dt.datetime.now(_dt.timezone.utc)
+def check_choices(values: list[str], allowed, what: str) -> None:
+    """Exit with a message naming the valid choices if any of ``values`` is unknown."""
+    for v in values:
+        if v not in allowed:
+            sys.exit(f"unknown {what} {v!r}; choose from {', '.join(allowed)}")
+
+
+def run_meta(args: argparse.Namespace, started: _dt.datetime) -> dict:
+    """What every results file records about the run: command, commit, date, machine, load."""
     meta = {
-        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "command": shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "git_commit": _git_commit(),
         "date_utc": started.isoformat(timespec="seconds"),
         "machine": _machine(),
         "loadavg_start": os.getloadavg(),
         "top_start": _top(),
-        "settings": {"repeats": args.repeats, "mem_cap_gib": args.mem_cap_gib,
-                     "timeout_s": args.timeout, "time_budget_s": args.time_budget,
-                     "threads": args.threads or "torch default",
-                     "seed": SEED, "check_rows": CHECK_ROWS, "tie_rtol": TIE_RTOL},
-        "methods": {m: METHODS[m] for m in methods},
-        "shapes": {s: dict(zip(("N", "D", "K", "note"), ALL_SHAPES[s], strict=True))
-                   for s in shapes},
     }
     if args.note:
         meta["note"] = args.note
+    return meta
+
+
+def run_jobs(jobs: list[tuple], run, label, write, meta: dict) -> list[dict]:
+    """Run each job (``run(*job)`` -> record) in turn, print one progress line per job
+    (``label(job)`` in front) and ``write(records)`` after each, so partial results
+    survive an interruption; then stamp the end load and time into ``meta``."""
     records: list[dict] = []
-    total = len(shapes) * len(methods)
-    for i, (shape, method) in enumerate(((s, m) for s in shapes for m in methods), 1):
-        rec = _run_worker(shape, method, args)
+    for i, job in enumerate(jobs, 1):
+        rec = run(*job)
         records.append(rec)
-        msg = (f"[{i}/{total}] {shape} {method:14s} {rec['status']:8s} "
+        msg = (f"[{i}/{len(jobs)}] {label(job)} {rec['status']:6s} "
                f"median={_fmt(rec.get('median_s'), '.3f')}s "
                f"peak_extra={_fmt(rec.get('peak_extra_mib'), ',.0f')}MiB "
                f"wall={rec['wall_s']:.1f}s load={rec['loadavg_before'][0]:.2f}")
-        if rec["status"] not in ("ok",):
+        if rec["status"] != "ok":
             msg += f" ({rec.get('error', '')[:120]})"
         print(msg, file=sys.stderr, flush=True)
-        # Keep partial results on disk in case the run is interrupted.
-        _write(out_dir, stem, meta, records, shapes)
+        write(records)
     meta["loadavg_end"] = os.getloadavg()
     meta["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    _write(out_dir, stem, meta, records, shapes)
+    write(records)
+    return records
+
+
+def _parent(args: argparse.Namespace) -> int:
+    shapes = args.shapes.split(",") if args.shapes else (
+        list(QUICK_SHAPES) if args.quick else list(SHAPES))
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    check_choices(shapes, ALL_SHAPES, "shape")
+    check_choices(methods, METHODS, "method")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "search_cpu_quick" if args.quick and not args.shapes else "search_cpu"
+    meta = run_meta(args, _dt.datetime.now(_dt.timezone.utc))
+    meta["settings"] = {"repeats": args.repeats, "mem_cap_gib": args.mem_cap_gib,
+                        "timeout_s": args.timeout, "time_budget_s": args.time_budget,
+                        "threads": args.threads or "torch default",
+                        "seed": SEED, "check_rows": CHECK_ROWS, "tie_rtol": TIE_RTOL}
+    meta["methods"] = {m: METHODS[m] for m in methods}
+    meta["shapes"] = {s: dict(zip(("N", "D", "K", "note"), ALL_SHAPES[s], strict=True))
+                      for s in shapes}
+    run_jobs(
+        [(s, m) for s in shapes for m in methods],
+        lambda shape, method: _run_worker(shape, method, args),
+        lambda job: f"{job[0]} {job[1]:14s}",
+        lambda records: _write(out_dir, stem, meta, records, shapes),
+        meta,
+    )
     print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}", file=sys.stderr)
     return 0
 
