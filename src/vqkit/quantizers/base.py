@@ -227,16 +227,20 @@ class BaseQuantizer(nn.Module):
         usage = getattr(self, "usage_ema", None)
         if usage is None:
             raise RuntimeError(f"{type(self).__name__} does not track code usage (grid too large)")
+        return usage / self._usage_debias()
+
+    def _usage_debias(self) -> float:
+        """``1 - usage_decay^t`` after t usage updates (1 before any): the factor that
+        turns ``usage_ema`` into per-batch counts."""
         t = int(self.usage_updates)
-        return usage / (1.0 - self.usage_decay**t if t else 1.0)
+        return 1.0 - self.usage_decay**t if t else 1.0
 
     @torch.no_grad()
     def _restart_usage(self, mask: torch.Tensor, threshold: float) -> None:
         """Give the (revived) codes in ``mask`` a usage of ``threshold`` per batch, in the
         units of ``usage_ema`` (times the debias factor), so they get one EMA horizon to
         be picked before they count as dead again."""
-        t = int(self.usage_updates)
-        scale = 1.0 - self.usage_decay**t if t else 1.0
+        scale = self._usage_debias()
         self.usage_ema.copy_(torch.where(mask, threshold * scale, self.usage_ema))
 
     def dead_codes(self, threshold: float = 1.0) -> torch.Tensor:

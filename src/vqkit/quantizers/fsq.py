@@ -164,6 +164,10 @@ class FSQ(BaseQuantizer):
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         if self.codebook_size <= self.max_bincount:
             counts = code_counts(indices, self.codebook_size)
+            if self.training:
+                # global counts for the usage EMA, and so the metrics describe the global batch
+                counts = self._global_counts(counts)
+                self._track_usage(counts)
             return counts, perplexity(counts), usage_fraction(counts)
         _, used = torch.unique(indices.reshape(-1), return_counts=True)
         usage = torch.tensor(used.numel() / self.codebook_size, device=indices.device)
@@ -176,11 +180,6 @@ class FSQ(BaseQuantizer):
         out = self.project_out(codes) if self.project_out is not None else codes
         quantized = self.from_flat(out.to(x.dtype), x.shape)
         counts, ppl, usage = self._counts(indices)
-        if self.training and counts is not None:
-            # global counts for the usage EMA, and so the metrics describe the global batch
-            counts = self._global_counts(counts)
-            ppl, usage = perplexity(counts), usage_fraction(counts)
-            self._track_usage(counts)
         index_shape = self.index_shape(x.shape)
         return QuantizerOutput(
             quantized=quantized,
