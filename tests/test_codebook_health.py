@@ -323,3 +323,9 @@ def test_preset_on_the_command_line_beats_the_config_file(tmp_path):
     assert cfg.quantizer == "ema" and cfg.revive_every == PRESETS["vq-healthy"]["revive_every"]
     with pytest.raises(ValueError, match="preset"):
         TrainConfig.from_file(path, preset="nope")
+
+
+def test_reset_optimizer_rows_rejects_a_mask_of_the_wrong_length():
+    q, optim, _ = collapsed_vq()
+    with pytest.raises(ValueError, match="row mask"):
+        reset_optimizer_rows(optim, q.codebook, torch.ones(K + 1, dtype=torch.bool))

@@ -251,6 +251,11 @@ def reset_optimizer_rows(
     Works with any ``torch.optim`` optimizer whose per-element state has the
     parameter's shape; returns the number of state tensors touched.
     """
+    if rows.dtype == torch.bool and rows.shape != param.shape[:1]:
+        raise ValueError(
+            f"a bool row mask must have shape ({param.shape[0]},) for a parameter of shape "
+            f"{tuple(param.shape)}; got {tuple(rows.shape)}"
+        )
     state = optimizer.state.get(param)
     if not state:
         return 0
