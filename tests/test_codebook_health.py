@@ -329,3 +329,18 @@ def test_reset_optimizer_rows_rejects_a_mask_of_the_wrong_length():
     q, optim, _ = collapsed_vq()
     with pytest.raises(ValueError, match="row mask"):
         reset_optimizer_rows(optim, q.codebook, torch.ones(K + 1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("cls", [VectorQuantizer, VectorQuantizerEMA])
+def test_init_and_revival_reject_bad_vectors(cls):
+    q = cls(K, D).train()
+    bad = torch.randn(32, D)
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        q.init_codebook_kmeans(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        q.revive_dead_codes(bad, threshold=1.0)
+    with pytest.raises(ValueError, match="channels"):
+        q.revive_dead_codes(torch.randn(32, D + 1), threshold=1.0)
+    with pytest.raises(TypeError, match="floating"):
+        q.init_codebook_kmeans(torch.ones(32, D, dtype=torch.int64))

@@ -364,6 +364,7 @@ class CodebookQuantizer(BaseQuantizer):
         of this layer or flat (N, embedding_dim) vectors, searched as ``forward`` does)
         of every rank of ``process_group`` (identical on all; local with
         ``sync_stats=False``)."""
+        self._validate(x, self.codebook.device)  # shape, dtype, NaN/Inf, device
         flat = self._search_input(self.to_flat(x.detach()))
         if not self.sync_stats:
             return kmeans(flat, self.num_embeddings, iters, generator, self.max_scratch_bytes)
@@ -382,6 +383,7 @@ class CodebookQuantizer(BaseQuantizer):
         """(mask (K,), vectors (K, codebook_dim)): rows of the current global batch ``x``
         (an input of this layer or flat (N, embedding_dim) vectors, searched as
         ``forward`` does) for the ``dead`` codes; the same bits on every rank."""
+        self._validate(x, self.codebook.device)  # shape, dtype, NaN/Inf, device
         flat = self._search_input(self.to_flat(x.detach()))
         return sample_replacements(
             flat, dead, group=self.process_group, sync=self.sync_stats, generator=generator
