@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit.checkpoint import CheckpointError, load_checkpoint, load_model
+from vqkit.checkpoint import CheckpointError, load_checkpoint
 from vqkit.cli import main
-from vqkit.models import VQVAE, VQVAEConfig
+from vqkit.models import VQVAE, VQVAEConfig, load_model
 from vqkit.train import TrainConfig, Trainer
 
 SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)

@@ -292,8 +292,6 @@ def test_ema_state_is_buffers_not_parameters():
         "cluster_size",
         "embed_sum",
         "num_updates",
-        "usage_ema",
-        "usage_updates",
     }
     # the same tensor objects survive training steps (no re-created parameters)
     ids = {n: id(b) for n, b in vq.named_buffers()}

@@ -98,7 +98,7 @@ def test_fsq_forward_matches_float64_reference(levels):
 def test_fsq_huge_grid_uses_unique_counts_and_no_codebook():
     levels = [1000] * 6  # 1e18 codes
     fsq = FSQ(levels)
-    assert fsq.codebook_size == 1000**6
+    assert fsq.num_codes == 1000**6
     assert sum(b.numel() for b in fsq.buffers()) < 100 and list(fsq.parameters()) == []
     x = torch.randn(4, 6, 8)
     out = fsq(x)
@@ -446,9 +446,9 @@ def test_vqvae_with_each_quantizer(kind, options, index_shape):
         hidden=16,
         res_hidden=8,
         res_layers=1,
-        num_embeddings=32,
         embedding_dim=8,
         quantizer=kind,
+        **({} if kind == "fsq" else {"num_embeddings": 32}),
         **options,
     )
     model = VQVAE(cfg)
@@ -472,11 +472,13 @@ def test_build_quantizer_and_cli_options():
     from vqkit.quantizers import build_quantizer
 
     assert isinstance(build_quantizer("fsq", 4, levels="8,5,5,5"), FSQ)
-    rvq = build_quantizer("rvq", 6, num_embeddings=16, num_quantizers=3, stage="ema")
+    rvq = build_quantizer("rvq", 6, num_embeddings=16, num_quantizers=3, rvq_stage="ema")
     assert isinstance(rvq, ResidualVQ) and rvq.num_quantizers == 3
     assert isinstance(build_quantizer("vq", 6, num_embeddings=8, use_cosine=True), VectorQuantizer)
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="quantizer must be one of"):
         build_quantizer("pq", 4)
+    with pytest.raises(ValueError, match="unknown options"):
+        build_quantizer("fsq", 4, num_embeddings=8)
     args = build_parser().parse_args(
         [
             "train",

@@ -8,30 +8,24 @@ Python values only, read back with ``weights_only=True`` (no pickled code):
      "loader": {...}, "rng": {"torch": ByteTensor}, "train_config": {...},
      "metrics": {...}}
 
-Exported weights (``.safetensors``) hold the model's state dict, with the model
-config as JSON in the file's metadata; they load without torch's unpickler.
+Model weights (``.safetensors`` exports, and models rebuilt from either file) are
+read and written beside the model, in :mod:`vqkit.models.io`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from .models import VQVAE
 
 __all__ = [
     "CheckpointError",
     "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
-    "export_safetensors",
-    "load_model",
 ]
 
 FORMAT = "vqkit-checkpoint"
@@ -94,47 +88,3 @@ def load_checkpoint(
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
     return ckpt
-
-
-def export_safetensors(model: VQVAE, path: str | os.PathLike[str]) -> None:
-    """Write the model's weights and buffers as safetensors, config in metadata."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "model_config": json.dumps(model.config.to_dict())}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
-
-
-def _build(config: dict[str, Any], state: dict[str, torch.Tensor], where: Path) -> VQVAE:
-    from .models import VQVAE, VQVAEConfig
-
-    try:
-        model = VQVAE(VQVAEConfig.from_dict(config))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: invalid model config in checkpoint: {e}") from e
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{where}: weights do not match the model config: {e}") from e
-    return model
-
-
-def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> VQVAE:
-    """A :class:`~vqkit.models.VQVAE` from a ``.pt`` checkpoint or ``.safetensors`` export."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise CheckpointError(f"weights file not found: {path}")
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device=str(map_location)) as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: corrupt or truncated ({e})") from e
-        if meta.get("format") != FORMAT or "model_config" not in meta:
-            raise CheckpointError(f"{path} has no vqkit model config in its metadata")
-        return _build(json.loads(meta["model_config"]), state, path)
-    ckpt = load_checkpoint(path, map_location)
-    return _build(ckpt["model_config"], ckpt["model"], path)

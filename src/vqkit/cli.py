@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,88 +18,37 @@ __all__ = ["main"]
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .train import PRESETS, TrainConfig
+    from .config import PRESETS, TrainConfig, TrainOptions
+    from .models.vqvae import QUANTIZER_GROUPS, ModelOptions
+    from .options import add_arguments, compose
 
     p = sub.add_parser(
         "train",
         help="train a VQ-VAE (default: the built-in dataset)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a VQ-VAE. Every option below is declared once (vqkit.config, "
+        "vqkit.models.vqvae, and each quantizer module); presets: " + ", ".join(PRESETS),
     )
     p.add_argument("--config", help="JSON file of options; command-line flags override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
-    defaults = TrainConfig()
-    helps = {
-        "data": "dataset: 'builtin', a CIFAR-10 python archive/folder, an idx directory, "
-        "an image folder or .tar(.gz) of one, or 'cifar10' / 'fashion-mnist'",
-        "data_format": "auto, builtin, cifar10, idx or imagefolder",
-        "quantizer": "ema (EMA codebook), vq (gradient-trained codebook), rvq (residual "
-        "VQ: --num-quantizers stages of --num-embeddings codes, --rvq-stage vq or ema) or "
-        "fsq (finite scalar quantization with --levels)",
-        "levels": "fsq: levels per channel, comma-separated (8,5,5,5: 1000 codes)",
-        "num_quantizers": "rvq: number of residual stages",
-        "rvq_stage": "rvq: stage quantizer, ema or vq",
-        "quantizer_dropout": "rvq: probability per training image of using only a random "
-        "number of leading stages (SoundStream quantizer dropout)",
-        "shared_codebook": "rvq: one codebook for all stages",
-        "device": "auto (CUDA when present), cpu, cuda, cuda:1, ...",
-        "out_dir": "run directory",
-        "eval_split": "split used for evaluation (falls back to 5%% of train)",
-        "eval_every": "evaluate on --eval-images and write checkpoints every N steps",
-        "batch_size": "images per step and per process (global batch: x number of processes)",
-        "init": "codebook init: random (the quantizer's own) or kmeans (k-means++ and "
-        "--init-iters Lloyd iterations on the latents of --init-batches batches, all "
-        "processes)",
-        "init_batches": "batches per process for --init kmeans; 0: enough for 16 vectors per code",
-        "revive_every": "every N steps replace dead codes (vq and ema quantizers) by "
-        "latents of the current batch (and restart their optimizer state); 0: never",
-        "preset": "named option set; applies over --config, other flags override it: "
-        + ", ".join(sorted(PRESETS)),
-        "codebook_dim": "vq/ema/rvq: search in a smaller code space with linear in/out "
-        "projections (factorised codes, Yu et al. 2021); 0: embedding_dim",
-        "use_cosine": "vq/ema/rvq: l2-normalised inputs and codes (cosine similarity)",
-        "gradient": "vq/ema/rvq: ste (straight-through) or rotation (rotation trick, "
-        "Fifty et al. 2024)",
-        "affine_codebook": "vq: codes = codebook * scale + shift with a learned shared "
-        "scale and shift (Huh et al. 2023)",
-        "codebook_lr_scale": "learning rate of the codebook parameters = --lr x this",
-        "dead_threshold": "a code is dead when its EMA count is below this many "
-        "assignments per global batch (revival and the logged 'dead' count)",
-    }
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        names = [flag, "--out"] if f.name == "out_dir" else [flag]
-        if isinstance(default, bool):
-            p.add_argument(
-                *names,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=helps.get(f.name, f"(default {default})"),
-            )
-            continue
-        typ: Any = (
-            type(default)
-            if default is not None
-            else (int if f.name in ("image_size", "channels") else str)
-        )
-        p.add_argument(
-            *names,
-            dest=f.name,
-            type=typ,
-            default=None,
-            help=helps.get(f.name, f"(default {default})"),
-        )
+    add_arguments(p.add_argument_group("training"), TrainOptions, aliases={"out_dir": ["--out"]})
+    add_arguments(p.add_argument_group("model"), ModelOptions)
+    # every quantizer kind's options, each once (shared ones are one declaration)
+    quantizers = compose("QuantizerFlags", QUANTIZER_GROUPS)
+    add_arguments(
+        p.add_argument_group("quantizer (options of the other kinds are errors)"), quantizers
+    )
+    p.set_defaults(_config_class=TrainConfig)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .options import option_fields
     from .train import TrainConfig, Trainer
 
     overrides = {
         f.name: getattr(args, f.name)
-        for f in fields(TrainConfig)
-        if getattr(args, f.name) is not None
+        for f in option_fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
     }
     cfg = (
         TrainConfig.from_file(args.config, **overrides)
@@ -131,8 +79,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from .checkpoint import load_checkpoint, load_model
-    from .train import resolve_device
+    from .checkpoint import load_checkpoint
+    from .config import resolve_device
+    from .models import load_model
 
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, map_location=device).to(device).eval()

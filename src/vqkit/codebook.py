@@ -1,7 +1,7 @@
-"""Codebook statistics: per-code sums, EMA updates, and their distributed sync.
+"""Codebook math on plain tensors: per-code sums, EMA updates, k-means, revival
+sampling and optimizer-row reset (collectives live in :mod:`vqkit.distributed`).
 
-These are plain functions on tensors so that the quantizers stay small and the
-math is testable on its own.
+Plain functions, so that the quantizers stay small and the math is testable on its own.
 """
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .distributed import all_gather_rows, broadcast_
+from .distributed import all_gather_rows, broadcast_, world_size
 from .search import DEFAULT_SCRATCH_BYTES, nearest_code
 
 __all__ = [
     "assignment_stats",
-    "all_reduce_sum",
     "ema_",
     "kmeans",
     "kmeans_init",
@@ -22,7 +21,6 @@ __all__ = [
     "laplace_smooth",
     "reset_optimizer_rows",
     "sample_replacements",
-    "world_size",
 ]
 
 
@@ -37,36 +35,6 @@ def assignment_stats(
     sums = torch.zeros(num_embeddings, flat.shape[1], dtype=torch.float32, device=flat.device)
     sums.index_add_(0, indices, flat)
     return counts, sums
-
-
-def world_size(group: dist.ProcessGroup | None = None) -> int:
-    """Size of ``group`` if torch.distributed is initialised now, else 1.
-
-    Asked at call time on purpose: a module built before
-    ``init_process_group`` must still sync once training starts.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
-
-
-def all_reduce_sum(
-    tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None
-) -> list[torch.Tensor]:
-    """Sum each tensor over all ranks with ONE collective (flattened and fused).
-
-    Every rank must call this the same number of times with the same shapes;
-    a no-op without an initialised process group.
-    """
-    if world_size(group) == 1:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
 
 
 def ema_(average: torch.Tensor, value: torch.Tensor, decay: float | torch.Tensor) -> None:

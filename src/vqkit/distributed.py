@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 __all__ = [
     "all_gather_rows",
+    "all_reduce_sum",
+    "barrier",
     "broadcast_",
     "env_world_size",
     "init_from_env",
@@ -115,3 +117,28 @@ def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
     parts = [torch.empty_like(padded) for _ in range(ws)]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
+
+
+def all_reduce_sum(
+    tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None
+) -> list[torch.Tensor]:
+    """Sum each tensor over all ranks with ONE collective (flattened and fused).
+
+    Every rank must call this the same number of times with the same shapes;
+    a no-op without an initialised process group.
+    """
+    if world_size(group) == 1:
+        return tensors
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank of ``group`` (no-op in one process)."""
+    if world_size(group) > 1:
+        dist.barrier(group)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["code_counts", "codebook_health", "perplexity", "usage_fraction", "dead_codes"]
+__all__ = [
+    "code_counts",
+    "codebook_health",
+    "dead_codes",
+    "ema_debias",
+    "perplexity",
+    "usage_fraction",
+]
 
 
 def code_counts(indices: torch.Tensor, num_embeddings: int) -> torch.Tensor:
@@ -40,9 +47,17 @@ def usage_fraction(counts: torch.Tensor) -> torch.Tensor:
     return (counts > 0).to(torch.float32).mean()
 
 
-def dead_codes(ema_counts: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean mask (K,) of codes whose (EMA) count is below ``threshold``."""
-    return ema_counts < threshold
+def dead_codes(usage: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The one definition of a dead code: bool (K,), codes whose usage statistic
+    (expected assignments per global training batch, see
+    :meth:`~vqkit.quantizers.BaseQuantizer.code_usage`) is below ``threshold``."""
+    return usage < threshold
+
+
+def ema_debias(decay: float, updates: int) -> float:
+    """``1 - decay^t`` after ``t`` EMA updates from zero (1 before any update): divide
+    a zero-started EMA by it to read it as an average (Kingma & Ba's bias correction)."""
+    return 1.0 - decay**updates if updates else 1.0
 
 
 def codebook_health(
@@ -55,8 +70,8 @@ def codebook_health(
     Args:
         counts: (K,) assignments per code summed over the window (global, i.e. summed
             over ranks, when distributed).
-        ema_counts: optional (K,) EMA of per-step counts (``VectorQuantizerEMA.cluster_size``,
-            in assignments per global batch).
+        ema_counts: optional (K,) EMA of per-step counts (a quantizer's
+            ``code_usage()``, in assignments per global batch).
         threshold: a code is dead when its EMA count is below ``threshold``; without
             ``ema_counts``, when it was never used in the window.
 
@@ -67,7 +82,7 @@ def codebook_health(
     counts = counts.detach().cpu()
     used = int((counts > 0).sum())
     if ema_counts is not None:
-        dead = int((ema_counts.detach().cpu() < threshold).sum())
+        dead = int(dead_codes(ema_counts.detach().cpu(), threshold).sum())
     else:
         dead = counts.numel() - used
     return {

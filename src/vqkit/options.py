@@ -190,16 +190,25 @@ def add_arguments(
         text = meta["help"].replace("%", "%%")
         if meta["applies_to"]:
             text = f"{meta['applies_to']}: {text}"
-        text += f" (default: {f.default})"
+        if f.default is not None:
+            text += f" (default: {f.default})"
         if meta["type"] is bool:
             parser.add_argument(
-                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                *flags,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
                 help=text,
             )
         else:
             parser.add_argument(
-                *flags, dest=f.name, type=meta["type"], default=None, help=text,
-                choices=meta["choices"], metavar=None if meta["choices"] else f.name.upper(),
+                *flags,
+                dest=f.name,
+                type=meta["type"],
+                default=None,
+                help=text,
+                choices=meta["choices"],
+                metavar=None if meta["choices"] else f.name.upper(),
             )
 
 

@@ -3,131 +3,113 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantizers import QUANTIZER_KINDS, QuantizerOutput, ResidualVQ, build_quantizer
-from ..quantizers.factory import parse_levels
+from ..options import Options, compose, nonneg_int, option, option_fields, positive_int
+from ..quantizers import QuantizerOptions, QuantizerOutput, get_kind, quantizer_kinds
 
-__all__ = ["VQVAE", "VQVAEConfig", "VQVAEOutput", "ResidualStack", "Encoder", "Decoder"]
+__all__ = [
+    "VQVAE",
+    "VQVAEConfig",
+    "VQVAEOutput",
+    "ModelOptions",
+    "ShapeOptions",
+    "ResidualStack",
+    "Encoder",
+    "Decoder",
+]
 
 
 @dataclass
-class VQVAEConfig:
-    """Everything needed to rebuild a :class:`VQVAE` (stored in checkpoints)."""
+class ShapeOptions(Options):
+    """What the data decides: image channels and size (stored with the model)."""
 
-    in_channels: int = 3
-    image_size: int = 32
-    hidden: int = 128
-    res_hidden: int = 32
-    res_layers: int = 2
-    num_embeddings: int = 512
-    embedding_dim: int = 64
-    commitment_cost: float = 0.25
-    quantizer: str = "ema"  # one of vqkit.quantizers.QUANTIZER_KINDS: ema, vq, rvq, fsq
-    decay: float = 0.99
-    epsilon: float = 1e-5
-    zero_debias: bool = False
-    # rvq: stages (each num_embeddings codes), stage kind, dropout, shared codebook
-    num_quantizers: int = 4
-    rvq_stage: str = "ema"
-    quantizer_dropout: float = 0.0
-    shared_codebook: bool = False
-    # fsq: levels per channel ("8,5,5,5" or a list); projections embedding_dim <-> len
-    levels: Any = "8,5,5,5"
-    # codebook options of vq / ema (and rvq stages): a smaller code space with in/out
-    # projections (0: embedding_dim), cosine (l2-normalised) codes, the gradient
-    # estimator ("ste" or "rotation"), and the affine codebook (vq only)
-    codebook_dim: int = 0
-    use_cosine: bool = False
-    gradient: str = "ste"
-    affine_codebook: bool = False
+    in_channels: int = option(3, "image channels", check=positive_int)
+    image_size: int = option(32, "image height and width", check=positive_int)
+
+
+@dataclass
+class ModelOptions(Options):
+    """The network around the quantizer; the quantizer's own options live in its module."""
+
+    hidden: int = option(128, "channels of the encoder/decoder convolutions", check=positive_int)
+    res_hidden: int = option(32, "hidden channels of the residual blocks", check=positive_int)
+    res_layers: int = option(2, "residual blocks in encoder and decoder", check=nonneg_int)
+    embedding_dim: int = option(
+        64, "D, channels of the latents that are quantized", check=positive_int
+    )
+    quantizer: str = option(
+        "ema",
+        "quantizer kind: " + "; ".join(f"{k} ({get_kind(k).help})" for k in quantizer_kinds()),
+        choices=quantizer_kinds(),
+    )
+
+
+class QuantizerChoice:
+    """Base of the flat configurations that hold every kind's options: the options of
+    the chosen ``quantizer`` are validated by that kind's option group, the others must
+    keep their defaults (so a flag that would be ignored is an error instead)."""
+
+    quantizer: str
 
     def __post_init__(self) -> None:
-        for name in (
-            "in_channels",
-            "image_size",
-            "hidden",
-            "res_hidden",
-            "num_embeddings",
-            "embedding_dim",
-        ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
-        if not isinstance(self.res_layers, int) or self.res_layers < 0:
-            raise ValueError(f"res_layers must be an int >= 0; got {self.res_layers!r}")
+        Options.__post_init__(self)  # type: ignore[arg-type]
+        kind = get_kind(self.quantizer)
+        own = kind.option_names()
+        for name in QUANTIZER_OPTION_NAMES - own:
+            default = QUANTIZER_DEFAULTS[name]
+            if getattr(self, name) != default:
+                users = [k for k in quantizer_kinds() if name in get_kind(k).option_names()]
+                raise ValueError(
+                    f"{name} does not apply to quantizer {self.quantizer!r} (it applies to "
+                    f"{', '.join(users)})"
+                )
+        opts = self.quantizer_options()
+        for name in own:  # canonical values (e.g. fsq levels as a string)
+            setattr(self, name, getattr(opts, name))
+
+    def quantizer_options(self) -> QuantizerOptions:
+        """The chosen kind's option group (validated; cross-option checks included)."""
+        kind = get_kind(self.quantizer)
+        return kind.options(**{n: getattr(self, n) for n in kind.option_names()})
+
+
+QUANTIZER_GROUPS = tuple(get_kind(k).options for k in quantizer_kinds())
+QUANTIZER_DEFAULTS = {f.name: f.default for group in QUANTIZER_GROUPS for f in option_fields(group)}
+QUANTIZER_OPTION_NAMES = frozenset(QUANTIZER_DEFAULTS)
+
+_VQVAEConfigBase = compose(
+    "VQVAEConfig", (ShapeOptions, ModelOptions, *QUANTIZER_GROUPS), bases=(QuantizerChoice,)
+)
+
+
+class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
+    """Everything needed to rebuild a :class:`VQVAE` (stored in checkpoints): the
+    shape of the data, the network (:class:`ModelOptions`) and the options of every
+    quantizer kind (declared in the quantizer modules; only the chosen kind's may
+    differ from their defaults)."""
+
+    def __post_init__(self) -> None:
+        QuantizerChoice.__post_init__(self)
         if self.hidden % 2:
             raise ValueError(f"hidden must be even (first conv: hidden/2); got {self.hidden}")
         if self.image_size % 4:
             raise ValueError(
                 f"image_size must be a multiple of 4 (two stride-2 convs); got {self.image_size}"
             )
-        if self.quantizer not in QUANTIZER_KINDS:
-            raise ValueError(f"quantizer must be one of {QUANTIZER_KINDS}; got {self.quantizer!r}")
-        if not isinstance(self.codebook_dim, int) or self.codebook_dim < 0:
-            raise ValueError(f"codebook_dim must be an int >= 0; got {self.codebook_dim!r}")
-        if self.gradient not in ("ste", "rotation"):
-            raise ValueError(f"gradient must be 'ste' or 'rotation'; got {self.gradient!r}")
-        codebook_kinds = ("vq", "ema", "rvq")
-        if self.quantizer not in codebook_kinds and (
-            self.codebook_dim or self.use_cosine or self.gradient != "ste"
-        ):
-            raise ValueError(
-                f"codebook_dim / use_cosine / gradient apply to {codebook_kinds}, not "
-                f"{self.quantizer!r}"
-            )
-        if self.affine_codebook and not (
-            self.quantizer == "vq" or (self.quantizer == "rvq" and self.rvq_stage == "vq")
-        ):
-            raise ValueError("affine_codebook applies to gradient-trained codebooks (vq)")
-        # stored as the canonical string, so configs compare equal after a JSON trip
-        self.levels = ",".join(str(v) for v in parse_levels(self.levels))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VQVAEConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown VQVAE config keys: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _quantizer_options(c: VQVAEConfig) -> dict[str, Any]:
-    """Constructor options of the configured quantizer kind (see ``build_quantizer``)."""
-    if c.quantizer == "fsq":
-        return {"levels": c.levels}
-    common: dict[str, Any] = {
-        "num_embeddings": c.num_embeddings,
-        "commitment_cost": c.commitment_cost,
-    }
-    if c.codebook_dim:
-        common["codebook_dim"] = c.codebook_dim
-    if c.use_cosine:
-        common["use_cosine"] = True
-    if c.gradient != "ste":
-        common["gradient"] = c.gradient
-    vq = {**common, "affine_codebook": True} if c.affine_codebook else common
-    if c.quantizer == "vq":
-        return vq
-    ema = {**common, "decay": c.decay, "epsilon": c.epsilon, "zero_debias": c.zero_debias}
-    if c.quantizer == "ema":
-        return ema
-    opts = ema if c.rvq_stage == "ema" else vq
-    return {
-        **opts,
-        "num_quantizers": c.num_quantizers,
-        "stage": c.rvq_stage,
-        "quantizer_dropout": c.quantizer_dropout,
-        "shared_codebook": c.shared_codebook,
-    }
+    def from_dict(cls, d: dict[str, Any], *, where: str = "VQVAE config") -> VQVAEConfig:
+        """A stored config. Options of other quantizer kinds are dropped: configs written
+        before they were errors stored every kind's options, which had no effect."""
+        kind = get_kind(d.get("quantizer", ModelOptions.quantizer))
+        d = {k: v for k, v in d.items() if k not in QUANTIZER_OPTION_NAMES - kind.option_names()}
+        return super().from_dict(d, where=where)
 
 
 class ResidualBlock(nn.Module):
@@ -214,7 +196,7 @@ class VQVAE(nn.Module):
         c = config
         self.encoder = Encoder(c.in_channels, c.hidden, c.res_hidden, c.res_layers)
         self.pre_vq = nn.Conv2d(c.hidden, c.embedding_dim, 1)
-        self.quantizer = build_quantizer(c.quantizer, c.embedding_dim, **_quantizer_options(c))
+        self.quantizer = c.quantizer_options().build(c.embedding_dim)
         self.decoder = Decoder(c.embedding_dim, c.hidden, c.in_channels, c.res_hidden, c.res_layers)
 
     def _check_images(self, x: torch.Tensor) -> None:
@@ -243,12 +225,13 @@ class VQVAE(nn.Module):
     @property
     def num_codes(self) -> int:
         """Codes an index can take: K, or the FSQ grid size (per stage for rvq)."""
-        return int(self.quantizer.codebook_size)
+        return int(self.quantizer.num_codes)
 
     @property
     def index_dims(self) -> int:
-        """Dimensions of a batch of index maps: 3 (B, h, w), or 4 (B, h, w, Q) for rvq."""
-        return 4 if isinstance(self.quantizer, ResidualVQ) else 3
+        """Dimensions of a batch of index maps: 3 (B, h, w), or 4 (B, h, w, Q) when the
+        quantizer gives several codes per position (rvq)."""
+        return 4 if self.quantizer.codes_per_position > 1 else 3
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +262,6 @@ class VQVAE(nn.Module):
     ) -> VQVAE:
         """Rebuild a model from a training checkpoint (``.pt``) or exported weights
         (``.safetensors`` with the config in its metadata)."""
-        from ..checkpoint import load_model
+        from .io import load_model
 
         return load_model(path, map_location=map_location)

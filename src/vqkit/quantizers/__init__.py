@@ -1,21 +1,42 @@
-"""Quantizers: one module per kind, one output type (:class:`QuantizerOutput`)."""
+"""Quantizers: one module per kind, one output type (:class:`QuantizerOutput`), one
+contract (:class:`BaseQuantizer`), one registry of kinds (:mod:`.registry`).
 
-from .base import BaseQuantizer, CodebookQuantizer, QuantizerOutput
-from .ema import VectorQuantizerEMA
-from .factory import QUANTIZER_KINDS, build_quantizer, parse_levels
-from .fsq import FSQ
-from .residual import ResidualVQ
-from .vq import VectorQuantizer
+Importing this package registers every built-in kind (each module registers itself).
+"""
+
+from .base import BaseQuantizer, CodebookOptions, CodebookQuantizer
+from .ema import EMAOptions, VectorQuantizerEMA
+from .fsq import FSQ, FSQOptions, parse_levels
+from .output import QuantizerOutput
+from .registry import (
+    QuantizerKind,
+    QuantizerOptions,
+    build_quantizer,
+    get_kind,
+    quantizer_kinds,
+    register_quantizer,
+)
+from .residual import ResidualVQ, RVQOptions
+from .vq import VectorQuantizer, VQOptions
 
 __all__ = [
     "BaseQuantizer",
+    "CodebookOptions",
     "CodebookQuantizer",
+    "EMAOptions",
     "FSQ",
+    "FSQOptions",
+    "QuantizerKind",
+    "QuantizerOptions",
     "QuantizerOutput",
+    "RVQOptions",
     "ResidualVQ",
+    "VQOptions",
     "VectorQuantizer",
     "VectorQuantizerEMA",
-    "QUANTIZER_KINDS",
     "build_quantizer",
+    "get_kind",
     "parse_levels",
+    "quantizer_kinds",
+    "register_quantizer",
 ]

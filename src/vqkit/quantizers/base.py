@@ -1,4 +1,4 @@
-"""What every quantizer shares: the output type, input checks and the layout.
+"""What every quantizer shares: the contract, input checks, the layout, usage tracking.
 
 Layout convention (one place, every quantizer): inputs are channels-first,
 ``(B, C, *spatial)`` with ``C == embedding_dim`` (for images ``(B, C, H, W)``),
@@ -26,8 +26,7 @@ training mode: ResidualVQ's quantizer dropout (row selection per stage,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,72 +34,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..codebook import all_reduce_sum, kmeans, kmeans_init, sample_replacements
-from ..metrics import perplexity, usage_fraction
+from ..codebook import kmeans, kmeans_init, sample_replacements
+from ..distributed import all_reduce_sum
+from ..metrics import dead_codes, ema_debias, perplexity, usage_fraction
+from ..options import nonneg, nonneg_int, option, positive_int
 from ..search import DEFAULT_SCRATCH_BYTES, nearest_code
+from .estimators import rotation_trick, straight_through
+from .output import QuantizerOutput
+from .registry import QuantizerOptions
 
 __all__ = [
-    "QuantizerOutput",
     "BaseQuantizer",
+    "CodebookOptions",
     "CodebookQuantizer",
     "check_indices",
     "fp32_region",
-    "mse_terms",
-    "rotation_trick",
-    "straight_through",
 ]
-
-
-@dataclass
-class QuantizerOutput:
-    """Result of a quantizer's forward pass.
-
-    Attributes:
-        quantized: straight-through quantized tensor, same shape and dtype as
-            the input (forward value = chosen codes, gradient = identity).
-        loss: scalar, the weighted sum of ``losses``.
-        perplexity: scalar, ``exp(entropy)`` of code usage in this batch.
-        indices: int64 ``(B, *spatial)`` chosen code per position
-            (``(B, *spatial, Q)`` for a Q-stage :class:`ResidualVQ`).
-        losses: named unweighted loss terms (e.g. ``codebook``, ``commitment``);
-            empty for quantizers without loss terms (FSQ, whose ``loss`` is 0).
-        usage: scalar, fraction of the K codes used at least once in this batch.
-        counts: int64 (K,) number of positions assigned to each code ((Q, K) per
-            stage for ResidualVQ; None for an FSQ too large to bincount).
-        distances: float32 ``(B, *spatial)`` squared distance to the chosen code
-            (in the search space; None where there is no search).
-        num_embeddings: K, needed to build ``encodings`` on demand.
-        stages: for ResidualVQ, each stage's own output (on that stage's
-            residual, flattened to (N, D)); None otherwise.
-
-    Unpacks like the classic VQ-VAE module:
-    ``loss, quantized, perplexity, encodings = vq(x)``. ``encodings`` is the
-    dense (N, K) float one-hot; it is built only when accessed (N x K memory).
-    """
-
-    quantized: torch.Tensor
-    loss: torch.Tensor
-    perplexity: torch.Tensor
-    indices: torch.Tensor
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    usage: torch.Tensor | None = None
-    counts: torch.Tensor | None = None
-    distances: torch.Tensor | None = None
-    num_embeddings: int = 0
-    stages: list[QuantizerOutput] | None = None
-
-    @property
-    def encodings(self) -> torch.Tensor:
-        """Dense one-hot (N, K) float32 of ``indices`` (allocates N x K)."""
-        flat = self.indices.reshape(-1)
-        return F.one_hot(flat, self.num_embeddings).to(torch.float32)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        # Classic 4-tuple: (loss, quantized, perplexity, encodings).
-        yield self.loss
-        yield self.quantized
-        yield self.perplexity
-        yield self.encodings
 
 
 def _compiling() -> bool:
@@ -134,12 +83,34 @@ def check_indices(indices: torch.Tensor, device: torch.device, high: int, low: i
 
 
 class BaseQuantizer(nn.Module):
-    """Input validation and the channels-first <-> (N, C) layout.
+    """Input validation, the channels-first <-> (N, C) layout, and the contract.
 
-    Subclasses set ``embedding_dim`` and implement ``forward``.
+    **The contract** (what the model and the trainer may use, nothing else):
+
+    * ``num_codes``: how many values one index takes (K; the FSQ grid size; per stage
+      for a residual quantizer), and ``codes_per_position`` (1, or Q stages: indices
+      then carry a last axis of size Q).
+    * ``forward(x) -> QuantizerOutput``, ``encode(x) -> indices``, ``decode(indices)``.
+    * ``supports_init`` / ``init_codebook_kmeans(x, iters, generator)``: set the
+      codebook from data (k-means over the latents of every rank).
+    * ``supports_revival`` / ``revive_dead_codes(x, threshold, generator) -> mask``:
+      replace codes whose usage is below ``threshold`` per global batch; returns the
+      bool (K,) mask of revived codes.
+    * ``code_usage() -> (K,) | None``: the usage statistic (expected assignments per
+      global training batch, recent EMA), None when not tracked; ``dead_codes``.
+    * ``codebook_parameters()``: the parameters that are the codes (a learning-rate
+      group of their own; optimizer-row reset after revival); empty if none.
+    * ``counts_are_global``: training-mode ``counts`` are already summed over ranks.
+
+    A quantizer without a codebook (FSQ) keeps the defaults: no init, no revival.
+    Subclasses set ``embedding_dim`` and ``num_codes`` and implement ``forward``.
     """
 
     embedding_dim: int
+    num_codes: int
+    codes_per_position: int = 1
+    supports_init: bool = False
+    supports_revival: bool = False
 
     def __init__(
         self, embedding_dim: int, *, channels_last: bool = False, check_finite: bool = True
@@ -150,6 +121,52 @@ class BaseQuantizer(nn.Module):
         self.embedding_dim = embedding_dim
         self.channels_last = bool(channels_last)
         self.check_finite = bool(check_finite)
+        self.process_group: dist.ProcessGroup | None = None
+        self.sync_stats = True
+
+    # -- the contract: defaults for a quantizer without a codebook ----------------
+    def init_codebook_kmeans(
+        self, x: torch.Tensor, iters: int = 10, generator: torch.Generator | None = None
+    ) -> None:
+        """Set the codes from data ``x`` (k-means); see ``supports_init``."""
+        raise NotImplementedError(f"{type(self).__name__} has no codebook to initialise from data")
+
+    def revive_dead_codes(
+        self, x: torch.Tensor, threshold: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Replace dead codes by vectors of ``x``; returns the bool (K,) revived mask."""
+        raise NotImplementedError(f"{type(self).__name__} has no codebook to revive")
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        """The parameters that hold the codes (empty: none are learned by gradient)."""
+        return []
+
+    @property
+    def counts_are_global(self) -> bool:
+        """Whether training-mode ``counts`` are already summed over the ranks."""
+        return self.tracks_usage and self.sync_stats
+
+    @property
+    def tracks_usage(self) -> bool:
+        return isinstance(getattr(self, "usage_ema", None), torch.Tensor)
+
+    def code_usage(self) -> torch.Tensor | None:
+        """Float32 (K,): expected assignments of each code per (global) training batch,
+        an EMA over recent training steps (horizon ~``1 / (1 - usage_decay)`` steps),
+        zero-debiased so that it is meaningful from the first step (zeros before
+        any training step); None when this quantizer tracks no usage. Eval-mode calls
+        never change it."""
+        if not self.tracks_usage:
+            return None
+        return self.usage_ema / self._usage_debias()
+
+    def dead_codes(self, threshold: float = 1.0) -> torch.Tensor:
+        """Bool (K,): codes used less than ``threshold`` times per (global) training batch
+        on average over recent steps (:meth:`code_usage`). Identical on every rank."""
+        usage = self.code_usage()
+        if usage is None:
+            raise RuntimeError(f"{type(self).__name__} does not track code usage")
+        return dead_codes(usage, threshold)
 
     # -- layout -----------------------------------------------------------------
     def _validate(self, x: torch.Tensor, device: torch.device) -> None:
@@ -183,21 +200,18 @@ class BaseQuantizer(nn.Module):
                 raise ValueError("input contains NaN or Inf")
 
     # -- usage tracking ---------------------------------------------------------
-    def _init_usage(
-        self,
-        num_codes: int,
-        decay: float,
-        process_group: dist.ProcessGroup | None = None,
-        sync_stats: bool = True,
-    ) -> None:
+    def _init_sync(self, process_group: dist.ProcessGroup | None, sync_stats: bool) -> None:
+        """The group training statistics are summed over (default: the world)."""
+        self.process_group = process_group
+        self.sync_stats = bool(sync_stats)
+
+    def _init_usage(self, num_codes: int, decay: float) -> None:
         """Register the usage buffers: ``usage_ema`` (K,), an EMA of per-code counts per
         (global) training batch, and ``usage_updates``, the number of updates (for the
-        zero-debiasing in :meth:`code_usage`); and the group the counts are summed over."""
+        zero-debiasing in :meth:`code_usage`)."""
         if not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"usage_decay must lie in [0, 1); got {decay!r}")
         self.usage_decay = float(decay)
-        self.process_group = process_group
-        self.sync_stats = bool(sync_stats)
         self.register_buffer("usage_ema", torch.zeros(num_codes))
         self.register_buffer("usage_updates", torch.zeros((), dtype=torch.int64))
 
@@ -219,21 +233,9 @@ class BaseQuantizer(nn.Module):
         self.usage_ema.mul_(decay).add_(counts * (1.0 - decay))
         self.usage_updates += observed.to(self.usage_updates.dtype)
 
-    def code_usage(self) -> torch.Tensor:
-        """Float32 (K,): expected assignments of each code per (global) training batch,
-        an EMA over recent training steps (horizon ~``1 / (1 - usage_decay)`` steps),
-        zero-debiased so that it is meaningful from the first step (zeros before
-        any training step). Eval-mode calls never change it."""
-        usage = getattr(self, "usage_ema", None)
-        if usage is None:
-            raise RuntimeError(f"{type(self).__name__} does not track code usage (grid too large)")
-        return usage / self._usage_debias()
-
     def _usage_debias(self) -> float:
-        """``1 - usage_decay^t`` after t usage updates (1 before any): the factor that
-        turns ``usage_ema`` into per-batch counts."""
-        t = int(self.usage_updates)
-        return 1.0 - self.usage_decay**t if t else 1.0
+        """The factor that turns ``usage_ema`` into per-batch counts."""
+        return ema_debias(self.usage_decay, int(self.usage_updates))
 
     @torch.no_grad()
     def _restart_usage(self, mask: torch.Tensor, threshold: float) -> None:
@@ -242,11 +244,6 @@ class BaseQuantizer(nn.Module):
         be picked before they count as dead again."""
         scale = self._usage_debias()
         self.usage_ema.copy_(torch.where(mask, threshold * scale, self.usage_ema))
-
-    def dead_codes(self, threshold: float = 1.0) -> torch.Tensor:
-        """Bool (K,): codes used less than ``threshold`` times per (global) training batch
-        on average over recent steps (:meth:`code_usage`). Identical on every rank."""
-        return self.code_usage() < threshold
 
     def _layout_str(self) -> str:
         return "(B, *spatial, C)" if self.channels_last else "(B, C, *spatial)"
@@ -270,6 +267,43 @@ class BaseQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels_last={self.channels_last}" if self.channels_last else ""
+
+
+GRADIENTS = ("ste", "rotation")
+
+
+@dataclass
+class CodebookOptions(QuantizerOptions):
+    """Options shared by the quantizers with an explicit codebook (vq, ema, rvq)."""
+
+    num_embeddings: int = option(
+        512, "K, the number of codes (per stage for rvq)", check=positive_int
+    )
+    commitment_cost: float = option(
+        0.25, "beta, weight of the commitment loss ||z_e - sg[e]||^2", check=nonneg
+    )
+    codebook_dim: int = option(
+        0,
+        "search in a smaller code space with linear in/out projections (factorised codes, "
+        "Yu et al. 2021); 0: embedding_dim",
+        check=nonneg_int,
+    )
+    use_cosine: bool = option(False, "l2-normalised inputs and codes (cosine similarity)")
+    gradient: str = option(
+        "ste",
+        "gradient estimator: ste (straight-through) or rotation (rotation trick, "
+        "Fifty et al. 2024)",
+        choices=GRADIENTS,
+    )
+
+    def codebook_kwargs(self) -> dict[str, Any]:
+        """The constructor keywords of these options (0 codebook_dim: none)."""
+        return {
+            "commitment_cost": self.commitment_cost,
+            "codebook_dim": self.codebook_dim or None,
+            "use_cosine": self.use_cosine,
+            "gradient": self.gradient,
+        }
 
 
 class CodebookQuantizer(BaseQuantizer):
@@ -306,6 +340,8 @@ class CodebookQuantizer(BaseQuantizer):
     """
 
     codebook: torch.Tensor
+    supports_init = True
+    supports_revival = True
 
     def __init__(
         self,
@@ -320,7 +356,7 @@ class CodebookQuantizer(BaseQuantizer):
         use_cosine: bool = False,
         l2_normalize: bool | None = None,
         gradient: str = "ste",
-        usage_decay: float = 0.99,
+        usage_decay: float | None = 0.99,
         process_group: dist.ProcessGroup | None = None,
         sync_stats: bool = True,
     ) -> None:
@@ -337,12 +373,12 @@ class CodebookQuantizer(BaseQuantizer):
             codebook_dim = embedding_dim
         if not isinstance(codebook_dim, int) or codebook_dim < 1:
             raise ValueError(f"codebook_dim must be a positive int; got {codebook_dim!r}")
-        if gradient not in ("ste", "rotation"):
-            raise ValueError(f"gradient must be 'ste' or 'rotation'; got {gradient!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {list(GRADIENTS)}; got {gradient!r}")
         if l2_normalize is not None:
             use_cosine = use_cosine or bool(l2_normalize)
         self.num_embeddings = num_embeddings
-        self.codebook_size = num_embeddings
+        self.num_codes = num_embeddings
         self.max_scratch_bytes = max_scratch_bytes
         self.search_backend = search_backend
         self.codebook_dim = codebook_dim
@@ -355,7 +391,12 @@ class CodebookQuantizer(BaseQuantizer):
             self.project_in = self.project_out = None
         # the classic layer: no projection, no normalisation, straight-through
         self._plain = self.project_in is None and not self.use_cosine and gradient == "ste"
-        self._init_usage(num_embeddings, usage_decay, process_group, sync_stats)
+        self._init_sync(process_group, sync_stats)
+        if usage_decay is not None:  # None: the subclass keeps its own usage statistic
+            self._init_usage(num_embeddings, usage_decay)
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        return [self.codebook] if isinstance(self.codebook, nn.Parameter) else []
 
     def _kmeans_centers(
         self, x: torch.Tensor, iters: int, generator: torch.Generator | None
@@ -483,114 +524,3 @@ class CodebookQuantizer(BaseQuantizer):
             s += f", gradient={self.gradient!r}"
         extra = super().extra_repr()
         return f"{s}, {extra}" if extra else s
-
-
-class _SquaredErrorTerms(torch.autograd.Function):
-    """Both VQ loss terms from one difference: forward (codebook, commitment), equal in
-    value ``mean((q - x)^2)``; the codebook term differentiates only w.r.t. ``q``, the
-    commitment term only w.r.t. ``x``. Autograd of two ``mse_loss`` calls would form
-    the difference four times."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        diff = q.to(torch.float32) - x.to(torch.float32)
-        flat = diff.reshape(-1)
-        mse = torch.dot(flat, flat) / flat.numel()
-        ctx.save_for_backward(diff)
-        ctx.dtypes = (x.dtype, q.dtype)
-        return mse, mse.clone()
-
-    @staticmethod
-    def backward(
-        ctx: Any, g_codebook: torch.Tensor, g_commit: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        (diff,) = ctx.saved_tensors
-        scale = 2.0 / diff.numel()
-        grad_x = grad_q = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (diff * (-scale * g_commit)).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            grad_q = (diff * (scale * g_codebook)).to(ctx.dtypes[1])
-        return grad_x, grad_q
-
-
-def mse_terms(flat: torch.Tensor, quantized_flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The two VQ-VAE loss terms, float32 scalars.
-
-    codebook = mean ||sg[x] - e||^2 (moves codes), commitment = mean ||x - sg[e]||^2
-    (moves the encoder); means over all N * D elements. An empty batch gives zeros
-    that still connect to the graph.
-    """
-    if flat.shape[0] == 0:
-        zero = flat.to(torch.float32).sum() * 0.0 + quantized_flat.to(torch.float32).sum() * 0.0
-        return {"codebook": zero, "commitment": zero}
-    codebook, commitment = _SquaredErrorTerms.apply(flat, quantized_flat)
-    return {"codebook": codebook, "commitment": commitment}
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the codes ``q`` laid out like ``x``; backward: identity to ``x``,
-    nothing to ``q``. One copy, where ``x + sg[q - x]`` takes two passes."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(x).copy_(q)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Value of ``q`` (exactly, cast to ``x.dtype``), gradient of ``x``."""
-    return _StraightThrough.apply(x, q)
-
-
-class _RotationTrick(torch.autograd.Function):
-    """Forward: the codes ``q`` (exactly, in ``x``'s dtype); backward: the gradient of
-    ``sg[lambda R] x`` (see :func:`rotation_trick`), nothing to ``q``. Saves only
-    ``x`` and ``q`` (already alive); the rotation is applied in the backward without
-    forming a d x d matrix."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, q)
-        return torch.empty_like(x).copy_(q)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        x, q = ctx.saved_tensors
-        x = x.to(torch.float32)
-        q = q.to(torch.float32)
-        g = grad.to(torch.float32)
-        tiny = torch.finfo(torch.float32).tiny
-        x_norm = x.norm(dim=-1, keepdim=True)
-        q_norm = q.norm(dim=-1, keepdim=True)
-        u = x / x_norm.clamp(min=tiny)  # x / ||x||
-        v = q / q_norm.clamp(min=tiny)  # e / ||e||
-        r = u + v
-        r = r / r.norm(dim=-1, keepdim=True).clamp(min=tiny)
-        # R^T g = g - 2 r (r.g) + 2 u (v.g)
-        rot = g - 2.0 * r * (r * g).sum(-1, keepdim=True) + 2.0 * u * (v * g).sum(-1, keepdim=True)
-        out = (q_norm / x_norm.clamp(min=tiny)) * rot
-        # ||x|| = 0: no direction to rotate from; fall back to the identity
-        out = torch.where(x_norm > 0, out, g)
-        return out.to(grad.dtype), None
-
-
-def rotation_trick(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The rotation-trick estimator (Fifty et al. 2024, "Restructuring Vector
-    Quantization with the Rotation Trick") for rows of ``x`` (N, d) and their codes
-    ``q`` (N, d).
-
-    Forward value: exactly ``q`` (cast to ``x.dtype``). Gradient: that of
-    ``sg[lambda R] x`` with ``lambda = ||q|| / ||x||`` and ``R`` the rotation taking
-    ``x / ||x||`` to ``q / ||q||``, built from two Householder reflections,
-    ``R = (I - 2 v v^T)(I - 2 r r^T) = I - 2 r r^T + 2 v u^T`` with
-    ``u = x/||x||``, ``v = q/||q||``, ``r = (u + v)/||u + v||``; so
-    ``dL/dx = lambda R^T dL/dq_out`` and no gradient reaches ``q`` through this path
-    (the codebook learns from its loss term, as with straight-through). Rows with
-    ``x = 0`` get the identity; for ``u = -v`` (``r`` undefined) ``r`` is taken as 0,
-    which still maps ``u`` onto ``v``.
-    """
-    return _RotationTrick.apply(x, q)

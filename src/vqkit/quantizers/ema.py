@@ -4,22 +4,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..codebook import (
-    all_reduce_sum,
-    assignment_stats,
-    ema_,
-    laplace_smooth,
-)
-from ..metrics import code_counts
-from ..search import DEFAULT_SCRATCH_BYTES
-from .base import CodebookQuantizer, QuantizerOutput, mse_terms
+from ..codebook import assignment_stats, ema_, laplace_smooth
+from ..distributed import all_reduce_sum
+from ..metrics import code_counts, ema_debias
+from ..options import option, positive, unit_interval
+from .base import CodebookOptions, CodebookQuantizer
+from .estimators import mse_terms
+from .output import QuantizerOutput
+from .registry import register_quantizer
 
-__all__ = ["VectorQuantizerEMA"]
+__all__ = ["EMAOptions", "VectorQuantizerEMA"]
 
 
 class VectorQuantizerEMA(CodebookQuantizer):
@@ -66,14 +66,14 @@ class VectorQuantizerEMA(CodebookQuantizer):
         decay: EMA decay in [0, 1] (1 freezes the codebook).
         epsilon: Laplace smoothing constant (> 0).
         zero_debias: see above.
-        process_group: the group to sync statistics over (default: the world).
-        sync_stats: set False to keep per-rank codebooks (not recommended).
-        Other keyword arguments as in :class:`~vqkit.VectorQuantizer`, including
-        ``codebook_dim`` (the EMA codebook and statistics live in the projected
-        space; the projections are trained by gradient), ``use_cosine`` (the EMA
-        averages normalised vectors; codes are normalised when searched and looked
-        up) and ``gradient``; ``usage_decay`` (see
-        :class:`~vqkit.quantizers.CodebookQuantizer`).
+        **codebook_options: as for :class:`~vqkit.VectorQuantizer`, including
+            ``process_group`` (the group to sync statistics over; default the world),
+            ``sync_stats`` (False keeps per-rank codebooks; not recommended),
+            ``codebook_dim`` (the EMA codebook and statistics live in the projected
+            space; the projections are trained by gradient), ``use_cosine`` (the EMA
+            averages normalised vectors; codes are normalised when searched and
+            looked up) and ``gradient``. There is no ``usage_decay``: the usage
+            statistic (:meth:`code_usage`) is the EMA cluster size itself.
     """
 
     def __init__(
@@ -85,33 +85,15 @@ class VectorQuantizerEMA(CodebookQuantizer):
         epsilon: float = 1e-5,
         *,
         zero_debias: bool = False,
-        process_group: dist.ProcessGroup | None = None,
-        sync_stats: bool = True,
-        channels_last: bool = False,
-        check_finite: bool = True,
-        max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
-        search_backend: str = "torch",
-        codebook_dim: int | None = None,
-        use_cosine: bool = False,
-        l2_normalize: bool | None = None,
-        gradient: str = "ste",
-        usage_decay: float = 0.99,
+        **codebook_options: Any,
     ) -> None:
-        super().__init__(
-            num_embeddings,
-            embedding_dim,
-            channels_last=channels_last,
-            check_finite=check_finite,
-            max_scratch_bytes=max_scratch_bytes,
-            search_backend=search_backend,
-            codebook_dim=codebook_dim,
-            use_cosine=use_cosine,
-            l2_normalize=l2_normalize,
-            gradient=gradient,
-            usage_decay=usage_decay,
-            process_group=process_group,
-            sync_stats=sync_stats,
-        )
+        if "usage_decay" in codebook_options:
+            raise ValueError(
+                "VectorQuantizerEMA's usage statistic is its EMA cluster size (decay "
+                "`decay`); it takes no usage_decay"
+            )
+        # usage_decay=None: no second usage EMA, the cluster sizes are the statistic
+        super().__init__(num_embeddings, embedding_dim, usage_decay=None, **codebook_options)
         if not isinstance(commitment_cost, (int, float)) or not commitment_cost >= 0:
             raise ValueError(
                 f"commitment_cost must be a non-negative number; got {commitment_cost!r}"
@@ -164,7 +146,6 @@ class VectorQuantizerEMA(CodebookQuantizer):
         commitment = mse_terms(flat, quantized_flat)["commitment"]
         if self.training:
             counts = self.update_codebook(flat, indices)[0].long()
-            self._track_usage(counts)
         else:
             counts = code_counts(indices, self.num_embeddings)
         losses = {"commitment": commitment}
@@ -219,11 +200,25 @@ class VectorQuantizerEMA(CodebookQuantizer):
 
     # -- codebook health: data-dependent init, dead codes, revival ----------------
     def _debias(self) -> float:
-        """``1 - decay^t`` under zero_debias (the factor the statistics are divided
-        by), else 1."""
-        if not self.zero_debias:
-            return 1.0
-        return 1.0 - self.decay ** int(self.num_updates)
+        """The factor the statistics are divided by: ``1 - decay^t`` under zero_debias
+        (:func:`vqkit.metrics.ema_debias`), else 1."""
+        return ema_debias(self.decay, int(self.num_updates)) if self.zero_debias else 1.0
+
+    @property
+    def tracks_usage(self) -> bool:
+        return True
+
+    def code_usage(self) -> torch.Tensor:
+        """Float32 (K,): the EMA cluster sizes (vectors per global batch, debiased under
+        zero_debias): this quantizer's usage statistic. Identical on every rank."""
+        return self.cluster_size / max(self._debias(), 1e-30)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # checkpoints of vqkit <= 0.1 kept a second usage EMA here; the cluster sizes
+        # are the statistic now
+        for key in ("usage_ema", "usage_updates"):
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @torch.no_grad()
     def init_codebook_kmeans(
@@ -236,12 +231,6 @@ class VectorQuantizerEMA(CodebookQuantizer):
         centers = self._kmeans_centers(x, iters, generator)
         self.codebook.copy_(centers)
         self.reset_statistics()
-
-    def dead_codes(self, threshold: float = 1.0) -> torch.Tensor:
-        """Bool (K,): codes whose EMA cluster size (vectors per global batch, debiased
-        under zero_debias) is below ``threshold``. Identical on every rank, since the
-        statistics are synced."""
-        return self.cluster_size / max(self._debias(), 1e-30) < threshold
 
     @torch.no_grad()
     def revive_dead_codes(
@@ -259,7 +248,7 @@ class VectorQuantizerEMA(CodebookQuantizer):
         and ``embed_sum = vector * threshold`` (scaled by the debias factor under
         zero_debias), so the next EMA update computes ``m_k / N_k`` = a weighted mean of the
         new vector and the vectors it attracts instead of snapping back to the old
-        statistics; its ``usage_ema`` row restarts at ``threshold`` too. Same codes and
+        statistics. Same codes and
         vectors on every rank; every rank must call it at the same steps, whatever its
         data. Returns the bool (K,) mask of revived codes.
         """
@@ -272,7 +261,6 @@ class VectorQuantizerEMA(CodebookQuantizer):
         self.codebook.copy_(torch.where(keep, self.codebook, vectors))
         self.cluster_size.copy_(torch.where(mask, mass, self.cluster_size))
         self.embed_sum.copy_(torch.where(keep, self.embed_sum, vectors * mass))
-        self._restart_usage(mask, threshold)
         return mask
 
     def extra_repr(self) -> str:
@@ -281,3 +269,39 @@ class VectorQuantizerEMA(CodebookQuantizer):
             f"decay={self.decay}, epsilon={self.epsilon}"
         )
         return s + (", zero_debias=True" if self.zero_debias else "")
+
+
+@dataclass
+class EMAOptions(CodebookOptions):
+    """Options of ``--quantizer ema``."""
+
+    decay: float = option(
+        0.99, "EMA decay of the codebook statistics", check=unit_interval, applies_to="ema"
+    )
+    epsilon: float = option(
+        1e-5, "Laplace smoothing of the EMA cluster sizes", check=positive, applies_to="ema"
+    )
+    zero_debias: bool = option(
+        False,
+        "start the EMA at zero and debias it (Sonnet) instead of at the initial codes",
+        applies_to="ema",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.zero_debias and self.decay >= 1.0:
+            raise ValueError("zero_debias needs decay < 1 (the debias factor 1 - decay^t is 0)")
+
+    def ema_kwargs(self) -> dict[str, Any]:
+        return {
+            **self.codebook_kwargs(),
+            "decay": self.decay,
+            "epsilon": self.epsilon,
+            "zero_debias": self.zero_debias,
+        }
+
+    def build(self, dim: int) -> VectorQuantizerEMA:
+        return VectorQuantizerEMA(self.num_embeddings, dim, **self.ema_kwargs())
+
+
+register_quantizer("ema", EMAOptions, "EMA-updated codebook (van den Oord et al. 2017, A.1)")

@@ -33,14 +33,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..metrics import code_counts, perplexity, usage_fraction
-from .base import BaseQuantizer, QuantizerOutput, check_indices, fp32_region, straight_through
+from ..options import option
+from .base import BaseQuantizer, check_indices, fp32_region
+from .estimators import straight_through
+from .output import QuantizerOutput
+from .registry import QuantizerOptions, register_quantizer
 
-__all__ = ["FSQ"]
+__all__ = ["FSQ", "FSQOptions", "parse_levels"]
 
 DEFAULT_MAX_BINCOUNT = 2**20
 """Largest grid whose per-code counts FSQ builds with one bincount (8 MiB of int64)."""
@@ -101,8 +107,7 @@ class FSQ(BaseQuantizer):
             raise ValueError(f"eps must lie in (0, 1 / (max(levels) - 1)); got {eps!r}")
         super().__init__(dim, channels_last=channels_last, check_finite=check_finite)
         self.levels = levels
-        self.codebook_size = size
-        self.num_embeddings = size
+        self.num_codes = size
         self.eps = float(eps)
         self.max_bincount = int(max_bincount)
         basis = [math.prod(levels[:i]) for i in range(d)]
@@ -121,12 +126,26 @@ class FSQ(BaseQuantizer):
             self.project_out: nn.Linear | None = nn.Linear(d, dim)
         else:
             self.project_in = self.project_out = None
+        self._init_sync(process_group, sync_stats)
         # usage buffers only for grids whose counts are built (K floats of state)
-        self.tracks_usage = size <= self.max_bincount
-        if self.tracks_usage:
-            self._init_usage(size, usage_decay, process_group, sync_stats)
-        else:
-            self.process_group, self.sync_stats = process_group, bool(sync_stats)
+        if size <= self.max_bincount:
+            self._init_usage(size, usage_decay)
+
+    def get_extra_state(self) -> dict[str, list[int]]:
+        # the levels decide what an index means: a state of FSQ([5, 4]) must not load
+        # into FSQ([4, 5])
+        return {"levels": list(self.levels)}
+
+    def set_extra_state(self, state: dict[str, list[int]]) -> None:
+        if list(state.get("levels", [])) != self.levels:
+            raise ValueError(
+                f"FSQ state has levels {state.get('levels')} but this FSQ has {self.levels}"
+            )
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # states written before the levels were saved carry no check
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- the grid ---------------------------------------------------------------
     def bound(self, z: torch.Tensor) -> torch.Tensor:
@@ -162,15 +181,15 @@ class FSQ(BaseQuantizer):
     def _counts(
         self, indices: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        if self.codebook_size <= self.max_bincount:
-            counts = code_counts(indices, self.codebook_size)
+        if self.num_codes <= self.max_bincount:
+            counts = code_counts(indices, self.num_codes)
             if self.training:
                 # global counts for the usage EMA, and so the metrics describe the global batch
                 counts = self._global_counts(counts)
                 self._track_usage(counts)
             return counts, perplexity(counts), usage_fraction(counts)
         _, used = torch.unique(indices.reshape(-1), return_counts=True)
-        usage = torch.tensor(used.numel() / self.codebook_size, device=indices.device)
+        usage = torch.tensor(used.numel() / self.num_codes, device=indices.device)
         return None, perplexity(used), usage
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
@@ -190,7 +209,7 @@ class FSQ(BaseQuantizer):
             usage=usage,
             counts=counts,
             distances=None,
-            num_embeddings=self.codebook_size,
+            num_embeddings=self.num_codes,
         )
 
     @torch.no_grad()
@@ -202,15 +221,53 @@ class FSQ(BaseQuantizer):
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices (B, *spatial) -> output (B, dim, *spatial) (or channels-last), float32."""
-        check_indices(indices, self._levels.device, self.codebook_size)
+        check_indices(indices, self._levels.device, self.num_codes)
         codes = self.indices_to_codes(indices)
         if self.project_out is not None:
             codes = self.project_out(codes)
         return codes if self.channels_last else codes.movedim(-1, 1)
 
     def extra_repr(self) -> str:
-        s = f"levels={self.levels}, codebook_size={self.codebook_size}"
+        s = f"levels={self.levels}, num_codes={self.num_codes}"
         if self.project_in is not None:
             s += f", dim={self.embedding_dim}"
         extra = super().extra_repr()
         return f"{s}, {extra}" if extra else s
+
+
+def parse_levels(levels: str | Sequence[int]) -> list[int]:
+    """``"8,5,5,5"`` or ``[8, 5, 5, 5]`` -> ``[8, 5, 5, 5]``."""
+    if isinstance(levels, str):
+        try:
+            return [int(v) for v in levels.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise ValueError(f"levels must be comma-separated ints; got {levels!r}") from None
+    return [int(v) for v in levels]
+
+
+def _levels_check(levels: str) -> str | None:
+    parsed = parse_levels(levels)
+    return None if parsed and min(parsed) >= 2 else "comma-separated ints >= 2"
+
+
+@dataclass
+class FSQOptions(QuantizerOptions):
+    """Options of ``--quantizer fsq``."""
+
+    levels: str = option(
+        "8,5,5,5",
+        "levels per channel, comma-separated (8,5,5,5: 1000 codes)",
+        check=_levels_check,
+        applies_to="fsq",
+    )
+
+    def __post_init__(self) -> None:
+        # canonical string, so configs compare equal after a JSON trip
+        self.levels = ",".join(str(v) for v in parse_levels(self.levels))
+        super().__post_init__()
+
+    def build(self, dim: int) -> FSQ:
+        return FSQ(parse_levels(self.levels), dim)
+
+
+register_quantizer("fsq", FSQOptions, "finite scalar quantization (Mentzer et al. 2023)")

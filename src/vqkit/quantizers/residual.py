@@ -14,25 +14,22 @@ input through ``r_i = x - sg[q_1 + ... + q_{i-1}]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..options import option, positive_int, unit_interval
 from ..search import DEFAULT_SCRATCH_BYTES
-from .base import (
-    BaseQuantizer,
-    CodebookQuantizer,
-    QuantizerOutput,
-    check_indices,
-    fp32_region,
-    rotation_trick,
-    straight_through,
-)
-from .ema import VectorQuantizerEMA
-from .vq import VectorQuantizer
+from .base import GRADIENTS, BaseQuantizer, CodebookQuantizer, check_indices, fp32_region
+from .ema import EMAOptions, VectorQuantizerEMA
+from .estimators import rotation_trick, straight_through
+from .output import QuantizerOutput
+from .registry import register_quantizer
+from .vq import VectorQuantizer, VQOptions
 
-__all__ = ["ResidualVQ"]
+__all__ = ["RVQOptions", "ResidualVQ"]
 
 STAGE_KINDS = {"vq": VectorQuantizer, "ema": VectorQuantizerEMA}
 
@@ -96,13 +93,14 @@ class ResidualVQ(BaseQuantizer):
             raise ValueError(f"stage must be one of {sorted(STAGE_KINDS)}; got {stage!r}")
         if not isinstance(quantizer_dropout, (int, float)) or not 0.0 <= quantizer_dropout <= 1.0:
             raise ValueError(f"quantizer_dropout must lie in [0, 1]; got {quantizer_dropout!r}")
-        if gradient not in ("ste", "rotation"):
-            raise ValueError(f"gradient must be 'ste' or 'rotation'; got {gradient!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {list(GRADIENTS)}; got {gradient!r}")
         if "gradient" in stage_options or "channels_last" in stage_options:
             raise ValueError("gradient and channels_last apply to the whole ResidualVQ")
         self.num_quantizers = num_quantizers
         self.num_embeddings = num_embeddings
-        self.codebook_size = num_embeddings
+        self.num_codes = num_embeddings  # per stage
+        self.codes_per_position = num_quantizers
         self.stage_kind = stage
         self.shared_codebook = bool(shared_codebook)
         self.quantizer_dropout = float(quantizer_dropout)
@@ -120,6 +118,14 @@ class ResidualVQ(BaseQuantizer):
             )
             for _ in range(n_modules)
         )
+
+    # -- the contract: the stages' codebooks and statistics --------------------------
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.codebook_parameters()]
+
+    @property
+    def counts_are_global(self) -> bool:
+        return all(layer.counts_are_global for layer in self.layers)
 
     def stage(self, i: int) -> CodebookQuantizer:
         """The quantizer of stage ``i`` (the same module for every i when shared)."""
@@ -246,3 +252,47 @@ class ResidualVQ(BaseQuantizer):
             s += f", gradient={self.gradient!r}"
         extra = super().extra_repr()
         return f"{s}, {extra}" if extra else s
+
+
+@dataclass
+class RVQOptions(VQOptions, EMAOptions):
+    """Options of ``--quantizer rvq``: its own, and those of its stage kind."""
+
+    num_quantizers: int = option(
+        4, "number of residual stages", check=positive_int, applies_to="rvq"
+    )
+    rvq_stage: str = option("ema", "stage quantizer", choices=tuple(STAGE_KINDS), applies_to="rvq")
+    quantizer_dropout: float = option(
+        0.0,
+        "probability per training image of using only a random number of leading stages "
+        "(SoundStream quantizer dropout)",
+        check=unit_interval,
+        applies_to="rvq",
+    )
+    shared_codebook: bool = option(False, "one codebook for all stages", applies_to="rvq")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rvq_stage == "ema" and self.affine_codebook:
+            raise ValueError("affine_codebook applies to gradient-trained codebooks (vq)")
+        if self.rvq_stage == "vq":
+            for f in ("decay", "epsilon", "zero_debias"):
+                if getattr(self, f) != EMAOptions.defaults()[f]:
+                    raise ValueError(f"{f} applies to ema stages, not rvq_stage='vq'")
+
+    def build(self, dim: int) -> ResidualVQ:
+        stage = self.ema_kwargs() if self.rvq_stage == "ema" else self.vq_kwargs()
+        gradient = stage.pop("gradient")
+        return ResidualVQ(
+            self.num_quantizers,
+            self.num_embeddings,
+            dim,
+            stage=self.rvq_stage,
+            quantizer_dropout=self.quantizer_dropout,
+            shared_codebook=self.shared_codebook,
+            gradient=gradient,
+            **stage,
+        )
+
+
+register_quantizer("rvq", RVQOptions, "residual VQ: --num-quantizers stages (SoundStream)")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..metrics import code_counts
-from ..search import DEFAULT_SCRATCH_BYTES
-from .base import CodebookQuantizer, QuantizerOutput, mse_terms
+from ..options import option
+from .base import CodebookOptions, CodebookQuantizer
+from .estimators import mse_terms
+from .output import QuantizerOutput
+from .registry import register_quantizer
 
-__all__ = ["VectorQuantizer"]
+__all__ = ["VQOptions", "VectorQuantizer"]
 
 
 class VectorQuantizer(CodebookQuantizer):
@@ -30,17 +36,11 @@ class VectorQuantizer(CodebookQuantizer):
         embedding_dim: D, the code dimension; must equal the input's channels.
         commitment_cost: beta, the weight of the commitment term (0.25 in the paper).
         codebook_weight: weight of the codebook term (1.0 in the paper).
-        channels_last: inputs are (B, *spatial, D) instead of (B, D, *spatial).
-        check_finite: reject NaN/Inf inputs with a ValueError (one extra pass
-            over the input and a host sync per call; off while compiling).
-        max_scratch_bytes: memory bound of the search's scratch tile.
-        search_backend: "torch" (default), "faiss" or "auto"; see
-            :func:`vqkit.search.nearest_code`.
-        codebook_dim: a smaller code space with linear in/out projections
-            (factorised codes); ``use_cosine`` / ``l2_normalize``: l2-normalised
-            inputs and codes (cosine-similarity search); ``gradient``: ``"ste"`` or
-            ``"rotation"`` (the rotation trick). See
-            :class:`~vqkit.quantizers.CodebookQuantizer`; the defaults are the
+        **codebook_options: the options every codebook quantizer takes, see
+            :class:`~vqkit.quantizers.CodebookQuantizer`: ``channels_last``,
+            ``check_finite``, ``max_scratch_bytes``, ``search_backend``,
+            ``codebook_dim``, ``use_cosine`` (``l2_normalize``), ``gradient``,
+            ``usage_decay``, ``process_group``, ``sync_stats``; the defaults are the
             classic layer.
         affine_codebook: the codes are ``codebook * codebook_scale + codebook_shift``
             with a learned per-dimension scale and shift shared by all codes (the
@@ -48,8 +48,6 @@ class VectorQuantizer(CodebookQuantizer):
             Straight-Through Estimator"): every gradient step moves the whole
             codebook towards the encoder's output statistics, so codes that are
             never chosen still follow the data instead of being stranded.
-        usage_decay, process_group, sync_stats: usage tracking and its distributed
-            sync (see :class:`~vqkit.quantizers.CodebookQuantizer`).
 
     The codebook is the parameter ``codebook`` (K, D), initialised
     uniform(-1/K, 1/K) as in the classic implementation.
@@ -65,34 +63,10 @@ class VectorQuantizer(CodebookQuantizer):
         commitment_cost: float = 0.25,
         *,
         codebook_weight: float = 1.0,
-        channels_last: bool = False,
-        check_finite: bool = True,
-        max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
-        search_backend: str = "torch",
-        codebook_dim: int | None = None,
-        use_cosine: bool = False,
-        l2_normalize: bool | None = None,
-        gradient: str = "ste",
         affine_codebook: bool = False,
-        usage_decay: float = 0.99,
-        process_group: torch.distributed.ProcessGroup | None = None,
-        sync_stats: bool = True,
+        **codebook_options: Any,
     ) -> None:
-        super().__init__(
-            num_embeddings,
-            embedding_dim,
-            channels_last=channels_last,
-            check_finite=check_finite,
-            max_scratch_bytes=max_scratch_bytes,
-            search_backend=search_backend,
-            codebook_dim=codebook_dim,
-            use_cosine=use_cosine,
-            l2_normalize=l2_normalize,
-            gradient=gradient,
-            usage_decay=usage_decay,
-            process_group=process_group,
-            sync_stats=sync_stats,
-        )
+        super().__init__(num_embeddings, embedding_dim, **codebook_options)
         for name, v in (("commitment_cost", commitment_cost), ("codebook_weight", codebook_weight)):
             if not isinstance(v, (int, float)) or v < 0 or v != v:
                 raise ValueError(f"{name} must be a non-negative number; got {v!r}")
@@ -114,6 +88,10 @@ class VectorQuantizer(CodebookQuantizer):
         if self.codebook_scale is not None and self.codebook_shift is not None:
             nn.init.ones_(self.codebook_scale)
             nn.init.zeros_(self.codebook_shift)
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        extra = [p for p in (self.codebook_scale, self.codebook_shift) if p is not None]
+        return [self.codebook, *extra]
 
     def effective_codebook(self) -> torch.Tensor:
         """The codes before any l2-normalisation: ``codebook``, or
@@ -205,3 +183,23 @@ class VectorQuantizer(CodebookQuantizer):
         if self.codebook_weight != 1.0:
             s += f", codebook_weight={self.codebook_weight}"
         return s
+
+
+@dataclass
+class VQOptions(CodebookOptions):
+    """Options of ``--quantizer vq``."""
+
+    affine_codebook: bool = option(
+        False,
+        "codes = codebook * scale + shift with a learned shared scale and shift (Huh et al. 2023)",
+        applies_to="vq",
+    )
+
+    def vq_kwargs(self) -> dict[str, Any]:
+        return {**self.codebook_kwargs(), "affine_codebook": self.affine_codebook}
+
+    def build(self, dim: int) -> VectorQuantizer:
+        return VectorQuantizer(self.num_embeddings, dim, **self.vq_kwargs())
+
+
+register_quantizer("vq", VQOptions, "gradient-trained codebook (van den Oord et al. 2017)")

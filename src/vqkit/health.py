@@ -1,0 +1,128 @@
+"""The trainer's codebook-health policy: k-means init at step 0, dead-code revival
+every ``revive_every`` steps (with the optimizer's state of revived rows restarted)
+and the logged health figures. It talks to the quantizer only through the contract
+of :class:`~vqkit.quantizers.BaseQuantizer`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .codebook import reset_optimizer_rows
+from .config import TrainConfig
+from .metrics import codebook_health
+from .quantizers import BaseQuantizer
+
+__all__ = ["CodebookHealth", "Window", "seeded_generator"]
+
+
+def seeded_generator(seed: int, *tag: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, *tag): the same on every rank, no state to save,
+    and the global RNG is left alone."""
+    g = torch.Generator()
+    g.manual_seed(hash((seed, *tag)) & ((1 << 62) - 1))
+    return g
+
+
+class Window:
+    """Averages of the per-step figures over one log interval."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.counts = torch.zeros(self.k, dtype=torch.int64)
+        self.t0 = time.perf_counter()
+        self.images = 0
+        self.revived = 0
+
+    def add(self, values: dict[str, float], counts: torch.Tensor | None, images: int) -> None:
+        for key, v in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + v
+        self.n += 1
+        if counts is not None:  # (K,), (Q, K) for rvq (pooled); None: a huge FSQ grid
+            self.counts += counts.reshape(-1, self.k).sum(0).cpu()
+        self.images += images
+
+    def summary(self) -> dict[str, float]:
+        out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        out["window_usage"] = float((self.counts > 0).float().mean())
+        out["images_per_s"] = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        out["revived"] = self.revived
+        return out
+
+
+class CodebookHealth:
+    """Init, revival and health figures for one run's quantizer (see the module doc).
+
+    Options are checked against the quantizer's contract on construction, so an
+    unsupported combination fails before the first step."""
+
+    def __init__(self, config: TrainConfig, quantizer: BaseQuantizer) -> None:
+        self.config = config
+        self.quantizer = quantizer
+        name = type(quantizer).__name__
+        if config.init == "kmeans" and not quantizer.supports_init:
+            raise ValueError(f"init='kmeans' is not supported by {name} (no codebook)")
+        if config.revive_every and not quantizer.supports_revival:
+            raise ValueError(
+                f"revive_every is not supported by {name} (the vq and ema quantizers "
+                "revive dead codes)"
+            )
+
+    def init_batch_count(self, positions: int, world: int) -> int:
+        """Batches (per rank) whose latents feed the k-means init: ``init_batches``, or
+        (0) enough for about 16 vectors per code, at least one; ``positions`` are the
+        latent positions per image."""
+        if self.config.init_batches:
+            return self.config.init_batches
+        per_batch = self.config.batch_size * world * positions
+        return max(1, math.ceil(16 * self.quantizer.num_codes / per_batch))
+
+    @torch.no_grad()
+    def init_codebook(self, latents: list[torch.Tensor]) -> None:
+        """k-means on the latents (each ``(B, D, h, w)``) of every rank."""
+        q = self.quantizer
+        flat = torch.cat([q.to_flat(z) for z in latents])
+        q.init_codebook_kmeans(
+            flat, iters=self.config.init_iters, generator=seeded_generator(self.config.seed, 0)
+        )
+
+    def due(self, step: int) -> bool:
+        """Whether revival runs after training step ``step``."""
+        every = self.config.revive_every
+        return bool(every) and step % every == 0
+
+    def revive(self, latents: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> int:
+        """Replace dead codes by latents of this step's global batch (same on all ranks);
+        the optimizer's state of the revived rows is restarted too, so momentum cannot
+        pull them back. Returns the number of revived codes."""
+        mask = self.quantizer.revive_dead_codes(
+            latents,
+            threshold=self.config.dead_threshold,
+            generator=seeded_generator(self.config.seed, 1, step),
+        )
+        for p in self.quantizer.codebook_parameters():
+            if p.dim() == 2 and p.shape[0] == mask.shape[0]:  # rows are codes
+                reset_optimizer_rows(optimizer, p, mask)
+        return int(mask.sum())
+
+    def figures(self, window_counts: torch.Tensor) -> dict[str, float]:
+        """``dead`` (by the quantizer's usage statistic when it keeps one, else codes
+        unused in the window), ``codes_used`` and ``window_perplexity``."""
+        h = codebook_health(
+            window_counts,
+            ema_counts=self.quantizer.code_usage(),
+            threshold=self.config.dead_threshold,
+        )
+        return {
+            "dead": h["dead"],
+            "codes_used": h["codes_used"],
+            "window_perplexity": h["perplexity"],
+        }
