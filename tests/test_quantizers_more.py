@@ -203,7 +203,7 @@ def rotation_reference_grad(x, q, g):
 
 
 def test_rotation_trick_gradient_matches_closed_form():
-    from vqkit.quantizers.base import rotation_trick
+    from vqkit.quantizers.estimators import rotation_trick
 
     torch.manual_seed(0)
     x = torch.randn(6, 5, requires_grad=True)

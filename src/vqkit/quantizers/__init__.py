@@ -4,7 +4,8 @@ contract (:class:`BaseQuantizer`), one registry of kinds (:mod:`.registry`).
 Importing this package registers every built-in kind (each module registers itself).
 """
 
-from .base import BaseQuantizer, CodebookOptions, CodebookQuantizer
+from .base import BaseQuantizer
+from .codebook_base import CodebookOptions, CodebookQuantizer
 from .ema import EMAOptions, VectorQuantizerEMA
 from .fsq import FSQ, FSQOptions, parse_levels
 from .output import QuantizerOutput

@@ -14,7 +14,7 @@ from ..codebook import assignment_stats, ema_, laplace_smooth
 from ..distributed import all_reduce_sum
 from ..metrics import code_counts, ema_debias
 from ..options import option, positive, unit_interval
-from .base import CodebookOptions, CodebookQuantizer
+from .codebook_base import CodebookOptions, CodebookQuantizer
 from .estimators import mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer

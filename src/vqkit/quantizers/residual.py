@@ -22,7 +22,8 @@ from torch import nn
 
 from ..options import option, positive_int, unit_interval
 from ..search import DEFAULT_SCRATCH_BYTES
-from .base import GRADIENTS, BaseQuantizer, CodebookQuantizer, check_indices, fp32_region
+from .base import BaseQuantizer, check_indices, fp32_region
+from .codebook_base import GRADIENTS, CodebookQuantizer
 from .ema import EMAOptions, VectorQuantizerEMA
 from .estimators import rotation_trick, straight_through
 from .output import QuantizerOutput

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..metrics import code_counts
 from ..options import option
-from .base import CodebookOptions, CodebookQuantizer
+from .codebook_base import CodebookOptions, CodebookQuantizer
 from .estimators import mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
