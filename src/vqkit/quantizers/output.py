@@ -6,9 +6,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["QuantizerOutput"]
+__all__ = ["MAX_ENCODINGS_BYTES", "QuantizerOutput", "one_hot"]
+
+MAX_ENCODINGS_BYTES = 2**31
+"""Largest dense one-hot ``encodings`` built (2 GiB of float32); above it, the classic
+4-tuple unpacking raises and points to ``out.indices``."""
+
+
+def one_hot(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Float32 (N, K) one-hot of ``indices`` (any shape, flattened), written by one
+    scatter into zeros: no int64 N x K intermediate (``F.one_hot`` builds one)."""
+    flat = indices.reshape(-1, 1).long()
+    need = flat.shape[0] * num_codes * 4
+    if need > MAX_ENCODINGS_BYTES:
+        raise MemoryError(
+            f"the dense one-hot encodings would take {need / 2**30:.1f} GiB ({flat.shape[0]} x "
+            f"{num_codes} float32), above vqkit.quantizers.output.MAX_ENCODINGS_BYTES "
+            f"({MAX_ENCODINGS_BYTES / 2**30:.0f} GiB); use out.indices (the codes) instead "
+            "of the classic 4-tuple's encodings"
+        )
+    out = torch.zeros(flat.shape[0], num_codes, dtype=torch.float32, device=indices.device)
+    return out.scatter_(1, flat, 1.0)
 
 
 @dataclass
@@ -51,9 +70,9 @@ class QuantizerOutput:
 
     @property
     def encodings(self) -> torch.Tensor:
-        """Dense one-hot (N, K) float32 of ``indices`` (allocates N x K)."""
-        flat = self.indices.reshape(-1)
-        return F.one_hot(flat, self.num_embeddings).to(torch.float32)
+        """Dense one-hot (N, K) float32 of ``indices`` (allocates N x K floats, nothing
+        else; refused above :data:`MAX_ENCODINGS_BYTES`: use ``indices`` instead)."""
+        return one_hot(self.indices, self.num_embeddings)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # Classic 4-tuple: (loss, quantized, perplexity, encodings).
