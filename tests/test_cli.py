@@ -1,0 +1,183 @@
+"""Tests of vqkit's cli module."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vqkit.checkpoint import CheckpointError, load_checkpoint
+from vqkit.cli import main
+from vqkit.models import VQVAE, load_model
+from vqkit.train import TrainConfig, Trainer
+
+SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
+
+SMALL_FLAGS = [
+    "--hidden",
+    "32",
+    "--res-hidden",
+    "8",
+    "--res-layers",
+    "1",
+    "--num-embeddings",
+    "32",
+    "--embedding-dim",
+    "8",
+]
+
+
+def _run(tmp_path, name, steps, *extra):
+    out = tmp_path / name
+    args = [
+        "train",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "--log-every",
+        "5",
+        "--eval-every",
+        "10",
+        "--eval-images",
+        "64",
+        "--no-progress",
+        "--seed",
+        "3",
+        *SMALL_FLAGS,
+        *extra,
+    ]
+    assert main(args) == 0
+    return out
+
+
+def test_cli_train_writes_every_artifact(tmp_path, capsys):
+    out = _run(tmp_path, "run", 20)
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "eval.json",
+        "model.safetensors",
+        "recon.png",
+        "curves.png",
+        "usage.png",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["steps"] == 20 and cfg["model"]["in_channels"] == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20]
+    for key in ("loss", "recon_nmse", "perplexity", "usage", "window_usage", "images_per_s"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]
+    result = json.loads((out / "eval.json").read_text())
+    assert result["step"] == 20 and 0 < result["nmse"] < 10 and result["psnr"] > 0
+    from PIL import Image
+
+    with Image.open(out / "recon.png") as im:
+        assert im.width > 16 * 28 and im.height > 2 * 28
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 20
+    # refuses to clobber an existing run without --resume/--overwrite
+    assert main(["train", "--out", str(out), "--steps", "1", "--no-progress", *SMALL_FLAGS]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_eval_encode_decode_round_trip(tmp_path, capsys):
+    out = _run(tmp_path, "run", 10, "--quantizer", "vq")
+    ckpt = out / "checkpoints" / "last.pt"
+    ev = tmp_path / "ev"
+    assert main(["eval", str(ckpt), "--out", str(ev)]) == 0
+    result = json.loads((ev / "eval.json").read_text())
+    assert result["num_images"] == 1000 and 0 <= result["usage"] <= 1
+    assert (ev / "recon.png").is_file()
+
+    # a test image through encode -> .npy -> decode -> PNG
+    from vqkit.data import load_dataset
+    from vqkit.plots import save_images
+
+    data = load_dataset(None, "test")
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    from vqkit.data import normalize
+
+    save_images(normalize(data.images[:2]), [img_dir / "a.png", img_dir / "b.png"])
+    codes = tmp_path / "codes"
+    assert (
+        main(
+            [
+                "encode",
+                str(ckpt),
+                str(img_dir / "a.png"),
+                str(img_dir / "b.png"),
+                "--out",
+                str(codes),
+            ]
+        )
+        == 0
+    )
+    idx = np.load(codes / "a.npy")
+    assert idx.shape == (7, 7) and idx.dtype == np.int64
+    model = load_model(ckpt)
+    expected = model.encode(normalize(data.images[:1]))[0].numpy()
+    assert np.array_equal(idx, expected)
+    dec = tmp_path / "dec"
+    assert main(["decode", str(ckpt), str(codes / "a.npy"), "--out", str(dec)]) == 0
+    from PIL import Image
+
+    with Image.open(dec / "a.png") as im:
+        assert im.size == (28, 28)
+        got = np.asarray(im)
+    want = model.decode(torch.from_numpy(idx)[None])
+    want = ((want + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0, 0].numpy()
+    assert np.array_equal(got, want)
+    # the safetensors export loads to the same model
+    exported = VQVAE.from_checkpoint(out / "model.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, exported.state_dict()[k])
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
+    out = _run(tmp_path, "run", 5)
+    good = (out / "checkpoints" / "last.pt").read_bytes()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(trunc)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_model(garbage)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(CheckpointError, match="not a vqkit checkpoint"):
+        load_model(other)
+    # weights that do not fit the stored config
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    ckpt["model_config"]["hidden"] = 64
+    from vqkit.checkpoint import save_checkpoint
+
+    bad = tmp_path / "mismatch.pt"
+    save_checkpoint(bad, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_model(bad)
+    st = tmp_path / "bad.safetensors"
+    st.write_bytes(good[:100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(st)
+    # the CLI turns them into one clear line and exit code 2
+    assert main(["eval", str(trunc), "--out", str(tmp_path / "e")]) == 2
+    assert "trunc.pt" in capsys.readouterr().err
+    # resuming a run with a different model fails clearly
+    with pytest.raises(CheckpointError, match="does not match"):
+        Trainer(
+            TrainConfig(out_dir=str(out), steps=10, progress=False, **{**SMALL, "hidden": 64}),
+            resume=True,
+        )

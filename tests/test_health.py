@@ -1,0 +1,48 @@
+"""Tests of vqkit's health module."""
+
+from __future__ import annotations
+
+from vqkit.train import TrainConfig
+
+SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
+
+
+def test_trainer_revives_the_gradient_codebook_and_resets_its_adam_rows(tmp_path, monkeypatch):
+    from vqkit import codebook as codebook_mod
+    from vqkit import health as health_mod
+    from vqkit.train import Trainer
+
+    calls = []
+    real = codebook_mod.reset_optimizer_rows
+
+    def spy(optimizer, param, rows):
+        calls.append((param, int(rows.sum())))
+        return real(optimizer, param, rows)
+
+    monkeypatch.setattr(health_mod, "reset_optimizer_rows", spy)
+    cfg = TrainConfig.build(
+        preset="vq-healthy",
+        out_dir=str(tmp_path / "run"),
+        steps=12,
+        batch_size=8,
+        revive_every=4,
+        dead_threshold=2.0,  # most of 32 codes are below 2 uses per batch of 392
+        log_every=4,
+        eval_every=12,
+        eval_images=16,
+        progress=False,
+        **SMALL,
+    )
+    trainer = Trainer(cfg)
+    assert trainer.health.init_batch_count(7 * 7, 1) == 2  # 16 x 32 codes / (8 images x 7 x 7)
+    trainer.fit()
+    q = trainer.model.quantizer
+    assert len(calls) == 3 and all(p is q.codebook for p, _ in calls)
+    assert sum(n for _, n in calls) > 0
+    import json
+
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    train_logs = [r for r in logs if r["kind"] == "train"]
+    assert sum(r["revived"] for r in train_logs) == sum(n for _, n in calls)
+    assert all("dead" in r and "codes_used" in r for r in train_logs)
+    assert int(q.usage_updates) == 12
