@@ -24,7 +24,7 @@ __all__ = ["CACHE_ENV", "default_cache_dir"]
 
 CACHE_ENV = "VQKIT_CACHE"
 # Bump when the decoded output for the same options changes (resampling, channel rules...).
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: channels=None means RGB unless every image is gray
 
 
 def default_cache_dir() -> Path:
