@@ -13,19 +13,26 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import FORMAT, CheckpointError, atomic_write, load_checkpoint
+from ..checkpoint import (
+    FORMAT,
+    CheckpointError,
+    check_finite_state,
+    load_checkpoint,
+    save_file_atomically,
+)
 from .vqvae import VQVAE, VQVAEConfig
 
 __all__ = ["export_safetensors", "load_model"]
 
 
 def export_safetensors(model: VQVAE, path: str | os.PathLike[str]) -> None:
-    """Write the model's weights and buffers as safetensors, config in metadata."""
+    """Write the model's weights and buffers as safetensors, config in metadata; atomic,
+    with the usual file mode (umask), a full disk a CheckpointError."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "model_config": json.dumps(model.config.to_dict())}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    save_file_atomically(path, lambda tmp: save_file(state, tmp, metadata=meta), "weights")
 
 
 def _build(config: dict[str, Any], state: dict[str, torch.Tensor], where: Path) -> VQVAE:
@@ -40,8 +47,14 @@ def _build(config: dict[str, Any], state: dict[str, torch.Tensor], where: Path) 
     return model
 
 
-def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> VQVAE:
-    """A :class:`~vqkit.models.VQVAE` from a ``.pt`` checkpoint or ``.safetensors`` export."""
+def load_model(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    *,
+    check_finite: bool = True,
+) -> VQVAE:
+    """A :class:`~vqkit.models.VQVAE` from a ``.pt`` checkpoint or ``.safetensors`` export;
+    CheckpointError on a damaged file or (``check_finite``) a NaN/Inf weight."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
@@ -56,6 +69,8 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
             raise CheckpointError(f"cannot read {path}: corrupt or truncated ({e})") from e
         if meta.get("format") != FORMAT or "model_config" not in meta:
             raise CheckpointError(f"{path} has no vqkit model config in its metadata")
+        if check_finite:
+            check_finite_state(state, path)
         return _build(json.loads(meta["model_config"]), state, path)
-    ckpt = load_checkpoint(path, map_location)
+    ckpt = load_checkpoint(path, map_location, check_finite=check_finite)
     return _build(ckpt["model_config"], ckpt["model"], path)

@@ -203,12 +203,15 @@ class CodebookQuantizer(BaseQuantizer):
         return self.codebook
 
     def _assign(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Nearest code per row of ``flat`` (N, D): (indices (N,), sq. distances (N,))."""
+        """Nearest code per row of ``flat`` (N, D): (indices (N,), sq. distances (N,)).
+        With ``check_finite`` the search also rejects a NaN/Inf code (a corrupted codebook
+        would otherwise capture every vector)."""
         return nearest_code(
             flat,
             self._search_codebook(),
             max_scratch_bytes=self.max_scratch_bytes,
             backend=self.search_backend,
+            check_finite=self.check_finite,
         )  # type: ignore[arg-type]
 
     def _output(
