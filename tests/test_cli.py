@@ -175,8 +175,8 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
     # the CLI turns them into one clear line and exit code 2
     assert main(["eval", str(trunc), "--out", str(tmp_path / "e")]) == 2
     assert "trunc.pt" in capsys.readouterr().err
-    # resuming a run with a different model fails clearly
-    with pytest.raises(CheckpointError, match="does not match"):
+    # resuming a run with a different model fails clearly, naming what changed
+    with pytest.raises(ValueError, match=r"cannot change .*hidden \(32 -> 64\)"):
         Trainer(
             TrainConfig(out_dir=str(out), steps=10, progress=False, **{**SMALL, "hidden": 64}),
             resume=True,

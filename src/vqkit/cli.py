@@ -9,7 +9,7 @@ vqkit decode CHECKPOINT CODES.npy... --out DIR           index maps -> PNG image
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,19 +42,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
     from .options import option_fields
     from .train import TrainConfig, Trainer
 
-    overrides = {
+    given = {
         f.name: getattr(args, f.name)
         for f in option_fields(TrainConfig)
         if getattr(args, f.name, None) is not None
     }
-    cfg = (
-        TrainConfig.from_file(args.config, **overrides)
-        if args.config
-        else TrainConfig.build(**overrides)
-    )
+    if args.resume:
+        # the run's own options; only the flags that change something need be given
+        out = Path(given.get("out_dir", TrainConfig.defaults()["out_dir"]))
+        if args.config:
+            raise ValueError("--resume takes the run's own options; drop --config")
+        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+        cfg = TrainConfig.for_resume(ckpt.get("train_config", {}), given)
+    elif args.config:
+        cfg = TrainConfig.from_file(args.config, **given)
+    else:
+        cfg = TrainConfig.build(**given)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     try:
         result = trainer.fit()
@@ -62,19 +69,12 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     if not trainer.is_main:  # torchrun: rank 0 reports
         return 0
-    print(
-        json.dumps(
-            {
-                k: result[k]
-                for k in ("step", "nmse", "psnr", "perplexity", "batch_perplexity", "codes_used")
-            },
-            indent=2,
-        )
-    )
-    print(
-        f"run written to {cfg.out_dir}: recon.png curves.png usage.png eval.json "
-        "metrics.jsonl checkpoints/"
-    )
+    from .fileio import dump_json
+
+    keys = ("step", "nmse", "psnr", "perplexity", "batch_perplexity", "codes_used", "usage")
+    print(dump_json({k: result[k] for k in keys if k in result}, indent=2))
+    written = [p.relative_to(trainer.out) for p in trainer.run.existing_artifacts()]
+    print(f"run written to {trainer.out}: " + " ".join(map(str, written)))
     return 0
 
 
@@ -95,9 +95,17 @@ def _load(args: argparse.Namespace):
     return model, meta, device
 
 
+def _run_dir_of(checkpoint: Path) -> Path:
+    """The run a checkpoint belongs to: RUN for RUN/checkpoints/x.pt, the folder of
+    RUN/model.safetensors."""
+    parent = checkpoint.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .data import data_variance, load_dataset
     from .evaluate import evaluate
+    from .fileio import dump_json, write_json
     from .plots import save_recon_grid
 
     model, meta, device = _load(args)
@@ -112,9 +120,10 @@ def _eval(args: argparse.Namespace) -> int:
     var = meta.get("data_variance") or data_variance(data)
     result = evaluate(model, data, data_variance=var, device=device, progress=True)
     result.pop("counts")
-    out = Path(args.out)
+    # beside the checkpoint's run unless --out says otherwise, never the current directory
+    out = Path(args.out) if args.out else _run_dir_of(Path(args.checkpoint)) / f"eval-{args.split}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "eval.json", result)
     import torch
 
     from .data import normalize
@@ -122,73 +131,81 @@ def _eval(args: argparse.Namespace) -> int:
     pick = torch.linspace(0, len(data) - 1, min(32, len(data))).round().long()
     x = normalize(data.images[pick].to(device))  # strided: every class of sorted data
     save_recon_grid(x, model(x).recon, out / "recon.png")
-    print(json.dumps(result, indent=2))
+    print(dump_json(result, indent=2))
     print(f"wrote {out / 'eval.json'} and {out / 'recon.png'}")
     return 0
 
 
-def _read_image(path: Path, channels: int, size: int):
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from .data import normalize
-    from .data._core import resize_center_crop
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            im = resize_center_crop(im, size)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
-    t = torch.from_numpy(arr.copy())
-    t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
-    return normalize(t[None])
+def _output_names(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
+    """One output per input, mirroring the inputs' paths below their common folder, so
+    ``a/img.png`` and ``b/img.png`` stay apart; refuses names that still collide."""
+    resolved = [p.resolve() for p in inputs]
+    root = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path(".")
+    names = [out / p.relative_to(root).with_suffix(suffix) for p in resolved]
+    seen: dict[Path, Path] = {}
+    for src, name in zip(inputs, names, strict=True):
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {src} would both be written to {name}")
+        seen[name] = src
+    return names
 
 
 def _encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .data import normalize, read_image
+
     model, _, device = _load(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for p in map(Path, args.images):
-        x = _read_image(p, model.config.in_channels, model.config.image_size).to(device)
+    inputs = [Path(p) for p in args.images]
+    names = _output_names(inputs, Path(args.out or "."), ".npy")  # checked before writing
+    for p, name in zip(inputs, names, strict=True):
+        image = read_image(p, model.config.in_channels, model.config.image_size)
+        x = normalize(image[None]).to(device)
         idx = model.encode(x)[0].cpu().numpy().astype(np.int64)
-        np.save(out / f"{p.stem}.npy", idx)
-        print(f"{p} -> {out / (p.stem + '.npy')} {idx.shape}")
+        name.parent.mkdir(parents=True, exist_ok=True)
+        np.save(name, idx)
+        print(f"{p} -> {name} {idx.shape}")
     return 0
 
 
-def _decode(args: argparse.Namespace) -> int:
+def _read_codes(path: Path, nd: int):
+    """An index map file as int64 (B, h, w) or (B, h, w, Q), with clear errors."""
     import numpy as np
+
+    try:
+        idx = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read index map {path}: {e}") from e
+    if idx.ndim == nd - 1:
+        idx = idx[None]
+    want = "(h, w, Q) or (B, h, w, Q)" if nd == 4 else "(h, w) or (B, h, w)"
+    if idx.ndim != nd or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(
+            f"{path}: expected an integer index map {want}; got {idx.dtype} {idx.shape}"
+        )
+    if idx.size == 0:
+        raise ValueError(f"{path}: the index map is empty (shape {idx.shape}); nothing to decode")
+    return idx.astype(np.int64)
+
+
+def _decode(args: argparse.Namespace) -> int:
     import torch
 
     from .plots import save_images
 
     model, _, device = _load(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for p in map(Path, args.codes):
-        try:
-            idx = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read index map {p}: {e}") from e
-        nd = model.index_dims  # 3: (B, h, w); 4: (B, h, w, Q) for rvq
-        if idx.ndim == nd - 1:
-            idx = idx[None]
-        if idx.ndim != nd or not np.issubdtype(idx.dtype, np.integer):
-            want = "(h, w, Q) or (B, h, w, Q)" if nd == 4 else "(h, w) or (B, h, w)"
-            raise ValueError(
-                f"{p}: expected an integer index map {want}; got {idx.dtype} {idx.shape}"
-            )
-        images = model.decode(torch.from_numpy(idx.astype(np.int64)).to(device))
+    out = Path(args.out or ".")
+    inputs = [Path(p) for p in args.codes]
+    stems = _output_names(inputs, out, "")
+    maps = [_read_codes(p, model.index_dims) for p in inputs]  # all checked before writing
+    for p, stem, idx in zip(inputs, stems, maps, strict=True):
+        images = model.decode(torch.from_numpy(idx).to(device))
         names = (
-            [out / f"{p.stem}.png"]
+            [stem.with_name(stem.name + ".png")]
             if len(images) == 1
-            else [out / f"{p.stem}_{i}.png" for i in range(len(images))]
+            else [stem.with_name(f"{stem.name}_{i}.png") for i in range(len(images))]
         )
+        stem.parent.mkdir(parents=True, exist_ok=True)
         save_images(images, names)
         print(f"{p} -> {', '.join(map(str, names))}")
     return 0
@@ -208,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("checkpoint", help="a .pt checkpoint or .safetensors export")
         p.add_argument("--device", default="auto")
-        p.add_argument("--out", default=".", help="output directory")
+        p.add_argument(
+            "--out",
+            default=None,
+            help="output directory (eval: RUN/eval-SPLIT beside the checkpoint's run; "
+            "encode/decode: the current directory)",
+        )
         if name == "eval":
             p.add_argument("--data", default=None, help="dataset (default: the training one)")
             p.add_argument("--split", default="test")
@@ -232,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             return handler[args.command](args)
         with torch.no_grad():  # scoped: in-process callers keep their grad mode
             return handler[args.command](args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+    except (CheckpointError, OSError, ValueError, TypeError, FloatingPointError) as e:
         print(f"vqkit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

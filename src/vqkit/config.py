@@ -28,59 +28,98 @@ def _preset_check(name: str | None) -> str | None:
 
 @dataclass
 class TrainOptions(Options):
-    """Options of the training job (data, optimisation, codebook health, bookkeeping)."""
+    """Options of the training job (data, optimisation, codebook health, bookkeeping).
+
+    ``on_resume="fixed"`` marks the options a resumed run cannot change (they shaped the
+    state in the checkpoint); the others are applied and reported when changed."""
 
     data: str = option(
         None,
         "dataset: 'builtin', a CIFAR-10 python archive/folder, an idx directory, an image "
         "folder or .tar(.gz) of one, or 'cifar10' / 'fashion-mnist'",
         type=str,
+        on_resume="fixed",
     )
     data_format: str = option(
-        "auto", "dataset format", choices=("auto", "builtin", "cifar10", "idx", "imagefolder")
+        "auto",
+        "dataset format",
+        choices=("auto", "builtin", "cifar10", "idx", "imagefolder"),
+        on_resume="fixed",
     )
     image_size: int = option(
-        None, "resize images to this size (default: native)", type=int, check=positive_int
+        None,
+        "resize images to this size (default: native)",
+        type=int,
+        check=positive_int,
+        on_resume="fixed",
     )
     channels: int = option(
-        None, "image channels (default: the data's)", type=int, check=positive_int
+        None,
+        "image channels, 1 or 3 (default: 3 unless every image is grayscale; conversions "
+        "are counted and reported)",
+        type=int,
+        choices=(1, 3),
+        on_resume="fixed",
     )
     cache_dir: str = option(None, "decoded-dataset cache (default $VQKIT_CACHE)", type=str)
-    eval_split: str = option("test", "split used for evaluation (falls back to 5% of train)")
+    eval_split: str = option(
+        "test",
+        "split used for evaluation; 'holdout' is the last 5% of train (also used when the "
+        "data has no test split and the default is kept)",
+        on_resume="fixed",
+    )
     batch_size: int = option(
         32,
         "images per step and per process (global batch: x number of processes)",
         check=positive_int,
+        on_resume="fixed",
     )
     steps: int = option(1500, "training steps", check=nonneg_int)
     lr: float = option(3e-4, "Adam learning rate", check=positive)
-    seed: int = option(0, "random seed (model init, data order, codebook init)")
+    seed: int = option(0, "random seed (model init, data order, codebook init)", on_resume="fixed")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     codebook_lr_scale: float = option(
-        1.0, "learning rate of the codebook parameters = --lr x this", check=positive
+        1.0,
+        "learning rate of the codebook parameters = --lr x this",
+        check=positive,
+        on_resume="fixed",  # 1 vs other values: a different optimizer-state layout
     )
     init: str = option(
-        "random",
-        "codebook init: random (the quantizer's own) or kmeans (k-means++ and --init-iters "
-        "Lloyd iterations on the latents of --init-batches batches, all processes)",
-        choices=("random", "kmeans"),
+        "auto",
+        "codebook init: kmeans (k-means++ and --init-iters Lloyd iterations on the latents "
+        "of --init-batches batches, all processes), random (the quantizer's own), or auto "
+        "(kmeans when the quantizer has a codebook)",
+        choices=("auto", "random", "kmeans"),
+        on_resume="fixed",
     )
-    init_iters: int = option(10, "Lloyd iterations of the k-means init", check=nonneg_int)
+    init_iters: int = option(
+        10, "Lloyd iterations of the k-means init", check=nonneg_int, on_resume="fixed"
+    )
     init_batches: int = option(
         0,
         "batches per process for --init kmeans; 0: enough for 16 vectors per code",
         check=nonneg_int,
+        on_resume="fixed",
     )
     revive_every: int = option(
-        0,
+        None,
         "every N steps replace dead codes by latents of the current batch (and restart "
-        "their optimizer state); 0: never",
+        "their optimizer state); 0: never; default: 20 when the quantizer can revive codes",
+        type=int,
         check=nonneg_int,
     )
     dead_threshold: float = option(
-        1.0,
-        "a code is dead when its EMA count is below this many assignments per global "
-        "batch (revival and the logged 'dead' count)",
+        None,
+        "a code is dead when its usage is below this many assignments per global batch "
+        "(revival and the logged 'dead' count); default: --dead-fraction of a uniform "
+        "code's share",
+        type=float,
+        check=positive,
+    )
+    dead_fraction: float = option(
+        1 / 16,
+        "the default --dead-threshold as a fraction of a uniform code's share (vectors per "
+        "global batch / codes), so it transfers across codebook and batch sizes",
         check=positive,
     )
     out_dir: str = option("runs/vqkit", "run directory")
@@ -90,6 +129,12 @@ class TrainOptions(Options):
     )
     eval_images: int = option(1000, "images of the periodic evaluation", check=positive_int)
     progress: bool = option(True, "show a progress bar")
+    dist_timeout: float = option(
+        600.0,
+        "seconds a process waits for the others at a collective before the run stops "
+        "with an error (a stuck rank must not freeze the others for 30 minutes)",
+        check=positive,
+    )
     preset: str = option(
         None,
         "named option set; applies over --config, other flags override it",
@@ -99,8 +144,8 @@ class TrainOptions(Options):
 
 
 # Named option sets (``--preset``), chosen from the CIFAR-10 runs in docs/results.md.
-# dead_threshold is in assignments per global batch: 0.25 is 1/16 of a uniform code's
-# share at K = 512 and 32 images of 8 x 8 latents (2048 vectors per batch).
+# Their dead threshold is the default 1/16 of a uniform code's share (--dead-fraction):
+# 0.25 assignments per batch at K = 512 and 32 images of 8 x 8 latents, as measured.
 PRESETS: dict[str, dict[str, Any]] = {
     # the gradient-trained codebook that uses its whole codebook: k-means init on the
     # first latents, dead-code revival every 20 steps (often enough to catch the
@@ -110,16 +155,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "quantizer": "vq",
         "init": "kmeans",
         "revive_every": 20,
-        "dead_threshold": 0.25,
         "codebook_lr_scale": 10.0,
     },
-    # the EMA codebook with the same init and revival
-    "ema-healthy": {
-        "quantizer": "ema",
-        "init": "kmeans",
-        "revive_every": 20,
-        "dead_threshold": 0.25,
-    },
+    # the EMA codebook with the same init and revival (today's defaults, made explicit)
+    "ema-healthy": {"quantizer": "ema", "init": "kmeans", "revive_every": 20},
+    # the classic layers as published: the quantizer's own init, no revival
+    "classic": {"init": "random", "revive_every": 0},
 }
 
 _TrainConfigBase = compose(
@@ -167,6 +208,67 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
 
     def replace(self, **changes: Any) -> TrainConfig:
         return type(self)(**{**asdict(self), **changes})
+
+    @classmethod
+    def for_resume(cls, stored: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
+        """The config of a resumed run: the run's own (``stored``, from its checkpoint)
+        with the options ``given`` on top (only those that differ need be given). Stored
+        keys unknown today are dropped; a preset only fills what was not stored."""
+        known = {f.name for f in option_fields(cls)}
+        base = {k: v for k, v in stored.items() if k in known}
+        return cls(**{**base, **given})
+
+    def resume_changes(
+        self, stored: dict[str, Any], stored_world: int = 1, world: int = 1
+    ) -> dict[str, tuple[Any, Any]]:
+        """``{name: (old, new)}`` of the training options that differ from the run's
+        ``stored`` ones. A changed option that shaped the checkpoint's state
+        (``on_resume="fixed"``, and every model or quantizer option) is a ValueError.
+        The batch size is compared per global batch (``batch_size`` x processes), so a
+        run resumes under another world size."""
+        fixed_model = {f.name for f in option_fields(ModelOptions)}
+        fixed_model |= {f.name for g in QUANTIZER_GROUPS for f in option_fields(g)}
+        changes: dict[str, tuple[Any, Any]] = {}
+        refused = []
+        for f in option_fields(self):
+            if f.name not in stored or f.name in ("out_dir", "preset"):
+                continue
+            old, new = stored[f.name], getattr(self, f.name)
+            if f.name == "batch_size" and old * stored_world == new * world:
+                continue
+            if old == new:
+                continue
+            if f.name in fixed_model or f.metadata["on_resume"] == "fixed":
+                refused.append(f"{f.name} ({old!r} -> {new!r})")
+            else:
+                changes[f.name] = (old, new)
+        if refused:
+            raise ValueError(
+                "a resumed run cannot change "
+                + ", ".join(refused)
+                + ": they shaped the checkpoint's state; start a new run (--overwrite or "
+                "another --out) to change them"
+            )
+        return changes
+
+    def with_health_defaults(
+        self, supports_init: bool, supports_revival: bool, vectors_per_batch: int, codes: int
+    ) -> TrainConfig:
+        """The defaults that depend on the quantizer and the batch, made explicit (so the
+        stored config keeps its meaning if the defaults change): ``init="auto"`` ->
+        kmeans when the quantizer supports it; ``revive_every=None`` -> 20 when it can
+        revive codes, else 0; ``dead_threshold=None`` -> ``dead_fraction`` of a uniform
+        code's share, ``vectors_per_batch / codes`` assignments per global batch."""
+        init = self.init
+        if init == "auto":
+            init = "kmeans" if supports_init else "random"
+        revive = self.revive_every
+        if revive is None:
+            revive = 20 if supports_revival else 0
+        threshold = self.dead_threshold
+        if threshold is None:
+            threshold = self.dead_fraction * vectors_per_batch / max(codes, 1)
+        return self.replace(init=init, revive_every=revive, dead_threshold=threshold)
 
     def model_config(self, in_channels: int, image_size: int) -> VQVAEConfig:
         names = {f.name for f in option_fields(VQVAEConfig)} - {"in_channels", "image_size"}

@@ -81,14 +81,20 @@ def evaluate(
         model.train(was_training)
     mse = sq_err / n_pix
     mse_c = sq_err_clamped / n_pix
+    if not math.isfinite(mse):
+        raise FloatingPointError(
+            f"the model's reconstructions of {data.source} ({data.split}) are NaN or Inf: "
+            "its weights or the data hold non-finite values"
+        )
     used = int((counts > 0).sum())
     return {
         "num_images": n,
         "mse": mse,
         "nmse": mse / data_variance,
-        "psnr": 10.0 * math.log10(1.0 / mse_c) if mse_c > 0 else float("inf"),
+        # undefined figures are None (JSON null), never Infinity or NaN
+        "psnr": 10.0 * math.log10(1.0 / mse_c) if mse_c > 0 else None,
         "perplexity": float(perplexity(counts)),
-        "batch_perplexity": sum(batch_ppl) / len(batch_ppl) if batch_ppl else float("nan"),
+        "batch_perplexity": sum(batch_ppl) / len(batch_ppl) if batch_ppl else None,
         "codes_used": used,
         "usage": used / k,
         "data_variance": data_variance,

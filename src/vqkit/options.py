@@ -49,6 +49,7 @@ def option(
     choices: Iterable[Any] | None = None,
     check: Check | None = None,
     applies_to: str = "",
+    on_resume: str = "apply",
 ) -> Any:
     """A dataclass field that declares an option.
 
@@ -60,7 +61,12 @@ def option(
         check: ``check(value) -> None | str``: returns what the value must be
             (e.g. ``"> 0"``) when it is invalid. Floats are also checked finite.
         applies_to: a short note for the help text (e.g. ``"rvq"``).
+        on_resume: ``"apply"`` (a resumed run may change it; the change is applied and
+            reported) or ``"fixed"`` (it shapes the state in the checkpoint: a resumed
+            run that asks for another value is refused).
     """
+    if on_resume not in ("apply", "fixed"):
+        raise ValueError(f"on_resume must be 'apply' or 'fixed'; got {on_resume!r}")
     typ = type if type is not None else builtin_type(default)
     meta = {
         "help": help,
@@ -68,6 +74,7 @@ def option(
         "choices": tuple(choices) if choices is not None else None,
         "check": check,
         "applies_to": applies_to,
+        "on_resume": on_resume,
     }
     return field(default=default, metadata=meta)
 

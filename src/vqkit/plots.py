@@ -99,7 +99,8 @@ def plot_curves(metrics_path: str | os.PathLike[str], path: str | os.PathLike[st
                 bad += 1
                 continue
             if isinstance(rec, dict):
-                (evals if rec.get("kind") == "eval" else train).append(rec)
+                if rec.get("kind") in ("eval", "train"):
+                    (evals if rec["kind"] == "eval" else train).append(rec)
     if bad:
         warnings.warn(f"{metrics_path}: skipped {bad} unreadable line(s)", stacklevel=2)
     plt = _pyplot()

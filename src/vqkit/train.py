@@ -43,10 +43,7 @@ those rows (:func:`vqkit.codebook.reset_optimizer_rows`). Every log record carri
 
 from __future__ import annotations
 
-import json
 import math
-import signal
-import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -56,39 +53,22 @@ import torch
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PRESETS, TrainConfig, resolve_device
-from .data import BatchLoader, ImageData, data_variance, load_dataset, normalize
+from .data import (
+    BatchLoader,
+    ImageData,
+    available_splits,
+    data_variance,
+    load_dataset,
+    normalize,
+)
 from .evaluate import evaluate
 from .health import CodebookHealth, Window
+from .interrupt import DeferredInterrupt, no_interrupt
 from .metrics import perplexity, usage_fraction
 from .models import VQVAE, VQVAEConfig, export_safetensors
+from .rundir import RunDir
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "resolve_device", "train"]
-
-
-class _DeferredInterrupt:
-    """Within the block, the first SIGINT only sets ``requested`` (the loop stops at
-    the next step boundary); a second one interrupts at once. Only in the main
-    thread, where Python delivers signals."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.completed_step = True
-        self._previous: Any = None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
 
 
 class Trainer:
@@ -97,27 +77,34 @@ class Trainer:
     def __init__(
         self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False
     ) -> None:
-        self.config = config
         self.out = Path(config.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.last_path = self.ckpt_dir / "last.pt"
         self.best_path = self.ckpt_dir / "best.pt"
-        if not resume and self.last_path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.out} already holds a run; pass resume=True (--resume) to continue it "
-                "or overwrite=True (--overwrite) to start again"
-            )
-        if resume and not self.last_path.exists():
-            raise CheckpointError(f"nothing to resume: {self.last_path} does not exist")
         self.device = resolve_device(config.device)
         if distributed.env_world_size() > 1 and self.device.type == "cuda":
             if self.device.index is None:  # one GPU per process, by LOCAL_RANK
                 self.device = torch.device("cuda", distributed.local_rank())
             torch.cuda.set_device(self.device)
         self.resume = resume
-        self._owns_group = distributed.init_from_env(self.device)
+        self._owns_group = distributed.init_from_env(self.device, config.dist_timeout)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
+        self.run = RunDir(self.out)
+        try:
+            if self.is_main:  # one writer: lock, then check or clean the directory
+                self.run.prepare(resume=resume, overwrite=overwrite)
+            self._setup(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, config: TrainConfig) -> None:
+        ckpt = None
+        if self.resume:
+            if not self.last_path.exists():
+                raise CheckpointError(f"nothing to resume: {self.last_path} does not exist")
+            ckpt = load_checkpoint(self.last_path, map_location=self.device)
         if self.world > 1 and not self.is_main:
             distributed.barrier()  # rank 0 loads first (and fills the decode cache)
         self._load_data(config)
@@ -128,8 +115,28 @@ class Trainer:
         size = self.train_data.images.shape[-1]
         self.model_config = config.model_config(self.train_data.channels, size)
         self.model = VQVAE(self.model_config).to(self.device)
-        self.health = CodebookHealth(config, self.model.quantizer)
-        self.optimizer = torch.optim.Adam(self._param_groups(), lr=config.lr)
+        q = self.model.quantizer
+        vectors = config.batch_size * self.world * self.model.latent_positions()
+        if ckpt is not None:  # defaults left open take the run's resolved values
+            stored = ckpt.get("train_config", {})
+            open_ = {"init": "auto", "revive_every": None, "dead_threshold": None}
+            config = config.replace(
+                **{
+                    k: stored[k]
+                    for k, v in open_.items()
+                    if getattr(config, k) == v and k in stored
+                }
+            )
+        self.config = config.with_health_defaults(
+            q.supports_init, q.supports_revival, vectors, self.model.num_codes
+        )
+        self.resume_changes: dict[str, tuple[Any, Any]] = {}
+        if ckpt is not None:
+            self.resume_changes = self.config.resume_changes(
+                ckpt.get("train_config", {}), int(ckpt.get("world_size", 1)), self.world
+            )
+        self.health = CodebookHealth(self.config, q)
+        self.optimizer = torch.optim.Adam(self._param_groups(), lr=self.config.lr)
         self.loader = BatchLoader(
             self.train_data,
             config.batch_size,
@@ -140,8 +147,8 @@ class Trainer:
         )
         self.step = 0
         self.best_nmse = math.inf
-        if resume:
-            self._restore(load_checkpoint(self.last_path, map_location=self.device))
+        if ckpt is not None:
+            self._restore(ckpt)
         self.ddp: torch.nn.Module = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -157,6 +164,13 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
+
+    def close(self) -> None:
+        """Release the run directory (and a process group this trainer created)."""
+        self.run.unlock()
+        if self._owns_group:
+            distributed.teardown()
+            self._owns_group = False
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One group for everything, a second at ``lr * codebook_lr_scale`` for the
@@ -182,20 +196,31 @@ class Trainer:
             cache_dir=config.cache_dir,
             format=config.data_format,
         )  # type: ignore[arg-type]
-        try:
-            self.eval_data: ImageData = load_dataset(
+        split = config.eval_split
+        if split != "holdout":
+            known = available_splits(config.data, format=config.data_format)
+            if split not in known:
+                if split != "test":  # the default falls back; an explicit choice must exist
+                    raise ValueError(
+                        f"eval_split {split!r} is not a split of {config.data or 'builtin'}; "
+                        f"choose one of {[*known, 'holdout']}"
+                    )
+                split = "holdout"
+        if split == "holdout":  # the last 5% of train, held out of training
+            n_eval = max(1, len(self.train_data) // 20)
+            self.eval_data: ImageData = self.train_data.subset(
+                slice(len(self.train_data) - n_eval, None)
+            )
+            self.train_data = self.train_data.subset(slice(0, len(self.train_data) - n_eval))
+        else:
+            self.eval_data = load_dataset(
                 config.data,
-                config.eval_split,
+                split,
                 image_size=config.image_size,
                 channels=self.train_data.channels,
                 cache_dir=config.cache_dir,
                 format=config.data_format,
-            )  # type: ignore[arg-type]
-        except (FileNotFoundError, ValueError):
-            # a source without that split: evaluate on the last 5% of train instead
-            n_eval = max(1, len(self.train_data) // 20)
-            self.eval_data = self.train_data.subset(slice(len(self.train_data) - n_eval, None))
-            self.train_data = self.train_data.subset(slice(0, len(self.train_data) - n_eval))
+            )  # type: ignore[assignment]
         self.data_variance = data_variance(self.train_data)
 
     # -- state ------------------------------------------------------------------
@@ -222,6 +247,10 @@ class Trainer:
             )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        # options changed on resume are applied, not just recorded: the learning rates
+        # come from this run's config, not from the optimizer state in the checkpoint
+        for group, fresh in zip(self.optimizer.param_groups, self._param_groups(), strict=True):
+            group["lr"] = fresh.get("lr", self.config.lr)
         self.loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.step = int(ckpt["step"])
@@ -234,10 +263,8 @@ class Trainer:
 
     # -- loop -------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.is_main:
+            self.run.log(record)
 
     def train_step(self, x: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
         self.model.train()
@@ -266,13 +293,17 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            if self._owns_group:
-                distributed.teardown()
+            self.close()
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main and self.resume:
+            self.run.truncate_metrics(self.step)  # steps after the checkpoint run again
+            for name, (old, new) in self.resume_changes.items():
+                print(f"resume: {name} {old!r} -> {new!r} (applied)")
+            if self.resume_changes:
+                changes = {k: {"from": a, "to": b} for k, (a, b) in self.resume_changes.items()}
+                self._log({"kind": "resume", "step": self.step, "changes": changes})
         run_info = {
             "train": asdict(cfg),
             "model": self.model_config.to_dict(),
@@ -287,7 +318,7 @@ class Trainer:
             "torch": torch.__version__,
         }
         if self.is_main:
-            (self.out / "config.json").write_text(json.dumps(run_info, indent=2))
+            self.run.write_json("config.json", run_info)
         window = Window(self.model.num_codes)
         bar = None
         if cfg.progress and self.is_main:
@@ -296,7 +327,7 @@ class Trainer:
             bar = tqdm(
                 total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
             )
-        stop = _DeferredInterrupt()
+        stop = DeferredInterrupt()
         self._loader_state = self.loader.state_dict()
         try:
             with stop:
@@ -307,7 +338,8 @@ class Trainer:
             # loader to before that step's draw, so the batch is drawn again on resume.
             if not stop.completed_step:
                 self.loader.load_state_dict(self._loader_state)
-            self.save()
+            with no_interrupt("writing the checkpoint; it finishes in a moment"):
+                self.save()
             if bar is not None:
                 bar.close()
             if self.is_main:
@@ -367,7 +399,7 @@ class Trainer:
             out["usage"] = float(usage_fraction(counts))
         return out, counts, stop_any
 
-    def _loop(self, bar: Any, window: Window, stop: _DeferredInterrupt) -> None:
+    def _loop(self, bar: Any, window: Window, stop: DeferredInterrupt) -> None:
         cfg = self.config
         while self.step < cfg.steps:
             stop.completed_step = False
@@ -428,7 +460,7 @@ class Trainer:
         result = self.evaluate()
         counts = result.pop("counts")
         result["step"] = self.step
-        (self.out / "eval.json").write_text(json.dumps(result, indent=2))
+        self.run.write_json("eval.json", result)
         export_safetensors(self.model, self.out / "model.safetensors")
         n = min(32, len(self.eval_data))
         # evenly strided over the split, so class-sorted data shows every class

@@ -222,6 +222,10 @@ class VQVAE(nn.Module):
         vq = self.quantizer(self.encode_latents(x))
         return VQVAEOutput(recon=self.decoder(vq.quantized), vq=vq)
 
+    def latent_positions(self) -> int:
+        """Latent positions (codes per stage) of one image of the configured size."""
+        return (self.config.image_size // 4) ** 2
+
     @property
     def num_codes(self) -> int:
         """Codes an index can take: K, or the FSQ grid size (per stage for rvq)."""

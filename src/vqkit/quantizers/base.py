@@ -51,8 +51,8 @@ def check_indices(indices: torch.Tensor, device: torch.device, high: int, low: i
     tensor for ``decode``; valid values lie in ``[low, high)``."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"indices must be a torch.Tensor; got {type(indices).__name__}")
-    if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"indices must be an integer tensor; got dtype {indices.dtype}")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise TypeError(f"indices must be an integer tensor (e.g. int64); got {indices.dtype}")
     if indices.dim() < 1:
         raise ValueError("indices must have at least a batch dimension: (B, *spatial)")
     if indices.device != device:

@@ -94,9 +94,9 @@ class VectorQuantizerEMA(CodebookQuantizer):
             )
         # usage_decay=None: no second usage EMA, the cluster sizes are the statistic
         super().__init__(num_embeddings, embedding_dim, usage_decay=None, **codebook_options)
-        if not isinstance(commitment_cost, (int, float)) or not commitment_cost >= 0:
+        if not isinstance(commitment_cost, (int, float)) or not 0 <= commitment_cost < math.inf:
             raise ValueError(
-                f"commitment_cost must be a non-negative number; got {commitment_cost!r}"
+                f"commitment_cost must be a finite number >= 0; got {commitment_cost!r}"
             )
         if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must lie in [0, 1]; got {decay!r}")

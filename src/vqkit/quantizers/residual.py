@@ -189,7 +189,7 @@ class ResidualVQ(BaseQuantizer):
             counts = torch.stack([o.counts for o in outs])  # type: ignore[misc]
             ppl = torch.stack([o.perplexity for o in outs]).mean()
             usage = torch.stack([o.usage for o in outs]).mean()  # type: ignore[misc]
-        indices = torch.stack(cols, dim=-1).reshape(*self.index_shape(x.shape), -1)
+        indices = torch.stack(cols, dim=-1).reshape(*self.index_shape(x.shape), self.num_quantizers)
         return QuantizerOutput(
             quantized=quantized,
             loss=loss,
@@ -216,7 +216,7 @@ class ResidualVQ(BaseQuantizer):
                 cols.append(idx)
                 if i + 1 < self.num_quantizers:
                     residual = residual - layer.decode(idx)
-        return torch.stack(cols, dim=-1).reshape(*self.index_shape(x.shape), -1)
+        return torch.stack(cols, dim=-1).reshape(*self.index_shape(x.shape), self.num_quantizers)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices (B, *spatial, Q) -> sum of the stages' codes (B, D, *spatial) (or

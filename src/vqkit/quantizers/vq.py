@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +69,8 @@ class VectorQuantizer(CodebookQuantizer):
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, **codebook_options)
         for name, v in (("commitment_cost", commitment_cost), ("codebook_weight", codebook_weight)):
-            if not isinstance(v, (int, float)) or v < 0 or v != v:
-                raise ValueError(f"{name} must be a non-negative number; got {v!r}")
+            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
         self.commitment_cost = float(commitment_cost)
         self.codebook_weight = float(codebook_weight)
         self.codebook = nn.Parameter(torch.empty(num_embeddings, self.codebook_dim))
