@@ -27,8 +27,9 @@ Order of an epoch (all from (seed, epoch); nothing random is saved):
 Resume is exact, at sample granularity: the state is (epoch, samples consumed this epoch),
 the same on every rank. The buffer's choices depend only on how many samples entered it,
 so a stream replays them on sample indices (no reading or decoding) to rebuild the buffer;
-it then re-reads only the shards that still hold buffered samples (a few, back to the
-oldest sample left in the buffer) and skips, without decoding, the members before it.
+it then re-reads raw bytes from the shard of the oldest sample still buffered (typically
+the current shard or a few before it; earlier shards are not opened), keeping only the
+buffered samples, and decodes nothing it does not emit.
 The batches after a resume are identical to an uninterrupted run's (with the same
 world_size, streams, chunk_size and shuffle_buffer; resuming under different ones
 continues at the same fraction of the epoch, in the new layout's order, with a warning).
@@ -256,8 +257,15 @@ class ShardLoader:
         streams = streams[first:] + streams[:first]
         job = ChunkJob(self.shuffle_buffer, self.chunk_size, self._decode(self._epoch))
         self._it = self._loader(streams, job)
-        x, y = next(self._it)
+        x, y = self._next_chunk()
         self._chunk = (x[drop:], y[drop:])
+
+    def _next_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return next(self._it)  # type: ignore[arg-type]
+        except BaseException:
+            self.close()  # a failed epoch's workers would otherwise linger until GC
+            raise
 
     def close(self) -> None:
         """Stop the current epoch's workers (the next batch restarts them)."""
@@ -275,7 +283,7 @@ class ShardLoader:
         xs, ys, n = [], [], 0
         while n < self.batch_size:
             if self._chunk is None or len(self._chunk[1]) == 0:
-                self._chunk = next(self._it)  # type: ignore[arg-type]
+                self._chunk = self._next_chunk()
             x, y = self._chunk
             take = min(self.batch_size - n, len(y))
             xs.append(x[:take])
