@@ -371,7 +371,7 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
-        positions = (self.model_config.image_size // 4) ** 2
+        positions = self.model.latent_positions()
         n = self.health.init_batch_count(positions, self.world)
         self.health.init_codebook([self._latents(loader.next_batch()[0]) for _ in range(n)])
 

@@ -7,6 +7,9 @@ Formats:
   :func:`load_image_folder`
 * idx (MNIST / Fashion-MNIST, raw or .gz): :func:`load_idx`, :func:`read_idx`
 * the built-in set shipped in ``vqkit/assets`` (a Fashion-MNIST subset): :func:`load_builtin`
+* WebDataset-layout tar shards (a brace pattern or a directory of ``{split}-NNNNNN.tar``,
+  written by :func:`vqkit.data.pack.pack`): :func:`open_shards`, streamed by
+  :class:`ShardLoader`; ``load_dataset`` decodes a shard split into memory
 
 :func:`load_dataset` picks the format from the source. Every loader returns an
 :class:`ImageData` (uint8 (N, C, H, W) images + int64 labels), which :class:`BatchLoader`
@@ -36,6 +39,7 @@ from .decode import read_image
 from .idx import FASHION_MNIST_CLASSES, find_idx_files, load_idx, read_idx
 from .imagefolder import image_folder_splits, is_tar_path, load_image_folder
 from .loader import BatchLoader, epoch_permutation, iterate_batches
+from .shards import ShardLoader, ShardSet, is_shard_source, open_shards
 
 __all__ = [
     "BUILTIN_DIR",
@@ -47,6 +51,8 @@ __all__ = [
     "DatasetDownloadError",
     "DatasetFormat",
     "ImageData",
+    "ShardLoader",
+    "ShardSet",
     "available_splits",
     "data_variance",
     "default_cache_dir",
@@ -54,6 +60,7 @@ __all__ = [
     "detect_format",
     "download_cifar10",
     "epoch_permutation",
+    "is_shard_source",
     "iterate_batches",
     "load_builtin",
     "load_cifar10",
@@ -61,12 +68,13 @@ __all__ = [
     "load_idx",
     "load_image_folder",
     "normalize",
+    "open_shards",
     "read_idx",
     "read_image",
     "verify_cifar10_archive",
 ]
 
-DatasetFormat = Literal["auto", "builtin", "cifar10", "idx", "imagefolder"]
+DatasetFormat = Literal["auto", "builtin", "cifar10", "idx", "imagefolder", "shards"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
@@ -75,7 +83,8 @@ _FORMATS_HELP = (
     "expected one of: 'builtin' (or None); a CIFAR-10 python archive (cifar-10-python.tar.gz) "
     "or its cifar-10-batches-py/ folder; a directory of idx files (train-images-idx3-ubyte"
     "[.gz], ...); a folder of PNG/JPEG images (optionally in class and split subfolders) or "
-    "a .tar/.tar.gz/.tgz of one; or the names 'cifar10' / 'fashion-mnist'"
+    "a .tar/.tar.gz/.tgz of one; shards (a brace pattern like train-{000000..000009}.tar, "
+    "or a directory of train-NNNNNN.tar files); or the names 'cifar10' / 'fashion-mnist'"
 )
 
 
@@ -115,6 +124,8 @@ def detect_format(source: str | os.PathLike[str]) -> str:
     Raises FileNotFoundError if the path does not exist and ValueError if it matches no
     known format; both messages name the path.
     """
+    if is_shard_source(source):
+        return "shards"
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"dataset source not found: {path}; {_FORMATS_HELP}")
@@ -222,11 +233,18 @@ def load_dataset(
     ``channels``: 1 or 3 (None: the source's own). ``cache_dir``: decoded-data cache,
     default ``$VQKIT_CACHE`` or ``~/.cache/vqkit``; ``cache=False`` neither reads nor writes
     it. ``num_workers``: image-folder decode processes (None: automatic).
+
+    Shards (``format="shards"``, or detected): the split is decoded into memory in shard
+    order (centre crop for ``image_size``); stream large splits with :class:`ShardLoader`.
     """
-    if format not in ("auto", "builtin", "cifar10", "idx", "imagefolder"):
+    if format not in ("auto", "builtin", "cifar10", "idx", "imagefolder", "shards"):
         raise ValueError(
-            f"unknown format {format!r}; use auto, builtin, cifar10, idx or imagefolder"
+            f"unknown format {format!r}; use auto, builtin, cifar10, idx, imagefolder or shards"
         )
+    if source is not None and (
+        format == "shards" or (format == "auto" and is_shard_source(source))
+    ):
+        return open_shards(source, split).load(image_size=image_size, channels=channels)
     if (
         source is None
         or format == "builtin"

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..options import Options, compose, nonneg_int, option, option_fields, positive_int
 from ..quantizers import QuantizerOptions, QuantizerOutput, get_kind, quantizer_kinds
+from .convnets import Decoder, Encoder, ResidualStack, parse_channel_mult
 
 __all__ = [
     "VQVAE",
@@ -42,6 +43,16 @@ class ModelOptions(Options):
     res_layers: int = option(2, "residual blocks in encoder and decoder", check=nonneg_int)
     embedding_dim: int = option(
         64, "D, channels of the latents that are quantized", check=positive_int
+    )
+    downsample: int = option(
+        4,
+        "downsampling factor of the encoder (latents are image_size / this)",
+        choices=(4, 8, 16),
+    )
+    channel_mult: str = option(
+        "",
+        "channel multipliers of the levels beyond factor 4, comma-separated (e.g. '2,4'; "
+        "'': every level keeps --hidden channels)",
     )
     quantizer: str = option(
         "ema",
@@ -98,10 +109,13 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
         QuantizerChoice.__post_init__(self)
         if self.hidden % 2:
             raise ValueError(f"hidden must be even (first conv: hidden/2); got {self.hidden}")
-        if self.image_size % 4:
+        mult = parse_channel_mult(self.channel_mult, self.downsample)
+        if self.image_size % self.downsample:
             raise ValueError(
-                f"image_size must be a multiple of 4 (two stride-2 convs); got {self.image_size}"
+                f"image_size must be a multiple of downsample={self.downsample}; "
+                f"got {self.image_size}"
             )
+        self.channel_mult = ",".join(str(m) for m in mult) if self.channel_mult else ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, where: str = "VQVAE config") -> VQVAEConfig:
@@ -110,64 +124,6 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
         kind = get_kind(d.get("quantizer", ModelOptions.quantizer))
         d = {k: v for k, v in d.items() if k not in QUANTIZER_OPTION_NAMES - kind.option_names()}
         return super().from_dict(d, where=where)
-
-
-class ResidualBlock(nn.Module):
-    """``x + Conv1x1(ReLU(Conv3x3(ReLU(x))))``, convolutions without bias."""
-
-    def __init__(self, channels: int, hidden: int) -> None:
-        super().__init__()
-        self.conv3 = nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
-        self.conv1 = nn.Conv2d(hidden, channels, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv1(F.relu(self.conv3(F.relu(x))))
-
-
-class ResidualStack(nn.Module):
-    """``layers`` residual blocks, each with its own weights, then a ReLU."""
-
-    def __init__(self, channels: int, hidden: int, layers: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(ResidualBlock(channels, hidden) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return F.relu(x)
-
-
-class Encoder(nn.Module):
-    """(B, C, H, W) -> (B, hidden, H/4, W/4)."""
-
-    def __init__(self, in_channels: int, hidden: int, res_hidden: int, res_layers: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, hidden // 2, 4, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(hidden // 2, hidden, 4, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(hidden, hidden, 3, padding=1)
-        self.res = ResidualStack(hidden, res_hidden, res_layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        return self.res(self.conv3(x))
-
-
-class Decoder(nn.Module):
-    """(B, D, h, w) -> (B, C, 4h, 4w)."""
-
-    def __init__(
-        self, embedding_dim: int, hidden: int, out_channels: int, res_hidden: int, res_layers: int
-    ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(embedding_dim, hidden, 3, padding=1)
-        self.res = ResidualStack(hidden, res_hidden, res_layers)
-        self.up1 = nn.ConvTranspose2d(hidden, hidden // 2, 4, stride=2, padding=1)
-        self.up2 = nn.ConvTranspose2d(hidden // 2, out_channels, 4, stride=2, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.res(self.conv1(z))
-        return self.up2(F.relu(self.up1(x)))
 
 
 @dataclass
@@ -194,10 +150,13 @@ class VQVAE(nn.Module):
             config = VQVAEConfig.from_dict({**config.to_dict(), **overrides})
         self.config = config
         c = config
-        self.encoder = Encoder(c.in_channels, c.hidden, c.res_hidden, c.res_layers)
-        self.pre_vq = nn.Conv2d(c.hidden, c.embedding_dim, 1)
+        levels = {"downsample": c.downsample, "channel_mult": c.channel_mult}
+        self.encoder = Encoder(c.in_channels, c.hidden, c.res_hidden, c.res_layers, **levels)
+        self.pre_vq = nn.Conv2d(self.encoder.out_channels, c.embedding_dim, 1)
         self.quantizer = c.quantizer_options().build(c.embedding_dim)
-        self.decoder = Decoder(c.embedding_dim, c.hidden, c.in_channels, c.res_hidden, c.res_layers)
+        self.decoder = Decoder(
+            c.embedding_dim, c.hidden, c.in_channels, c.res_hidden, c.res_layers, **levels
+        )
 
     def _check_images(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -208,13 +167,16 @@ class VQVAE(nn.Module):
                 f"expected {self.config.in_channels} image channels; got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)})"
             )
-        if x.shape[2] % 4 or x.shape[3] % 4:
-            raise ValueError(f"image height and width must be multiples of 4; got {tuple(x.shape)}")
+        f = self.config.downsample
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(
+                f"image height and width must be multiples of {f}; got {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"expected float images scaled to [-0.5, 0.5]; got dtype {x.dtype}")
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> pre-quantization latents z_e (B, D, H/4, W/4)."""
+        """Images -> pre-quantization latents z_e (B, D, H/f, W/f), f = config.downsample."""
         self._check_images(x)
         return self.pre_vq(self.encoder(x))
 
@@ -224,7 +186,7 @@ class VQVAE(nn.Module):
 
     def latent_positions(self) -> int:
         """Latent positions (codes per stage) of one image of the configured size."""
-        return (self.config.image_size // 4) ** 2
+        return (self.config.image_size // self.config.downsample) ** 2
 
     @property
     def num_codes(self) -> int:
@@ -239,13 +201,13 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> code indices (B, H/4, W/4), int64 ((B, H/4, W/4, Q) for rvq).
+        """Images -> code indices (B, H/f, W/f), int64 ((B, H/f, W/f, Q) for rvq).
         Never updates the codebook."""
         return self.quantizer.encode(self.encode_latents(x))
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w) ((B, h, w, Q) for rvq) -> images (B, C, 4h, 4w) in
+        """Code indices (B, h, w) ((B, h, w, Q) for rvq) -> images (B, C, f*h, f*w) in
         [-0.5, 0.5] (unclamped)."""
         if indices.dim() != self.index_dims:
             want = "(B, h, w, Q)" if self.index_dims == 4 else "(B, h, w)"

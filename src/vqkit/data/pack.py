@@ -1,0 +1,364 @@
+"""Write any dataset vqkit reads as WebDataset-layout tar shards (``vqkit pack``).
+
+Output, in ``out_dir``: ``{split}-000000.tar``, ``{split}-000001.tar``, ... each holding
+``shard_size`` samples (the last one fewer), and ``manifest.json`` (per-shard counts,
+channels, size, classes; one entry per split, merged with an existing manifest), which
+:func:`vqkit.data.shards.open_shards` reads instead of scanning the shards.
+
+A sample is ``{key}.png`` or ``{key}.jpg`` plus ``{key}.cls`` (label, ASCII digits). The
+key numbers the image in the source's own order (image folders: sorted paths), zero-padded,
+so sorting by key restores that order; the samples are written in a seeded shuffled order
+by default, so that every shard holds a mix of classes (streaming shuffles only within a
+buffer and across shards).
+
+Encoding: image files (folders or tars of them) are read one at a time and, when no
+``image_size`` is asked for, JPEG and PNG files are stored with their original bytes (no
+second lossy encoding; readers convert the mode exactly as the image-folder loader does).
+Other files, resized images, ``encoding="png"`` and decoded in-memory sources (CIFAR-10
+python, idx, builtin) are stored as lossless PNG. Every image is decoded once while packing;
+unreadable ones are skipped with a warning, as the image-folder loader skips them.
+
+Each shard and the manifest are written to a temporary file and renamed into place, so a
+reader never sees half a shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..fileio import atomic_write
+from ._core import ImageData, channels_to_mode
+from ._stream import MANIFEST_NAME
+from .decode import GRAY_MODES
+from .shards import MANIFEST_FORMAT
+from .transforms import crop_resize, decode_image
+
+__all__ = ["add_pack_arguments", "pack", "run_pack"]
+
+_KEEP = {"JPEG": "jpg", "PNG": "png"}  # Pillow format -> member extension kept as is
+_MAX_LISTED = 5
+
+
+def _png(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _encode_file(
+    data: bytes, channels: int, image_size: int | None, encoding: str
+) -> tuple[str, bytes, tuple[int, int]]:
+    """(extension, bytes to store, (H, W) as read back) for one image file."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # decode fully: a corrupt file fails here, not in training
+        fmt, size = im.format, (im.height, im.width)
+    if encoding == "auto" and image_size is None and fmt in _KEEP:
+        return _KEEP[fmt], data, size
+    img = crop_resize(decode_image(data, channels), image_size)
+    return "png", _png(img), (img.height, img.width)
+
+
+def _from_folder(
+    path: Path, split: str, channels: int | None, image_size: int | None, encoding: str
+) -> tuple[int, list[int], tuple[str, ...], int, Any]:
+    """(count, labels, classes, channels, encoder(i) -> (ext, bytes, hw) | error)."""
+    # The image-folder loader's own layout rules, so labels and order agree with it.
+    from .imagefolder import (
+        _labels_for,
+        _list_directory,
+        _path_key,
+        _read_tar,
+        _select_split,
+    )
+
+    tar = path.is_file()
+    blobs = _read_tar(path) if tar else {}  # a tar's members stay in memory (compressed)
+    names = list(blobs) if tar else _list_directory(path)
+    if not names:
+        raise ValueError(f"{path}: no images found")
+    root, selected = _select_split(names, split, path)
+    selected.sort(key=_path_key)
+    labels, classes, _ = _labels_for([p[len(root) :] for p in selected])
+    items: list[bytes | str] = (
+        [blobs.pop(p) for p in selected] if tar else [str(path / p) for p in selected]
+    )
+    display = [f"{path}:{p}" if tar else str(path / p) for p in selected]
+    del blobs  # the other splits' members
+    c = channels or _channels_of(items, path)
+
+    def encode(i: int) -> tuple[str, bytes, tuple[int, int]] | str:
+        item = items[i]
+        try:
+            data = item if isinstance(item, bytes) else Path(item).read_bytes()
+            return _encode_file(data, c, image_size, encoding)
+        except Exception as e:  # reported by path, like the image-folder loader
+            return f"{display[i]}: {type(e).__name__}: {e}"
+
+    return len(items), labels, classes, c, encode
+
+
+def _from_arrays(data: ImageData) -> tuple[int, list[int], tuple[str, ...], int, Any]:
+    from PIL import Image
+
+    images, mode = data.images.numpy(), channels_to_mode(data.channels)
+
+    def encode(i: int) -> tuple[str, bytes, tuple[int, int]]:
+        a = images[i, 0] if data.channels == 1 else images[i].transpose(1, 2, 0)
+        return "png", _png(Image.fromarray(np.ascontiguousarray(a), mode=mode)), data.hw
+
+    return len(data), data.labels.tolist(), data.classes, data.channels, encode
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """The one atomic write (:func:`vqkit.fileio.atomic_write`), fed a binary file."""
+
+    def into(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    atomic_write(path, into)
+
+
+def _channels_of(items: Sequence[bytes | str], where: Path) -> int:
+    """The image-folder channel rule without decoding pixels: 1 only if every image is
+    grayscale, else 3, with a warning counting the grayscale images converted."""
+    from PIL import Image
+
+    gray = 0
+    for item in items:
+        try:
+            data = item if isinstance(item, bytes) else Path(item).read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
+                gray += im.mode in GRAY_MODES
+        except Exception:  # unreadable files are reported when they are encoded
+            continue
+    if gray == len(items):
+        return 1
+    if gray:
+        warnings.warn(
+            f"{where}: {gray} of {len(items)} images are grayscale and are packed as RGB; "
+            "pass channels=1 to pack everything as grayscale",
+            stacklevel=3,
+        )
+    return 3
+
+
+def _write_shard(path: Path, members: list[tuple[str, bytes]]) -> None:
+    def write(f: Any) -> None:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 0  # reproducible bytes
+                tf.addfile(info, io.BytesIO(data))
+
+    _atomic_write(path, write)
+
+
+def _existing(out: Path, split: str) -> list[Path]:
+    pat = re.compile(re.escape(split) + r"-(\d{6,})\.tar")
+    return sorted(p for p in out.glob(f"{split}-*.tar") if pat.fullmatch(p.name))
+
+
+def pack(
+    source: str | os.PathLike[str] | ImageData | None,
+    out_dir: str | os.PathLike[str],
+    shard_size: int = 1000,
+    *,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    format: str = "auto",
+    encoding: Literal["auto", "png"] = "auto",
+    shuffle: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Write one split of ``source`` as shards in ``out_dir``; returns its manifest entry.
+
+    ``source``: anything :func:`vqkit.data.load_dataset` reads (image folders and tars of
+    them are streamed file by file; other formats are loaded, then encoded as PNG), or an
+    :class:`ImageData`. ``image_size`` / ``channels``: as in ``load_dataset`` (resized
+    images are stored as PNG). ``shuffle``/``seed``: the order samples are written in.
+    Existing ``{split}-*.tar`` shards are an error unless ``overwrite``.
+    """
+    from . import detect_format, load_dataset
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if encoding not in ("auto", "png"):
+        raise ValueError(f"encoding must be 'auto' or 'png', not {encoding!r}")
+    if channels is not None:
+        channels_to_mode(channels)
+    out = Path(out_dir)
+    old = _existing(out, split) if out.is_dir() else []
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds {split} shards; pass overwrite=True")
+    if isinstance(source, ImageData):
+        origin = source.source or "ImageData"
+        n, labels, classes, c, encode = _from_arrays(source)
+    else:
+        origin = str(source) if source is not None else "builtin"
+        fmt = format
+        if fmt == "auto" and source is not None and Path(source).exists():
+            fmt = detect_format(source)
+        if fmt == "imagefolder":
+            n, labels, classes, c, encode = _from_folder(
+                Path(source),
+                split,
+                channels,
+                image_size,
+                encoding,  # type: ignore[arg-type]
+            )
+        else:
+            data = load_dataset(
+                source,
+                split,
+                image_size=image_size,
+                channels=channels,
+                format=fmt,  # type: ignore[arg-type]
+                cache_dir=cache_dir,
+            )
+            n, labels, classes, c, encode = _from_arrays(data)
+    out.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    width = max(6, len(str(n - 1)))
+    shards: list[dict[str, Any]] = []
+    members: list[tuple[str, bytes]] = []
+    sizes: set[tuple[int, int]] = set()
+    exts: set[str] = set()
+    bad: list[str] = []
+
+    def flush() -> None:
+        name = f"{split}-{len(shards):06d}.tar"
+        _write_shard(out / name, members)
+        shards.append({"name": name, "count": len(members) // 2})
+        members.clear()
+
+    for i in order.tolist():
+        got = encode(i)
+        if isinstance(got, str):
+            bad.append(got)
+            continue
+        ext, data, hw = got
+        key = f"{i:0{width}d}"
+        members += [(f"{key}.{ext}", data), (f"{key}.cls", str(labels[i]).encode())]
+        sizes.add(tuple(hw))
+        exts.add(ext)
+        if len(members) == 2 * shard_size:
+            flush()
+    if members:
+        flush()
+    if not shards:
+        raise ValueError(f"{origin}: none of the {n} images could be read: " + "; ".join(bad[:5]))
+    for p in _existing(out, split)[len(shards) :]:
+        p.unlink()  # left over from an earlier, larger pack of this split
+    if bad:
+        listed = "; ".join(bad[:_MAX_LISTED]) + ("; ..." if len(bad) > _MAX_LISTED else "")
+        warnings.warn(
+            f"{origin}: skipped {len(bad)} of {n} unreadable images: {listed}", stacklevel=2
+        )
+    entry = {
+        "shards": shards,
+        "num_images": sum(s["count"] for s in shards),
+        "channels": c,
+        "size": list(sizes.pop()) if len(sizes) == 1 else None,
+        "classes": list(classes),
+        "encoding": "+".join(sorted(exts)),
+        "source": origin,
+        "image_size": image_size,
+        "shuffled": shuffle,
+        "seed": seed,
+        "skipped": bad[:100],
+    }
+    manifest_path = out / MANIFEST_NAME
+    manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": 1, "splits": {}}
+    if manifest_path.is_file():
+        try:
+            prev = json.loads(manifest_path.read_text())
+            if isinstance(prev, dict) and prev.get("format") == MANIFEST_FORMAT:
+                manifest = prev
+        except (OSError, json.JSONDecodeError):
+            pass  # replaced below
+    manifest.setdefault("splits", {})[split] = entry
+    text = json.dumps(manifest, indent=1).encode()
+    _atomic_write(manifest_path, lambda f: f.write(text))
+    return entry
+
+
+def add_pack_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``vqkit pack IMAGES --out SHARDS [--shard-size N] ...``."""
+    parser.add_argument(
+        "source",
+        metavar="IMAGES",
+        help="dataset to pack: an image folder or .tar(.gz) of one, a CIFAR-10 archive/folder, "
+        "an idx directory, 'builtin', 'cifar10', 'fashion-mnist'",
+    )
+    parser.add_argument("--out", required=True, help="output directory for the shards")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    parser.add_argument(
+        "--splits",
+        default=None,
+        help="comma-separated splits to pack (default train,test: test skipped if absent)",
+    )
+    parser.add_argument("--image-size", type=int, default=None, help="resize + centre crop")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=None)
+    parser.add_argument("--format", default="auto", help="source format (as vqkit train)")
+    parser.add_argument(
+        "--encoding",
+        choices=("auto", "png"),
+        default="auto",
+        help="auto: keep JPEG/PNG file bytes when not resizing, else PNG; png: always PNG",
+    )
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled order")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    parser.add_argument("--cache-dir", default=None, help="decoded-data cache directory")
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    """Run ``vqkit pack`` with parsed :func:`add_pack_arguments` arguments; returns 0.
+
+    Errors are raised (ValueError, FileNotFoundError, FileExistsError) for the CLI to print.
+    """
+    explicit = args.splits is not None
+    splits = [s.strip() for s in (args.splits or "train,test").split(",") if s.strip()]
+    for i, split in enumerate(splits):
+        try:
+            entry = pack(
+                args.source,
+                args.out,
+                args.shard_size,
+                split=split,
+                image_size=args.image_size,
+                channels=args.channels,
+                format=args.format,
+                encoding=args.encoding,
+                shuffle=not args.no_shuffle,
+                seed=args.seed,
+                overwrite=args.overwrite,
+                cache_dir=args.cache_dir,
+            )
+        except (ValueError, FileNotFoundError) as e:
+            if explicit or i == 0:
+                raise
+            print(f"{split}: not packed ({e})")
+            continue
+        print(
+            f"{split}: {entry['num_images']} images in {len(entry['shards'])} shards "
+            f"-> {Path(args.out) / f'{split}-*.tar'}"
+        )
+    return 0
