@@ -1,9 +1,10 @@
-"""``vqkit`` command line: train, eval, encode, decode.
+"""``vqkit`` command line.
 
 vqkit train [--data PATH] [--steps N] [--out DIR] ...   train a VQ-VAE
 vqkit eval CHECKPOINT [--data PATH] [--split test]       MSE, NMSE, PSNR, usage
 vqkit encode CHECKPOINT IMAGES... --out DIR              images -> index maps (.npy)
 vqkit decode CHECKPOINT CODES.npy... --out DIR           index maps -> PNG images
+vqkit pack IMAGES --out SHARDS [--shard-size N]          any source -> WebDataset shards
 """
 
 from __future__ import annotations
@@ -239,18 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("images", nargs="+", help="PNG/JPEG files")
         else:
             p.add_argument("codes", nargs="+", help=".npy index maps from vqkit encode")
+    from .data.pack import add_pack_arguments
+
+    add_pack_arguments(sub.add_parser("pack", help="write WebDataset shards from any source"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": _train, "eval": _eval, "encode": _encode, "decode": _decode}
+    from .data.pack import run_pack
+
+    handler = {
+        "train": _train,
+        "eval": _eval,
+        "encode": _encode,
+        "decode": _decode,
+        "pack": run_pack,
+    }
     import torch
 
     from .checkpoint import CheckpointError
 
     try:
-        if args.command == "train":
+        if args.command in ("train", "pack"):
             return handler[args.command](args)
         with torch.no_grad():  # scoped: in-process callers keep their grad mode
             return handler[args.command](args)
