@@ -150,3 +150,13 @@ def test_cuda_matches_cpu():
     x, e = torch.randn(5000, 64), torch.randn(1000, 64)
     idx, dist = nearest_code(x.cuda(), e.cuda())
     assert_nearest(x, e, idx.cpu(), dist.cpu())
+
+
+def test_nan_codebook_in_a_quantizer_layer_is_an_error():
+    from vqkit import VectorQuantizer
+
+    q = VectorQuantizer(8, 4)
+    with torch.no_grad():
+        q.codebook[5] = float("nan")
+    with pytest.raises(ValueError, match=r"codebook has NaN or Inf in 1 of 8 codebook rows \(5\)"):
+        q(torch.randn(2, 4, 3, 3))

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .fileio import DiskFullError, atomic_write
 
 if TYPE_CHECKING:
     from .models import VQVAE
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CheckpointError",
     "atomic_write",
+    "check_finite_state",
     "save_checkpoint",
     "load_checkpoint",
     "export_safetensors",
@@ -42,39 +45,66 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, truncated, or does not fit the model."""
 
 
-def atomic_write(path: str | os.PathLike[str], write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a
-    partial file, and a crash leaves the previous version intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _save(path: str | os.PathLike[str], write: Any, what: str) -> None:
+    """atomic_write, with a full disk as a CheckpointError (one line, which the CLI prints):
+    the previous file is kept and the temp file removed."""
     try:
-        # mkstemp creates 0600; give the file the mode an ordinary open() would (umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write(path, write)
+    except DiskFullError as e:
+        raise CheckpointError(f"cannot save {what}: {e}") from e
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """Write a training checkpoint atomically."""
+    """Write a training checkpoint atomically. A full disk is a CheckpointError naming
+    ``path``; the previous checkpoint at ``path`` is then unchanged."""
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    _save(path, lambda tmp: torch.save(payload, tmp), "checkpoint")
+
+
+def _float_tensors(obj: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) for every floating/complex tensor in nested dicts/lists."""
+    if isinstance(obj, torch.Tensor):
+        return [(prefix, obj)] if obj.is_floating_point() or obj.is_complex() else []
+    items: Any = ()
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    out = []
+    for k, v in items:
+        out += _float_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def check_finite_state(state: Mapping[str, Any], where: str | os.PathLike[str]) -> None:
+    """Raise CheckpointError naming every tensor of ``state`` (a state dict, possibly
+    nested like an optimizer's) that holds NaN or Inf. One host sync per device."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for n, t in _float_tensors(state, ""):
+        if t.numel() > 0:
+            by_device.setdefault(t.device, []).append((n, t))
+    bad = []
+    for tensors in by_device.values():
+        ok = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()
+        bad += [n for (n, _), good in zip(tensors, ok, strict=True) if not good]
+    if not bad:
+        return
+    listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise CheckpointError(
+        f"{where}: non-finite values (NaN or Inf) in {listed}; the run had diverged when "
+        "this was saved, so use an earlier checkpoint"
+    )
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    *,
+    check_finite: bool = True,
 ) -> dict[str, Any]:
     """Read a training checkpoint; raise :class:`CheckpointError` with the path on
-    any problem (missing, truncated, not a vqkit checkpoint)."""
+    any problem (missing, truncated, not a vqkit checkpoint, and with ``check_finite``
+    a NaN/Inf in a model or optimizer tensor, named in the message)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -93,16 +123,21 @@ def load_checkpoint(
     for key in ("model_config", "model"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+    if check_finite:
+        check_finite_state(ckpt["model"], path)
+        if isinstance(ckpt.get("optimizer"), Mapping):
+            check_finite_state({"optimizer": ckpt["optimizer"]}, path)
     return ckpt
 
 
 def export_safetensors(model: VQVAE, path: str | os.PathLike[str]) -> None:
-    """Write the model's weights and buffers as safetensors, config in metadata."""
+    """Write the model's weights and buffers as safetensors, config in metadata; atomic,
+    with the usual file mode (umask), a full disk a CheckpointError."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "model_config": json.dumps(model.config.to_dict())}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    _save(path, lambda tmp: save_file(state, tmp, metadata=meta), "weights")
 
 
 def _build(config: dict[str, Any], state: dict[str, torch.Tensor], where: Path) -> VQVAE:
@@ -119,8 +154,14 @@ def _build(config: dict[str, Any], state: dict[str, torch.Tensor], where: Path) 
     return model
 
 
-def load_model(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> VQVAE:
-    """A :class:`~vqkit.models.VQVAE` from a ``.pt`` checkpoint or ``.safetensors`` export."""
+def load_model(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    *,
+    check_finite: bool = True,
+) -> VQVAE:
+    """A :class:`~vqkit.models.VQVAE` from a ``.pt`` checkpoint or ``.safetensors`` export;
+    CheckpointError on a damaged file or (``check_finite``) a NaN/Inf weight."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
@@ -135,6 +176,8 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
             raise CheckpointError(f"cannot read {path}: corrupt or truncated ({e})") from e
         if meta.get("format") != FORMAT or "model_config" not in meta:
             raise CheckpointError(f"{path} has no vqkit model config in its metadata")
+        if check_finite:
+            check_finite_state(state, path)
         return _build(json.loads(meta["model_config"]), state, path)
-    ckpt = load_checkpoint(path, map_location)
+    ckpt = load_checkpoint(path, map_location, check_finite=check_finite)
     return _build(ckpt["model_config"], ckpt["model"], path)

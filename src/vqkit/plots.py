@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
+from .fileio import atomic_write
 
 __all__ = ["image_grid", "save_images", "save_recon_grid", "plot_curves", "plot_usage"]
 
@@ -78,15 +79,29 @@ def _save_fig(fig: Any, path: str | os.PathLike[str]) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
+def _values(records: Sequence[dict[str, Any]], key: str) -> list[float]:
+    """``record[key]`` of the records that have the key; null (how strict JSON writes a
+    non-finite value) becomes NaN, a gap in the line."""
+    return [float("nan") if r[key] is None else r[key] for r in records if key in r]
+
+
 def plot_curves(metrics_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     """Training curves from a metrics JSONL file: loss, reconstruction NMSE,
     perplexity and codebook usage against step (train and eval records)."""
     train: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
+    bad = 0
     for line in Path(metrics_path).read_text().splitlines():
         if line.strip():
-            rec = json.loads(line)
-            (evals if rec.get("kind") == "eval" else train).append(rec)
+            try:
+                rec = json.loads(line)
+            except ValueError:  # e.g. a line cut short by a kill; plot the rest
+                bad += 1
+                continue
+            if isinstance(rec, dict):
+                (evals if rec.get("kind") == "eval" else train).append(rec)
+    if bad:
+        warnings.warn(f"{metrics_path}: skipped {bad} unreadable line(s)", stacklevel=2)
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     panels = [
@@ -97,14 +112,15 @@ def plot_curves(metrics_path: str | os.PathLike[str], path: str | os.PathLike[st
     ]
     for ax, (key, title, log) in zip(axes.flat, panels, strict=True):
         xs = [r["step"] for r in train if key in r]
-        ax.plot(xs, [r[key] for r in train if key in r], label="train")
+        ax.plot(xs, _values(train, key), label="train")
         ekey = {
             "recon_nmse": "nmse",
             "perplexity": "batch_perplexity",
             "window_usage": "usage",
         }.get(key)
         if ekey and evals:
-            ax.plot([r["step"] for r in evals], [r[ekey] for r in evals], "o-", label="eval")
+            ex = [r["step"] for r in evals if ekey in r]
+            ax.plot(ex, _values(evals, ekey), "o-", label="eval")
         ax.set_title(title)
         ax.set_xlabel("step")
         if log and xs:
@@ -117,20 +133,30 @@ def plot_curves(metrics_path: str | os.PathLike[str], path: str | os.PathLike[st
 
 
 def plot_usage(counts: Sequence[int], path: str | os.PathLike[str], title: str = "") -> None:
-    """Codebook-usage histogram: per-code counts sorted by frequency (log scale)."""
+    """Codebook-usage histogram: per-code counts (K,) sorted by frequency (log scale).
+
+    Only used codes are bars (a count of 0 has no place on a log axis); the unused ones
+    keep their ranks on the x axis, shaded, and their number is in the title and legend.
+    """
     c = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
     k = len(c)
     used = int((c > 0).sum())
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar(np.arange(k), np.maximum(c, 0.5), width=1.0, color="tab:blue")
+    if used:
+        ax.bar(np.arange(used), c[:used], width=1.0, color="tab:blue", label=f"{used} used")
+    if used < k:
+        ax.axvspan(used - 0.5, k - 0.5, color="0.9", label=f"{k - used} unused (count 0)")
+    ax.set_xlim(-0.5, max(k, 1) - 0.5)
     ax.set_yscale("log")
     ax.set_xlabel("code rank (most used first)")
     ax.set_ylabel("assignments")
     p = c / max(c.sum(), 1)
     nz = p[p > 0]
     ppl = float(np.exp(-(nz * np.log(nz)).sum())) if nz.size else 1.0
-    ax.set_title(f"{title} codes used {used}/{k}, perplexity {ppl:.1f}".strip())
+    ax.set_title(f"{title} codes used {used}/{k} ({k - used} unused), perplexity {ppl:.1f}".strip())
+    if k:
+        ax.legend(loc="upper right")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     _save_fig(fig, path)

@@ -77,6 +77,27 @@ def _check_pair(x: torch.Tensor, codebook: torch.Tensor) -> None:
         )
 
 
+def _check_finite_pair(x: torch.Tensor, codebook: torch.Tensor) -> None:
+    """ValueError if a query row or a code holds NaN/Inf. A NaN/Inf code would otherwise
+    attract every query with a NaN distance, and a NaN query get an arbitrary index.
+
+    One fused min/max pass per tensor (NaN and Inf both surface in min or max) and a
+    single host sync; the per-row diagnosis runs only on the error path."""
+    if x.numel() == 0:
+        return
+    ends = torch.stack([*torch.aminmax(x.detach()), *torch.aminmax(codebook.detach())])
+    if bool(torch.isfinite(ends).all()):
+        return
+    for name, t, rows in (("x", x, "query rows"), ("codebook", codebook, "codebook rows")):
+        bad = (~torch.isfinite(t.detach()).all(dim=1)).nonzero().flatten().tolist()
+        if bad:
+            first = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise ValueError(
+                f"{name} has NaN or Inf in {len(bad)} of {t.shape[0]} {rows} ({first}); "
+                "nearest_code needs finite values"
+            )
+
+
 def _tile_sizes(n: int, k: int, max_scratch_bytes: int) -> tuple[int, int]:
     """Tile shape (rows, codes) whose fp32 scratch fits the budget."""
     budget = max(1, max_scratch_bytes // 4)
@@ -207,6 +228,7 @@ def nearest_code(
     code_sqnorm: torch.Tensor | None = None,
     max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
     backend: Backend = "torch",
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest code for every query, and its squared distance.
 
@@ -219,6 +241,9 @@ def nearest_code(
         backend: ``"torch"`` (default; CPU and CUDA, deterministic), ``"faiss"``
             (``faiss.IndexFlatL2``, CPU only, optional dependency) or ``"auto"``
             (FAISS when installed and the tensors are on CPU, else torch).
+        check_finite: raise ValueError naming the rows when ``x`` or ``codebook``
+            holds NaN/Inf (one min/max pass per tensor and one host sync; skipped while
+            ``torch.compile`` traces). Switch off when the caller has checked already.
 
     Returns:
         ``(indices, sq_dist)``: int64 (N,) with ties resolved to the lowest
@@ -231,6 +256,8 @@ def nearest_code(
         raise ValueError(f"max_scratch_bytes must be >= 4; got {max_scratch_bytes}")
     if backend not in ("auto", "torch", "faiss"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'faiss'; got {backend!r}")
+    if check_finite and not torch.compiler.is_compiling():
+        _check_finite_pair(x, codebook)
     n = x.shape[0]
     if n == 0:
         return (

@@ -32,8 +32,9 @@ from .cifar import (
     load_cifar10,
     verify_cifar10_archive,
 )
-from .idx import FASHION_MNIST_CLASSES, load_idx, read_idx
-from .imagefolder import is_tar_path, load_image_folder
+from .decode import read_image
+from .idx import FASHION_MNIST_CLASSES, find_idx_files, load_idx, read_idx
+from .imagefolder import image_folder_splits, is_tar_path, load_image_folder
 from .loader import BatchLoader, epoch_permutation, iterate_batches
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "DatasetDownloadError",
     "DatasetFormat",
     "ImageData",
+    "available_splits",
     "data_variance",
     "default_cache_dir",
     "denormalize",
@@ -60,6 +62,7 @@ __all__ = [
     "load_image_folder",
     "normalize",
     "read_idx",
+    "read_image",
     "verify_cifar10_archive",
 ]
 
@@ -87,7 +90,9 @@ def load_builtin(
     data = load_idx(
         BUILTIN_DIR, split, image_size=image_size, channels=channels, classes=FASHION_MNIST_CLASSES
     )
-    return ImageData(data.images, data.labels, data.classes, "builtin", data.split)
+    return ImageData(
+        data.images, data.labels, data.classes, "builtin", data.split, converted=data.converted
+    )
 
 
 def _tar_looks_like_cifar(path: Path) -> bool:
@@ -135,6 +140,64 @@ def detect_format(source: str | os.PathLike[str]) -> str:
     raise ValueError(f"{path}: unrecognised dataset file; {_FORMATS_HELP}")
 
 
+_TRAIN_TEST = ["test", "train"]
+
+
+def _named_source(source: str | os.PathLike[str], format: str) -> str | None:
+    """The dataset name ("cifar10" or "fashion-mnist") ``source`` stands for, or None (a
+    path, or an existing file of that name)."""
+    if Path(source).exists():
+        return None
+    name = str(source).lower().replace("_", "-")
+    if name in ("cifar10", "cifar-10") and format in ("auto", "cifar10"):
+        return "cifar10"
+    if name in ("fashion-mnist", "fashionmnist") and format in ("auto", "idx"):
+        return "fashion-mnist"
+    return None
+
+
+def available_splits(
+    source: str | os.PathLike[str] | None = None, *, format: DatasetFormat = "auto"
+) -> list[str]:
+    """The split names :func:`load_dataset` accepts for ``source``, sorted, without decoding
+    anything (a tar archive's member list is read). E.g. ``["test", "train"]``; an image
+    tree without split folders gives ``["train"]``. Raises like :func:`load_dataset` for a
+    missing or unrecognised source. Lets a caller choose an evaluation split explicitly
+    instead of catching a failed load."""
+    if (
+        source is None
+        or format == "builtin"
+        or (str(source) == "builtin" and not Path(source).exists())
+    ):
+        return list(_TRAIN_TEST)
+    if _named_source(source, format) is not None:
+        return list(_TRAIN_TEST)
+    path = Path(source)
+    fmt = detect_format(path) if format == "auto" else format
+    if fmt == "cifar10":
+        if path.is_file() or (path / CIFAR10_ARCHIVE).is_file():
+            return list(_TRAIN_TEST)  # the official archive holds both
+        folder = path / CIFAR10_FOLDER if (path / CIFAR10_FOLDER).is_dir() else path
+        files = {"test": "test_batch", "train": "data_batch_1"}
+        return [s for s in _TRAIN_TEST if (folder / files[s]).is_file()]
+    if fmt == "idx":
+        found = []
+        for split in _TRAIN_TEST:
+            try:
+                find_idx_files(path if path.is_dir() else path.parent, split)
+                found.append(split)
+            except (FileNotFoundError, ValueError):
+                pass
+        return found
+    return image_folder_splits(path)
+
+
+def _check_named_split(name: str, split: str) -> None:
+    # before any download: a bad split name must not cost a 163 MB fetch first
+    if split not in ("train", "test") and not (name == "fashion-mnist" and split == "t10k"):
+        raise ValueError(f"{name} has splits 'train' and 'test', not {split!r}")
+
+
 def load_dataset(
     source: str | os.PathLike[str] | None = None,
     split: str = "train",
@@ -172,8 +235,10 @@ def load_dataset(
         return load_builtin(split, image_size=image_size, channels=channels)
     path = Path(source)
     if not path.exists():
-        name = str(source).lower().replace("_", "-")
-        if name in ("cifar10", "cifar-10") and format in ("auto", "cifar10"):
+        named = _named_source(source, format)
+        if named is not None:
+            _check_named_split(named, split)
+        if named == "cifar10":
             cached = resolve_cache_dir(cache_dir)
             for cand in (cached / CIFAR10_FOLDER, cached / CIFAR10_ARCHIVE):
                 if cand.exists():
@@ -187,7 +252,7 @@ def load_dataset(
                     )
                 path = download_cifar10(cached)
             format = "cifar10"
-        elif name in ("fashion-mnist", "fashionmnist") and format in ("auto", "idx"):
+        elif named == "fashion-mnist":
             if not FASHION_MNIST_DIR.is_dir():
                 raise FileNotFoundError(
                     f"Fashion-MNIST not found at {FASHION_MNIST_DIR}; install it with "

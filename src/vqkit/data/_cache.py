@@ -2,8 +2,8 @@
 
 The key hashes the resolved source path, its size and mtime (for a directory: the size and
 mtime of every file under it) and the decode options, so editing or replacing the source
-invalidates the entry. Writes go to a temp file in the same directory and are then
-``os.replace``-d into place, so a crash or a concurrent reader never sees a partial file.
+invalidates the entry. Writes go through :func:`vqkit.fileio.atomic_write`, so a crash or a
+concurrent reader never sees a partial file.
 """
 
 from __future__ import annotations
@@ -12,18 +12,19 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..fileio import atomic_write, clean_stale_temps
+
 __all__ = ["CACHE_ENV", "default_cache_dir"]
 
 CACHE_ENV = "VQKIT_CACHE"
 # Bump when the decoded output for the same options changes (resampling, channel rules...).
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: channels=None means RGB unless every image is gray
 
 
 def default_cache_dir() -> Path:
@@ -85,23 +86,17 @@ def load_cached(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def save_cached(path: Path, arrays: dict[str, np.ndarray]) -> bool:
-    """Write ``arrays`` to ``path`` atomically; warn and return False if that fails."""
+    """Write ``arrays`` to ``path`` atomically; warn and return False if that fails (a full
+    disk included: the data is still returned, only not cached). Also removes temp files
+    that killed writers left in the cache folder."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **arrays)  # uncompressed: loading is then a plain read
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)  # uncompressed: loading is then a plain read
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        clean_stale_temps(path.parent)
+        atomic_write(path, write)
         return True
     except OSError as e:
         warnings.warn(f"could not write dataset cache {path}: {e}", stacklevel=3)

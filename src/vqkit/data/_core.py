@@ -32,6 +32,8 @@ class ImageData:
         source: where the data came from (path or name), for messages and logs.
         split: the split name ("train", "test", ...).
         skipped: paths of unreadable images that were left out (image folders only).
+        converted: images whose channel count was changed on loading (gray -> RGB or
+            RGB -> gray) to give the split one channel count.
     """
 
     images: torch.Tensor
@@ -40,6 +42,7 @@ class ImageData:
     source: str = ""
     split: str = ""
     skipped: tuple[str, ...] = field(default=(), repr=False)
+    converted: int = 0
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -95,7 +98,10 @@ class ImageData:
         images, labels = self.images[index], self.labels[index]
         if images.dim() == 3:  # a single int index; keep the batch dimension
             images, labels = images.unsqueeze(0), labels.reshape(1)
-        return ImageData(images, labels, self.classes, self.source, self.split, self.skipped)
+        # the conversion count describes the whole load, not the subset
+        return ImageData(
+            images, labels, self.classes, self.source, self.split, self.skipped, self.converted
+        )
 
     def to(self, device: torch.device | str) -> ImageData:
         """Copy of this split with images and labels on ``device`` (still uint8)."""
@@ -106,6 +112,7 @@ class ImageData:
             self.source,
             self.split,
             self.skipped,
+            self.converted,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -117,6 +124,7 @@ class ImageData:
             "shape": list(self.images.shape[1:]),
             "classes": list(self.classes),
             "skipped": len(self.skipped),
+            "converted": self.converted,
         }
 
 

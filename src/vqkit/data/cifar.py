@@ -8,11 +8,11 @@ a list of ints. ``batches.meta`` holds ``label_names``.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..fileio import atomic_write, clean_stale_temps, is_disk_full
 from ._cache import cache_file, load_cached, resolve_cache_dir, save_cached
 from ._core import ImageData, transform_array
 
@@ -57,8 +58,10 @@ _SPLIT_FILES = {
 BATCH_NAMES = frozenset(_SPLIT_FILES["train"] + _SPLIT_FILES["test"] + ("batches.meta",))
 
 
-class DatasetDownloadError(RuntimeError):
-    """A dataset could not be downloaded; the message says which file to put where."""
+class DatasetDownloadError(FileNotFoundError):
+    """A dataset is not on disk and could not be downloaded; the one-line message says which
+    file to put where. A FileNotFoundError (an OSError), so callers that report a missing
+    dataset report this the same way."""
 
 
 def file_md5(path: str | os.PathLike[str]) -> str:
@@ -93,17 +96,19 @@ def download_cifar10(
     if target.is_file():
         verify_cifar10_archive(target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=CIFAR10_ARCHIVE + ".", suffix=".part", dir=target.parent)
-    try:
+    clean_stale_temps(target.parent)  # e.g. a download killed half-way
+
+    def fetch(tmp: str) -> None:
         try:
             with (
-                os.fdopen(fd, "wb") as out,
+                open(tmp, "wb") as out,
                 urllib.request.urlopen(CIFAR10_URL, timeout=timeout) as resp,
             ):
                 while block := resp.read(1 << 20):
                     out.write(block)
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            if is_disk_full(e):
+                raise  # atomic_write reports it as a DiskFullError naming the target
             raise DatasetDownloadError(
                 f"could not download {CIFAR10_URL} ({e}). Without network access, download "
                 f"{CIFAR10_ARCHIVE} elsewhere and put it at {target} (md5 {CIFAR10_MD5}), "
@@ -111,10 +116,9 @@ def download_cifar10(
                 "folder as the dataset source."
             ) from e
         verify_cifar10_archive(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    # the archive appears under its name only once complete and verified
+    atomic_write(target, fetch)
     return target
 
 
@@ -256,6 +260,7 @@ def load_cifar10(
                 CIFAR10_CLASSES,
                 str(path),
                 split,
+                converted=len(hit["labels"]) if channels == 1 else 0,
             )
 
     if folder is not None:
@@ -270,5 +275,10 @@ def load_cifar10(
     if cache_path is not None:
         save_cached(cache_path, {"images": images, "labels": labels})
     return ImageData(
-        torch.from_numpy(images), torch.from_numpy(labels), CIFAR10_CLASSES, str(path), split
+        torch.from_numpy(images),
+        torch.from_numpy(labels),
+        CIFAR10_CLASSES,
+        str(path),
+        split,
+        converted=len(labels) if channels == 1 else 0,  # CIFAR-10 images are RGB
     )

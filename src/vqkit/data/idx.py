@@ -174,4 +174,5 @@ def load_idx(
         classes=tuple(classes),
         source=str(source),
         split="test" if split == "t10k" else split,
+        converted=len(labels) if channels == 3 else 0,  # idx images are gray
     )

@@ -15,7 +15,6 @@ The decoded uint8 array is cached (see :mod:`vqkit.data._cache`): later loads re
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import sys
@@ -30,14 +29,20 @@ import numpy as np
 import torch
 
 from ._cache import cache_file, load_cached, resolve_cache_dir, save_cached
-from ._core import ImageData, channels_to_mode, resize_center_crop
+from ._core import ImageData, channels_to_mode
+from .decode import decode_image, too_large_message
 
-__all__ = ["IMAGE_EXTENSIONS", "TAR_SUFFIXES", "is_tar_path", "load_image_folder"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "TAR_SUFFIXES",
+    "image_folder_splits",
+    "is_tar_path",
+    "load_image_folder",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 _MAX_LISTED = 5  # how many bad paths a warning or error names
 
 
@@ -65,6 +70,13 @@ def _list_directory(root: Path) -> list[str]:
     return out
 
 
+def _member_name(name: str) -> str:
+    name = name.lstrip("/")
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
 def _read_tar(path: Path) -> dict[str, bytes]:
     """All image members of a tar archive, read in one sequential pass (no unpacking)."""
     out: dict[str, bytes] = {}
@@ -73,9 +85,7 @@ def _read_tar(path: Path) -> dict[str, bytes]:
             for m in tf:
                 if not m.isfile():
                     continue
-                name = m.name.lstrip("/")
-                while name.startswith("./"):
-                    name = name[2:]
+                name = _member_name(m.name)
                 if not _is_image_name(name):
                     continue
                 f = tf.extractfile(m)
@@ -90,6 +100,23 @@ def _read_tar(path: Path) -> dict[str, bytes]:
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise ValueError(f"{path}: corrupt or truncated archive ({e})") from e
     return out
+
+
+def image_folder_splits(source: str | os.PathLike[str]) -> list[str]:
+    """Split folder names (train, test, val, valid, validation) present in an image tree or
+    tar of one, sorted; ``["train"]`` when it has none (the whole tree is "train")."""
+    path = Path(source)
+    if path.is_file():
+        try:
+            with tarfile.open(path, "r:*") as tf:
+                names = [_member_name(m.name) for m in tf if m.isfile()]  # headers only
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            raise ValueError(f"{path}: corrupt or truncated archive ({e})") from e
+        names = [n for n in names if _is_image_name(n)]
+    else:
+        names = _list_directory(path)
+    present = {part for n in names for part in n.split("/")[:-1]} & set(SPLIT_NAMES)
+    return sorted(present) or ["train"]
 
 
 def _path_key(rel: str) -> list[str]:
@@ -150,39 +177,25 @@ def _labels_for(rel_paths: Sequence[str]) -> tuple[list[int], tuple[str, ...], s
     return [0] * len(rel), (), prefix
 
 
-def _decode_one(item: bytes | str, mode: str, size: int | None) -> tuple[bytes, tuple[int, int]]:
-    """Decode one image to raw ``mode`` pixels; returns (pixel bytes, (height, width))."""
-    from PIL import Image
-
-    data = item if isinstance(item, bytes) else Path(item).read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # decode now, so a truncated or corrupt file raises here
-        img = im
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")  # avoids Pillow's palette-transparency warning
-        if img.mode != mode:
-            img = img.convert(mode)
-        if size is not None:
-            img = resize_center_crop(img, size)
-        return img.tobytes(), (img.height, img.width)
+# per image: (height, width, channels, was gray) or an error "Type: message"
+_Meta = tuple[int, int, int, bool] | str
+_Decoded = tuple[bytes, list[_Meta]]
+_TOO_LARGE = "DecompressionBombError"
 
 
-_Decoded = tuple[bytes, list[tuple[int, int] | str]]
-
-
-def _decode_chunk(args: tuple[list[bytes | str], str, int | None]) -> _Decoded:
-    """Decode a chunk; returns (all pixels concatenated, per image (h, w) or an error)."""
+def _decode_chunk(args: tuple[list[bytes | str], str | None, int | None]) -> _Decoded:
+    """Decode a chunk; returns (all pixels concatenated, per image its meta or an error)."""
     items, mode, size = args
     parts: list[bytes] = []
-    meta: list[tuple[int, int] | str] = []
+    meta: list[_Meta] = []
     for item in items:
         try:
-            pixels, hw = _decode_one(item, mode, size)
+            pixels, h, w, c, gray = decode_image(item, mode, size)
         except Exception as e:  # reported by path by the caller
             meta.append(f"{type(e).__name__}: {e}")
         else:
             parts.append(pixels)
-            meta.append(hw)
+            meta.append((h, w, c, gray))
     # One bytes object per chunk: far cheaper to send back from a worker than many arrays.
     return b"".join(parts), meta
 
@@ -195,7 +208,7 @@ def _cpu_count() -> int:
 
 
 def _decode_all(
-    items: list[bytes | str], mode: str, size: int | None, num_workers: int | None
+    items: list[bytes | str], mode: str | None, size: int | None, num_workers: int | None
 ) -> list[_Decoded]:
     n = len(items)
     if num_workers is None:
@@ -230,9 +243,12 @@ def load_image_folder(
     Returns images (N, C, H, W) uint8 and labels (N,) int64 (see the module docstring for
     the split/class rules). ``image_size``: resize the shorter side to it and centre-crop to
     a square; without it all images must share one size. ``channels``: 1 (grayscale) or 3
-    (RGB); None takes grayscale if the first image is grayscale, else RGB. ``split=None``
-    takes the whole tree. Unreadable images are skipped with a warning giving their count and
-    first paths (``on_error="raise"`` makes them an error). ``num_workers``: decode
+    (RGB); None gives grayscale only if every image is grayscale, else RGB, with a warning
+    giving the number of grayscale images converted (``ImageData.converted`` counts the
+    images whose channel count was changed, either way). ``split=None`` takes the whole
+    tree. Unreadable images are skipped with a warning giving their count and first paths
+    (``on_error="raise"`` makes them an error); an image over Pillow's decompression-bomb
+    limit is always an error naming the file. ``num_workers``: decode
     processes; None = up to 8 when there are >= 4 cores and >= 2000 images, else 0 (decode in
     this process).
     """
@@ -263,6 +279,9 @@ def load_image_folder(
             skipped = tuple(str(s) for s in hit["skipped"])
             if skipped:
                 _warn_skipped(path, skipped, len(hit["labels"]) + len(skipped))
+            converted = int(hit["converted"]) if "converted" in hit else 0
+            if channels is None and converted:
+                _warn_converted(path, converted, len(hit["labels"]))
             return ImageData(
                 torch.from_numpy(hit["images"]),
                 torch.from_numpy(hit["labels"]),
@@ -270,6 +289,7 @@ def load_image_folder(
                 str(path),
                 split or "all",
                 tuple(s.split(": ", 1)[0] for s in skipped),
+                converted,
             )
 
     blobs: dict[str, bytes] = {}
@@ -291,15 +311,20 @@ def load_image_folder(
     display = [f"{path}:{p}" if tar else str(path / p) for p in selected]
     del blobs
 
-    if channels is None:
-        channels = _guess_channels(items, display)
-    mode = channels_to_mode(channels)
-    decoded = _decode_all(items, mode, image_size, num_workers)
+    requested = channels
+    # channels=None: each image decodes as its own kind; the set's count is decided below
+    decoded = _decode_all(
+        items, None if channels is None else channels_to_mode(channels), image_size, num_workers
+    )
     del items
 
     meta = [m for _, part in decoded for m in part]
     good = [i for i, m in enumerate(meta) if not isinstance(m, str)]
     bad = [f"{display[i]}: {m}" for i, m in enumerate(meta) if isinstance(m, str)]
+    too_large = [i for i, m in enumerate(meta) if isinstance(m, str) and m.startswith(_TOO_LARGE)]
+    if too_large:  # never skipped: a huge photo is data the user meant to include
+        i = too_large[0]
+        raise ValueError(too_large_message(display[i], meta[i].split(": ", 1)[1]))  # type: ignore[union-attr]
     if bad and on_error == "raise":
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ValueError(f"cannot decode image {bad[0]}{more}")
@@ -308,21 +333,27 @@ def load_image_folder(
             f"{path}: none of the {len(meta)} images could be decoded: "
             + "; ".join(bad[:_MAX_LISTED])
         )
-    h, w = meta[good[0]]  # type: ignore[misc]
+    h, w = meta[good[0]][:2]
     for i in good:
-        if meta[i] != (h, w):
-            hi, wi = meta[i]  # type: ignore[misc]
+        if meta[i][:2] != (h, w):
+            hi, wi = meta[i][:2]
             raise ValueError(
                 f"images differ in size: {display[good[0]]} is {w}x{h} but {display[i]} is "
                 f"{wi}x{hi}; pass image_size to resize and crop them all"
             )
+    n_gray = sum(bool(meta[i][3]) for i in good)  # type: ignore[index]
+    if channels is None:
+        channels = 1 if n_gray == len(good) else 3
+    converted = n_gray if channels == 3 else len(good) - n_gray
     pixels = b"".join(buf for buf, _ in decoded)
     del decoded
-    out = np.frombuffer(pixels, dtype=np.uint8).reshape(len(good), h, w, channels)
-    images = out.transpose(0, 3, 1, 2).copy()  # writable, (N, C, H, W) contiguous
+    images = _assemble(pixels, [meta[i] for i in good], h, w, channels)  # type: ignore[misc]
+    del pixels
     label_arr = np.asarray([labels[i] for i in good], dtype=np.int64)
     if bad:
         _warn_skipped(path, tuple(bad), len(selected))
+    if requested is None and converted:
+        _warn_converted(path, converted, len(good))
     if cache_path is not None:
         save_cached(
             cache_path,
@@ -331,6 +362,7 @@ def load_image_folder(
                 "labels": label_arr,
                 "classes": np.asarray(classes, dtype=np.str_).reshape(-1),
                 "skipped": np.asarray(bad, dtype=np.str_).reshape(-1),
+                "converted": np.asarray(converted, dtype=np.int64),
             },
         )
     return ImageData(
@@ -340,21 +372,35 @@ def load_image_folder(
         str(path),
         split or "all",
         tuple(b.split(": ", 1)[0] for b in bad),
+        converted,
     )
 
 
-def _guess_channels(items: Sequence[bytes | str], display: Sequence[str]) -> int:
-    """1 if the first readable image is grayscale, else 3."""
-    from PIL import Image
+def _assemble(
+    pixels: bytes, meta: Sequence[tuple[int, int, int, bool]], h: int, w: int, channels: int
+) -> np.ndarray:
+    """(N, C, H, W) uint8 from the concatenated (H, W, c_i) pixels of every image; a gray
+    image in an RGB set has its one channel repeated (exactly Pillow's L -> RGB)."""
+    buf = np.frombuffer(pixels, dtype=np.uint8)
+    n = len(meta)
+    if all(m[2] == channels for m in meta):
+        return buf.reshape(n, h, w, channels).transpose(0, 3, 1, 2).copy()
+    out = np.empty((n, channels, h, w), dtype=np.uint8)
+    pos = 0
+    for j, (_, _, c, _) in enumerate(meta):
+        size = h * w * c
+        out[j] = buf[pos : pos + size].reshape(h, w, c).transpose(2, 0, 1)  # broadcasts 1 -> 3
+        pos += size
+    return out
 
-    for item in items[:20]:
-        try:
-            data = item if isinstance(item, bytes) else Path(item).read_bytes()
-            with Image.open(io.BytesIO(data)) as im:
-                return 1 if im.mode in _GRAY_MODES else 3
-        except Exception:
-            continue
-    return 3
+
+def _warn_converted(where: Path, converted: int, total: int) -> None:
+    warnings.warn(
+        f"{where}: {converted} of {total} images are grayscale and were converted to RGB "
+        "(the set holds RGB images too); pass channels=1 (--channels 1) to load all as "
+        "grayscale, or channels=3 to silence this",
+        stacklevel=3,
+    )
 
 
 def _warn_skipped(where: Path, bad: Sequence[str], total: int) -> None:

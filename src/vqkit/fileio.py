@@ -1,0 +1,227 @@
+"""Writing files a reader may open: atomic replace, strict JSON, orphaned-temp cleanup.
+
+Every file vqkit writes for a person or a later run (checkpoints, exported weights,
+pictures, JSON, the decoded-data cache) goes through :func:`atomic_write`:
+
+* the data goes to a temp file ``.{name}.{host}.{pid}.{random}.tmp`` in the target's
+  folder, is fsync'ed and then ``os.replace``-d onto the target: a reader sees the old
+  file or the new one, never a partial one, and a crash keeps the old file;
+* the new file gets the mode an ordinary ``open(path, "w")`` would give it (the old
+  file's mode, else ``0o666`` minus the umask), also when the writer (safetensors) makes
+  its output 0600;
+* on a full disk (ENOSPC) or exceeded quota (EDQUOT) it raises :class:`DiskFullError`
+  with a one-line message naming the file, keeps the old file and removes the temp;
+* a temp file orphaned by a killed writer (kill -9, power loss) is removed later by
+  :func:`clean_stale_temps`, which reads the writer's host and pid from the name.
+
+JSON is strict: :func:`dump_json` / :func:`write_json` never write ``NaN`` or
+``Infinity`` (which most JSON readers reject); a non-finite float becomes ``null``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DiskFullError",
+    "atomic_write",
+    "clean_stale_temps",
+    "dump_json",
+    "is_disk_full",
+    "write_json",
+]
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# .{name}.{host}.{pid}.{6 hex}.tmp; the name part may itself contain dots
+_TEMP_RE = re.compile(r"^\..*\.([A-Za-z0-9-]{1,16})\.(\d+)\.[0-9a-f]{6}\.tmp$")
+DEFAULT_STALE_AGE_S = 3600.0
+"""A temp file whose writer cannot be shown dead is removed once it is this old."""
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk is full or the quota is exhausted; the previous
+    version of the file is unchanged. ``errno`` is ENOSPC or EDQUOT, ``filename`` the
+    target; ``str()`` is the one-line message alone (no "[Errno 28]" prefix)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for an OSError meaning "no space left" (ENOSPC) or "quota exceeded" (EDQUOT)."""
+    return isinstance(e, OSError) and e.errno in _DISK_FULL
+
+
+def _host_tag() -> str:
+    tag = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname().split(".")[0])[:16]
+    return tag or "host"
+
+
+def _disk_full(e: OSError, path: Path) -> DiskFullError:
+    what = (
+        "disk quota exceeded"
+        if e.errno == getattr(errno, "EDQUOT", None)
+        else ("no space left on device")
+    )
+    msg = (
+        f"{what} writing {path}; the previous version (if any) is unchanged. "
+        "Free some space and try again"
+    )
+    return DiskFullError(e.errno, msg, str(path))
+
+
+def _target_mode(path: Path, fd: int) -> int:
+    """The mode open(path, "w") would leave: the old file's, else umask-applied 0o666 (the
+    fresh temp was created with 0o666, so its mode already has the umask applied; reading
+    it avoids os.umask(), which is process-global and racy)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return os.fstat(fd).st_mode & 0o777
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)``, then move the temp file onto ``path`` atomically.
+
+    ``write`` receives the path of an empty temp file in ``path``'s folder and may
+    rewrite or recreate it. Raises :class:`DiskFullError` on ENOSPC/EDQUOT; on any
+    failure the temp file is removed and the old ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # keep the whole name under NAME_MAX (255) with room for the suffix
+    tmp = path.parent / (
+        f".{path.name[:200]}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(3)}.tmp"
+    )
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            mode = _target_mode(path, fd)
+        finally:
+            os.close(fd)
+        write(str(tmp))
+        os.chmod(tmp, mode)  # safetensors' save_file, for one, leaves 0600
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if is_disk_full(e):
+            raise _disk_full(e, path) from e  # type: ignore[arg-type]
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; not every platform or filesystem allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pid_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, owned by someone else
+        return False
+    return False
+
+
+def clean_stale_temps(
+    directory: str | os.PathLike[str], *, max_age_s: float = DEFAULT_STALE_AGE_S
+) -> list[Path]:
+    """Remove temp files (``.*.tmp``) in ``directory`` left behind by killed writers.
+
+    A temp file is removed when its name says it was written on this host by a process
+    that no longer exists, or when it is older than ``max_age_s`` seconds (another host,
+    a reused pid, or a name without a pid). Temps of live writers, this process's own,
+    and every other file are left alone. Returns the removed paths; a missing directory
+    gives ``[]``.
+    """
+    directory = Path(directory)
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    host, me, now = _host_tag(), os.getpid(), time.time()
+    removed = []
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue  # vanished meanwhile: its writer finished
+        m = _TEMP_RE.match(name)
+        if m and m.group(1) == host and int(m.group(2)) == me:
+            continue
+        dead = bool(m) and m.group(1) == host and _pid_dead(int(m.group(2)))  # type: ignore[union-attr]
+        if dead or age > max_age_s:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(directory / name)
+    return removed
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None; numpy scalars and 0-d
+    tensors become Python numbers, tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    # numpy scalar, 0-d array or 0-d tensor (all have shape ())
+    if callable(getattr(obj, "item", None)) and tuple(getattr(obj, "shape", (1,))) == ():
+        return _finite(obj.item())
+    return obj
+
+
+def dump_json(obj: Any, *, indent: int | None = None, sort_keys: bool = False) -> str:
+    """Strict JSON text of ``obj``: a NaN or +/-Infinity float anywhere becomes ``null``
+    (so "no value" is explicit and every JSON reader accepts the file). numpy scalars and
+    0-d tensors are written as numbers. Other non-JSON objects are a TypeError."""
+    return json.dumps(_finite(obj), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
+def write_json(
+    path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2, sort_keys: bool = False
+) -> None:
+    """Write ``dump_json(obj)`` plus a newline to ``path`` atomically (see :func:`atomic_write`)."""
+    text = dump_json(obj, indent=indent, sort_keys=sort_keys) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)

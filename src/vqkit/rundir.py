@@ -1,0 +1,217 @@
+"""A run directory (``vqkit train --out DIR``): one writer at a time, clean starts, exact resumes.
+
+* :meth:`RunDir.lock` takes an exclusive ``flock`` on ``DIR/.lock``. The kernel drops it
+  when the holding process dies (kill -9 included), so a lock file left behind by a dead
+  run is simply taken over; a live holder makes a second run fail at once with a message
+  naming its pid and host (written into the lock file).
+* :meth:`RunDir.prepare` starts clean (``overwrite``: removes only the files vqkit
+  writes, never unknown ones) or keeps everything (``resume``); both remove temp files
+  orphaned by a killed writer.
+* :meth:`RunDir.truncate_metrics` drops the metric records a resumed run will write
+  again: those logged after the checkpoint it resumes from, and a line cut short.
+* :meth:`RunDir.log` / :meth:`RunDir.write_json` write strict JSON (no NaN/Infinity).
+
+The lock is advisory and per host-kernel; on NFS it relies on the server's lock support.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .fileio import atomic_write, clean_stale_temps, dump_json, write_json
+
+__all__ = ["ARTIFACTS", "RunDir", "RunDirBusyError"]
+
+ARTIFACTS = (
+    "metrics.jsonl",
+    "config.json",
+    "eval.json",
+    "model.safetensors",
+    "recon.png",
+    "curves.png",
+    "usage.png",
+)
+"""Files a run writes into its directory; ``prepare(overwrite=True)`` removes these only."""
+
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
+
+
+class RunDirBusyError(FileExistsError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunDir:
+    """One run's output directory (see the module docstring).
+
+    ``RunDir(path)`` touches nothing; ``with RunDir(path) as run:`` locks it for the
+    block. ``artifacts``: the file names :meth:`prepare` may remove on overwrite.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], artifacts: Iterable[str] = ARTIFACTS):
+        self.path = Path(path)
+        self.artifacts = tuple(artifacts)
+        self._fd: int | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        """``path/checkpoints``."""
+        return self.path / CHECKPOINTS
+
+    @property
+    def metrics_path(self) -> Path:
+        """``path/metrics.jsonl``."""
+        return self.path / METRICS
+
+    @property
+    def locked(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    # -- lock -------------------------------------------------------------------
+    def lock(self) -> RunDir:
+        """Take the directory's exclusive lock (creating the directory); a no-op if held.
+
+        Raises :class:`RunDirBusyError` (a FileExistsError) when another process, or
+        another RunDir object of this process, holds it.
+        """
+        if self._fd is not None:
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path / LOCK
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            os.close(fd)
+            who = "another process"
+            if len(holder) >= 2:
+                who = f"pid {holder[0]} on {holder[1]}"
+            raise RunDirBusyError(
+                f"run directory {self.path} is in use by {who}; wait for that run to end "
+                "or stop it, or choose another output directory"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # who holds it, for the message above; the lock itself is the flock, not this text
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def unlock(self) -> None:
+        """Release the lock. The file stays: unlinking it would let a process that has
+        it open lock a file no longer in the directory while a third makes a new one."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def __enter__(self) -> RunDir:
+        return self.lock()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.unlock()
+
+    # -- start / resume ------------------------------------------------------------
+    def existing_artifacts(self) -> list[Path]:
+        """The run files present (known artifacts and checkpoint files)."""
+        found = [self.path / n for n in self.artifacts if (self.path / n).is_file()]
+        if self.checkpoints.is_dir():
+            found += sorted(self.checkpoints.glob("*.pt"))
+        return found
+
+    def prepare(self, *, resume: bool = False, overwrite: bool = False) -> list[Path]:
+        """Lock the directory (if not yet) and make it ready for a run; returns the paths
+        removed.
+
+        ``resume``: keep everything. ``overwrite``: remove the known artifacts and
+        ``checkpoints/*.pt`` (other files stay; ``checkpoints/`` goes only if then empty).
+        Neither: the directory must hold no run files (FileExistsError naming them).
+        All three remove orphaned temp files (:func:`vqkit.fileio.clean_stale_temps`).
+        """
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other; pass one of them")
+        self.lock()
+        removed = clean_stale_temps(self.path) + clean_stale_temps(self.checkpoints)
+        present = self.existing_artifacts()
+        if overwrite:
+            for p in present:
+                p.unlink(missing_ok=True)
+                removed.append(p)
+            try:
+                self.checkpoints.rmdir()
+            except OSError:  # absent, or holds files that are not ours
+                pass
+        elif not resume and present:
+            names = ", ".join(str(p.relative_to(self.path)) for p in present[:5])
+            raise FileExistsError(
+                f"{self.path} already holds a run ({names}); resume it (--resume) or start "
+                "again (--overwrite)"
+            )
+        return removed
+
+    def truncate_metrics(self, step: int) -> int:
+        """Drop records of ``metrics.jsonl`` with ``"step" > step``, unreadable lines and a
+        trailing line without its newline (a kill mid-write). Call on resume with the
+        checkpoint's step: the resumed run logs those steps again. Returns the number of
+        lines dropped; the file is rewritten atomically, and only if something changes.
+        """
+        path = self.metrics_path
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return 0
+        lines = text.split("\n")
+        tail = lines.pop()  # "" when the file ends with a newline, else a partial line
+        keep, dropped = [], int(bool(tail))
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                dropped += 1
+                continue
+            s = rec.get("step") if isinstance(rec, Mapping) else None
+            if isinstance(s, (int, float)) and s > step:
+                dropped += 1
+                continue
+            keep.append(line)
+        if dropped:
+            body = "".join(line + "\n" for line in keep)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+        return dropped
+
+    # -- writing -------------------------------------------------------------------
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` as one strict-JSON line (non-finite floats
+        become null) and flush it. One write call per line, so lines do not interleave."""
+        line = dump_json(dict(record)) + "\n"
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """Write ``obj`` as strict, indented JSON to ``path/name`` atomically; returns the path."""
+        target = self.path / name
+        write_json(target, obj)
+        return target
