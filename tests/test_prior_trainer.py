@@ -168,15 +168,21 @@ def test_run_directory(tmp_path):
     assert PriorConfig.from_dict(best["model_config"]).num_classes == 3
     with pytest.raises(FileExistsError, match="--resume"):
         _trainer(out)
-    _trainer(out, overwrite=True)
-    with pytest.raises(CheckpointError, match="nothing to resume"):
-        _trainer(tmp_path / "empty", resume=True)
     with pytest.raises(CheckpointError, match="does not match"):
         P, pi = markov_chain(1)
         x = chain_sequences(P, pi, 100, 3)
         PriorTrainer(PriorConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=V),
                      PriorTrainConfig(progress=False), out, data(x, 3), data(x, 3),
                      resume=True)  # fmt: skip
+    first = _trainer(out, resume=True)  # holds the run directory's lock until closed
+    with pytest.raises(FileExistsError, match="in use by pid"):
+        _trainer(out, overwrite=True)
+    first.close()
+    (out / "samples").mkdir()
+    (out / "samples" / "step_0000005.png").write_bytes(b"old")
+    with _trainer(out, overwrite=True):  # a fresh start removes the old run's files
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+        assert not list((out / "samples").iterdir())
 
 
 def test_sequence_loader_shards_and_resumes_across_world_sizes():

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
 from ..data import epoch_permutation
+from ..fileio import atomic_write
 from ..models import VQVAE
 
 __all__ = [

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write
+from ..fileio import atomic_write
 from ..plots import image_grid
 
 __all__ = ["plot_prior_curves", "save_grid"]

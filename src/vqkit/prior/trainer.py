@@ -17,10 +17,15 @@ on the same quantity in nats). Learning rate at step s (0-based) of S, warm-up W
     lr(s) = lr * (s + 1) / W                                         s < W
     lr(s) = lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2)   otherwise
 
-with r = ``min_lr_ratio``. ``resume=True`` restores model, optimizer, RNG and data
-position from ``checkpoints/last.pt``: a run interrupted at step N and resumed gives
-the same weights as an uninterrupted one (the schedule depends on ``steps``, so resume
-with the same ``steps``).
+with r = ``min_lr_ratio``. The directory is a :class:`vqkit.rundir.RunDir`: rank 0 holds
+its lock from construction to the end of :meth:`PriorTrainer.fit` (or ``close()``), a
+fresh start refuses a directory holding a run unless ``overwrite`` (which removes only
+the files listed in :data:`ARTIFACTS`, the checkpoints and ``samples/step_*.png``).
+
+``resume=True`` restores model, optimizer, RNG, data position and the log window from
+``checkpoints/last.pt`` and drops the metric records written after it: a run
+interrupted at step N and resumed gives the same weights and records as an
+uninterrupted one (the schedule depends on ``steps``: resume with the same ``steps``).
 
 Distributed (``torchrun``): DistributedDataParallel, each rank reads its own shard of
 every epoch (``batch_size`` per rank); losses are all-reduced for the logs together with
@@ -33,10 +38,7 @@ resumes exactly.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,32 +48,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import distributed
-from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..fileio import write_json
+from ..rundir import RunDir
 from .codes import CodeData, SequenceLoader, Tokenizer
 from .config import PriorConfig, PriorTrainConfig
+from .runutil import DeferredInterrupt, launch_rank, rank_device
 from .transformer import Prior
 
-__all__ = ["PriorTrainer", "lr_at", "rank_device", "resolve_device"]
+__all__ = ["ARTIFACTS", "PriorTrainer", "lr_at"]
 
 LN2 = math.log(2.0)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU; a named CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
-def rank_device(name: str) -> torch.device:
-    """:func:`resolve_device`, and under torchrun one GPU per process (by LOCAL_RANK)."""
-    dev = resolve_device(name)
-    if distributed.env_world_size() > 1 and dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", distributed.local_rank())
-    return dev
+# what a prior run writes into its directory (removed by --overwrite; sample PNGs too)
+ARTIFACTS = ("metrics.jsonl", "config.json", "eval.json", "curves.png", "samples.png")
 
 
 def lr_at(step: int, cfg: PriorTrainConfig) -> float:
@@ -82,30 +71,6 @@ def lr_at(step: int, cfg: PriorTrainConfig) -> float:
     frac = min((step - cfg.warmup) / span, 1.0)
     r = cfg.min_lr_ratio
     return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-class _DeferredInterrupt:
-    """Inside the block the first Ctrl-C only sets ``requested`` (the loop stops at the
-    next step boundary, with model, optimizer and loader in step); a second one
-    interrupts at once. Signals reach only the main thread."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _DeferredInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 class PriorTrainer:
@@ -145,8 +110,29 @@ class PriorTrainer:
             )
         if resume and not self.last_path.exists():
             raise CheckpointError(f"nothing to resume: {self.last_path} does not exist")
-        # RUN LOCK: take vqkit.rundir.RunDir(out).lock() here once branch 'faults' lands,
-        # so that two processes cannot write one run directory.
+        # one writer per run directory: rank 0 holds its lock until fit() or close() ends
+        self.run = RunDir(self.out, artifacts=ARTIFACTS)
+        self.is_main = launch_rank() == 0
+        if self.is_main:
+            self.run.prepare(resume=resume, overwrite=overwrite)
+            if overwrite:
+                for png in self.out.glob("samples/step_*.png"):
+                    png.unlink()
+        try:
+            self._setup(config, train_config, train_data, test_data, tokenizer, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(
+        self,
+        config: PriorConfig,
+        train_config: PriorTrainConfig,
+        train_data: CodeData,
+        test_data: CodeData,
+        tokenizer: Tokenizer | None,
+        resume: bool,
+    ) -> None:
         self.tokenizer = tokenizer
         self.train_data, self.test_data = train_data, test_data
         classes = len(train_data.classes) if config.class_cond else 0
@@ -170,7 +156,6 @@ class PriorTrainer:
             torch.cuda.set_device(self.device)
         self._owns_group = distributed.init_from_env(self.device)
         self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.is_main = self.rank == 0
 
         torch.manual_seed(train_config.seed)  # same init (and dropout draws) on every rank
         self.model = Prior(self.config).to(self.device)
@@ -201,6 +186,8 @@ class PriorTrainer:
         self.resume = resume
         if resume:
             self._restore(load_checkpoint(self.last_path, map_location=self.device))
+            if self.is_main:  # the steps after the checkpoint are logged again
+                self.run.truncate_metrics(self.step)
 
     # -- state ------------------------------------------------------------------------
     def _payload(self) -> dict[str, Any]:
@@ -256,24 +243,8 @@ class PriorTrainer:
 
     # -- metrics ----------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        if self.is_main:  # allow_nan=False: metrics.jsonl stays strict JSON
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-
-    def _prepare_metrics(self) -> None:
-        """Fresh run: an empty metrics file. Resume: drop the records written after the
-        checkpoint (that stretch is trained again)."""
-        # RUN DIR: vqkit.rundir.RunDir.prepare / truncate_metrics replace this on 'faults'
-        path = self.out / "metrics.jsonl"
-        if not self.resume or not path.exists():
-            path.write_text("")
-            return
-        keep = [
-            line
-            for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= self.step
-        ]
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
+        if self.is_main:
+            self.run.log(record)  # strict JSON
 
     @torch.no_grad()
     def bits_per_code(self, data: CodeData, limit: int = 0, batch_size: int = 256) -> float:
@@ -334,8 +305,20 @@ class PriorTrainer:
         try:
             return self._fit(until)
         finally:
-            if self._owns_group:
-                distributed.teardown()
+            self.close()
+
+    def close(self) -> None:
+        """Release the run directory's lock and a process group this trainer created."""
+        self.run.unlock()
+        if getattr(self, "_owns_group", False):
+            distributed.teardown()
+            self._owns_group = False
+
+    def __enter__(self) -> PriorTrainer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _run_info(self) -> dict[str, Any]:
         return {
@@ -359,11 +342,7 @@ class PriorTrainer:
         end = cfg.steps if until is None else min(until, cfg.steps)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write(
-                self.out / "config.json",
-                lambda tmp: Path(tmp).write_text(json.dumps(self._run_info(), indent=2)),
-            )
-            self._prepare_metrics()
+            self.run.write_json("config.json", self._run_info())
         bar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
@@ -371,7 +350,7 @@ class PriorTrainer:
             bar = tqdm(
                 total=cfg.steps, initial=self.step, desc="prior", unit="step", dynamic_ncols=True
             )
-        stop = _DeferredInterrupt()
+        stop = DeferredInterrupt()
         self._timer = (0, time.perf_counter())  # (steps timed, since)
         try:
             with stop:
@@ -465,9 +444,7 @@ class PriorTrainer:
 
         result = {"step": self.step, **self.evaluate()}
         result["eval_sequences"] = self.tcfg.eval_sequences
-        atomic_write(
-            self.out / "eval.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2))
-        )
+        write_json(self.out / "eval.json", result)
         with contextlib.suppress(ValueError):  # no records yet (steps=0)
             plot_prior_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         return result
