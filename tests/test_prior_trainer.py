@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -141,6 +142,29 @@ def test_resume_is_bit_exact(tmp_path):
     ra, rb = _records(tmp_path / "full/metrics.jsonl"), _records(tmp_path / "part/metrics.jsonl")
     assert strip(ra) == strip(rb)  # the stretch after step 6 was not logged twice
     assert [r["step"] for r in ra if r["kind"] == "eval"] == [5, 10, 12]
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path, monkeypatch):
+    """A SIGINT in the middle of step 7 lets the step finish, saves last.pt at step 7 and
+    re-raises KeyboardInterrupt; the resumed run ends where an uninterrupted one does."""
+    _trainer(tmp_path / "full").fit()
+    step = PriorTrainer.train_step
+
+    def interrupted(self, seq, labels):
+        if self.step == 6:  # inside step 7 (0-based 6): the handler only sets a flag
+            signal.raise_signal(signal.SIGINT)
+        return step(self, seq, labels)
+
+    monkeypatch.setattr(PriorTrainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path / "part").fit()
+    monkeypatch.setattr(PriorTrainer, "train_step", step)
+    assert load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["step"] == 7
+    _trainer(tmp_path / "part", resume=True).fit()
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.timeout(60)

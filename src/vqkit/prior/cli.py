@@ -138,7 +138,8 @@ def run_prior(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
         try:
-            result = trainer.fit()
+            with torch.enable_grad():  # also when the caller runs commands under no_grad
+                result = trainer.fit()
         except KeyboardInterrupt:
             return 130
     finally:

@@ -388,9 +388,10 @@ class PriorTrainer:
         if self.step < cfg.steps:  # stopped at ``until``
             self.save()
             return {"step": self.step}
-        if not self.is_main:
-            return {"step": self.step}
-        return self.finish()
+        result = self.finish() if self.is_main else {"step": self.step}
+        if self.world > 1:  # leave together: no rank tears down while rank 0 still writes
+            dist.barrier()
+        return result
 
     def _record(self, values: dict[str, float]) -> None:
         """Add a step's figures to the window; every ``log_every`` steps log its means."""
