@@ -20,6 +20,8 @@ from vqkit.prior.cli import main
 
 from .test_prior_codes import make_tokenizer
 
+pytestmark = pytest.mark.timeout(60)  # tests that need longer say so
+
 PRIOR_FLAGS = [
     "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
     "--eval-every", "3", "--log-every", "3", "--eval-sequences", "32", "--num-samples", "4",

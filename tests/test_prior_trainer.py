@@ -15,6 +15,8 @@ from vqkit.prior import PriorConfig, PriorTrainConfig
 from vqkit.prior.codes import CodeData, SequenceLoader
 from vqkit.prior.trainer import PriorTrainer, lr_at
 
+pytestmark = pytest.mark.timeout(60)  # tests that need longer say so
+
 V, SHAPE = 8, (4, 4)
 T = 16
 

@@ -8,7 +8,8 @@ A prior run directory follows the conventions of ``vqkit train``::
     checkpoints/last.pt  written atomically at every evaluation, at the end and on Ctrl-C;
     checkpoints/best.pt  best = lowest test bits per code
     samples.png          decoded samples of the latest evaluation (samples/step_N.png kept)
-    curves.png           bits per code (train, test) and learning rate against step
+    curves.png           bits per code (train, test) and learning rate against step; both
+                         pictures are rewritten at every evaluation
     eval.json            the final evaluation
 
 Loss: the mean over codes of ``-log2 p(c_t | c_<t, y)`` (bits per code; the model trains
@@ -37,7 +38,6 @@ resumes exactly.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -412,12 +412,17 @@ class PriorTrainer:
         self._timer = (0, time.perf_counter())
 
     def _periodic_eval(self) -> None:
+        """Evaluate, log, keep the best checkpoint, write the sample grid and the curves."""
+        from .report import plot_prior_curves
+
         result = self.evaluate()
+        self.last_eval = {"step": self.step, **result}
         self._log({"kind": "eval", "step": self.step, **result})
         if result["test_bits"] < self.best_bits:
             self.best_bits = result["test_bits"]
             save_checkpoint(self.best_path, self._payload())
         self.write_samples()
+        plot_prior_curves(self.run.metrics_path, self.out / "curves.png")
 
     def sample_labels(self, n: int) -> torch.Tensor | None:
         """Labels of the sample grid: classes in turn (None for an unconditional prior)."""
@@ -440,12 +445,11 @@ class PriorTrainer:
         save_grid(images, self.out / "samples.png")
 
     def finish(self) -> dict[str, Any]:
-        """Final evaluation (``eval.json``) and curves."""
-        from .report import plot_prior_curves
-
-        result = {"step": self.step, **self.evaluate()}
-        result["eval_sequences"] = self.tcfg.eval_sequences
+        """The final evaluation (the last periodic one, made at this step) to ``eval.json``."""
+        last = getattr(self, "last_eval", None)
+        result = (
+            last if last and last["step"] == self.step else {"step": self.step, **self.evaluate()}
+        )
+        result = {**result, "eval_sequences": self.tcfg.eval_sequences}
         write_json(self.out / "eval.json", result)
-        with contextlib.suppress(ValueError):  # no records yet (steps=0)
-            plot_prior_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         return result
