@@ -1,0 +1,313 @@
+"""``vqkit prior`` and ``vqkit sample``: the argument declarations and the handlers.
+
+    vqkit prior --tokenizer RUN_DIR --out PRIOR_DIR [--steps N] [--n-layer L] ...
+    vqkit sample PRIOR_DIR --num N --out DIR [--class C] [--temperature T] [--top-k K]
+                 [--top-p P] [--cfg-scale S] [--seed S] [--batch-size B]
+
+The integrator adds them to ``vqkit.cli`` as subcommands::
+
+    p = sub.add_parser("prior", help=...); add_prior_arguments(p)     # -> run_prior(args)
+    p = sub.add_parser("sample", help=...); add_sample_arguments(p)   # -> run_sample(args)
+
+Bad input raises ValueError (CheckpointError, a ValueError, for unreadable files) with a
+one-line message; ``vqkit.cli.main`` turns it into exit code 2. :func:`main` here does
+the same, for use before the integration (``python -m vqkit.prior.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..options import add_arguments, option_fields
+from .config import PriorConfig, PriorTrainConfig
+from .sampling import SampleOptions
+
+__all__ = ["add_prior_arguments", "add_sample_arguments", "main", "run_prior", "run_sample"]
+
+
+def _given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The options of ``cls`` named on the command line (flags default to None)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in option_fields(cls)
+        if getattr(args, f.name, None) is not None
+    }
+
+
+def add_prior_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``vqkit prior``: the tokenizer run, the output directory, resume and
+    overwrite, then one flag per option of :class:`PriorConfig` and
+    :class:`PriorTrainConfig`."""
+    parser.add_argument(
+        "--tokenizer",
+        metavar="RUN_DIR",
+        help="vqkit train run directory (default with --resume: the stored one)",
+    )
+    parser.add_argument(
+        "--tokenizer-checkpoint",
+        metavar="NAME",
+        default=None,
+        help="weights file inside RUN_DIR (default: checkpoints/best.pt, else "
+        "checkpoints/last.pt, else model.safetensors)",
+    )
+    parser.add_argument(
+        "--out",
+        "--out-dir",
+        dest="out",
+        required=True,
+        metavar="PRIOR_DIR",
+        help="prior run directory",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (stored options; flags override them)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
+    parser.add_argument(
+        "--data", default=None, help="dataset to encode instead of the tokenizer's (not cached)"
+    )
+    add_arguments(parser.add_argument_group("architecture"), PriorConfig)
+    add_arguments(parser.add_argument_group("training"), PriorTrainConfig)
+
+
+def run_prior(args: argparse.Namespace) -> int:
+    """Train a prior on a tokenizer's codes (see :mod:`vqkit.prior.trainer`); 0 on
+    success, 130 when interrupted (the run is saved for ``--resume``)."""
+    import torch.distributed as dist
+
+    from .. import distributed
+    from ..checkpoint import load_checkpoint
+    from .codes import load_codes, load_tokenizer
+    from .runutil import rank_device
+    from .trainer import PriorTrainer
+
+    out = Path(args.out)
+    model_base: dict[str, Any] = {}
+    train_base: dict[str, Any] = {}
+    stored_tok: dict[str, Any] | None = None
+    if args.resume:  # the stored options, flags on top
+        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+        model_base, train_base = ckpt["model_config"], ckpt["train_config"]
+        stored_tok = ckpt.get("tokenizer")
+    config = PriorConfig.from_dict({**model_base, **_given(args, PriorConfig)})
+    train_config = PriorTrainConfig.from_dict({**train_base, **_given(args, PriorTrainConfig)})
+    tok_dir = args.tokenizer or (stored_tok or {}).get("run_dir")
+    if tok_dir is None:
+        raise ValueError("--tokenizer RUN_DIR is required (the vqkit train run to model)")
+    tok_ckpt = args.tokenizer_checkpoint or (
+        stored_tok["checkpoint"] if stored_tok and not args.tokenizer else None
+    )
+    device = rank_device(train_config.device)
+    owns_group = distributed.init_from_env(device)
+    try:
+        main_rank = distributed.rank() == 0
+        tok = load_tokenizer(
+            tok_dir,
+            checkpoint=tok_ckpt,
+            device=device,
+            expect_sha256=stored_tok["sha256"] if stored_tok else None,
+        )
+        if distributed.world_size() > 1 and not main_rank:
+            dist.barrier()  # rank 0 encodes and fills the cache first
+        train, test, cached = load_codes(
+            tok, data=args.data, progress=train_config.progress and main_rank
+        )
+        if distributed.world_size() > 1 and main_rank:
+            dist.barrier()
+        if main_rank:
+            how = "cached" if cached else "encoded"
+            print(
+                f"codes {how}: {len(train)} train / {len(test)} test index maps "
+                f"{tuple(train.code_shape)} of {tok.num_codes} codes ({tok.checkpoint})"
+            )
+        trainer = PriorTrainer(
+            config,
+            train_config,
+            out,
+            train,
+            test,
+            tokenizer=tok,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+        try:
+            with torch.enable_grad():  # also when the caller runs commands under no_grad
+                result = trainer.fit()
+        except KeyboardInterrupt:
+            return 130
+    finally:
+        if owns_group:
+            distributed.teardown()
+    if main_rank:
+        print(json.dumps(result, indent=2))
+        print(
+            f"prior written to {out}: checkpoints/ metrics.jsonl curves.png samples.png eval.json"
+        )
+    return 0
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``vqkit sample``: the prior run, how many, where, the class, the seed, the
+    batch size, and the options of :class:`SampleOptions`."""
+    parser.add_argument("prior", metavar="PRIOR_DIR", help="vqkit prior run directory")
+    parser.add_argument("--num", type=int, default=16, help="samples to draw (default: 16)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument(
+        "--class",
+        dest="class_id",
+        default=None,
+        metavar="C",
+        help="class id or name for every sample; 'null' for the unconditional "
+        "class (default: the classes in turn; an unconditional prior: null)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="samples decoded together (default: 64)"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default=None,
+        help="prior weights (default: best when present, else last)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="RUN_DIR",
+        default=None,
+        help="the tokenizer run, if it moved (its weights must be the same file)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    add_arguments(parser.add_argument_group("sampling"), SampleOptions)
+
+
+def load_prior(
+    prior_dir: str | Path, which: str | None = None, device: torch.device | str = "cpu"
+) -> tuple[Any, dict[str, Any]]:
+    """(model in eval mode, checkpoint dict) from ``PRIOR_DIR/checkpoints/{best,last}.pt``."""
+    from ..checkpoint import CheckpointError, load_checkpoint
+    from .transformer import Prior
+
+    ckpt_dir = Path(prior_dir) / "checkpoints"
+    names = [which] if which else ["best", "last"]
+    paths = [ckpt_dir / f"{n}.pt" for n in names if (ckpt_dir / f"{n}.pt").is_file()]
+    if not paths:
+        raise ValueError(f"{prior_dir} holds no prior checkpoint ({' or '.join(names)}.pt)")
+    ckpt = load_checkpoint(paths[0], map_location="cpu")
+    if ckpt.get("kind") != "vqkit-prior":
+        raise CheckpointError(f"{paths[0]} is not a prior checkpoint (vqkit prior writes them)")
+    model = Prior(PriorConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def _class_labels(spec: str | None, classes: list[str], num: int, null: int) -> torch.Tensor:
+    """Labels (num,) from ``--class``: an id, a class name, 'null', or None (in turn)."""
+    if spec is None:
+        return torch.arange(num) % len(classes) if classes else torch.full((num,), null)
+    if spec.lower() in ("null", "none"):
+        return torch.full((num,), null)
+    if spec in classes:
+        return torch.full((num,), classes.index(spec))
+    try:
+        cid = int(spec)
+    except ValueError:
+        raise ValueError(f"unknown class {spec!r}; the prior's classes: {classes}") from None
+    if not classes:
+        raise ValueError("--class: this prior is unconditional (trained without classes)")
+    if not 0 <= cid < len(classes):
+        raise ValueError(
+            f"class id {cid} out of range: this prior has classes 0..{len(classes) - 1}"
+        )
+    return torch.full((num,), cid)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """Draw samples from a prior, decode them with its tokenizer, write PNGs and index maps."""
+    import numpy as np
+
+    from ..plots import save_images
+    from .codes import load_tokenizer
+    from .report import save_grid
+    from .runutil import resolve_device
+
+    opts = SampleOptions.from_dict(_given(args, SampleOptions), where="sample options")
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1; got {args.num}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    device = resolve_device(args.device)
+    model, ckpt = load_prior(args.prior, args.checkpoint, device)
+    stored = ckpt.get("tokenizer") or {}
+    run_dir = args.tokenizer or stored.get("run_dir")
+    if run_dir is None:
+        raise ValueError(f"{args.prior}: no tokenizer recorded; pass --tokenizer RUN_DIR")
+    tok = load_tokenizer(
+        run_dir,
+        checkpoint=stored.get("checkpoint"),
+        device=device,
+        expect_sha256=stored.get("sha256"),
+    )
+    labels = _class_labels(args.class_id, list(ckpt.get("classes", [])), args.num, model.null_class)
+    cond = labels if model.config.num_classes else None
+    if cond is not None and bool((labels == model.null_class).any()):
+        if opts.cfg_scale != 1.0:
+            raise ValueError("--cfg-scale needs a class to guide towards (not 'null')")
+        cond = None  # 'null': the unconditional model itself
+    g = torch.Generator(device).manual_seed(args.seed)
+    codes = model.sample(args.num, opts, labels=cond, generator=g, batch_size=args.batch_size)
+    images = torch.cat(
+        [
+            tok.model.decode(codes[i : i + args.batch_size])
+            for i in range(0, args.num, args.batch_size)
+        ]
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"sample_{i:04d}" for i in range(args.num)]
+    save_images(images, [out / f"{n}.png" for n in names])
+    for n, c in zip(names, codes.cpu().numpy().astype(np.int64), strict=True):
+        np.save(out / f"{n}.npy", c)  # (h, w) or (h, w, Q): what vqkit decode reads
+    save_grid(images, out / "grid.png")
+    meta = {
+        "prior": str(Path(args.prior).resolve()),
+        "seed": args.seed,
+        "num": args.num,
+        "options": opts.to_dict(),
+        "labels": labels.tolist(),
+        "classes": list(ckpt.get("classes", [])),
+        "tokenizer_sha256": tok.sha256,
+    }
+    (out / "samples.json").write_text(json.dumps(meta, indent=2))
+    shape = tuple(codes.shape[1:])
+    print(f"{args.num} samples -> {out}/grid.png, sample_*.png, sample_*.npy {shape}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vqkit.prior.cli {prior,sample} ...``; errors -> exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog="vqkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_prior_arguments(sub.add_parser("prior", help="train an autoregressive prior"))
+    add_sample_arguments(sub.add_parser("sample", help="draw images from a prior"))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prior":
+            return run_prior(args)
+        with torch.no_grad():
+            return run_sample(args)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+        print(f"vqkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The prior's options, declared once (:func:`vqkit.options.option`).
+
+:class:`PriorConfig` rebuilds a :class:`~vqkit.prior.Prior`: the architecture options
+(command-line flags of ``vqkit prior``) and three shape fields that come from the
+tokenizer and its data, not from the user (``vocab_size``, ``code_shape``,
+``num_classes``). :class:`PriorTrainConfig` holds the training options. A prior
+checkpoint stores both ``to_dict()`` and rebuilds them with ``from_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..options import (
+    Options,
+    nonneg,
+    nonneg_int,
+    option,
+    positive,
+    positive_int,
+    unit_interval,
+)
+
+__all__ = ["PriorConfig", "PriorTrainConfig"]
+
+
+def _dropout(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else "in [0, 1)"
+
+
+@dataclass
+class PriorConfig(Options):
+    """Architecture of the autoregressive prior (see :class:`~vqkit.prior.Prior`)."""
+
+    n_layer: int = option(4, "transformer blocks", check=positive_int)
+    n_head: int = option(4, "attention heads per block", check=positive_int)
+    n_embd: int = option(
+        256, "width of the residual stream (a multiple of --n-head)", check=positive_int
+    )
+    dropout: float = option(
+        0.1, "dropout on attention weights and residual branches", check=_dropout
+    )
+    pos: str = option(
+        "learned",
+        "position encoding: learned embeddings or rotary (rope)",
+        choices=("learned", "rope"),
+    )
+    class_cond: bool = option(True, "condition on the data's class labels when it has any")
+    class_dropout: float = option(
+        0.1,
+        "probability of training on the null class instead of the label (enables "
+        "classifier-free guidance)",
+        check=unit_interval,
+    )
+    tie_weights: bool = option(True, "share the token embedding with the output head")
+    # set from the tokenizer and its data, not command-line options
+    vocab_size: int = 0  # the tokenizer's codes per position (K, or per stage for rvq)
+    code_shape: list[int] = field(default_factory=list)  # (h, w) or (h, w, Q)
+    num_classes: int = 0  # 0: unconditional (only the null class)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            head = self.n_embd // self.n_head
+            raise ValueError(f"pos='rope' needs an even head size; got {head}")
+        self.code_shape = [int(s) for s in self.code_shape]  # a JSON trip gives a list
+        if self.code_shape and (len(self.code_shape) not in (2, 3) or min(self.code_shape) < 1):
+            raise ValueError(f"code_shape must be (h, w) or (h, w, Q); got {self.code_shape}")
+        for name in ("vocab_size", "num_classes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0; got {v!r}")
+
+    @property
+    def seq_len(self) -> int:
+        """T = h * w (* Q): codes per image, the length of a sequence."""
+        return math.prod(self.code_shape) if self.code_shape else 0
+
+
+@dataclass
+class PriorTrainConfig(Options):
+    """Options of one ``vqkit prior`` training run."""
+
+    steps: int = option(3000, "optimizer steps", check=nonneg_int)
+    batch_size: int = option(64, "sequences per step and per process", check=positive_int)
+    lr: float = option(6e-4, "peak learning rate (AdamW)", check=positive)
+    weight_decay: float = option(0.1, "AdamW weight decay of the weight matrices", check=nonneg)
+    warmup: int = option(100, "linear learning-rate warm-up steps", check=nonneg_int)
+    min_lr_ratio: float = option(
+        0.1, "final learning rate / peak after the cosine decay", check=unit_interval
+    )
+    grad_clip: float = option(1.0, "clip the gradient norm to this; 0: no clipping", check=nonneg)
+    eval_every: int = option(
+        500, "evaluate, sample and checkpoint every N steps", check=positive_int
+    )
+    eval_sequences: int = option(
+        2000, "sequences per split of each evaluation; 0: all", check=nonneg_int
+    )
+    log_every: int = option(50, "write a train record every N steps", check=positive_int)
+    num_samples: int = option(16, "images in the sample grid of each evaluation", check=nonneg_int)
+    seed: int = option(0, "seed of initialisation, data order and class dropout")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    progress: bool = option(True, "show a progress bar")

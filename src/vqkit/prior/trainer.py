@@ -1,0 +1,455 @@
+"""Training loop of the prior: AdamW, warm-up and cosine decay, metrics, checkpoints.
+
+A prior run directory follows the conventions of ``vqkit train``::
+
+    config.json          the resolved options, the tokenizer (path, sha256), the data
+    metrics.jsonl        strict JSON, one object per log interval ("kind": "train") and
+                         per evaluation ("kind": "eval"); NLL in bits per code
+    checkpoints/last.pt  written atomically at every evaluation, at the end and on Ctrl-C;
+    checkpoints/best.pt  best = lowest test bits per code
+    samples.png          decoded samples of the latest evaluation (samples/step_N.png kept)
+    curves.png           bits per code (train, test) and learning rate against step; both
+                         pictures are rewritten at every evaluation
+    eval.json            the final evaluation
+
+Loss: the mean over codes of ``-log2 p(c_t | c_<t, y)`` (bits per code; the model trains
+on the same quantity in nats). Learning rate at step s (0-based) of S, warm-up W::
+
+    lr(s) = lr * (s + 1) / W                                         s < W
+    lr(s) = lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2)   otherwise
+
+with r = ``min_lr_ratio``. The directory is a :class:`vqkit.rundir.RunDir`: rank 0 holds
+its lock from construction to the end of :meth:`PriorTrainer.fit` (or ``close()``), a
+fresh start refuses a directory holding a run unless ``overwrite`` (which removes only
+the files listed in :data:`ARTIFACTS`, the checkpoints and ``samples/step_*.png``).
+
+``resume=True`` restores model, optimizer, RNG, data position and the log window from
+``checkpoints/last.pt`` and drops the metric records written after it: a run
+interrupted at step N and resumed gives the same weights and records as an
+uninterrupted one (the schedule depends on ``steps``: resume with the same ``steps``).
+
+Distributed (``torchrun``): DistributedDataParallel, each rank reads its own shard of
+every epoch (``batch_size`` per rank); losses are all-reduced for the logs together with
+the Ctrl-C flag; rank 0 alone evaluates (no collective inside), writes and shows
+progress. Every rank seeds the global RNG alike, so class dropout draws the same masks
+on every rank (on different data) and rank 0's RNG state is everyone's: a checkpoint
+resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .. import distributed
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..fileio import write_json
+from ..rundir import RunDir
+from .codes import CodeData, SequenceLoader, Tokenizer
+from .config import PriorConfig, PriorTrainConfig
+from .runutil import DeferredInterrupt, launch_rank, rank_device
+from .transformer import Prior
+
+__all__ = ["ARTIFACTS", "PriorTrainer", "lr_at"]
+
+LN2 = math.log(2.0)
+# what a prior run writes into its directory (removed by --overwrite; sample PNGs too)
+ARTIFACTS = ("metrics.jsonl", "config.json", "eval.json", "curves.png", "samples.png")
+
+
+def lr_at(step: int, cfg: PriorTrainConfig) -> float:
+    """Learning rate of 0-based ``step`` (see the module docstring)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(cfg.steps - cfg.warmup, 1)
+    frac = min((step - cfg.warmup) / span, 1.0)
+    r = cfg.min_lr_ratio
+    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class PriorTrainer:
+    """One prior training run: ``PriorTrainer(...).fit()``; see the module docstring.
+
+    Args:
+        config: the architecture; ``vocab_size``, ``code_shape`` and ``num_classes`` are
+            filled from ``train_data`` and ``tokenizer`` when left at 0 / empty.
+        train_config: the training options.
+        out_dir: the run directory.
+        train_data, test_data: the index maps of the two splits.
+        tokenizer: decodes the sample grids and is recorded (path, sha256); None: no
+            pictures (e.g. synthetic codes), ``vocab_size`` must then be set.
+        resume / overwrite: continue ``checkpoints/last.pt`` / start again over it.
+    """
+
+    def __init__(
+        self,
+        config: PriorConfig,
+        train_config: PriorTrainConfig,
+        out_dir: str | Path,
+        train_data: CodeData,
+        test_data: CodeData,
+        *,
+        tokenizer: Tokenizer | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        self.tcfg = train_config
+        self.out = Path(out_dir)
+        self.last_path = self.out / "checkpoints" / "last.pt"
+        self.best_path = self.out / "checkpoints" / "best.pt"
+        if not resume and self.last_path.exists() and not overwrite:
+            raise FileExistsError(
+                f"{self.out} already holds a prior run; pass --resume to continue it or "
+                "--overwrite to start again"
+            )
+        if resume and not self.last_path.exists():
+            raise CheckpointError(f"nothing to resume: {self.last_path} does not exist")
+        # one writer per run directory: rank 0 holds its lock until fit() or close() ends
+        self.run = RunDir(self.out, artifacts=ARTIFACTS)
+        self.is_main = launch_rank() == 0
+        if self.is_main:
+            self.run.prepare(resume=resume, overwrite=overwrite)
+            if overwrite:
+                for png in self.out.glob("samples/step_*.png"):
+                    png.unlink()
+        try:
+            self._setup(config, train_config, train_data, test_data, tokenizer, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(
+        self,
+        config: PriorConfig,
+        train_config: PriorTrainConfig,
+        train_data: CodeData,
+        test_data: CodeData,
+        tokenizer: Tokenizer | None,
+        resume: bool,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.train_data, self.test_data = train_data, test_data
+        classes = len(train_data.classes) if config.class_cond else 0
+        fill: dict[str, Any] = {}
+        if not config.vocab_size:
+            if tokenizer is None:
+                raise ValueError("vocab_size must be set when no tokenizer is given")
+            fill["vocab_size"] = tokenizer.num_codes
+        if not config.code_shape:
+            fill["code_shape"] = list(train_data.code_shape)
+        if not config.num_classes and classes:
+            fill["num_classes"] = classes
+        self.config = PriorConfig.from_dict({**config.to_dict(), **fill}) if fill else config
+        if list(train_data.code_shape) != self.config.code_shape:
+            raise ValueError(
+                f"codes of shape {train_data.code_shape} do not fit code_shape "
+                f"{self.config.code_shape}"
+            )
+        self.device = rank_device(train_config.device)
+        if distributed.env_world_size() > 1 and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self._owns_group = distributed.init_from_env(self.device)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+
+        torch.manual_seed(train_config.seed)  # same init (and dropout draws) on every rank
+        self.model = Prior(self.config).to(self.device)
+        self.ddp: torch.nn.Module = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.model.param_groups(train_config.weight_decay),
+            lr=train_config.lr,
+            betas=(0.9, 0.95),
+            fused=fused,
+        )
+        self.loader = SequenceLoader(
+            train_data.sequences().to(self.device),
+            train_data.labels.to(self.device),
+            train_config.batch_size,
+            seed=train_config.seed,
+            rank=self.rank,
+            world_size=self.world,
+        )
+        self.step = 0
+        self.best_bits = math.inf
+        # sums of the per-step figures since the last train record (saved: a resumed
+        # run logs the same averages as an uninterrupted one)
+        self.window: dict[str, Any] = {"sums": {}, "n": 0}
+        self.resume = resume
+        if resume:
+            self._restore(load_checkpoint(self.last_path, map_location=self.device))
+            if self.is_main:  # the steps after the checkpoint are logged again
+                self.run.truncate_metrics(self.step)
+
+    # -- state ------------------------------------------------------------------------
+    def _payload(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "kind": "vqkit-prior",
+            "model_config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "train_config": self.tcfg.to_dict(),
+            "step": self.step,
+            "loader": self.loader.state_dict(),
+            "rng": rng,
+            "best_bits": self.best_bits,
+            "window": self.window,
+            "tokenizer": self.tokenizer.describe() if self.tokenizer is not None else None,
+            "classes": list(self.train_data.classes) if self.config.num_classes else [],
+            "world_size": self.world,
+        }
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        if ckpt.get("kind") != "vqkit-prior":
+            raise CheckpointError(f"{self.last_path} is not a prior checkpoint")
+        saved = PriorConfig.from_dict(ckpt["model_config"])
+        if saved.to_dict() != self.config.to_dict():
+            raise CheckpointError(
+                f"{self.last_path}: the checkpoint's prior config {saved.to_dict()} does not "
+                f"match this run's {self.config.to_dict()}"
+            )
+        tok = ckpt.get("tokenizer")
+        if self.tokenizer is not None and tok and tok["sha256"] != self.tokenizer.sha256:
+            raise ValueError(
+                f"tokenizer mismatch: {self.last_path} was trained on sha256 "
+                f"{tok['sha256'][:16]}..., {self.tokenizer.checkpoint} has "
+                f"{self.tokenizer.sha256[:16]}..."
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.loader.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        self.step = int(ckpt["step"])
+        self.best_bits = float(ckpt.get("best_bits", math.inf))
+        self.window = ckpt.get("window", {"sums": {}, "n": 0})
+
+    def save(self, path: Path | None = None) -> None:
+        """Write ``checkpoints/last.pt`` (or ``path``) atomically, on rank 0."""
+        if self.is_main:
+            save_checkpoint(path or self.last_path, self._payload())
+
+    # -- metrics ----------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            self.run.log(record)  # strict JSON
+
+    @torch.no_grad()
+    def bits_per_code(self, data: CodeData, limit: int = 0, batch_size: int = 256) -> float:
+        """Mean ``-log2 p(c_t | c_<t, y)`` over the codes of the first ``limit`` sequences
+        (0: all), in eval mode (no dropout, true labels)."""
+        n = len(data) if limit == 0 else min(limit, len(data))
+        seq = data.sequences()[:n]
+        labels = data.labels[:n] if self.config.num_classes else None
+        was = self.model.training
+        self.model.eval()
+        total = 0.0
+        for i in range(0, n, batch_size):
+            x = seq[i : i + batch_size].to(self.device)
+            y = labels[i : i + batch_size].to(self.device) if labels is not None else None
+            total += float(-self.model.log_prob(x, y).double().sum())
+        self.model.train(was)
+        return total / (max(n, 1) * self.model.seq_len) / LN2
+
+    def evaluate(self) -> dict[str, float]:
+        lim = self.tcfg.eval_sequences
+        return {
+            "test_bits": self.bits_per_code(self.test_data, lim),
+            "train_bits": self.bits_per_code(self.train_data, lim),
+        }
+
+    # -- loop -------------------------------------------------------------------------
+    def train_step(self, seq: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on a batch; returns its loss (bits per code), lr, grad norm."""
+        lr = lr_at(self.step, self.tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        logits = self.ddp(seq, labels if self.config.num_classes else None)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq.reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.tcfg.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        return {"bits": float(loss.detach()) / LN2, "lr": lr, "grad_norm": float(norm)}
+
+    def _global(self, values: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
+        """Losses averaged over ranks and whether any rank was asked to stop (one
+        all-reduce; identity in one process)."""
+        if self.world == 1:
+            return values, stop
+        keys = list(values)
+        buf = torch.tensor([values[k] for k in keys] + [float(stop)], dtype=torch.float64)
+        buf = buf.to(self.device)
+        dist.all_reduce(buf)
+        out = {k: float(buf[i]) / self.world for i, k in enumerate(keys)}
+        return out, bool(buf[-1] > 0)
+
+    def fit(self, until: int | None = None) -> dict[str, Any]:
+        """Train to ``steps`` (or stop after step ``until``, saving ``last.pt``, as an
+        interruption would); returns the final evaluation (rank 0), ``{"step": ...}``
+        otherwise. Tears down a process group it created."""
+        try:
+            return self._fit(until)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run directory's lock and a process group this trainer created."""
+        self.run.unlock()
+        if getattr(self, "_owns_group", False):
+            distributed.teardown()
+            self._owns_group = False
+
+    def __enter__(self) -> PriorTrainer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _run_info(self) -> dict[str, Any]:
+        return {
+            "prior": self.config.to_dict(),
+            "train": self.tcfg.to_dict(),
+            "tokenizer": self.tokenizer.describe() if self.tokenizer is not None else None,
+            "data": {
+                "train_sequences": len(self.train_data),
+                "test_sequences": len(self.test_data),
+                "classes": list(self.train_data.classes),
+            },
+            "params": self.model.num_params(),
+            "device": str(self.device),
+            "world_size": self.world,
+            "global_batch_size": self.tcfg.batch_size * self.world,
+            "torch": torch.__version__,
+        }
+
+    def _fit(self, until: int | None) -> dict[str, Any]:
+        cfg = self.tcfg
+        end = cfg.steps if until is None else min(until, cfg.steps)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.run.write_json("config.json", self._run_info())
+        bar = None
+        if cfg.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=cfg.steps, initial=self.step, desc="prior", unit="step", dynamic_ncols=True
+            )
+        stop = DeferredInterrupt()
+        self._timer = (0, time.perf_counter())  # (steps timed, since)
+        try:
+            with stop:
+                while self.step < end:
+                    seq, labels = self.loader.next_batch()
+                    values = self.train_step(seq, labels)
+                    values, stop_any = self._global(values, stop.requested)
+                    self.step += 1
+                    if not math.isfinite(values["bits"]):
+                        raise FloatingPointError(
+                            f"loss became {values['bits']} at step {self.step}; lower --lr"
+                        )
+                    self._record(values)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(bits=f"{values['bits']:.3f}", refresh=False)
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        if self.is_main:  # no collective inside: the other ranks go on
+                            self._periodic_eval()
+                        self.save()
+                    if stop_any:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            self.save()
+            if bar is not None:
+                bar.close()
+            if self.is_main:
+                print(
+                    f"\ninterrupted at step {self.step}: saved {self.last_path}; "
+                    "continue with --resume"
+                )
+            raise
+        if bar is not None:
+            bar.close()
+        if self.step < cfg.steps:  # stopped at ``until``
+            self.save()
+            return {"step": self.step}
+        result = self.finish() if self.is_main else {"step": self.step}
+        if self.world > 1:  # leave together: no rank tears down while rank 0 still writes
+            dist.barrier()
+        return result
+
+    def _record(self, values: dict[str, float]) -> None:
+        """Add a step's figures to the window; every ``log_every`` steps log its means."""
+        sums, w = self.window["sums"], self.window
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        w["n"] += 1
+        timed, since = self._timer
+        self._timer = (timed + 1, since)
+        if self.step % self.tcfg.log_every and self.step != self.tcfg.steps:
+            return
+        dt = max(time.perf_counter() - since, 1e-9)
+        codes = (timed + 1) * self.tcfg.batch_size * self.world * self.model.seq_len
+        means = {k: v / w["n"] for k, v in sums.items()}
+        self._log({"kind": "train", "step": self.step, "epoch": self.loader.epoch, **means,
+                   "codes_per_s": codes / dt})  # fmt: skip
+        self.window = {"sums": {}, "n": 0}
+        self._timer = (0, time.perf_counter())
+
+    def _periodic_eval(self) -> None:
+        """Evaluate, log, keep the best checkpoint, write the sample grid and the curves."""
+        from .report import plot_prior_curves
+
+        result = self.evaluate()
+        self.last_eval = {"step": self.step, **result}
+        self._log({"kind": "eval", "step": self.step, **result})
+        if result["test_bits"] < self.best_bits:
+            self.best_bits = result["test_bits"]
+            save_checkpoint(self.best_path, self._payload())
+        self.write_samples()
+        plot_prior_curves(self.run.metrics_path, self.out / "curves.png")
+
+    def sample_labels(self, n: int) -> torch.Tensor | None:
+        """Labels of the sample grid: classes in turn (None for an unconditional prior)."""
+        c = self.config.num_classes
+        return torch.arange(n, device=self.device) % c if c else None
+
+    def write_samples(self) -> None:
+        """Decode ``num_samples`` samples (fixed seed: comparable across evaluations) to
+        ``samples/step_N.png`` and ``samples.png``. The global RNG is left alone."""
+        n = self.tcfg.num_samples
+        if self.tokenizer is None or n == 0:
+            return
+        from .report import save_grid
+
+        g = torch.Generator(self.device).manual_seed(self.tcfg.seed)
+        codes = self.model.sample(n, labels=self.sample_labels(n), generator=g)
+        images = self.tokenizer.model.to(self.device).decode(codes)
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        save_grid(images, path)
+        save_grid(images, self.out / "samples.png")
+
+    def finish(self) -> dict[str, Any]:
+        """The final evaluation (the last periodic one, made at this step) to ``eval.json``."""
+        last = getattr(self, "last_eval", None)
+        result = (
+            last if last and last["step"] == self.step else {"step": self.step, **self.evaluate()}
+        )
+        result = {**result, "eval_sequences": self.tcfg.eval_sequences}
+        write_json(self.out / "eval.json", result)
+        return result

@@ -1,0 +1,359 @@
+"""An autoregressive prior over a tokenizer's codes: a decoder-only transformer.
+
+An image's index map (h, w), or (h, w, Q) for residual codes, is read in raster order
+(row by row, and the Q stages of a position one after the other) as a sequence
+``c_0 .. c_{T-1}``, T = h * w (* Q), of tokens in ``{0 .. V-1}``. The prior factorises
+
+    p(c | y) = prod_t p(c_t | c_<t, y)
+
+where ``y`` is a class label or the learned *null* class (unconditional). The input
+sequence is ``[y, c_0, .., c_{T-2}]``: the class token takes position 0, so the output
+at position t is the distribution of ``c_t``; an unconditional prior (no classes) has
+only the null class, which then plays the part of a start token.
+
+Blocks are pre-norm (GPT-2): ``x += attn(ln(x)); x += mlp(ln(x))``, with causal
+self-attention through :func:`torch.nn.functional.scaled_dot_product_attention`.
+Positions: learned embeddings added to the input, or rotary embeddings (RoPE) applied
+to queries and keys. The output head shares its weight with the token embedding
+(``tie_weights``). Training with ``class_dropout = p`` replaces each label by the null
+class with probability p, so that one model gives both terms of classifier-free
+guidance (:func:`vqkit.prior.sampling.guide`).
+
+Decoding keeps every layer's keys and values in a :class:`KVCache`, so each new code
+costs one position's work instead of a pass over the whole prefix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PriorConfig
+
+if TYPE_CHECKING:
+    from .sampling import SampleOptions
+
+__all__ = ["KVCache", "Prior", "flatten_codes", "unflatten_codes"]
+
+
+def flatten_codes(indices: torch.Tensor, code_shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Index maps (B, *code_shape) -> raster-ordered sequences (B, T), int64.
+
+    Row-major flattening, so residual codes (B, h, w, Q) become ``[pos0 stage0 .. pos0
+    stage Q-1, pos1 stage0, ..]``. Sequences (B, T) pass through."""
+    shape = tuple(code_shape)
+    t = math.prod(shape)
+    if indices.dim() == 2 and indices.shape[1] == t:
+        return indices.long()
+    if tuple(indices.shape[1:]) != shape:
+        raise ValueError(
+            f"expected index maps (B, {', '.join(map(str, shape))}) or sequences (B, {t}); "
+            f"got shape {tuple(indices.shape)}"
+        )
+    return indices.reshape(indices.shape[0], t).long()
+
+
+def unflatten_codes(seq: torch.Tensor, code_shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Sequences (B, T) -> index maps (B, *code_shape): the inverse of :func:`flatten_codes`."""
+    return seq.reshape(seq.shape[0], *code_shape)
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32 for the softmax; float32/64 as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, preallocated.
+
+    ``k``, ``v``: (n_layer, B, n_head, max_len, head_dim); positions ``[0, length)`` are
+    filled. Each layer writes the new positions with :meth:`update`; the model then
+    moves ``length`` on with :meth:`advance`.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, n_head, L, head_dim) keys/values at ``[length, length + L)`` and
+        return all of this layer's keys/values so far, (B, n_head, length + L, head_dim)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, ...]:
+    """cos, sin (seq_len, head_dim / 2) of the angles ``pos * base^(-2i / head_dim)``."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs ``(x_i, x_{i + d/2})`` of (B, H, L, d) by their position's angles
+    (cos, sin: (L, d/2)). A query at position m and a key at n then score by a function
+    of ``m - n`` only."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where position t sees positions <= t."""
+
+    def __init__(self, c: PriorConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = c.n_head
+        self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd)
+        self.proj = nn.Linear(c.n_embd, c.n_embd)
+        self.dropout = c.dropout
+        self.resid_drop = nn.Dropout(c.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        cache: KVCache | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        # (B, L, C) -> (B, H, L, C/H)
+        q, k, v = (t.view(b, n, self.n_head, c // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            cos, sin = rope[0][start : start + n], rope[1][start : start + n]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        s = k.shape[2]  # positions attended to: start + n
+        p = self.dropout if self.training else 0.0
+        if s == n:  # no past: the plain causal mask
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        elif n == 1:  # one new position sees the whole past and itself
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:  # a chunk after a past: is_causal would align the mask top-left, so spell it
+            mask = torch.arange(s, device=x.device)[None, :] <= (
+                start + torch.arange(n, device=x.device)[:, None]
+            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(b, n, c)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+
+    def __init__(self, c: PriorConfig, layer: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c.n_embd)
+        self.attn = CausalSelfAttention(c, layer)
+        self.ln2 = nn.LayerNorm(c.n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(c.n_embd, 4 * c.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * c.n_embd, c.n_embd),
+            nn.Dropout(c.dropout),
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start: int,
+        cache: KVCache | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), start, cache, rope)
+        return x + self.mlp(self.ln2(x))
+
+
+class Prior(nn.Module):
+    """Decoder-only transformer over raster-ordered codes (see the module docstring).
+
+    ``config.vocab_size`` (V), ``config.code_shape`` and ``config.num_classes`` (C; 0 for
+    an unconditional prior) must be set. Class ids are ``0 .. C-1``; :attr:`null_class`
+    (= C) is the unconditional label.
+    """
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        c = config
+        if c.vocab_size < 1 or c.seq_len < 1:
+            raise ValueError(
+                f"PriorConfig needs vocab_size and code_shape from the tokenizer; got "
+                f"vocab_size={c.vocab_size}, code_shape={c.code_shape}"
+            )
+        self.config = c
+        self.seq_len = c.seq_len
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
+        self.cls_emb = nn.Embedding(c.num_classes + 1, c.n_embd)  # last row: null class
+        self.pos_emb = nn.Embedding(self.seq_len, c.n_embd) if c.pos == "learned" else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.pos == "rope":
+            cos, sin = rope_tables(self.seq_len, c.n_embd // c.n_head)
+            # not in the state dict: a function of the config
+            self.register_buffer("rope_cos", cos.float(), persistent=False)
+            self.register_buffer("rope_sin", sin.float(), persistent=False)
+        self.apply(self._init_weights)
+        for block in self.blocks:  # GPT-2: residual outputs scaled by 1/sqrt(2 n_layer)
+            for proj in (block.attn.proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * c.n_layer))
+        if c.tie_weights:
+            self.head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        return tuple(self.config.code_shape)
+
+    def num_params(self) -> int:
+        """Trainable parameters (a tied weight counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch`` sequences on the model's device/dtype."""
+        c = self.config
+        w = self.tok_emb.weight
+        return KVCache(
+            c.n_layer,
+            batch,
+            c.n_head,
+            self.seq_len,
+            c.n_embd // c.n_head,
+            device=w.device,
+            dtype=w.dtype,
+        )
+
+    def _labels(
+        self, labels: torch.Tensor | None, batch: int, device: torch.device
+    ) -> torch.Tensor:
+        """Class ids (B,) as given, the null class where None; class dropout in training."""
+        if labels is None:
+            return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
+        labels = labels.to(device=device, dtype=torch.long).reshape(-1)
+        if labels.shape[0] != batch:
+            raise ValueError(f"expected {batch} labels; got {labels.shape[0]}")
+        if bool(((labels < 0) | (labels > self.null_class)).any()):
+            raise ValueError(
+                f"class ids must be in [0, {self.null_class}] ({self.null_class}: null); "
+                f"got {labels.min().item()}..{labels.max().item()}"
+            )
+        p = self.config.class_dropout
+        if self.training and p > 0 and self.config.num_classes > 0:
+            drop = torch.rand(batch, device=device) < p
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return labels
+
+    def extend(
+        self,
+        codes: torch.Tensor,
+        cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Feed the next inputs; return the logits (B, L', V) of the codes after them.
+
+        With no cache, or an empty one, the inputs are ``[y, codes]`` (codes (B, L),
+        L <= T - 1, possibly 0): the logits are those of ``c_0 .. c_L``, L' = L + 1. A
+        non-empty cache holds ``[y, c_0 .. c_{m-1}]``: ``codes`` are ``c_m ..
+        c_{m+L-1}`` and the logits those of ``c_{m+1} .. c_{m+L}`` (L' = L). The cache
+        is advanced past the new inputs.
+        """
+        b, n = codes.shape
+        start = cache.length if cache is not None else 0
+        x = self.tok_emb(codes)
+        if start == 0:
+            y = self._labels(labels, b, codes.device)
+            x = torch.cat((self.cls_emb(y)[:, None], x), dim=1)
+        total = start + x.shape[1]
+        if total > self.seq_len:
+            raise ValueError(f"{total} positions exceed the prior's sequence length {self.seq_len}")
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[start:total]
+        rope = (self.rope_cos, self.rope_sin) if self.pos_emb is None else None
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, start, cache, rope)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        return self.head(self.ln_f(x))
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, T', V) of codes (B, T') (T' <= T, or index maps
+        (B, *code_shape)): ``logits[:, t]`` scores ``c_t`` given ``c_<t`` and the label."""
+        if codes.dim() != 2:
+            codes = flatten_codes(codes, self.code_shape)
+        return self.extend(codes[:, :-1], None, labels)
+
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean negative log-likelihood per code, in nats: ``-mean_t log p(c_t | c_<t, y)``."""
+        seq = flatten_codes(codes, self.code_shape)
+        logits = self(seq, labels)
+        return F.cross_entropy(_wide(logits).reshape(-1, logits.shape[-1]), seq.reshape(-1))
+
+    def log_prob(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p(c | y)`` in nats, (B,): the sum over the T codes of index maps
+        (B, *code_shape) or sequences (B, T). Runs in the model's current mode."""
+        seq = flatten_codes(indices, self.code_shape)
+        if seq.shape[1] != self.seq_len:
+            raise ValueError(f"expected {self.seq_len} codes per sequence; got {seq.shape[1]}")
+        logp = torch.log_softmax(_wide(self(seq, labels)), dim=-1)
+        return logp.gather(-1, seq[..., None]).squeeze(-1).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, num: int, options: SampleOptions | None = None, **kwargs: Any) -> torch.Tensor:
+        """``num`` index maps (num, *code_shape); see :func:`vqkit.prior.sampling.sample`."""
+        from .sampling import sample
+
+        return sample(self, num, options, **kwargs)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay on matrices (linear weights, embeddings), none on
+        biases and norm gains."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        rest = [p for p in self.parameters() if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": rest, "weight_decay": 0.0},
+        ]

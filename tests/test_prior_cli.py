@@ -1,0 +1,261 @@
+"""``vqkit prior`` and ``vqkit sample`` end to end on the built-in data: a 3-step
+tokenizer, a few prior steps, resume, sampling (files, seeds, ``vqkit decode``), residual
+codes, bad input (one-line errors, exit code 2), and a 2-process torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqkit.checkpoint import load_checkpoint, save_checkpoint
+from vqkit.prior.cli import main
+
+from .test_prior_codes import make_tokenizer
+
+pytestmark = pytest.mark.timeout(60)  # tests that need longer say so
+
+PRIOR_FLAGS = [
+    "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
+    "--eval-every", "3", "--log-every", "3", "--eval-sequences", "32", "--num-samples", "4",
+    "--warmup", "2", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and fair to a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tokenizer run and a 6-step prior on it (shared by the tests of this module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("prior_cli")
+    try:
+        tok = make_tokenizer(root / "tok")
+        prior = root / "prior"
+        assert main(["prior", "--tokenizer", str(tok), "--out", str(prior), "--steps", "6",
+                     *PRIOR_FLAGS]) == 0  # fmt: skip
+        yield tok, prior
+    finally:
+        torch.set_num_threads(n)
+
+
+def _sample(prior: Path, out: Path, *flags: str) -> int:
+    return main(["sample", str(prior), "--out", str(out), *flags])
+
+
+@pytest.mark.timeout(120)
+def test_prior_run_directory_and_resume(runs, capsys):
+    tok, prior = runs
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "eval.json",
+        "curves.png",
+        "samples.png",
+        "samples/step_0000003.png",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
+        assert (prior / name).is_file(), name  # fmt: skip
+    cfg = json.loads((prior / "config.json").read_text())
+    assert cfg["prior"]["vocab_size"] == 32 and cfg["prior"]["code_shape"] == [7, 7]
+    assert cfg["prior"]["num_classes"] == 10 and cfg["train"]["steps"] == 6
+    ckpt = load_checkpoint(prior / "checkpoints" / "last.pt")
+    assert ckpt["tokenizer"]["sha256"] == cfg["tokenizer"]["sha256"]
+    assert ckpt["tokenizer"]["checkpoint"] == "checkpoints/best.pt"
+    records = [json.loads(line) for line in (prior / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 3), ("eval", 3), ("train", 6), ("eval", 6)
+    ]  # fmt: skip
+    assert all(0 < r["test_bits"] < 8 for r in records if r["kind"] == "eval")
+    # resume: the stored tokenizer and options; the codes come from the cache
+    capsys.readouterr()
+    assert main(["prior", "--out", str(prior), "--resume", "--steps", "9", "--no-progress"]) == 0
+    assert "codes cached" in capsys.readouterr().out
+    ckpt = load_checkpoint(prior / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 9 and ckpt["train_config"]["steps"] == 9
+    assert ckpt["train_config"]["batch_size"] == 16  # the stored option, not the default
+    assert main(["prior", "--tokenizer", str(tok), "--out", str(prior), *PRIOR_FLAGS]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_sample_writes_images_and_index_maps(runs, tmp_path):
+    tok, prior = runs
+    flags = [
+        "--num",
+        "5",
+        "--seed",
+        "3",
+        "--class",
+        "2",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.95",
+        "--cfg-scale",
+        "1.5",
+        "--batch-size",
+        "2",
+    ]
+    assert _sample(prior, tmp_path / "a", *flags) == 0  # fmt: skip
+    a = tmp_path / "a"
+    for name in ("grid.png", "samples.json", "sample_0000.png", "sample_0004.npy"):
+        assert (a / name).is_file(), name
+    meta = json.loads((a / "samples.json").read_text())
+    assert meta["labels"] == [2] * 5 and meta["options"]["top_k"] == 20
+    idx = np.load(a / "sample_0000.npy")
+    assert idx.shape == (7, 7) and idx.dtype == np.int64 and 0 <= idx.min() <= idx.max() < 32
+    # the same seed gives the same samples; another seed others
+    assert _sample(prior, tmp_path / "b", *flags) == 0
+    assert _sample(prior, tmp_path / "c", *flags[:-2], "--seed", "4") == 0
+    maps = {d: np.stack([np.load(tmp_path / d / f"sample_{i:04d}.npy") for i in range(5)])
+            for d in "abc"}  # fmt: skip
+    assert np.array_equal(maps["a"], maps["b"]) and not np.array_equal(maps["a"], maps["c"])
+    assert (a / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
+    # vqkit decode reads the index maps and gives the same picture (up to rounding)
+    from PIL import Image
+
+    from vqkit.cli import main as vqkit_main
+
+    best = tok / "checkpoints" / "best.pt"
+    assert vqkit_main(["decode", str(best), str(a / "sample_0000.npy"), "--out",
+                       str(tmp_path / "d")]) == 0  # fmt: skip
+    with (
+        Image.open(tmp_path / "d" / "sample_0000.png") as im1,
+        Image.open(a / "sample_0000.png") as im2,
+    ):
+        diff = np.abs(np.asarray(im1, dtype=int) - np.asarray(im2, dtype=int))
+    assert diff.max() <= 1
+    # a class by name, the null class, and the default (classes in turn)
+    classes = load_checkpoint(prior / "checkpoints" / "best.pt")["classes"]
+    assert _sample(prior, tmp_path / "e", "--num", "2", "--class", classes[3]) == 0
+    assert json.loads((tmp_path / "e" / "samples.json").read_text())["labels"] == [3, 3]
+    assert _sample(prior, tmp_path / "f", "--num", "12", "--class", "null") == 0
+    assert _sample(prior, tmp_path / "g", "--num", "12", "--checkpoint", "last") == 0
+    assert json.loads((tmp_path / "g" / "samples.json").read_text())["labels"][9:] == [9, 0, 1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "flags,msg",
+    [
+        (["--temperature", "0"], "temperature must be > 0"),
+        (["--temperature", "-0.5"], "temperature must be > 0"),
+        (["--top-p", "0"], r"top_p must be in (0, 1]"),
+        (["--top-p", "1.5"], r"top_p must be in (0, 1]"),
+        (["--top-k", "0"], "top_k must be a positive int"),
+        (["--class", "10"], "class id 10 out of range: this prior has classes 0..9"),
+        (["--class", "-1"], "class id -1 out of range"),
+        (["--class", "pullover-ish"], "unknown class 'pullover-ish'"),
+        (["--class", "null", "--cfg-scale", "2"], "needs a class"),
+        (["--num", "0"], "--num must be >= 1"),
+    ],
+)
+def test_sample_bad_input_is_a_one_line_error(runs, tmp_path, capsys, flags, msg):
+    _, prior = runs
+    assert _sample(prior, tmp_path / "x", *flags) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()  # checked before anything is written
+
+
+@pytest.mark.timeout(120)
+def test_bad_tokenizer_runs(runs, tmp_path, capsys):
+    tok, prior = runs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["prior", "--tokenizer", str(empty), "--out", str(tmp_path / "p")]) == 2
+    assert "holds no tokenizer checkpoint" in capsys.readouterr().err
+    assert main(["prior", "--tokenizer", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    # a prior paired with another tokenizer: the recorded hash no longer matches the file
+    moved = tmp_path / "tok2"
+    shutil.copytree(tok, moved)
+    ckpt = load_checkpoint(moved / "checkpoints" / "best.pt")
+    save_checkpoint(moved / "checkpoints" / "best.pt", {**ckpt, "step": 1234})
+    assert _sample(prior, tmp_path / "s", "--num", "1", "--tokenizer", str(moved)) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer mismatch" in err and err.count("\n") == 1
+    assert main(["prior", "--tokenizer", str(moved), "--out", str(prior), "--resume"]) == 2
+    assert "tokenizer mismatch" in capsys.readouterr().err
+    assert _sample(tmp_path / "empty", tmp_path / "s", "--num", "1") == 2
+    assert "holds no prior checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_residual_codes_end_to_end(tmp_path):
+    """rvq: codes (h, w, Q) flattened per position in stage order; the samples' index
+    maps are (h, w, Q) and decode."""
+    tok = make_tokenizer(tmp_path / "rvq", "--quantizer", "rvq", "--num-quantizers", "2",
+                         "--num-embeddings", "16")  # fmt: skip
+    prior = tmp_path / "prior"
+    flags = list(PRIOR_FLAGS)
+    flags[flags.index("--eval-every") + 1] = "2"
+    with torch.no_grad():  # vqkit.cli.main runs its commands under no_grad
+        assert main(["prior", "--tokenizer", str(tok), "--out", str(prior), "--steps", "2",
+                     "--pos", "rope", "--no-class-cond", *flags]) == 0  # fmt: skip
+    cfg = json.loads((prior / "config.json").read_text())["prior"]
+    assert cfg["code_shape"] == [7, 7, 2] and cfg["vocab_size"] == 16 and cfg["num_classes"] == 0
+    assert _sample(prior, tmp_path / "s", "--num", "3") == 0
+    idx = np.load(tmp_path / "s" / "sample_0002.npy")
+    assert idx.shape == (7, 7, 2) and idx.max() < 16
+    from vqkit.cli import main as vqkit_main
+
+    ckpt = str(tok / "checkpoints" / "best.pt")
+    out = str(tmp_path / "d")
+    assert vqkit_main(["decode", ckpt, str(tmp_path / "s" / "sample_0002.npy"), "--out", out]) == 0
+    assert _sample(prior, tmp_path / "t", "--num", "1", "--class", "0") == 2  # unconditional
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_two_processes_then_resume_in_one(runs, tmp_path):
+    """2-process DDP (gloo) from a fresh tokenizer copy: rank 0 encodes while rank 1 waits,
+    one set of records; the checkpoint then resumes in one process."""
+    tok, _ = runs
+    fresh = tmp_path / "tok"
+    shutil.copytree(tok, fresh, ignore=shutil.ignore_patterns("codes"))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "vqkit.prior.cli", "prior", "--tokenizer", str(fresh), "--out", str(out),
+           "--steps", "4", "--seed", "2", *PRIOR_FLAGS]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=70)
+        log = proc.stdout + proc.stderr
+        # --standalone picks a free port that another job can take before it binds it:
+        # that race, and only that, gets a second try
+        if proc.returncode == 0 or "address already in use" not in log.lower():
+            break
+        cmd[cmd.index("--out") + 1] = str(tmp_path / "ddp_retry")
+        out = tmp_path / "ddp_retry"
+    assert proc.returncode == 0, log[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["global_batch_size"] == 32
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("train", 3), ("eval", 3), ("train", 4), ("eval", 4)
+    ]  # fmt: skip
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["world_size"] == 2 and ckpt["loader"]["position"] == 4 * 16
+    assert main(["prior", "--out", str(out), "--resume", "--steps", "5", "--batch-size", "32",
+                 "--no-progress"]) == 0  # fmt: skip
+    after = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert after["step"] == 5 and after["loader"]["position"] == 4 * 32 + 32
