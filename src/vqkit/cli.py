@@ -5,6 +5,8 @@ vqkit eval CHECKPOINT [--data PATH] [--split test]       MSE, NMSE, PSNR, usage
 vqkit encode CHECKPOINT IMAGES... --out DIR              images -> index maps (.npy)
 vqkit decode CHECKPOINT CODES.npy... --out DIR           index maps -> PNG images
 vqkit pack IMAGES --out SHARDS [--shard-size N]          any source -> WebDataset shards
+vqkit prior --tokenizer RUN_DIR --out PRIOR_DIR          train a prior over the codes
+vqkit sample PRIOR_DIR --num N --out DIR                 new code maps -> images
 """
 
 from __future__ import annotations
@@ -241,14 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("codes", nargs="+", help=".npy index maps from vqkit encode")
     from .data.pack import add_pack_arguments
+    from .prior.cli import add_prior_arguments, add_sample_arguments
 
     add_pack_arguments(sub.add_parser("pack", help="write WebDataset shards from any source"))
+    add_prior_arguments(
+        sub.add_parser("prior", help="train an autoregressive prior on a tokenizer's codes")
+    )
+    add_sample_arguments(
+        sub.add_parser("sample", help="sample code maps from a prior and decode them")
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data.pack import run_pack
+    from .prior.cli import run_prior, run_sample
 
     handler = {
         "train": _train,
@@ -256,19 +266,23 @@ def main(argv: list[str] | None = None) -> int:
         "encode": _encode,
         "decode": _decode,
         "pack": run_pack,
+        "prior": run_prior,
+        "sample": run_sample,
     }
     import torch
 
     from .checkpoint import CheckpointError
 
     try:
-        if args.command in ("train", "pack"):
+        if args.command in ("train", "pack", "prior"):
             return handler[args.command](args)
         with torch.no_grad():  # scoped: in-process callers keep their grad mode
             return handler[args.command](args)
     except (CheckpointError, OSError, ValueError, TypeError, FloatingPointError) as e:
         print(f"vqkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the trainers saved a checkpoint first
+        return 130
 
 
 if __name__ == "__main__":
