@@ -8,7 +8,7 @@ import torch
 
 from vqkit.checkpoint import CheckpointError, load_checkpoint
 from vqkit.cli import main
-from vqkit.models import VQVAE, load_model
+from vqkit.models import load_model
 from vqkit.train import TrainConfig, Trainer
 
 SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
@@ -137,7 +137,7 @@ def test_eval_encode_decode_round_trip(tmp_path, capsys):
     want = ((want + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0, 0].numpy()
     assert np.array_equal(got, want)
     # the safetensors export loads to the same model
-    exported = VQVAE.from_checkpoint(out / "model.safetensors")
+    exported = load_model(out / "model.safetensors")
     for k, v in model.state_dict().items():
         assert torch.equal(v, exported.state_dict()[k])
 

@@ -7,7 +7,7 @@ A run directory holds::
                          evaluation ("kind": "eval")
     checkpoints/last.pt  written atomically every ``ckpt_every`` steps, at the end,
     checkpoints/best.pt  and on Ctrl-C; best = lowest eval NMSE
-    model.safetensors    final weights + model config (for ``VQVAE.from_checkpoint``)
+    model.safetensors    final weights + model config (for ``vqkit.models.load_model``)
     recon.png            originals (odd rows) above reconstructions (even rows)
     curves.png           loss, NMSE, perplexity, usage against step
     usage.png            codebook-usage histogram on the eval split

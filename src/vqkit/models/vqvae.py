@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,13 +220,3 @@ class VQVAE(nn.Module):
             raise ValueError(f"data_variance must be > 0; got {data_variance}")
         recon_nmse = F.mse_loss(out.recon, x) / data_variance
         return {"loss": recon_nmse + out.vq.loss, "recon_nmse": recon_nmse, "vq": out.vq.loss}
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-    ) -> VQVAE:
-        """Rebuild a model from a training checkpoint (``.pt``) or exported weights
-        (``.safetensors`` with the config in its metadata)."""
-        from .io import load_model
-
-        return load_model(path, map_location=map_location)

@@ -23,7 +23,7 @@ import torch
 
 from ..data import epoch_permutation
 from ..fileio import atomic_write
-from ..models import VQVAE
+from ..models import VQVAE, load_model
 
 __all__ = [
     "CHECKPOINT_NAMES",
@@ -107,7 +107,7 @@ def load_tokenizer(
             f"tokenizer mismatch: the prior was trained on a tokenizer with sha256 "
             f"{expect_sha256[:16]}..., but {path} has sha256 {digest[:16]}..."
         )
-    model = VQVAE.from_checkpoint(path, map_location=device).to(device).eval()
+    model = load_model(path, map_location=device).to(device).eval()
     cfg_path = run / "config.json"
     run_config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     return Tokenizer(run, path, digest, model, run_config)

@@ -22,14 +22,27 @@ whole prefix at every position: the slow reference).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from ..options import Options, option, positive, positive_int
 
-if TYPE_CHECKING:
-    from .transformer import Prior
+
+class Prior(Protocol):
+    """What sampling needs of a prior (:class:`vqkit.prior.Prior` is one): a KV-cached
+    step, the code map's shape and the class slots."""
+
+    config: Any
+
+    @property
+    def null_class(self) -> int | None: ...
+
+    def new_cache(self, batch: int) -> Any: ...
+
+    def extend(self, codes: torch.Tensor, cache: Any, labels: Any = None) -> torch.Tensor: ...
+
+    def __call__(self, codes: torch.Tensor, labels: Any = None) -> torch.Tensor: ...
 
 __all__ = ["SampleOptions", "filter_logits", "guide", "sample"]
 

@@ -26,16 +26,14 @@ costs one position's work instead of a pass over the whole prefix.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import PriorConfig
-
-if TYPE_CHECKING:
-    from .sampling import SampleOptions
+from .sampling import SampleOptions, sample
 
 __all__ = ["KVCache", "Prior", "flatten_codes", "unflatten_codes"]
 
@@ -344,8 +342,6 @@ class Prior(nn.Module):
     @torch.no_grad()
     def sample(self, num: int, options: SampleOptions | None = None, **kwargs: Any) -> torch.Tensor:
         """``num`` index maps (num, *code_shape); see :func:`vqkit.prior.sampling.sample`."""
-        from .sampling import sample
-
         return sample(self, num, options, **kwargs)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
