@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .distributed import resolve_device
 from .models.vqvae import QUANTIZER_GROUPS, ModelOptions, QuantizerChoice, VQVAEConfig
 from .options import Options, compose, nonneg_int, option, option_fields, positive, positive_int
 
@@ -277,18 +276,3 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
             image_size=image_size,
             **{k: getattr(self, k) for k in names},
         )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; any other name is checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
-    return dev

@@ -28,6 +28,7 @@ __all__ = [
     "is_main",
     "local_rank",
     "rank",
+    "resolve_device",
     "teardown",
     "world_size",
 ]
@@ -142,3 +143,18 @@ def barrier(group: dist.ProcessGroup | None = None) -> None:
     """Wait for every rank of ``group`` (no-op in one process)."""
     if world_size(group) > 1:
         dist.barrier(group)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; any other name is checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    return dev
