@@ -266,3 +266,172 @@ def test_unknown_split_lists_available_splits(tmp_path, monkeypatch):
             vd.load_dataset(source, "bogus", cache_dir=tmp_path / "c")
         msg = _one_line(e)
         assert "'bogus'" in msg and all(f"'{s}'" in msg or s in msg for s in splits), msg
+
+
+# --------------------------------------------------------------- trainer and CLI (main)
+
+TINY_FLAGS = ["--hidden", "16", "--res-hidden", "4", "--res-layers", "1"]
+TINY_FLAGS += ["--num-embeddings", "8", "--embedding-dim", "4", "--batch-size", "8"]
+TINY_FLAGS += ["--log-every", "2", "--eval-every", "4", "--eval-images", "16", "--no-progress"]
+
+
+def _train(out: Path, *extra: str) -> int:
+    from vqkit.cli import main
+
+    return main(["train", "--out", str(out), *TINY_FLAGS, *extra])
+
+
+def _records(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_with_a_new_lr_applies_it_and_reports_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "2", "--lr", "1e-3") == 0
+    # only the flags that change something: the model options come from the run
+    assert _train(out, "--steps", "4", "--lr", "5e-2", "--resume") == 0
+    assert "resume: lr 0.001 -> 0.05 (applied)" in capsys.readouterr().out
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 4 and ckpt["train_config"]["lr"] == 0.05
+    assert all(g["lr"] == 0.05 for g in ckpt["optimizer"]["param_groups"])
+    resume = [r for r in _records(out) if r["kind"] == "resume"]
+    assert resume[0]["changes"] == {
+        "lr": {"from": 0.001, "to": 0.05},
+        "steps": {"from": 2, "to": 4},
+    }
+
+
+def test_resume_refuses_to_change_what_shaped_the_state(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "2") == 0
+    assert _train(out, "--steps", "4", "--resume", "--num-embeddings", "16") == 2
+    err = capsys.readouterr().err
+    assert "cannot change num_embeddings (8 -> 16)" in err and err.count("\n") == 1
+
+
+def test_unknown_eval_split_lists_the_splits(tmp_path, capsys):
+    assert _train(tmp_path / "run", "--steps", "1", "--eval-split", "bogus") == 2
+    assert "choose one of ['test', 'train', 'holdout']" in capsys.readouterr().err
+
+
+def test_a_second_trainer_on_a_run_in_use_is_refused(tmp_path):
+    from vqkit.rundir import RunDirBusyError
+    from vqkit.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=1, progress=False, **SMALL)
+    first = Trainer(cfg)
+    try:
+        with pytest.raises(RunDirBusyError, match="in use by pid"):
+            Trainer(cfg, overwrite=True)
+    finally:
+        first.close()
+    Trainer(cfg, overwrite=True).close()  # released: the next one may start
+
+
+def test_overwrite_starts_clean_and_resume_truncates_the_metrics(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "4") == 0
+    assert _train(out, "--steps", "2", "--overwrite") == 0
+    assert max(r["step"] for r in _records(out)) == 2  # nothing of the old run appended
+    with open(out / "metrics.jsonl", "a") as f:  # a kill -9 after logging step 3
+        f.write('{"kind": "train", "step": 3}\n{"kind": "tra')
+    assert _train(out, "--steps", "4", "--resume") == 0
+    steps = [r["step"] for r in _records(out) if r["kind"] == "train"]
+    assert steps == [2, 4]
+
+
+def test_encode_keeps_same_named_images_apart(tmp_path, capsys):
+    from vqkit.cli import main
+
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "1") == 0
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        Image.new("L", (28, 28), 40 if d == "a" else 200).save(tmp_path / d / "img.png")
+    model = str(out / "model.safetensors")
+    codes = tmp_path / "codes"
+    assert main(["encode", model, str(tmp_path / "a/img.png"), str(tmp_path / "b/img.png"),
+                 "--out", str(codes)]) == 0  # fmt: skip
+    assert (codes / "a" / "img.npy").is_file() and (codes / "b" / "img.npy").is_file()
+    Image.new("L", (28, 28)).save(tmp_path / "a" / "img.jpg")
+    assert main(["encode", model, str(tmp_path / "a/img.png"), str(tmp_path / "a/img.jpg"),
+                 "--out", str(codes)]) == 2  # fmt: skip
+    assert "would both be written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 0), (1, 0, 7)])
+def test_decode_of_an_empty_index_map_is_an_error(tmp_path, capsys, shape):
+    from vqkit.cli import main
+
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "1") == 0
+    np.save(tmp_path / "empty.npy", np.zeros(shape, dtype=np.int64))
+    rc = main(["decode", str(out / "model.safetensors"), str(tmp_path / "empty.npy"),
+               "--out", str(tmp_path / "dec")])  # fmt: skip
+    assert rc == 2 and "error" in capsys.readouterr().err
+    assert not (tmp_path / "dec").exists() or not any((tmp_path / "dec").iterdir())
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "bogus"], "device must be"),
+        (["--device", "meta"], "device must be"),
+        (["--commitment-cost", "inf"], "commitment_cost must be a finite number"),
+        (["--lr", "inf"], "lr must be a finite number"),
+        (["--quantizer", "fsq", "--decay", "0.9"], "decay does not apply to quantizer 'fsq'"),
+    ],
+)
+def test_bad_options_are_one_line_errors_before_any_data(tmp_path, capsys, flags, message):
+    assert _train(tmp_path / "run", "--steps", "1", "--data", "/nonexistent", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_steps_zero_lists_only_files_it_wrote(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--steps", "0") == 0
+    listed = capsys.readouterr().out.splitlines()[-1].split(": ", 1)[1].split()
+    assert listed and all((out / name).is_file() for name in listed)
+
+
+def test_quantizer_level_faults():
+    from vqkit import FSQ, ResidualVQ, VectorQuantizer, VectorQuantizerEMA
+    from vqkit.quantizers import output
+
+    with pytest.raises(ValueError, match="finite"):
+        VectorQuantizer(8, 4, commitment_cost=float("inf"))
+    with pytest.raises(ValueError, match="finite"):
+        VectorQuantizerEMA(8, 4, commitment_cost=float("inf"))
+    with pytest.raises(ValueError, match=r"levels \[5, 4\] but this FSQ has \[4, 5\]"):
+        FSQ([4, 5]).load_state_dict(FSQ([5, 4]).state_dict())
+    r = ResidualVQ(2, 8, 4).train()
+    for shape in [(0, 4, 3, 3), (2, 4, 0, 3)]:
+        out = r(torch.randn(*shape))
+        assert out.indices.shape == (shape[0], *shape[2:], 2)
+    vq = VectorQuantizer(8, 4)
+    assert vq.decode(torch.tensor([[1, 2]], dtype=torch.int8)).shape == (1, 4, 2)
+    big = VectorQuantizer(2**20, 2).eval()(torch.randn(1, 2, 32, 32))  # N = 1024: 4 GiB
+    with pytest.raises(MemoryError, match="use out.indices"):
+        big.encodings  # noqa: B018  (2 GiB one-hot: refused before allocating)
+    assert output.MAX_ENCODINGS_BYTES == 2**31
+
+
+def test_a_ctrl_c_during_the_checkpoint_write_is_reported_not_fatal(capsys):
+    import signal
+
+    from vqkit.interrupt import no_interrupt
+
+    with no_interrupt("writing the checkpoint"):
+        os.kill(os.getpid(), signal.SIGINT)  # must not raise KeyboardInterrupt here
+    assert "writing the checkpoint" in capsys.readouterr().out
+
+
+def test_dist_timeout_is_an_option_with_a_default():
+    from vqkit.config import TrainConfig
+
+    assert TrainConfig().dist_timeout == 600.0
+    with pytest.raises(ValueError, match="dist_timeout must be > 0"):
+        TrainConfig(dist_timeout=0.0)
