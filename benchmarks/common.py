@@ -96,10 +96,12 @@ def md_table(columns: Sequence[str], rows: Iterable[Sequence[object]],
     """Markdown table lines. ``align``: one letter per column, ``l`` or ``r`` (default:
     first column left, the others right)."""
     align = align or "l" + "r" * (len(columns) - 1)
+
+    def line(cells: Sequence[object]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
     sep = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
-    lines = ["| " + " | ".join(columns) + " |", sep]
-    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
-    return lines
+    return [line(columns), sep, *map(line, rows)]
 
 
 # --------------------------------------------------------------------------- run metadata
