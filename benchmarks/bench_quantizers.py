@@ -16,8 +16,8 @@ codebooks are updated, graphs for trainable parameters are built) and
 .backward()``).
 
 Every (shape, method, mode) runs in its own child process under an address-space
-cap, with the timing and memory protocol of ``bench_search.py`` (whose helpers
-this script imports): one warm-up call, then ``--repeats`` timed calls (fewer if
+cap, with the timing and memory protocol of ``benchmarks.common`` (the one of
+``bench_search``): one warm-up call, then ``--repeats`` timed calls (fewer if
 they exceed ``--time-budget``); peak extra memory = VmHWM - VmRSS baseline, the
 peak counter reset after the inputs and modules are built.
 
@@ -30,35 +30,27 @@ Agreement checks (in the vqkit workers, on fresh modules, after timing):
 * RVQ: eval-mode indices of vqkit ``encode`` vs vqp on the same codebooks (all
   4 stages equal per row, and stage 1 alone), and the max |quantized difference|.
 
-Usage::
+Writes ``<out-dir>/quantizers_cpu.{json,md}``; ``<out-dir>`` defaults to
+``benchmarks/results/quantizers_cpu/`` (``quantizers_cpu_quick/`` with ``--quick``).
+Usage, from the repository root::
 
-    python benchmarks/bench_quantizers.py --quick          # smoke test, tiny shapes
-    python benchmarks/bench_quantizers.py                  # R1,R2,F1,F2, everything
-    python benchmarks/bench_quantizers.py --shapes R1 --methods vqkit_rvq_ema,vqp_rvq
+    python -m benchmarks.bench_quantizers --quick          # smoke test, tiny shapes
+    python -m benchmarks.bench_quantizers                  # R1,R2,F1,F2, everything
+    python -m benchmarks.bench_quantizers --shapes R1 --methods vqkit_rvq_ema,vqp_rvq \\
+        --out-dir benchmarks/results/quantizers_cpu_r1_subset
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
-import resource
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import (  # noqa: E402  (sibling script, not a package)
-    _fmt,
-    _is_oom,
-    _vqkit_fingerprint,
-    check_choices,
-    measure,
-    run_child,
-    run_jobs,
-    run_meta,
-)
+from benchmarks import common
+from benchmarks.common import fmt
 
+MODULE = "benchmarks.bench_quantizers"
 LEVELS = [8, 5, 5, 5]
 NUM_QUANTIZERS = 4
 # name: (family, N, D, K, note); K is None for FSQ (grid of prod(LEVELS) codes);
@@ -94,9 +86,12 @@ METHODS: dict[str, tuple[str, str, str]] = {
 BASELINE = {"vqkit_rvq_ema": "vqp_rvq", "vqkit_rvq_vq": "vqp_rvq",
             "vqkit_fsq": "vqp_fsq", "vqkit_fsq_proj": "vqp_fsq_proj"}
 MODES = ("fwd", "fwd_bwd")
+# --quick: the tiny shapes, one vqkit layer and its vqp baseline per family, forward
+# only (the fwd workers of vqkit layers also run the agreement check), 2 repeats
+QUICK_METHODS = ("vqkit_rvq_ema", "vqp_rvq", "vqkit_fsq_proj", "vqp_fsq_proj")
+QUICK_MODES = ("fwd",)
 SEED = 0
 CHECK_ROWS = 8192
-MIB = 2**20
 
 
 # --------------------------------------------------------------------------- child
@@ -238,61 +233,40 @@ def _check(method: str, n: int, d: int, k: int | None) -> dict:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    cap = int(args.mem_cap_gib * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    common.cap_address_space(args.mem_cap_gib)
     shape, method, mode = args.worker
     family, n, d, k, _ = ALL_SHAPES[shape]
     rec: dict = {"shape": shape, "method": method, "mode": mode, "N": n,
                  "D": _input_dim(method, d), "K": k, "mem_cap_gib": args.mem_cap_gib}
-
-    def emit(**kw) -> int:
-        rec.update(kw)
-        print("RESULT " + json.dumps(rec), flush=True)
-        return 0
-
     try:
-        import torch
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        rec["threads"] = torch.get_num_threads()
-        rec["vqkit_src"] = _vqkit_fingerprint()
+        rec.update(common.torch_setup(args.threads))
         run, cleanup = _setup(method, mode, n, d, k)
     except ImportError as e:
-        return emit(status="skipped", error=f"{type(e).__name__}: {e}")
+        return common.emit({**rec, "status": "skipped", "error": f"{type(e).__name__}: {e}"})
     except (RuntimeError, MemoryError) as e:
-        status = "OOM" if _is_oom(e) else "error"
-        return emit(status=status, error=f"{type(e).__name__}: {str(e)[:300]}", phase="setup")
+        return common.emit({**rec, **common.error_fields(e, "setup")})
 
-    rec.update(measure(run, cleanup, args.repeats, args.time_budget))
-    if rec["status"] != "ok":
-        return emit()
+    rec.update(common.measure(run, cleanup, args.repeats, args.time_budget))
     # One agreement check per (shape, vqkit method): in the fwd worker.
-    if method in BASELINE and mode == "fwd" and not args.no_check:
+    if rec["status"] == "ok" and method in BASELINE and mode == "fwd" and not args.no_check:
         try:
             rec["check"] = _check(method, n, d, k)
         except ImportError as e:
             rec["check_error"] = f"{type(e).__name__}: {e}"
         except (RuntimeError, MemoryError, AssertionError) as e:
             rec["check_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    return emit()
+    return common.emit(rec)
 
 
 # --------------------------------------------------------------------------- parent
 
 
 def _run_worker(shape: str, method: str, mode: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", shape, method, mode,
-           "--repeats", str(args.repeats), "--mem-cap-gib", str(args.mem_cap_gib),
-           "--time-budget", str(args.time_budget)]
-    if args.no_check:
-        cmd.append("--no-check")
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+    cmd = common.child_cmd(MODULE, "--worker", shape, method, mode, *common.child_args(args))
     _, n, d, k, _ = ALL_SHAPES[shape]
     base = {"shape": shape, "method": method, "mode": mode, "N": n,
             "D": _input_dim(method, d), "K": k, "loadavg_before": os.getloadavg()}
-    return run_child(cmd, base, args.timeout)
+    return common.run_child(cmd, base, args.timeout)
 
 
 def _shape_title(shape: str) -> str:
@@ -313,10 +287,7 @@ def _summarise(records: list[dict], shapes: list[str]) -> list[str]:
 
     lines: list[str] = []
     for shape in shapes:
-        lines += [f"### {_shape_title(shape)}", "",
-                  "| method | mode | timed calls | median s | min s | vqkit / vqp | peak extra MiB "
-                  "| status |",
-                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        rows: list[list[str]] = []
         checks: list[str] = []
         for r in records:
             if r["shape"] != shape:
@@ -330,12 +301,10 @@ def _summarise(records: list[dict], shapes: list[str]) -> list[str]:
             status = r.get("status", "?")
             if status != "ok" and r.get("error"):
                 status += f": {r['error'][:60]}"
-            lines.append(
-                f"| {r['method']} | {r['mode']} | {len(r.get('times_s') or [])} | {_fmt(m, '.3f')}"
-                f" | {_fmt(r.get('min_s') if ok else None, '.3f')}"
-                f" | {_fmt(ratio, '.2f')}"
-                f" | {_fmt(r.get('peak_extra_mib') if ok else None, ',.0f')}"
-                f" | {status.replace('|', '/')} |")
+            rows.append([r["method"], r["mode"], str(len(r.get("times_s") or [])),
+                         fmt(m, ".3f"), fmt(r.get("min_s") if ok else None, ".3f"),
+                         fmt(ratio, ".2f"), fmt(r.get("peak_extra_mib") if ok else None, ",.0f"),
+                         status])
             c = r.get("check")
             if c:
                 s = (f"- {r['method']} vs {c['check_against']} (eval, first {c['check_rows']} "
@@ -348,28 +317,20 @@ def _summarise(records: list[dict], shapes: list[str]) -> list[str]:
                 checks.append(s)
             elif r.get("check_error"):
                 checks.append(f"- {r['method']}: check failed: {r['check_error'][:120]}")
+        lines += [f"### {_shape_title(shape)}", ""]
+        lines += common.md_table(["method", "mode", "timed calls", "median s", "min s",
+                                  "vqkit / vqp", "peak extra MiB", "status"], rows, "llrrrrrl")
         lines += [""] + (["Agreement:", ""] + checks + [""] if checks else [])
     return lines
 
 
 def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: list[str]) -> None:
-    (out_dir / f"{stem}.json").write_text(
-        json.dumps({**meta, "results": records}, indent=1) + "\n")
-    mach = meta["machine"]
-    v = mach["versions"]
-    la_s, la_e = meta["loadavg_start"], meta.get("loadavg_end")
     st = meta["settings"]
     head = [
         "# ResidualVQ and FSQ benchmark (CPU): vqkit vs vector-quantize-pytorch",
         "",
-        f"- command: `{meta['command']}`",
-        f"- git commit: {meta['git_commit']}, date (UTC): {meta['date_utc']}",
-        f"- machine: {mach['cpu_model']}, {mach['affinity_cpus']} cores usable, "
-        f"{mach['ram_gib']} GiB RAM; torch {v['torch']}, "
-        f"vector-quantize-pytorch {v['vector-quantize-pytorch']}, vqkit {v['vqkit']}; "
-        f"torch threads per worker: {st['threads']}",
-        f"- load average (1/5/15 min) at start: {la_s[0]:.2f}/{la_s[1]:.2f}/{la_s[2]:.2f}"
-        + (f", at end: {la_e[0]:.2f}/{la_e[1]:.2f}/{la_e[2]:.2f}" if la_e else " (run incomplete)"),
+        *common.meta_lines(meta, ("torch", "vector-quantize-pytorch", "vqkit"),
+                           f"; torch threads per worker: {st['threads']}"),
         f"- settings: up to {st['repeats']} timed repeats after 1 warm-up (timed calls stop "
         f"after {st['time_budget_s']:.0f} s), memory cap {st['mem_cap_gib']} GiB (RLIMIT_AS) "
         f"per worker, timeout {st['timeout_s']} s per worker",
@@ -381,25 +342,21 @@ def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: li
     ]
     if meta.get("note"):
         head.append(f"- note: {meta['note']}")
-    lines = _summarise(records, shapes)
-    (out_dir / f"{stem}.md").write_text("\n".join(head + [""] + lines) + "\n")
+    common.write_results(out_dir, stem, {**meta, "results": records},
+                         head + [""] + _summarise(records, shapes))
 
 
 def _parent(args: argparse.Namespace) -> int:
-    shapes = args.shapes.split(",") if args.shapes else (
-        list(QUICK_SHAPES) if args.quick else list(SHAPES))
-    methods = args.methods.split(",") if args.methods else list(METHODS)
-    modes = args.modes.split(",") if args.modes else list(MODES)
-    check_choices(shapes, ALL_SHAPES, "shape")
-    check_choices(methods, METHODS, "method")
-    check_choices(modes, MODES, "mode")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "quantizers_cpu_quick" if args.quick and not args.shapes else "quantizers_cpu"
-    meta = run_meta(args, _dt.datetime.now(_dt.timezone.utc))
-    meta["settings"] = {"repeats": args.repeats, "mem_cap_gib": args.mem_cap_gib,
-                        "timeout_s": args.timeout, "time_budget_s": args.time_budget,
-                        "threads": args.threads or "torch default", "seed": SEED,
+    shapes = common.parse_list(args.shapes, QUICK_SHAPES if args.quick else SHAPES,
+                               ALL_SHAPES, "shape")
+    methods = common.parse_list(args.methods, QUICK_METHODS if args.quick else METHODS,
+                                METHODS, "method")
+    modes = common.parse_list(args.modes, QUICK_MODES if args.quick else MODES, MODES, "mode")
+    out_dir = Path(args.out_dir) if args.out_dir else common.out_dir("quantizers_cpu",
+                                                                     args.quick)
+    stem = "quantizers_cpu"
+    meta = common.run_meta(MODULE, args.note)
+    meta["settings"] = {**common.child_settings(args), "seed": SEED,
                         "check_rows": CHECK_ROWS, "levels": LEVELS,
                         "num_quantizers": NUM_QUANTIZERS}
     meta["methods"] = {m: METHODS[m][2] for m in methods}
@@ -409,7 +366,7 @@ def _parent(args: argparse.Namespace) -> int:
     }
     jobs = [(s, m, mo) for s in shapes for m in methods for mo in modes
             if METHODS[m][0] == ALL_SHAPES[s][0]]
-    run_jobs(
+    common.run_jobs(
         jobs,
         lambda shape, method, mode: _run_worker(shape, method, mode, args),
         lambda job: f"{job[0]} {job[1]:15s} {job[2]:7s}",
@@ -421,25 +378,21 @@ def _parent(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", help=f"comma list from {','.join(ALL_SHAPES)} (default R1..F2)")
     p.add_argument("--methods", help=f"comma list from {','.join(METHODS)} (default all)")
     p.add_argument("--modes", help="comma list from fwd,fwd_bwd (default both)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up")
-    p.add_argument("--time-budget", type=float, default=150.0,
-                   help="stop timed repeats once they used this many seconds")
-    p.add_argument("--mem-cap-gib", type=float, default=14.0,
-                   help="address-space cap per worker (RLIMIT_AS), GiB")
-    p.add_argument("--timeout", type=float, default=300.0, help="wall timeout per worker, s")
-    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--quick", action="store_true", help="tiny shapes QR,QF (smoke test)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads in the workers (default: torch's default)")
+    p.add_argument("--quick", action="store_true", help="smoke test: shapes QR,QF, methods "
+                   f"{','.join(QUICK_METHODS)}, mode fwd, 2 repeats")
+    p.add_argument("--out-dir", help="results folder (default benchmarks/results/"
+                   "quantizers_cpu, quantizers_cpu_quick with --quick)")
+    common.add_child_args(p, time_budget=150.0)
     p.add_argument("--no-check", action="store_true", help="skip the agreement checks")
-    p.add_argument("--note", help="free text stored in the results (e.g. machine load)")
     p.add_argument("--worker", nargs=3, metavar=("SHAPE", "METHOD", "MODE"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    common.default_repeats(args)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     return _worker(args) if args.worker else _parent(args)

@@ -2,29 +2,30 @@
 comparisons (docs/results.md), in one run: the same model, data and batch, only the
 quantizer options differ, so the ratios isolate what each quantizer (and revival) costs.
 
-    python benchmarks/bench_step.py --data ../shared/data/cifar10-jpeg.tar.gz \\
+    python -m benchmarks.bench_step --data ../shared/data/cifar10-jpeg.tar.gz \\
         --steps 40 --rounds 3
+    python -m benchmarks.bench_step --quick     # smoke test: built-in data, tiny run
 
 Each round times every configuration once (interleaved, so drifts in machine load hit
 all of them alike); a step is ``Trainer.train_step`` plus, at its cadence, the revival
 (``revive_every``), i.e. what the training loop pays. Writes
-benchmarks/results/step_cpu.{json,md}.
+``benchmarks/results/step_cpu/step_cpu.{json,md}`` (``step_cpu_quick/`` with ``--quick``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import common
+
+MODULE = "benchmarks.bench_step"
+STEM = "step_cpu"
 
 CONFIGS: dict[str, dict] = {
     "ema K=512": {"quantizer": "ema"},
@@ -61,30 +62,46 @@ def build(name: str, data: str, batch: int, tmp: str):
 
 
 def time_steps(trainer, steps: int) -> float:
-    every = trainer.config.revive_every
+    """Seconds per step of ``steps`` steps of the training loop: ``train_step``, then the
+    revival when due (as ``Trainer.fit`` runs it)."""
+    import torch
+
     t0 = time.perf_counter()
     for _ in range(steps):
         x, _ = trainer.loader.next_batch()
         trainer.train_step(x)
         trainer.step += 1
-        if every and trainer.step % every == 0:
-            trainer.revive(x)
+        if trainer.health.due(trainer.step):
+            with torch.no_grad():
+                latents = trainer.model.encode_latents(x)
+            trainer.health.revive(latents, trainer.step, trainer.optimizer)
     return (time.perf_counter() - t0) / steps
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(common.CIFAR10_JPEG),
+                    help="dataset (default: the CIFAR-10 archive in ../shared/data)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="subset of configuration names")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step_cpu"))
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="smoke test: built-in data, batch 8, "
+                    "2 timed steps after 1 warm-up, 1 round")
+    ap.add_argument("--out-dir", help="results folder (default benchmarks/results/step_cpu, "
+                    "step_cpu_quick with --quick)")
+    ap.add_argument("--note", help="free text stored in the results (e.g. machine load)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.data, args.batch_size, args.steps, args.warmup, args.rounds = "builtin", 8, 2, 1, 1
     import torch
 
     names = args.only or list(CONFIGS)
+    common.check_choices(names, CONFIGS, "configuration")
+    out = Path(args.out_dir) if args.out_dir else common.out_dir(STEM, args.quick)
+    meta = common.run_meta(MODULE, args.note, argv)
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {n: build(n, args.data, args.batch_size, tmp) for n in names}
         for t in trainers.values():
@@ -105,33 +122,29 @@ def main() -> None:
         }
         for n in names
     ]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    meta = {
-        "command": "python benchmarks/bench_step.py "
-        + f"--batch-size {args.batch_size} --steps {args.steps} --rounds {args.rounds}",
-        "commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}",
-    }
-    Path(args.out + ".json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    common.finish_meta(meta)
+    meta["settings"] = {"data": args.data, "batch_size": args.batch_size, "steps": args.steps,
+                        "warmup": args.warmup, "rounds": args.rounds,
+                        "torch_threads": torch.get_num_threads()}
     lines = [
         "# Time per training step by quantizer (CPU)",
         "",
-        f"- command: `{meta['command']}`",
-        f"- commit {commit}, {meta['date']}; {meta['machine']}",
+        *common.meta_lines(meta, machine_extra=f", {torch.get_num_threads()} torch threads"),
         f"- batch {args.batch_size}, {args.steps} timed steps per round after {args.warmup} "
-        f"warm-up, {args.rounds} interleaved rounds; revival included at its cadence",
+        f"warm-up, {args.rounds} interleaved rounds; revival included at its cadence; "
+        f"data: {args.data}",
+        *([f"- note: {args.note}"] if args.note else []),
         "",
-        f"| configuration | ms/step (median of rounds) | ratio to {names[0]} |",
-        "|---|---:|---:|",
-        *[f"| {r['config']} | {r['ms_per_step']:.1f} | {r['ratio_to_first']:.2f} |" for r in rows],
+        *common.md_table(
+            ["configuration", "ms/step (median of rounds)", f"ratio to {names[0]}"],
+            [[r["config"], f"{r['ms_per_step']:.1f}", f"{r['ratio_to_first']:.2f}"]
+             for r in rows]),
     ]
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    md = common.write_results(out, STEM, {**meta, "rows": rows}, lines)
     print("\n".join(lines))
+    print(f"wrote {md} and {md.with_suffix('.json')}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,26 +8,30 @@ updates the EMA with one-hot matmuls, re-creating its parameters every step; a
 torchvision-style dataset (per-image PIL -> tensor -> normalise) behind a shuffling
 DataLoader, with ``next(iter(loader))`` per step.
 
-    python benchmarks/bench_train.py --data ../shared/data/cifar10-jpeg.tar.gz \
-        --batch-size 256 --steps 15 --rounds 3
+From the repository root::
 
-Writes benchmarks/results/train_cpu.{json,md}.
+    python -m benchmarks.bench_train --data ../shared/data/cifar10-jpeg.tar.gz \
+        --batch-size 256 --steps 15 --rounds 3
+    python -m benchmarks.bench_train --quick     # smoke test: built-in data, tiny run
+
+Writes ``benchmarks/results/train_cpu/train_cpu.{json,md}`` (``train_cpu_quick/`` with
+``--quick``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import common
+
+MODULE = "benchmarks.bench_train"
+STEM = "train_cpu"
+METHODS = ("classic", "vqkit")
 
 
 # --- the classic code, re-implemented ----------------------------------------------------
@@ -158,89 +162,91 @@ def run_vqkit(data, batch_size, steps, warmup):
     return times
 
 
-def worker(args) -> None:
+def worker(args) -> int:
     from vqkit.data import load_dataset
 
-    data = load_dataset(args.data, "train")
+    # The classic model is RGB; the built-in set (smoke test) is gray.
+    data = load_dataset(args.data, "train", channels=3 if args.data == "builtin" else None)
     if args.limit:
         data = data.subset(slice(0, args.limit))
     fn = run_vqkit if args.worker == "vqkit" else run_classic
     times = fn(data, args.batch_size, args.steps, args.warmup)
     med = statistics.median(times)
-    print(json.dumps({"method": args.worker, "median_step_s": med,
-                      "images_per_s": args.batch_size / med, "times": times}))
+    return common.emit({"status": "ok", "method": args.worker, "median_step_s": med,
+                        "images_per_s": args.batch_size / med, "times": times})
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
+    ap.add_argument("--data", default=str(common.CIFAR10_JPEG),
+                    help="dataset (default: the CIFAR-10 archive in ../shared/data)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
-    ap.add_argument("--worker", choices=["vqkit", "classic"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--timeout", type=float, default=3600.0, help="wall timeout per worker, s")
+    ap.add_argument("--quick", action="store_true", help="smoke test: built-in data (first "
+                    "512 images), batch 32, 2 timed steps after 1 warm-up, 1 round")
+    ap.add_argument("--out-dir", help="results folder (default benchmarks/results/train_cpu, "
+                    "train_cpu_quick with --quick)")
+    ap.add_argument("--note", help="free text stored in the results (e.g. machine load)")
+    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.data, args.limit, args.batch_size = "builtin", 512, 32
+        args.steps, args.warmup, args.rounds = 2, 1, 1
     if args.worker:
-        worker(args)
-        return
-    results: dict[str, list[dict]] = {"vqkit": [], "classic": []}
+        return worker(args)
+    import torch
+
+    out = Path(args.out_dir) if args.out_dir else common.out_dir(STEM, args.quick)
+    meta = common.run_meta(MODULE, args.note, argv)
+    results: dict[str, list[dict]] = {m: [] for m in METHODS}
     for r in range(args.rounds):
-        for method in ("classic", "vqkit"):
-            cmd = [sys.executable, __file__, "--worker", method, "--data", args.data,
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--limit", str(args.limit)]
+        for method in METHODS:
+            cmd = common.child_cmd(MODULE, "--worker", method, "--data", args.data,
+                                   "--batch-size", args.batch_size, "--steps", args.steps,
+                                   "--warmup", args.warmup, "--limit", args.limit)
             load = os.getloadavg()[0]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rec = json.loads(out.stdout.strip().splitlines()[-1])
-            rec["load_1min_before"] = load
+            rec = common.run_child(cmd, {"load_1min_before": load}, args.timeout)
+            if rec["status"] != "ok":
+                sys.exit(f"{method} worker failed: {rec['status']}: {rec.get('error')}")
             results[method].append(rec)
             print(f"round {r + 1}/{args.rounds} {method}: {rec['images_per_s']:.1f} images/s "
                   f"(load {load:.1f})", file=sys.stderr)
     ratios = [v["images_per_s"] / c["images_per_s"]
               for v, c in zip(results["vqkit"], results["classic"], strict=True)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
-    import torch
-
-    summary = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "commit": commit,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"torch {torch.__version__}, threads {torch.get_num_threads()}",
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "results": results,
-        "ratio_per_round": ratios,
-        "ratio_median": statistics.median(ratios),
-    }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_cpu.json").write_text(json.dumps(summary, indent=2))
+    common.finish_meta(meta)
+    meta["settings"] = {"data": args.data, "limit": args.limit, "batch_size": args.batch_size,
+                        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                        "torch_threads": torch.get_num_threads()}
+    summary = {**meta, "results": results, "ratio_per_round": ratios,
+               "ratio_median": statistics.median(ratios)}
     med = {m: statistics.median(r["images_per_s"] for r in results[m]) for m in results}
     md = [
         "# Training throughput (CPU)", "",
-        f"- command: `python {summary['command']}`",
-        f"- commit {commit}, {summary['date']}; {summary['machine']}",
+        *common.meta_lines(meta, machine_extra=f", {torch.get_num_threads()} torch threads"),
         f"- batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
-        f"{args.rounds} interleaved rounds, each method in its own process",
+        f"{args.rounds} interleaved rounds, each method in its own process; data: {args.data}"
+        + (f" (first {args.limit} images)" if args.limit else ""),
+        *([f"- note: {args.note}"] if args.note else []),
         "",
-        "| method | images/s (median of rounds) | ratio to classic |",
-        "|---|---:|---:|",
-        f"| classic loop (one-hot VQ-EMA, per-image PIL dataset, next(iter(loader))) | "
-        f"{med['classic']:.1f} | 1.00 |",
-        f"| vqkit (Trainer.train_step + BatchLoader) | {med['vqkit']:.1f} | "
-        f"{summary['ratio_median']:.2f} |",
+        *common.md_table(
+            ["method", "images/s (median of rounds)", "ratio to classic"],
+            [["classic loop (one-hot VQ-EMA, per-image PIL dataset, next(iter(loader)))",
+              f"{med['classic']:.1f}", "1.00"],
+             ["vqkit (Trainer.train_step + BatchLoader)", f"{med['vqkit']:.1f}",
+              f"{summary['ratio_median']:.2f}"]]),
         "",
         f"Per-round ratios: {', '.join(f'{r:.2f}' for r in ratios)}.",
     ]
-    (out_dir / "train_cpu.md").write_text("\n".join(md) + "\n")
+    path = common.write_results(out, STEM, summary, md)
     print("\n".join(md))
+    print(f"wrote {path} and {path.with_suffix('.json')}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

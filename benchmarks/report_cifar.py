@@ -2,8 +2,14 @@
 (and the same numbers as JSON) of each run's evaluation, one plot of NMSE / perplexity /
 fraction of codes used over training for every run, and each run's reconstruction grid.
 
-    python benchmarks/report_cifar.py runs/cifar10-ema runs/cifar10-vq \\
+    python -m benchmarks.report_cifar runs/cifar10-ema runs/cifar10-vq \\
         --names "EMA" "plain VQ" --prefix cifar10
+    python -m benchmarks.report_cifar --quick   # smoke test on two stored runs
+
+Writes the table to ``benchmarks/results/<prefix>/<prefix>.{md,json}`` and the pictures
+to ``docs/img/<prefix>_*.png``; ``--quick`` reports the stored runs
+``benchmarks/results/cifar10-ema`` and ``cifar10-vq`` into
+``benchmarks/results/report_cifar_quick/`` (pictures included).
 
 By default the table holds the final evaluation on the whole eval split (``eval.json``);
 ``--at-step N`` takes the periodic evaluation logged at step N instead (a strided
@@ -17,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks import common
+
+MODULE = "benchmarks.report_cifar"
 
 
 def load(run: Path) -> tuple[list[dict], list[dict], dict, dict]:
@@ -106,18 +113,32 @@ def summarise(run: Path, at_step: int | None, window: int) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("runs", nargs="+")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="*", help="run directories")
     ap.add_argument("--names", nargs="+")
-    ap.add_argument("--out", default="docs/img", help="pictures go here")
-    ap.add_argument("--results", default="benchmarks/results", help="table + JSON go here")
+    ap.add_argument("--out", help="pictures go here (default docs/img; with --quick the "
+                    "results folder)")
+    ap.add_argument("--results", default=str(common.RESULTS_DIR),
+                    help="table + JSON go into <results>/<prefix>/ (default benchmarks/results)")
     ap.add_argument("--prefix", default="cifar10")
     ap.add_argument("--at-step", type=int, default=None)
     ap.add_argument("--window", type=int, default=1000)
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: the stored runs cifar10-ema and cifar10-vq, table and "
+                    "pictures into benchmarks/results/report_cifar_quick/")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.runs = args.runs or [str(common.RESULTS_DIR / r) for r in ("cifar10-ema",
+                                                                      "cifar10-vq")]
+        args.prefix = "report_cifar_quick"
+        args.out = args.out or str(Path(args.results) / args.prefix)
+    if not args.runs:
+        ap.error("give the run directories (or --quick)")
     names = args.names or [Path(r).name for r in args.runs]
-    out, results = Path(args.out), Path(args.results)
+    args.out = args.out or str(common.REPO_ROOT / "docs" / "img")
+    out, results = Path(args.out), Path(args.results) / args.prefix
     out.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
 
@@ -164,22 +185,21 @@ def main() -> None:
         f"{100 * r['train_window_usage']:.0f} % | {r['ms_per_step']:.0f} |"
         for r in rows
     ]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    command = "python " + shlex.join(sys.argv)
+    meta = common.run_meta(MODULE, argv=argv)
+    mach = meta["machine"]
     evals = sorted({f"{r['eval']} ({r['eval_images']} images)" for r in rows})
     md = (
-        f"Command: `{command}` (commit {commit}, {platform.machine()} {platform.node()}).\n"
+        f"Command: `{meta['command']}` (commit {meta['git_commit']}, {mach['cpu_model']}, "
+        f"{mach['affinity_cpus']} cores).\n"
         f"Eval: {'; '.join(evals)}. Training figures: mean over the last {args.window} "
         "steps.\n\n" + header + "\n" + "\n".join(lines) + "\n"
     )
-    (results / f"{args.prefix}.md").write_text(md)
-    (results / f"{args.prefix}.json").write_text(
-        json.dumps({"command": command, "commit": commit, "rows": rows}, indent=2)
-    )
+    common.write_results(results, args.prefix, {**meta, "rows": rows}, [md.rstrip("\n")])
     print(md)
+    print(f"wrote {results / args.prefix}.{{md,json}} and {out}/{args.prefix}_*.png",
+          file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
