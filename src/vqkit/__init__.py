@@ -6,12 +6,16 @@ nearest-code search that never builds the N x K distance matrix.
 
 from .metrics import code_counts, perplexity, usage_fraction
 from .quantizers import FSQ, QuantizerOutput, ResidualVQ, VectorQuantizer, VectorQuantizerEMA
+from .quantizers.bsq import BSQ
+from .quantizers.lfq import LFQ
 from .search import nearest_code, squared_distances
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BSQ",
     "FSQ",
+    "LFQ",
     "QuantizerOutput",
     "ResidualVQ",
     "VectorQuantizer",

@@ -5,9 +5,11 @@ Importing this package registers every built-in kind (each module registers itse
 """
 
 from .base import BaseQuantizer
+from .bsq import BSQ, BSQOptions
 from .codebook_base import CodebookOptions, CodebookQuantizer
 from .ema import EMAOptions, VectorQuantizerEMA
 from .fsq import FSQ, FSQOptions, parse_levels
+from .lfq import LFQ, BinaryOptions, BinaryQuantizer, LFQOptions
 from .output import QuantizerOutput
 from .registry import (
     QuantizerKind,
@@ -21,6 +23,12 @@ from .residual import ResidualVQ, RVQOptions
 from .vq import VectorQuantizer, VQOptions
 
 __all__ = [
+    "BSQ",
+    "BSQOptions",
+    "BinaryOptions",
+    "BinaryQuantizer",
+    "LFQ",
+    "LFQOptions",
     "BaseQuantizer",
     "CodebookOptions",
     "CodebookQuantizer",
