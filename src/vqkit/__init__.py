@@ -8,6 +8,7 @@ from .metrics import code_counts, perplexity, usage_fraction
 from .quantizers import FSQ, QuantizerOutput, ResidualVQ, VectorQuantizer, VectorQuantizerEMA
 from .quantizers.bsq import BSQ
 from .quantizers.lfq import LFQ
+from .quantizers.simvq import SimVQ
 from .search import nearest_code, squared_distances
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "LFQ",
     "QuantizerOutput",
     "ResidualVQ",
+    "SimVQ",
     "VectorQuantizer",
     "VectorQuantizerEMA",
     "code_counts",

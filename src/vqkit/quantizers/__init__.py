@@ -20,6 +20,7 @@ from .registry import (
     register_quantizer,
 )
 from .residual import ResidualVQ, RVQOptions
+from .simvq import SimVQ, SimVQOptions
 from .vq import VectorQuantizer, VQOptions
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "QuantizerOutput",
     "RVQOptions",
     "ResidualVQ",
+    "SimVQ",
+    "SimVQOptions",
     "VQOptions",
     "VectorQuantizer",
     "VectorQuantizerEMA",
