@@ -9,6 +9,7 @@ from .bsq import BSQ, BSQOptions
 from .codebook_base import CodebookOptions, CodebookQuantizer
 from .ema import EMAOptions, VectorQuantizerEMA
 from .fsq import FSQ, FSQOptions, parse_levels
+from .ibq import IBQ, IBQOptions, ibq_lookup
 from .lfq import LFQ, BinaryOptions, BinaryQuantizer, LFQOptions
 from .output import QuantizerOutput
 from .registry import (
@@ -36,6 +37,8 @@ __all__ = [
     "EMAOptions",
     "FSQ",
     "FSQOptions",
+    "IBQ",
+    "IBQOptions",
     "QuantizerKind",
     "QuantizerOptions",
     "QuantizerOutput",
@@ -48,6 +51,7 @@ __all__ = [
     "VectorQuantizerEMA",
     "build_quantizer",
     "get_kind",
+    "ibq_lookup",
     "parse_levels",
     "quantizer_kinds",
     "register_quantizer",
