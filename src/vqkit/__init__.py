@@ -7,6 +7,7 @@ nearest-code search that never builds the N x K distance matrix.
 from .metrics import code_counts, perplexity, usage_fraction
 from .quantizers import FSQ, QuantizerOutput, ResidualVQ, VectorQuantizer, VectorQuantizerEMA
 from .quantizers.bsq import BSQ
+from .quantizers.grouped import GroupedVQ
 from .quantizers.ibq import IBQ
 from .quantizers.lfq import LFQ
 from .quantizers.simvq import SimVQ
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BSQ",
     "FSQ",
+    "GroupedVQ",
     "IBQ",
     "LFQ",
     "QuantizerOutput",

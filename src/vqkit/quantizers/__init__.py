@@ -9,6 +9,7 @@ from .bsq import BSQ, BSQOptions
 from .codebook_base import CodebookOptions, CodebookQuantizer
 from .ema import EMAOptions, VectorQuantizerEMA
 from .fsq import FSQ, FSQOptions, parse_levels
+from .grouped import GroupedVQ, GroupedVQOptions
 from .ibq import IBQ, IBQOptions, ibq_lookup
 from .lfq import LFQ, BinaryOptions, BinaryQuantizer, LFQOptions
 from .output import QuantizerOutput
@@ -37,6 +38,8 @@ __all__ = [
     "EMAOptions",
     "FSQ",
     "FSQOptions",
+    "GroupedVQ",
+    "GroupedVQOptions",
     "IBQ",
     "IBQOptions",
     "QuantizerKind",
