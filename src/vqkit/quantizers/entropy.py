@@ -129,6 +129,26 @@ class _BatchEntropy(torch.autograd.Function):
         group: dist.ProcessGroup | None,
         scratch: int,
     ) -> torch.Tensor:
+        # autocast off in both passes: AOT autograd traces them under the caller's autocast
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            return _BatchEntropy._forward(ctx, a, w, group_size, sync, group, scratch)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with torch.autocast(device_type=g_h.device.type, enabled=False):
+            return _BatchEntropy._backward(ctx, g_h)
+
+    @staticmethod
+    def _forward(
+        ctx: Any,
+        a: torch.Tensor,
+        w: torch.Tensor,
+        group_size: int,
+        sync: bool,
+        group: dist.ProcessGroup | None,
+        scratch: int,
+    ) -> torch.Tensor:
         n, d = a.shape
         groups = _groups(d, group_size, a.dtype, a.device)
         tile = _tile_rows(n, groups, a.element_size(), scratch)
@@ -152,8 +172,7 @@ class _BatchEntropy(torch.autograd.Function):
         return h  # type: ignore[return-value]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def _backward(ctx: Any, g_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         a, w, denom, *marg = ctx.saved_tensors
         group_size, scratch, ws = ctx.conf
         n, d = a.shape

@@ -56,6 +56,20 @@ class _IBQLookup(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: torch.Tensor, e: torch.Tensor, tile_n: int, tile_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # autocast off in both passes: AOT autograd traces them under the caller's autocast
+        with fp32_region(x.device):
+            return _IBQLookup._forward(ctx, x, e, tile_n, tile_k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor, _g_idx: Any) -> tuple[torch.Tensor | None, ...]:
+        with fp32_region(g.device):
+            return _IBQLookup._backward(ctx, g)
+
+    @staticmethod
+    def _forward(
+        ctx: Any, x: torch.Tensor, e: torch.Tensor, tile_n: int, tile_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n, k = x.shape[0], e.shape[0]
         idx_parts, lse_parts, zbar_parts = [], [], []
         for r0 in range(0, n, tile_n):
@@ -95,8 +109,7 @@ class _IBQLookup(torch.autograd.Function):
         return F.embedding(idx, e), idx
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g: torch.Tensor, _g_idx: Any) -> tuple[torch.Tensor | None, ...]:
+    def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, e, lse, zbar, idx = ctx.saved_tensors
         tile_n, tile_k = ctx.tiles
         need_x, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
