@@ -9,7 +9,8 @@ generation) must also match the eager cell: same indices, same loss and input gr
 up to rounding. Compiled two-process cells use ``backend="eager"`` (Dynamo's tracing,
 collectives included, without tracing the backward again): half the compile time.
 Two-process cells must report identical global ``counts`` on both ranks (the statistics
-are all-reduced inside the quantizer) equal to one process's counts on the global batch.
+are all-reduced inside the quantizer) equal to one process's counts on the global batch,
+and (fp32) input gradients that DDP's averaging turns into the one-process gradient.
 
 The two-process cells of all kinds share ONE 2-rank job (one process-group start-up)
 under a hard deadline; each test reads its cell from it.
@@ -161,3 +162,10 @@ def test_two_processes(two_ranks, kind, precision, mode):
     assert torch.equal(c0, c1)  # global counts, identical on both ranks
     one = run_cell(kind, precision, "eager", torch.cat([batch(0), batch(1)]))
     assert torch.equal(c0, one["counts"])  # = one process on the global batch
+    # DDP averages gradients over the 2 ranks: each rank's input gradient must be twice
+    # the one-process gradient of its rows (local means over half the rows; the global
+    # batch entropy of lfq / bsq scales its backward by the world size for this)
+    if precision == "fp32":
+        for rank, res in enumerate(per_rank):
+            want = 2.0 * one["x_grad"][2 * rank : 2 * rank + 2]
+            torch.testing.assert_close(res["x_grad"], want, rtol=1e-4, atol=1e-6)
