@@ -53,6 +53,11 @@ def test_bsq_entropy_terms_against_references(group_size):
     bat = out.losses["batch_entropy"].double()
     if group_size == 1:
         torch.testing.assert_close(bat, factorised_reference(u.detach(), tau), rtol=1e-5, atol=1e-6)
+        ref_x = x.detach().double().requires_grad_(True)
+        ur = torch.nn.functional.normalize(ref_x.movedim(1, -1).reshape(-1, d), dim=-1)
+        factorised_reference(ur, tau).backward()
+        out.losses["batch_entropy"].backward()
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-6)
     if group_size >= d:  # one group: exact
         torch.testing.assert_close(bat, joint, rtol=1e-5, atol=1e-6)
         # gradients of the whole entropy term through the normalisation, vs brute force

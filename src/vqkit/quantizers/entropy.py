@@ -150,10 +150,14 @@ class _BatchEntropy(torch.autograd.Function):
         scratch: int,
     ) -> torch.Tensor:
         n, d = a.shape
-        groups = _groups(d, group_size, a.dtype, a.device)
-        tile = _tile_rows(n, groups, a.element_size(), scratch)
-        marg = [torch.zeros(g.ka, g.kb, dtype=a.dtype, device=a.device) for g in groups]
-        for r0 in range(0, n, tile):
+        if group_size == 1:  # per bit: pbar_i(+) = mean_n sigmoid(a_ni), O(N d), few ops
+            marg = [w.unsqueeze(0) @ torch.sigmoid(a)]
+            groups = []
+        else:
+            groups = _groups(d, group_size, a.dtype, a.device)
+            marg = [torch.zeros(g.ka, g.kb, dtype=a.dtype, device=a.device) for g in groups]
+        tile = _tile_rows(n, groups, a.element_size(), scratch) if groups else n
+        for r0 in range(0, n if groups else 0, tile):
             ar, wr = a[r0 : r0 + tile], w[r0 : r0 + tile].unsqueeze(1)
             for g, m in zip(groups, marg, strict=True):
                 pa, pb = g.probs(ar)
@@ -166,7 +170,11 @@ class _BatchEntropy(torch.autograd.Function):
             marg, total = parts[:-1], parts[-1]
         denom = total.clamp(min=1.0)
         marg = [m / denom for m in marg]
-        h = sum(-torch.special.xlogy(m, m).sum() for m in marg)
+        if group_size == 1:
+            m = marg[0]
+            h = -(torch.special.xlogy(m, m) + torch.special.xlogy(1.0 - m, 1.0 - m)).sum()
+        else:
+            h = sum(-torch.special.xlogy(m, m).sum() for m in marg)
         ctx.save_for_backward(a, w, denom, *marg)
         ctx.conf = (group_size, scratch, ws)
         return h  # type: ignore[return-value]
@@ -181,10 +189,15 @@ class _BatchEntropy(torch.autograd.Function):
         if n == 0:
             return grad, None, None, None, None, None
         tiny = torch.finfo(a.dtype).tiny
+        coef = g_h * ws / denom
+        if group_size == 1:  # dH_b/dm = log((1 - m) / m), dm/da_ni = w_n s'(a_ni) / n
+            m = marg[0]
+            dm = (torch.log((1.0 - m).clamp(min=tiny)) - torch.log(m.clamp(min=tiny))) * coef
+            p = torch.sigmoid(a)
+            return p * (1.0 - p) * w.unsqueeze(1) * dm, None, None, None, None, None
         # dH/dpbar = -(log pbar + 1); the +1 sums to zero through the normalised rows
         # (sum_c p(c|u) = 1), so it is left out. log(max(pbar, tiny)): an underflowed pbar
         # only meets underflowed p(c|u_n), whose products stay ~0.
-        coef = g_h * ws / denom
         weights = [torch.log(m.clamp(min=tiny)).mul_(-coef) for m in marg]
         tile = _tile_rows(n, groups, a.element_size(), scratch)
         for r0 in range(0, n, tile):
