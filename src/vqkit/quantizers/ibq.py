@@ -24,12 +24,30 @@ __all__ = ["IBQ", "IBQOptions", "ibq_lookup"]
 
 _MAX_TILE_N = 4096
 _MAX_TILE_K = 2048
+IBQ_SCRATCH_BYTES = 16 * 2**20
+"""Default bound on IBQ's two live (rows x codes) tiles: 8 MiB each (2048 x 1024 fp32)."""
 
 
 def _tiles(n: int, k: int, itemsize: int, scratch: int) -> tuple[int, int]:
     budget = max(1, scratch // (2 * itemsize))  # two (rows x codes) tiles live at once
     tile_k = max(1, min(k, _MAX_TILE_K, budget))
     return max(1, min(max(n, 1), _MAX_TILE_N, budget // tile_k)), tile_k
+
+
+def _tile_buffer(tile_n: int, tile_k: int, like: torch.Tensor) -> torch.Tensor | None:
+    """A flat scratch reused by every tile of one pass (eager only): fresh tile-sized
+    allocations fragment glibc's heap (RSS grew ~4x over the live tiles). Dynamo cannot
+    trace ``out=`` into views of it, so compiled graphs allocate per tile instead."""
+    if torch.compiler.is_compiling():
+        return None
+    return torch.empty(tile_n * tile_k, dtype=like.dtype, device=like.device)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b``, written into the front of ``buf`` when there is one."""
+    if buf is None:
+        return a @ b
+    return torch.mm(a, b, out=buf[: a.shape[0] * b.shape[1]].view(a.shape[0], b.shape[1]))
 
 
 class _IBQLookup(torch.autograd.Function):
@@ -72,16 +90,17 @@ class _IBQLookup(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n, k = x.shape[0], e.shape[0]
         idx_parts, lse_parts, zbar_parts = [], [], []
+        buf = _tile_buffer(min(tile_n, n), min(tile_k, k), x)
         for r0 in range(0, n, tile_n):
             xb = x[r0 : r0 + tile_n]
             best = bidx = m = s = acc = None
             for c0 in range(0, k, tile_k):
                 et = e[c0 : c0 + tile_k]
-                lg = xb @ et.t()
+                lg = _mm(xb, et.t(), buf)
                 tmax, targ = lg.max(dim=1)
                 if best is None:
                     best, bidx, m = tmax, targ, tmax
-                    pe = (lg - m.unsqueeze(1)).exp_()
+                    pe = lg.sub_(m.unsqueeze(1)).exp_()  # in place: one live tile
                     s, acc = pe.sum(1), pe @ et
                     continue
                 better = tmax > best  # strict: an earlier tile wins ties
@@ -89,7 +108,7 @@ class _IBQLookup(torch.autograd.Function):
                 bidx = torch.where(better, targ + c0, bidx)
                 m_new = torch.maximum(m, tmax)
                 alpha = torch.exp(m - m_new)
-                pe = (lg - m_new.unsqueeze(1)).exp_()
+                pe = lg.sub_(m_new.unsqueeze(1)).exp_()
                 s = s * alpha + pe.sum(1)
                 acc = torch.addmm(acc * alpha.unsqueeze(1), pe, et)
                 m = m_new
@@ -113,18 +132,23 @@ class _IBQLookup(torch.autograd.Function):
         x, e, lse, zbar, idx = ctx.saved_tensors
         tile_n, tile_k = ctx.tiles
         need_x, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = g.to(x.dtype)
+        g = g.to(x.dtype).contiguous()  # an expanded (stride-0) grad made each tile GEMM copy
         gz = (g * zbar).sum(1)  # g_n . zbar_n
         de = torch.zeros_like(e) if need_e else None
         dx_parts = []
-        for r0 in range(0, x.shape[0], tile_n):
+        n, k = x.shape[0], e.shape[0]
+        buf_p, buf_s = (
+            _tile_buffer(min(tile_n, n), min(tile_k, k), x),
+            _tile_buffer(min(tile_n, n), min(tile_k, k), x),
+        )
+        for r0 in range(0, n, tile_n):
             xb, gb = x[r0 : r0 + tile_n], g[r0 : r0 + tile_n]
             lseb, gzb = lse[r0 : r0 + tile_n].unsqueeze(1), gz[r0 : r0 + tile_n].unsqueeze(1)
             dxb = torch.zeros_like(xb) if need_x else None
-            for c0 in range(0, e.shape[0], tile_k):
+            for c0 in range(0, k, tile_k):
                 et = e[c0 : c0 + tile_k]
-                p = (xb @ et.t()).sub_(lseb).exp_()
-                ds = (gb @ et.t()).sub_(gzb).mul_(p)  # dL/ds for this tile
+                p = _mm(xb, et.t(), buf_p).sub_(lseb).exp_()
+                ds = _mm(gb, et.t(), buf_s).sub_(gzb).mul_(p)  # dL/ds for this tile
                 if dxb is not None:
                     dxb.addmm_(ds, et)
                 if de is not None:
@@ -140,7 +164,7 @@ class _IBQLookup(torch.autograd.Function):
 
 
 def ibq_lookup(
-    x: torch.Tensor, codebook: torch.Tensor, max_scratch_bytes: int = 32 * 2**20
+    x: torch.Tensor, codebook: torch.Tensor, max_scratch_bytes: int = IBQ_SCRATCH_BYTES
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """IBQ's straight-through-softmax lookup of rows ``x`` (N, d) in ``codebook`` (K, d)
     (same floating dtype): ``(codes (N, d), indices (N,))`` with the value
@@ -183,8 +207,9 @@ class IBQ(CodebookQuantizer):
             :class:`~vqkit.VectorQuantizer`; codes initialised uniform(-1/K, 1/K).
         double_quant_weight: weight of the double-quantization term.
         **codebook_options: ``codebook_dim`` (projections), ``max_scratch_bytes``
-            (the IBQ tiles and the eval search), ``search_backend``, usage tracking
-            options. ``use_cosine`` and ``gradient="rotation"`` do not apply.
+            (the IBQ tiles and the eval search; default ``IBQ_SCRATCH_BYTES``, 16 MiB),
+            ``search_backend``, usage tracking options. ``use_cosine`` and
+            ``gradient="rotation"`` do not apply.
 
     k-means init and dead-code revival work as for :class:`~vqkit.VectorQuantizer`
     (the codes are free rows; revival takes an optional padding ``mask``).
@@ -204,6 +229,7 @@ class IBQ(CodebookQuantizer):
             raise ValueError("IBQ's logits are inner products; use_cosine does not apply")
         if codebook_options.get("gradient", "ste") != "ste":
             raise ValueError("IBQ has its own gradient estimator; gradient must be 'ste'")
+        codebook_options.setdefault("max_scratch_bytes", IBQ_SCRATCH_BYTES)
         super().__init__(num_embeddings, embedding_dim, **codebook_options)
         for name, v in (
             ("commitment_cost", commitment_cost),
