@@ -102,3 +102,17 @@ def test_bsq_options():
     big = BSQ(40, 64).train()
     out = big(torch.randn(2, 64, 5))
     assert out.counts is None and torch.isfinite(out.loss)
+
+
+def test_bsq_eval_compiles_to_one_graph_and_autocast():
+    q = BSQ(8, 16)
+    x = torch.randn(2, 16, 5)
+    ref = q.eval()(x)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(q)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    plain, x8 = BSQ(8), x[:, :8]  # no projection: the sign runs in float32 under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = plain.train()(x8.clone().requires_grad_(True))
+    assert out.loss.dtype == torch.float32 and out.quantized.dtype == torch.float32
+    assert torch.equal(out.indices, plain.eval()(x8).indices)

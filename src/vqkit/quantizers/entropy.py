@@ -24,7 +24,8 @@ The soft assignment of a row ``u`` (d,) is ``p(c|u) ∝ exp(-||u - c||^2 / tau)`
   tiles in the backward (also bounded). With ``group_size < d`` the bits are cut into
   groups and the sum of the groups' exact batch entropies is returned: BSQ's factorised
   APPROXIMATION of the joint batch entropy (an upper bound: joint entropy <= sum of the
-  groups' entropies).
+  groups' entropies). ``group_size=1`` (one bit per group) takes a closed form,
+  ``sum_i H_b(mean_n sigmoid(a_ni))``, O(N d) in a few vectorised ops.
 
 Distributed: with ``sync`` the marginal is summed over the ranks of ``group`` (one
 all-reduce of K floats + 1), so the batch entropy is that of the GLOBAL batch; its
