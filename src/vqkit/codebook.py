@@ -25,15 +25,24 @@ __all__ = [
 
 
 def assignment_stats(
-    flat: torch.Tensor, indices: torch.Tensor, num_embeddings: int
+    flat: torch.Tensor,
+    indices: torch.Tensor,
+    num_embeddings: int,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-code counts n_k (K,) and sums s_k = sum_{i: idx_i = k} x_i (K, D),
-    float32, by ``index_add`` (no one-hot)."""
+    float32, by ``index_add`` (no one-hot). ``weights`` (N,) (e.g. 0 for padded rows)
+    weight each row's contribution."""
     flat = flat.detach().to(torch.float32)
     counts = torch.zeros(num_embeddings, dtype=torch.float32, device=flat.device)
-    counts.index_add_(0, indices, torch.ones_like(indices, dtype=torch.float32))
     sums = torch.zeros(num_embeddings, flat.shape[1], dtype=torch.float32, device=flat.device)
-    sums.index_add_(0, indices, flat)
+    if weights is None:
+        counts.index_add_(0, indices, torch.ones_like(indices, dtype=torch.float32))
+        sums.index_add_(0, indices, flat)
+    else:
+        w = weights.to(torch.float32)
+        counts.index_add_(0, indices, w)
+        sums.index_add_(0, indices, flat * w.unsqueeze(1))
     return counts, sums
 
 

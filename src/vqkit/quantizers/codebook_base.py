@@ -21,21 +21,28 @@ from .estimators import rotation_trick, straight_through
 from .output import QuantizerOutput
 from .registry import QuantizerOptions
 
-__all__ = ["GRADIENTS", "CodebookOptions", "CodebookQuantizer"]
+__all__ = ["GRADIENTS", "CodebookOptions", "CodebookQuantizer", "CommitmentOptions"]
 
 
 GRADIENTS = ("ste", "rotation")
 
 
 @dataclass
-class CodebookOptions(QuantizerOptions):
+class CommitmentOptions(QuantizerOptions):
+    """The one declaration of ``commitment_cost``, shared by every kind with a commitment
+    term (the codebook kinds and the codebook-free lfq / bsq)."""
+
+    commitment_cost: float = option(
+        0.25, "beta, weight of the commitment loss ||z_e - sg[e]||^2", check=nonneg
+    )
+
+
+@dataclass
+class CodebookOptions(CommitmentOptions):
     """Options shared by the quantizers with an explicit codebook (vq, ema, rvq)."""
 
     num_embeddings: int = option(
         512, "K, the number of codes (per stage for rvq)", check=positive_int
-    )
-    commitment_cost: float = option(
-        0.25, "beta, weight of the commitment loss ||z_e - sg[e]||^2", check=nonneg
     )
     codebook_dim: int = option(
         0,

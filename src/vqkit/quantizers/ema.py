@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from ..codebook import assignment_stats, ema_, laplace_smooth
 from ..distributed import all_reduce_sum
-from ..metrics import code_counts, ema_debias
+from ..metrics import ema_debias
 from ..options import option, positive, unit_interval
 from .codebook_base import CodebookOptions, CodebookQuantizer
-from .estimators import mse_terms
+from .masking import keep_rows, kept_input, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
 
@@ -137,17 +137,21 @@ class VectorQuantizerEMA(CodebookQuantizer):
             self.cluster_size.fill_(1.0)
             self.embed_sum.copy_(self.codebook)
 
-    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
+        """Quantize ``x`` (B, D, *spatial) (and update the codebook in training mode);
+        ``mask`` (B, *spatial), True = padded: those positions are left out of the loss,
+        the EMA update and the statistics (:mod:`vqkit.quantizers.masking`)."""
         self._validate(x, self.codebook.device)
+        keep = keep_rows(mask, self.index_shape(x.shape), x.device)  # None without mask
         # the input itself by default; in-projected / normalised with those options
         flat = self._search_input(self.to_flat(x))
         indices, distances = self._assign(flat)
         quantized_flat = F.embedding(indices, self._search_codebook())  # pre-update codes
-        commitment = mse_terms(flat, quantized_flat)["commitment"]
+        commitment = masked_mse_terms(flat, quantized_flat, keep)["commitment"]
         if self.training:
-            counts = self.update_codebook(flat, indices)[0].long()
+            counts = self.update_codebook(flat, indices, keep)[0].long()
         else:
-            counts = code_counts(indices, self.num_embeddings)
+            counts = masked_counts(indices, self.num_embeddings, keep)
         losses = {"commitment": commitment}
         return self._output(
             x,
@@ -162,13 +166,14 @@ class VectorQuantizerEMA(CodebookQuantizer):
 
     @torch.no_grad()
     def update_codebook(
-        self, flat: torch.Tensor, indices: torch.Tensor
+        self, flat: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One EMA step from a batch ``flat`` (N, D) and its ``indices`` (N,).
+        """One EMA step from a batch ``flat`` (N, D) and its ``indices`` (N,) (only the
+        rows where ``keep`` (N,) is True, when given).
 
         Returns the (globally summed, when distributed) counts (K,) and sums (K, D).
         """
-        counts, sums = assignment_stats(flat, indices, self.num_embeddings)
+        counts, sums = assignment_stats(flat, indices, self.num_embeddings, keep)
         if self.sync_stats:
             counts, sums = all_reduce_sum([counts, sums], self.process_group)
         # A globally empty batch carries no information: it must leave the statistics
@@ -222,13 +227,18 @@ class VectorQuantizerEMA(CodebookQuantizer):
 
     @torch.no_grad()
     def init_codebook_kmeans(
-        self, x: torch.Tensor, iters: int = 10, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        iters: int = 10,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
     ) -> None:
         """Set the codebook to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input
         of this layer, or flat (N, D) vectors) of every rank, then restart the EMA
         statistics from it (:meth:`reset_statistics`). Identical on all ranks; every
-        rank must call it (explicit, never done inside ``forward``)."""
-        centers = self._kmeans_centers(x, iters, generator)
+        rank must call it (explicit, never done inside ``forward``). ``mask`` (True =
+        padded) leaves padded positions of ``x`` out."""
+        centers = self._kmeans_centers(kept_input(self, x, mask), iters, generator)
         self.codebook.copy_(centers)
         self.reset_statistics()
 
@@ -238,6 +248,7 @@ class VectorQuantizerEMA(CodebookQuantizer):
         x: torch.Tensor,
         threshold: float = 1.0,
         generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Replace every code whose EMA cluster size is below ``threshold`` (expected
         assignments per GLOBAL batch, so its meaning does not change with the world size)
@@ -250,18 +261,21 @@ class VectorQuantizerEMA(CodebookQuantizer):
         new vector and the vectors it attracts instead of snapping back to the old
         statistics. Same codes and
         vectors on every rank; every rank must call it at the same steps, whatever its
-        data. Returns the bool (K,) mask of revived codes.
+        data. Returns the bool (K,) mask of revived codes. ``mask`` (True = padded) leaves
+        padded positions of ``x`` out.
         """
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0; got {threshold!r}")
-        mask, vectors = self._replacements(x, self.dead_codes(threshold), generator)
+        revived, vectors = self._replacements(
+            kept_input(self, x, mask), self.dead_codes(threshold), generator
+        )
         mass = threshold * self._debias()
         vectors = vectors.to(self.codebook.dtype)
-        keep = ~mask.unsqueeze(1)
+        keep = ~revived.unsqueeze(1)
         self.codebook.copy_(torch.where(keep, self.codebook, vectors))
-        self.cluster_size.copy_(torch.where(mask, mass, self.cluster_size))
+        self.cluster_size.copy_(torch.where(revived, mass, self.cluster_size))
         self.embed_sum.copy_(torch.where(keep, self.embed_sum, vectors * mass))
-        return mask
+        return revived
 
     def extra_repr(self) -> str:
         s = (

@@ -39,10 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..metrics import code_counts, perplexity, usage_fraction
+from ..metrics import perplexity, usage_fraction
 from ..options import option
 from .base import BaseQuantizer, check_indices, fp32_region
 from .estimators import straight_through
+from .masking import keep_rows, masked_counts
 from .output import QuantizerOutput
 from .registry import QuantizerOptions, register_quantizer
 
@@ -179,26 +180,31 @@ class FSQ(BaseQuantizer):
         return codes, indices
 
     def _counts(
-        self, indices: torch.Tensor
+        self, indices: torch.Tensor, keep: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         if self.num_codes <= self.max_bincount:
-            counts = code_counts(indices, self.num_codes)
+            counts = masked_counts(indices, self.num_codes, keep)
             if self.training:
                 # global counts for the usage EMA, and so the metrics describe the global batch
                 counts = self._global_counts(counts)
                 self._track_usage(counts)
             return counts, perplexity(counts), usage_fraction(counts)
-        _, used = torch.unique(indices.reshape(-1), return_counts=True)
+        kept = indices.reshape(-1) if keep is None else indices.reshape(-1)[keep]
+        _, used = torch.unique(kept, return_counts=True)
         usage = torch.tensor(used.numel() / self.num_codes, device=indices.device)
         return None, perplexity(used), usage
 
-    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
+        """Quantize ``x`` (B, dim, *spatial); ``mask`` (B, *spatial), True = padded: those
+        positions are left out of the counts and the usage statistic
+        (:mod:`vqkit.quantizers.masking`)."""
         self._validate(x, self._levels.device)
+        keep = keep_rows(mask, self.index_shape(x.shape), x.device)  # None without mask
         flat = self.to_flat(x)
         codes, indices = self._quantize_flat(flat)
         out = self.project_out(codes) if self.project_out is not None else codes
         quantized = self.from_flat(out.to(x.dtype), x.shape)
-        counts, ppl, usage = self._counts(indices)
+        counts, ppl, usage = self._counts(indices, keep)
         index_shape = self.index_shape(x.shape)
         return QuantizerOutput(
             quantized=quantized,

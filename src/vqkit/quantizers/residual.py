@@ -26,6 +26,7 @@ from .base import BaseQuantizer, check_indices, fp32_region
 from .codebook_base import GRADIENTS, CodebookQuantizer
 from .ema import EMAOptions, VectorQuantizerEMA
 from .estimators import rotation_trick, straight_through
+from .masking import keep_rows
 from .output import QuantizerOutput
 from .registry import register_quantizer
 from .vq import VectorQuantizer, VQOptions
@@ -139,8 +140,13 @@ class ResidualVQ(BaseQuantizer):
         n = torch.randint(1, q + 1, (batch,), generator=self.generator)
         return torch.where(drop, n, torch.full_like(n, q)).to(device)
 
-    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
+        """Quantize ``x`` (B, D, *spatial); ``mask`` (B, *spatial), True = padded: passed
+        to every stage (left out of each stage's loss and statistics; see
+        :mod:`vqkit.quantizers.masking`)."""
         self._validate(x, self.layers[0].codebook.device)
+        keep_rows(mask, self.index_shape(x.shape), x.device)  # checks the mask
+        pad = None if mask is None else mask.reshape(-1)  # per flat row, True = padded
         flat = self.to_flat(x)
         n = flat.shape[0]
         dropout = self.training and self.quantizer_dropout > 0 and n > 0
@@ -156,12 +162,15 @@ class ResidualVQ(BaseQuantizer):
             for i in range(self.num_quantizers):
                 layer = self.stage(i)
                 if rows_stages is None:
-                    o = layer(residual)
+                    o = layer(residual, mask=pad)
                     q = o.quantized.detach()
                     idx = o.indices
                 else:
                     rows = (rows_stages > i).nonzero().squeeze(1)
-                    o = layer(residual.index_select(0, rows))
+                    o = layer(
+                        residual.index_select(0, rows),
+                        mask=None if pad is None else pad.index_select(0, rows),
+                    )
                     q = torch.zeros(
                         n, residual.shape[1], dtype=residual.dtype, device=residual.device
                     ).index_copy_(0, rows, o.quantized.detach())

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import code_counts
 from ..options import option
 from .codebook_base import CodebookOptions, CodebookQuantizer
-from .estimators import mse_terms
+from .masking import keep_rows, kept_input, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
 
@@ -117,16 +116,20 @@ class VectorQuantizer(CodebookQuantizer):
         vectors = vectors.to(self.codebook.dtype)
         self.codebook.copy_(torch.where(mask.unsqueeze(1), vectors, self.codebook))
 
-    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
+        """Quantize ``x`` (B, D, *spatial); ``mask`` (B, *spatial), True = padded: those
+        positions are left out of the losses and the statistics
+        (:mod:`vqkit.quantizers.masking`)."""
         self._validate(x, self.codebook.device)
+        keep = keep_rows(mask, self.index_shape(x.shape), x.device)  # None without mask
         flat = self._search_input(self.to_flat(x))  # the input itself by default
         indices, distances = self._assign(flat)
         quantized_flat = F.embedding(indices, self._search_codebook())
-        losses = mse_terms(flat, quantized_flat)
+        losses = masked_mse_terms(flat, quantized_flat, keep)
         loss = (
             self.codebook_weight * losses["codebook"] + self.commitment_cost * losses["commitment"]
         )
-        counts = code_counts(indices, self.num_embeddings)
+        counts = masked_counts(indices, self.num_embeddings, keep)
         if self.training:
             counts = self._global_counts(counts)
             self._track_usage(counts)
@@ -138,14 +141,16 @@ class VectorQuantizer(CodebookQuantizer):
         x: torch.Tensor,
         iters: int = 10,
         generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
     ) -> None:
         """Set the codes to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input of
         this layer, or flat (N, embedding_dim) vectors; searched as ``forward`` does, i.e.
         in-projected / normalised with those options) of every rank of
         ``process_group``, identical on all; usage statistics restart. Explicit (never
         inside ``forward``); call it before the optimizer steps, or reset the optimizer's
-        state for the codebook afterwards (:func:`vqkit.codebook.reset_optimizer_rows`)."""
-        centers = self._kmeans_centers(x, iters, generator)
+        state for the codebook afterwards (:func:`vqkit.codebook.reset_optimizer_rows`).
+        ``mask`` (True = padded) leaves padded positions of ``x`` out."""
+        centers = self._kmeans_centers(kept_input(self, x, mask), iters, generator)
         self._set_codes(torch.ones(self.num_embeddings, dtype=torch.bool), centers)
         self.usage_ema.zero_()
         self.usage_updates.zero_()
@@ -156,6 +161,7 @@ class VectorQuantizer(CodebookQuantizer):
         x: torch.Tensor,
         threshold: float = 1.0,
         generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Replace every code used less than ``threshold`` times per GLOBAL training batch
         (:meth:`dead_codes`, from the ``usage_ema`` buffer) by a vector drawn from the
@@ -168,14 +174,17 @@ class VectorQuantizer(CodebookQuantizer):
         moments, SGD's momentum) would drag a revived row back towards where it was.
         Pass the returned bool (K,) mask to
         :func:`vqkit.codebook.reset_optimizer_rows` (the trainer does) to restart that
-        state for the revived rows.
+        state for the revived rows. ``mask`` (True = padded) leaves padded positions of
+        ``x`` out.
         """
         if not threshold > 0:
             raise ValueError(f"threshold must be > 0; got {threshold!r}")
-        mask, vectors = self._replacements(x, self.dead_codes(threshold), generator)
-        self._set_codes(mask, vectors)
-        self._restart_usage(mask, threshold)
-        return mask
+        revived, vectors = self._replacements(
+            kept_input(self, x, mask), self.dead_codes(threshold), generator
+        )
+        self._set_codes(revived, vectors)
+        self._restart_usage(revived, threshold)
+        return revived
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, commitment_cost={self.commitment_cost}"

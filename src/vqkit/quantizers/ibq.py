@@ -1,0 +1,362 @@
+"""Index backpropagation quantization (Shi et al. 2024, "Taming Scalable Visual
+Tokenizer for Autoregressive Image Generation", IBQ): the hard code in the forward,
+a softmax over ALL codes in the backward, so every code receives gradient."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..metrics import perplexity, usage_fraction
+from ..options import nonneg, option
+from ..search import nearest_code
+from .base import fp32_region
+from .codebook_base import CodebookOptions, CodebookQuantizer
+from .masking import keep_rows, kept_input, masked_counts, masked_mean, masked_mse_terms
+from .output import QuantizerOutput
+from .registry import register_quantizer
+
+__all__ = ["IBQ", "IBQOptions", "ibq_lookup"]
+
+_MAX_TILE_N = 4096
+_MAX_TILE_K = 2048
+IBQ_SCRATCH_BYTES = 16 * 2**20
+"""Default bound on IBQ's two live (rows x codes) tiles: 8 MiB each (2048 x 1024 fp32)."""
+
+
+def _tiles(n: int, k: int, itemsize: int, scratch: int) -> tuple[int, int]:
+    budget = max(1, scratch // (2 * itemsize))  # two (rows x codes) tiles live at once
+    tile_k = max(1, min(k, _MAX_TILE_K, budget))
+    return max(1, min(max(n, 1), _MAX_TILE_N, budget // tile_k)), tile_k
+
+
+def _tile_buffer(tile_n: int, tile_k: int, like: torch.Tensor) -> torch.Tensor | None:
+    """A flat scratch reused by every tile of one pass (eager only): fresh tile-sized
+    allocations fragment glibc's heap (RSS grew ~4x over the live tiles). Dynamo cannot
+    trace ``out=`` into views of it, so compiled graphs allocate per tile instead."""
+    if torch.compiler.is_compiling():
+        return None
+    return torch.empty(tile_n * tile_k, dtype=like.dtype, device=like.device)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b``, written into the front of ``buf`` when there is one."""
+    if buf is None:
+        return a @ b
+    return torch.mm(a, b, out=buf[: a.shape[0] * b.shape[1]].view(a.shape[0], b.shape[1]))
+
+
+class _IBQLookup(torch.autograd.Function):
+    """Forward: ``E[argmax_k x.e_k]`` (N, d) and the indices; backward: the gradient of
+    ``q @ E`` with ``q = onehot + p - sg[p]``, ``p = softmax(x E^T)``, without N x K.
+
+    With ``g = dL/dout`` (N, d) and ``zbar = p @ E`` (N, d), ``s_nk = x_n.e_k``:
+
+        dL/ds_nk = p_nk (g_n.e_k - g_n.zbar_n)
+        dL/dx_n  = sum_k dL/ds_nk e_k
+        dL/de_k  = sum_n [argmax_n = k] g_n + sum_n dL/ds_nk x_n
+
+    (``q``'s VALUE is the one-hot, so ``d(q @ E)/dE`` routes ``g`` to the chosen code
+    only; the softmax path adds the second sum.) The forward walks code tiles with an
+    online softmax (running max ``m``, running sum of ``exp(s - m)`` and running
+    ``sum exp(s - m) e``, rescaled when ``m`` grows, as in flash attention) and saves
+    ``x, E``, the log-sum-exp (N,), ``zbar`` (N, d) and the indices; the backward
+    recomputes each tile's logits from them. Peak extra memory: two (tile_n x tile_k)
+    tiles plus O((N + K) d). Ties go to the lowest index (strict ``>`` across tiles,
+    first maximum within one), as ``torch.argmax``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, e: torch.Tensor, tile_n: int, tile_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # autocast off in both passes: AOT autograd traces them under the caller's autocast
+        with fp32_region(x.device):
+            return _IBQLookup._forward(ctx, x, e, tile_n, tile_k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor, _g_idx: Any) -> tuple[torch.Tensor | None, ...]:
+        with fp32_region(g.device):
+            return _IBQLookup._backward(ctx, g)
+
+    @staticmethod
+    def _forward(
+        ctx: Any, x: torch.Tensor, e: torch.Tensor, tile_n: int, tile_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = x.shape[0], e.shape[0]
+        idx_parts, lse_parts, zbar_parts = [], [], []
+        buf = _tile_buffer(min(tile_n, n), min(tile_k, k), x)
+        for r0 in range(0, n, tile_n):
+            xb = x[r0 : r0 + tile_n]
+            best = bidx = m = s = acc = None
+            for c0 in range(0, k, tile_k):
+                et = e[c0 : c0 + tile_k]
+                lg = _mm(xb, et.t(), buf)
+                tmax, targ = lg.max(dim=1)
+                if best is None:
+                    best, bidx, m = tmax, targ, tmax
+                    pe = lg.sub_(m.unsqueeze(1)).exp_()  # in place: one live tile
+                    s, acc = pe.sum(1), pe @ et
+                    continue
+                better = tmax > best  # strict: an earlier tile wins ties
+                best = torch.where(better, tmax, best)
+                bidx = torch.where(better, targ + c0, bidx)
+                m_new = torch.maximum(m, tmax)
+                alpha = torch.exp(m - m_new)
+                pe = lg.sub_(m_new.unsqueeze(1)).exp_()
+                s = s * alpha + pe.sum(1)
+                acc = torch.addmm(acc * alpha.unsqueeze(1), pe, et)
+                m = m_new
+            assert m is not None and s is not None and acc is not None and bidx is not None
+            idx_parts.append(bidx)
+            lse_parts.append(m + s.log())
+            zbar_parts.append(acc / s.unsqueeze(1))
+        if n == 0:
+            idx = torch.empty(0, dtype=torch.int64, device=x.device)
+            lse = x.new_empty(0)
+            zbar = x.new_empty(0, x.shape[1])
+        else:
+            idx, lse, zbar = torch.cat(idx_parts), torch.cat(lse_parts), torch.cat(zbar_parts)
+        ctx.save_for_backward(x, e, lse, zbar, idx)
+        ctx.tiles = (tile_n, tile_k)
+        ctx.mark_non_differentiable(idx)
+        return F.embedding(idx, e), idx
+
+    @staticmethod
+    def _backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, e, lse, zbar, idx = ctx.saved_tensors
+        tile_n, tile_k = ctx.tiles
+        need_x, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = g.to(x.dtype).contiguous()  # an expanded (stride-0) grad made each tile GEMM copy
+        gz = (g * zbar).sum(1)  # g_n . zbar_n
+        de = torch.zeros_like(e) if need_e else None
+        dx_parts = []
+        n, k = x.shape[0], e.shape[0]
+        buf_p, buf_s = (
+            _tile_buffer(min(tile_n, n), min(tile_k, k), x),
+            _tile_buffer(min(tile_n, n), min(tile_k, k), x),
+        )
+        for r0 in range(0, n, tile_n):
+            xb, gb = x[r0 : r0 + tile_n], g[r0 : r0 + tile_n]
+            lseb, gzb = lse[r0 : r0 + tile_n].unsqueeze(1), gz[r0 : r0 + tile_n].unsqueeze(1)
+            dxb = torch.zeros_like(xb) if need_x else None
+            for c0 in range(0, k, tile_k):
+                et = e[c0 : c0 + tile_k]
+                p = _mm(xb, et.t(), buf_p).sub_(lseb).exp_()
+                ds = _mm(gb, et.t(), buf_s).sub_(gzb).mul_(p)  # dL/ds for this tile
+                if dxb is not None:
+                    dxb.addmm_(ds, et)
+                if de is not None:
+                    de[c0 : c0 + tile_k].addmm_(ds.t(), xb)
+            if dxb is not None:
+                dx_parts.append(dxb)
+        dx = None
+        if need_x:
+            dx = torch.cat(dx_parts) if dx_parts else torch.zeros_like(x)
+        if de is not None:
+            de.index_add_(0, idx, g)  # the hard one-hot's share: g to the chosen code
+        return dx, de, None, None
+
+
+def ibq_lookup(
+    x: torch.Tensor, codebook: torch.Tensor, max_scratch_bytes: int = IBQ_SCRATCH_BYTES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IBQ's straight-through-softmax lookup of rows ``x`` (N, d) in ``codebook`` (K, d)
+    (same floating dtype): ``(codes (N, d), indices (N,))`` with the value
+    ``codebook[argmax_k x.e_k]`` exactly and the gradient of ``(onehot + p - sg[p]) @ E``,
+    ``p = softmax(x E^T)``, to ``x`` and ``codebook``; memory bounded by
+    ``max_scratch_bytes`` (see :class:`_IBQLookup`)."""
+    tile_n, tile_k = _tiles(x.shape[0], codebook.shape[0], x.element_size(), max_scratch_bytes)
+    return _IBQLookup.apply(x, codebook, tile_n, tile_k)
+
+
+class IBQ(CodebookQuantizer):
+    """Index backpropagation quantizer.
+
+    Logits ``s_nk = x_n.e_k`` (inner products, not distances), index ``k_n = argmax_k
+    s_nk``, output ``q_n = sum_k (onehot + p - sg[p])_nk e_k`` with ``p = softmax(s)``:
+    value exactly ``e_{k_n}``, gradient through the softmax to ``x`` and to EVERY code
+    (:func:`ibq_lookup`; tiled, never N x K, in forward and backward). Unlike the other
+    quantizers the output is not straight-through from ``x``: its gradient reaches ``x``
+    through the logits only. In eval mode (or without gradient) the index is found by
+    the tiled search alone (:func:`vqkit.search.nearest_code` with zero code norms:
+    ``argmin -2 x.e = argmax x.e``).
+
+    Loss (float32; means over the kept positions and all channels), the paper's
+    reference code's three terms::
+
+        codebook    = mean ||sg[x] - e_k||^2
+        commitment  = mean ||x - sg[e_k]||^2
+        double_quant = mean ||q - x||^2     (q the IBQ output: gradient to x directly
+                                             and, through the softmax, to x and E)
+        loss = codebook_weight * codebook + commitment_cost * commitment
+               + double_quant_weight * double_quant
+
+    The reference code weights them (codebook 0.25, commitment 1, double 1): use
+    ``commitment_cost=1.0, codebook_weight=0.25`` for that; the defaults keep vqkit's
+    VQ convention (beta = 0.25 on the commitment). Its optional entropy penalty is not
+    implemented.
+
+    Args:
+        num_embeddings, embedding_dim, commitment_cost, codebook_weight: as for
+            :class:`~vqkit.VectorQuantizer`; codes initialised uniform(-1/K, 1/K).
+        double_quant_weight: weight of the double-quantization term.
+        **codebook_options: ``codebook_dim`` (projections), ``max_scratch_bytes``
+            (the IBQ tiles and the eval search; default ``IBQ_SCRATCH_BYTES``, 16 MiB),
+            ``search_backend``, usage tracking options. ``use_cosine`` and
+            ``gradient="rotation"`` do not apply.
+
+    k-means init and dead-code revival work as for :class:`~vqkit.VectorQuantizer`
+    (the codes are free rows; revival takes an optional padding ``mask``).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        commitment_cost: float = 0.25,
+        *,
+        codebook_weight: float = 1.0,
+        double_quant_weight: float = 1.0,
+        **codebook_options: Any,
+    ) -> None:
+        if codebook_options.get("use_cosine") or codebook_options.get("l2_normalize"):
+            raise ValueError("IBQ's logits are inner products; use_cosine does not apply")
+        if codebook_options.get("gradient", "ste") != "ste":
+            raise ValueError("IBQ has its own gradient estimator; gradient must be 'ste'")
+        codebook_options.setdefault("max_scratch_bytes", IBQ_SCRATCH_BYTES)
+        super().__init__(num_embeddings, embedding_dim, **codebook_options)
+        for name, v in (
+            ("commitment_cost", commitment_cost),
+            ("codebook_weight", codebook_weight),
+            ("double_quant_weight", double_quant_weight),
+        ):
+            if not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name} must be a non-negative number; got {v!r}")
+        self.commitment_cost = float(commitment_cost)
+        self.codebook_weight = float(codebook_weight)
+        self.double_quant_weight = float(double_quant_weight)
+        self.codebook = nn.Parameter(torch.empty(num_embeddings, self.codebook_dim))
+        nn.init.uniform_(self.codebook, -1.0 / num_embeddings, 1.0 / num_embeddings)
+
+    def _assign(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Largest inner product per row: (indices (N,), sq. distances to those codes)."""
+        e = self.codebook.detach().to(torch.float32)
+        zero = torch.zeros(e.shape[0], dtype=torch.float32, device=e.device)
+        idx, _ = nearest_code(flat, e, code_sqnorm=zero, max_scratch_bytes=self.max_scratch_bytes)
+        diff = flat.detach().to(torch.float32) - F.embedding(idx, e)
+        return idx, (diff * diff).sum(1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
+        """Quantize ``x`` (B, C, *spatial); ``mask`` (B, *spatial), True = padded
+        (:mod:`vqkit.quantizers.masking`)."""
+        self._validate(x, self.codebook.device)
+        index_shape = self.index_shape(x.shape)
+        keep = keep_rows(mask, index_shape, x.device)
+        flat = self._search_input(self.to_flat(x))
+        with fp32_region(x.device):
+            f32 = flat.to(torch.float32)
+            e = self.codebook.to(torch.float32)
+            soft = self.training and torch.is_grad_enabled()
+            if soft and (f32.requires_grad or e.requires_grad):
+                q, indices = ibq_lookup(f32, e, self.max_scratch_bytes)
+                hard = F.embedding(indices, e)
+                distances = ((f32.detach() - hard.detach()) ** 2).sum(1)
+            else:
+                indices, distances = self._assign(f32)
+                q = hard = F.embedding(indices, e)
+            losses = masked_mse_terms(f32, hard, keep)
+            losses["double_quant"] = masked_mean((q - f32).pow(2).mean(1), keep)
+            loss = (
+                self.codebook_weight * losses["codebook"]
+                + self.commitment_cost * losses["commitment"]
+                + self.double_quant_weight * losses["double_quant"]
+            )
+        counts = masked_counts(indices, self.num_embeddings, keep)
+        if self.training:
+            counts = self._global_counts(counts)
+            self._track_usage(counts)
+        out = self.project_out(q) if self.project_out is not None else q
+        return QuantizerOutput(
+            quantized=self.from_flat(out.to(x.dtype), x.shape),
+            loss=loss,
+            perplexity=perplexity(counts),
+            indices=indices.reshape(index_shape),
+            losses=losses,
+            usage=usage_fraction(counts),
+            counts=counts,
+            distances=distances.reshape(index_shape),
+            num_embeddings=self.num_embeddings,
+        )
+
+    @torch.no_grad()
+    def init_codebook_kmeans(
+        self,
+        x: torch.Tensor,
+        iters: int = 10,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Codes = k-means++ + ``iters`` Lloyd centres of ``x`` (kept positions of every
+        rank); usage statistics restart. See :meth:`vqkit.VectorQuantizer.init_codebook_kmeans`."""
+        centers = self._kmeans_centers(kept_input(self, x, mask), iters, generator)
+        self.codebook.copy_(centers.to(self.codebook.dtype))
+        self.usage_ema.zero_()
+        self.usage_updates.zero_()
+
+    @torch.no_grad()
+    def revive_dead_codes(
+        self,
+        x: torch.Tensor,
+        threshold: float = 1.0,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Replace codes used less than ``threshold`` times per global batch by vectors of
+        ``x`` (kept positions); returns the bool (K,) mask (reset their optimizer rows:
+        :func:`vqkit.codebook.reset_optimizer_rows`)."""
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0; got {threshold!r}")
+        revived, vectors = self._replacements(
+            kept_input(self, x, mask), self.dead_codes(threshold), generator
+        )
+        vectors = vectors.to(self.codebook.dtype)
+        self.codebook.copy_(torch.where(revived.unsqueeze(1), vectors, self.codebook))
+        self._restart_usage(revived, threshold)
+        return revived
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, commitment_cost={self.commitment_cost}, "
+            f"double_quant_weight={self.double_quant_weight}"
+        )
+
+
+@dataclass
+class IBQOptions(CodebookOptions):
+    """Options of ``--quantizer ibq``."""
+
+    double_quant_weight: float = option(
+        1.0, "weight of IBQ's double-quantization loss ||q - x||^2", check=nonneg, applies_to="ibq"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.use_cosine:
+            raise ValueError("use_cosine does not apply to ibq (its logits are inner products)")
+        if self.gradient != "ste":
+            raise ValueError("gradient does not apply to ibq (it has its own estimator)")
+
+    def build(self, dim: int) -> IBQ:
+        kw = self.codebook_kwargs()
+        kw.pop("use_cosine")
+        kw.pop("gradient")
+        return IBQ(self.num_embeddings, dim, double_quant_weight=self.double_quant_weight, **kw)
+
+
+register_quantizer("ibq", IBQOptions, "index backpropagation quantization (Shi et al. 2024)")

@@ -1,0 +1,142 @@
+"""SimVQ (Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized
+Models with One Linear Layer"): a frozen random codebook re-parameterised by one
+learned linear map."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..search import nearest_code
+from .base import check_indices, fp32_region
+from .codebook_base import CodebookOptions, CodebookQuantizer
+from .masking import keep_rows, masked_counts, masked_mse_terms
+from .output import QuantizerOutput
+from .registry import register_quantizer
+
+__all__ = ["SimVQ", "SimVQOptions"]
+
+
+class SimVQ(CodebookQuantizer):
+    """Vector quantizer whose K codes are ``C W^T``: ``C`` (K, d) a frozen random
+    codebook (the buffer ``codebook``, N(0, 1/d) entries: codes of about unit norm) and
+    ``W`` (d, d) the learned weight of ``transform`` (no bias; initialised to the
+    identity, so training starts from the Gaussian codes).
+
+    Forward: ``k = argmin_j ||x - (C W^T)_j||^2`` by the tiled search of
+    :func:`vqkit.search.nearest_code` over the K implicit codes (computed once per
+    forward, K x d, no gradient; never N x K), then ``e_k = W c_k`` is recomputed for
+    the N chosen rows only, with gradient to ``W``. Loss as
+    :class:`~vqkit.VectorQuantizer`: ``codebook_weight * ||sg[x] - e_k||^2 +
+    commitment_cost * ||x - sg[e_k]||^2``; the codebook term trains ``W`` and so moves
+    ALL codes at once (the paper's point: no code is left behind). Straight-through
+    (or rotation-trick) output; ``decode`` recomputes ``W c_k`` the same way, so it
+    equals ``quantized`` bit for bit.
+
+    Init and revival: not supported (``supports_init = supports_revival = False``).
+    The codes are not free rows: moving one code means changing ``W``, which moves all
+    of them, and a k-means fit of K codes by a d x d map is a least-squares problem,
+    not an init. ``codebook_parameters()`` is ``[W]`` (its learning-rate group; it is
+    d x d, not K rows, so there are no optimizer rows to restart).
+
+    Args:
+        num_embeddings, embedding_dim, commitment_cost, codebook_weight: as for
+            :class:`~vqkit.VectorQuantizer`.
+        **codebook_options: as for :class:`~vqkit.VectorQuantizer` (``codebook_dim``
+            with projections, ``use_cosine`` (normalised codes ``W c_k``),
+            ``gradient``, ``max_scratch_bytes``, ``search_backend``, usage tracking).
+    """
+
+    supports_init = False
+    supports_revival = False
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        commitment_cost: float = 0.25,
+        *,
+        codebook_weight: float = 1.0,
+        **codebook_options: Any,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, **codebook_options)
+        for name, v in (("commitment_cost", commitment_cost), ("codebook_weight", codebook_weight)):
+            if not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name} must be a non-negative number; got {v!r}")
+        self.commitment_cost = float(commitment_cost)
+        self.codebook_weight = float(codebook_weight)
+        d = self.codebook_dim
+        self.register_buffer("codebook", torch.randn(num_embeddings, d) * d**-0.5)
+        self.transform = nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            self.transform.weight.copy_(torch.eye(d))
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        return [self.transform.weight]
+
+    def _map(self, frozen: torch.Tensor) -> torch.Tensor:
+        """Frozen codes (..., d) -> implicit codes ``W c`` (float32, normalised with
+        ``use_cosine``)."""
+        with fp32_region(frozen.device):
+            codes = F.linear(frozen.to(torch.float32), self.transform.weight.to(torch.float32))
+        return F.normalize(codes, dim=-1) if self.use_cosine else codes
+
+    def _search_codebook(self) -> torch.Tensor:
+        return self._map(self.codebook)
+
+    def _assign(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():  # K x d codes for the search only
+            codes = self._search_codebook()
+        return nearest_code(
+            flat,
+            codes,
+            max_scratch_bytes=self.max_scratch_bytes,
+            backend=self.search_backend,  # type: ignore[arg-type]
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
+        """Quantize ``x`` (B, C, *spatial); ``mask`` (B, *spatial), True = padded
+        (:mod:`vqkit.quantizers.masking`)."""
+        self._validate(x, self.codebook.device)
+        keep = keep_rows(mask, self.index_shape(x.shape), x.device)
+        flat = self._search_input(self.to_flat(x))
+        indices, distances = self._assign(flat)
+        quantized_flat = self._map(F.embedding(indices, self.codebook))  # N rows, grad to W
+        losses = masked_mse_terms(flat, quantized_flat, keep)
+        loss = (
+            self.codebook_weight * losses["codebook"] + self.commitment_cost * losses["commitment"]
+        )
+        counts = masked_counts(indices, self.num_embeddings, keep)
+        if self.training:
+            counts = self._global_counts(counts)
+            self._track_usage(counts)
+        return self._output(x, flat, quantized_flat, indices, distances, counts, losses, loss)
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (B, *spatial) -> codes ``W c_k`` in the input layout (out-projected
+        with ``codebook_dim``), float32."""
+        check_indices(indices, self.codebook.device, self.num_embeddings)
+        codes = self._map(F.embedding(indices.long(), self.codebook))
+        if self.project_out is not None:
+            codes = self.project_out(codes)
+        return codes if self.channels_last else codes.movedim(-1, 1)
+
+    lookup = decode
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, commitment_cost={self.commitment_cost}"
+
+
+@dataclass
+class SimVQOptions(CodebookOptions):
+    """Options of ``--quantizer simvq``."""
+
+    def build(self, dim: int) -> SimVQ:
+        return SimVQ(self.num_embeddings, dim, **self.codebook_kwargs())
+
+
+register_quantizer("simvq", SimVQOptions, "frozen random codebook x learned linear map (SimVQ)")

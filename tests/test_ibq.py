@@ -1,0 +1,100 @@
+"""IBQ: the tiled straight-through-softmax lookup against a dense autograd reference
+(values, indices, gradients to x and E; exact and near ties), and the layer's losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqkit import IBQ
+from vqkit.quantizers import build_quantizer, ibq_lookup
+
+
+def dense_ibq(x: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's formula, dense N x K: (onehot + p - sg[p]) @ E."""
+    logits = x @ e.t()
+    p = logits.softmax(1)
+    idx = logits.argmax(1)
+    hard = F.one_hot(idx, e.shape[0]).to(x.dtype)
+    return (hard + p - p.detach()) @ e, idx
+
+
+def compare(x, e, scratch, rtol=1e-10, atol=1e-12):
+    g = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    xa, ea = x.clone().requires_grad_(True), e.clone().requires_grad_(True)
+    q_ref, i_ref = dense_ibq(xa, ea)
+    gx_ref, ge_ref = torch.autograd.grad((q_ref * g).sum(), (xa, ea))
+    xb, eb = x.clone().requires_grad_(True), e.clone().requires_grad_(True)
+    q, i = ibq_lookup(xb, eb, max_scratch_bytes=scratch)
+    gx, ge = torch.autograd.grad((q * g).sum(), (xb, eb))
+    assert torch.equal(i, i_ref)
+    assert torch.equal(q, e[i])  # exactly the chosen code (the dense (hard + p - p) @ E
+    torch.testing.assert_close(q, q_ref.detach(), rtol=rtol, atol=atol)  # only up to rounding)
+    torch.testing.assert_close(gx, gx_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(ge, ge_ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("scratch", [2**20, 8 * 7 * 2 * 5])  # one tile / 5 x 7 tiles
+def test_ibq_lookup_matches_dense_reference(scratch):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 6, generator=gen, dtype=torch.float64)
+    e = torch.randn(41, 6, generator=gen, dtype=torch.float64)
+    compare(x, e, scratch)
+    compare(x.float(), e.float(), scratch, rtol=1e-4, atol=1e-5)
+
+
+def test_ibq_lookup_ties_and_near_ties():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 5, generator=gen, dtype=torch.float64)
+    e = torch.randn(30, 5, generator=gen, dtype=torch.float64)
+    top = (x @ e.t()).argmax(1)
+    # exact tie: a duplicate of row 0's best code at a higher index, in another tile
+    e[27] = e[top[0]]
+    # near tie for row 1: a code whose logit is 1e-9 below the best one
+    best = e[top[1]]
+    e[22] = best - 1e-9 * x[1] / x[1].dot(x[1])
+    compare(x, e, 8 * 7 * 2 * 4)  # tiles of 7 codes: 22 and 27 in later tiles than most
+    _, idx = ibq_lookup(x, e, max_scratch_bytes=8 * 7 * 2 * 4)
+    assert idx[0] == min(int(top[0]), 27) and idx[1] == top[1]
+
+
+def test_ibq_layer_losses_and_every_code_learns():
+    torch.manual_seed(0)
+    q = IBQ(50, 6, commitment_cost=0.4, codebook_weight=0.7, double_quant_weight=0.9)
+    with torch.no_grad():
+        q.codebook.normal_()
+    x = torch.randn(2, 6, 4, 3, requires_grad=True)
+    out = q.train()(x)
+    flat = x.detach().movedim(1, -1).reshape(-1, 6)
+    ref_q, ref_i = dense_ibq(flat, q.codebook.detach())
+    assert torch.equal(out.indices.reshape(-1), ref_i)
+    mse = ((flat - q.codebook.detach()[ref_i]) ** 2).mean()
+    torch.testing.assert_close(out.loss, (0.4 + 0.7 + 0.9) * mse)
+    assert set(out.losses) == {"codebook", "commitment", "double_quant"}
+    (out.loss + out.quantized.square().sum()).backward()
+    assert (q.codebook.grad.norm(dim=1) > 0).all()  # the softmax reaches every code
+    assert torch.equal(q.decode(out.indices), out.quantized)
+    # eval: the tiled search by largest inner product, the same indices
+    ev = q.eval()(x)
+    assert torch.equal(ev.indices, out.indices) and torch.equal(q.encode(x), out.indices)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(q)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_ibq_init_revival_and_options():
+    torch.manual_seed(0)
+    q = IBQ(16, 4, usage_decay=0.5).train()
+    pts = torch.randn(200, 4)
+    q.init_codebook_kmeans(pts, iters=3)
+    q(pts[:5] * 0 + pts[0])  # one code used
+    revived = q.revive_dead_codes(pts, threshold=0.5)
+    assert revived.sum() >= 14 and not revived.all()
+    q2 = build_quantizer("ibq", 8, num_embeddings=32, double_quant_weight=0.5)
+    assert isinstance(q2, IBQ) and q2.double_quant_weight == 0.5
+    for bad in ({"use_cosine": True}, {"gradient": "rotation"}):
+        with pytest.raises(ValueError):
+            build_quantizer("ibq", 8, **bad)
+        with pytest.raises(ValueError):
+            IBQ(8, 4, **bad)
