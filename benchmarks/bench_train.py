@@ -11,7 +11,10 @@ DataLoader, with ``next(iter(loader))`` per step.
     python benchmarks/bench_train.py --data ../shared/data/cifar10-jpeg.tar.gz \
         --batch-size 256 --steps 15 --rounds 3
 
-Writes benchmarks/results/train_cpu.{json,md}.
+vqkit runs as ``vqkit train`` would, with the step switches of ``--methods``: e.g.
+``vqkit+cl+bf16+compile`` is ``--channels-last --precision bf16 --compile``.
+
+Writes benchmarks/results/train_cpu/train_cpu.{json,md}.
 """
 
 from __future__ import annotations
@@ -132,43 +135,98 @@ def run_classic(data, batch_size, steps, warmup):
     return times
 
 
-def run_vqkit(data, batch_size, steps, warmup):
-    import torch
+# vqkit's variants: the step switches of `vqkit train` (each method its own process)
+SWITCHES = {
+    "cl": {"channels_last": True},
+    "bf16": {"precision": "bf16"},
+    "fp16": {"precision": "fp16"},
+    "compile": {"compile": True},
+    "noprefetch": {"prefetch": False},
+}
+DEFAULT_METHODS = (
+    "classic,vqkit,vqkit+compile,vqkit+cl,vqkit+bf16,vqkit+cl+bf16,vqkit+cl+bf16+compile"
+)
 
-    from vqkit.data import BatchLoader, data_variance
-    from vqkit.models import VQVAE
+
+def method_options(method: str) -> dict:
+    """``vqkit+cl+bf16`` -> {"channels_last": True, "precision": "bf16"}."""
+    opts: dict = {}
+    for part in method.split("+")[1:]:
+        if part not in SWITCHES:
+            raise SystemExit(f"unknown switch {part!r} in {method!r}; use {sorted(SWITCHES)}")
+        opts.update(SWITCHES[part])
+    return opts
+
+
+def run_vqkit(data_source, batch_size, steps, warmup, limit, options):
+    import tempfile
+
+    from vqkit.prefetch import Prefetcher
     from vqkit.train import TrainConfig, Trainer
 
-    torch.manual_seed(0)
-    # the trainer's own step (Trainer.train_step) on the trainer's own loader
-    trainer = Trainer.__new__(Trainer)
-    trainer.config = TrainConfig(batch_size=batch_size)
-    trainer.model = VQVAE()
-    trainer.ddp = trainer.model  # what the trainer calls; DDP-wrapped under torchrun
-    trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=3e-4)
-    trainer.data_variance = data_variance(data)
-    loader = BatchLoader(data, batch_size, seed=0)
+    # the trainer itself (`vqkit train` with these options): its loader (prefetching),
+    # its step; no codebook init or revival and no evaluation, like the classic loop
+    cfg = TrainConfig(
+        data=data_source,
+        batch_size=batch_size,
+        steps=warmup + steps,
+        init="random",
+        revive_every=0,
+        progress=False,
+        out_dir=tempfile.mkdtemp(prefix="bench_train_"),
+        **options,
+    )
+    trainer = Trainer(cfg)
+    if limit and trainer.data.train is not None:
+        trainer.data.train = trainer.data.train.subset(slice(0, limit))
+        trainer.loader = trainer.data.loader(cfg, seed=0, device=trainer.device)
+        if cfg.prefetch:
+            trainer.loader = Prefetcher(trainer.loader)
     times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        x, _ = loader.next_batch()
-        trainer.train_step(x)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    try:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            x, _ = trainer.loader.next_batch()
+            trainer.train_step(x)
+            trainer.step += 1
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        trainer.close()
     return times
 
 
 def worker(args) -> None:
-    from vqkit.data import load_dataset
+    if args.worker == "classic":
+        from vqkit.data import load_dataset
 
-    data = load_dataset(args.data, "train")
-    if args.limit:
-        data = data.subset(slice(0, args.limit))
-    fn = run_vqkit if args.worker == "vqkit" else run_classic
-    times = fn(data, args.batch_size, args.steps, args.warmup)
+        data = load_dataset(args.data, "train")
+        if args.limit:
+            data = data.subset(slice(0, args.limit))
+        times = run_classic(data, args.batch_size, args.steps, args.warmup)
+    else:
+        times = run_vqkit(args.data, args.batch_size, args.steps, args.warmup, args.limit,
+                          method_options(args.worker))
     med = statistics.median(times)
     print(json.dumps({"method": args.worker, "median_step_s": med,
                       "images_per_s": args.batch_size / med, "times": times}))
+
+
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return flag
+    if value is False:
+        return "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def _label(method: str) -> str:
+    if method == "classic":
+        return "classic loop (one-hot VQ-EMA, per-image PIL dataset, next(iter(loader)))"
+    opts = method_options(method)
+    flags = [_flag(k, v) for k, v in opts.items()]
+    return "vqkit train" + (" " + " ".join(flags) if flags else " (defaults: fp32)")
 
 
 def main() -> None:
@@ -177,67 +235,91 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help="comma-separated: classic, vqkit, vqkit+SWITCH+... with switches "
+                         f"{', '.join(SWITCHES)}")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images")
-    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results"))
-    ap.add_argument("--worker", choices=["vqkit", "classic"], help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results/train_cpu"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
-    results: dict[str, list[dict]] = {"vqkit": [], "classic": []}
+    methods = args.methods.split(",")
+    if "classic" not in methods:
+        raise SystemExit("--methods must include classic (the ratios are to it)")
+    for m in methods:
+        if m != "classic":
+            method_options(m)  # unknown switches fail before any run
+    results: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(args.rounds):
-        for method in ("classic", "vqkit"):
+        for method in methods:
             cmd = [sys.executable, __file__, "--worker", method, "--data", args.data,
                    "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--limit", str(args.limit)]
             load = os.getloadavg()[0]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             rec["load_1min_before"] = load
+            rec["process_s"] = time.perf_counter() - t0  # startup, warm-up/compile included
             results[method].append(rec)
             print(f"round {r + 1}/{args.rounds} {method}: {rec['images_per_s']:.1f} images/s "
-                  f"(load {load:.1f})", file=sys.stderr)
-    ratios = [v["images_per_s"] / c["images_per_s"]
-              for v, c in zip(results["vqkit"], results["classic"], strict=True)]
+                  f"(load {load:.1f}, process {rec['process_s']:.0f} s)", file=sys.stderr)
+    # ratios within a round: the methods of one round ran minutes apart, not hours
+    ratios = {m: [v["images_per_s"] / c["images_per_s"]
+                  for v, c in zip(results[m], results["classic"], strict=True)]
+              for m in methods}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
     import torch
 
     summary = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "commit": commit,
+        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "commit": commit + ("+dirty" if dirty else ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"torch {torch.__version__}, threads {torch.get_num_threads()}",
         "batch_size": args.batch_size,
         "steps": args.steps,
+        "warmup": args.warmup,
         "rounds": args.rounds,
+        "methods": {m: {"label": _label(m), "options": {} if m == "classic" else
+                        method_options(m)} for m in methods},
         "results": results,
         "ratio_per_round": ratios,
-        "ratio_median": statistics.median(ratios),
+        "ratio_median": {m: statistics.median(v) for m, v in ratios.items()},
     }
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_cpu.json").write_text(json.dumps(summary, indent=2))
-    med = {m: statistics.median(r["images_per_s"] for r in results[m]) for m in results}
+    med = {m: statistics.median(r["images_per_s"] for r in results[m]) for m in methods}
+    loads = [r["load_1min_before"] for m in methods for r in results[m]]
     md = [
         "# Training throughput (CPU)", "",
-        f"- command: `python {summary['command']}`",
-        f"- commit {commit}, {summary['date']}; {summary['machine']}",
-        f"- batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
-        f"{args.rounds} interleaved rounds, each method in its own process",
+        f"- command: `{summary['command']}`",
+        f"- commit {summary['commit']}, {summary['date']}; {summary['machine']}",
+        f"- batch {args.batch_size}, {args.steps} timed steps after {args.warmup} untimed "
+        f"(torch.compile compiles there), {args.rounds} interleaved rounds, each method in "
+        "its own process; vqkit: the Trainer's prefetching loader and step, without codebook "
+        "init, revival or evaluation (the classic loop has none)",
+        f"- 1-minute load average before the runs: {min(loads):.1f} to {max(loads):.1f} "
+        f"({os.cpu_count()} cores)",
         "",
-        "| method | images/s (median of rounds) | ratio to classic |",
-        "|---|---:|---:|",
-        f"| classic loop (one-hot VQ-EMA, per-image PIL dataset, next(iter(loader))) | "
-        f"{med['classic']:.1f} | 1.00 |",
-        f"| vqkit (Trainer.train_step + BatchLoader) | {med['vqkit']:.1f} | "
-        f"{summary['ratio_median']:.2f} |",
-        "",
-        f"Per-round ratios: {', '.join(f'{r:.2f}' for r in ratios)}.",
+        "| method | images/s (median of rounds) | ratio to classic (median of per-round "
+        "ratios) | per-round ratios | process s (median, incl. warm-up) |",
+        "|---|---:|---:|---|---:|",
     ]
+    for m in methods:
+        proc = statistics.median(r["process_s"] for r in results[m])
+        md.append(f"| {_label(m)} | {med[m]:.1f} | {summary['ratio_median'][m]:.2f} | "
+                  f"{', '.join(f'{x:.2f}' for x in ratios[m])} | {proc:.0f} |")
     (out_dir / "train_cpu.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -126,7 +126,8 @@ class TrainOptions(Options):
     )
     lr_schedule: str = option(
         "constant",
-        "after the warmup: constant, or cosine decay to --min-lr-ratio x --lr at --steps",
+        "after the warmup: constant, or cosine decay to --min-lr-ratio x --lr at --steps "
+        "(a resume that changes --steps reshapes the rest of the decay)",
         choices=SCHEDULES,
     )
     min_lr_ratio: float = option(
