@@ -156,6 +156,13 @@ class Trainer:
         # the averaged weights' model: copied here, before DDP's hooks, and not built anew
         # later, which would draw from the global RNG that a resumed run must replay
         self._eval_copy = copy.deepcopy(self.model) if self.config.weight_ema else None
+        base_lrs = [g.get("lr", self.config.lr) for g in self._param_groups()]
+        self.runner = StepRunner(
+            self.model, self.model, self.optimizer, self.config, self.device, base_lrs
+        )
+        self.resume_notes: list[str] = []
+        if ckpt is not None:
+            self._restore(ckpt)
         self.ddp: torch.nn.Module = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -171,13 +178,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
-        base_lrs = [g.get("lr", self.config.lr) for g in self._param_groups()]
-        self.runner = StepRunner(
-            self.model, self.ddp, self.optimizer, self.config, self.device, base_lrs
-        )
-        self.resume_notes: list[str] = []
-        if ckpt is not None:
-            self._restore(ckpt)
+        self.runner.forward = self.ddp  # what the step calls (before any compile traces it)
 
     def close(self) -> None:
         """Stop the data workers, release the run directory (and a process group this
