@@ -8,30 +8,29 @@ updates the EMA with one-hot matmuls, re-creating its parameters every step; a
 torchvision-style dataset (per-image PIL -> tensor -> normalise) behind a shuffling
 DataLoader, with ``next(iter(loader))`` per step.
 
-From the repository root::
-
-    python -m benchmarks.bench_train --data ../shared/data/cifar10-jpeg.tar.gz \
+    python benchmarks/bench_train.py --data ../shared/data/cifar10-jpeg.tar.gz \
         --batch-size 256 --steps 15 --rounds 3
-    python -m benchmarks.bench_train --quick     # smoke test: built-in data, tiny run
 
-Writes ``benchmarks/results/train_cpu/train_cpu.{json,md}`` (``train_cpu_quick/`` with
-``--quick``).
+vqkit runs as ``vqkit train`` would, with the step switches of ``--methods``: e.g.
+``vqkit+cl+bf16+compile`` is ``--channels-last --precision bf16 --compile``.
+
+Writes benchmarks/results/train_cpu/train_cpu.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks import common
-
-MODULE = "benchmarks.bench_train"
-STEM = "train_cpu"
-METHODS = ("classic", "vqkit")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- the classic code, re-implemented ----------------------------------------------------
@@ -121,9 +120,9 @@ def run_classic(data, batch_size, steps, warmup):
     model = ClassicModel()
     opt = torch.optim.Adam(model.parameters(), lr=3e-4, amsgrad=False)
     model.train()
-    times = []
+    times, cpu = [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         x, _ = next(iter(loader))
         opt.zero_grad()
         vq_loss, recon, ppl = model(x)
@@ -133,120 +132,211 @@ def run_classic(data, batch_size, steps, warmup):
         recon_error.item(), ppl.item()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return times
+            cpu.append(time.process_time() - c0)
+    return times, cpu
 
 
-def run_vqkit(data, batch_size, steps, warmup):
-    import torch
+# vqkit's variants: the step switches of `vqkit train` (each method its own process)
+SWITCHES = {
+    "cl": {"channels_last": True},
+    "bf16": {"precision": "bf16"},
+    "fp16": {"precision": "fp16"},
+    "compile": {"compile": True},
+    "noprefetch": {"prefetch": False},
+}
+DEFAULT_METHODS = (
+    "classic,vqkit,vqkit+compile,vqkit+cl,vqkit+bf16,vqkit+cl+bf16,vqkit+cl+bf16+compile"
+)
 
-    from vqkit.data import BatchLoader, data_variance
-    from vqkit.models import VQVAE
+
+def method_options(method: str) -> dict:
+    """``vqkit+cl+bf16`` -> {"channels_last": True, "precision": "bf16"}."""
+    opts: dict = {}
+    for part in method.split("+")[1:]:
+        if part not in SWITCHES:
+            raise SystemExit(f"unknown switch {part!r} in {method!r}; use {sorted(SWITCHES)}")
+        opts.update(SWITCHES[part])
+    return opts
+
+
+def run_vqkit(data_source, batch_size, steps, warmup, limit, options):
+    import tempfile
+
+    from vqkit.prefetch import Prefetcher
     from vqkit.train import TrainConfig, Trainer
 
-    torch.manual_seed(0)
-    # the trainer's own step (Trainer.train_step) on the trainer's own loader
-    trainer = Trainer.__new__(Trainer)
-    trainer.config = TrainConfig(batch_size=batch_size)
-    trainer.model = VQVAE()
-    trainer.ddp = trainer.model  # what the trainer calls; DDP-wrapped under torchrun
-    trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=3e-4)
-    trainer.data_variance = data_variance(data)
-    loader = BatchLoader(data, batch_size, seed=0)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        x, _ = loader.next_batch()
-        trainer.train_step(x)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+    # the trainer itself (`vqkit train` with these options): its loader (prefetching),
+    # its step; no codebook init or revival and no evaluation, like the classic loop
+    cfg = TrainConfig(
+        data=data_source,
+        batch_size=batch_size,
+        steps=warmup + steps,
+        init="random",
+        revive_every=0,
+        progress=False,
+        out_dir=tempfile.mkdtemp(prefix="bench_train_"),
+        **options,
+    )
+    trainer = Trainer(cfg)
+    if limit and trainer.data.train is not None:
+        trainer.data.train = trainer.data.train.subset(slice(0, limit))
+        trainer.loader = trainer.data.loader(cfg, seed=0, device=trainer.device)
+        if cfg.prefetch:
+            trainer.loader = Prefetcher(trainer.loader)
+    times, cpu = [], []
+    try:
+        for i in range(warmup + steps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            x, _ = trainer.loader.next_batch()
+            trainer.train_step(x)
+            trainer.step += 1
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+    finally:
+        trainer.close()
+    return times, cpu
 
 
-def worker(args) -> int:
-    from vqkit.data import load_dataset
+def worker(args) -> None:
+    if args.worker == "classic":
+        from vqkit.data import load_dataset
 
-    # The classic model is RGB; the built-in set (smoke test) is gray.
-    data = load_dataset(args.data, "train", channels=3 if args.data == "builtin" else None)
-    if args.limit:
-        data = data.subset(slice(0, args.limit))
-    fn = run_vqkit if args.worker == "vqkit" else run_classic
-    times = fn(data, args.batch_size, args.steps, args.warmup)
+        data = load_dataset(args.data, "train")
+        if args.limit:
+            data = data.subset(slice(0, args.limit))
+        times, cpu = run_classic(data, args.batch_size, args.steps, args.warmup)
+    else:
+        times, cpu = run_vqkit(args.data, args.batch_size, args.steps, args.warmup, args.limit,
+                               method_options(args.worker))
     med = statistics.median(times)
-    return common.emit({"status": "ok", "method": args.worker, "median_step_s": med,
-                        "images_per_s": args.batch_size / med, "times": times})
+    # CPU seconds of the process (all its threads) per step: less sensitive than wall time
+    # to other jobs taking the cores, a cross-check when the machine is shared
+    cpu_med = statistics.median(cpu)
+    print(json.dumps({"method": args.worker, "median_step_s": med,
+                      "images_per_s": args.batch_size / med, "best_step_s": min(times),
+                      "median_cpu_s": cpu_med, "images_per_cpu_s": args.batch_size / cpu_med,
+                      "times": times, "cpu_times": cpu}))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return flag
+    if value is False:
+        return "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def _label(method: str) -> str:
+    if method == "classic":
+        return "classic loop (one-hot VQ-EMA, per-image PIL dataset, next(iter(loader)))"
+    opts = method_options(method)
+    flags = [_flag(k, v) for k, v in opts.items()]
+    return "vqkit train" + (" " + " ".join(flags) if flags else " (defaults: fp32)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(common.CIFAR10_JPEG),
-                    help="dataset (default: the CIFAR-10 archive in ../shared/data)")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help="comma-separated: classic, vqkit, vqkit+SWITCH+... with switches "
+                         f"{', '.join(SWITCHES)}")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images")
-    ap.add_argument("--timeout", type=float, default=3600.0, help="wall timeout per worker, s")
-    ap.add_argument("--quick", action="store_true", help="smoke test: built-in data (first "
-                    "512 images), batch 32, 2 timed steps after 1 warm-up, 1 round")
-    ap.add_argument("--out-dir", help="results folder (default benchmarks/results/train_cpu, "
-                    "train_cpu_quick with --quick)")
-    ap.add_argument("--note", help="free text stored in the results (e.g. machine load)")
-    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.data, args.limit, args.batch_size = "builtin", 512, 32
-        args.steps, args.warmup, args.rounds = 2, 1, 1
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results/train_cpu"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
     if args.worker:
-        return worker(args)
-    import torch
-
-    out = Path(args.out_dir) if args.out_dir else common.out_dir(STEM, args.quick)
-    meta = common.run_meta(MODULE, args.note, argv)
-    results: dict[str, list[dict]] = {m: [] for m in METHODS}
+        worker(args)
+        return
+    methods = args.methods.split(",")
+    if "classic" not in methods:
+        raise SystemExit("--methods must include classic (the ratios are to it)")
+    for m in methods:
+        if m != "classic":
+            method_options(m)  # unknown switches fail before any run
+    results: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(args.rounds):
-        for method in METHODS:
-            cmd = common.child_cmd(MODULE, "--worker", method, "--data", args.data,
-                                   "--batch-size", args.batch_size, "--steps", args.steps,
-                                   "--warmup", args.warmup, "--limit", args.limit)
+        for method in methods:
+            cmd = [sys.executable, __file__, "--worker", method, "--data", args.data,
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--limit", str(args.limit)]
             load = os.getloadavg()[0]
-            rec = common.run_child(cmd, {"load_1min_before": load}, args.timeout)
-            if rec["status"] != "ok":
-                sys.exit(f"{method} worker failed: {rec['status']}: {rec.get('error')}")
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
+            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            rec["load_1min_before"] = load
+            rec["process_s"] = time.perf_counter() - t0  # startup, warm-up/compile included
             results[method].append(rec)
             print(f"round {r + 1}/{args.rounds} {method}: {rec['images_per_s']:.1f} images/s "
-                  f"(load {load:.1f})", file=sys.stderr)
-    ratios = [v["images_per_s"] / c["images_per_s"]
-              for v, c in zip(results["vqkit"], results["classic"], strict=True)]
-    common.finish_meta(meta)
-    meta["settings"] = {"data": args.data, "limit": args.limit, "batch_size": args.batch_size,
-                        "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-                        "torch_threads": torch.get_num_threads()}
-    summary = {**meta, "results": results, "ratio_per_round": ratios,
-               "ratio_median": statistics.median(ratios)}
-    med = {m: statistics.median(r["images_per_s"] for r in results[m]) for m in results}
+                  f"(load {load:.1f}, process {rec['process_s']:.0f} s)", file=sys.stderr)
+    # ratios within a round: the methods of one round ran minutes apart, not hours
+    ratios = {m: [v["images_per_s"] / c["images_per_s"]
+                  for v, c in zip(results[m], results["classic"], strict=True)]
+              for m in methods}
+    cpu_ratios = {m: [v["images_per_cpu_s"] / c["images_per_cpu_s"]
+                      for v, c in zip(results[m], results["classic"], strict=True)]
+                  for m in methods}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    import torch
+
+    summary = {
+        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "commit": commit + ("+dirty" if dirty else ""),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "methods": {m: {"label": _label(m), "options": {} if m == "classic" else
+                        method_options(m)} for m in methods},
+        "results": results,
+        "ratio_per_round": ratios,
+        "ratio_median": {m: statistics.median(v) for m, v in ratios.items()},
+        "cpu_ratio_per_round": cpu_ratios,
+        "cpu_ratio_median": {m: statistics.median(v) for m, v in cpu_ratios.items()},
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_cpu.json").write_text(json.dumps(summary, indent=2))
+    med = {m: statistics.median(r["images_per_s"] for r in results[m]) for m in methods}
+    loads = [r["load_1min_before"] for m in methods for r in results[m]]
     md = [
         "# Training throughput (CPU)", "",
-        *common.meta_lines(meta, machine_extra=f", {torch.get_num_threads()} torch threads"),
-        f"- batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warm-up, "
-        f"{args.rounds} interleaved rounds, each method in its own process; data: {args.data}"
-        + (f" (first {args.limit} images)" if args.limit else ""),
-        *([f"- note: {args.note}"] if args.note else []),
+        f"- command: `{summary['command']}`",
+        f"- commit {summary['commit']}, {summary['date']}; {summary['machine']}",
+        f"- batch {args.batch_size}, {args.steps} timed steps after {args.warmup} untimed "
+        f"(torch.compile compiles there), {args.rounds} interleaved rounds, each method in "
+        "its own process; vqkit: the Trainer's prefetching loader and step, without codebook "
+        "init, revival or evaluation (the classic loop has none)",
+        f"- 1-minute load average before the runs: {min(loads):.1f} to {max(loads):.1f} "
+        f"({os.cpu_count()} cores)",
         "",
-        *common.md_table(
-            ["method", "images/s (median of rounds)", "ratio to classic"],
-            [["classic loop (one-hot VQ-EMA, per-image PIL dataset, next(iter(loader)))",
-              f"{med['classic']:.1f}", "1.00"],
-             ["vqkit (Trainer.train_step + BatchLoader)", f"{med['vqkit']:.1f}",
-              f"{summary['ratio_median']:.2f}"]]),
-        "",
-        f"Per-round ratios: {', '.join(f'{r:.2f}' for r in ratios)}.",
+        "| method | images/s (median of rounds) | ratio to classic (median of per-round "
+        "ratios) | per-round ratios | ratio in images per CPU-second | process s (median, "
+        "incl. warm-up) |",
+        "|---|---:|---:|---|---:|---:|",
     ]
-    path = common.write_results(out, STEM, summary, md)
+    for m in methods:
+        proc = statistics.median(r["process_s"] for r in results[m])
+        md.append(f"| {_label(m)} | {med[m]:.1f} | {summary['ratio_median'][m]:.2f} | "
+                  f"{', '.join(f'{x:.2f}' for x in ratios[m])} | "
+                  f"{summary['cpu_ratio_median'][m]:.2f} | {proc:.0f} |")
+    (out_dir / "train_cpu.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
-    print(f"wrote {path} and {path.with_suffix('.json')}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -51,3 +51,46 @@ def test_preset_on_the_command_line_beats_the_config_file(tmp_path):
     assert cfg.quantizer == "ema" and cfg.revive_every == PRESETS["vq-healthy"]["revive_every"]
     with pytest.raises(ValueError, match="preset"):
         TrainConfig.from_file(path, preset="nope")
+
+
+def test_step_and_data_options_are_checked():
+    cfg = TrainConfig()
+    assert (cfg.precision, cfg.compile, cfg.channels_last, cfg.prefetch) == (
+        "fp32",
+        False,
+        False,
+        True,
+    )
+    assert (cfg.warmup_steps, cfg.lr_schedule, cfg.grad_clip, cfg.weight_ema) == (
+        0,
+        "constant",
+        0.0,
+        0.0,
+    )
+    for bad in (
+        {"precision": "fp8"},
+        {"weight_ema": 1.0},
+        {"grad_clip": -1.0},
+        {"min_lr_ratio": 1.5},
+        {"lr_schedule": "linear"},
+        {"crop": "left"},
+        {"crop_scale": 0.0},
+        {"num_workers": -1},
+        {"ckpt_minutes": -0.5},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
+def test_resume_applies_schedule_and_speed_options_but_not_the_data_layout():
+    stored = TrainConfig().to_dict()
+    changed = TrainConfig(
+        lr_schedule="cosine", warmup_steps=10, grad_clip=1.0, precision="bf16", compile=True
+    ).resume_changes(stored)
+    assert set(changed) == {"lr_schedule", "warmup_steps", "grad_clip", "precision", "compile"}
+    for fixed in ({"num_workers": 4}, {"crop": "random"}, {"crop_scale": 0.5}):
+        with pytest.raises(ValueError, match="cannot change"):
+            TrainConfig(**fixed).resume_changes(stored)
+    # a run stored before these options existed resumes with their defaults
+    old = {k: v for k, v in stored.items() if k not in ("precision", "weight_ema")}
+    assert TrainConfig.for_resume(old, {}).resume_changes(old) == {}

@@ -14,15 +14,36 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .data.transforms import CROPS
 from .distributed import resolve_device
 from .models.vqvae import QUANTIZER_GROUPS, ModelOptions, QuantizerChoice, VQVAEConfig
-from .options import Options, compose, nonneg_int, option, option_fields, positive, positive_int
+from .optim import SCHEDULES
+from .options import (
+    Options,
+    compose,
+    nonneg,
+    nonneg_int,
+    option,
+    option_fields,
+    positive,
+    positive_int,
+    unit_interval,
+)
+from .step import PRECISIONS
 
 __all__ = ["PRESETS", "TrainConfig", "TrainOptions", "resolve_device"]
 
 
 def _preset_check(name: str | None) -> str | None:
     return None if name is None or name in PRESETS else f"one of {sorted(PRESETS)}"
+
+
+def _crop_scale_check(v: float) -> str | None:
+    return None if 0.0 < v <= 1.0 else "in (0, 1]"
+
+
+def _ema_check(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else "in [0, 1)"
 
 
 @dataclass
@@ -35,14 +56,15 @@ class TrainOptions(Options):
     data: str = option(
         None,
         "dataset: 'builtin', a CIFAR-10 python archive/folder, an idx directory, an image "
-        "folder or .tar(.gz) of one, or 'cifar10' / 'fashion-mnist'",
+        "folder or .tar(.gz) of one, 'cifar10' / 'fashion-mnist', or shards (a directory "
+        "written by 'vqkit pack', or a brace pattern): streamed, never held in memory",
         type=str,
         on_resume="fixed",
     )
     data_format: str = option(
         "auto",
         "dataset format",
-        choices=("auto", "builtin", "cifar10", "idx", "imagefolder"),
+        choices=("auto", "builtin", "cifar10", "idx", "imagefolder", "shards"),
         on_resume="fixed",
     )
     image_size: int = option(
@@ -60,6 +82,29 @@ class TrainOptions(Options):
         choices=(1, 3),
         on_resume="fixed",
     )
+    crop: str = option(
+        "center",
+        "shards: how --image-size is reached: centre crop of the resized image, or a random "
+        "square (seeded per sample and epoch) resized to it",
+        choices=CROPS,
+        on_resume="fixed",
+    )
+    crop_scale: float = option(
+        1.0,
+        "shards, --crop random: the square's side is U(this, 1) x the shorter side",
+        check=_crop_scale_check,
+        on_resume="fixed",
+    )
+    num_workers: int = option(
+        2,
+        "shards: worker processes that read and decode (0: the training process); one "
+        "stream of shards per worker, so it fixes the order of the batches",
+        check=nonneg_int,
+        on_resume="fixed",
+    )
+    prefetch: bool = option(
+        True, "draw the next batch in a background thread during the step (same batches)"
+    )
     cache_dir: str = option(None, "decoded-dataset cache (default $VQKIT_CACHE)", type=str)
     eval_split: str = option(
         "test",
@@ -75,6 +120,34 @@ class TrainOptions(Options):
     )
     steps: int = option(1500, "training steps", check=nonneg_int)
     lr: float = option(3e-4, "Adam learning rate", check=positive)
+    warmup_steps: int = option(
+        0, "linear learning-rate warmup over the first N steps (0: none)", check=nonneg_int
+    )
+    lr_schedule: str = option(
+        "constant",
+        "after the warmup: constant, or cosine decay to --min-lr-ratio x --lr at --steps "
+        "(a resume that changes --steps reshapes the rest of the decay)",
+        choices=SCHEDULES,
+    )
+    min_lr_ratio: float = option(
+        0.0, "cosine schedule: the final learning rate as a fraction of --lr", check=unit_interval
+    )
+    grad_clip: float = option(
+        0.0, "clip the global gradient norm to this (0: off); logs grad_norm", check=nonneg
+    )
+    weight_ema: float = option(
+        0.0,
+        "decay of an exponential moving average of the weights, used for evaluation and "
+        "export (0: off; e.g. 0.999)",
+        check=_ema_check,
+    )
+    precision: str = option(
+        "fp32",
+        "fp32, or bf16 / fp16 autocast (the quantizer searches in fp32; fp16 scales the loss)",
+        choices=tuple(PRECISIONS),
+    )
+    channels_last: bool = option(False, "channels-last memory format for model and inputs")
+    compile: bool = option(False, "torch.compile the training forward and loss")
     seed: int = option(0, "random seed (model init, data order, codebook init)", on_resume="fixed")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     codebook_lr_scale: float = option(
@@ -127,6 +200,12 @@ class TrainOptions(Options):
         500, "evaluate on --eval-images and write checkpoints every N steps", check=positive_int
     )
     eval_images: int = option(1000, "images of the periodic evaluation", check=positive_int)
+    ckpt_minutes: float = option(
+        0.0,
+        "also write checkpoints/last.pt when this many minutes passed since the last one "
+        "(0: only every --eval-every steps)",
+        check=nonneg,
+    )
     progress: bool = option(True, "show a progress bar")
     dist_timeout: float = option(
         600.0,

@@ -10,13 +10,16 @@ import math
 import time
 
 import torch
+from torch import nn
 
+from . import distributed
 from .codebook import reset_optimizer_rows
 from .config import TrainConfig
-from .metrics import codebook_health
+from .metrics import codebook_health, perplexity, usage_fraction
+from .optim import WeightEMA
 from .quantizers import BaseQuantizer
 
-__all__ = ["CodebookHealth", "Window", "seeded_generator"]
+__all__ = ["CodebookHealth", "Window", "global_figures", "seeded_generator"]
 
 
 def seeded_generator(seed: int, *tag: int) -> torch.Generator:
@@ -99,10 +102,18 @@ class CodebookHealth:
         every = self.config.revive_every
         return bool(every) and step % every == 0
 
-    def revive(self, latents: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> int:
+    def revive(
+        self,
+        latents: torch.Tensor,
+        step: int,
+        optimizer: torch.optim.Optimizer,
+        weight_ema: WeightEMA | None = None,
+        model: nn.Module | None = None,
+    ) -> int:
         """Replace dead codes by latents of this step's global batch (same on all ranks);
         the optimizer's state of the revived rows is restarted too, so momentum cannot
-        pull them back. Returns the number of revived codes."""
+        pull them back, and so is their weight average (``weight_ema`` of ``model``, whose
+        quantizer is ``model.quantizer``). Returns the number of revived codes."""
         mask = self.quantizer.revive_dead_codes(
             latents,
             threshold=self.config.dead_threshold,
@@ -111,6 +122,8 @@ class CodebookHealth:
         for p in self.quantizer.codebook_parameters():
             if p.dim() == 2 and p.shape[0] == mask.shape[0]:  # rows are codes
                 reset_optimizer_rows(optimizer, p, mask)
+        if weight_ema is not None and model is not None and bool(mask.any()):
+            weight_ema.reset_rows(model, "quantizer.", mask)
         return int(mask.sum())
 
     def figures(self, window_counts: torch.Tensor) -> dict[str, float]:
@@ -126,3 +139,31 @@ class CodebookHealth:
             "codes_used": h["codes_used"],
             "window_perplexity": h["perplexity"],
         }
+
+
+def global_figures(
+    values: dict[str, float],
+    counts: torch.Tensor | None,
+    stop: bool,
+    quantizer: BaseQuantizer,
+    device: torch.device,
+) -> tuple[dict[str, float], torch.Tensor | None, bool]:
+    """Step figures of the global batch, and whether ANY rank asked to stop, by one
+    all-reduce: the ranks' losses are averaged, the per-code counts summed (the EMA
+    quantizer's are global already) and, for one codebook, perplexity and usage
+    recomputed from the global counts (otherwise averaged)."""
+    world = distributed.world_size()
+    reduce_counts = counts is not None and not quantizer.counts_are_global
+    keys = list(values)
+    parts = [torch.tensor([values[k] for k in keys] + [float(stop)], dtype=torch.float64)]
+    if reduce_counts:
+        parts.append(counts.detach().reshape(-1).cpu().to(torch.float64))  # type: ignore[union-attr]
+    buf = distributed.all_reduce_sum([torch.cat(parts).to(device)])[0].cpu()
+    out = {k: float(buf[i]) / world for i, k in enumerate(keys)}
+    stop_any = bool(buf[len(keys)] > 0)
+    if reduce_counts:
+        counts = buf[len(keys) + 1 :].round().to(torch.int64).reshape(counts.shape)  # type: ignore[union-attr]
+    if counts is not None and counts.dim() == 1:
+        out["perplexity"] = float(perplexity(counts))
+        out["usage"] = float(usage_fraction(counts))
+    return out, counts, stop_any

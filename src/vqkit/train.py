@@ -14,8 +14,16 @@ A run directory holds::
     eval.json            final evaluation on the eval split
 
 ``resume=True`` continues from ``checkpoints/last.pt``: model, optimizer, EMA
-buffers, RNG and data position are restored, so the resumed run produces the
-same weights as an uninterrupted one.
+buffers, weight average, gradient scaler, RNG and data position are restored, so the
+resumed run produces the same weights as an uninterrupted one.
+
+Data (:mod:`vqkit.traindata`): in memory, or streamed from shards (``ShardLoader``:
+the train split never has to fit in memory). The next batch is drawn in a background
+thread during the step (``prefetch``, :mod:`vqkit.prefetch`; the same batches).
+The step (:mod:`vqkit.step`): ``precision``, ``channels_last``, ``compile``, the
+learning-rate schedule, ``grad_clip`` and ``weight_ema`` (evaluation, best.pt's
+choice, and the export use the averaged weights). Checkpoints are written every
+``eval_every`` steps and, with ``ckpt_minutes``, when that much time has passed.
 
 Distributed (``torchrun --nproc_per_node=N -m vqkit train ...``): the process group
 is initialised from torchrun's environment (gloo on CPU, NCCL on GPU, one GPU per
@@ -43,7 +51,9 @@ those rows (:func:`vqkit.codebook.reset_optimizer_rows`). Every log record carri
 
 from __future__ import annotations
 
+import copy
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -53,20 +63,17 @@ import torch
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import PRESETS, TrainConfig, resolve_device
-from .data import (
-    BatchLoader,
-    ImageData,
-    available_splits,
-    data_variance,
-    load_dataset,
-    normalize,
-)
+from .data import normalize
 from .evaluate import evaluate
-from .health import CodebookHealth, Window
+from .health import CodebookHealth, Window, global_figures
 from .interrupt import DeferredInterrupt, no_interrupt
-from .metrics import perplexity, usage_fraction
 from .models import VQVAE, VQVAEConfig, export_safetensors
+from .prefetch import Prefetcher
 from .rundir import RunDir
+from .step import StepRunner
+from .traindata import load_run_data
+
+_clock = time.monotonic  # the clock of ckpt_minutes (a test replaces it)
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "resolve_device", "train"]
 
@@ -107,13 +114,13 @@ class Trainer:
             ckpt = load_checkpoint(self.last_path, map_location=self.device)
         if self.world > 1 and not self.is_main:
             distributed.barrier()  # rank 0 loads first (and fills the decode cache)
-        self._load_data(config)
+        self.data = load_run_data(config, self.rank, self.world)
+        self.eval_data, self.data_variance = self.data.eval_data, self.data.data_variance
         if self.world > 1 and self.is_main:
             distributed.barrier()
 
         torch.manual_seed(config.seed)
-        size = self.train_data.images.shape[-1]
-        self.model_config = config.model_config(self.train_data.channels, size)
+        self.model_config = config.model_config(self.data.channels, self.data.image_size)
         self.model = VQVAE(self.model_config).to(self.device)
         q = self.model.quantizer
         vectors = config.batch_size * self.world * self.model.latent_positions()
@@ -136,17 +143,24 @@ class Trainer:
                 ckpt.get("train_config", {}), int(ckpt.get("world_size", 1)), self.world
             )
         self.health = CodebookHealth(self.config, q)
+        if self.config.channels_last:  # before the optimizer state exists (its layout)
+            self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self._param_groups(), lr=self.config.lr)
-        self.loader = BatchLoader(
-            self.train_data,
-            config.batch_size,
-            seed=config.seed,
-            device=self.device,
-            rank=self.rank,
-            world_size=self.world,
+        self.loader: Any = self.data.loader(
+            self.config, seed=config.seed, device=self.device, rank=self.rank, world_size=self.world
         )
+        if self.config.prefetch:
+            self.loader = Prefetcher(self.loader)
         self.step = 0
         self.best_nmse = math.inf
+        # the averaged weights' model: copied here, before DDP's hooks, and not built anew
+        # later, which would draw from the global RNG that a resumed run must replay
+        self._eval_copy = copy.deepcopy(self.model) if self.config.weight_ema else None
+        base_lrs = [g.get("lr", self.config.lr) for g in self._param_groups()]
+        self.runner = StepRunner(
+            self.model, self.model, self.optimizer, self.config, self.device, base_lrs
+        )
+        self.resume_notes: list[str] = []
         if ckpt is not None:
             self._restore(ckpt)
         self.ddp: torch.nn.Module = self.model
@@ -164,9 +178,14 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
+        self.runner.forward = self.ddp  # what the step calls (before any compile traces it)
 
     def close(self) -> None:
-        """Release the run directory (and a process group this trainer created)."""
+        """Stop the data workers, release the run directory (and a process group this
+        trainer created)."""
+        loader = getattr(self, "loader", None)
+        if loader is not None and hasattr(loader, "close"):
+            loader.close()
         self.run.unlock()
         if self._owns_group:
             distributed.teardown()
@@ -187,42 +206,6 @@ class Trainer:
             )
         return groups
 
-    def _load_data(self, config: TrainConfig) -> None:
-        self.train_data = load_dataset(
-            config.data,
-            "train",
-            image_size=config.image_size,
-            channels=config.channels,
-            cache_dir=config.cache_dir,
-            format=config.data_format,
-        )  # type: ignore[arg-type]
-        split = config.eval_split
-        if split != "holdout":
-            known = available_splits(config.data, format=config.data_format)
-            if split not in known:
-                if split != "test":  # the default falls back; an explicit choice must exist
-                    raise ValueError(
-                        f"eval_split {split!r} is not a split of {config.data or 'builtin'}; "
-                        f"choose one of {[*known, 'holdout']}"
-                    )
-                split = "holdout"
-        if split == "holdout":  # the last 5% of train, held out of training
-            n_eval = max(1, len(self.train_data) // 20)
-            self.eval_data: ImageData = self.train_data.subset(
-                slice(len(self.train_data) - n_eval, None)
-            )
-            self.train_data = self.train_data.subset(slice(0, len(self.train_data) - n_eval))
-        else:
-            self.eval_data = load_dataset(
-                config.data,
-                split,
-                image_size=config.image_size,
-                channels=self.train_data.channels,
-                cache_dir=config.cache_dir,
-                format=config.data_format,
-            )  # type: ignore[assignment]
-        self.data_variance = data_variance(self.train_data)
-
     # -- state ------------------------------------------------------------------
     def _payload(self) -> dict[str, Any]:
         return {
@@ -236,6 +219,7 @@ class Trainer:
             "data_variance": self.data_variance,
             "best_nmse": self.best_nmse,
             "world_size": self.world,
+            **self.runner.state_dict(),
         }
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -252,6 +236,7 @@ class Trainer:
         for group, fresh in zip(self.optimizer.param_groups, self._param_groups(), strict=True):
             group["lr"] = fresh.get("lr", self.config.lr)
         self.loader.load_state_dict(ckpt["loader"])
+        self.resume_notes = self.runner.load_state_dict(ckpt)
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.step = int(ckpt["step"])
         self.best_nmse = float(ckpt.get("best_nmse", math.inf))
@@ -260,6 +245,7 @@ class Trainer:
         """Write ``checkpoints/last.pt`` (rank 0 only; the other ranks hold the same state)."""
         if self.is_main:
             save_checkpoint(self.last_path, self._payload())
+        self._saved_at = _clock()
 
     # -- loop -------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -267,20 +253,16 @@ class Trainer:
             self.run.log(record)
 
     def train_step(self, x: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
-        self.model.train()
-        out = self.ddp(x)
-        terms = VQVAE.loss(out, x, self.data_variance)
-        self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        self.optimizer.step()
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        values["perplexity"] = float(out.vq.perplexity)
-        values["usage"] = float(out.vq.usage)
-        return values, out.vq.counts
+        """One update on ``x`` (see :class:`vqkit.step.StepRunner`)."""
+        return self.runner(x, self.data_variance, self.step)
+
+    def eval_model(self) -> VQVAE:
+        """The weights evaluated and exported: the weight average when there is one."""
+        return self.runner.eval_model(self._eval_copy)
 
     def evaluate(self, limit: int | None = None) -> dict[str, Any]:
         return evaluate(
-            self.model,
+            self.eval_model(),
             self.eval_data,
             data_variance=self.data_variance,
             device=self.device,
@@ -301,6 +283,8 @@ class Trainer:
             self.run.truncate_metrics(self.step)  # steps after the checkpoint run again
             for name, (old, new) in self.resume_changes.items():
                 print(f"resume: {name} {old!r} -> {new!r} (applied)")
+            for note in self.resume_notes:
+                print(f"resume: {note}")
             if self.resume_changes:
                 changes = {k: {"from": a, "to": b} for k, (a, b) in self.resume_changes.items()}
                 self._log({"kind": "resume", "step": self.step, "changes": changes})
@@ -308,7 +292,7 @@ class Trainer:
             "train": asdict(cfg),
             "model": self.model_config.to_dict(),
             "data": {
-                "train": self.train_data.describe(),
+                "train": self.data.describe_train,
                 "eval": self.eval_data.describe(),
                 "data_variance": self.data_variance,
             },
@@ -329,6 +313,7 @@ class Trainer:
             )
         stop = DeferredInterrupt()
         self._loader_state = self.loader.state_dict()
+        self._saved_at = _clock()
         try:
             with stop:
                 self._loop(bar, window, stop)
@@ -363,9 +348,8 @@ class Trainer:
         :meth:`CodebookHealth.init_batch_count` batches of every rank. The batches come
         from a loader of their own (another seed, same shards), so the training stream is
         the same with and without the init."""
-        loader = BatchLoader(
-            self.train_data,
-            self.config.batch_size,
+        loader = self.data.loader(
+            self.config,
             seed=self.config.seed + 7919,
             device=self.device,
             rank=self.rank,
@@ -373,31 +357,21 @@ class Trainer:
         )
         positions = self.model.latent_positions()
         n = self.health.init_batch_count(positions, self.world)
-        self.health.init_codebook([self._latents(loader.next_batch()[0]) for _ in range(n)])
+        try:
+            latents = [self._latents(loader.next_batch()[0]) for _ in range(n)]
+        finally:
+            if hasattr(loader, "close"):
+                loader.close()
+        self.health.init_codebook(latents)
 
     def _global(
         self, values: dict[str, float], counts: torch.Tensor | None, stop: bool
     ) -> tuple[dict[str, float], torch.Tensor | None, bool]:
-        """Step figures of the global batch, and whether ANY rank asked to stop, by one
-        all-reduce (identity in one process): the ranks' losses are averaged, the per-code
-        counts summed (the EMA quantizer's are global already) and, for one codebook,
-        perplexity and usage recomputed from the global counts (otherwise averaged)."""
+        """Step figures of the global batch and whether any rank asked to stop
+        (:func:`vqkit.health.global_figures`; identity in one process)."""
         if self.world == 1:
             return values, counts, stop
-        reduce_counts = counts is not None and not self.model.quantizer.counts_are_global
-        keys = list(values)
-        parts = [torch.tensor([values[k] for k in keys] + [float(stop)], dtype=torch.float64)]
-        if reduce_counts:
-            parts.append(counts.detach().reshape(-1).cpu().to(torch.float64))
-        buf = distributed.all_reduce_sum([torch.cat(parts).to(self.device)])[0].cpu()
-        out = {k: float(buf[i]) / self.world for i, k in enumerate(keys)}
-        stop_any = bool(buf[len(keys)] > 0)
-        if reduce_counts:
-            counts = buf[len(keys) + 1 :].round().to(torch.int64).reshape(counts.shape)
-        if counts is not None and counts.dim() == 1:
-            out["perplexity"] = float(perplexity(counts))
-            out["usage"] = float(usage_fraction(counts))
-        return out, counts, stop_any
+        return global_figures(values, counts, stop, self.model.quantizer, self.device)
 
     def _loop(self, bar: Any, window: Window, stop: DeferredInterrupt) -> None:
         cfg = self.config
@@ -411,7 +385,9 @@ class Trainer:
             values, counts, stop_any = self._global(values, counts, stop.requested)
             self.step += 1
             if self.health.due(self.step):
-                window.revived += self.health.revive(self._latents(x), self.step, self.optimizer)
+                window.revived += self.health.revive(
+                    self._latents(x), self.step, self.optimizer, self.runner.ema, self.model
+                )
             stop.completed_step = True
             window.add(values, counts, x.shape[0] * self.world)
             if not math.isfinite(values["loss"]):
@@ -442,6 +418,8 @@ class Trainer:
                 if self.is_main:  # no collective inside: the other ranks go on
                     self._periodic_eval()
                 self.save()
+            elif cfg.ckpt_minutes and _clock() - self._saved_at >= 60.0 * cfg.ckpt_minutes:
+                self.save()  # rank 0 alone decides: saving calls no collective
             if stop_any if self.world > 1 else stop.requested:
                 raise KeyboardInterrupt
 
@@ -461,14 +439,15 @@ class Trainer:
         counts = result.pop("counts")
         result["step"] = self.step
         self.run.write_json("eval.json", result)
-        export_safetensors(self.model, self.out / "model.safetensors")
+        model = self.eval_model()
+        export_safetensors(model, self.out / "model.safetensors")
         n = min(32, len(self.eval_data))
         # evenly strided over the split, so class-sorted data shows every class
         pick = torch.linspace(0, len(self.eval_data) - 1, n).round().long()
         x = normalize(self.eval_data.images[pick].to(self.device))
-        self.model.eval()
+        model.eval()
         with torch.no_grad():
-            recon = self.model(x).recon
+            recon = model(x).recon
         save_recon_grid(x, recon, self.out / "recon.png")
         if (self.out / "metrics.jsonl").exists():
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")

@@ -1,0 +1,166 @@
+"""One training step of the VQ-VAE, and the switches that make it faster.
+
+* ``precision``: ``"fp32"`` (no autocast at all: the reference arithmetic), ``"bf16"`` or
+  ``"fp16"`` through ``torch.autocast`` (the quantizer's search, rounding and loss terms
+  stay in float32; the reconstruction loss is taken in float32), with a
+  ``torch.amp.GradScaler`` for fp16, whose state is checkpointed;
+* ``channels_last``: model and inputs in NHWC memory format (oneDNN and cuDNN convolutions
+  skip their layout reorders);
+* ``compile``: ``torch.compile`` of the training forward and loss (the model, quantizer
+  included, traces as one graph); compiled once per run, on the first step;
+* the learning-rate schedule (:func:`vqkit.optim.lr_factor`), gradient-norm clipping, and
+  the weight average (:class:`vqkit.optim.WeightEMA`) after each update.
+
+With the defaults (fp32, no channels_last, no compile, constant rate, no clipping, no
+average) the step is exactly the plain one: same operations, same bits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import VQVAE, VQVAEOutput
+from .optim import WeightEMA, lr_factor, set_lr
+
+__all__ = ["PRECISIONS", "StepRunner"]
+
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+class StepRunner:
+    """Forward, loss, backward, update for one batch (see the module doc).
+
+    ``model`` is the plain module (weights, EMA, clipping); ``forward`` what the step
+    calls (the DistributedDataParallel wrapper under torchrun)."""
+
+    def __init__(
+        self,
+        model: VQVAE,
+        forward: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: Any,
+        device: torch.device,
+        base_lrs: list[float],
+    ) -> None:
+        self.model, self.forward, self.optimizer = model, forward, optimizer
+        self.config, self.device, self.base_lrs = config, device, base_lrs
+        self.dtype = PRECISIONS[config.precision]
+        self.scaler: torch.amp.GradScaler | None = None
+        if config.precision == "fp16":
+            self.scaler = torch.amp.GradScaler(device.type)
+        self.channels_last = bool(config.channels_last)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.ema = WeightEMA(model, config.weight_ema) if config.weight_ema else None
+        self._fwd: Callable[..., Any] = self._forward_loss
+        if config.compile:
+            self._fwd = torch.compile(self._forward_loss)
+
+    # -- the step -----------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _forward_loss(
+        self, x: torch.Tensor, data_variance: float
+    ) -> tuple[dict[str, torch.Tensor], VQVAEOutput]:
+        with self._autocast():
+            out = self.forward(x)
+        if self.dtype is not None:  # the reconstruction loss in float32
+            out = VQVAEOutput(recon=out.recon.float(), vq=out.vq)
+        return VQVAE.loss(out, x, data_variance), out
+
+    def __call__(
+        self, x: torch.Tensor, data_variance: float, step: int
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """Update on batch ``x`` as training step ``step`` (0-based: updates done before);
+        returns the figures of the step and the per-code counts."""
+        cfg = self.config
+        self.model.train()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        terms, out = self._fwd(x, data_variance)
+        set_lr(
+            self.optimizer,
+            self.base_lrs,
+            lr_factor(
+                step,
+                total_steps=cfg.steps,
+                warmup_steps=cfg.warmup_steps,
+                schedule=cfg.lr_schedule,
+                min_lr_ratio=cfg.min_lr_ratio,
+            ),
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = terms["loss"]
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if cfg.grad_clip:
+                grad_norm = self._clip()
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        values["perplexity"] = float(out.vq.perplexity)
+        values["usage"] = float(out.vq.usage)
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm
+        return values, out.vq.counts
+
+    def _clip(self) -> float:
+        """Clip the global gradient norm to ``grad_clip``; returns the norm before (after
+        DDP's all-reduce the gradients, hence the norm, are the same on every rank)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            state["weight_ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        """Restore what the checkpoint holds; returns notes on state it lacked (an option
+        turned on at resume starts fresh: the scaler at its initial scale, the average
+        from the current weights)."""
+        notes = []
+        if self.scaler is not None:
+            if "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
+            else:
+                notes.append("fp16 gradient scaler starts at its initial scale")
+        if self.ema is not None:
+            if "weight_ema" in state:
+                self.ema.load_state_dict(state["weight_ema"])
+            else:  # from the weights just restored, not the initial ones
+                self.ema = WeightEMA(self.model, self.config.weight_ema)
+                notes.append("weight_ema starts from the current weights")
+        return notes
+
+    def eval_model(self, scratch: VQVAE | None) -> VQVAE:
+        """The model to evaluate and export: the weight average loaded into ``scratch`` (a
+        copy of the model's architecture) when there is one, else the model itself."""
+        if self.ema is None or scratch is None:
+            return self.model
+        return self.ema.copy_to(scratch)  # type: ignore[return-value]
