@@ -22,6 +22,11 @@ timed calls within ``--time-budget``; peak extra memory = VmHWM - VmRSS baseline
 and modules built). Target: peak extra <= 1/8 of one N x K fp32 matrix for every vqkit
 cell, and at 2^14 vqkit faster than its peer on the same quantizer.
 
+``--cold SHAPE:METHOD,...`` measures those cells by ONE cold call instead (same memory
+protocol, no warm-up; for cells too slow for two calls within the time budget), and
+``--resume`` continues an interrupted run: the records already in the results file are
+kept (except timeouts and crashes) and only the missing cells run.
+
 Usage::
 
     python benchmarks/bench_large_codebooks.py --quick        # smoke test, tiny shapes
@@ -36,13 +41,18 @@ import datetime as _dt
 import json
 import os
 import resource
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import (  # noqa: E402  (sibling script, not a package)
     _fmt,
     _is_oom,
+    _malloc_trim,
+    _reset_hwm,
+    _status_kib,
     _vqkit_fingerprint,
     check_choices,
     measure,
@@ -215,6 +225,31 @@ def _check_ibq(n: int, bits: int) -> dict:
     }
 
 
+def measure_cold(run) -> dict:
+    """One cold call, with ``measure``'s memory protocol (RSS baseline after the setup,
+    VmHWM reset), for cells too slow for a warm-up and a timed call."""
+    import gc
+
+    gc.collect()
+    _malloc_trim()
+    base_kib = _status_kib("VmRSS")
+    _reset_hwm()
+    try:
+        t0 = time.perf_counter()
+        run()
+        dt = time.perf_counter() - t0
+    except (RuntimeError, MemoryError) as e:
+        peak = _status_kib("VmHWM")
+        return {"status": "OOM" if _is_oom(e) else "error", "phase": "run",
+                "error": f"{type(e).__name__}: {str(e)[:300]}",
+                "peak_extra_mib": (peak - base_kib) / 1024}
+    peak_kib = _status_kib("VmHWM")
+    return {"status": "ok", "cold_single_call": True, "times_s": [dt],
+            "median_s": statistics.median([dt]), "min_s": dt,
+            "baseline_rss_mib": base_kib / 1024, "peak_rss_mib": peak_kib / 1024,
+            "peak_extra_mib": (peak_kib - base_kib) / 1024}
+
+
 def _worker(args: argparse.Namespace) -> int:
     cap = int(args.mem_cap_gib * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
@@ -241,7 +276,10 @@ def _worker(args: argparse.Namespace) -> int:
     except (RuntimeError, MemoryError) as e:
         status = "OOM" if _is_oom(e) else "error"
         return emit(status=status, error=f"{type(e).__name__}: {str(e)[:300]}", phase="setup")
-    rec.update(measure(run, cleanup, args.repeats, args.time_budget))
+    if args.cold_call:
+        rec.update(measure_cold(run))
+    else:
+        rec.update(measure(run, cleanup, args.repeats, args.time_budget))
     if rec["status"] == "ok" and method == "vqkit_ibq" and not args.no_check:
         try:
             rec["check"] = _check_ibq(n, bits)
@@ -261,6 +299,8 @@ def _run_worker(shape: str, method: str, args: argparse.Namespace) -> dict:
         cmd.append("--no-check")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if f"{shape}:{method}" in (args.cold.split(",") if args.cold else []):
+        cmd.append("--cold-call")
     n, bits, _ = ALL_SHAPES[shape]
     base = {"shape": shape, "method": method, "N": n, "K": 2**bits,
             "loadavg_before": os.getloadavg()}
@@ -283,6 +323,8 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[list[dict], list
             if med and peer and peer.get("status") == "ok":
                 ratio = med / peer["median_s"]
             status = r.get("status", "?")
+            if r.get("cold_single_call"):
+                status += " (1 cold call)"
             if status == "skipped_by_plan":
                 status = "not run: " + r.get("error", "")
             lines.append(
@@ -337,6 +379,12 @@ def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: li
         "- vqkit_bsq uses the paper's factorised (approximate) batch entropy; vqp_bsq computes "
         "the exact one densely; vqkit_bsq_exact is the like-for-like comparison",
     ]
+    if s.get("cold_single_call_cells"):
+        head.append(f"- measured by one cold call (no warm-up, too slow for two): "
+                    f"{', '.join(s['cold_single_call_cells'])}")
+    for r in meta.get("resumed", []):
+        head.append(f"- resumed (UTC {r['date_utc']}, commit {r['git_commit']}, load "
+                    f"{r['loadavg_start'][0]:.2f}): `{r['command']}`")
     if meta.get("note"):
         head.append(f"- note: {meta['note']}")
     (out_dir / f"{stem}.md").write_text("\n".join(head + [""] + lines) + "\n")
@@ -352,14 +400,41 @@ def _parent(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "large_codebooks_quick" if args.quick and not args.shapes else "large_codebooks"
+    done: list[dict] = []
+    path = out_dir / f"{stem}.json"
+    if args.resume and path.exists():
+        old = json.loads(path.read_text())
+        done = [r for r in old.pop("results") if r.get("status") not in ("timeout", "crash")]
+        old.pop("targets", None)
+        resumed = run_meta(args, _dt.datetime.now(_dt.timezone.utc))
+        old.setdefault("resumed", []).append(
+            {k: resumed[k] for k in ("command", "git_commit", "date_utc", "loadavg_start")}
+        )
+        old.pop("loadavg_end", None)
+        meta = old
+        shapes = list(dict.fromkeys([*old["shapes"], *shapes]))
+        _parent_jobs(args, shapes, methods, skip, out_dir, stem, meta, done)
+        return 0
     meta = run_meta(args, _dt.datetime.now(_dt.timezone.utc))
     meta["settings"] = {"repeats": args.repeats, "mem_cap_gib": args.mem_cap_gib,
                         "timeout_s": args.timeout, "time_budget_s": args.time_budget,
                         "threads": args.threads or "torch default", "seed": SEED,
-                        "skipped_cells": sorted(skip)}
+                        "skipped_cells": sorted(skip),
+                        "cold_single_call_cells": sorted(args.cold.split(",")) if args.cold
+                        else []}
     meta["methods"] = {m: METHODS[m][1] for m in methods}
     meta["shapes"] = {s: {"N": ALL_SHAPES[s][0], "K": 2 ** ALL_SHAPES[s][1],
                           "note": ALL_SHAPES[s][2]} for s in shapes}
+    _parent_jobs(args, shapes, methods, skip, out_dir, stem, meta, [])
+    return 0
+
+
+def _parent_jobs(args, shapes, methods, skip, out_dir, stem, meta, done) -> None:
+    """Run the cells not in ``done`` and write ``done`` + the new records after each."""
+    have = {(r["shape"], r["method"]) for r in done}
+    if args.cold:
+        cold = meta["settings"].setdefault("cold_single_call_cells", [])
+        cold.extend(c for c in args.cold.split(",") if c not in cold)
 
     def run(shape: str, method: str) -> dict:
         if f"{shape}:{method}" in skip:
@@ -369,15 +444,20 @@ def _parent(args: argparse.Namespace) -> int:
                     "loadavg_before": os.getloadavg()}
         return _run_worker(shape, method, args)
 
+    order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in shapes for m in METHODS)}
+
+    def write(records: list[dict]) -> None:
+        merged = sorted(done + records, key=lambda r: order.get((r["shape"], r["method"]), 0))
+        _write(out_dir, stem, meta, merged, shapes)
+
     run_jobs(
-        [(s, m) for s in shapes for m in methods],
+        [(s, m) for s in shapes for m in methods if (s, m) not in have],
         run,
         lambda job: f"{job[0]} {job[1]:16s}",
-        lambda records: _write(out_dir, stem, meta, records, shapes),
+        write,
         meta,
     )
     print(f"wrote {out_dir / (stem + '.json')} and {out_dir / (stem + '.md')}", file=sys.stderr)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads in the workers (default: torch's default)")
     p.add_argument("--no-check", action="store_true", help="skip the IBQ agreement check")
+    p.add_argument("--cold", help="comma list of SHAPE:METHOD cells measured by one cold call")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the records of the results file, run only the missing cells")
+    p.add_argument("--cold-call", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--note", help="free text stored in the results (e.g. machine load)")
     p.add_argument("--worker", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
