@@ -503,8 +503,8 @@ def report_lines(rec: dict[str, Any], title: str) -> list[str]:
                   f"was drawn for. Classifier score = exp(E KL(p(y|x) \\|\\| p(y))) with this "
                   f"classifier (Inception-score form; at most {len(rec['classes'])}).", ""]
         if "command" in c:
-            lines[-1:-1] = [f"Classifier trained by `{c['command']}` (commit {c['git_commit']}, "
-                            f"{c['date_utc']}).", ""]
+            lines[-1:-1] = ["", f"Classifier trained by `{c['command']}` (commit "
+                            f"{c['git_commit']}, {c['date_utc']})."]
         rows = [[name, r["n"], f"{100 * r['accuracy']:.1f}%", f"{r['classifier_score']:.2f}",
                  f"{r['predicted_class_entropy_bits']:.2f}"] for name, r in fid["rows"].items()]
         lines += md_table(["images", "n", "accuracy", "classifier score",
@@ -551,6 +551,16 @@ def classifier(args: argparse.Namespace) -> int:
                date_utc=meta["date_utc"], threads=torch.get_num_threads())
     save_classifier(Path(args.out), clf, rec)
     log(f"test accuracy {res['accuracy']:.4f}; written {args.out}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Rewrite ``prior_fidelity.md`` from its ``.json`` (after a change of the layout)."""
+    path = Path(args.json)
+    rec = json.loads(path.read_text())
+    title = args.title or path.with_suffix(".md").read_text().splitlines()[0].lstrip("# ")
+    path.with_suffix(".md").write_text("\n".join(report_lines(rec, title)) + "\n")
+    print(f"written {path.with_suffix('.md')}")
     return 0
 
 
@@ -619,12 +629,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--clf-epochs", type=int, default=3)
         p.add_argument("--clf-batch", type=int, default=128)
         p.add_argument("--clf-lr", type=float, default=3e-3)
+    r = sub.add_parser("report", help="rewrite prior_fidelity.md from its .json")
+    r.add_argument("json")
+    r.add_argument("--title", default=None, help="default: the .md's current title")
     s = sub.add_parser("stack", help="tile vqkit sample grids, one row per directory")
     s.add_argument("dirs", nargs="+")
     s.add_argument("--out", required=True)
     s.add_argument("--labels", nargs="+", default=None)
     args = ap.parse_args(argv)
-    return {"evaluate": evaluate, "classifier": classifier, "stack": stack}[args.command](args)
+    commands = {"evaluate": evaluate, "classifier": classifier, "report": report, "stack": stack}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
