@@ -111,6 +111,28 @@ def _trainer(out, resume=False, overwrite=False, steps=12):
                         resume=resume, overwrite=overwrite)  # fmt: skip
 
 
+def test_eval_subset_is_strided_over_a_class_sorted_split(tmp_path):
+    """``eval_sequences`` < N scores an evenly strided subset, not the first sequences:
+    on a class-sorted split (image folders) the first 2,000 CIFAR-10 test images are
+    airplanes and automobiles only."""
+    P, pi = markov_chain(2)
+    x = chain_sequences(P, pi, 60, 5)
+    x[:30] = 0  # class 0 first, all one code; class 1 after it: a class-sorted split
+    labels = (torch.arange(60) >= 30).long()
+    split = CodeData(x.reshape(-1, *SHAPE), labels, ("a", "b"), "test")
+    cfg = PriorConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=V)
+    tcfg = PriorTrainConfig(steps=1, batch_size=8, eval_sequences=6, progress=False)
+    with PriorTrainer(cfg, tcfg, tmp_path / "run", split, split) as trainer:
+        idx = torch.tensor([0, 12, 24, 35, 47, 59])  # linspace(0, 59, 6), rounded
+        sub = CodeData(split.codes[idx], labels[idx], split.classes, "test")
+        first = CodeData(split.codes[:6], labels[:6], split.classes, "test")
+        strided = trainer.bits_per_code(split, limit=6)
+        assert strided == pytest.approx(trainer.bits_per_code(sub), abs=1e-12)
+        assert abs(strided - trainer.bits_per_code(first)) > 1e-3  # not the first six
+        assert trainer.evaluate()["test_bits"] == strided
+        assert trainer.bits_per_code(split, limit=100) == trainer.bits_per_code(split)
+
+
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

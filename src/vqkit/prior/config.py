@@ -97,7 +97,7 @@ class PriorTrainConfig(Options):
         500, "evaluate, sample and checkpoint every N steps", check=positive_int
     )
     eval_sequences: int = option(
-        2000, "sequences per split of each evaluation; 0: all", check=nonneg_int
+        2000, "sequences per split of each evaluation (evenly strided); 0: all", check=nonneg_int
     )
     log_every: int = option(50, "write a train record every N steps", check=positive_int)
     num_samples: int = option(16, "images in the sample grid of each evaluation", check=nonneg_int)

@@ -248,11 +248,13 @@ class PriorTrainer:
 
     @torch.no_grad()
     def bits_per_code(self, data: CodeData, limit: int = 0, batch_size: int = 256) -> float:
-        """Mean ``-log2 p(c_t | c_<t, y)`` over the codes of the first ``limit`` sequences
-        (0: all), in eval mode (no dropout, true labels)."""
+        """Mean ``-log2 p(c_t | c_<t, y)`` over the codes of ``limit`` sequences (0: all),
+        in eval mode (no dropout, true labels). The subset is evenly strided, so a
+        class-sorted split (image folders) is still covered."""
         n = len(data) if limit == 0 else min(limit, len(data))
-        seq = data.sequences()[:n]
-        labels = data.labels[:n] if self.config.num_classes else None
+        idx = torch.linspace(0, len(data) - 1, n).round().long() if n < len(data) else slice(None)
+        seq = data.sequences()[idx]
+        labels = data.labels[idx] if self.config.num_classes else None
         was = self.model.training
         self.model.eval()
         total = 0.0
