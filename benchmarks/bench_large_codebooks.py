@@ -17,7 +17,7 @@ N = 16384 rows with an input that requires grad:
 
 Each (shape, method) runs in its own child process under an address-space cap (default
 14 GiB; one N x K fp32 matrix is 16 GiB at 2^18), with the timing and memory protocol of
-``bench_search.py`` (its helpers are imported): one warm-up, then up to ``--repeats``
+``benchmarks.common`` (the one of ``bench_search``): one warm-up, then up to ``--repeats``
 timed calls within ``--time-budget``; peak extra memory = VmHWM - VmRSS baseline (inputs
 and modules built). Target: peak extra <= 1/8 of one N x K fp32 matrix for every vqkit
 cell, and at 2^14 vqkit faster than its peer on the same quantizer.
@@ -29,37 +29,25 @@ kept (except timeouts and crashes) and only the missing cells run.
 
 Usage::
 
-    python benchmarks/bench_large_codebooks.py --quick        # smoke test, tiny shapes
-    python benchmarks/bench_large_codebooks.py                # K14, K16, K18
-    python benchmarks/bench_large_codebooks.py --shapes K14 --methods vqkit_ibq,dense_ibq
+    python -m benchmarks.bench_large_codebooks --quick      # smoke test, tiny shapes
+    python -m benchmarks.bench_large_codebooks              # K14, K16, K18
+    python -m benchmarks.bench_large_codebooks --shapes K14 --methods vqkit_ibq,dense_ibq
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import (  # noqa: E402  (sibling script, not a package)
-    _fmt,
-    _is_oom,
-    _malloc_trim,
-    _reset_hwm,
-    _status_kib,
-    _vqkit_fingerprint,
-    check_choices,
-    measure,
-    run_child,
-    run_jobs,
-    run_meta,
-)
+from benchmarks import common
+from benchmarks.common import check_choices, fmt, measure, run_child, run_jobs
+
+MODULE = "benchmarks.bench_large_codebooks"
 
 N_ROWS = 16384
 DIM = 64
@@ -231,19 +219,17 @@ def measure_cold(run) -> dict:
     import gc
 
     gc.collect()
-    _malloc_trim()
-    base_kib = _status_kib("VmRSS")
-    _reset_hwm()
+    common.malloc_trim()
+    base_kib = common.status_kib("VmRSS")
+    common.reset_hwm()
     try:
         t0 = time.perf_counter()
         run()
         dt = time.perf_counter() - t0
     except (RuntimeError, MemoryError) as e:
-        peak = _status_kib("VmHWM")
-        return {"status": "OOM" if _is_oom(e) else "error", "phase": "run",
-                "error": f"{type(e).__name__}: {str(e)[:300]}",
-                "peak_extra_mib": (peak - base_kib) / 1024}
-    peak_kib = _status_kib("VmHWM")
+        peak = common.status_kib("VmHWM")
+        return {**common.error_fields(e, "run"), "peak_extra_mib": (peak - base_kib) / 1024}
+    peak_kib = common.status_kib("VmHWM")
     return {"status": "ok", "cold_single_call": True, "times_s": [dt],
             "median_s": statistics.median([dt]), "min_s": dt,
             "baseline_rss_mib": base_kib / 1024, "peak_rss_mib": peak_kib / 1024,
@@ -251,8 +237,7 @@ def measure_cold(run) -> dict:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    cap = int(args.mem_cap_gib * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    common.cap_address_space(args.mem_cap_gib)
     shape, method = args.worker
     n, bits, _ = ALL_SHAPES[shape]
     rec: dict = {"shape": shape, "method": method, "N": n, "K": 2**bits,
@@ -260,22 +245,15 @@ def _worker(args: argparse.Namespace) -> int:
 
     def emit(**kw) -> int:
         rec.update(kw)
-        print("RESULT " + json.dumps(rec), flush=True)
-        return 0
+        return common.emit(rec)
 
     try:
-        import torch
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        rec["threads"] = torch.get_num_threads()
-        rec["vqkit_src"] = _vqkit_fingerprint()
+        rec.update(common.torch_setup(args.threads))
         run, cleanup = _setup(method, n, bits)
     except ImportError as e:
         return emit(status="skipped", error=f"{type(e).__name__}: {e}")
     except (RuntimeError, MemoryError) as e:
-        status = "OOM" if _is_oom(e) else "error"
-        return emit(status=status, error=f"{type(e).__name__}: {str(e)[:300]}", phase="setup")
+        return emit(**common.error_fields(e, "setup"))
     if args.cold_call:
         rec.update(measure_cold(run))
     else:
@@ -292,13 +270,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _run_worker(shape: str, method: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", shape, method,
-           "--repeats", str(args.repeats), "--mem-cap-gib", str(args.mem_cap_gib),
-           "--time-budget", str(args.time_budget)]
-    if args.no_check:
-        cmd.append("--no-check")
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
+    cmd = common.child_cmd(MODULE, "--worker", shape, method, *common.child_args(args))
     if f"{shape}:{method}" in (args.cold.split(",") if args.cold else []):
         cmd.append("--cold-call")
     n, bits, _ = ALL_SHAPES[shape]
@@ -328,10 +300,10 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[list[dict], list
             if status == "skipped_by_plan":
                 status = "not run: " + r.get("error", "")
             lines.append(
-                f"| 2^{bits} | {r['method']} | {_fmt(med, '.3f')} "
-                f"| {_fmt(peak if ok else None, ',.0f')} "
-                f"| {_fmt(peak / nk_mib if ok and peak is not None else None, '.4f')} "
-                f"| {_fmt(ratio, '.3f')} | {status.replace('|', '/')} |"
+                f"| 2^{bits} | {r['method']} | {fmt(med, '.3f')} "
+                f"| {fmt(peak if ok else None, ',.0f')} "
+                f"| {fmt(peak / nk_mib if ok and peak is not None else None, '.4f')} "
+                f"| {fmt(ratio, '.3f')} | {status.replace('|', '/')} |"
             )
             if r["method"] in PEER and ok and peak is not None:
                 targets.append({"K": 2**bits, "method": r["method"],
@@ -356,21 +328,12 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[list[dict], list
 
 def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: list[str]) -> None:
     targets, lines = _summarise(records, shapes)
-    (out_dir / f"{stem}.json").write_text(
-        json.dumps({**meta, "results": records, "targets": targets}, indent=1) + "\n")
-    mach, s = meta["machine"], meta["settings"]
-    v = mach["versions"]
-    la_s, la_e = meta["loadavg_start"], meta.get("loadavg_end")
+    s = meta["settings"]
     head = [
         "# Large-codebook quantizers (CPU): vqkit vs vector-quantize-pytorch / dense IBQ",
         "",
-        f"- command: `{meta['command']}`",
-        f"- git commit: {meta['git_commit']}, date (UTC): {meta['date_utc']}",
-        f"- machine: {mach['cpu_model']}, {mach['affinity_cpus']} cores usable, "
-        f"{mach['ram_gib']} GiB RAM; torch {v['torch']}, vector-quantize-pytorch "
-        f"{v['vector-quantize-pytorch']}; torch threads per worker: {s['threads']}",
-        f"- load average (1/5/15 min) at start: {la_s[0]:.2f}/{la_s[1]:.2f}/{la_s[2]:.2f}"
-        + (f", at end: {la_e[0]:.2f}/{la_e[1]:.2f}/{la_e[2]:.2f}" if la_e else " (incomplete)"),
+        *common.meta_lines(meta, ("torch", "vector-quantize-pytorch"),
+                           f"; torch threads per worker: {s['threads']}"),
         f"- N = {N_ROWS} rows; training forward + `(loss + quantized.sum()).backward()`, input "
         f"requires grad; LFQ/BSQ: d = log2 K bits, SimVQ/IBQ: D = {DIM}",
         f"- up to {s['repeats']} timed calls after 1 warm-up (stop after {s['time_budget_s']:.0f}"
@@ -387,7 +350,8 @@ def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: li
                     f"{r['loadavg_start'][0]:.2f}): `{r['command']}`")
     if meta.get("note"):
         head.append(f"- note: {meta['note']}")
-    (out_dir / f"{stem}.md").write_text("\n".join(head + [""] + lines) + "\n")
+    common.write_results(out_dir, stem, {**meta, "results": records, "targets": targets},
+                         head + [""] + lines)
 
 
 def _parent(args: argparse.Namespace) -> int:
@@ -406,7 +370,7 @@ def _parent(args: argparse.Namespace) -> int:
         old = json.loads(path.read_text())
         done = [r for r in old.pop("results") if r.get("status") not in ("timeout", "crash")]
         old.pop("targets", None)
-        resumed = run_meta(args, _dt.datetime.now(_dt.timezone.utc))
+        resumed = common.run_meta(MODULE, args.note)
         old.setdefault("resumed", []).append(
             {k: resumed[k] for k in ("command", "git_commit", "date_utc", "loadavg_start")}
         )
@@ -415,7 +379,7 @@ def _parent(args: argparse.Namespace) -> int:
         shapes = list(dict.fromkeys([*old["shapes"], *shapes]))
         _parent_jobs(args, shapes, methods, skip, out_dir, stem, meta, done)
         return 0
-    meta = run_meta(args, _dt.datetime.now(_dt.timezone.utc))
+    meta = common.run_meta(MODULE, args.note)
     meta["settings"] = {"repeats": args.repeats, "mem_cap_gib": args.mem_cap_gib,
                         "timeout_s": args.timeout, "time_budget_s": args.time_budget,
                         "threads": args.threads or "torch default", "seed": SEED,
@@ -473,8 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-cap-gib", type=float, default=14.0,
                    help="address-space cap per worker (RLIMIT_AS), GiB")
     p.add_argument("--timeout", type=float, default=300.0, help="wall timeout per worker, s")
-    p.add_argument("--out-dir",
-                   default=str(Path(__file__).resolve().parent / "results" / "large_codebooks"))
+    p.add_argument("--out-dir", default=str(common.out_dir("large_codebooks")))
     p.add_argument("--quick", action="store_true", help="tiny shape Q8 (smoke test)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads in the workers (default: torch's default)")

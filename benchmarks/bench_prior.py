@@ -7,7 +7,7 @@ reference); both draw the same codes from the same seed. Speed in codes per seco
 batch x 64 / wall time (median of the rounds); the weights are a fresh initialisation
 (speed does not depend on them).
 
-    python benchmarks/bench_prior.py --batch-sizes 1 16 --rounds 3
+    python -m benchmarks.bench_prior --batch-sizes 1 16 --rounds 3
 
 Writes benchmarks/results/prior_sampling/sampling_<device>.{json,md}.
 """
@@ -15,22 +15,16 @@ Writes benchmarks/results/prior_sampling/sampling_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from benchmarks import common
+from vqkit.prior import Prior, PriorConfig
 
-from vqkit.prior import Prior, PriorConfig  # noqa: E402
+MODULE = "benchmarks.bench_prior"
 
 
 def build(device: torch.device) -> Prior:
@@ -58,11 +52,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "prior_sampling"))
+    ap.add_argument("--out", default=str(common.out_dir("prior_sampling")))
+    ap.add_argument("--note", help="free text stored in the results (e.g. machine load)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    meta = common.run_meta(MODULE, args.note)
     prior = build(device)
     seq = prior.seq_len
     # warm-up (first-call allocations and kernel choices), and the equivalence check
@@ -87,35 +83,19 @@ def main() -> None:
         rows.append(row)
         print(f"batch {batch}: cache {row['cache_codes_per_s']:.0f} codes/s, recompute "
               f"{row['recompute_codes_per_s']:.0f} codes/s, x{row['speedup']:.1f}")  # fmt: skip
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    meta = {
-        "command": "python benchmarks/bench_prior.py " + " ".join(sys.argv[1:]),
-        "commit": commit + ("+dirty" if dirty else ""),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
-        + f", {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, device {device}",
-        "load_avg_1min": load,
+    common.finish_meta(meta)
+    meta.update({
+        "threads": torch.get_num_threads(),
+        "device": str(device),
         "prior": {**prior.config.to_dict(), "params": prior.num_params()},
         "same_codes_cache_vs_recompute": same,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"sampling_{device.type}"
-    stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+    })
     c = prior.config
     lines = [
         f"# Prior sampling speed: KV cache vs full recomputation ({device.type})",
         "",
-        f"- command: `{meta['command']}`",
-        f"- commit {meta['commit']}, {meta['date']}; {meta['machine']}; 1-min load average "
-        f"{load if load is None else round(load, 2)} (other jobs share this machine)",
+        *common.meta_lines(meta, machine_extra=f"; torch threads {meta['threads']}, "
+                           f"device {device}"),
         f"- prior: {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, {c.pos} positions, "
         f"{prior.num_params() / 1e6:.2f} M parameters; 8 x 8 codes (T = {seq}), vocabulary "
         f"{c.vocab_size}, 10 classes",
@@ -130,7 +110,8 @@ def main() -> None:
             for r in rows
         ],
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    common.write_results(Path(args.out), f"sampling_{device.type}", {**meta, "rows": rows},
+                         lines)
     print("\n".join(lines))
 
 

@@ -15,28 +15,28 @@ worker's peak RSS (``RUSAGE_CHILDREN``), and the tree's peak summed RSS and PSS 
 sampler (RSS double-counts the pages forked workers share with the main process; PSS
 splits them). Writes ``benchmarks/results/stream_memory/results.{json,md}``.
 
-    python benchmarks/bench_stream.py                 # ~1-2 minutes on 2 cores
-    python benchmarks/bench_stream.py --sizes 10000 --no-cifar
+    python -m benchmarks.bench_stream                 # ~1-2 minutes on 2 cores
+    python -m benchmarks.bench_stream --sizes 10000 --no-cifar
+    python -m benchmarks.bench_stream --sizes 1000 --no-cifar --out-dir /tmp/bs  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import _malloc_trim, _reset_hwm, _status_kib, run_meta  # noqa: E402
+from benchmarks import common
+from benchmarks.common import malloc_trim, reset_hwm, status_kib
 
-ROOT = Path(__file__).resolve().parents[1]
+MODULE = "benchmarks.bench_stream"
+ROOT = common.REPO_ROOT
 MIB = 1024  # KiB per MiB
 
 
@@ -50,9 +50,9 @@ def _child(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # the workers decode; keep the main process to one core
     shards = open_shards(args.shards)
-    _malloc_trim()
-    base = _status_kib("VmRSS")
-    hwm_reset = _reset_hwm()
+    malloc_trim()
+    base = status_kib("VmRSS")
+    hwm_reset = reset_hwm()
     t0 = time.perf_counter()
     if args.child == "stream":
         loader = ShardLoader(shards, args.batch_size, num_workers=args.num_workers)
@@ -73,8 +73,8 @@ def _child(args: argparse.Namespace) -> int:
         "wall_s": round(wall, 2),
         "images_per_s": round(steps * args.batch_size / wall),
         "baseline_mib": round(base / MIB, 1),
-        "peak_main_mib": round(_status_kib("VmHWM") / MIB, 1),
-        "peak_extra_main_mib": round((_status_kib("VmHWM") - base) / MIB, 1),
+        "peak_main_mib": round(status_kib("VmHWM") / MIB, 1),
+        "peak_extra_main_mib": round((status_kib("VmHWM") - base) / MIB, 1),
         "hwm_reset": hwm_reset,
         "peak_worker_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / MIB, 1),
     }
@@ -103,9 +103,11 @@ def _tree_memory(proc) -> tuple[int, int | None]:
 def _run_child(mode: str, shards: Path, args: argparse.Namespace) -> dict:
     import psutil
 
-    cmd = [sys.executable, __file__, "--child", mode, "--shards", str(shards)]
-    cmd += ["--batch-size", str(args.batch_size), "--num-workers", str(args.num_workers)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = common.child_cmd(MODULE, "--child", mode, "--shards", shards,
+                           "--batch-size", args.batch_size, "--num-workers", args.num_workers)
+    # -m benchmarks.bench_stream resolves from the repository root; vqkit as for the parent
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ps = psutil.Process(proc.pid)
     peak_rss = peak_pss = 0
@@ -139,17 +141,11 @@ def _synthetic(n: int):
 
 
 def _write(records: list[dict], meta: dict, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    m = meta["machine"]
     lines = [
         "# Streaming shards: peak memory (CPU)",
         "",
-        f"- command: `{meta['command']}`",
-        f"- git commit: {meta['git_commit']}, date (UTC): {meta['date_utc']}",
-        f"- machine: {m['cpu_model']}, {m['affinity_cpus']} cores usable, {m['ram_gib']} GiB "
-        f"RAM, Python {m['python']}; load average at start: "
-        + "/".join(f"{v:.2f}" for v in meta["loadavg_start"]),
+        *common.meta_lines(meta, ("torch", "vqkit", "webdataset", "pillow", "psutil"),
+                           f", Python {meta['machine']['python']}"),
         f"- settings: batch 256, {meta['num_workers']} DataLoader workers, shuffle buffer "
         "1000, one epoch; main process torch threads 1",
         *([f"- note: {meta['note']}"] if meta.get("note") else []),
@@ -182,7 +178,7 @@ def _write(records: list[dict], meta: dict, out_dir: Path) -> None:
                 f"{hi['n']} ({hi['dataset']}); tree PSS {lo['peak_tree_pss_mib']} -> "
                 f"{hi['peak_tree_pss_mib']} MiB."
             )
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    common.write_results(out_dir, "results", {"meta": meta, "records": records}, lines)
 
 
 def main() -> int:
@@ -191,18 +187,17 @@ def main() -> int:
     p.add_argument("--no-cifar", action="store_true", help="skip the CIFAR-10 JPEG train split")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--out-dir", default=str(ROOT / "benchmarks/results/stream_memory"))
+    p.add_argument("--out-dir", default=str(common.out_dir("stream_memory")))
     p.add_argument("--note", default="")
     p.add_argument("--child", choices=("stream", "memory"), help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return _child(args)
-    sys.path.insert(0, str(ROOT / "src"))
     from vqkit.data.pack import pack
 
-    started = _dt.datetime.now(_dt.timezone.utc)
-    meta = {**run_meta(args, started), "num_workers": args.num_workers}
+    started = time.perf_counter()
+    meta = {**common.run_meta(MODULE, args.note or None), "num_workers": args.num_workers}
     from importlib import metadata
 
     meta["machine"]["versions"].update(
@@ -240,8 +235,8 @@ def main() -> int:
             shutil.rmtree(work / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    meta["loadavg_end"] = os.getloadavg()
-    meta["wall_s"] = round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds(), 1)
+    common.finish_meta(meta)
+    meta["wall_s"] = round(time.perf_counter() - started, 1)
     _write(records, meta, Path(args.out_dir))
     return 0
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import REPO_ROOT, finish_meta, md_table, meta_lines, run_meta, write_results
+from benchmarks.common import finish_meta, md_table, meta_lines, run_meta, write_results
 
 LN2 = math.log(2.0)
 MODULE = "benchmarks.prior_fidelity"
@@ -642,5 +642,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT / "src"))  # this checkout's vqkit
     sys.exit(main())
