@@ -283,6 +283,13 @@ def decode(tok: Any, codes: torch.Tensor, batch_size: int = 250) -> torch.Tensor
                       for i in range(0, len(codes), batch_size)])
 
 
+@torch.no_grad()
+def reconstruct(tok: Any, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """Images (N, C, H, W) in [-0.5, 0.5] through the tokenizer (encode, decode), 8-bit."""
+    return torch.cat([to_8bit(tok.model.decode(tok.model.encode(x[i : i + batch_size])))
+                      for i in range(0, len(x), batch_size)])
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from vqkit.data import load_dataset, normalize
     from vqkit.prior.cli import load_prior
@@ -329,7 +336,9 @@ def evaluate(args: argparse.Namespace) -> int:
     te_y = test_codes.labels if cond else None
     lik["prior_test_bits"] = prior_bits(model, te_seq, te_y)
     n_tr = min(len(tr_seq), args.train_nll_sequences or len(tr_seq))
-    lik["prior_train_bits"] = prior_bits(model, tr_seq[:n_tr], train_codes.labels[:n_tr]
+    # evenly strided: image-folder splits are sorted by class
+    sub = torch.linspace(0, len(tr_seq) - 1, n_tr).round().long()
+    lik["prior_train_bits"] = prior_bits(model, tr_seq[sub], train_codes.labels[sub]
                                          if cond else None)
     lik["prior_train_sequences"] = n_tr
     if cond and cfg.class_dropout > 0:
@@ -382,45 +391,43 @@ def evaluate(args: argparse.Namespace) -> int:
             p = cnt[cnt > 0] / cnt.sum()
             lik.setdefault("sample_unigram_entropy_bits", {})[name] = float(-(p * p.log2()).sum())
 
-    # 3. classifier
+    # 3. classifiers
     fid: dict[str, Any] = {}
     if classes and not args.no_classifier:
-        t = time.perf_counter()
         data = args.data or tok.run_config.get("train", {}).get("data")
         opts = {"image_size": tok.model.config.image_size,
                 "channels": tok.model.config.in_channels}
         train_img = load_dataset(data, "train", **opts)
         test_img = load_dataset(data, "test", **opts)
         log(f"data {data or 'builtin'}: {len(train_img)} train / {len(test_img)} test images")
-        clf_path = Path(args.classifier) if args.classifier else None
-        if clf_path and clf_path.is_file():
-            clf, clf_rec = load_classifier(clf_path, train_img.channels, train_img.num_classes)
-            log(f"classifier loaded from {clf_path}")
-        else:
-            clf, clf_rec = train_classifier(train_img, args.clf_epochs, args.clf_batch,
-                                            args.clf_lr, args.seed, log)
-            clf_rec["data"] = str(data or "builtin")
-            if clf_path:
-                save_classifier(clf_path, clf, clf_rec)
-        timing["classifier_s"] = time.perf_counter() - t
-        fid["classifier"] = clf_rec
         fid["data"] = str(data or "builtin")
-        t = time.perf_counter()
+        fid["classifiers"] = []
         real = normalize(test_img.images)
         y = test_img.labels
-        with torch.no_grad():
-            recon = to_8bit(decode(tok, torch.cat([tok.model.encode(real[i : i + 250])
-                                                   for i in range(0, len(real), 250)])))
+        t = time.perf_counter()
+        recon = reconstruct(tok, real)
         timing["reconstruct_s"] = time.perf_counter() - t
         nc = len(classes)
-        rows = {"real test images": scores(classify(clf, real), y, nc),
-                "tokenizer reconstructions of them": scores(classify(clf, recon), y, nc)}
-        for s in settings:
-            name = setting_name(s)
-            rows[f"samples, {setting_title(s)}"] = {
-                **scores(classify(clf, samples[name]), labels, nc), "setting": s}
-        fid["rows"] = rows
-        log("accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in rows.items()))
+        for spec in args.classifier or [None]:
+            clf_path = Path(spec) if spec else None
+            if clf_path and clf_path.is_file():
+                clf, clf_rec = load_classifier(clf_path, train_img.channels, nc)
+                log(f"classifier loaded from {clf_path}")
+            else:
+                clf, clf_rec = train_classifier(train_img, args.clf_epochs, args.clf_batch,
+                                                args.clf_lr, args.seed, log)
+                clf_rec["data"] = str(data or "builtin")
+                if clf_path:
+                    save_classifier(clf_path, clf, clf_rec)
+            rows = {"real test images": scores(classify(clf, real), y, nc),
+                    "tokenizer reconstructions of them": scores(classify(clf, recon), y, nc)}
+            for st in settings:
+                name = setting_name(st)
+                rows[f"samples, {setting_title(st)}"] = {
+                    **scores(classify(clf, samples[name]), labels, nc), "setting": st}
+            fid["classifiers"].append({"classifier": clf_rec, "rows": rows})
+            log("accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in rows.items()))
+        timing["classifier_s"] = time.perf_counter() - t - timing["reconstruct_s"]
 
     finish_meta(meta)
     timing["total_s"] = time.perf_counter() - t0
@@ -478,7 +485,7 @@ def report_lines(rec: dict[str, Any], title: str) -> list[str]:
                      f"{lik['prior_test_bits_null_class']:.3f}"])
     rows.append(["**prior, true class**" if rec["classes"] else "**prior**",
                  f"**{lik['prior_test_bits']:.3f}**"])
-    rows.append([f"prior on {lik['prior_train_sequences']} train sequences (overfitting check)",
+    rows.append([f"prior on {lik['prior_train_sequences']} train sequences (evenly strided)",
                  f"{lik['prior_train_bits']:.3f}"])
     t = lik["codes_per_image"]
     lines += md_table(["model", "bits per code"], rows)
@@ -491,29 +498,8 @@ def report_lines(rec: dict[str, Any], title: str) -> list[str]:
         ent = ", ".join(f"{n} {v:.3f}" for n, v in lik["sample_unigram_entropy_bits"].items())
         lines += [f"Unigram entropy of the sampled codes (bits): {ent}."]
     fid = rec["fidelity"]
-    if fid:
-        c = fid["classifier"]
-        how = (f"loaded from `{c['loaded_from']}`" if "loaded_from" in c else "trained now")
-        lines += ["", "## Classifier accuracy (fidelity without Inception weights)", "",
-                  f"A small CNN ({c['params'] / 1e3:.0f} k parameters, 3 conv blocks) trained "
-                  f"{c['epochs']} epochs on the {c['train_images']} real training images "
-                  f"(batch {c['batch_size']}, AdamW one-cycle lr {c['lr']}, random flips; "
-                  f"{c['train_seconds']:.0f} s, {how}). Samples: {rec['per_class']} per class "
-                  f"(seed {rec['seed']}); accuracy = the classifier names the class the sample "
-                  f"was drawn for. Classifier score = exp(E KL(p(y|x) \\|\\| p(y))) with this "
-                  f"classifier (Inception-score form; at most {len(rec['classes'])}).", ""]
-        if "command" in c:
-            lines[-1:-1] = ["", f"Classifier trained by `{c['command']}` (commit "
-                            f"{c['git_commit']}, {c['date_utc']})."]
-        rows = [[name, r["n"], f"{100 * r['accuracy']:.1f}%", f"{r['classifier_score']:.2f}",
-                 f"{r['predicted_class_entropy_bits']:.2f}"] for name, r in fid["rows"].items()]
-        lines += md_table(["images", "n", "accuracy", "classifier score",
-                           "predicted-class entropy (bits)"], rows)
-        names = list(fid["rows"])
-        short = ["real", "recon"] + [n.replace("samples, ", "") for n in names[2:]]
-        per = [[cls] + [f"{100 * fid['rows'][n]['per_class_accuracy'][i]:.0f}" for n in names]
-               for i, cls in enumerate(rec["classes"])]
-        lines += ["", "Accuracy by class (%):", "", *md_table(["class", *short], per)]
+    for block in fid.get("classifiers", []):
+        lines += classifier_lines(rec, block)
     if rec["grids"]:
         lines += ["", "Sample grids (one row per class, in label order): "
                   + ", ".join(f"`{g}`" for g in rec["grids"])]
@@ -522,7 +508,36 @@ def report_lines(rec: dict[str, Any], title: str) -> list[str]:
     return lines
 
 
-# --------------------------------------------------------------------------- classifier
+def classifier_lines(rec: dict[str, Any], block: dict[str, Any]) -> list[str]:
+    """The Markdown of one classifier's accuracy tables."""
+    c, res = block["classifier"], block["rows"]
+    on_recon = c.get("trained_on") == "reconstructions"
+    what = ("the tokenizer's reconstructions of the" if on_recon else "the")
+    how = (f"loaded from `{c['loaded_from']}`" if "loaded_from" in c else "trained now")
+    lines = ["", "## Classifier accuracy, classifier trained on "
+             + ("tokenizer reconstructions" if on_recon else "real images"), "",
+             f"A small CNN ({c['params'] / 1e3:.0f} k parameters, 3 conv blocks) trained "
+             f"{c['epochs']} epochs on {what} {c['train_images']} real training images "
+             f"(batch {c['batch_size']}, AdamW one-cycle lr {c['lr']}, random flips; "
+             f"{c['train_seconds']:.0f} s, {how}). Samples: {rec['per_class']} per class "
+             f"(seed {rec['seed']}); accuracy = the classifier names the class the sample "
+             f"was drawn for. Classifier score = exp(E KL(p(y|x) \\|\\| p(y))) with this "
+             f"classifier (Inception-score form; at most {len(rec['classes'])})."]
+    if "command" in c:
+        lines += ["", f"Classifier trained by `{c['command']}` (commit {c['git_commit']}, "
+                  f"{c['date_utc']})."]
+    rows = [[name, r["n"], f"{100 * r['accuracy']:.1f}%", f"{r['classifier_score']:.2f}",
+             f"{r['predicted_class_entropy_bits']:.2f}"] for name, r in res.items()]
+    lines += ["", *md_table(["images", "n", "accuracy", "classifier score",
+                             "predicted-class entropy (bits)"], rows)]
+    names = list(res)
+    short = ["real", "recon"] + [n.replace("samples, ", "") for n in names[2:]]
+    per = [[cls] + [f"{100 * res[n]['per_class_accuracy'][i]:.0f}" for n in names]
+           for i, cls in enumerate(rec["classes"])]
+    return lines + ["", "Accuracy by class (%):", "", *md_table(["class", *short], per)]
+
+
+# --------------------------------------------------------------------------- classifier command
 
 
 def classifier(args: argparse.Namespace) -> int:
@@ -541,16 +556,36 @@ def classifier(args: argparse.Namespace) -> int:
     train_img = load_dataset(args.data, "train", **opts)
     test_img = load_dataset(args.data, "test", **opts)
     log(f"data {args.data or 'builtin'}: {len(train_img)} train / {len(test_img)} test images")
+    real_test = normalize(test_img.images)
+    extra: dict[str, Any] = {"trained_on": "real images"}
+    if args.on_recon:
+        from dataclasses import replace
+
+        from vqkit.data import denormalize
+        from vqkit.prior.codes import load_tokenizer
+
+        tok = load_tokenizer(args.on_recon)
+        recon = reconstruct(tok, normalize(train_img.images))
+        train_img = replace(train_img, images=denormalize(recon))
+        recon_test = reconstruct(tok, real_test)
+        extra = {"trained_on": "reconstructions", "tokenizer": str(tok.checkpoint),
+                 "tokenizer_sha256": tok.sha256}
+        log(f"reconstructed the splits through {tok.checkpoint}")
     clf, rec = train_classifier(train_img, args.clf_epochs, args.clf_batch, args.clf_lr,
                                 args.seed, log)
-    res = scores(classify(clf, normalize(test_img.images)), test_img.labels,
-                 test_img.num_classes)
+    nc = test_img.num_classes
+    rec["test_accuracy"] = scores(classify(clf, real_test), test_img.labels, nc)["accuracy"]
+    if args.on_recon:
+        rec["test_recon_accuracy"] = scores(classify(clf, recon_test), test_img.labels,
+                                            nc)["accuracy"]
     finish_meta(meta)
-    rec.update(data=str(args.data or "builtin"), test_accuracy=res["accuracy"],
-               command=meta["command"], git_commit=meta["git_commit"],
-               date_utc=meta["date_utc"], threads=torch.get_num_threads())
+    rec.update(extra, data=str(args.data or "builtin"), command=meta["command"],
+               git_commit=meta["git_commit"], date_utc=meta["date_utc"],
+               threads=torch.get_num_threads())
     save_classifier(Path(args.out), clf, rec)
-    log(f"test accuracy {res['accuracy']:.4f}; written {args.out}")
+    log(f"test accuracy {rec['test_accuracy']:.4f} (real), "
+        f"{rec.get('test_recon_accuracy', float('nan')):.4f} (reconstructions); "
+        f"written {args.out}")
     return 0
 
 
@@ -611,10 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--sample-batch", type=int, default=250)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--train-nll-sequences", type=int, default=10000,
-                   help="train sequences for the train NLL (0: all)")
+                   help="train sequences for the train NLL, evenly strided (0: all)")
     e.add_argument("--data", default=None, help="classifier data (default: the tokenizer's)")
-    e.add_argument("--classifier", default=None,
-                   help="classifier weights: loaded when the file exists, else written")
+    e.add_argument("--classifier", nargs="+", default=None,
+                   help="classifier weights: loaded when the file exists, else trained on "
+                   "the real images and written; several: one table each")
     e.add_argument("--no-classifier", action="store_true")
     e.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     e.add_argument("--note", default=None)
@@ -623,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", required=True, help="weights file to write")
     c.add_argument("--image-size", type=int, default=None)
     c.add_argument("--channels", type=int, default=None)
+    c.add_argument("--on-recon", metavar="RUN_DIR", default=None,
+                   help="train on the reconstructions of this tokenizer run instead")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     for p in (e, c):
