@@ -59,7 +59,7 @@ def test_step_and_data_options_are_checked():
         "fp32",
         False,
         False,
-        True,
+        False,
     )
     assert (cfg.warmup_steps, cfg.lr_schedule, cfg.grad_clip, cfg.weight_ema) == (
         0,

@@ -103,7 +103,10 @@ class TrainOptions(Options):
         on_resume="fixed",
     )
     prefetch: bool = option(
-        True, "draw the next batch in a background thread during the step (same batches)"
+        False,
+        "draw the next batch in a background thread during the step (same batches); off "
+        "by default: it measured within noise of the plain loader here, and a torchrun "
+        "test aborted once with it on",
     )
     cache_dir: str = option(None, "decoded-dataset cache (default $VQKIT_CACHE)", type=str)
     eval_split: str = option(

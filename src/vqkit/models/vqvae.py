@@ -71,14 +71,19 @@ class QuantizerChoice:
         Options.__post_init__(self)  # type: ignore[arg-type]
         kind = get_kind(self.quantizer)
         own = kind.option_names()
-        for name in QUANTIZER_OPTION_NAMES - own:
-            default = QUANTIZER_DEFAULTS[name]
-            if getattr(self, name) != default:
-                users = [k for k in quantizer_kinds() if name in get_kind(k).option_names()]
-                raise ValueError(
-                    f"{name} does not apply to quantizer {self.quantizer!r} (it applies to "
-                    f"{', '.join(users)})"
-                )
+        # sorted: the report must not depend on set order (hash randomisation)
+        stray = sorted(
+            n for n in QUANTIZER_OPTION_NAMES - own if getattr(self, n) != QUANTIZER_DEFAULTS[n]
+        )
+        if stray:
+            where = "; ".join(
+                f"{n}: {', '.join(k for k in quantizer_kinds() if n in get_kind(k).option_names())}"
+                for n in stray
+            )
+            raise ValueError(
+                f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to "
+                f"quantizer {self.quantizer!r} (they apply to {where})"
+            )
         opts = self.quantizer_options()
         for name in own:  # canonical values (e.g. fsq levels as a string)
             setattr(self, name, getattr(opts, name))
