@@ -43,13 +43,13 @@ def load(run: Path) -> tuple[list[dict], list[dict], dict, dict]:
 
 
 def code_budget(model: dict) -> tuple[int, float]:
-    """(codes an index can take per position and stage, bits per latent position)."""
-    kind = model["quantizer"]
-    if kind == "fsq":
-        k = math.prod(int(v) for v in str(model["levels"]).split(","))
-        return k, math.log2(k)
-    k = int(model["num_embeddings"])
-    stages = int(model["num_quantizers"]) if kind == "rvq" else 1
+    """(codes an index can take per position and stage, bits per latent position), asked
+    of the quantizer the stored config builds (any registered kind)."""
+    from vqkit.models.vqvae import VQVAEConfig
+
+    config = VQVAEConfig.from_dict(model)
+    quantizer = config.quantizer_options().build(config.embedding_dim)
+    k, stages = quantizer.num_codes, quantizer.codes_per_position
     return k, stages * math.log2(k)
 
 
@@ -60,6 +60,8 @@ def describe(model: dict, train_cfg: dict) -> str:
         parts.append(f"{model['num_quantizers']}x{model['num_embeddings']} ({model['rvq_stage']})")
     elif kind == "fsq":
         parts.append(f"[{model['levels']}]")
+    elif kind in ("lfq", "bsq"):
+        parts.append(f"{model['num_bits']} bits")
     else:
         parts.append(f"K={model['num_embeddings']}")
     if model.get("codebook_dim"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vqkit import VectorQuantizer
-from vqkit.codebook import reset_optimizer_rows
+from vqkit.codebook import kmeans_plusplus, reset_optimizer_rows
 
 K, D = 16, 4
 
@@ -80,3 +80,39 @@ def test_reset_optimizer_rows_rejects_a_mask_of_the_wrong_length():
     q, optim, _ = collapsed_vq()
     with pytest.raises(ValueError, match="row mask"):
         reset_optimizer_rows(optim, q.codebook, torch.ones(K + 1, dtype=torch.bool))
+
+
+def test_kmeans_plusplus_draws_in_proportion_to_float64_squared_distances():
+    """Given the first centre, the second is drawn with probability d2 / sum(d2), with
+    d2 the exact (float64) squared distances: compared over many seeds."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, generator=g) * torch.tensor([1.0, 2.0, 3.0])
+    counts = torch.zeros(6, 6, dtype=torch.float64)
+    for seed in range(6000):
+        c = kmeans_plusplus(x, 2, torch.Generator().manual_seed(seed))
+        first = int((x == c[0]).all(1).nonzero())
+        second = int((x == c[1]).all(1).nonzero())
+        counts[first, second] += 1
+    x64 = x.double()
+    d2 = ((x64[:, None] - x64[None]) ** 2).sum(-1)
+    expected = d2 / d2.sum(1, keepdim=True)
+    seen = counts / counts.sum(1, keepdim=True)
+    assert torch.all(counts.diagonal() == 0)  # a chosen point is never drawn again
+    assert (seen - expected).abs().max() < 0.05, (seen - expected).abs().max()
+
+
+def test_kmeans_plusplus_takes_every_distinct_point_before_repeating_one():
+    _, pts = clusters(K, 1)
+    centres = kmeans_plusplus(pts, K, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.sort(centres, 0).values, torch.sort(pts, 0).values)
+    few = kmeans_plusplus(pts[:3], 8, torch.Generator().manual_seed(0))  # then uniform
+    assert len({tuple(r.tolist()) for r in few}) == 3
+
+
+def test_kmeans_plusplus_matches_the_direct_distance_update_on_clusters():
+    """The matrix-vector distance update finds one seed per well-separated cluster,
+    like the exact-difference form it replaced."""
+    centres, pts = clusters(K, 30)
+    seeds = kmeans_plusplus(pts, K, torch.Generator().manual_seed(0))
+    owner = ((seeds[:, None].double() - centres[None].double()) ** 2).sum(-1).argmin(1)
+    assert sorted(owner.tolist()) == list(range(K))

@@ -343,7 +343,7 @@ class Trainer:
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_latents(x)
 
-    def init_codebook(self) -> None:
+    def init_codebook(self, bar: Any = None) -> None:
         """``init="kmeans"``: k-means on the initial encoder's latents of
         :meth:`CodebookHealth.init_batch_count` batches of every rank. The batches come
         from a loader of their own (another seed, same shards), so the training stream is
@@ -362,7 +362,21 @@ class Trainer:
         finally:
             if hasattr(loader, "close"):
                 loader.close()
+        # at large K this takes minutes: say so while it runs, and how long it took
+        what = (f"k-means init of {self.model.quantizer.num_codes} codes on "
+                f"{sum(z.numel() // z.shape[1] for z in latents) * self.world} latents")
+        if bar is not None:
+            bar.set_description_str("k-means init")
+        elif self.is_main:
+            print(f"{what} ...", flush=True)
+        started = time.perf_counter()
         self.health.init_codebook(latents)
+        if self.is_main:
+            (bar.write if bar is not None else print)(
+                f"{what}: {time.perf_counter() - started:.1f} s"
+            )
+        if bar is not None:
+            bar.set_description_str("train")
 
     def _global(
         self, values: dict[str, float], counts: torch.Tensor | None, stop: bool
@@ -380,7 +394,7 @@ class Trainer:
             self._loader_state = self.loader.state_dict()
             x, _ = self.loader.next_batch()
             if self.step == 0 and cfg.init == "kmeans":
-                self.init_codebook()
+                self.init_codebook(bar)
             values, counts = self.train_step(x)
             values, counts, stop_any = self._global(values, counts, stop.requested)
             self.step += 1
