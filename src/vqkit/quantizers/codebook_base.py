@@ -18,6 +18,7 @@ from ..options import nonneg, nonneg_int, option, positive_int
 from ..search import DEFAULT_SCRATCH_BYTES, nearest_code
 from .base import BaseQuantizer, check_indices
 from .estimators import rotation_trick, straight_through
+from .masking import kept_input
 from .output import QuantizerOutput
 from .registry import QuantizerOptions
 
@@ -159,6 +160,81 @@ class CodebookQuantizer(BaseQuantizer):
 
     def codebook_parameters(self) -> list[nn.Parameter]:
         return [self.codebook] if isinstance(self.codebook, nn.Parameter) else []
+
+    # -- codebook health: one procedure; subclasses say how codes and statistics are set
+    @torch.no_grad()
+    def init_codebook_kmeans(
+        self,
+        x: torch.Tensor,
+        iters: int = 10,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Set the codes to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input of
+        this layer, or flat (N, embedding_dim) vectors; searched as ``forward`` does, i.e.
+        in-projected / normalised with those options) of every rank of
+        ``process_group``, identical on all; the statistics restart
+        (:meth:`_restart_statistics`). Explicit (never inside ``forward``); every rank
+        must call it. Call it before the optimizer steps, or reset the optimizer's state
+        for the codebook afterwards (:func:`vqkit.codebook.reset_optimizer_rows`).
+        ``mask`` (True = padded) leaves padded positions of ``x`` out."""
+        if not self.supports_init:
+            super().init_codebook_kmeans(x, iters, generator)  # raises
+        centers = self._kmeans_centers(kept_input(self, x, mask), iters, generator)
+        everything = torch.ones(self.num_embeddings, dtype=torch.bool, device=centers.device)
+        self._set_codes(everything, centers)
+        self._restart_statistics()
+
+    @torch.no_grad()
+    def revive_dead_codes(
+        self,
+        x: torch.Tensor,
+        threshold: float = 1.0,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Replace every code used less than ``threshold`` times per GLOBAL training batch
+        (:meth:`dead_codes`) by a vector drawn from the current global batch ``x`` (an
+        input of this layer or flat (N, embedding_dim) vectors; see
+        :func:`vqkit.codebook.sample_replacements`); the revived codes' statistics
+        restart at ``threshold`` (:meth:`_restart_codes`), so they have one usage
+        horizon to be picked. Same codes and vectors on every rank; every rank must call
+        it at the same steps, whatever its data. ``mask`` (True = padded) leaves padded
+        positions of ``x`` out.
+
+        Returns the bool (K,) mask of revived codes. When the codebook is a parameter,
+        an optimizer with per-parameter state (Adam's moments, SGD's momentum) would
+        drag a revived row back towards where it was: pass the mask to
+        :func:`vqkit.codebook.reset_optimizer_rows` (the trainer does)."""
+        if not self.supports_revival:
+            return super().revive_dead_codes(x, threshold, generator)  # raises
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0; got {threshold!r}")
+        revived, vectors = self._replacements(
+            kept_input(self, x, mask), self.dead_codes(threshold), generator
+        )
+        self._set_codes(revived, vectors)
+        self._restart_codes(revived, vectors, threshold)
+        return revived
+
+    @torch.no_grad()
+    def _set_codes(self, mask: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Make the codes (search space) of the rows in ``mask`` equal ``vectors``."""
+        vectors = vectors.to(self.codebook.dtype)
+        self.codebook.copy_(torch.where(mask.unsqueeze(1), vectors, self.codebook))
+
+    @torch.no_grad()
+    def _restart_statistics(self) -> None:
+        """After a k-means init: usage statistics start again from nothing."""
+        self.usage_ema.zero_()
+        self.usage_updates.zero_()
+
+    @torch.no_grad()
+    def _restart_codes(
+        self, revived: torch.Tensor, vectors: torch.Tensor, threshold: float
+    ) -> None:
+        """After a revival: the revived codes count as used ``threshold`` times per batch."""
+        self._restart_usage(revived, threshold)
 
     def _kmeans_centers(
         self, x: torch.Tensor, iters: int, generator: torch.Generator | None

@@ -15,7 +15,7 @@ from ..distributed import all_reduce_sum
 from ..metrics import ema_debias
 from ..options import option, positive, unit_interval
 from .codebook_base import CodebookOptions, CodebookQuantizer
-from .masking import keep_rows, kept_input, masked_counts, masked_mse_terms
+from .masking import keep_rows, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
 
@@ -226,56 +226,25 @@ class VectorQuantizerEMA(CodebookQuantizer):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @torch.no_grad()
-    def init_codebook_kmeans(
-        self,
-        x: torch.Tensor,
-        iters: int = 10,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> None:
-        """Set the codebook to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input
-        of this layer, or flat (N, D) vectors) of every rank, then restart the EMA
-        statistics from it (:meth:`reset_statistics`). Identical on all ranks; every
-        rank must call it (explicit, never done inside ``forward``). ``mask`` (True =
-        padded) leaves padded positions of ``x`` out."""
-        centers = self._kmeans_centers(kept_input(self, x, mask), iters, generator)
-        self.codebook.copy_(centers)
+    def _restart_statistics(self) -> None:
+        """After a k-means init, the EMA statistics restart from the new codes
+        (:meth:`reset_statistics`)."""
         self.reset_statistics()
 
     @torch.no_grad()
-    def revive_dead_codes(
-        self,
-        x: torch.Tensor,
-        threshold: float = 1.0,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Replace every code whose EMA cluster size is below ``threshold`` (expected
-        assignments per GLOBAL batch, so its meaning does not change with the world size)
-        by a vector drawn from the current global batch ``x`` (an input of this layer or
-        flat (N, D) vectors; see :func:`vqkit.codebook.sample_replacements`).
-
-        The revived code's statistics are restarted consistently: ``cluster_size = threshold``
-        and ``embed_sum = vector * threshold`` (scaled by the debias factor under
-        zero_debias), so the next EMA update computes ``m_k / N_k`` = a weighted mean of the
-        new vector and the vectors it attracts instead of snapping back to the old
-        statistics. Same codes and
-        vectors on every rank; every rank must call it at the same steps, whatever its
-        data. Returns the bool (K,) mask of revived codes. ``mask`` (True = padded) leaves
-        padded positions of ``x`` out.
-        """
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0; got {threshold!r}")
-        revived, vectors = self._replacements(
-            kept_input(self, x, mask), self.dead_codes(threshold), generator
-        )
+    def _restart_codes(
+        self, revived: torch.Tensor, vectors: torch.Tensor, threshold: float
+    ) -> None:
+        """A revived code's statistics restart consistently: ``cluster_size = threshold``
+        and ``embed_sum = vector * threshold`` (times the debias factor under
+        zero_debias), so the next EMA update computes ``m_k / N_k`` = a weighted mean of
+        the new vector and the vectors it attracts instead of snapping back to the old
+        statistics. ``threshold`` is in expected assignments per GLOBAL batch, so its
+        meaning does not change with the world size."""
         mass = threshold * self._debias()
         vectors = vectors.to(self.codebook.dtype)
-        keep = ~revived.unsqueeze(1)
-        self.codebook.copy_(torch.where(keep, self.codebook, vectors))
         self.cluster_size.copy_(torch.where(revived, mass, self.cluster_size))
-        self.embed_sum.copy_(torch.where(keep, self.embed_sum, vectors * mass))
-        return revived
+        self.embed_sum.copy_(torch.where(revived.unsqueeze(1), vectors * mass, self.embed_sum))
 
     def extra_repr(self) -> str:
         s = (

@@ -16,7 +16,7 @@ from ..options import nonneg, option
 from ..search import nearest_code
 from .base import fp32_region
 from .codebook_base import CodebookOptions, CodebookQuantizer
-from .masking import keep_rows, kept_input, masked_counts, masked_mean, masked_mse_terms
+from .masking import keep_rows, masked_counts, masked_mean, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
 
@@ -293,42 +293,6 @@ class IBQ(CodebookQuantizer):
             distances=distances.reshape(index_shape),
             num_embeddings=self.num_embeddings,
         )
-
-    @torch.no_grad()
-    def init_codebook_kmeans(
-        self,
-        x: torch.Tensor,
-        iters: int = 10,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> None:
-        """Codes = k-means++ + ``iters`` Lloyd centres of ``x`` (kept positions of every
-        rank); usage statistics restart. See :meth:`vqkit.VectorQuantizer.init_codebook_kmeans`."""
-        centers = self._kmeans_centers(kept_input(self, x, mask), iters, generator)
-        self.codebook.copy_(centers.to(self.codebook.dtype))
-        self.usage_ema.zero_()
-        self.usage_updates.zero_()
-
-    @torch.no_grad()
-    def revive_dead_codes(
-        self,
-        x: torch.Tensor,
-        threshold: float = 1.0,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Replace codes used less than ``threshold`` times per global batch by vectors of
-        ``x`` (kept positions); returns the bool (K,) mask (reset their optimizer rows:
-        :func:`vqkit.codebook.reset_optimizer_rows`)."""
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0; got {threshold!r}")
-        revived, vectors = self._replacements(
-            kept_input(self, x, mask), self.dead_codes(threshold), generator
-        )
-        vectors = vectors.to(self.codebook.dtype)
-        self.codebook.copy_(torch.where(revived.unsqueeze(1), vectors, self.codebook))
-        self._restart_usage(revived, threshold)
-        return revived
 
     def extra_repr(self) -> str:
         return (

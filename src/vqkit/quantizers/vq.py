@@ -12,7 +12,7 @@ from torch import nn
 
 from ..options import option
 from .codebook_base import CodebookOptions, CodebookQuantizer
-from .masking import keep_rows, kept_input, masked_counts, masked_mse_terms
+from .masking import keep_rows, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
 
@@ -134,57 +134,6 @@ class VectorQuantizer(CodebookQuantizer):
             counts = self._global_counts(counts)
             self._track_usage(counts)
         return self._output(x, flat, quantized_flat, indices, distances, counts, losses, loss)
-
-    @torch.no_grad()
-    def init_codebook_kmeans(
-        self,
-        x: torch.Tensor,
-        iters: int = 10,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> None:
-        """Set the codes to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input of
-        this layer, or flat (N, embedding_dim) vectors; searched as ``forward`` does, i.e.
-        in-projected / normalised with those options) of every rank of
-        ``process_group``, identical on all; usage statistics restart. Explicit (never
-        inside ``forward``); call it before the optimizer steps, or reset the optimizer's
-        state for the codebook afterwards (:func:`vqkit.codebook.reset_optimizer_rows`).
-        ``mask`` (True = padded) leaves padded positions of ``x`` out."""
-        centers = self._kmeans_centers(kept_input(self, x, mask), iters, generator)
-        self._set_codes(torch.ones(self.num_embeddings, dtype=torch.bool), centers)
-        self.usage_ema.zero_()
-        self.usage_updates.zero_()
-
-    @torch.no_grad()
-    def revive_dead_codes(
-        self,
-        x: torch.Tensor,
-        threshold: float = 1.0,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Replace every code used less than ``threshold`` times per GLOBAL training batch
-        (:meth:`dead_codes`, from the ``usage_ema`` buffer) by a vector drawn from the
-        current global batch ``x`` (an input of this layer or flat (N, embedding_dim)
-        vectors). Same codes and vectors on every rank; every rank must call it at the
-        same steps, whatever its data. Revived codes restart with a usage of
-        ``threshold``, so they have one usage horizon to be picked.
-
-        The codebook is a parameter: an optimizer with per-parameter state (Adam's
-        moments, SGD's momentum) would drag a revived row back towards where it was.
-        Pass the returned bool (K,) mask to
-        :func:`vqkit.codebook.reset_optimizer_rows` (the trainer does) to restart that
-        state for the revived rows. ``mask`` (True = padded) leaves padded positions of
-        ``x`` out.
-        """
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0; got {threshold!r}")
-        revived, vectors = self._replacements(
-            kept_input(self, x, mask), self.dead_codes(threshold), generator
-        )
-        self._set_codes(revived, vectors)
-        self._restart_usage(revived, threshold)
-        return revived
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, commitment_cost={self.commitment_cost}"
