@@ -22,15 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import common
+
+ROOT = common.REPO_ROOT
+MODULE = "benchmarks.bench_train"
 
 
 # --- the classic code, re-implemented ----------------------------------------------------
@@ -162,6 +163,11 @@ def method_options(method: str) -> dict:
 def run_vqkit(data_source, batch_size, steps, warmup, limit, options):
     import tempfile
 
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as out_dir:
+        return _time_trainer(data_source, batch_size, steps, warmup, limit, options, out_dir)
+
+
+def _time_trainer(data_source, batch_size, steps, warmup, limit, options, out_dir):
     from vqkit.prefetch import Prefetcher
     from vqkit.train import TrainConfig, Trainer
 
@@ -174,7 +180,7 @@ def run_vqkit(data_source, batch_size, steps, warmup, limit, options):
         init="random",
         revive_every=0,
         progress=False,
-        out_dir=tempfile.mkdtemp(prefix="bench_train_"),
+        out_dir=out_dir,
         **options,
     )
     trainer = Trainer(cfg)
@@ -260,15 +266,16 @@ def main() -> None:
     for m in methods:
         if m != "classic":
             method_options(m)  # unknown switches fail before any run
+    meta = common.run_meta(MODULE)
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(args.rounds):
         for method in methods:
-            cmd = [sys.executable, __file__, "--worker", method, "--data", args.data,
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--limit", str(args.limit)]
+            cmd = common.child_cmd(MODULE, "--worker", method, "--data", args.data,
+                                   "--batch-size", args.batch_size, "--steps", args.steps,
+                                   "--warmup", args.warmup, "--limit", args.limit)
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=common.child_env())
             if out.returncode:
                 raise SystemExit(f"{method} failed:\n{out.stderr[-3000:]}")
             rec = json.loads(out.stdout.strip().splitlines()[-1])
@@ -284,18 +291,12 @@ def main() -> None:
     cpu_ratios = {m: [v["images_per_cpu_s"] / c["images_per_cpu_s"]
                       for v, c in zip(results[m], results["classic"], strict=True)]
                   for m in methods}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    common.finish_meta(meta)
     import torch
 
     summary = {
-        "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "commit": commit + ("+dirty" if dirty else ""),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"torch {torch.__version__}, threads {torch.get_num_threads()}",
+        **meta,
+        "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -308,19 +309,15 @@ def main() -> None:
         "cpu_ratio_per_round": cpu_ratios,
         "cpu_ratio_median": {m: statistics.median(v) for m, v in cpu_ratios.items()},
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_cpu.json").write_text(json.dumps(summary, indent=2))
     med = {m: statistics.median(r["images_per_s"] for r in results[m]) for m in methods}
     loads = [r["load_1min_before"] for m in methods for r in results[m]]
     md = [
         "# Training throughput (CPU)", "",
-        f"- command: `{summary['command']}`",
-        f"- commit {summary['commit']}, {summary['date']}; {summary['machine']}",
+        *common.meta_lines(meta, machine_extra=f", torch threads {summary['torch_threads']}"),
         f"- batch {args.batch_size}, {args.steps} timed steps after {args.warmup} untimed "
         f"(torch.compile compiles there), {args.rounds} interleaved rounds, each method in "
-        "its own process; vqkit: the Trainer's prefetching loader and step, without codebook "
-        "init, revival or evaluation (the classic loop has none)",
+        "its own process; vqkit: the Trainer's loader (prefetching with +prefetch) and step, "
+        "without codebook init, revival or evaluation (the classic loop has none)",
         f"- 1-minute load average before the runs: {min(loads):.1f} to {max(loads):.1f} "
         f"({os.cpu_count()} cores)",
         "",
@@ -334,7 +331,7 @@ def main() -> None:
         md.append(f"| {_label(m)} | {med[m]:.1f} | {summary['ratio_median'][m]:.2f} | "
                   f"{', '.join(f'{x:.2f}' for x in ratios[m])} | "
                   f"{summary['cpu_ratio_median'][m]:.2f} | {proc:.0f} |")
-    (out_dir / "train_cpu.md").write_text("\n".join(md) + "\n")
+    common.write_results(Path(args.out_dir), "train_cpu", summary, md)
     print("\n".join(md))
 
 

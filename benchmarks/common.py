@@ -368,7 +368,7 @@ def child_cmd(module: str, *args: object) -> list[str]:
     return [sys.executable, "-m", module, *map(str, args)]
 
 
-def _child_env() -> dict:
+def child_env() -> dict:
     """The environment of a worker: ours, with the repository root on PYTHONPATH so
     that ``-m benchmarks.<script>`` resolves from any working directory."""
     env = dict(os.environ)
@@ -382,7 +382,7 @@ def run_child(cmd: list[str], base: dict, timeout: float) -> dict:
     ``base`` merged with its ``RESULT`` line, or a timeout / OOM / crash record."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=_child_env())
+                            start_new_session=True, env=child_env())
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
