@@ -167,16 +167,16 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            # broadcast_buffers=False: DDP would otherwise copy rank 0's buffers to every
-            # rank before each forward. The EMA codebook and statistics are buffers that
-            # are already identical on every rank, because every update is computed from
-            # statistics all-reduced inside the quantizer; the broadcast would only cost
-            # a collective per step. (At construction DDP still syncs parameters and
-            # buffers from rank 0 once.)
+            # forward_sync_buffers=False: DDP would otherwise copy rank 0's buffers to
+            # every rank before each forward. The EMA codebook and statistics are buffers
+            # that are already identical on every rank, because every update is computed
+            # from statistics all-reduced inside the quantizer; the copy would only cost a
+            # collective per step. (At construction DDP syncs parameters and buffers from
+            # rank 0 once.) The older spelling, broadcast_buffers=False, is deprecated.
             self.ddp = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                forward_sync_buffers=False,
             )
         self.runner.forward = self.ddp  # what the step calls (before any compile traces it)
 
