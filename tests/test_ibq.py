@@ -61,7 +61,9 @@ def test_ibq_lookup_ties_and_near_ties():
 
 def test_ibq_layer_losses_and_every_code_learns():
     torch.manual_seed(0)
-    q = IBQ(50, 6, commitment_cost=0.4, codebook_weight=0.7, double_quant_weight=0.9)
+    q = IBQ(
+        50, 6, commitment_cost=0.4, codebook_weight=0.7, double_quant_weight=0.9, entropy_weight=0
+    )
     with torch.no_grad():
         q.codebook.normal_()
     x = torch.randn(2, 6, 4, 3, requires_grad=True)
@@ -83,6 +85,41 @@ def test_ibq_layer_losses_and_every_code_learns():
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
+def test_ibq_entropy_penalty_matches_a_dense_float64_reference():
+    """loss = the three MSE terms + w * (mean_n H(p_n) - gamma H(mean_n p_n)) with
+    p = softmax(x E^T / T), value and gradients, against dense float64 autograd."""
+    torch.manual_seed(0)
+    kw = {"commitment_cost": 0.25, "double_quant_weight": 1.0, "entropy_temperature": 0.5}
+    q = IBQ(40, 6, entropy_weight=0.3, diversity_gamma=0.8, **kw).train()
+    plain = IBQ(40, 6, entropy_weight=0.0, **kw).train()
+    with torch.no_grad():
+        q.codebook.normal_()
+        plain.codebook.copy_(q.codebook)
+    x = torch.randn(3, 6, 5, requires_grad=True)
+    out = q(x)
+    base = plain(x.detach())
+    flat = x.detach().movedim(1, -1).reshape(-1, 6).double().requires_grad_()
+    e = q.codebook.detach().double().requires_grad_()
+    logp = torch.log_softmax(flat @ e.t() / 0.5, dim=1)
+    per = -(logp.exp() * logp).sum(1).mean()
+    big_p = logp.exp().mean(0)
+    batch = -(big_p * big_p.log()).sum()
+    ref = per - 0.8 * batch
+    torch.testing.assert_close(out.losses["entropy"].double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, base.loss + 0.3 * ref.float(), rtol=1e-5, atol=1e-6)
+    # gradient of the penalty alone: the difference of the two layers' gradients
+    (0.3 * ref).backward()
+    out.loss.backward()
+    gx_with = x.grad.clone()
+    x.grad = None
+    plain(x).loss.backward()
+    got = (gx_with - x.grad).movedim(1, -1).reshape(-1, 6)
+    torch.testing.assert_close(got.double(), flat.grad, rtol=1e-4, atol=1e-6)
+    got_e = q.codebook.grad - plain.codebook.grad
+    torch.testing.assert_close(got_e.double(), e.grad, rtol=1e-4, atol=1e-6)
+    assert "entropy" not in q.eval()(x).losses  # a training term only
+
+
 def test_ibq_init_revival_and_options():
     torch.manual_seed(0)
     q = IBQ(16, 4, usage_decay=0.5).train()
@@ -91,8 +128,15 @@ def test_ibq_init_revival_and_options():
     q(pts[:5] * 0 + pts[0])  # one code used
     revived = q.revive_dead_codes(pts, threshold=0.5)
     assert revived.sum() >= 14 and not revived.all()
-    q2 = build_quantizer("ibq", 8, num_embeddings=32, double_quant_weight=0.5)
+    q2 = build_quantizer(
+        "ibq", 8, num_embeddings=32, double_quant_weight=0.5, ibq_entropy_weight=0.2,
+        entropy_temperature=0.1,
+    )
     assert isinstance(q2, IBQ) and q2.double_quant_weight == 0.5
+    assert q2.entropy_weight == 0.2 and q2.entropy_temperature == 0.1
+    for bad in ({"entropy_temperature": 0.0}, {"entropy_weight": float("inf")}):
+        with pytest.raises(ValueError):
+            IBQ(8, 4, **bad)
     for bad in ({"use_cosine": True}, {"gradient": "rotation"}):
         with pytest.raises(ValueError):
             build_quantizer("ibq", 8, **bad)
