@@ -116,3 +116,27 @@ def test_kmeans_plusplus_matches_the_direct_distance_update_on_clusters():
     seeds = kmeans_plusplus(pts, K, torch.Generator().manual_seed(0))
     owner = ((seeds[:, None].double() - centres[None].double()) ** 2).sum(-1).argmin(1)
     assert sorted(owner.tolist()) == list(range(K))
+
+
+def test_kmeans_plusplus_in_rounds_draws_distinct_rows_weighted_by_distance(monkeypatch):
+    """Above SEQUENTIAL_SEEDS centres the draws come in rounds: still distinct rows while
+    distinct rows remain, then duplicates; the first round after the first centre
+    favours far rows as the sequential draw does."""
+    import vqkit.codebook as cb
+
+    monkeypatch.setattr(cb, "SEQUENTIAL_SEEDS", 4)  # k = 16: rounds of 4
+    _, pts = clusters(K, 3)
+    centres = kmeans_plusplus(pts, K, torch.Generator().manual_seed(0))
+    rows = {tuple(r.tolist()) for r in centres}
+    assert len(rows) == K and rows <= {tuple(r.tolist()) for r in pts}
+    few = kmeans_plusplus(pts[:5], K, torch.Generator().manual_seed(0))
+    assert len({tuple(r.tolist()) for r in few}) == 5
+    # two far points and many at the origin: after a first centre at the origin the
+    # round of 4 must include both far points (they hold all the weight but ~0)
+    x = torch.cat([torch.zeros(30, 2), torch.tensor([[100.0, 0.0], [0.0, 100.0]])])
+    x[:30] += 1e-3 * torch.randn(30, 2, generator=torch.Generator().manual_seed(1))
+    hits = 0
+    for seed in range(20):
+        c = kmeans_plusplus(x, 8, torch.Generator().manual_seed(seed))
+        hits += int((c.abs().max(1).values > 50).sum() == 2)
+    assert hits == 20

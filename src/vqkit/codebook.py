@@ -89,17 +89,32 @@ def _sq_dist_to(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.T
     return torch.addmv(x_sq, x, c, alpha=-2.0).add_(c.dot(c)).clamp_(min=0.0)
 
 
+SEQUENTIAL_SEEDS = 2048
+"""Up to this many centres k-means++ draws one centre at a time (the exact algorithm);
+above it, ``ceil(k / SEQUENTIAL_SEEDS)`` centres per round."""
+
+
 @torch.no_grad()
 def kmeans_plusplus(
-    x: torch.Tensor, k: int, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    max_scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
 ) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): k rows of ``x`` (N, D), each
     drawn with probability proportional to its squared distance to the nearest
     centre chosen so far. Keeps one (N,) distance vector, updated against the newest
-    centre only: O(N D) per centre (one matrix-vector product), no N x K matrix. A
-    chosen row's own distance is set to 0 exactly, so it is never drawn again. With
-    fewer distinct points than k, the remaining centres are drawn uniformly
-    (duplicates). Returns float32 (k, D)."""
+    centres only, never an N x K matrix. A chosen row's own distance is set to 0
+    exactly, so it is never drawn again. With fewer distinct points than k, the
+    remaining centres are drawn uniformly (duplicates). Returns float32 (k, D).
+
+    Up to ``SEQUENTIAL_SEEDS`` (2048) centres this is the exact algorithm, one centre
+    and one matrix-vector product per draw. Above, the draws are batched: each of
+    about 2048 rounds draws up to ``b = ceil(k / 2048)`` distinct rows at once from the
+    same distances (as k-means|| does, Bahmani et al. 2012), then updates the distances
+    against them with one tiled matrix product. The sequential loop is O(N D) of
+    memory-bound work per centre (at k = 65536 on 131k points: minutes); the rounds
+    turn it into GEMMs. The Lloyd iterations that follow refine either seeding."""
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"kmeans_plusplus needs a non-empty (N, D) tensor; got {tuple(x.shape)}")
     x = x.detach().to(torch.float32)
@@ -109,12 +124,51 @@ def kmeans_plusplus(
     centers[0] = x[j]
     d2 = _sq_dist_to(x, x_sq, x[j])
     d2[j] = 0.0
-    for i in range(1, k):
-        j = _sample_index(d2, generator)
-        centers[i] = x[j]
-        torch.minimum(d2, _sq_dist_to(x, x_sq, x[j]), out=d2)
-        d2[j] = 0.0
+    per_round = -(-k // SEQUENTIAL_SEEDS)
+    i = 1
+    while i < k:
+        if per_round == 1:
+            j = _sample_index(d2, generator)
+            centers[i] = x[j]
+            torch.minimum(d2, _sq_dist_to(x, x_sq, x[j]), out=d2)
+            d2[j] = 0.0
+            i += 1
+            continue
+        rows = _sample_rows(d2, min(per_round, k - i), generator)
+        new = x[rows]
+        centers[i : i + rows.numel()] = new
+        torch.minimum(d2, _min_sq_dist(x, x_sq, new, max_scratch_bytes), out=d2)
+        d2[rows] = 0.0
+        i += rows.numel()
     return centers
+
+
+def _sample_rows(weights: torch.Tensor, b: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Up to ``b`` distinct row indices drawn with probability proportional to
+    ``weights`` (b draws with replacement, repeats dropped: a rare repeat only leaves
+    its place to the next round); ``b`` uniform rows when every weight is 0. Drawn on
+    the CPU (a CPU ``generator`` serves any device)."""
+    w = weights.detach().to("cpu", torch.float64)
+    total = float(w.sum())
+    if not (total > 0 and math.isfinite(total)):
+        rows = torch.randperm(w.numel(), generator=generator)[:b]
+    else:
+        rows = torch.multinomial(w, b, replacement=True, generator=generator).unique()
+    return rows.to(weights.device)
+
+
+def _min_sq_dist(
+    x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor, max_scratch_bytes: int
+) -> torch.Tensor:
+    """``min_j ||x_i - c_j||^2`` (N,) for a few centres ``c`` (b, D), in row chunks of at
+    most ``max_scratch_bytes`` of the (rows x b) matrix."""
+    c_sq = c.pow(2).sum(1)
+    rows = max(1, max_scratch_bytes // (4 * max(c.shape[0], 1)))
+    out = torch.empty_like(x_sq)
+    for r0 in range(0, x.shape[0], rows):
+        d = torch.addmm(c_sq, x[r0 : r0 + rows], c.t(), alpha=-2.0)
+        out[r0 : r0 + rows] = d.add_(x_sq[r0 : r0 + rows].unsqueeze(1)).amin(1)
+    return out.clamp_(min=0.0)
 
 
 @torch.no_grad()
@@ -131,7 +185,7 @@ def kmeans(
     if iters < 0:
         raise ValueError(f"iters must be >= 0; got {iters}")
     x = x.detach().to(torch.float32)
-    centers = kmeans_plusplus(x, k, generator)
+    centers = kmeans_plusplus(x, k, generator, max_scratch_bytes)
     for _ in range(iters):
         idx, _ = nearest_code(x, centers, max_scratch_bytes=max_scratch_bytes)
         counts, sums = assignment_stats(x, idx, k)
