@@ -38,6 +38,17 @@ CONFIGS: dict[str, dict] = {
     "ema K=1024 cosine d=8": {"num_embeddings": 1024, "use_cosine": True, "codebook_dim": 8},
     "rvq 4x6 (ema)": {"quantizer": "rvq", "num_quantizers": 4, "num_embeddings": 6},
     "fsq [8,5,5,5]": {"quantizer": "fsq", "levels": "8,5,5,5"},
+    # 14 bits per position (K = 16384; docs/results.md, large codebooks on CIFAR-10);
+    # random init: the k-means init runs once per run, not per step
+    "ema K=16384 + revival": {"num_embeddings": 16384, "init": "random"},
+    "simvq K=16384": {"quantizer": "simvq", "num_embeddings": 16384},
+    "ibq K=16384 (entropy 0.05)": {"quantizer": "ibq", "num_embeddings": 16384, "init": "random"},
+    "ibq K=16384 (no entropy)": {
+        "quantizer": "ibq", "num_embeddings": 16384, "init": "random", "ibq_entropy_weight": 0.0,
+    },
+    "lfq 14 bits": {"quantizer": "lfq", "num_bits": 14},
+    "bsq 14 bits": {"quantizer": "bsq", "num_bits": 14},
+    "fsq [8,8,8,6,5]": {"quantizer": "fsq", "levels": "8,8,8,6,5"},
 }
 
 

