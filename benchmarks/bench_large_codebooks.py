@@ -69,7 +69,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "vqp_bsq": ("binary", "vqp LFQ(dim=d, spherical=True, ...) (exact, dense N x K)"),
     "vqkit_simvq": ("codebook", "vqkit.SimVQ(K, 64, channels_last=True): tiled search"),
     "vqp_simvq": ("codebook", "vqp SimVQ(dim=64, codebook_size=K, rotation_trick=False)"),
-    "vqkit_ibq": ("codebook", "vqkit.IBQ(K, 64, channels_last=True): tiled, online softmax"),
+    "vqkit_ibq": ("codebook", "vqkit.IBQ(K, 64, entropy off): tiled, online softmax"),
     "dense_ibq": ("codebook", "dense IBQ: (onehot + p - sg[p]) @ E, N x K logits"),
 }
 PEER = {
@@ -152,7 +152,7 @@ def _build(method: str, bits: int):
     if method == "vqkit_ibq":
         from vqkit import IBQ
 
-        m = IBQ(k, DIM, channels_last=True)
+        m = IBQ(k, DIM, channels_last=True, entropy_weight=0.0)  # as dense_ibq: lookup only
         with torch.no_grad():
             m.codebook.copy_(DenseIBQ(k, DIM).codebook)  # the same codes as dense_ibq
         return m
