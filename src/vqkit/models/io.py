@@ -30,19 +30,26 @@ def export_safetensors(model: VQVAE, path: str | os.PathLike[str]) -> None:
     with the usual file mode (umask), a full disk a CheckpointError."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state, extra = {}, {}
+    for k, v in model.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            state[k] = v.detach().contiguous().cpu()
+        else:  # a module's extra state (e.g. FSQ's levels): JSON in the metadata
+            extra[k] = v
     meta = {"format": FORMAT, "model_config": json.dumps(model.config.to_dict())}
+    if extra:
+        meta["extra_state"] = json.dumps(extra)
     save_file_atomically(path, lambda tmp: save_file(state, tmp, metadata=meta), "weights")
 
 
-def _build(config: dict[str, Any], state: dict[str, torch.Tensor], where: Path) -> VQVAE:
+def _build(config: dict[str, Any], state: dict[str, Any], where: Path) -> VQVAE:
     try:
         model = VQVAE(VQVAEConfig.from_dict(config))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: invalid model config in checkpoint: {e}") from e
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # ValueError: an extra state that disagrees
         raise CheckpointError(f"{where}: weights do not match the model config: {e}") from e
     return model
 
@@ -71,6 +78,10 @@ def load_model(
             raise CheckpointError(f"{path} has no vqkit model config in its metadata")
         if check_finite:
             check_finite_state(state, path)
-        return _build(json.loads(meta["model_config"]), state, path)
+        try:
+            extra = json.loads(meta.get("extra_state", "{}"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: unreadable extra state in its metadata ({e})") from e
+        return _build(json.loads(meta["model_config"]), {**state, **extra}, path)
     ckpt = load_checkpoint(path, map_location, check_finite=check_finite)
     return _build(ckpt["model_config"], ckpt["model"], path)
