@@ -72,11 +72,14 @@ class CodebookHealth:
         self.quantizer = quantizer
         name = type(quantizer).__name__
         if config.init == "kmeans" and not quantizer.supports_init:
-            raise ValueError(f"init='kmeans' is not supported by {name} (no codebook)")
+            raise ValueError(
+                f"init='kmeans' is not supported by {name} (no k-means init; its docstring "
+                "says why); use --init auto or random"
+            )
         if config.revive_every and not quantizer.supports_revival:
             raise ValueError(
-                f"revive_every is not supported by {name} (the vq and ema quantizers "
-                "revive dead codes)"
+                f"revive_every is not supported by {name} (it cannot revive dead codes; its "
+                "docstring says why); use --revive-every 0"
             )
 
     def init_batch_count(self, positions: int, world: int) -> int:
