@@ -36,7 +36,9 @@ def load(run: Path) -> tuple[list[dict], list[dict], dict, dict]:
     train, evals = [], []
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        (evals if rec.get("kind") == "eval" else train).append(rec)
+        kind = rec.get("kind", "train")
+        if kind in ("train", "eval"):  # not the 'resume' records of a resumed run
+            (evals if kind == "eval" else train).append(rec)
     final = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
     cfg = json.loads((run / "config.json").read_text())
     return train, evals, final, cfg
