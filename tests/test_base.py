@@ -274,3 +274,34 @@ def test_usage_buffer_is_a_buffer_and_survives_state_dict():
 def test_usage_decay_validated():
     with pytest.raises(ValueError, match="usage_decay"):
         VectorQuantizer(K, D, usage_decay=1.0)
+
+
+@pytest.mark.parametrize(
+    "kind, args, name",
+    [
+        ("VectorQuantizer", (8, 4), "commitment_cost"),
+        ("VectorQuantizerEMA", (8, 4), "commitment_cost"),
+        ("SimVQ", (8, 4), "codebook_weight"),
+        ("IBQ", (8, 4), "double_quant_weight"),
+        ("LFQ", (4,), "entropy_weight"),
+    ],
+)
+@pytest.mark.parametrize("bad", [-0.1, float("inf"), float("nan"), "0.25"])
+def test_every_quantizer_refuses_a_negative_or_non_finite_loss_weight(kind, args, name, bad):
+    import vqkit
+
+    with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+        getattr(vqkit, kind)(*args, **{name: bad})
+
+
+@pytest.mark.parametrize("bad", [0.0, float("inf")])
+def test_temperatures_and_epsilon_must_be_finite_and_positive(bad):
+    from vqkit import IBQ, LFQ, VectorQuantizerEMA
+
+    for build in (
+        lambda: LFQ(4, temperature=bad),
+        lambda: IBQ(8, 4, entropy_temperature=bad),
+        lambda: VectorQuantizerEMA(8, 4, epsilon=bad),
+    ):
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            build()

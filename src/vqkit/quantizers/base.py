@@ -26,6 +26,8 @@ training mode: ResidualVQ's quantizer dropout (row selection per stage,
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -44,6 +46,21 @@ def fp32_region(device: torch.device) -> torch.autocast:
     """A region excluded from autocast: code there runs in the dtypes it is given
     (the quantizers cast to float32 first), whatever autocast is active outside."""
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def check_weights(**weights: float) -> None:
+    """Each named loss weight (commitment_cost, entropy_weight, ...) must be a finite
+    number >= 0: one check for every quantizer's constructor."""
+    for name, v in weights.items():
+        if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
+
+
+def check_positive(**values: float) -> None:
+    """Each named value (a temperature, ...) must be a finite number > 0."""
+    for name, v in values.items():
+        if not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
 
 
 def check_indices(indices: torch.Tensor, device: torch.device, high: int, low: int = 0) -> None:

@@ -14,6 +14,7 @@ from ..codebook import assignment_stats, ema_, laplace_smooth
 from ..distributed import all_reduce_sum
 from ..metrics import ema_debias
 from ..options import option, positive, unit_interval
+from .base import check_positive, check_weights
 from .codebook_base import CodebookOptions, CodebookQuantizer
 from .masking import keep_rows, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
@@ -94,14 +95,10 @@ class VectorQuantizerEMA(CodebookQuantizer):
             )
         # usage_decay=None: no second usage EMA, the cluster sizes are the statistic
         super().__init__(num_embeddings, embedding_dim, usage_decay=None, **codebook_options)
-        if not isinstance(commitment_cost, (int, float)) or not 0 <= commitment_cost < math.inf:
-            raise ValueError(
-                f"commitment_cost must be a finite number >= 0; got {commitment_cost!r}"
-            )
+        check_weights(commitment_cost=commitment_cost)
         if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must lie in [0, 1]; got {decay!r}")
-        if not isinstance(epsilon, (int, float)) or not epsilon > 0:
-            raise ValueError(f"epsilon must be > 0; got {epsilon!r}")
+        check_positive(epsilon=epsilon)
         if zero_debias and decay >= 1.0:
             raise ValueError("zero_debias needs decay < 1 (the debias factor 1 - decay^t is 0)")
         self.commitment_cost = float(commitment_cost)

@@ -14,7 +14,7 @@ from torch import nn
 from ..metrics import perplexity, usage_fraction
 from ..options import nonneg, option, positive
 from ..search import nearest_code
-from .base import fp32_region
+from .base import check_positive, check_weights, fp32_region
 from .codebook_base import CodebookOptions, CodebookQuantizer
 from .masking import keep_rows, masked_counts, masked_mean, masked_mse_terms
 from .output import QuantizerOutput
@@ -257,19 +257,14 @@ class IBQ(CodebookQuantizer):
             raise ValueError("IBQ has its own gradient estimator; gradient must be 'ste'")
         codebook_options.setdefault("max_scratch_bytes", IBQ_SCRATCH_BYTES)
         super().__init__(num_embeddings, embedding_dim, **codebook_options)
-        for name, v in (
-            ("commitment_cost", commitment_cost),
-            ("codebook_weight", codebook_weight),
-            ("double_quant_weight", double_quant_weight),
-            ("entropy_weight", entropy_weight),
-            ("diversity_gamma", diversity_gamma),
-        ):
-            if not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
-        if not isinstance(entropy_temperature, (int, float)) or not (
-            0 < entropy_temperature < float("inf")
-        ):
-            raise ValueError(f"entropy_temperature must be > 0; got {entropy_temperature!r}")
+        check_weights(
+            commitment_cost=commitment_cost,
+            codebook_weight=codebook_weight,
+            double_quant_weight=double_quant_weight,
+            entropy_weight=entropy_weight,
+            diversity_gamma=diversity_gamma,
+        )
+        check_positive(entropy_temperature=entropy_temperature)
         self.commitment_cost = float(commitment_cost)
         self.codebook_weight = float(codebook_weight)
         self.double_quant_weight = float(double_quant_weight)

@@ -21,7 +21,7 @@ from torch import nn
 from ..metrics import perplexity, usage_fraction
 from ..options import nonneg, option, positive, positive_int
 from ..search import DEFAULT_SCRATCH_BYTES
-from .base import BaseQuantizer, check_indices, fp32_region
+from .base import BaseQuantizer, check_indices, check_positive, check_weights, fp32_region
 from .codebook_base import CommitmentOptions
 from .entropy import MAX_EXACT_BITS, batch_entropy, per_sample_entropy
 from .estimators import straight_through
@@ -78,15 +78,12 @@ class BinaryQuantizer(BaseQuantizer):
         if embedding_dim is None:
             embedding_dim = num_bits
         super().__init__(embedding_dim, channels_last=channels_last, check_finite=check_finite)
-        for name, v in (
-            ("entropy_weight", entropy_weight),
-            ("diversity_gamma", diversity_gamma),
-            ("commitment_cost", commitment_cost),
-        ):
-            if not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"{name} must be a non-negative number; got {v!r}")
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {temperature!r}")
+        check_weights(
+            entropy_weight=entropy_weight,
+            diversity_gamma=diversity_gamma,
+            commitment_cost=commitment_cost,
+        )
+        check_positive(temperature=temperature)
         if not isinstance(max_scratch_bytes, int) or max_scratch_bytes < 4:
             raise ValueError(f"max_scratch_bytes must be an int >= 4; got {max_scratch_bytes!r}")
         self.num_bits = num_bits

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..search import nearest_code
-from .base import check_indices, fp32_region
+from .base import check_indices, check_weights, fp32_region
 from .codebook_base import CodebookOptions, CodebookQuantizer
 from .masking import keep_rows, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
@@ -64,9 +64,7 @@ class SimVQ(CodebookQuantizer):
         **codebook_options: Any,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, **codebook_options)
-        for name, v in (("commitment_cost", commitment_cost), ("codebook_weight", codebook_weight)):
-            if not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"{name} must be a non-negative number; got {v!r}")
+        check_weights(commitment_cost=commitment_cost, codebook_weight=codebook_weight)
         self.commitment_cost = float(commitment_cost)
         self.codebook_weight = float(codebook_weight)
         d = self.codebook_dim

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..options import option
+from .base import check_weights
 from .codebook_base import CodebookOptions, CodebookQuantizer
 from .masking import keep_rows, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
@@ -67,9 +67,7 @@ class VectorQuantizer(CodebookQuantizer):
         **codebook_options: Any,
     ) -> None:
         super().__init__(num_embeddings, embedding_dim, **codebook_options)
-        for name, v in (("commitment_cost", commitment_cost), ("codebook_weight", codebook_weight)):
-            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
+        check_weights(commitment_cost=commitment_cost, codebook_weight=codebook_weight)
         self.commitment_cost = float(commitment_cost)
         self.codebook_weight = float(codebook_weight)
         self.codebook = nn.Parameter(torch.empty(num_embeddings, self.codebook_dim))
