@@ -69,28 +69,8 @@ def laplace_smooth(cluster_size: torch.Tensor, epsilon: float) -> torch.Tensor:
 # -- data-dependent initialisation ------------------------------------------------
 
 
-def _sample_index(weights: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One index drawn with probability proportional to ``weights`` (uniform if all 0):
-    a float64 running sum searched at one uniform draw (one pass, no normalised copy).
-    The draw is made on the CPU, so a CPU ``generator`` works for data on any device."""
-    csum = torch.cumsum(weights.detach(), 0, dtype=torch.float64)
-    total = float(csum[-1])
-    if not (total > 0 and math.isfinite(total)):
-        return int(torch.randint(weights.numel(), (1,), generator=generator))
-    u = torch.rand((1,), generator=generator, dtype=torch.float64).to(csum.device) * total
-    # searchsorted(right) skips zero-weight rows: a drawn u never lands on one
-    return min(int(torch.searchsorted(csum, u, right=True)), weights.numel() - 1)
-
-
-def _sq_dist_to(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """||x_i - c||^2 for every row of ``x`` (N, D) as ``|x|^2 - 2 x.c + |c|^2``: one
-    matrix-vector product that reads ``x`` once (the direct difference writes and
-    re-reads an N x D temporary, ~5x slower). Clamped at 0 against rounding."""
-    return torch.addmv(x_sq, x, c, alpha=-2.0).add_(c.dot(c)).clamp_(min=0.0)
-
-
 SEQUENTIAL_SEEDS = 2048
-"""Up to this many centres k-means++ draws one centre at a time (the exact algorithm);
+"""Up to this many centres k-means++ draws one centre per round (the exact algorithm);
 above it, ``ceil(k / SEQUENTIAL_SEEDS)`` centres per round."""
 
 
@@ -103,37 +83,27 @@ def kmeans_plusplus(
 ) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii, 2007): k rows of ``x`` (N, D), each
     drawn with probability proportional to its squared distance to the nearest
-    centre chosen so far. Keeps one (N,) distance vector, updated against the newest
-    centres only, never an N x K matrix. A chosen row's own distance is set to 0
-    exactly, so it is never drawn again. With fewer distinct points than k, the
-    remaining centres are drawn uniformly (duplicates). Returns float32 (k, D).
+    centre chosen so far (the first uniformly). Keeps one (N,) distance vector, updated
+    against the newest centres only, never an N x K matrix. A chosen row's own distance
+    is set to 0 exactly, so it is never drawn again. With fewer distinct points than k,
+    the remaining centres are drawn uniformly (duplicates). Returns float32 (k, D).
 
-    Up to ``SEQUENTIAL_SEEDS`` (2048) centres this is the exact algorithm, one centre
-    and one matrix-vector product per draw. Above, the draws are batched: each of
-    about 2048 rounds draws up to ``b = ceil(k / 2048)`` distinct rows at once from the
-    same distances (as k-means|| does, Bahmani et al. 2012), then updates the distances
-    against them with one tiled matrix product. The sequential loop is O(N D) of
-    memory-bound work per centre (at k = 65536 on 131k points: minutes); the rounds
-    turn it into GEMMs. The Lloyd iterations that follow refine either seeding."""
+    The centres are drawn in rounds of ``b = ceil(k / SEQUENTIAL_SEEDS)``: up to 2048
+    centres b = 1, the exact algorithm; above, each of about 2048 rounds draws up to b
+    distinct rows at once from the same distances (as k-means|| does, Bahmani et al.
+    2012). Each round updates the distances with one matrix product against its new
+    centres: one centre at a time is O(N D) of memory-bound work per centre (at
+    k = 65536 on 131k points: minutes), the rounds turn it into GEMMs. The Lloyd
+    iterations that follow refine either seeding."""
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"kmeans_plusplus needs a non-empty (N, D) tensor; got {tuple(x.shape)}")
     x = x.detach().to(torch.float32)
     x_sq = x.pow(2).sum(1)
     centers = torch.empty(k, x.shape[1], dtype=torch.float32, device=x.device)
-    j = int(torch.randint(x.shape[0], (1,), generator=generator))
-    centers[0] = x[j]
-    d2 = _sq_dist_to(x, x_sq, x[j])
-    d2[j] = 0.0
+    d2 = torch.full_like(x_sq, math.inf)  # no centre yet: the first draw is uniform
     per_round = -(-k // SEQUENTIAL_SEEDS)
-    i = 1
+    i = 0
     while i < k:
-        if per_round == 1:
-            j = _sample_index(d2, generator)
-            centers[i] = x[j]
-            torch.minimum(d2, _sq_dist_to(x, x_sq, x[j]), out=d2)
-            d2[j] = 0.0
-            i += 1
-            continue
         rows = _sample_rows(d2, min(per_round, k - i), generator)
         new = x[rows]
         centers[i : i + rows.numel()] = new
@@ -146,8 +116,9 @@ def kmeans_plusplus(
 def _sample_rows(weights: torch.Tensor, b: int, generator: torch.Generator | None) -> torch.Tensor:
     """Up to ``b`` distinct row indices drawn with probability proportional to
     ``weights`` (b draws with replacement, repeats dropped: a rare repeat only leaves
-    its place to the next round); ``b`` uniform rows when every weight is 0. Drawn on
-    the CPU (a CPU ``generator`` serves any device)."""
+    its place to the next round); ``b`` uniform rows when every weight is 0 or any is
+    infinite (before the first centre). Drawn on the CPU (a CPU ``generator`` serves
+    any device)."""
     w = weights.detach().to("cpu", torch.float64)
     total = float(w.sum())
     if not (total > 0 and math.isfinite(total)):
