@@ -45,7 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import common
 from vqkit import distributed
-from vqkit.train import TrainConfig, Trainer
+from vqkit.training.tokenizer import TrainConfig, Trainer
 
 MODULE = "benchmarks.bench_distributed"
 MODELS = {

@@ -55,7 +55,7 @@ CONFIGS: dict[str, dict] = {
 def build(name: str, data: str, batch: int, tmp: str):
     import torch
 
-    from vqkit.train import TrainConfig, Trainer
+    from vqkit.training.tokenizer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     cfg = TrainConfig.build(

@@ -168,8 +168,8 @@ def run_vqkit(data_source, batch_size, steps, warmup, limit, options):
 
 
 def _time_trainer(data_source, batch_size, steps, warmup, limit, options, out_dir):
-    from vqkit.prefetch import Prefetcher
-    from vqkit.train import TrainConfig, Trainer
+    from vqkit.training.prefetch import Prefetcher
+    from vqkit.training.tokenizer import TrainConfig, Trainer
 
     # the trainer itself (`vqkit train` with these options): its loader (prefetching),
     # its step; no codebook init or revival and no evaluation, like the classic loop

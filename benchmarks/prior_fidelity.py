@@ -224,7 +224,7 @@ def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: list[str], col
     labels on the left."""
     from PIL import Image, ImageDraw
 
-    from vqkit.plots import image_grid
+    from vqkit.evaluation.plots import image_grid
 
     font_h = 11
     pics = []

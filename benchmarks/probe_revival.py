@@ -37,7 +37,7 @@ def probe(name: str, opts: dict, steps: int, data: str, batch: int, every: int,
     runs it); one record per ``every`` steps."""
     import torch
 
-    from vqkit.train import TrainConfig, Trainer
+    from vqkit.training.tokenizer import TrainConfig, Trainer
 
     cfg = TrainConfig.build(
         data=data, batch_size=batch, steps=0, out_dir=os.path.join(tmp, name), progress=False,

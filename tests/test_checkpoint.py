@@ -6,7 +6,7 @@ import pytest
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
-    from vqkit.checkpoint import atomic_write
+    from vqkit.storage.checkpoint import atomic_write
 
     target = tmp_path / "f.bin"
     target.write_bytes(b"old")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit.checkpoint import CheckpointError, load_checkpoint
 from vqkit.cli import main
 from vqkit.models import load_model
-from vqkit.train import TrainConfig, Trainer
+from vqkit.storage.checkpoint import CheckpointError, load_checkpoint
+from vqkit.training.tokenizer import TrainConfig, Trainer
 
 SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
 
@@ -99,7 +99,7 @@ def test_eval_encode_decode_round_trip(tmp_path, capsys):
 
     # a test image through encode -> .npy -> decode -> PNG
     from vqkit.data import load_dataset
-    from vqkit.plots import save_images
+    from vqkit.evaluation.plots import save_images
 
     data = load_dataset(None, "test")
     img_dir = tmp_path / "imgs"
@@ -162,7 +162,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
     # weights that do not fit the stored config
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     ckpt["model_config"]["hidden"] = 64
-    from vqkit.checkpoint import save_checkpoint
+    from vqkit.storage.checkpoint import save_checkpoint
 
     bad = tmp_path / "mismatch.pt"
     save_checkpoint(bad, {k: v for k, v in ckpt.items() if k not in ("format", "version")})

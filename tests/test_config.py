@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vqkit.train import PRESETS, TrainConfig
+from vqkit.training.tokenizer import PRESETS, TrainConfig
 
 
 def test_config_file(tmp_path):

@@ -367,9 +367,9 @@ def run_torchrun(cmd: list[str]) -> None:
 def test_torchrun_train_matches_one_process_and_resumes_in_one_process(tmp_path):
     """2-process ``vqkit train`` (DDP, gloo) = 1 process on the global batch; its
     checkpoint resumes in 1 process at the same global data position."""
-    from vqkit.checkpoint import load_checkpoint
     from vqkit.cli import main
-    from vqkit.train import TrainConfig, Trainer
+    from vqkit.storage.checkpoint import load_checkpoint
+    from vqkit.training.tokenizer import TrainConfig, Trainer
 
     run = tmp_path / "ddp"
     # the quantizer's own init: k-means sees the rows of 2 ranks in another order than
@@ -437,7 +437,7 @@ def test_torchrun_plain_vq_with_init_and_revival(tmp_path):
     """2-process ``vqkit train --preset vq-healthy``: k-means init, usage sync and revival
     of the gradient codebook (with its Adam rows) run under DDP without hanging; the
     logged figures are those of the global batch."""
-    from vqkit.checkpoint import load_checkpoint
+    from vqkit.storage.checkpoint import load_checkpoint
 
     run = tmp_path / "vq"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

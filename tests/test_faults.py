@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from vqkit import data as vd
-from vqkit.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vqkit.models import export_safetensors, load_model
 from vqkit.search import nearest_code
+from vqkit.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -148,7 +148,7 @@ def test_exported_weights_get_umask_mode_not_0600(tmp_path):
 
 def test_usage_histogram_has_no_bars_for_unused_codes(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from vqkit import plots
+    from vqkit.evaluation import plots
 
     figs = []
     monkeypatch.setattr(plots, "_save_fig", lambda fig, path: figs.append(fig))
@@ -317,8 +317,8 @@ def test_unknown_eval_split_lists_the_splits(tmp_path, capsys):
 
 
 def test_a_second_trainer_on_a_run_in_use_is_refused(tmp_path):
-    from vqkit.rundir import RunDirBusyError
-    from vqkit.train import TrainConfig, Trainer
+    from vqkit.storage.rundir import RunDirBusyError
+    from vqkit.training.tokenizer import TrainConfig, Trainer
 
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), steps=1, progress=False, **SMALL)
     first = Trainer(cfg)
@@ -422,7 +422,7 @@ def test_quantizer_level_faults():
 def test_a_ctrl_c_during_the_checkpoint_write_is_reported_not_fatal(capsys):
     import signal
 
-    from vqkit.interrupt import no_interrupt
+    from vqkit.training.interrupt import no_interrupt
 
     with no_interrupt("writing the checkpoint"):
         os.kill(os.getpid(), signal.SIGINT)  # must not raise KeyboardInterrupt here
@@ -430,7 +430,7 @@ def test_a_ctrl_c_during_the_checkpoint_write_is_reported_not_fatal(capsys):
 
 
 def test_dist_timeout_is_an_option_with_a_default():
-    from vqkit.config import TrainConfig
+    from vqkit.training.config import TrainConfig
 
     assert TrainConfig().dist_timeout == 600.0
     with pytest.raises(ValueError, match="dist_timeout must be > 0"):

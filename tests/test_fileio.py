@@ -1,4 +1,4 @@
-"""vqkit.fileio: atomic writes under faults (full disk, failing writers), file modes,
+"""vqkit.storage.fileio: atomic writes under faults (full disk, failing writers), file modes,
 orphaned-temp cleanup and strict JSON."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit import fileio
-from vqkit.fileio import (
+from vqkit.storage import fileio
+from vqkit.storage.fileio import (
     DiskFullError,
     atomic_write,
     clean_stale_temps,

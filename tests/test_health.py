@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from vqkit.train import TrainConfig
+from vqkit.training.tokenizer import TrainConfig
 
 SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
 
 
 def test_trainer_revives_the_gradient_codebook_and_resets_its_adam_rows(tmp_path, monkeypatch):
     from vqkit import codebook as codebook_mod
-    from vqkit import health as health_mod
-    from vqkit.train import Trainer
+    from vqkit.training import health as health_mod
+    from vqkit.training.tokenizer import Trainer
 
     calls = []
     real = codebook_mod.reset_optimizer_rows

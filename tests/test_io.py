@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from vqkit.checkpoint import CheckpointError
 from vqkit.models import VQVAE, VQVAEConfig, export_safetensors, load_model
 from vqkit.quantizers.registry import quantizer_kinds
+from vqkit.storage.checkpoint import CheckpointError
 
 OPTIONS = {
     "fsq": {"levels": "8,5,5,5"},

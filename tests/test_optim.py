@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from vqkit.optim import WeightEMA, lr_factor, set_lr
+from vqkit.training.optim import WeightEMA, lr_factor, set_lr
 
 
 def test_constant_schedule_is_exactly_one():

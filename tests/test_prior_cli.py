@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit.checkpoint import load_checkpoint, save_checkpoint
 from vqkit.prior.cli import main
+from vqkit.storage.checkpoint import load_checkpoint, save_checkpoint
 
 from .test_prior_codes import make_tokenizer
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from vqkit.checkpoint import load_checkpoint, save_checkpoint
 from vqkit.prior.codes import (
     CodeData,
     encode_data,
@@ -19,6 +18,7 @@ from vqkit.prior.codes import (
     load_codes,
     load_tokenizer,
 )
+from vqkit.storage.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,10 +10,10 @@ import signal
 import pytest
 import torch
 
-from vqkit.checkpoint import CheckpointError, load_checkpoint
 from vqkit.prior import PriorConfig, PriorTrainConfig
 from vqkit.prior.codes import CodeData, SequenceLoader
 from vqkit.prior.trainer import PriorTrainer, lr_at
+from vqkit.storage.checkpoint import CheckpointError, load_checkpoint
 
 pytestmark = pytest.mark.timeout(60)  # tests that need longer say so
 

@@ -1,4 +1,4 @@
-"""vqkit.rundir: the run-directory lock against real second processes, clean starts,
+"""vqkit.storage.rundir: the run-directory lock against real second processes, clean starts,
 resumes, and metrics that stay exact across a kill."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from vqkit import fileio
-from vqkit.rundir import RunDir, RunDirBusyError
+from vqkit.storage import fileio
+from vqkit.storage.rundir import RunDir, RunDirBusyError
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 
 # Holds a RunDir lock until its stdin closes; prints READY once locked.
 HOLDER = """
 import sys
-from vqkit.rundir import RunDir
+from vqkit.storage.rundir import RunDir
 run = RunDir(sys.argv[1]).lock()
 print("READY", flush=True)
 sys.stdin.read()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from vqkit.models import VQVAE
-from vqkit.step import StepRunner
-from vqkit.train import TrainConfig
+from vqkit.training.step import StepRunner
+from vqkit.training.tokenizer import TrainConfig
 
 SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
 

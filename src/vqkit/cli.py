@@ -21,14 +21,14 @@ __all__ = ["main"]
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .config import PRESETS, TrainConfig, TrainOptions
     from .models.vqvae import QUANTIZER_GROUPS, ModelOptions
     from .options import add_arguments, compose
+    from .training.config import PRESETS, TrainConfig, TrainOptions
 
     p = sub.add_parser(
         "train",
         help="train a VQ-VAE (default: the built-in dataset)",
-        description="Train a VQ-VAE. Every option below is declared once (vqkit.config, "
+        description="Train a VQ-VAE. Every option below is declared once (vqkit.training.config, "
         "vqkit.models.vqvae, and each quantizer module); presets: " + ", ".join(PRESETS),
     )
     p.add_argument("--config", help="JSON file of options; command-line flags override it")
@@ -45,9 +45,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
     from .options import option_fields
-    from .train import TrainConfig, Trainer
+    from .storage.checkpoint import load_checkpoint
+    from .training.tokenizer import TrainConfig, Trainer
 
     given = {
         f.name: getattr(args, f.name)
@@ -72,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
         return 130
     if not trainer.is_main:  # torchrun: rank 0 reports
         return 0
-    from .fileio import dump_json
+    from .storage.fileio import dump_json
 
     keys = ("step", "nmse", "psnr", "perplexity", "batch_perplexity", "codes_used", "usage")
     print(dump_json({k: result[k] for k in keys if k in result}, indent=2))
@@ -82,9 +82,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from .checkpoint import load_checkpoint
-    from .config import resolve_device
     from .models import load_model
+    from .storage.checkpoint import load_checkpoint
+    from .training.config import resolve_device
 
     device = resolve_device(args.device)
     model = load_model(args.checkpoint, map_location=device).to(device).eval()
@@ -107,9 +107,9 @@ def _run_dir_of(checkpoint: Path) -> Path:
 
 def _eval(args: argparse.Namespace) -> int:
     from .data import data_variance, load_dataset
-    from .evaluate import evaluate
-    from .fileio import dump_json, write_json
-    from .plots import save_recon_grid
+    from .evaluation.plots import save_recon_grid
+    from .evaluation.reconstruction import evaluate
+    from .storage.fileio import dump_json, write_json
 
     model, meta, device = _load(args)
     source = args.data if args.data is not None else meta.get("train_config", {}).get("data")
@@ -194,7 +194,7 @@ def _read_codes(path: Path, nd: int):
 def _decode(args: argparse.Namespace) -> int:
     import torch
 
-    from .plots import save_images
+    from .evaluation.plots import save_images
 
     model, _, device = _load(args)
     out = Path(args.out or ".")
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     import torch
 
-    from .checkpoint import CheckpointError
+    from .storage.checkpoint import CheckpointError
 
     try:
         if args.command in ("train", "pack", "prior"):

@@ -2,7 +2,7 @@
 
 The key hashes the resolved source path, its size and mtime (for a directory: the size and
 mtime of every file under it) and the decode options, so editing or replacing the source
-invalidates the entry. Writes go through :func:`vqkit.fileio.atomic_write`, so a crash or a
+invalidates the entry. Writes go through :func:`vqkit.storage.fileio.atomic_write`, so a crash or a
 concurrent reader never sees a partial file.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..fileio import atomic_write, clean_stale_temps
+from ..storage.fileio import atomic_write, clean_stale_temps
 
 __all__ = ["CACHE_ENV", "default_cache_dir"]
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..fileio import atomic_write, clean_stale_temps, is_disk_full
+from ..storage.fileio import atomic_write, clean_stale_temps, is_disk_full
 from ._cache import cache_file, load_cached, resolve_cache_dir, save_cached
 from ._core import ImageData, transform_array
 

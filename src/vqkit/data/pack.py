@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..fileio import atomic_write
+from ..storage.fileio import atomic_write
 from ._core import ImageData, channels_to_mode
 from ._stream import MANIFEST_NAME
 from .decode import GRAY_MODES
@@ -123,7 +123,7 @@ def _from_arrays(data: ImageData) -> tuple[int, list[int], tuple[str, ...], int,
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """The one atomic write (:func:`vqkit.fileio.atomic_write`), fed a binary file."""
+    """The one atomic write (:func:`vqkit.storage.fileio.atomic_write`), fed a binary file."""
 
     def into(tmp: str) -> None:
         with open(tmp, "wb") as f:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import (
+from ..storage.checkpoint import (
     FORMAT,
     CheckpointError,
     check_finite_state,

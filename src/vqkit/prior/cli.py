@@ -83,7 +83,7 @@ def run_prior(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .. import distributed
-    from ..checkpoint import load_checkpoint
+    from ..storage.checkpoint import load_checkpoint
     from .codes import load_codes, load_tokenizer
     from .runutil import rank_device
     from .trainer import PriorTrainer
@@ -191,7 +191,7 @@ def load_prior(
     prior_dir: str | Path, which: str | None = None, device: torch.device | str = "cpu"
 ) -> tuple[Any, dict[str, Any]]:
     """(model in eval mode, checkpoint dict) from ``PRIOR_DIR/checkpoints/{best,last}.pt``."""
-    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..storage.checkpoint import CheckpointError, load_checkpoint
     from .transformer import Prior
 
     ckpt_dir = Path(prior_dir) / "checkpoints"
@@ -232,7 +232,7 @@ def run_sample(args: argparse.Namespace) -> int:
     """Draw samples from a prior, decode them with its tokenizer, write PNGs and index maps."""
     import numpy as np
 
-    from ..plots import save_images
+    from ..evaluation.plots import save_images
     from .codes import load_tokenizer
     from .report import save_grid
     from .runutil import resolve_device

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ..data import epoch_permutation
-from ..fileio import atomic_write
 from ..models import VQVAE, load_model
+from ..storage.fileio import atomic_write
 
 __all__ = [
     "CHECKPOINT_NAMES",

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write
-from ..plots import image_grid
+from ..evaluation.plots import image_grid
+from ..storage.fileio import atomic_write
 
 __all__ = ["plot_prior_curves", "save_grid"]
 

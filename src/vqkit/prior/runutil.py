@@ -8,7 +8,7 @@ import torch
 
 from .. import distributed
 from ..distributed import resolve_device
-from ..interrupt import DeferredInterrupt
+from ..training.interrupt import DeferredInterrupt
 
 __all__ = ["DeferredInterrupt", "launch_rank", "rank_device", "resolve_device"]
 

@@ -18,7 +18,7 @@ on the same quantity in nats). Learning rate at step s (0-based) of S, warm-up W
     lr(s) = lr * (s + 1) / W                                         s < W
     lr(s) = lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2)   otherwise
 
-with r = ``min_lr_ratio``. The directory is a :class:`vqkit.rundir.RunDir`: rank 0 holds
+with r = ``min_lr_ratio``. The directory is a :class:`vqkit.storage.rundir.RunDir`: rank 0 holds
 its lock from construction to the end of :meth:`PriorTrainer.fit` (or ``close()``), a
 fresh start refuses a directory holding a run unless ``overwrite`` (which removes only
 the files listed in :data:`ARTIFACTS`, the checkpoints and ``samples/step_*.png``).
@@ -48,9 +48,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import distributed
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..fileio import write_json
-from ..rundir import RunDir
+from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..storage.fileio import write_json
+from ..storage.rundir import RunDir
 from .codes import CodeData, SequenceLoader, Tokenizer
 from .config import PriorConfig, PriorTrainConfig
 from .runutil import DeferredInterrupt, launch_rank, rank_device

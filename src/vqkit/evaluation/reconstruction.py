@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .data import ImageData, normalize
-from .metrics import perplexity
-from .models import VQVAE
+from ..data import ImageData, normalize
+from ..metrics import perplexity
+from ..models import VQVAE
 
 __all__ = ["evaluate"]
 

@@ -17,10 +17,10 @@ A run directory holds::
 buffers, weight average, gradient scaler, RNG and data position are restored, so the
 resumed run produces the same weights as an uninterrupted one.
 
-Data (:mod:`vqkit.traindata`): in memory, or streamed from shards (``ShardLoader``:
+Data (:mod:`vqkit.training.data`): in memory, or streamed from shards (``ShardLoader``:
 the train split never has to fit in memory). The next batch is drawn in a background
-thread during the step (``prefetch``, :mod:`vqkit.prefetch`; the same batches).
-The step (:mod:`vqkit.step`): ``precision``, ``channels_last``, ``compile``, the
+thread during the step (``prefetch``, :mod:`vqkit.training.prefetch`; the same batches).
+The step (:mod:`vqkit.training.step`): ``precision``, ``channels_last``, ``compile``, the
 learning-rate schedule, ``grad_clip`` and ``weight_ema`` (evaluation, best.pt's
 choice, and the export use the averaged weights). Checkpoints are written every
 ``eval_every`` steps and, with ``ckpt_minutes``, when that much time has passed.
@@ -60,18 +60,18 @@ from typing import Any
 
 import torch
 
-from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .. import distributed
+from ..data import normalize
+from ..evaluation.reconstruction import evaluate
+from ..models import VQVAE, VQVAEConfig, export_safetensors
+from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..storage.rundir import RunDir
 from .config import PRESETS, TrainConfig, resolve_device
-from .data import normalize
-from .evaluate import evaluate
+from .data import load_run_data
 from .health import CodebookHealth, Window, global_figures
 from .interrupt import DeferredInterrupt, no_interrupt
-from .models import VQVAE, VQVAEConfig, export_safetensors
 from .prefetch import Prefetcher
-from .rundir import RunDir
 from .step import StepRunner
-from .traindata import load_run_data
 
 _clock = time.monotonic  # the clock of ckpt_minutes (a test replaces it)
 
@@ -253,7 +253,7 @@ class Trainer:
             self.run.log(record)
 
     def train_step(self, x: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
-        """One update on ``x`` (see :class:`vqkit.step.StepRunner`)."""
+        """One update on ``x`` (see :class:`vqkit.training.step.StepRunner`)."""
         return self.runner(x, self.data_variance, self.step)
 
     def eval_model(self) -> VQVAE:
@@ -382,7 +382,7 @@ class Trainer:
         self, values: dict[str, float], counts: torch.Tensor | None, stop: bool
     ) -> tuple[dict[str, float], torch.Tensor | None, bool]:
         """Step figures of the global batch and whether any rank asked to stop
-        (:func:`vqkit.health.global_figures`; identity in one process)."""
+        (:func:`vqkit.training.health.global_figures`; identity in one process)."""
         if self.world == 1:
             return values, counts, stop
         return global_figures(values, counts, stop, self.model.quantizer, self.device)
@@ -447,7 +447,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation on the whole eval split, weights export and pictures."""
-        from .plots import plot_curves, plot_usage, save_recon_grid
+        from ..evaluation.plots import plot_curves, plot_usage, save_recon_grid
 
         result = self.evaluate()
         counts = result.pop("counts")

@@ -8,8 +8,8 @@
   skip their layout reorders);
 * ``compile``: ``torch.compile`` of the training forward and loss (the model, quantizer
   included, traces as one graph); compiled once per run, on the first step;
-* the learning-rate schedule (:func:`vqkit.optim.lr_factor`), gradient-norm clipping, and
-  the weight average (:class:`vqkit.optim.WeightEMA`) after each update.
+* the learning-rate schedule (:func:`vqkit.training.optim.lr_factor`), gradient-norm clipping, and
+  the weight average (:class:`vqkit.training.optim.WeightEMA`) after each update.
 
 With the defaults (fp32, no channels_last, no compile, constant rate, no clipping, no
 average) the step is exactly the plain one: same operations, same bits.
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import VQVAE, VQVAEOutput
+from ..models import VQVAE, VQVAEOutput
 from .optim import WeightEMA, lr_factor, set_lr
 
 __all__ = ["PRECISIONS", "StepRunner"]

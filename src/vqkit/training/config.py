@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .data.transforms import CROPS
-from .distributed import resolve_device
-from .models.vqvae import QUANTIZER_GROUPS, ModelOptions, QuantizerChoice, VQVAEConfig
-from .optim import SCHEDULES
-from .options import (
+from ..data.transforms import CROPS
+from ..distributed import resolve_device
+from ..models.vqvae import QUANTIZER_GROUPS, ModelOptions, QuantizerChoice, VQVAEConfig
+from ..options import (
     Options,
     compose,
     nonneg,
@@ -29,6 +28,7 @@ from .options import (
     positive_int,
     unit_interval,
 )
+from .optim import SCHEDULES
 from .step import PRECISIONS
 
 __all__ = ["PRESETS", "TrainConfig", "TrainOptions", "resolve_device"]

@@ -8,9 +8,9 @@ import signal
 import pytest
 import torch
 
-from vqkit.checkpoint import load_checkpoint
 from vqkit.cli import main
-from vqkit.train import TrainConfig, Trainer
+from vqkit.storage.checkpoint import load_checkpoint
+from vqkit.training.tokenizer import TrainConfig, Trainer
 
 SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
 
@@ -134,7 +134,7 @@ def test_hard_interrupt_inside_a_step_rewinds_the_loader(tmp_path, monkeypatch):
 
 
 def test_codebook_lr_scale_makes_a_second_param_group(tmp_path):
-    from vqkit.train import Trainer
+    from vqkit.training.tokenizer import Trainer
 
     cfg = TrainConfig(
         quantizer="vq",
@@ -209,7 +209,7 @@ def _cfg(tmp_path, name, **kw):
 
 
 def test_checkpoint_every_n_minutes_with_a_mocked_clock(tmp_path, monkeypatch):
-    import vqkit.train as train_mod
+    import vqkit.training.tokenizer as train_mod
 
     now = [0.0]
     monkeypatch.setattr(train_mod, "_clock", lambda: now[0])
@@ -233,7 +233,7 @@ def test_checkpoint_every_n_minutes_with_a_mocked_clock(tmp_path, monkeypatch):
 
 
 def test_lr_schedule_sets_the_rate_of_each_update(tmp_path, monkeypatch):
-    from vqkit.optim import lr_factor
+    from vqkit.training.optim import lr_factor
 
     cfg = _cfg(tmp_path, "lr", warmup_steps=3, lr_schedule="cosine", min_lr_ratio=0.1)
     trainer = Trainer(cfg)

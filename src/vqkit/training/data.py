@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .data import (
+from ..data import (
     BatchLoader,
     ImageData,
     ShardLoader,
@@ -31,7 +31,7 @@ from .data import (
     load_dataset,
     open_shards,
 )
-from .data._shardset import SPLIT_NAMES
+from ..data._shardset import SPLIT_NAMES
 
 __all__ = ["VARIANCE_SAMPLES", "RunData", "is_streamed", "load_run_data"]
 

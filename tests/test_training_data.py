@@ -10,8 +10,8 @@ import torch
 
 from vqkit.data import data_variance, load_dataset
 from vqkit.data.pack import pack
-from vqkit.train import TrainConfig
-from vqkit.traindata import VARIANCE_SAMPLES, is_streamed, load_run_data
+from vqkit.training.data import VARIANCE_SAMPLES, is_streamed, load_run_data
+from vqkit.training.tokenizer import TrainConfig
 
 SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
 

@@ -12,12 +12,12 @@ import time
 import torch
 from torch import nn
 
-from . import distributed
-from .codebook import reset_optimizer_rows
+from .. import distributed
+from ..codebook import reset_optimizer_rows
+from ..metrics import codebook_health, perplexity, usage_fraction
+from ..quantizers import BaseQuantizer
 from .config import TrainConfig
-from .metrics import codebook_health, perplexity, usage_fraction
 from .optim import WeightEMA
-from .quantizers import BaseQuantizer
 
 __all__ = ["CodebookHealth", "Window", "global_figures", "seeded_generator"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from ..storage.fileio import atomic_write
 
 __all__ = ["image_grid", "save_images", "save_recon_grid", "plot_curves", "plot_usage"]
 

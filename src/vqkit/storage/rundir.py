@@ -146,7 +146,7 @@ class RunDir:
         ``resume``: keep everything. ``overwrite``: remove the known artifacts and
         ``checkpoints/*.pt`` (other files stay; ``checkpoints/`` goes only if then empty).
         Neither: the directory must hold no run files (FileExistsError naming them).
-        All three remove orphaned temp files (:func:`vqkit.fileio.clean_stale_temps`).
+        All three remove orphaned temp files (:func:`vqkit.storage.fileio.clean_stale_temps`).
         """
         if resume and overwrite:
             raise ValueError("resume and overwrite exclude each other; pass one of them")
