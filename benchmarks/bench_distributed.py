@@ -88,12 +88,20 @@ def _write(out: Path, meta: dict, row: dict) -> None:
     for r in runs:
         res = r["result"]
         c = res["vq_collective_s_per_step"]
-        table.append([res["world_size"], res["batch_per_rank"], res["global_batch"],
-                      res["model"], res["threads_per_rank"], f"{res['s_per_step']:.3f}",
-                      f"{res['images_per_s']:.0f}",
-                      common.fmt(c, ".4f") + (" (no collective)" if res["world_size"] == 1
-                                              else ""),
-                      r["git_commit"], r["date_utc"]])
+        table.append(
+            [
+                res["world_size"],
+                res["batch_per_rank"],
+                res["global_batch"],
+                res["model"],
+                res["threads_per_rank"],
+                f"{res['s_per_step']:.3f}",
+                f"{res['images_per_s']:.0f}",
+                common.fmt(c, ".4f") + (" (no collective)" if res["world_size"] == 1 else ""),
+                r["git_commit"],
+                r["date_utc"],
+            ]
+        )
     lines = [
         "# Training step at 1 and N processes (CPU, gloo)",
         "",
@@ -102,18 +110,31 @@ def _write(out: Path, meta: dict, row: dict) -> None:
         "quantizer's fused all-reduce per step (from torch.profiler, separate steps), "
         "including any wait for the slower rank.",
         "",
-        *common.md_table(["processes", "batch per process", "global batch", "model",
-                          "threads per rank", "s / step", "images / s",
-                          "VQ collective s / step", "commit", "date (UTC)"], table,
-                         "rrrlrrrrll"),
+        *common.md_table(
+            [
+                "processes",
+                "batch per process",
+                "global batch",
+                "model",
+                "threads per rank",
+                "s / step",
+                "images / s",
+                "VQ collective s / step",
+                "commit",
+                "date (UTC)",
+            ],
+            table,
+            "rrrlrrrrll",
+        ),
         "",
         "Runs:",
         "",
     ]
     for r in runs:
         res = r["result"]
-        lines.append(f"### {res['world_size']} process(es), batch {res['batch_per_rank']}, "
-                     f"{res['model']}")
+        lines.append(
+            f"### {res['world_size']} process(es), batch {res['batch_per_rank']}, {res['model']}"
+        )
         lines += ["", *common.meta_lines(r), f"- settings: {json.dumps(r['settings'])}"]
         if r.get("note"):
             lines.append(f"- note: {r['note']}")
@@ -124,26 +145,37 @@ def _write(out: Path, meta: dict, row: dict) -> None:
 def _torchrun_command(argv: list[str] | None) -> str:
     """The launch line of this run under torchrun (from its environment)."""
     nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    launch = ["python", "-m", "torch.distributed.run",
-              f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}"]
+    launch = [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
+    ]
     if nodes > 1:
         launch.append(f"--nnodes={nodes}")
     return shlex.join([*launch, "-m", MODULE, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    ap.add_argument("--profile-steps", type=int, default=None,
-                    help="profiled steps for the VQ collective (default: --steps; 0: skip)")
+    ap.add_argument(
+        "--profile-steps",
+        type=int,
+        default=None,
+        help="profiled steps for the VQ collective (default: --steps; 0: skip)",
+    )
     ap.add_argument("--batch-size", type=int, default=32, help="per process")
     ap.add_argument("--model", choices=sorted(MODELS), default="classic")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: tiny model, 3 timed steps after 1 warm-up")
-    ap.add_argument("--out-dir", help="results folder (default benchmarks/results/"
-                    "distributed_cpu, distributed_cpu_quick with --quick)")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke test: tiny model, 3 timed steps after 1 warm-up"
+    )
+    ap.add_argument(
+        "--out-dir",
+        help="results folder (default benchmarks/results/"
+        "distributed_cpu, distributed_cpu_quick with --quick)",
+    )
     ap.add_argument("--note", help="free text stored in the results (e.g. machine load)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -195,12 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps({k: v for k, v in row.items() if not k.endswith("times_s")}))
     if tr.world > 1 and profile_steps and len(coll) != profile_steps:
-        print(f"warning: found {len(coll)} VQ all-reduce events in {profile_steps} profiled "
-              "steps (expected one per step)", file=sys.stderr)
+        print(
+            f"warning: found {len(coll)} VQ all-reduce events in {profile_steps} profiled "
+            "steps (expected one per step)",
+            file=sys.stderr,
+        )
     common.finish_meta(meta)
-    meta["settings"] = {"steps": args.steps, "warmup": args.warmup,
-                        "profile_steps": profile_steps, "model": MODELS[args.model],
-                        "data": "built-in (TrainConfig default)"}
+    meta["settings"] = {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "profile_steps": profile_steps,
+        "model": MODELS[args.model],
+        "data": "built-in (TrainConfig default)",
+    }
     _write(out, meta, row)
     print(f"wrote {out / (STEM + '.json')} and {out / (STEM + '.md')}", file=sys.stderr)
     return 0

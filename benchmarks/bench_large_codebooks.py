@@ -230,18 +230,29 @@ def measure_cold(run) -> dict:
         peak = common.status_kib("VmHWM")
         return {**common.error_fields(e, "run"), "peak_extra_mib": (peak - base_kib) / 1024}
     peak_kib = common.status_kib("VmHWM")
-    return {"status": "ok", "cold_single_call": True, "times_s": [dt],
-            "median_s": statistics.median([dt]), "min_s": dt,
-            "baseline_rss_mib": base_kib / 1024, "peak_rss_mib": peak_kib / 1024,
-            "peak_extra_mib": (peak_kib - base_kib) / 1024}
+    return {
+        "status": "ok",
+        "cold_single_call": True,
+        "times_s": [dt],
+        "median_s": statistics.median([dt]),
+        "min_s": dt,
+        "baseline_rss_mib": base_kib / 1024,
+        "peak_rss_mib": peak_kib / 1024,
+        "peak_extra_mib": (peak_kib - base_kib) / 1024,
+    }
 
 
 def _worker(args: argparse.Namespace) -> int:
     common.cap_address_space(args.mem_cap_gib)
     shape, method = args.worker
     n, bits, _ = ALL_SHAPES[shape]
-    rec: dict = {"shape": shape, "method": method, "N": n, "K": 2**bits,
-                 "mem_cap_gib": args.mem_cap_gib}
+    rec: dict = {
+        "shape": shape,
+        "method": method,
+        "N": n,
+        "K": 2**bits,
+        "mem_cap_gib": args.mem_cap_gib,
+    }
 
     def emit(**kw) -> int:
         rec.update(kw)
@@ -274,15 +285,22 @@ def _run_worker(shape: str, method: str, args: argparse.Namespace) -> dict:
     if f"{shape}:{method}" in (args.cold.split(",") if args.cold else []):
         cmd.append("--cold-call")
     n, bits, _ = ALL_SHAPES[shape]
-    base = {"shape": shape, "method": method, "N": n, "K": 2**bits,
-            "loadavg_before": os.getloadavg()}
+    base = {
+        "shape": shape,
+        "method": method,
+        "N": n,
+        "K": 2**bits,
+        "loadavg_before": os.getloadavg(),
+    }
     return run_child(cmd, base, args.timeout)
 
 
 def _summarise(records: list[dict], shapes: list[str]) -> tuple[list[dict], list[str]]:
     by = {(r["shape"], r["method"]): r for r in records}
-    lines = ["| K | method | median s | peak extra MiB | / (N x K fp32) | vqkit / peer | status |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| K | method | median s | peak extra MiB | / (N x K fp32) | vqkit / peer | status |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     targets: list[dict] = []
     for shape in shapes:
         n, bits, _ = ALL_SHAPES[shape]
@@ -306,23 +324,37 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[list[dict], list
                 f"| {fmt(ratio, '.3f')} | {status.replace('|', '/')} |"
             )
             if r["method"] in PEER and ok and peak is not None:
-                targets.append({"K": 2**bits, "method": r["method"],
-                                "target": "peak extra <= 1/8 N x K",
-                                "value": round(peak / nk_mib, 4), "met": peak / nk_mib <= 0.125})
+                targets.append(
+                    {
+                        "K": 2**bits,
+                        "method": r["method"],
+                        "target": "peak extra <= 1/8 N x K",
+                        "value": round(peak / nk_mib, 4),
+                        "met": peak / nk_mib <= 0.125,
+                    }
+                )
                 if bits == 14 or shape in QUICK_SHAPES:
-                    targets.append({"K": 2**bits, "method": r["method"],
-                                    "target": f"faster than {PEER[r['method']]}",
-                                    "value": None if ratio is None else round(ratio, 3),
-                                    "met": None if ratio is None else ratio < 1.0})
+                    targets.append(
+                        {
+                            "K": 2**bits,
+                            "method": r["method"],
+                            "target": f"faster than {PEER[r['method']]}",
+                            "value": None if ratio is None else round(ratio, 3),
+                            "met": None if ratio is None else ratio < 1.0,
+                        }
+                    )
     tl = ["", "| K | method | target | value | met |", "|---|---|---|---:|---|"]
     for t in targets:
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
         tl.append(f"| {t['K']} | {t['method']} | {t['target']} | {t['value']} | {met} |")
-    checks = [f"- {r['shape']} vqkit_ibq vs dense_ibq (first {r['check']['check_rows']} rows): "
-              f"indices equal {r['check']['indices_equal']:.4f}, max |dx| "
-              f"{r['check']['x_grad_max_abs_diff']:.2e}, max |dE| "
-              f"{r['check']['codebook_grad_max_abs_diff']:.2e}"
-              for r in records if "check" in r]
+    checks = [
+        f"- {r['shape']} vqkit_ibq vs dense_ibq (first {r['check']['check_rows']} rows): "
+        f"indices equal {r['check']['indices_equal']:.4f}, max |dx| "
+        f"{r['check']['x_grad_max_abs_diff']:.2e}, max |dE| "
+        f"{r['check']['codebook_grad_max_abs_diff']:.2e}"
+        for r in records
+        if "check" in r
+    ]
     return targets, lines + tl + ([""] + checks if checks else [])
 
 
@@ -332,8 +364,11 @@ def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: li
     head = [
         "# Large-codebook quantizers (CPU): vqkit vs vector-quantize-pytorch / dense IBQ",
         "",
-        *common.meta_lines(meta, ("torch", "vector-quantize-pytorch"),
-                           f"; torch threads per worker: {s['threads']}"),
+        *common.meta_lines(
+            meta,
+            ("torch", "vector-quantize-pytorch"),
+            f"; torch threads per worker: {s['threads']}",
+        ),
         f"- N = {N_ROWS} rows; training forward + `(loss + quantized.sum()).backward()`, input "
         f"requires grad; LFQ/BSQ: d = log2 K bits, SimVQ/IBQ: D = {DIM}",
         f"- up to {s['repeats']} timed calls after 1 warm-up (stop after {s['time_budget_s']:.0f}"
@@ -343,20 +378,28 @@ def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: li
         "the exact one densely; vqkit_bsq_exact is the like-for-like comparison",
     ]
     if s.get("cold_single_call_cells"):
-        head.append(f"- measured by one cold call (no warm-up, too slow for two): "
-                    f"{', '.join(s['cold_single_call_cells'])}")
+        head.append(
+            f"- measured by one cold call (no warm-up, too slow for two): "
+            f"{', '.join(s['cold_single_call_cells'])}"
+        )
     for r in meta.get("resumed", []):
-        head.append(f"- resumed (UTC {r['date_utc']}, commit {r['git_commit']}, load "
-                    f"{r['loadavg_start'][0]:.2f}): `{r['command']}`")
+        head.append(
+            f"- resumed (UTC {r['date_utc']}, commit {r['git_commit']}, load "
+            f"{r['loadavg_start'][0]:.2f}): `{r['command']}`"
+        )
     if meta.get("note"):
         head.append(f"- note: {meta['note']}")
-    common.write_results(out_dir, stem, {**meta, "results": records, "targets": targets},
-                         head + [""] + lines)
+    common.write_results(
+        out_dir, stem, {**meta, "results": records, "targets": targets}, head + [""] + lines
+    )
 
 
 def _parent(args: argparse.Namespace) -> int:
-    shapes = args.shapes.split(",") if args.shapes else (
-        list(QUICK_SHAPES) if args.quick else list(SHAPES))
+    shapes = (
+        args.shapes.split(",")
+        if args.shapes
+        else (list(QUICK_SHAPES) if args.quick else list(SHAPES))
+    )
     methods = args.methods.split(",") if args.methods else list(METHODS)
     skip = set(args.skip.split(",")) if args.skip else set()
     check_choices(shapes, ALL_SHAPES, "shape")
@@ -380,15 +423,21 @@ def _parent(args: argparse.Namespace) -> int:
         _parent_jobs(args, shapes, methods, skip, out_dir, stem, meta, done)
         return 0
     meta = common.run_meta(MODULE, args.note)
-    meta["settings"] = {"repeats": args.repeats, "mem_cap_gib": args.mem_cap_gib,
-                        "timeout_s": args.timeout, "time_budget_s": args.time_budget,
-                        "threads": args.threads or "torch default", "seed": SEED,
-                        "skipped_cells": sorted(skip),
-                        "cold_single_call_cells": sorted(args.cold.split(",")) if args.cold
-                        else []}
+    meta["settings"] = {
+        "repeats": args.repeats,
+        "mem_cap_gib": args.mem_cap_gib,
+        "timeout_s": args.timeout,
+        "time_budget_s": args.time_budget,
+        "threads": args.threads or "torch default",
+        "seed": SEED,
+        "skipped_cells": sorted(skip),
+        "cold_single_call_cells": sorted(args.cold.split(",")) if args.cold else [],
+    }
     meta["methods"] = {m: METHODS[m][1] for m in methods}
-    meta["shapes"] = {s: {"N": ALL_SHAPES[s][0], "K": 2 ** ALL_SHAPES[s][1],
-                          "note": ALL_SHAPES[s][2]} for s in shapes}
+    meta["shapes"] = {
+        s: {"N": ALL_SHAPES[s][0], "K": 2 ** ALL_SHAPES[s][1], "note": ALL_SHAPES[s][2]}
+        for s in shapes
+    }
     _parent_jobs(args, shapes, methods, skip, out_dir, stem, meta, [])
     return 0
 
@@ -403,9 +452,16 @@ def _parent_jobs(args, shapes, methods, skip, out_dir, stem, meta, done) -> None
     def run(shape: str, method: str) -> dict:
         if f"{shape}:{method}" in skip:
             n, bits, _ = ALL_SHAPES[shape]
-            return {"shape": shape, "method": method, "N": n, "K": 2**bits,
-                    "status": "skipped_by_plan", "error": args.skip_reason, "wall_s": 0.0,
-                    "loadavg_before": os.getloadavg()}
+            return {
+                "shape": shape,
+                "method": method,
+                "N": n,
+                "K": 2**bits,
+                "status": "skipped_by_plan",
+                "error": args.skip_reason,
+                "wall_s": 0.0,
+                "loadavg_before": os.getloadavg(),
+            }
         return _run_worker(shape, method, args)
 
     order = {(s, m): i for i, (s, m) in enumerate((s, m) for s in shapes for m in METHODS)}
@@ -429,22 +485,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", help=f"comma list from {','.join(ALL_SHAPES)} (default K14..K18)")
     p.add_argument("--methods", help=f"comma list from {','.join(METHODS)} (default all)")
     p.add_argument("--skip", help="comma list of SHAPE:METHOD cells not to run (noted)")
-    p.add_argument("--skip-reason", default="skipped to keep the run short",
-                   help="the note recorded for --skip cells")
+    p.add_argument(
+        "--skip-reason",
+        default="skipped to keep the run short",
+        help="the note recorded for --skip cells",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
-    p.add_argument("--time-budget", type=float, default=20.0,
-                   help="stop timed repeats once they used this many seconds")
-    p.add_argument("--mem-cap-gib", type=float, default=14.0,
-                   help="address-space cap per worker (RLIMIT_AS), GiB")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=20.0,
+        help="stop timed repeats once they used this many seconds",
+    )
+    p.add_argument(
+        "--mem-cap-gib",
+        type=float,
+        default=14.0,
+        help="address-space cap per worker (RLIMIT_AS), GiB",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="wall timeout per worker, s")
     p.add_argument("--out-dir", default=str(common.out_dir("large_codebooks")))
     p.add_argument("--quick", action="store_true", help="tiny shape Q8 (smoke test)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads in the workers (default: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads in the workers (default: torch's default)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the IBQ agreement check")
     p.add_argument("--cold", help="comma list of SHAPE:METHOD cells measured by one cold call")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the records of the results file, run only the missing cells")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the records of the results file, run only the missing cells",
+    )
     p.add_argument("--cold-call", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--note", help="free text stored in the results (e.g. machine load)")
     p.add_argument("--worker", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)

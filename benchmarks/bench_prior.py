@@ -84,18 +84,21 @@ def main() -> None:
         print(f"batch {batch}: cache {row['cache_codes_per_s']:.0f} codes/s, recompute "
               f"{row['recompute_codes_per_s']:.0f} codes/s, x{row['speedup']:.1f}")  # fmt: skip
     common.finish_meta(meta)
-    meta.update({
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "prior": {**prior.config.to_dict(), "params": prior.num_params()},
-        "same_codes_cache_vs_recompute": same,
-    })
+    meta.update(
+        {
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "prior": {**prior.config.to_dict(), "params": prior.num_params()},
+            "same_codes_cache_vs_recompute": same,
+        }
+    )
     c = prior.config
     lines = [
         f"# Prior sampling speed: KV cache vs full recomputation ({device.type})",
         "",
-        *common.meta_lines(meta, machine_extra=f"; torch threads {meta['threads']}, "
-                           f"device {device}"),
+        *common.meta_lines(
+            meta, machine_extra=f"; torch threads {meta['threads']}, device {device}"
+        ),
         f"- prior: {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, {c.pos} positions, "
         f"{prior.num_params() / 1e6:.2f} M parameters; 8 x 8 codes (T = {seq}), vocabulary "
         f"{c.vocab_size}, 10 classes",
@@ -110,8 +113,7 @@ def main() -> None:
             for r in rows
         ],
     ]
-    common.write_results(Path(args.out), f"sampling_{device.type}", {**meta, "rows": rows},
-                         lines)
+    common.write_results(Path(args.out), f"sampling_{device.type}", {**meta, "rows": rows}, lines)
     print("\n".join(lines))
 
 

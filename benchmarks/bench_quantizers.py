@@ -69,22 +69,42 @@ ALL_SHAPES = {**SHAPES, **QUICK_SHAPES}
 
 # name: (family, library, description)
 METHODS: dict[str, tuple[str, str, str]] = {
-    "vqkit_rvq_ema": ("rvq", "vqkit", 'vqkit.ResidualVQ(4, K, D, stage="ema", '
-                      "channels_last=True) on (1, N, D)"),
-    "vqkit_rvq_vq": ("rvq", "vqkit", 'vqkit.ResidualVQ(4, K, D, stage="vq", '
-                     "channels_last=True) on (1, N, D)"),
-    "vqp_rvq": ("rvq", "vqp", "vector_quantize_pytorch.ResidualVQ(dim=D, num_quantizers=4, "
-                "codebook_size=K) (default EMA codebooks) on (1, N, D)"),
+    "vqkit_rvq_ema": (
+        "rvq",
+        "vqkit",
+        'vqkit.ResidualVQ(4, K, D, stage="ema", channels_last=True) on (1, N, D)',
+    ),
+    "vqkit_rvq_vq": (
+        "rvq",
+        "vqkit",
+        'vqkit.ResidualVQ(4, K, D, stage="vq", channels_last=True) on (1, N, D)',
+    ),
+    "vqp_rvq": (
+        "rvq",
+        "vqp",
+        "vector_quantize_pytorch.ResidualVQ(dim=D, num_quantizers=4, "
+        "codebook_size=K) (default EMA codebooks) on (1, N, D)",
+    ),
     "vqkit_fsq": ("fsq", "vqkit", "vqkit.FSQ([8,5,5,5], channels_last=True) on (1, N, 4)"),
     "vqp_fsq": ("fsq", "vqp", "vector_quantize_pytorch.FSQ(levels=[8,5,5,5]) on (1, N, 4)"),
-    "vqkit_fsq_proj": ("fsq", "vqkit", "vqkit.FSQ([8,5,5,5], dim=64, channels_last=True) "
-                       "on (1, N, 64)"),
-    "vqp_fsq_proj": ("fsq", "vqp", "vector_quantize_pytorch.FSQ(levels=[8,5,5,5], dim=64) "
-                     "on (1, N, 64)"),
+    "vqkit_fsq_proj": (
+        "fsq",
+        "vqkit",
+        "vqkit.FSQ([8,5,5,5], dim=64, channels_last=True) on (1, N, 64)",
+    ),
+    "vqp_fsq_proj": (
+        "fsq",
+        "vqp",
+        "vector_quantize_pytorch.FSQ(levels=[8,5,5,5], dim=64) on (1, N, 64)",
+    ),
 }
 # vqkit method -> the vqp method it is compared with
-BASELINE = {"vqkit_rvq_ema": "vqp_rvq", "vqkit_rvq_vq": "vqp_rvq",
-            "vqkit_fsq": "vqp_fsq", "vqkit_fsq_proj": "vqp_fsq_proj"}
+BASELINE = {
+    "vqkit_rvq_ema": "vqp_rvq",
+    "vqkit_rvq_vq": "vqp_rvq",
+    "vqkit_fsq": "vqp_fsq",
+    "vqkit_fsq_proj": "vqp_fsq_proj",
+}
 MODES = ("fwd", "fwd_bwd")
 # --quick: the tiny shapes, one vqkit layer and its vqp baseline per family, forward
 # only (the fwd workers of vqkit layers also run the agreement check), 2 repeats
@@ -236,8 +256,15 @@ def _worker(args: argparse.Namespace) -> int:
     common.cap_address_space(args.mem_cap_gib)
     shape, method, mode = args.worker
     family, n, d, k, _ = ALL_SHAPES[shape]
-    rec: dict = {"shape": shape, "method": method, "mode": mode, "N": n,
-                 "D": _input_dim(method, d), "K": k, "mem_cap_gib": args.mem_cap_gib}
+    rec: dict = {
+        "shape": shape,
+        "method": method,
+        "mode": mode,
+        "N": n,
+        "D": _input_dim(method, d),
+        "K": k,
+        "mem_cap_gib": args.mem_cap_gib,
+    }
     try:
         rec.update(common.torch_setup(args.threads))
         run, cleanup = _setup(method, mode, n, d, k)
@@ -264,8 +291,15 @@ def _worker(args: argparse.Namespace) -> int:
 def _run_worker(shape: str, method: str, mode: str, args: argparse.Namespace) -> dict:
     cmd = common.child_cmd(MODULE, "--worker", shape, method, mode, *common.child_args(args))
     _, n, d, k, _ = ALL_SHAPES[shape]
-    base = {"shape": shape, "method": method, "mode": mode, "N": n,
-            "D": _input_dim(method, d), "K": k, "loadavg_before": os.getloadavg()}
+    base = {
+        "shape": shape,
+        "method": method,
+        "mode": mode,
+        "N": n,
+        "D": _input_dim(method, d),
+        "K": k,
+        "loadavg_before": os.getloadavg(),
+    }
     return common.run_child(cmd, base, args.timeout)
 
 
@@ -301,14 +335,24 @@ def _summarise(records: list[dict], shapes: list[str]) -> list[str]:
             status = r.get("status", "?")
             if status != "ok" and r.get("error"):
                 status += f": {r['error'][:60]}"
-            rows.append([r["method"], r["mode"], str(len(r.get("times_s") or [])),
-                         fmt(m, ".3f"), fmt(r.get("min_s") if ok else None, ".3f"),
-                         fmt(ratio, ".2f"), fmt(r.get("peak_extra_mib") if ok else None, ",.0f"),
-                         status])
+            rows.append(
+                [
+                    r["method"],
+                    r["mode"],
+                    str(len(r.get("times_s") or [])),
+                    fmt(m, ".3f"),
+                    fmt(r.get("min_s") if ok else None, ".3f"),
+                    fmt(ratio, ".2f"),
+                    fmt(r.get("peak_extra_mib") if ok else None, ",.0f"),
+                    status,
+                ]
+            )
             c = r.get("check")
             if c:
-                s = (f"- {r['method']} vs {c['check_against']} (eval, first {c['check_rows']} "
-                     f"rows): index rows equal {c['index_rows_equal']:.4f}")
+                s = (
+                    f"- {r['method']} vs {c['check_against']} (eval, first {c['check_rows']} "
+                    f"rows): index rows equal {c['index_rows_equal']:.4f}"
+                )
                 if "stage1_index_equal" in c:
                     s += f", stage-1 indices equal {c['stage1_index_equal']:.4f}"
                 if "quantized_values_equal" in c:
@@ -318,8 +362,20 @@ def _summarise(records: list[dict], shapes: list[str]) -> list[str]:
             elif r.get("check_error"):
                 checks.append(f"- {r['method']}: check failed: {r['check_error'][:120]}")
         lines += [f"### {_shape_title(shape)}", ""]
-        lines += common.md_table(["method", "mode", "timed calls", "median s", "min s",
-                                  "vqkit / vqp", "peak extra MiB", "status"], rows, "llrrrrrl")
+        lines += common.md_table(
+            [
+                "method",
+                "mode",
+                "timed calls",
+                "median s",
+                "min s",
+                "vqkit / vqp",
+                "peak extra MiB",
+                "status",
+            ],
+            rows,
+            "llrrrrrl",
+        )
         lines += [""] + (["Agreement:", ""] + checks + [""] if checks else [])
     return lines
 
@@ -329,8 +385,11 @@ def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: li
     head = [
         "# ResidualVQ and FSQ benchmark (CPU): vqkit vs vector-quantize-pytorch",
         "",
-        *common.meta_lines(meta, ("torch", "vector-quantize-pytorch", "vqkit"),
-                           f"; torch threads per worker: {st['threads']}"),
+        *common.meta_lines(
+            meta,
+            ("torch", "vector-quantize-pytorch", "vqkit"),
+            f"; torch threads per worker: {st['threads']}",
+        ),
         f"- settings: up to {st['repeats']} timed repeats after 1 warm-up (timed calls stop "
         f"after {st['time_budget_s']:.0f} s), memory cap {st['mem_cap_gib']} GiB (RLIMIT_AS) "
         f"per worker, timeout {st['timeout_s']} s per worker",
@@ -342,30 +401,40 @@ def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: li
     ]
     if meta.get("note"):
         head.append(f"- note: {meta['note']}")
-    common.write_results(out_dir, stem, {**meta, "results": records},
-                         head + [""] + _summarise(records, shapes))
+    common.write_results(
+        out_dir, stem, {**meta, "results": records}, head + [""] + _summarise(records, shapes)
+    )
 
 
 def _parent(args: argparse.Namespace) -> int:
-    shapes = common.parse_list(args.shapes, QUICK_SHAPES if args.quick else SHAPES,
-                               ALL_SHAPES, "shape")
-    methods = common.parse_list(args.methods, QUICK_METHODS if args.quick else METHODS,
-                                METHODS, "method")
+    shapes = common.parse_list(
+        args.shapes, QUICK_SHAPES if args.quick else SHAPES, ALL_SHAPES, "shape"
+    )
+    methods = common.parse_list(
+        args.methods, QUICK_METHODS if args.quick else METHODS, METHODS, "method"
+    )
     modes = common.parse_list(args.modes, QUICK_MODES if args.quick else MODES, MODES, "mode")
-    out_dir = Path(args.out_dir) if args.out_dir else common.out_dir("quantizers_cpu",
-                                                                     args.quick)
+    out_dir = Path(args.out_dir) if args.out_dir else common.out_dir("quantizers_cpu", args.quick)
     stem = "quantizers_cpu"
     meta = common.run_meta(MODULE, args.note)
-    meta["settings"] = {**common.child_settings(args), "seed": SEED,
-                        "check_rows": CHECK_ROWS, "levels": LEVELS,
-                        "num_quantizers": NUM_QUANTIZERS}
+    meta["settings"] = {
+        **common.child_settings(args),
+        "seed": SEED,
+        "check_rows": CHECK_ROWS,
+        "levels": LEVELS,
+        "num_quantizers": NUM_QUANTIZERS,
+    }
     meta["methods"] = {m: METHODS[m][2] for m in methods}
     meta["shapes"] = {
-        s: dict(zip(("family", "N", "D", "K", "note"), ALL_SHAPES[s], strict=True))
-        for s in shapes
+        s: dict(zip(("family", "N", "D", "K", "note"), ALL_SHAPES[s], strict=True)) for s in shapes
     }
-    jobs = [(s, m, mo) for s in shapes for m in methods for mo in modes
-            if METHODS[m][0] == ALL_SHAPES[s][0]]
+    jobs = [
+        (s, m, mo)
+        for s in shapes
+        for m in methods
+        for mo in modes
+        if METHODS[m][0] == ALL_SHAPES[s][0]
+    ]
     common.run_jobs(
         jobs,
         lambda shape, method, mode: _run_worker(shape, method, mode, args),
@@ -378,19 +447,23 @@ def _parent(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", help=f"comma list from {','.join(ALL_SHAPES)} (default R1..F2)")
     p.add_argument("--methods", help=f"comma list from {','.join(METHODS)} (default all)")
     p.add_argument("--modes", help="comma list from fwd,fwd_bwd (default both)")
-    p.add_argument("--quick", action="store_true", help="smoke test: shapes QR,QF, methods "
-                   f"{','.join(QUICK_METHODS)}, mode fwd, 2 repeats")
-    p.add_argument("--out-dir", help="results folder (default benchmarks/results/"
-                   "quantizers_cpu, quantizers_cpu_quick with --quick)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: shapes QR,QF, methods {','.join(QUICK_METHODS)}, mode fwd, 2 repeats",
+    )
+    p.add_argument(
+        "--out-dir",
+        help="results folder (default benchmarks/results/"
+        "quantizers_cpu, quantizers_cpu_quick with --quick)",
+    )
     common.add_child_args(p, time_budget=150.0)
     p.add_argument("--no-check", action="store_true", help="skip the agreement checks")
-    p.add_argument("--worker", nargs=3, metavar=("SHAPE", "METHOD", "MODE"),
-                   help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=3, metavar=("SHAPE", "METHOD", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     common.default_repeats(args)
     if args.repeats < 1:

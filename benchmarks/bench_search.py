@@ -235,27 +235,43 @@ class Method(NamedTuple):
 
 
 METHODS: dict[str, Method] = {
-    "gemm_floor": Method("torch.mm(X, W.T, out=Y) into a preallocated N x K output "
-                         "(no search)", gemm_floor),
-    "faiss_flat": Method("faiss.IndexFlatL2(D) with W added (build not timed); search(X, 1)",
-                         faiss_flat),
-    "vqkit_search": Method("vqkit.nearest_code(X, W), default 32 MiB scratch, torch backend",
-                           vqkit_search),
-    "vqkit_fwd": Method("vqkit.VectorQuantizer(K, D, channels_last=True) forward on "
-                        "(1, N, D), no grad", vqkit_fwd),
-    "vqkit_fwd_bwd": Method("same layer, forward + (loss + quantized.sum()).backward(), "
-                            "input requires grad", vqkit_fwd_bwd),
-    "vqkit_ema_fwd": Method("vqkit.VectorQuantizerEMA(K, D, channels_last=True), "
-                            "training-mode forward incl. EMA codebook update, input without "
-                            "grad", vqkit_ema_fwd),
-    "classic": Method("classic VQ-VAE formula: dense N x K distances, argmin, dense one-hot, "
-                      "one-hot @ codebook, losses, straight-through; forward + backward",
-                      classic),
-    "vqp_ema": Method("vector_quantize_pytorch.VectorQuantize(dim=D, codebook_size=K) "
-                      "defaults (EMA), training mode, forward + backward on (1, N, D)",
-                      vqp_ema),
-    "vqp_learnable": Method("VectorQuantize(..., learnable_codebook=True, ema_update=False), "
-                            "forward + backward on (1, N, D)", vqp_learnable),
+    "gemm_floor": Method(
+        "torch.mm(X, W.T, out=Y) into a preallocated N x K output (no search)", gemm_floor
+    ),
+    "faiss_flat": Method(
+        "faiss.IndexFlatL2(D) with W added (build not timed); search(X, 1)", faiss_flat
+    ),
+    "vqkit_search": Method(
+        "vqkit.nearest_code(X, W), default 32 MiB scratch, torch backend", vqkit_search
+    ),
+    "vqkit_fwd": Method(
+        "vqkit.VectorQuantizer(K, D, channels_last=True) forward on (1, N, D), no grad", vqkit_fwd
+    ),
+    "vqkit_fwd_bwd": Method(
+        "same layer, forward + (loss + quantized.sum()).backward(), input requires grad",
+        vqkit_fwd_bwd,
+    ),
+    "vqkit_ema_fwd": Method(
+        "vqkit.VectorQuantizerEMA(K, D, channels_last=True), "
+        "training-mode forward incl. EMA codebook update, input without "
+        "grad",
+        vqkit_ema_fwd,
+    ),
+    "classic": Method(
+        "classic VQ-VAE formula: dense N x K distances, argmin, dense one-hot, "
+        "one-hot @ codebook, losses, straight-through; forward + backward",
+        classic,
+    ),
+    "vqp_ema": Method(
+        "vector_quantize_pytorch.VectorQuantize(dim=D, codebook_size=K) "
+        "defaults (EMA), training mode, forward + backward on (1, N, D)",
+        vqp_ema,
+    ),
+    "vqp_learnable": Method(
+        "VectorQuantize(..., learnable_codebook=True, ema_update=False), "
+        "forward + backward on (1, N, D)",
+        vqp_learnable,
+    ),
 }
 
 
@@ -282,8 +298,14 @@ def _worker(args: argparse.Namespace) -> int:
     shape, method = args.worker
     n, d, k, _ = ALL_SHAPES[shape]
     rows = min(CHECK_ROWS, n)
-    rec: dict = {"shape": shape, "method": method, "N": n, "D": d, "K": k,
-                 "mem_cap_gib": args.mem_cap_gib}
+    rec: dict = {
+        "shape": shape,
+        "method": method,
+        "N": n,
+        "D": d,
+        "K": k,
+        "mem_cap_gib": args.mem_cap_gib,
+    }
     try:
         rec.update(common.torch_setup(args.threads))
         x, w = common.search_inputs(n, d, k, SEED)
@@ -309,8 +331,14 @@ def _worker(args: argparse.Namespace) -> int:
 def _run_worker(shape: str, method: str, args: argparse.Namespace) -> dict:
     cmd = common.child_cmd(MODULE, "--worker", shape, method, *common.child_args(args))
     n, d, k, _ = ALL_SHAPES[shape]
-    base = {"shape": shape, "method": method, "N": n, "D": d, "K": k,
-            "loadavg_before": os.getloadavg()}
+    base = {
+        "shape": shape,
+        "method": method,
+        "N": n,
+        "D": d,
+        "K": k,
+        "loadavg_before": os.getloadavg(),
+    }
     return common.run_child(cmd, base, args.timeout)
 
 
@@ -337,9 +365,14 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[dict, list[str]]
             m = r.get("median_s") if ok else None
             peak = r.get("peak_extra_mib") if ok else None
             agree = r.get("agree_with_ties")
-            agree_s = "–" if agree is None else (
-                f"{agree:.4f}" + (f" (exact {r['exact_agree']:.4f})"
-                                  if r.get("exact_agree") != agree else ""))
+            agree_s = (
+                "–"
+                if agree is None
+                else (
+                    f"{agree:.4f}"
+                    + (f" (exact {r['exact_agree']:.4f})" if r.get("exact_agree") != agree else "")
+                )
+            )
             status = r.get("status", "?")
             if status == "OOM" and r.get("error"):
                 m_alloc = re.search(r"allocate (\d+) bytes", r["error"])
@@ -347,16 +380,35 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[dict, list[str]]
                     status += f" (failed allocating {int(m_alloc.group(1)) / 2**30:.1f} GiB)"
             elif status != "ok" and r.get("error"):
                 status += f": {r['error'][:60]}"
-            rows.append([
-                r["method"], fmt(m, ".3f"), fmt(r.get("min_s") if ok else None, ".3f"),
-                fmt(m / floor if m and floor else None, ".2f"),
-                fmt(m / fa if m and fa else None, ".2f"), fmt(peak, ",.0f"),
-                fmt(peak / nk_mib if peak is not None else None, ".4f"), agree_s, status])
+            rows.append(
+                [
+                    r["method"],
+                    fmt(m, ".3f"),
+                    fmt(r.get("min_s") if ok else None, ".3f"),
+                    fmt(m / floor if m and floor else None, ".2f"),
+                    fmt(m / fa if m and fa else None, ".2f"),
+                    fmt(peak, ",.0f"),
+                    fmt(peak / nk_mib if peak is not None else None, ".4f"),
+                    agree_s,
+                    status,
+                ]
+            )
         lines += [title, "", f"One N x K fp32 matrix = {nk_mib:,.0f} MiB.", ""]
         lines += common.md_table(
-            ["method", "median s", "min s", "ratio to gemm_floor", "ratio to faiss",
-             "peak extra MiB", "fraction of N x K", "index agreement", "status"],
-            rows, "lrrrrrrrl")
+            [
+                "method",
+                "median s",
+                "min s",
+                "ratio to gemm_floor",
+                "ratio to faiss",
+                "peak extra MiB",
+                "fraction of N x K",
+                "index agreement",
+                "status",
+            ],
+            rows,
+            "lrrrrrrrl",
+        )
         lines.append("")
 
     # Targets (only for shapes that were run).
@@ -365,12 +417,14 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[dict, list[str]]
 
     def add(name: str, shape: str, value: str, met: bool | None) -> None:
         checks.setdefault(name, []).append({"shape": shape, "value": value, "met": met})
-        targets.append([name, shape, value,
-                        "n/a" if met is None else ("yes" if met else "**no**")])
+        targets.append([name, shape, value, "n/a" if met is None else ("yes" if met else "**no**")])
 
     for shape in shapes:
-        fb, floor, fa = med(shape, "vqkit_fwd_bwd"), med(shape, "gemm_floor"), med(
-            shape, "faiss_flat")
+        fb, floor, fa = (
+            med(shape, "vqkit_fwd_bwd"),
+            med(shape, "gemm_floor"),
+            med(shape, "faiss_flat"),
+        )
         if fb and floor:
             add("vqkit_fwd_bwd <= 1.5x gemm_floor", shape, f"{fb / floor:.2f}x", fb / floor <= 1.5)
         if fb and fa:
@@ -384,16 +438,23 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[dict, list[str]]
             r = by.get((shape, m))
             if r and r.get("status") == "ok":
                 frac = r["peak_extra_mib"] / nk_mib
-                add(f"{m} peak extra <= 1/8 N x K", shape,
-                    f"{r['peak_extra_mib']:,.0f} MiB = {frac:.4f}", frac <= 0.125)
+                add(
+                    f"{m} peak extra <= 1/8 N x K",
+                    shape,
+                    f"{r['peak_extra_mib']:,.0f} MiB = {frac:.4f}",
+                    frac <= 0.125,
+                )
             elif r:
                 add(f"{m} peak extra <= 1/8 N x K", shape, r.get("status", "?"), False)
     if "S5" in shapes:
         v, c = by.get(("S5", "vqkit_fwd_bwd")), by.get(("S5", "classic"))
         if v and c:
-            add("S5: vqkit runs, classic OOMs", "S5",
+            add(
+                "S5: vqkit runs, classic OOMs",
+                "S5",
                 f"vqkit_fwd_bwd {v.get('status')}, classic {c.get('status')}",
-                v.get("status") == "ok" and c.get("status") == "OOM")
+                v.get("status") == "ok" and c.get("status") == "OOM",
+            )
     if "S2" in shapes:
         fb = med("S2", "vqkit_fwd_bwd")
         for other in ("classic", "vqp_ema", "vqp_learnable"):
@@ -405,8 +466,7 @@ def _summarise(records: list[dict], shapes: list[str]) -> tuple[dict, list[str]]
                 add(f">= 10x faster than {other}", "S2", f"{sp:.1f}x", sp >= 10)
             else:
                 add(f">= 10x faster than {other}", "S2", f"{other}: {r.get('status')}", None)
-    tl = ["### Targets", ""] + common.md_table(["target", "shape", "value", "met"], targets,
-                                               "llll")
+    tl = ["### Targets", ""] + common.md_table(["target", "shape", "value", "met"], targets, "llll")
     return checks, lines + tl
 
 
@@ -430,22 +490,29 @@ def _write(out_dir: Path, stem: str, meta: dict, records: list[dict], shapes: li
     ]
     if meta.get("note"):
         head.append(f"- note: {meta['note']}")
-    common.write_results(out_dir, stem, {**meta, "results": records, "targets": checks},
-                         head + [""] + lines)
+    common.write_results(
+        out_dir, stem, {**meta, "results": records, "targets": checks}, head + [""] + lines
+    )
 
 
 def _parent(args: argparse.Namespace) -> int:
-    shapes = common.parse_list(args.shapes, QUICK_DEFAULT if args.quick else SHAPES,
-                               ALL_SHAPES, "shape")
+    shapes = common.parse_list(
+        args.shapes, QUICK_DEFAULT if args.quick else SHAPES, ALL_SHAPES, "shape"
+    )
     methods = common.parse_list(args.methods, METHODS, METHODS, "method")
     out_dir = Path(args.out_dir) if args.out_dir else common.out_dir("search_cpu", args.quick)
     stem = "search_cpu"
     meta = common.run_meta(MODULE, args.note)
-    meta["settings"] = {**common.child_settings(args),
-                        "seed": SEED, "check_rows": CHECK_ROWS, "tie_rtol": TIE_RTOL}
+    meta["settings"] = {
+        **common.child_settings(args),
+        "seed": SEED,
+        "check_rows": CHECK_ROWS,
+        "tie_rtol": TIE_RTOL,
+    }
     meta["methods"] = {m: METHODS[m].description for m in methods}
-    meta["shapes"] = {s: dict(zip(("N", "D", "K", "note"), ALL_SHAPES[s], strict=True))
-                      for s in shapes}
+    meta["shapes"] = {
+        s: dict(zip(("N", "D", "K", "note"), ALL_SHAPES[s], strict=True)) for s in shapes
+    }
     common.run_jobs(
         [(s, m) for s in shapes for m in methods],
         lambda shape, method: _run_worker(shape, method, args),
@@ -467,14 +534,19 @@ def rerender(json_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", help=f"comma list from {','.join(ALL_SHAPES)} (default S1..S5)")
     p.add_argument("--methods", help=f"comma list from {','.join(METHODS)} (default all)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: shape Q2, 2 repeats (add --shapes Q1,Q2 for both)")
-    p.add_argument("--out-dir", help="results folder (default benchmarks/results/search_cpu, "
-                   "search_cpu_quick with --quick)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: shape Q2, 2 repeats (add --shapes Q1,Q2 for both)",
+    )
+    p.add_argument(
+        "--out-dir",
+        help="results folder (default benchmarks/results/search_cpu, "
+        "search_cpu_quick with --quick)",
+    )
     common.add_child_args(p, time_budget=30.0)
     p.add_argument("--no-check", action="store_true", help="skip the float64 index check")
     p.add_argument("--rerender", metavar="JSON", help="rewrite the .md of a results .json")

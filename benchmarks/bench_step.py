@@ -44,7 +44,10 @@ CONFIGS: dict[str, dict] = {
     "simvq K=16384": {"quantizer": "simvq", "num_embeddings": 16384},
     "ibq K=16384 (entropy 0.05)": {"quantizer": "ibq", "num_embeddings": 16384, "init": "random"},
     "ibq K=16384 (no entropy)": {
-        "quantizer": "ibq", "num_embeddings": 16384, "init": "random", "ibq_entropy_weight": 0.0,
+        "quantizer": "ibq",
+        "num_embeddings": 16384,
+        "init": "random",
+        "ibq_entropy_weight": 0.0,
     },
     "lfq 14 bits": {"quantizer": "lfq", "num_bits": 14},
     "bsq 14 bits": {"quantizer": "bsq", "num_bits": 14},
@@ -90,19 +93,26 @@ def time_steps(trainer, steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}",
-                                 description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(common.CIFAR10_JPEG),
-                    help="dataset (default: the CIFAR-10 archive in ../shared/data)")
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--data",
+        default=str(common.CIFAR10_JPEG),
+        help="dataset (default: the CIFAR-10 archive in ../shared/data)",
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=40, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="subset of configuration names")
-    ap.add_argument("--quick", action="store_true", help="smoke test: built-in data, batch 8, "
-                    "2 timed steps after 1 warm-up, 1 round")
-    ap.add_argument("--out-dir", help="results folder (default benchmarks/results/step_cpu, "
-                    "step_cpu_quick with --quick)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: built-in data, batch 8, 2 timed steps after 1 warm-up, 1 round",
+    )
+    ap.add_argument(
+        "--out-dir",
+        help="results folder (default benchmarks/results/step_cpu, step_cpu_quick with --quick)",
+    )
     ap.add_argument("--note", help="free text stored in the results (e.g. machine load)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -134,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         for n in names
     ]
     common.finish_meta(meta)
-    meta["settings"] = {"data": args.data, "batch_size": args.batch_size, "steps": args.steps,
-                        "warmup": args.warmup, "rounds": args.rounds,
-                        "torch_threads": torch.get_num_threads()}
+    meta["settings"] = {
+        "data": args.data,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "torch_threads": torch.get_num_threads(),
+    }
     lines = [
         "# Time per training step by quantizer (CPU)",
         "",
@@ -148,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *common.md_table(
             ["configuration", "ms/step (median of rounds)", f"ratio to {names[0]}"],
-            [[r["config"], f"{r['ms_per_step']:.1f}", f"{r['ratio_to_first']:.2f}"]
-             for r in rows]),
+            [[r["config"], f"{r['ms_per_step']:.1f}", f"{r['ratio_to_first']:.2f}"] for r in rows],
+        ),
     ]
     md = common.write_results(out, STEM, {**meta, "rows": rows}, lines)
     print("\n".join(lines))

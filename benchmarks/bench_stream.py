@@ -103,8 +103,17 @@ def _tree_memory(proc) -> tuple[int, int | None]:
 def _run_child(mode: str, shards: Path, args: argparse.Namespace) -> dict:
     import psutil
 
-    cmd = common.child_cmd(MODULE, "--child", mode, "--shards", shards,
-                           "--batch-size", args.batch_size, "--num-workers", args.num_workers)
+    cmd = common.child_cmd(
+        MODULE,
+        "--child",
+        mode,
+        "--shards",
+        shards,
+        "--batch-size",
+        args.batch_size,
+        "--num-workers",
+        args.num_workers,
+    )
     # -m benchmarks.bench_stream resolves from the repository root; vqkit as for the parent
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path}
@@ -144,8 +153,11 @@ def _write(records: list[dict], meta: dict, out_dir: Path) -> None:
     lines = [
         "# Streaming shards: peak memory (CPU)",
         "",
-        *common.meta_lines(meta, ("torch", "vqkit", "webdataset", "pillow", "psutil"),
-                           f", Python {meta['machine']['python']}"),
+        *common.meta_lines(
+            meta,
+            ("torch", "vqkit", "webdataset", "pillow", "psutil"),
+            f", Python {meta['machine']['python']}",
+        ),
         f"- settings: batch 256, {meta['num_workers']} DataLoader workers, shuffle buffer "
         "1000, one epoch; main process torch threads 1",
         *([f"- note: {meta['note']}"] if meta.get("note") else []),

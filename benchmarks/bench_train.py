@@ -36,6 +36,7 @@ MODULE = "benchmarks.bench_train"
 
 # --- the classic code, re-implemented ----------------------------------------------------
 
+
 def classic_modules():
     import torch
     import torch.nn.functional as F
@@ -54,8 +55,9 @@ def classic_modules():
             z = z.permute(0, 2, 3, 1).contiguous()
             flat = z.view(-1, self.d)
             w = self.embedding.weight
-            dist = (flat.pow(2).sum(1, keepdim=True) + w.pow(2).sum(1)
-                    - 2 * torch.matmul(flat, w.t()))
+            dist = (
+                flat.pow(2).sum(1, keepdim=True) + w.pow(2).sum(1) - 2 * torch.matmul(flat, w.t())
+            )
             idx = torch.argmin(dist, dim=1).unsqueeze(1)
             enc = torch.zeros(idx.shape[0], self.k, device=z.device)
             enc.scatter_(1, idx, 1)
@@ -213,16 +215,32 @@ def worker(args) -> None:
             data = data.subset(slice(0, args.limit))
         times, cpu = run_classic(data, args.batch_size, args.steps, args.warmup)
     else:
-        times, cpu = run_vqkit(args.data, args.batch_size, args.steps, args.warmup, args.limit,
-                               method_options(args.worker))
+        times, cpu = run_vqkit(
+            args.data,
+            args.batch_size,
+            args.steps,
+            args.warmup,
+            args.limit,
+            method_options(args.worker),
+        )
     med = statistics.median(times)
     # CPU seconds of the process (all its threads) per step: less sensitive than wall time
     # to other jobs taking the cores, a cross-check when the machine is shared
     cpu_med = statistics.median(cpu)
-    print(json.dumps({"method": args.worker, "median_step_s": med,
-                      "images_per_s": args.batch_size / med, "best_step_s": min(times),
-                      "median_cpu_s": cpu_med, "images_per_cpu_s": args.batch_size / cpu_med,
-                      "times": times, "cpu_times": cpu}))
+    print(
+        json.dumps(
+            {
+                "method": args.worker,
+                "median_step_s": med,
+                "images_per_s": args.batch_size / med,
+                "best_step_s": min(times),
+                "median_cpu_s": cpu_med,
+                "images_per_cpu_s": args.batch_size / cpu_med,
+                "times": times,
+                "cpu_times": cpu,
+            }
+        )
+    )
 
 
 def _flag(name: str, value) -> str:
@@ -243,16 +261,20 @@ def _label(method: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps (compile happens here)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
-    ap.add_argument("--methods", default=DEFAULT_METHODS,
-                    help="comma-separated: classic, vqkit, vqkit+SWITCH+... with switches "
-                         f"{', '.join(SWITCHES)}")
+    ap.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help="comma-separated: classic, vqkit, vqkit+SWITCH+... with switches "
+        f"{', '.join(SWITCHES)}",
+    )
     ap.add_argument("--limit", type=int, default=0, help="use only the first N images")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks/results/train_cpu"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -270,9 +292,21 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(args.rounds):
         for method in methods:
-            cmd = common.child_cmd(MODULE, "--worker", method, "--data", args.data,
-                                   "--batch-size", args.batch_size, "--steps", args.steps,
-                                   "--warmup", args.warmup, "--limit", args.limit)
+            cmd = common.child_cmd(
+                MODULE,
+                "--worker",
+                method,
+                "--data",
+                args.data,
+                "--batch-size",
+                args.batch_size,
+                "--steps",
+                args.steps,
+                "--warmup",
+                args.warmup,
+                "--limit",
+                args.limit,
+            )
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, env=common.child_env())
@@ -282,15 +316,26 @@ def main() -> None:
             rec["load_1min_before"] = load
             rec["process_s"] = time.perf_counter() - t0  # startup, warm-up/compile included
             results[method].append(rec)
-            print(f"round {r + 1}/{args.rounds} {method}: {rec['images_per_s']:.1f} images/s "
-                  f"(load {load:.1f}, process {rec['process_s']:.0f} s)", file=sys.stderr)
+            print(
+                f"round {r + 1}/{args.rounds} {method}: {rec['images_per_s']:.1f} images/s "
+                f"(load {load:.1f}, process {rec['process_s']:.0f} s)",
+                file=sys.stderr,
+            )
     # ratios within a round: the methods of one round ran minutes apart, not hours
-    ratios = {m: [v["images_per_s"] / c["images_per_s"]
-                  for v, c in zip(results[m], results["classic"], strict=True)]
-              for m in methods}
-    cpu_ratios = {m: [v["images_per_cpu_s"] / c["images_per_cpu_s"]
-                      for v, c in zip(results[m], results["classic"], strict=True)]
-                  for m in methods}
+    ratios = {
+        m: [
+            v["images_per_s"] / c["images_per_s"]
+            for v, c in zip(results[m], results["classic"], strict=True)
+        ]
+        for m in methods
+    }
+    cpu_ratios = {
+        m: [
+            v["images_per_cpu_s"] / c["images_per_cpu_s"]
+            for v, c in zip(results[m], results["classic"], strict=True)
+        ]
+        for m in methods
+    }
     common.finish_meta(meta)
     import torch
 
@@ -301,8 +346,10 @@ def main() -> None:
         "steps": args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
-        "methods": {m: {"label": _label(m), "options": {} if m == "classic" else
-                        method_options(m)} for m in methods},
+        "methods": {
+            m: {"label": _label(m), "options": {} if m == "classic" else method_options(m)}
+            for m in methods
+        },
         "results": results,
         "ratio_per_round": ratios,
         "ratio_median": {m: statistics.median(v) for m, v in ratios.items()},
@@ -312,7 +359,8 @@ def main() -> None:
     med = {m: statistics.median(r["images_per_s"] for r in results[m]) for m in methods}
     loads = [r["load_1min_before"] for m in methods for r in results[m]]
     md = [
-        "# Training throughput (CPU)", "",
+        "# Training throughput (CPU)",
+        "",
         *common.meta_lines(meta, machine_extra=f", torch threads {summary['torch_threads']}"),
         f"- batch {args.batch_size}, {args.steps} timed steps after {args.warmup} untimed "
         f"(torch.compile compiles there), {args.rounds} interleaved rounds, each method in "
@@ -328,9 +376,11 @@ def main() -> None:
     ]
     for m in methods:
         proc = statistics.median(r["process_s"] for r in results[m])
-        md.append(f"| {_label(m)} | {med[m]:.1f} | {summary['ratio_median'][m]:.2f} | "
-                  f"{', '.join(f'{x:.2f}' for x in ratios[m])} | "
-                  f"{summary['cpu_ratio_median'][m]:.2f} | {proc:.0f} |")
+        md.append(
+            f"| {_label(m)} | {med[m]:.1f} | {summary['ratio_median'][m]:.2f} | "
+            f"{', '.join(f'{x:.2f}' for x in ratios[m])} | "
+            f"{summary['cpu_ratio_median'][m]:.2f} | {proc:.0f} |"
+        )
     common.write_results(Path(args.out_dir), "train_cpu", summary, md)
     print("\n".join(md))
 

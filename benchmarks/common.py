@@ -83,16 +83,18 @@ def check_choices(values: Iterable[str], allowed: Iterable[str], what: str) -> N
             sys.exit(f"unknown {what} {v!r}; choose from {', '.join(allowed)}")
 
 
-def parse_list(value: str | None, default: Sequence[str], allowed: Iterable[str],
-               what: str) -> list[str]:
+def parse_list(
+    value: str | None, default: Sequence[str], allowed: Iterable[str], what: str
+) -> list[str]:
     """A comma list from the command line (``default`` when empty), checked."""
     items = value.split(",") if value else list(default)
     check_choices(items, allowed, what)
     return items
 
 
-def md_table(columns: Sequence[str], rows: Iterable[Sequence[object]],
-             align: str | None = None) -> list[str]:
+def md_table(
+    columns: Sequence[str], rows: Iterable[Sequence[object]], align: str | None = None
+) -> list[str]:
     """Markdown table lines. ``align``: one letter per column, ``l`` or ``r`` (default:
     first column left, the others right)."""
     align = align or "l" + "r" * (len(columns) - 1)
@@ -110,8 +112,13 @@ def md_table(columns: Sequence[str], rows: Iterable[Sequence[object]],
 def git_commit() -> str:
     """Short hash of HEAD of this checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=BENCH_DIR, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=BENCH_DIR,
+            timeout=10,
+        )
         return out.stdout.strip() or "(no commit)"
     except (OSError, subprocess.SubprocessError):
         return "(unknown)"
@@ -120,8 +127,13 @@ def git_commit() -> str:
 def git_dirty() -> bool | None:
     """Whether the checkout has uncommitted changes in src/ or the benchmark scripts."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks/*.py"],
-                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=10)
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src", "benchmarks/*.py"],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=10,
+        )
         return bool(out.stdout.strip()) if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -136,8 +148,12 @@ def version(pkg: str) -> str | None:
 
 def machine() -> dict:
     """CPU model, cores, RAM and the versions of the packages the benchmarks use."""
-    info: dict = {"platform": platform.platform(), "python": platform.python_version(),
-                  "cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0))}
+    info: dict = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             m = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
@@ -150,8 +166,9 @@ def machine() -> dict:
         info["ram_gib"] = round(int(m.group(1)) / 2**20, 1) if m else None
     except OSError:
         info["ram_gib"] = None
-    info["versions"] = {p: version(p) for p in
-                        ("torch", "faiss-cpu", "vector-quantize-pytorch", "vqkit", "numpy")}
+    info["versions"] = {
+        p: version(p) for p in ("torch", "faiss-cpu", "vector-quantize-pytorch", "vqkit", "numpy")
+    }
     return info
 
 
@@ -164,8 +181,9 @@ def vqkit_path() -> str | None:
 def top() -> list[str]:
     """The busiest processes now (other jobs share the cores)."""
     try:
-        out = subprocess.run(["top", "-bn1", "-w", "160"], capture_output=True, text=True,
-                             timeout=10).stdout
+        out = subprocess.run(
+            ["top", "-bn1", "-w", "160"], capture_output=True, text=True, timeout=10
+        ).stdout
         return out.splitlines()[:15]
     except (OSError, subprocess.SubprocessError):
         return []
@@ -200,8 +218,9 @@ def finish_meta(meta: dict) -> None:
     meta["finished_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def meta_lines(meta: dict, packages: Sequence[str] = ("torch", "vqkit"),
-               machine_extra: str = "") -> list[str]:
+def meta_lines(
+    meta: dict, packages: Sequence[str] = ("torch", "vqkit"), machine_extra: str = ""
+) -> list[str]:
     """The Markdown header lines about the run: command, commit and date, machine and
     package versions, load average at start and end."""
     mach = meta["machine"]
@@ -258,8 +277,13 @@ def reset_hwm() -> bool:
         return False
 
 
-_OOM_MESSAGES = ("can't allocate memory", "out of memory", "bad_alloc",
-                 "cannot allocate memory", "failed to allocate")
+_OOM_MESSAGES = (
+    "can't allocate memory",
+    "out of memory",
+    "bad_alloc",
+    "cannot allocate memory",
+    "failed to allocate",
+)
 
 
 def is_oom(exc: BaseException | str) -> bool:
@@ -272,8 +296,11 @@ def is_oom(exc: BaseException | str) -> bool:
 
 def error_fields(exc: BaseException, phase: str) -> dict:
     """Record fields of a failed setup or run: status ``OOM`` or ``error``."""
-    return {"status": "OOM" if is_oom(exc) else "error",
-            "error": f"{type(exc).__name__}: {str(exc)[:300]}", "phase": phase}
+    return {
+        "status": "OOM" if is_oom(exc) else "error",
+        "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+        "phase": phase,
+    }
 
 
 def cap_address_space(gib: float) -> None:
@@ -313,8 +340,9 @@ def emit(rec: dict) -> int:
     return 0
 
 
-def measure(run: Callable[[], object], cleanup: Callable[[], object], repeats: int,
-            time_budget: float) -> dict:
+def measure(
+    run: Callable[[], object], cleanup: Callable[[], object], repeats: int, time_budget: float
+) -> dict:
     """One warm-up call, then up to ``repeats`` timed calls (fewer once they used
     ``time_budget`` s, or when the warm-up alone took over 10 s); peak extra memory is
     the kernel's RSS high-water mark above the RSS just before the warm-up.
@@ -349,14 +377,21 @@ def measure(run: Callable[[], object], cleanup: Callable[[], object], repeats: i
                 break
     except (RuntimeError, MemoryError) as e:
         peak = status_kib("VmHWM")
-        out.update(error_fields(e, "run"), times_s=times,
-                   peak_extra_mib=(peak - base_kib) / 1024)
+        out.update(error_fields(e, "run"), times_s=times, peak_extra_mib=(peak - base_kib) / 1024)
         return out
-    peak_kib = status_kib("VmHWM") if hwm_reset else resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss
-    out.update(status="ok", warmup_s=warm, times_s=times, median_s=statistics.median(times),
-               min_s=min(times), baseline_rss_mib=base_kib / 1024,
-               peak_rss_mib=peak_kib / 1024, peak_extra_mib=(peak_kib - base_kib) / 1024)
+    peak_kib = (
+        status_kib("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    )
+    out.update(
+        status="ok",
+        warmup_s=warm,
+        times_s=times,
+        median_s=statistics.median(times),
+        min_s=min(times),
+        baseline_rss_mib=base_kib / 1024,
+        peak_rss_mib=peak_kib / 1024,
+        peak_extra_mib=(peak_kib - base_kib) / 1024,
+    )
     return out
 
 
@@ -372,8 +407,7 @@ def child_env() -> dict:
     """The environment of a worker: ours, with the repository root on PYTHONPATH so
     that ``-m benchmarks.<script>`` resolves from any working directory."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH"))
-                                        if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -381,29 +415,46 @@ def run_child(cmd: list[str], base: dict, timeout: float) -> dict:
     """Run one worker process (killed with its group after ``timeout`` s) and return
     ``base`` merged with its ``RESULT`` line, or a timeout / OOM / crash record."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=child_env())
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=child_env(),
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.communicate()
-        return {**base, "status": "timeout", "wall_s": time.perf_counter() - t0,
-                "error": f"no result within {timeout} s"}
+        return {
+            **base,
+            "status": "timeout",
+            "wall_s": time.perf_counter() - t0,
+            "error": f"no result within {timeout} s",
+        }
     rec = None
     for line in out.splitlines():
         if line.startswith("RESULT "):
-            rec = json.loads(line[len("RESULT "):])
+            rec = json.loads(line[len("RESULT ") :])
     if rec is None:
         tail = err.strip().splitlines()[-3:]
         oom = any(is_oom(t) for t in tail) or proc.returncode == -9
-        rec = {"status": "OOM" if oom else "crash",
-               "error": f"exit code {proc.returncode}: {' | '.join(tail)[:400]}"}
+        rec = {
+            "status": "OOM" if oom else "crash",
+            "error": f"exit code {proc.returncode}: {' | '.join(tail)[:400]}",
+        }
     return {**base, **rec, "wall_s": time.perf_counter() - t0}
 
 
-def run_jobs(jobs: list[tuple], run: Callable[..., dict], label: Callable[[tuple], str],
-             write: Callable[[list[dict]], object], meta: dict) -> list[dict]:
+def run_jobs(
+    jobs: list[tuple],
+    run: Callable[..., dict],
+    label: Callable[[tuple], str],
+    write: Callable[[list[dict]], object],
+    meta: dict,
+) -> list[dict]:
     """Run each job (``run(*job)`` -> record) in turn, print one progress line per job
     (``label(job)`` in front) and ``write(records)`` after each, so partial results
     survive an interruption; then stamp the end load and time into ``meta``."""
@@ -411,10 +462,12 @@ def run_jobs(jobs: list[tuple], run: Callable[..., dict], label: Callable[[tuple
     for i, job in enumerate(jobs, 1):
         rec = run(*job)
         records.append(rec)
-        msg = (f"[{i}/{len(jobs)}] {label(job)} {rec['status']:6s} "
-               f"median={fmt(rec.get('median_s'), '.3f')}s "
-               f"peak_extra={fmt(rec.get('peak_extra_mib'), ',.0f')}MiB "
-               f"wall={rec['wall_s']:.1f}s load={rec['loadavg_before'][0]:.2f}")
+        msg = (
+            f"[{i}/{len(jobs)}] {label(job)} {rec['status']:6s} "
+            f"median={fmt(rec.get('median_s'), '.3f')}s "
+            f"peak_extra={fmt(rec.get('peak_extra_mib'), ',.0f')}MiB "
+            f"wall={rec['wall_s']:.1f}s load={rec['loadavg_before'][0]:.2f}"
+        )
         if rec["status"] != "ok":
             msg += f" ({rec.get('error', '')[:120]})"
         print(msg, file=sys.stderr, flush=True)
@@ -426,15 +479,31 @@ def run_jobs(jobs: list[tuple], run: Callable[..., dict], label: Callable[[tuple
 
 def add_child_args(p, time_budget: float) -> None:
     """The options of the child-process benchmarks (bench_search, bench_quantizers)."""
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats after one warm-up (default 5; 2 with --quick)")
-    p.add_argument("--time-budget", type=float, default=time_budget,
-                   help="stop timed repeats once they used this many seconds")
-    p.add_argument("--mem-cap-gib", type=float, default=14.0,
-                   help="address-space cap per worker (RLIMIT_AS), GiB")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats after one warm-up (default 5; 2 with --quick)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=time_budget,
+        help="stop timed repeats once they used this many seconds",
+    )
+    p.add_argument(
+        "--mem-cap-gib",
+        type=float,
+        default=14.0,
+        help="address-space cap per worker (RLIMIT_AS), GiB",
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="wall timeout per worker, s")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads in the workers (default: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads in the workers (default: torch's default)",
+    )
     p.add_argument("--note", help="free text stored in the results (e.g. machine load)")
 
 
@@ -446,15 +515,25 @@ def default_repeats(args) -> None:
 
 def child_settings(args) -> dict:
     """The settings of a child-process benchmark run, as stored in its results."""
-    return {"repeats": args.repeats, "mem_cap_gib": args.mem_cap_gib,
-            "timeout_s": args.timeout, "time_budget_s": args.time_budget,
-            "threads": args.threads or "torch default"}
+    return {
+        "repeats": args.repeats,
+        "mem_cap_gib": args.mem_cap_gib,
+        "timeout_s": args.timeout,
+        "time_budget_s": args.time_budget,
+        "threads": args.threads or "torch default",
+    }
 
 
 def child_args(args) -> list[str]:
     """The options a parent passes on to its workers."""
-    out = ["--repeats", str(args.repeats), "--mem-cap-gib", str(args.mem_cap_gib),
-           "--time-budget", str(args.time_budget)]
+    out = [
+        "--repeats",
+        str(args.repeats),
+        "--mem-cap-gib",
+        str(args.mem_cap_gib),
+        "--time-budget",
+        str(args.time_budget),
+    ]
     if getattr(args, "no_check", False):
         out.append("--no-check")
     if args.threads:

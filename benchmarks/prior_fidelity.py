@@ -80,22 +80,27 @@ def unigram_bits(train: torch.Tensor, test: torch.Tensor, vocab: int) -> dict[st
 
 
 def grouped_unigram_xent(
-    train: torch.Tensor, train_groups: torch.Tensor, test: torch.Tensor,
-    test_groups: torch.Tensor, vocab: int,
+    train: torch.Tensor,
+    train_groups: torch.Tensor,
+    test: torch.Tensor,
+    test_groups: torch.Tensor,
+    vocab: int,
 ) -> float:
     """Cross-entropy (bits per code) of test codes (n,) under one add-one-smoothed
     unigram per group, counted on the train codes (m,) and their groups."""
     g = int(max(train_groups.max(), test_groups.max())) + 1
     counts = torch.zeros(g, vocab, dtype=torch.float64)
-    counts.index_put_((train_groups, train), torch.ones(len(train), dtype=torch.float64),
-                      accumulate=True)
+    counts.index_put_(
+        (train_groups, train), torch.ones(len(train), dtype=torch.float64), accumulate=True
+    )
     logq = ((counts + 1) / (counts.sum(1, keepdim=True) + vocab)).log2()
     return float(-logq[test_groups, test].mean())
 
 
 @torch.no_grad()
-def prior_bits(model: Any, codes: torch.Tensor, labels: torch.Tensor | None,
-               batch_size: int = 250) -> float:
+def prior_bits(
+    model: Any, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int = 250
+) -> float:
     """Mean -log2 p(c_t | c_<t, y) over all codes (eval mode); labels None: null class."""
     total = 0.0
     n = codes.shape[0]
@@ -117,8 +122,12 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         c = channels
         for w in (32, 64, 128):
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             c = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c, num_classes)
@@ -127,8 +136,9 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def train_classifier(images: Any, epochs: int, batch_size: int, lr: float, seed: int,
-                     log: Any = print) -> tuple[SmallCNN, dict[str, Any]]:
+def train_classifier(
+    images: Any, epochs: int, batch_size: int, lr: float, seed: int, log: Any = print
+) -> tuple[SmallCNN, dict[str, Any]]:
     """Train :class:`SmallCNN` on an ImageData split: AdamW, one-cycle schedule, random
     horizontal flips. Returns the model (eval mode) and a record of the run."""
     from vqkit.data import normalize
@@ -160,14 +170,22 @@ def train_classifier(images: Any, epochs: int, batch_size: int, lr: float, seed:
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)
             losses.append(float(loss.detach()))
-        log(f"classifier epoch {epoch + 1}/{epochs}: loss {np.mean(losses[-steps_per_epoch:]):.3f}"
-            f" train acc {correct / seen:.3f} ({time.perf_counter() - t0:.0f} s)")
+        log(
+            f"classifier epoch {epoch + 1}/{epochs}: loss {np.mean(losses[-steps_per_epoch:]):.3f}"
+            f" train acc {correct / seen:.3f} ({time.perf_counter() - t0:.0f} s)"
+        )
     model.eval()
-    rec = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-           "train_images": n, "params": sum(p.numel() for p in model.parameters()),
-           "train_seconds": time.perf_counter() - t0,
-           "final_epoch_loss": float(np.mean(losses[-steps_per_epoch:])),
-           "final_epoch_train_acc": correct / seen}
+    rec = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_images": n,
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": time.perf_counter() - t0,
+        "final_epoch_loss": float(np.mean(losses[-steps_per_epoch:])),
+        "final_epoch_train_acc": correct / seen,
+    }
     return model, rec
 
 
@@ -176,8 +194,7 @@ def save_classifier(path: Path, model: SmallCNN, record: dict[str, Any]) -> None
     torch.save({"state_dict": model.state_dict(), "record": json.dumps(record)}, path)
 
 
-def load_classifier(path: Path, channels: int, num_classes: int) -> tuple[SmallCNN,
-                                                                          dict[str, Any]]:
+def load_classifier(path: Path, channels: int, num_classes: int) -> tuple[SmallCNN, dict[str, Any]]:
     """A classifier written by :func:`save_classifier` (eval mode) and its record."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = SmallCNN(channels, num_classes)
@@ -188,8 +205,9 @@ def load_classifier(path: Path, channels: int, num_classes: int) -> tuple[SmallC
 @torch.no_grad()
 def classify(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Class probabilities (N, classes) of images (N, C, H, W) in [-0.5, 0.5]."""
-    return torch.cat([torch.softmax(model(x[i : i + batch_size]), 1)
-                      for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [torch.softmax(model(x[i : i + batch_size]), 1) for i in range(0, len(x), batch_size)]
+    )
 
 
 def scores(probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[str, Any]:
@@ -197,16 +215,22 @@ def scores(probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[
     entropy of the predicted-class histogram (bits; log2 C when balanced)."""
     pred = probs.argmax(1)
     hit = (pred == target).double()
-    per_class = [float(hit[target == c].mean()) if bool((target == c).any()) else None
-                 for c in range(num_classes)]
+    per_class = [
+        float(hit[target == c].mean()) if bool((target == c).any()) else None
+        for c in range(num_classes)
+    ]
     p = probs.double().clamp_min(1e-12)
     marg = p.mean(0)
     kl = (p * (p.log() - marg.log())).sum(1).mean()
     hist = torch.bincount(pred, minlength=num_classes).double()
     hist = hist[hist > 0] / hist.sum()
-    return {"n": len(target), "accuracy": float(hit.mean()), "per_class_accuracy": per_class,
-            "classifier_score": float(kl.exp()),
-            "predicted_class_entropy_bits": max(0.0, float(-(hist * hist.log2()).sum()))}
+    return {
+        "n": len(target),
+        "accuracy": float(hit.mean()),
+        "per_class_accuracy": per_class,
+        "classifier_score": float(kl.exp()),
+        "predicted_class_entropy_bits": max(0.0, float(-(hist * hist.log2()).sum())),
+    }
 
 
 def to_8bit(x: torch.Tensor) -> torch.Tensor:
@@ -217,8 +241,9 @@ def to_8bit(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- pictures
 
 
-def labelled_grid(panels: list[tuple[str, torch.Tensor]], labels: list[str], cols: int,
-                  path: Path, scale: int = 2) -> None:
+def labelled_grid(
+    panels: list[tuple[str, torch.Tensor]], labels: list[str], cols: int, path: Path, scale: int = 2
+) -> None:
     """One PNG: panels side by side, each a title over a grid of ``len(labels)`` rows of
     ``cols`` images (the panel's images (rows * cols, C, H, W), row-major), the row
     labels on the left."""
@@ -279,15 +304,20 @@ def setting_title(s: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def decode(tok: Any, codes: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    return torch.cat([tok.model.decode(codes[i : i + batch_size])
-                      for i in range(0, len(codes), batch_size)])
+    return torch.cat(
+        [tok.model.decode(codes[i : i + batch_size]) for i in range(0, len(codes), batch_size)]
+    )
 
 
 @torch.no_grad()
 def reconstruct(tok: Any, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
     """Images (N, C, H, W) in [-0.5, 0.5] through the tokenizer (encode, decode), 8-bit."""
-    return torch.cat([to_8bit(tok.model.decode(tok.model.encode(x[i : i + batch_size])))
-                      for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [
+            to_8bit(tok.model.decode(tok.model.encode(x[i : i + batch_size])))
+            for i in range(0, len(x), batch_size)
+        ]
+    )
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -309,15 +339,18 @@ def evaluate(args: argparse.Namespace) -> int:
 
     model, ckpt = load_prior(args.prior, args.checkpoint)
     stored = ckpt["tokenizer"]
-    tok = load_tokenizer(stored["run_dir"], checkpoint=stored["checkpoint"],
-                         expect_sha256=stored["sha256"])
+    tok = load_tokenizer(
+        stored["run_dir"], checkpoint=stored["checkpoint"], expect_sha256=stored["sha256"]
+    )
     train_codes, test_codes, cached = load_codes(tok)
     classes = list(ckpt.get("classes", []))
     cfg = model.config
     vocab = cfg.vocab_size
-    log(f"prior step {ckpt['step']} ({model.num_params() / 1e6:.2f} M params), codes "
+    log(
+        f"prior step {ckpt['step']} ({model.num_params() / 1e6:.2f} M params), codes "
         f"{tuple(train_codes.code_shape)} K={vocab}, {len(train_codes)} train / "
-        f"{len(test_codes)} test ({'cached' if cached else 'encoded'})")
+        f"{len(test_codes)} test ({'cached' if cached else 'encoded'})"
+    )
 
     # 1. likelihood
     t = time.perf_counter()
@@ -327,26 +360,31 @@ def evaluate(args: argparse.Namespace) -> int:
     pos_tr = torch.arange(t_len).repeat(len(tr_seq))
     pos_te = torch.arange(t_len).repeat(len(te_seq))
     lik["test_xent_position_unigram_bits"] = grouped_unigram_xent(
-        tr_seq.reshape(-1), pos_tr, te_seq.reshape(-1), pos_te, vocab)
+        tr_seq.reshape(-1), pos_tr, te_seq.reshape(-1), pos_te, vocab
+    )
     if classes:
         lik["test_xent_class_unigram_bits"] = grouped_unigram_xent(
-            tr_seq.reshape(-1), train_codes.labels.repeat_interleave(t_len),
-            te_seq.reshape(-1), test_codes.labels.repeat_interleave(t_len), vocab)
+            tr_seq.reshape(-1),
+            train_codes.labels.repeat_interleave(t_len),
+            te_seq.reshape(-1),
+            test_codes.labels.repeat_interleave(t_len),
+            vocab,
+        )
     cond = cfg.num_classes > 0
     te_y = test_codes.labels if cond else None
     lik["prior_test_bits"] = prior_bits(model, te_seq, te_y)
     n_tr = min(len(tr_seq), args.train_nll_sequences or len(tr_seq))
     # evenly strided: image-folder splits are sorted by class
     sub = torch.linspace(0, len(tr_seq) - 1, n_tr).round().long()
-    lik["prior_train_bits"] = prior_bits(model, tr_seq[sub], train_codes.labels[sub]
-                                         if cond else None)
+    lik["prior_train_bits"] = prior_bits(
+        model, tr_seq[sub], train_codes.labels[sub] if cond else None
+    )
     lik["prior_train_sequences"] = n_tr
     if cond and cfg.class_dropout > 0:
         lik["prior_test_bits_null_class"] = prior_bits(model, te_seq, None)
     lik["codes_per_image"] = t_len
     timing["likelihood_s"] = time.perf_counter() - t
-    log("likelihood: " + ", ".join(f"{k} {v:.4f}" for k, v in lik.items()
-                                    if isinstance(v, float)))
+    log("likelihood: " + ", ".join(f"{k} {v:.4f}" for k, v in lik.items() if isinstance(v, float)))
 
     # 2. samples, per class, for every setting
     settings = args.settings
@@ -359,9 +397,15 @@ def evaluate(args: argparse.Namespace) -> int:
         for s in settings:
             g = torch.Generator().manual_seed(args.seed)
             ts = time.perf_counter()
-            codes = model.sample(len(labels), labels=labels, generator=g,
-                                 batch_size=args.sample_batch, temperature=s["temperature"],
-                                 cfg_scale=s["cfg_scale"], top_k=s["top_k"])
+            codes = model.sample(
+                len(labels),
+                labels=labels,
+                generator=g,
+                batch_size=args.sample_batch,
+                temperature=s["temperature"],
+                cfg_scale=s["cfg_scale"],
+                top_k=s["top_k"],
+            )
             sample_codes[setting_name(s)] = codes
             samples[setting_name(s)] = to_8bit(decode(tok, codes))
             log(f"sampled {len(labels)} ({setting_title(s)}) in {time.perf_counter() - ts:.0f} s")
@@ -371,15 +415,18 @@ def evaluate(args: argparse.Namespace) -> int:
     grid_files = []
     if classes:
         cols = args.grid_cols
-        first = torch.cat([torch.arange(c * per_class, c * per_class + cols)
-                           for c in range(len(classes))])
+        first = torch.cat(
+            [torch.arange(c * per_class, c * per_class + cols) for c in range(len(classes))]
+        )
         for s in settings:
             name = setting_name(s)
             path = out / f"samples_{name}.png"
             labelled_grid([(setting_title(s), samples[name][first])], classes, cols, path)
             grid_files.append(path.name)
-        panels = [(setting_title(s), samples[setting_name(s)][first])
-                  for s in settings[: args.figure_panels]]
+        panels = [
+            (setting_title(s), samples[setting_name(s)][first])
+            for s in settings[: args.figure_panels]
+        ]
         if args.figure:
             fig = Path(args.figure)
             labelled_grid(panels, classes, cols, fig)
@@ -395,8 +442,7 @@ def evaluate(args: argparse.Namespace) -> int:
     fid: dict[str, Any] = {}
     if classes and not args.no_classifier:
         data = args.data or tok.run_config.get("train", {}).get("data")
-        opts = {"image_size": tok.model.config.image_size,
-                "channels": tok.model.config.in_channels}
+        opts = {"image_size": tok.model.config.image_size, "channels": tok.model.config.in_channels}
         train_img = load_dataset(data, "train", **opts)
         test_img = load_dataset(data, "test", **opts)
         log(f"data {data or 'builtin'}: {len(train_img)} train / {len(test_img)} test images")
@@ -414,17 +460,22 @@ def evaluate(args: argparse.Namespace) -> int:
                 clf, clf_rec = load_classifier(clf_path, train_img.channels, nc)
                 log(f"classifier loaded from {clf_path}")
             else:
-                clf, clf_rec = train_classifier(train_img, args.clf_epochs, args.clf_batch,
-                                                args.clf_lr, args.seed, log)
+                clf, clf_rec = train_classifier(
+                    train_img, args.clf_epochs, args.clf_batch, args.clf_lr, args.seed, log
+                )
                 clf_rec["data"] = str(data or "builtin")
                 if clf_path:
                     save_classifier(clf_path, clf, clf_rec)
-            rows = {"real test images": scores(classify(clf, real), y, nc),
-                    "tokenizer reconstructions of them": scores(classify(clf, recon), y, nc)}
+            rows = {
+                "real test images": scores(classify(clf, real), y, nc),
+                "tokenizer reconstructions of them": scores(classify(clf, recon), y, nc),
+            }
             for st in settings:
                 name = setting_name(st)
                 rows[f"samples, {setting_title(st)}"] = {
-                    **scores(classify(clf, samples[name]), labels, nc), "setting": st}
+                    **scores(classify(clf, samples[name]), labels, nc),
+                    "setting": st,
+                }
             fid["classifiers"].append({"classifier": clf_rec, "rows": rows})
             log("accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in rows.items()))
         timing["classifier_s"] = time.perf_counter() - t - timing["reconstruct_s"]
@@ -461,39 +512,60 @@ def report_lines(rec: dict[str, Any], title: str) -> list[str]:
     tcfg = rec["prior_train_config"]
     k = cfg["vocab_size"]
     shape = " x ".join(map(str, cfg["code_shape"]))
-    lines = [f"# {title}", "", *meta_lines(meta), f"- torch threads: {meta['threads']}",
-             f"- prior: `{rec['prior_dir']}` at step {rec['prior_step']}: {cfg['n_layer']} "
-             f"layers, width {cfg['n_embd']}, {cfg['n_head']} heads, {cfg['pos']} positions, "
-             f"{rec['prior_params'] / 1e6:.2f} M parameters, class dropout "
-             f"{cfg['class_dropout']}; trained {tcfg['steps']} steps of batch "
-             f"{tcfg['batch_size']}, lr {tcfg['lr']}",
-             f"- tokenizer: `{rec['tokenizer']['run_dir']}` ({rec['tokenizer']['checkpoint']}, "
-             f"sha256 {rec['tokenizer']['sha256'][:12]}...), {shape} codes of K = {k}",
-             "", "## Likelihood (bits per code, whole test split)", ""]
+    lines = [
+        f"# {title}",
+        "",
+        *meta_lines(meta),
+        f"- torch threads: {meta['threads']}",
+        f"- prior: `{rec['prior_dir']}` at step {rec['prior_step']}: {cfg['n_layer']} "
+        f"layers, width {cfg['n_embd']}, {cfg['n_head']} heads, {cfg['pos']} positions, "
+        f"{rec['prior_params'] / 1e6:.2f} M parameters, class dropout "
+        f"{cfg['class_dropout']}; trained {tcfg['steps']} steps of batch "
+        f"{tcfg['batch_size']}, lr {tcfg['lr']}",
+        f"- tokenizer: `{rec['tokenizer']['run_dir']}` ({rec['tokenizer']['checkpoint']}, "
+        f"sha256 {rec['tokenizer']['sha256'][:12]}...), {shape} codes of K = {k}",
+        "",
+        "## Likelihood (bits per code, whole test split)",
+        "",
+    ]
     rows = [
         ["uniform over K (log2 K)", f"{lik['uniform_bits']:.3f}"],
         ["train unigram entropy (no context)", f"{lik['train_unigram_entropy_bits']:.3f}"],
         ["test unigram entropy", f"{lik['test_unigram_entropy_bits']:.3f}"],
-        ["test cross-entropy under the train unigram",
-         f"{lik['test_xent_train_unigram_bits']:.3f}"],
+        [
+            "test cross-entropy under the train unigram",
+            f"{lik['test_xent_train_unigram_bits']:.3f}",
+        ],
         ["... one unigram per position", f"{lik['test_xent_position_unigram_bits']:.3f}"],
     ]
     if "test_xent_class_unigram_bits" in lik:
         rows.append(["... one unigram per class", f"{lik['test_xent_class_unigram_bits']:.3f}"])
     if "prior_test_bits_null_class" in lik:
-        rows.append(["prior, null class (unconditional)",
-                     f"{lik['prior_test_bits_null_class']:.3f}"])
-    rows.append(["**prior, true class**" if rec["classes"] else "**prior**",
-                 f"**{lik['prior_test_bits']:.3f}**"])
-    rows.append([f"prior on {lik['prior_train_sequences']} train sequences (evenly strided)",
-                 f"{lik['prior_train_bits']:.3f}"])
+        rows.append(
+            ["prior, null class (unconditional)", f"{lik['prior_test_bits_null_class']:.3f}"]
+        )
+    rows.append(
+        [
+            "**prior, true class**" if rec["classes"] else "**prior**",
+            f"**{lik['prior_test_bits']:.3f}**",
+        ]
+    )
+    rows.append(
+        [
+            f"prior on {lik['prior_train_sequences']} train sequences (evenly strided)",
+            f"{lik['prior_train_bits']:.3f}",
+        ]
+    )
     t = lik["codes_per_image"]
     lines += md_table(["model", "bits per code"], rows)
-    lines += ["", f"Bits per image = bits per code x {t}: the prior needs "
-              f"{lik['prior_test_bits'] * t:.0f} bits for a test image's codes, against "
-              f"{lik['test_xent_train_unigram_bits'] * t:.0f} under the unigram and "
-              f"{lik['uniform_bits'] * t:.0f} stored raw. Codes used: "
-              f"{lik['codes_used_train']} of {k} (train), {lik['codes_used_test']} (test)."]
+    lines += [
+        "",
+        f"Bits per image = bits per code x {t}: the prior needs "
+        f"{lik['prior_test_bits'] * t:.0f} bits for a test image's codes, against "
+        f"{lik['test_xent_train_unigram_bits'] * t:.0f} under the unigram and "
+        f"{lik['uniform_bits'] * t:.0f} stored raw. Codes used: "
+        f"{lik['codes_used_train']} of {k} (train), {lik['codes_used_test']} (test).",
+    ]
     if lik.get("sample_unigram_entropy_bits"):
         ent = ", ".join(f"{n} {v:.3f}" for n, v in lik["sample_unigram_entropy_bits"].items())
         lines += [f"Unigram entropy of the sampled codes (bits): {ent}."]
@@ -501,8 +573,11 @@ def report_lines(rec: dict[str, Any], title: str) -> list[str]:
     for block in fid.get("classifiers", []):
         lines += classifier_lines(rec, block)
     if rec["grids"]:
-        lines += ["", "Sample grids (one row per class, in label order): "
-                  + ", ".join(f"`{g}`" for g in rec["grids"])]
+        lines += [
+            "",
+            "Sample grids (one row per class, in label order): "
+            + ", ".join(f"`{g}`" for g in rec["grids"]),
+        ]
     tm = rec["timing_s"]
     lines += ["", "Wall time (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in tm.items())]
     return lines
@@ -512,28 +587,48 @@ def classifier_lines(rec: dict[str, Any], block: dict[str, Any]) -> list[str]:
     """The Markdown of one classifier's accuracy tables."""
     c, res = block["classifier"], block["rows"]
     on_recon = c.get("trained_on") == "reconstructions"
-    what = ("the tokenizer's reconstructions of the" if on_recon else "the")
-    how = (f"loaded from `{c['loaded_from']}`" if "loaded_from" in c else "trained now")
-    lines = ["", "## Classifier accuracy, classifier trained on "
-             + ("tokenizer reconstructions" if on_recon else "real images"), "",
-             f"A small CNN ({c['params'] / 1e3:.0f} k parameters, 3 conv blocks) trained "
-             f"{c['epochs']} epochs on {what} {c['train_images']} real training images "
-             f"(batch {c['batch_size']}, AdamW one-cycle lr {c['lr']}, random flips; "
-             f"{c['train_seconds']:.0f} s, {how}). Samples: {rec['per_class']} per class "
-             f"(seed {rec['seed']}); accuracy = the classifier names the class the sample "
-             f"was drawn for. Classifier score = exp(E KL(p(y|x) \\|\\| p(y))) with this "
-             f"classifier (Inception-score form; at most {len(rec['classes'])})."]
+    what = "the tokenizer's reconstructions of the" if on_recon else "the"
+    how = f"loaded from `{c['loaded_from']}`" if "loaded_from" in c else "trained now"
+    lines = [
+        "",
+        "## Classifier accuracy, classifier trained on "
+        + ("tokenizer reconstructions" if on_recon else "real images"),
+        "",
+        f"A small CNN ({c['params'] / 1e3:.0f} k parameters, 3 conv blocks) trained "
+        f"{c['epochs']} epochs on {what} {c['train_images']} real training images "
+        f"(batch {c['batch_size']}, AdamW one-cycle lr {c['lr']}, random flips; "
+        f"{c['train_seconds']:.0f} s, {how}). Samples: {rec['per_class']} per class "
+        f"(seed {rec['seed']}); accuracy = the classifier names the class the sample "
+        f"was drawn for. Classifier score = exp(E KL(p(y|x) \\|\\| p(y))) with this "
+        f"classifier (Inception-score form; at most {len(rec['classes'])}).",
+    ]
     if "command" in c:
-        lines += ["", f"Classifier trained by `{c['command']}` (commit {c['git_commit']}, "
-                  f"{c['date_utc']})."]
-    rows = [[name, r["n"], f"{100 * r['accuracy']:.1f}%", f"{r['classifier_score']:.2f}",
-             f"{r['predicted_class_entropy_bits']:.2f}"] for name, r in res.items()]
-    lines += ["", *md_table(["images", "n", "accuracy", "classifier score",
-                             "predicted-class entropy (bits)"], rows)]
+        lines += [
+            "",
+            f"Classifier trained by `{c['command']}` (commit {c['git_commit']}, {c['date_utc']}).",
+        ]
+    rows = [
+        [
+            name,
+            r["n"],
+            f"{100 * r['accuracy']:.1f}%",
+            f"{r['classifier_score']:.2f}",
+            f"{r['predicted_class_entropy_bits']:.2f}",
+        ]
+        for name, r in res.items()
+    ]
+    lines += [
+        "",
+        *md_table(
+            ["images", "n", "accuracy", "classifier score", "predicted-class entropy (bits)"], rows
+        ),
+    ]
     names = list(res)
     short = ["real", "recon"] + [n.replace("samples, ", "") for n in names[2:]]
-    per = [[cls] + [f"{100 * res[n]['per_class_accuracy'][i]:.0f}" for n in names]
-           for i, cls in enumerate(rec["classes"])]
+    per = [
+        [cls] + [f"{100 * res[n]['per_class_accuracy'][i]:.0f}" for n in names]
+        for i, cls in enumerate(rec["classes"])
+    ]
     return lines + ["", "Accuracy by class (%):", "", *md_table(["class", *short], per)]
 
 
@@ -568,24 +663,36 @@ def classifier(args: argparse.Namespace) -> int:
         recon = reconstruct(tok, normalize(train_img.images))
         train_img = replace(train_img, images=denormalize(recon))
         recon_test = reconstruct(tok, real_test)
-        extra = {"trained_on": "reconstructions", "tokenizer": str(tok.checkpoint),
-                 "tokenizer_sha256": tok.sha256}
+        extra = {
+            "trained_on": "reconstructions",
+            "tokenizer": str(tok.checkpoint),
+            "tokenizer_sha256": tok.sha256,
+        }
         log(f"reconstructed the splits through {tok.checkpoint}")
-    clf, rec = train_classifier(train_img, args.clf_epochs, args.clf_batch, args.clf_lr,
-                                args.seed, log)
+    clf, rec = train_classifier(
+        train_img, args.clf_epochs, args.clf_batch, args.clf_lr, args.seed, log
+    )
     nc = test_img.num_classes
     rec["test_accuracy"] = scores(classify(clf, real_test), test_img.labels, nc)["accuracy"]
     if args.on_recon:
-        rec["test_recon_accuracy"] = scores(classify(clf, recon_test), test_img.labels,
-                                            nc)["accuracy"]
+        rec["test_recon_accuracy"] = scores(classify(clf, recon_test), test_img.labels, nc)[
+            "accuracy"
+        ]
     finish_meta(meta)
-    rec.update(extra, data=str(args.data or "builtin"), command=meta["command"],
-               git_commit=meta["git_commit"], date_utc=meta["date_utc"],
-               threads=torch.get_num_threads())
+    rec.update(
+        extra,
+        data=str(args.data or "builtin"),
+        command=meta["command"],
+        git_commit=meta["git_commit"],
+        date_utc=meta["date_utc"],
+        threads=torch.get_num_threads(),
+    )
     save_classifier(Path(args.out), clf, rec)
-    log(f"test accuracy {rec['test_accuracy']:.4f} (real), "
+    log(
+        f"test accuracy {rec['test_accuracy']:.4f} (real), "
         f"{rec.get('test_recon_accuracy', float('nan')):.4f} (reconstructions); "
-        f"written {args.out}")
+        f"written {args.out}"
+    )
     return 0
 
 
@@ -627,30 +734,48 @@ def stack(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=f"python -m {MODULE}",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     e = sub.add_parser("evaluate", help="likelihood, sample grids, classifier accuracy")
     e.add_argument("--prior", required=True, help="vqkit prior run directory")
     e.add_argument("--checkpoint", choices=("best", "last"), default=None)
     e.add_argument("--out", required=True, help="results directory")
     e.add_argument("--title", default="Prior: likelihood and fidelity")
-    e.add_argument("--settings", type=parse_setting, nargs="+",
-                   default=[parse_setting(s) for s in ("1:1", "0.8:1", "1:3")],
-                   help="sampling settings T:S[:K] (temperature, guidance scale, top-k)")
+    e.add_argument(
+        "--settings",
+        type=parse_setting,
+        nargs="+",
+        default=[parse_setting(s) for s in ("1:1", "0.8:1", "1:3")],
+        help="sampling settings T:S[:K] (temperature, guidance scale, top-k)",
+    )
     e.add_argument("--per-class", type=int, default=100, help="samples per class and setting")
     e.add_argument("--grid-cols", type=int, default=10, help="samples per row of the grids")
-    e.add_argument("--figure", default=None,
-                   help="also write the first --figure-panels grids side by side here")
+    e.add_argument(
+        "--figure",
+        default=None,
+        help="also write the first --figure-panels grids side by side here",
+    )
     e.add_argument("--figure-panels", type=int, default=2)
     e.add_argument("--sample-batch", type=int, default=250)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--train-nll-sequences", type=int, default=10000,
-                   help="train sequences for the train NLL, evenly strided (0: all)")
+    e.add_argument(
+        "--train-nll-sequences",
+        type=int,
+        default=10000,
+        help="train sequences for the train NLL, evenly strided (0: all)",
+    )
     e.add_argument("--data", default=None, help="classifier data (default: the tokenizer's)")
-    e.add_argument("--classifier", nargs="+", default=None,
-                   help="classifier weights: loaded when the file exists, else trained on "
-                   "the real images and written; several: one table each")
+    e.add_argument(
+        "--classifier",
+        nargs="+",
+        default=None,
+        help="classifier weights: loaded when the file exists, else trained on "
+        "the real images and written; several: one table each",
+    )
     e.add_argument("--no-classifier", action="store_true")
     e.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     e.add_argument("--note", default=None)
@@ -659,8 +784,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", required=True, help="weights file to write")
     c.add_argument("--image-size", type=int, default=None)
     c.add_argument("--channels", type=int, default=None)
-    c.add_argument("--on-recon", metavar="RUN_DIR", default=None,
-                   help="train on the reconstructions of this tokenizer run instead")
+    c.add_argument(
+        "--on-recon",
+        metavar="RUN_DIR",
+        default=None,
+        help="train on the reconstructions of this tokenizer run instead",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     for p in (e, c):

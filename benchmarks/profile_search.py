@@ -45,11 +45,14 @@ def _split(x: torch.Tensor, w: torch.Tensor) -> dict | None:
     s = torch.empty(tile_n, tile_k)
     t_mm = t_min = 0.0
     for r0 in range(0, n, tile_n):
-        xb = x[r0:r0 + tile_n]
+        xb = x[r0 : r0 + tile_n]
         for c0 in range(0, k, tile_k):
             c1 = min(k, c0 + tile_k)
-            st = s[: xb.shape[0], : c1 - c0] if c1 - c0 == tile_k else s.view(-1)[
-                : xb.shape[0] * (c1 - c0)].view(xb.shape[0], c1 - c0)
+            st = (
+                s[: xb.shape[0], : c1 - c0]
+                if c1 - c0 == tile_k
+                else s.view(-1)[: xb.shape[0] * (c1 - c0)].view(xb.shape[0], c1 - c0)
+            )
             t0 = time.perf_counter()
             torch.addmm(sq[c0:c1], xb, w[c0:c1].t(), beta=1.0, alpha=-2.0, out=st)
             t1 = time.perf_counter()
@@ -62,14 +65,16 @@ def _split(x: torch.Tensor, w: torch.Tensor) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"python -m {MODULE}",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="S2", choices=list(SHAPES))
     p.add_argument("--what", default="search", choices=["search", "fwd_bwd"])
     p.add_argument("--rows", type=int, default=15, help="rows of the op table")
     p.add_argument("--quick", action="store_true", help="smoke test: shape Q2")
-    p.add_argument("--out-dir", help="results folder (default benchmarks/results/"
-                   "profile_search, profile_search_quick with --quick)")
+    p.add_argument(
+        "--out-dir",
+        help="results folder (default benchmarks/results/"
+        "profile_search, profile_search_quick with --quick)",
+    )
     p.add_argument("--note", help="free text stored in the results")
     a = p.parse_args(argv)
     if a.quick:
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from vqkit import VectorQuantizer, nearest_code
 
     if a.what == "search":
+
         def fn() -> None:
             nearest_code(x, w)
     else:
@@ -106,12 +112,29 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     split = _split(x, w)
     common.finish_meta(meta)
-    meta["settings"] = {"shape": a.shape, "N": n, "D": d, "K": k, "what": a.what,
-                        "torch_threads": torch.get_num_threads()}
+    meta["settings"] = {
+        "shape": a.shape,
+        "N": n,
+        "D": d,
+        "K": k,
+        "what": a.what,
+        "torch_threads": torch.get_num_threads(),
+    }
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    data = {**meta, "unprofiled_s": unprofiled, "split": split,
-            "ops": [{"name": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total,
-                     "cpu_total_us": e.cpu_time_total} for e in ops[: a.rows]]}
+    data = {
+        **meta,
+        "unprofiled_s": unprofiled,
+        "split": split,
+        "ops": [
+            {
+                "name": e.key,
+                "calls": e.count,
+                "self_cpu_us": e.self_cpu_time_total,
+                "cpu_total_us": e.cpu_time_total,
+            }
+            for e in ops[: a.rows]
+        ],
+    }
     lines = [
         f"# torch.profiler: vqkit {a.what} at {a.shape} (N={n}, D={d}, K={k})",
         "",
@@ -125,8 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         "```",
     ]
     if split:
-        lines += ["", f"Search loop by hand, tile {split['tile_n']} x {split['tile_k']}: "
-                  f"addmm {split['addmm_s']:.3f} s, row-min {split['row_min_s']:.3f} s."]
+        lines += [
+            "",
+            f"Search loop by hand, tile {split['tile_n']} x {split['tile_k']}: "
+            f"addmm {split['addmm_s']:.3f} s, row-min {split['row_min_s']:.3f} s.",
+        ]
     md = common.write_results(out, f"{a.shape}_{a.what}", data, lines)
     print(f"wrote {md} and {md.with_suffix('.json')}", file=sys.stderr)
     return 0

@@ -118,24 +118,31 @@ def summarise(run: Path, at_step: int | None, window: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="*", help="run directories")
     ap.add_argument("--names", nargs="+")
-    ap.add_argument("--out", help="pictures go here (default docs/img; with --quick the "
-                    "results folder)")
-    ap.add_argument("--results", default=str(common.RESULTS_DIR),
-                    help="table + JSON go into <results>/<prefix>/ (default benchmarks/results)")
+    ap.add_argument(
+        "--out", help="pictures go here (default docs/img; with --quick the results folder)"
+    )
+    ap.add_argument(
+        "--results",
+        default=str(common.RESULTS_DIR),
+        help="table + JSON go into <results>/<prefix>/ (default benchmarks/results)",
+    )
     ap.add_argument("--prefix", default="cifar10")
     ap.add_argument("--at-step", type=int, default=None)
     ap.add_argument("--window", type=int, default=1000)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke test: the stored runs cifar10-ema and cifar10-vq, table and "
-                    "pictures into benchmarks/results/report_cifar_quick/")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: the stored runs cifar10-ema and cifar10-vq, table and "
+        "pictures into benchmarks/results/report_cifar_quick/",
+    )
     args = ap.parse_args(argv)
     if args.quick:
-        args.runs = args.runs or [str(common.RESULTS_DIR / r) for r in ("cifar10-ema",
-                                                                      "cifar10-vq")]
+        args.runs = args.runs or [
+            str(common.RESULTS_DIR / r) for r in ("cifar10-ema", "cifar10-vq")
+        ]
         args.prefix = "report_cifar_quick"
         args.out = args.out or str(Path(args.results) / args.prefix)
     if not args.runs:
@@ -200,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     common.write_results(results, args.prefix, {**meta, "rows": rows}, [md.rstrip("\n")])
     print(md)
-    print(f"wrote {results / args.prefix}.{{md,json}} and {out}/{args.prefix}_*.png",
-          file=sys.stderr)
+    print(
+        f"wrote {results / args.prefix}.{{md,json}} and {out}/{args.prefix}_*.png", file=sys.stderr
+    )
     return 0
 
 

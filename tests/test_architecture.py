@@ -68,7 +68,7 @@ def _room(module: str) -> str | None:
 def test_every_module_is_named_on_the_architecture_page():
     doc = DOC.read_text()
     missing = []
-    for name, path in sorted(_modules().items()):
+    for path in sorted(_modules().values()):
         if path.name == "__init__.py":
             continue
         if f"{path.name}`" not in doc and f"{path.stem}.py" not in doc:
@@ -112,7 +112,7 @@ def test_no_import_cycles():
         state[n] = 1
         for t in graph[n]:
             if state.get(t) == 1:
-                pytest.fail(f"import cycle: {' -> '.join(stack[stack.index(t):] + [t])}")
+                pytest.fail(f"import cycle: {' -> '.join(stack[stack.index(t) :] + [t])}")
             if t not in state:
                 visit(t, stack + [t])
         state[n] = 2

@@ -141,7 +141,11 @@ def test_ibq_has_no_data_init_or_revival_and_starts_on_the_hull():
 
 def test_ibq_options():
     q2 = build_quantizer(
-        "ibq", 8, num_embeddings=32, double_quant_weight=0.5, ibq_entropy_weight=0.2,
+        "ibq",
+        8,
+        num_embeddings=32,
+        double_quant_weight=0.5,
+        ibq_entropy_weight=0.2,
         entropy_temperature=0.1,
     )
     assert isinstance(q2, IBQ) and q2.double_quant_weight == 0.5

@@ -24,8 +24,16 @@ OPTIONS = {
 def tiny(kind: str) -> VQVAE:
     torch.manual_seed(0)
     opts = OPTIONS.get(kind, {"num_embeddings": 16})
-    cfg = VQVAEConfig(in_channels=1, image_size=8, hidden=8, res_hidden=4, res_layers=1,
-                      embedding_dim=8, quantizer=kind, **opts)
+    cfg = VQVAEConfig(
+        in_channels=1,
+        image_size=8,
+        hidden=8,
+        res_hidden=4,
+        res_layers=1,
+        embedding_dim=8,
+        quantizer=kind,
+        **opts,
+    )
     return VQVAE(cfg).eval()
 
 

@@ -44,6 +44,7 @@ class Prior(Protocol):
 
     def __call__(self, codes: torch.Tensor, labels: Any = None) -> torch.Tensor: ...
 
+
 __all__ = ["SampleOptions", "filter_logits", "guide", "sample"]
 
 

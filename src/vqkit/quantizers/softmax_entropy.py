@@ -42,6 +42,7 @@ from .base import fp32_region
 
 __all__ = ["softmax_entropy_terms"]
 
+
 def _row_tile(n: int, k: int, scratch: int) -> int:
     """Rows per tile: two float32 (rows x K) tiles live at once (a row of K floats is the
     least; whole rows keep every softmax one fused op instead of an online rescaling)."""
@@ -140,6 +141,10 @@ def softmax_entropy_terms(
     if keep is not None:
         x = x[keep]
     return _SoftmaxEntropy.apply(
-        x, codebook.to(torch.float32), float(temperature), bool(sync), group,
+        x,
+        codebook.to(torch.float32),
+        float(temperature),
+        bool(sync),
+        group,
         int(max_scratch_bytes),
     )

@@ -363,8 +363,10 @@ class Trainer:
             if hasattr(loader, "close"):
                 loader.close()
         # at large K this takes minutes: say so while it runs, and how long it took
-        what = (f"k-means init of {self.model.quantizer.num_codes} codes on "
-                f"{sum(z.numel() // z.shape[1] for z in latents) * self.world} latents")
+        what = (
+            f"k-means init of {self.model.quantizer.num_codes} codes on "
+            f"{sum(z.numel() // z.shape[1] for z in latents) * self.world} latents"
+        )
         if bar is not None:
             bar.set_description_str("k-means init")
         elif self.is_main:
