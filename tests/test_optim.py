@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from vqkit.training.optim import WeightEMA, lr_factor, set_lr
+from vqkit.training.optim import Schedule, WeightEMA, lr_factor
 
 
 def test_constant_schedule_is_exactly_one():
@@ -36,11 +36,15 @@ def test_warmup_then_cosine_matches_the_closed_form():
         lr_factor(0, total_steps=1, schedule="linear")
 
 
-def test_set_lr_scales_each_group_from_its_base():
-    p, q = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([{"params": [p]}, {"params": [q], "lr": 0.5}], lr=0.1)
-    set_lr(opt, [0.1, 0.5], 0.25)
-    assert [g["lr"] for g in opt.param_groups] == [0.025, 0.125]
+def test_schedule_warms_up_then_follows_its_kind():
+    s = Schedule(total_steps=110, warmup_steps=10, kind="cosine", min_lr_ratio=0.1)
+    assert [s.lr(1.0, k) for k in range(3)] == pytest.approx([0.1, 0.2, 0.3], abs=1e-15)
+    assert s.lr(1.0, 9) == 1.0 and s.lr(1.0, 10) == 1.0  # end of warm-up: the peak
+    assert math.isclose(s.lr(2.0, 60), 1.1)  # half way down the cosine: 2 * (1 + 0.1) / 2
+    assert math.isclose(s.lr(1.0, 110), 0.1) and math.isclose(s.lr(1.0, 500), 0.1)
+    assert Schedule(total_steps=5).lr(0.3, 4) == 0.3  # constant: the base rate exactly
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        Schedule(total_steps=5, kind="linear")
 
 
 class _Net(nn.Module):

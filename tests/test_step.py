@@ -17,7 +17,7 @@ def _runner(**options) -> StepRunner:
     cfg = TrainConfig(**SMALL, **options)
     model = VQVAE(cfg.model_config(3, 16))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    return StepRunner(model, model, opt, cfg, torch.device("cpu"), [cfg.lr])
+    return StepRunner(model, model, opt, cfg, torch.device("cpu"))
 
 
 def _batches(n: int = 2) -> list[torch.Tensor]:
@@ -26,7 +26,7 @@ def _batches(n: int = 2) -> list[torch.Tensor]:
 
 
 def _losses(runner: StepRunner, batches: list[torch.Tensor]) -> list[float]:
-    return [runner(x, 0.08, i)[0]["loss"] for i, x in enumerate(batches)]
+    return [runner(x, 0.08)[0]["loss"] for x in batches]
 
 
 def test_gradient_norm_is_clipped_to_the_bound():
@@ -44,10 +44,10 @@ def test_gradient_norm_is_clipped_to_the_bound():
         return real(*a, **k)
 
     runner.optimizer.step = step  # type: ignore[method-assign]
-    values, _ = runner(_batches(1)[0], 0.08, 0)
+    values, _ = runner(_batches(1)[0], 0.08)
     assert values["grad_norm"] > 1e-3  # the norm before clipping is logged
     assert seen[0] <= 1e-3 * (1 + 1e-5)
-    assert "grad_norm" not in _runner()(_batches(1)[0], 0.08, 0)[0]  # off by default
+    assert "grad_norm" not in _runner()(_batches(1)[0], 0.08)[0]  # off by default
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -164,7 +164,7 @@ def test_streamed_shards_train_and_resume_bit_exactly(tmp_path):
     with random crops and the prefetch thread; 4 + resume 4 steps == 8 steps."""
     import json
 
-    from tests.test_traindata import packed
+    from tests.test_training_data import packed
 
     src = packed(tmp_path)  # 48 train images in 6 shards: 8 steps cross an epoch
     flags = ["--data", str(src), "--image-size", "8", "--crop", "random", "--num-workers", "2"]
@@ -209,10 +209,10 @@ def _cfg(tmp_path, name, **kw):
 
 
 def test_checkpoint_every_n_minutes_with_a_mocked_clock(tmp_path, monkeypatch):
-    import vqkit.training.tokenizer as train_mod
+    import vqkit.training.loop as loop_mod
 
     now = [0.0]
-    monkeypatch.setattr(train_mod, "_clock", lambda: now[0])
+    monkeypatch.setattr(loop_mod, "_clock", lambda: now[0])
     trainer = Trainer(_cfg(tmp_path, "t", steps=7, ckpt_minutes=1.0))
     real_step, real_save, saved = trainer.train_step, trainer.save, []
 
@@ -233,7 +233,7 @@ def test_checkpoint_every_n_minutes_with_a_mocked_clock(tmp_path, monkeypatch):
 
 
 def test_lr_schedule_sets_the_rate_of_each_update(tmp_path, monkeypatch):
-    from vqkit.training.optim import lr_factor
+    from vqkit.training.optim import Schedule
 
     cfg = _cfg(tmp_path, "lr", warmup_steps=3, lr_schedule="cosine", min_lr_ratio=0.1)
     trainer = Trainer(cfg)
@@ -246,10 +246,7 @@ def test_lr_schedule_sets_the_rate_of_each_update(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.optimizer, "step", step)
     monkeypatch.setattr(trainer, "finish", dict)
     trainer.fit()
-    want = [
-        cfg.lr * lr_factor(s, total_steps=8, warmup_steps=3, schedule="cosine", min_lr_ratio=0.1)
-        for s in range(8)
-    ]
+    want = [Schedule(8, 3, "cosine", 0.1).lr(cfg.lr, s) for s in range(8)]
     assert rates == pytest.approx(want, rel=1e-12)
 
 

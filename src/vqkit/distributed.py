@@ -26,9 +26,12 @@ __all__ = [
     "init_from_env",
     "is_distributed",
     "is_main",
+    "launch_rank",
     "local_rank",
     "rank",
+    "rank_device",
     "resolve_device",
+    "step_figures",
     "teardown",
     "world_size",
 ]
@@ -139,6 +142,31 @@ def all_reduce_sum(
     return out
 
 
+def step_figures(
+    values: dict[str, float],
+    stop: bool,
+    device: torch.device,
+    counts: torch.Tensor | None = None,
+) -> tuple[dict[str, float], torch.Tensor | None, bool]:
+    """The figures of one training step over the global batch, by ONE all-reduce in
+    float64: each value averaged over the ranks, ``counts`` (per-code assignment
+    counts, any shape) summed, and whether ANY rank was asked to stop. In one process
+    the inputs come back unchanged."""
+    if world_size() == 1:
+        return values, counts, stop
+    keys = list(values)
+    parts = [torch.tensor([values[k] for k in keys] + [float(stop)], dtype=torch.float64)]
+    if counts is not None:
+        parts.append(counts.detach().reshape(-1).cpu().to(torch.float64))
+    buf = all_reduce_sum([torch.cat(parts).to(device)])[0].cpu()
+    world = world_size()
+    out = {k: float(buf[i]) / world for i, k in enumerate(keys)}
+    summed = None
+    if counts is not None:
+        summed = buf[len(keys) + 1 :].round().to(torch.int64).reshape(counts.shape)
+    return out, summed, bool(buf[len(keys)] > 0)
+
+
 def barrier(group: dist.ProcessGroup | None = None) -> None:
     """Wait for every rank of ``group`` (no-op in one process)."""
     if world_size(group) > 1:
@@ -157,4 +185,18 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
+    return dev
+
+
+def launch_rank() -> int:
+    """This process's rank: the process group's, else torchrun's RANK (0 when alone);
+    usable before the group exists (a run directory is locked by rank 0 first)."""
+    return rank() if is_distributed() else int(os.environ.get("RANK", 0))
+
+
+def rank_device(name: str) -> torch.device:
+    """:func:`resolve_device`, and under torchrun one GPU per process (by LOCAL_RANK)."""
+    dev = resolve_device(name)
+    if env_world_size() > 1 and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank())
     return dev

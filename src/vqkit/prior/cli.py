@@ -80,12 +80,9 @@ def add_prior_arguments(parser: argparse.ArgumentParser) -> None:
 def run_prior(args: argparse.Namespace) -> int:
     """Train a prior on a tokenizer's codes (see :mod:`vqkit.prior.trainer`); 0 on
     success, 130 when interrupted (the run is saved for ``--resume``)."""
-    import torch.distributed as dist
-
     from .. import distributed
     from ..storage.checkpoint import load_checkpoint
     from .codes import load_codes, load_tokenizer
-    from .runutil import rank_device
     from .trainer import PriorTrainer
 
     out = Path(args.out)
@@ -104,7 +101,7 @@ def run_prior(args: argparse.Namespace) -> int:
     tok_ckpt = args.tokenizer_checkpoint or (
         stored_tok["checkpoint"] if stored_tok and not args.tokenizer else None
     )
-    device = rank_device(train_config.device)
+    device = distributed.rank_device(train_config.device)
     owns_group = distributed.init_from_env(device)
     try:
         main_rank = distributed.rank() == 0
@@ -115,12 +112,12 @@ def run_prior(args: argparse.Namespace) -> int:
             expect_sha256=stored_tok["sha256"] if stored_tok else None,
         )
         if distributed.world_size() > 1 and not main_rank:
-            dist.barrier()  # rank 0 encodes and fills the cache first
+            distributed.barrier()  # rank 0 encodes and fills the cache first
         train, test, cached = load_codes(
             tok, data=args.data, progress=train_config.progress and main_rank
         )
         if distributed.world_size() > 1 and main_rank:
-            dist.barrier()
+            distributed.barrier()
         if main_rank:
             how = "cached" if cached else "encoded"
             print(
@@ -232,10 +229,10 @@ def run_sample(args: argparse.Namespace) -> int:
     """Draw samples from a prior, decode them with its tokenizer, write PNGs and index maps."""
     import numpy as np
 
+    from ..distributed import resolve_device
     from ..evaluation.plots import save_images
     from .codes import load_tokenizer
     from .report import save_grid
-    from .runutil import resolve_device
 
     opts = SampleOptions.from_dict(_given(args, SampleOptions), where="sample options")
     if args.num < 1:

@@ -18,10 +18,12 @@ on the same quantity in nats). Learning rate at step s (0-based) of S, warm-up W
     lr(s) = lr * (s + 1) / W                                         s < W
     lr(s) = lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2)   otherwise
 
-with r = ``min_lr_ratio``. The directory is a :class:`vqkit.storage.rundir.RunDir`: rank 0 holds
-its lock from construction to the end of :meth:`PriorTrainer.fit` (or ``close()``), a
-fresh start refuses a directory holding a run unless ``overwrite`` (which removes only
-the files listed in :data:`ARTIFACTS`, the checkpoints and ``samples/step_*.png``).
+with r = ``min_lr_ratio`` (:class:`vqkit.training.optim.Schedule`, set by the shared run
+loop :mod:`vqkit.training.loop`, which also owns the cadence, Ctrl-C and logs). The
+directory is a :class:`vqkit.storage.rundir.RunDir`: rank 0 holds its lock from
+construction to the end of :meth:`PriorTrainer.fit` (or ``close()``), a fresh start
+refuses a directory holding a run unless ``overwrite`` (which removes only the files
+listed in :data:`ARTIFACTS`, the checkpoints and ``samples/step_*.png``).
 
 ``resume=True`` restores model, optimizer, RNG, data position and the log window from
 ``checkpoints/last.pt`` and drops the metric records written after it: a run
@@ -44,16 +46,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import distributed
+from ..distributed import launch_rank, rank_device
 from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..storage.fileio import write_json
 from ..storage.rundir import RunDir
+from ..training.loop import (
+    Cadence,
+    LoaderJob,
+    Progress,
+    RunLoop,
+    ScheduledOptimizer,
+    StepResult,
+)
+from ..training.optim import Schedule
 from .codes import CodeData, SequenceLoader, Tokenizer
 from .config import PriorConfig, PriorTrainConfig
-from .runutil import DeferredInterrupt, launch_rank, rank_device
 from .transformer import Prior
 
 __all__ = ["ARTIFACTS", "PriorTrainer", "lr_at"]
@@ -63,17 +73,17 @@ LN2 = math.log(2.0)
 ARTIFACTS = ("metrics.jsonl", "config.json", "eval.json", "curves.png", "samples.png")
 
 
+def schedule_of(cfg: PriorTrainConfig) -> Schedule:
+    """The prior's schedule: warm-up, then cosine decay to ``min_lr_ratio``."""
+    return Schedule(cfg.steps, cfg.warmup, "cosine", cfg.min_lr_ratio)
+
+
 def lr_at(step: int, cfg: PriorTrainConfig) -> float:
     """Learning rate of 0-based ``step`` (see the module docstring)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(cfg.steps - cfg.warmup, 1)
-    frac = min((step - cfg.warmup) / span, 1.0)
-    r = cfg.min_lr_ratio
-    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return schedule_of(cfg).lr(cfg.lr, step)
 
 
-class PriorTrainer:
+class PriorTrainer(LoaderJob):
     """One prior training run: ``PriorTrainer(...).fit()``; see the module docstring.
 
     Args:
@@ -170,6 +180,11 @@ class PriorTrainer:
             betas=(0.9, 0.95),
             fused=fused,
         )
+        self.scheduled = ScheduledOptimizer(
+            self.optimizer,
+            [train_config.lr] * len(self.optimizer.param_groups),
+            schedule_of(train_config),
+        )
         self.loader = SequenceLoader(
             train_data.sequences().to(self.device),
             train_data.labels.to(self.device),
@@ -242,10 +257,6 @@ class PriorTrainer:
             save_checkpoint(path or self.last_path, self._payload())
 
     # -- metrics ----------------------------------------------------------------------
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.is_main:
-            self.run.log(record)  # strict JSON
-
     @torch.no_grad()
     def bits_per_code(self, data: CodeData, limit: int = 0, batch_size: int = 256) -> float:
         """Mean ``-log2 p(c_t | c_<t, y)`` over the codes of ``limit`` sequences (0: all),
@@ -272,12 +283,12 @@ class PriorTrainer:
             "train_bits": self.bits_per_code(self.train_data, lim),
         }
 
-    # -- loop -------------------------------------------------------------------------
+    # -- the job the run loop drives (vqkit.training.loop) -------------------------------
+    loss_key = "bits"
+
     def train_step(self, seq: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on a batch; returns its loss (bits per code), lr, grad norm."""
-        lr = lr_at(self.step, self.tcfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        """One optimizer step on a batch, at the rate the run loop has set; returns its
+        loss (bits per code), lr, grad norm."""
         self.model.train()
         logits = self.ddp(seq, labels if self.config.num_classes else None)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq.reshape(-1))
@@ -286,19 +297,43 @@ class PriorTrainer:
         clip = self.tcfg.grad_clip or math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
+        lr = float(self.optimizer.param_groups[0]["lr"])
         return {"bits": float(loss.detach()) / LN2, "lr": lr, "grad_norm": float(norm)}
 
-    def _global(self, values: dict[str, float], stop: bool) -> tuple[dict[str, float], bool]:
-        """Losses averaged over ranks and whether any rank was asked to stop (one
-        all-reduce; identity in one process)."""
-        if self.world == 1:
-            return values, stop
-        keys = list(values)
-        buf = torch.tensor([values[k] for k in keys] + [float(stop)], dtype=torch.float64)
-        buf = buf.to(self.device)
-        dist.all_reduce(buf)
-        out = {k: float(buf[i]) / self.world for i, k in enumerate(keys)}
-        return out, bool(buf[-1] > 0)
+    def update(self, batch: tuple[torch.Tensor, torch.Tensor], progress: Progress) -> StepResult:
+        return StepResult(self.train_step(*batch))
+
+    def observe(self, batch: Any, values: dict[str, float], counts: Any) -> None:
+        """Add a step's figures to the log window (saved in the checkpoint: a resumed run
+        logs the same averages as an uninterrupted one)."""
+        sums, w = self.window["sums"], self.window
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        w["n"] += 1
+        timed, since = self._timer
+        self._timer = (timed + 1, since)
+
+    def train_record(self) -> dict[str, Any]:
+        timed, since = self._timer
+        dt = max(time.perf_counter() - since, 1e-9)
+        codes = timed * self.tcfg.batch_size * self.world * self.model.seq_len
+        w = self.window
+        record = {
+            "epoch": self.loader.epoch,
+            **{k: v / w["n"] for k, v in w["sums"].items()},
+            "codes_per_s": codes / dt,
+        }
+        self.window = {"sums": {}, "n": 0}
+        self._timer = (0, time.perf_counter())
+        return record
+
+    def postfix(self, values: dict[str, float]) -> dict[str, str]:
+        return {"bits": f"{values['bits']:.3f}"}
+
+    def periodic_eval(self) -> dict[str, Any]:
+        result = self.evaluate()
+        self.last_eval = {"step": self.step, **result}
+        return result
 
     def fit(self, until: int | None = None) -> dict[str, Any]:
         """Train to ``steps`` (or stop after step ``until``, saving ``last.pt``, as an
@@ -341,85 +376,21 @@ class PriorTrainer:
 
     def _fit(self, until: int | None) -> dict[str, Any]:
         cfg = self.tcfg
-        end = cfg.steps if until is None else min(until, cfg.steps)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.run.write_json("config.json", self._run_info())
-        bar = None
-        if cfg.progress and self.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=cfg.steps, initial=self.step, desc="prior", unit="step", dynamic_ncols=True
-            )
-        stop = DeferredInterrupt()
         self._timer = (0, time.perf_counter())  # (steps timed, since)
-        try:
-            with stop:
-                while self.step < end:
-                    seq, labels = self.loader.next_batch()
-                    values = self.train_step(seq, labels)
-                    values, stop_any = self._global(values, stop.requested)
-                    self.step += 1
-                    if not math.isfinite(values["bits"]):
-                        raise FloatingPointError(
-                            f"loss became {values['bits']} at step {self.step}; lower --lr"
-                        )
-                    self._record(values)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(bits=f"{values['bits']:.3f}", refresh=False)
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                        if self.is_main:  # no collective inside: the other ranks go on
-                            self._periodic_eval()
-                        self.save()
-                    if stop_any:
-                        raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            self.save()
-            if bar is not None:
-                bar.close()
-            if self.is_main:
-                print(
-                    f"\ninterrupted at step {self.step}: saved {self.last_path}; "
-                    "continue with --resume"
-                )
-            raise
-        if bar is not None:
-            bar.close()
-        if self.step < cfg.steps:  # stopped at ``until``
-            self.save()
-            return {"step": self.step}
+        cadence = Cadence(cfg.steps, cfg.log_every, cfg.eval_every, 0.0, cfg.progress, "prior")
+        if not RunLoop(self, cadence, self.run, self.world).run_steps(until):
+            return {"step": self.step}  # stopped at ``until`` (saved)
         result = self.finish() if self.is_main else {"step": self.step}
-        if self.world > 1:  # leave together: no rank tears down while rank 0 still writes
-            dist.barrier()
+        distributed.barrier()  # leave together: no rank tears down while rank 0 writes
         return result
 
-    def _record(self, values: dict[str, float]) -> None:
-        """Add a step's figures to the window; every ``log_every`` steps log its means."""
-        sums, w = self.window["sums"], self.window
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        w["n"] += 1
-        timed, since = self._timer
-        self._timer = (timed + 1, since)
-        if self.step % self.tcfg.log_every and self.step != self.tcfg.steps:
-            return
-        dt = max(time.perf_counter() - since, 1e-9)
-        codes = (timed + 1) * self.tcfg.batch_size * self.world * self.model.seq_len
-        means = {k: v / w["n"] for k, v in sums.items()}
-        self._log({"kind": "train", "step": self.step, "epoch": self.loader.epoch, **means,
-                   "codes_per_s": codes / dt})  # fmt: skip
-        self.window = {"sums": {}, "n": 0}
-        self._timer = (0, time.perf_counter())
-
-    def _periodic_eval(self) -> None:
-        """Evaluate, log, keep the best checkpoint, write the sample grid and the curves."""
+    def after_eval(self, result: dict[str, Any]) -> None:
+        """Keep the best checkpoint, write the sample grid and the curves."""
         from .report import plot_prior_curves
 
-        result = self.evaluate()
-        self.last_eval = {"step": self.step, **result}
-        self._log({"kind": "eval", "step": self.step, **result})
         if result["test_bits"] < self.best_bits:
             self.best_bits = result["test_bits"]
             save_checkpoint(self.best_path, self._payload())

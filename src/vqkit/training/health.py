@@ -12,14 +12,13 @@ import time
 import torch
 from torch import nn
 
-from .. import distributed
 from ..codebook import reset_optimizer_rows
 from ..metrics import codebook_health, perplexity, usage_fraction
 from ..quantizers import BaseQuantizer
 from .config import TrainConfig
 from .optim import WeightEMA
 
-__all__ = ["CodebookHealth", "Window", "global_figures", "seeded_generator"]
+__all__ = ["CodebookHealth", "Window", "seeded_generator", "with_global_usage"]
 
 
 def seeded_generator(seed: int, *tag: int) -> torch.Generator:
@@ -144,29 +143,10 @@ class CodebookHealth:
         }
 
 
-def global_figures(
-    values: dict[str, float],
-    counts: torch.Tensor | None,
-    stop: bool,
-    quantizer: BaseQuantizer,
-    device: torch.device,
-) -> tuple[dict[str, float], torch.Tensor | None, bool]:
-    """Step figures of the global batch, and whether ANY rank asked to stop, by one
-    all-reduce: the ranks' losses are averaged, the per-code counts summed (the EMA
-    quantizer's are global already) and, for one codebook, perplexity and usage
-    recomputed from the global counts (otherwise averaged)."""
-    world = distributed.world_size()
-    reduce_counts = counts is not None and not quantizer.counts_are_global
-    keys = list(values)
-    parts = [torch.tensor([values[k] for k in keys] + [float(stop)], dtype=torch.float64)]
-    if reduce_counts:
-        parts.append(counts.detach().reshape(-1).cpu().to(torch.float64))  # type: ignore[union-attr]
-    buf = distributed.all_reduce_sum([torch.cat(parts).to(device)])[0].cpu()
-    out = {k: float(buf[i]) / world for i, k in enumerate(keys)}
-    stop_any = bool(buf[len(keys)] > 0)
-    if reduce_counts:
-        counts = buf[len(keys) + 1 :].round().to(torch.int64).reshape(counts.shape)  # type: ignore[union-attr]
+def with_global_usage(values: dict[str, float], counts: torch.Tensor | None) -> None:
+    """For one codebook, the step's perplexity and usage recomputed from the global
+    batch's counts (the ranks' own figures, averaged by the run loop, are not those of
+    the global batch); in place."""
     if counts is not None and counts.dim() == 1:
-        out["perplexity"] = float(perplexity(counts))
-        out["usage"] = float(usage_fraction(counts))
-    return out, counts, stop_any
+        values["perplexity"] = float(perplexity(counts))
+        values["usage"] = float(usage_fraction(counts))

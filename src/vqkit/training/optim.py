@@ -8,13 +8,13 @@ state in :meth:`WeightEMA.state_dict` (the average), so a resumed run continues 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SCHEDULES", "WeightEMA", "lr_factor", "set_lr"]
+__all__ = ["SCHEDULES", "Schedule", "WeightEMA", "lr_factor"]
 
 SCHEDULES = ("constant", "cosine")
 
@@ -47,10 +47,33 @@ def lr_factor(
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base_lrs: Iterable[float], factor: float) -> None:
-    """Each param group's rate = its base rate x ``factor`` (x 1.0 leaves it bit-exact)."""
-    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-        group["lr"] = base * factor
+@dataclass(frozen=True)
+class Schedule:
+    """One optimizer's learning-rate schedule (every training job's: the tokenizer's
+    ``--lr-schedule``, the prior's warm-up and cosine decay, and each optimizer of a
+    job with several). ``lr(base, step)`` is the rate of the update of 0-based
+    ``step``: ``base * (step + 1) / warmup_steps`` during the warmup, then
+    ``base * lr_factor(step, ...)`` (exactly ``base`` for ``"constant"``)."""
+
+    total_steps: int
+    warmup_steps: int = 0
+    kind: str = "constant"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}; got {self.kind!r}")
+
+    def lr(self, base: float, step: int) -> float:
+        if step < self.warmup_steps:
+            return base * (step + 1) / self.warmup_steps
+        return base * lr_factor(
+            step,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            schedule=self.kind,
+            min_lr_ratio=self.min_lr_ratio,
+        )
 
 
 class WeightEMA:

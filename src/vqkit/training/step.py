@@ -8,8 +8,8 @@
   skip their layout reorders);
 * ``compile``: ``torch.compile`` of the training forward and loss (the model, quantizer
   included, traces as one graph); compiled once per run, on the first step;
-* the learning-rate schedule (:func:`vqkit.training.optim.lr_factor`), gradient-norm clipping, and
-  the weight average (:class:`vqkit.training.optim.WeightEMA`) after each update.
+* gradient-norm clipping, and the weight average (:class:`vqkit.training.optim.WeightEMA`)
+  after each update. The learning rates are set by the run loop (:mod:`.loop`).
 
 With the defaults (fp32, no channels_last, no compile, constant rate, no clipping, no
 average) the step is exactly the plain one: same operations, same bits.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..models import VQVAE, VQVAEOutput
-from .optim import WeightEMA, lr_factor, set_lr
+from .optim import WeightEMA
 
 __all__ = ["PRECISIONS", "StepRunner"]
 
@@ -49,10 +49,9 @@ class StepRunner:
         optimizer: torch.optim.Optimizer,
         config: Any,
         device: torch.device,
-        base_lrs: list[float],
     ) -> None:
         self.model, self.forward, self.optimizer = model, forward, optimizer
-        self.config, self.device, self.base_lrs = config, device, base_lrs
+        self.config, self.device = config, device
         self.dtype = PRECISIONS[config.precision]
         self.scaler: torch.amp.GradScaler | None = None
         if config.precision == "fp16":
@@ -81,26 +80,15 @@ class StepRunner:
         return VQVAE.loss(out, x, data_variance), out
 
     def __call__(
-        self, x: torch.Tensor, data_variance: float, step: int
+        self, x: torch.Tensor, data_variance: float
     ) -> tuple[dict[str, float], torch.Tensor]:
-        """Update on batch ``x`` as training step ``step`` (0-based: updates done before);
-        returns the figures of the step and the per-code counts."""
+        """Update on batch ``x`` at the learning rates the run loop has set; returns the
+        figures of the step and the per-code counts."""
         cfg = self.config
         self.model.train()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         terms, out = self._fwd(x, data_variance)
-        set_lr(
-            self.optimizer,
-            self.base_lrs,
-            lr_factor(
-                step,
-                total_steps=cfg.steps,
-                warmup_steps=cfg.warmup_steps,
-                schedule=cfg.lr_schedule,
-                min_lr_ratio=cfg.min_lr_ratio,
-            ),
-        )
         self.optimizer.zero_grad(set_to_none=True)
         loss = terms["loss"]
         grad_norm = None

@@ -1,12 +1,15 @@
-"""Training loop for the VQ-VAE: data, model, optimizer, metrics, checkpoints, pictures.
+"""The VQ-VAE training job: data, model, optimizer, metrics, checkpoints, pictures. It
+supplies its state, step and evaluation to the shared run loop
+(:mod:`vqkit.training.loop`), which owns the cadence, Ctrl-C, learning rates and logs.
 
 A run directory holds::
 
     config.json          the resolved configuration
     metrics.jsonl        one JSON object per log interval ("kind": "train") and per
                          evaluation ("kind": "eval")
-    checkpoints/last.pt  written atomically every ``ckpt_every`` steps, at the end,
-    checkpoints/best.pt  and on Ctrl-C; best = lowest eval NMSE
+    checkpoints/last.pt  written atomically every ``eval_every`` steps, after
+                         ``ckpt_minutes``, at the end and on Ctrl-C;
+    checkpoints/best.pt  best = lowest eval NMSE
     model.safetensors    final weights + model config (for ``vqkit.models.load_model``)
     recon.png            originals (odd rows) above reconstructions (even rows)
     curves.png           loss, NMSE, perplexity, usage against step
@@ -68,17 +71,16 @@ from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from ..storage.rundir import RunDir
 from .config import PRESETS, TrainConfig, resolve_device
 from .data import load_run_data
-from .health import CodebookHealth, Window, global_figures
-from .interrupt import DeferredInterrupt, no_interrupt
+from .health import CodebookHealth, Window, with_global_usage
+from .loop import Cadence, LoaderJob, Progress, RunLoop, ScheduledOptimizer, StepResult
+from .optim import Schedule
 from .prefetch import Prefetcher
 from .step import StepRunner
-
-_clock = time.monotonic  # the clock of ckpt_minutes (a test replaces it)
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "resolve_device", "train"]
 
 
-class Trainer:
+class Trainer(LoaderJob):
     """Owns one training run. ``Trainer(config).fit()``; see the module docstring."""
 
     def __init__(
@@ -88,10 +90,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.last_path = self.ckpt_dir / "last.pt"
         self.best_path = self.ckpt_dir / "best.pt"
-        self.device = resolve_device(config.device)
+        self.device = distributed.rank_device(config.device)  # one GPU per process
         if distributed.env_world_size() > 1 and self.device.type == "cuda":
-            if self.device.index is None:  # one GPU per process, by LOCAL_RANK
-                self.device = torch.device("cuda", distributed.local_rank())
             torch.cuda.set_device(self.device)
         self.resume = resume
         self._owns_group = distributed.init_from_env(self.device, config.dist_timeout)
@@ -156,9 +156,13 @@ class Trainer:
         # the averaged weights' model: copied here, before DDP's hooks, and not built anew
         # later, which would draw from the global RNG that a resumed run must replay
         self._eval_copy = copy.deepcopy(self.model) if self.config.weight_ema else None
-        base_lrs = [g.get("lr", self.config.lr) for g in self._param_groups()]
-        self.runner = StepRunner(
-            self.model, self.model, self.optimizer, self.config, self.device, base_lrs
+        self.runner = StepRunner(self.model, self.model, self.optimizer, self.config, self.device)
+        cfg = self.config
+        self.scheduled = ScheduledOptimizer(
+            self.optimizer,
+            [g.get("lr", cfg.lr) for g in self._param_groups()],
+            Schedule(cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio),
+            self.runner.scaler,
         )
         self.resume_notes: list[str] = []
         if ckpt is not None:
@@ -245,16 +249,65 @@ class Trainer:
         """Write ``checkpoints/last.pt`` (rank 0 only; the other ranks hold the same state)."""
         if self.is_main:
             save_checkpoint(self.last_path, self._payload())
-        self._saved_at = _clock()
 
-    # -- loop -------------------------------------------------------------------
+    # -- the job the run loop drives (vqkit.training.loop) -----------------------
+    loss_key = "loss"
+
     def _log(self, record: dict[str, Any]) -> None:
         if self.is_main:
             self.run.log(record)
 
     def train_step(self, x: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
         """One update on ``x`` (see :class:`vqkit.training.step.StepRunner`)."""
-        return self.runner(x, self.data_variance, self.step)
+        return self.runner(x, self.data_variance)
+
+    def update(self, batch: tuple[torch.Tensor, Any], progress: Progress) -> StepResult:
+        x = batch[0]
+        if self.step == 0 and self.config.init == "kmeans":
+            self.init_codebook(progress)
+        values, counts = self.train_step(x)
+        # the EMA quantizer's counts are summed over the ranks already
+        sum_counts = counts is not None and not self.model.quantizer.counts_are_global
+        return StepResult(values, counts, sum_counts)
+
+    def observe(
+        self, batch: tuple[torch.Tensor, Any], values: dict[str, float], counts: Any
+    ) -> None:
+        x = batch[0]
+        if self.world > 1:
+            with_global_usage(values, counts)
+        if self.health.due(self.step):
+            self.window.revived += self.health.revive(
+                self._latents(x), self.step, self.optimizer, self.runner.ema, self.model
+            )
+        self.window.add(values, counts, x.shape[0] * self.world)
+
+    def train_record(self) -> dict[str, Any]:
+        record = {
+            "epoch": self.loader.epoch,
+            **self.window.summary(),
+            **self.health.figures(self.window.counts),
+        }
+        self.window.reset()
+        return record
+
+    def postfix(self, values: dict[str, float]) -> dict[str, str]:
+        return {
+            "loss": f"{values['loss']:.4f}",
+            "nmse": f"{values['recon_nmse']:.4f}",
+            "ppl": f"{values['perplexity']:.1f}",
+            "used": f"{values['usage']:.2f}",
+        }
+
+    def periodic_eval(self) -> dict[str, Any]:
+        result = self.evaluate(limit=self.config.eval_images)
+        result.pop("counts")
+        return result
+
+    def after_eval(self, record: dict[str, Any]) -> None:
+        if record["nmse"] < self.best_nmse:
+            self.best_nmse = record["nmse"]
+            save_checkpoint(self.best_path, self._payload())
 
     def eval_model(self) -> VQVAE:
         """The weights evaluated and exported: the weight average when there is one."""
@@ -303,38 +356,11 @@ class Trainer:
         }
         if self.is_main:
             self.run.write_json("config.json", run_info)
-        window = Window(self.model.num_codes)
-        bar = None
-        if cfg.progress and self.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
-            )
-        stop = DeferredInterrupt()
-        self._loader_state = self.loader.state_dict()
-        self._saved_at = _clock()
-        try:
-            with stop:
-                self._loop(bar, window, stop)
-        except KeyboardInterrupt:
-            # Ctrl-C is deferred to a step boundary, so model, optimizer and loader
-            # agree. A hard interrupt inside a step (second Ctrl-C) rewinds the
-            # loader to before that step's draw, so the batch is drawn again on resume.
-            if not stop.completed_step:
-                self.loader.load_state_dict(self._loader_state)
-            with no_interrupt("writing the checkpoint; it finishes in a moment"):
-                self.save()
-            if bar is not None:
-                bar.close()
-            if self.is_main:
-                print(
-                    f"\ninterrupted at step {self.step}: saved {self.last_path}; "
-                    "continue with --resume"
-                )
-            raise
-        if bar is not None:
-            bar.close()
+        self.window = Window(self.model.num_codes)
+        cadence = Cadence(
+            cfg.steps, cfg.log_every, cfg.eval_every, cfg.ckpt_minutes, cfg.progress, "train"
+        )
+        RunLoop(self, cadence, self.run, self.world).run_steps()
         if not self.is_main:
             return {"step": self.step}
         return self.finish()
@@ -343,7 +369,7 @@ class Trainer:
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_latents(x)
 
-    def init_codebook(self, bar: Any = None) -> None:
+    def init_codebook(self, progress: Progress) -> None:
         """``init="kmeans"``: k-means on the initial encoder's latents of
         :meth:`CodebookHealth.init_batch_count` batches of every rank. The batches come
         from a loader of their own (another seed, same shards), so the training stream is
@@ -367,85 +393,11 @@ class Trainer:
             f"k-means init of {self.model.quantizer.num_codes} codes on "
             f"{sum(z.numel() // z.shape[1] for z in latents) * self.world} latents"
         )
-        if bar is not None:
-            bar.set_description_str("k-means init")
-        elif self.is_main:
-            print(f"{what} ...", flush=True)
+        progress.phase("k-means init", f"{what} ...")
         started = time.perf_counter()
         self.health.init_codebook(latents)
-        if self.is_main:
-            (bar.write if bar is not None else print)(
-                f"{what}: {time.perf_counter() - started:.1f} s"
-            )
-        if bar is not None:
-            bar.set_description_str("train")
-
-    def _global(
-        self, values: dict[str, float], counts: torch.Tensor | None, stop: bool
-    ) -> tuple[dict[str, float], torch.Tensor | None, bool]:
-        """Step figures of the global batch and whether any rank asked to stop
-        (:func:`vqkit.training.health.global_figures`; identity in one process)."""
-        if self.world == 1:
-            return values, counts, stop
-        return global_figures(values, counts, stop, self.model.quantizer, self.device)
-
-    def _loop(self, bar: Any, window: Window, stop: DeferredInterrupt) -> None:
-        cfg = self.config
-        while self.step < cfg.steps:
-            stop.completed_step = False
-            self._loader_state = self.loader.state_dict()
-            x, _ = self.loader.next_batch()
-            if self.step == 0 and cfg.init == "kmeans":
-                self.init_codebook(bar)
-            values, counts = self.train_step(x)
-            values, counts, stop_any = self._global(values, counts, stop.requested)
-            self.step += 1
-            if self.health.due(self.step):
-                window.revived += self.health.revive(
-                    self._latents(x), self.step, self.optimizer, self.runner.ema, self.model
-                )
-            stop.completed_step = True
-            window.add(values, counts, x.shape[0] * self.world)
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(
-                    f"loss became {values['loss']} at step {self.step}; lower the learning rate"
-                )
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{values['loss']:.4f}",
-                    nmse=f"{values['recon_nmse']:.4f}",
-                    ppl=f"{values['perplexity']:.1f}",
-                    used=f"{values['usage']:.2f}",
-                    refresh=False,
-                )
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log(
-                    {
-                        "kind": "train",
-                        "step": self.step,
-                        "epoch": self.loader.epoch,
-                        **window.summary(),
-                        **self.health.figures(window.counts),
-                    }
-                )
-                window.reset()
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                if self.is_main:  # no collective inside: the other ranks go on
-                    self._periodic_eval()
-                self.save()
-            elif cfg.ckpt_minutes and _clock() - self._saved_at >= 60.0 * cfg.ckpt_minutes:
-                self.save()  # rank 0 alone decides: saving calls no collective
-            if stop_any if self.world > 1 else stop.requested:
-                raise KeyboardInterrupt
-
-    def _periodic_eval(self) -> None:
-        result = self.evaluate(limit=self.config.eval_images)
-        result.pop("counts")
-        self._log({"kind": "eval", "step": self.step, **result})
-        if result["nmse"] < self.best_nmse:
-            self.best_nmse = result["nmse"]
-            save_checkpoint(self.best_path, self._payload())
+        progress.write(f"{what}: {time.perf_counter() - started:.1f} s")
+        progress.phase(None)
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation on the whole eval split, weights export and pictures."""
