@@ -91,7 +91,7 @@ class TwoOptimizerJob:
         return {"loss": f"{values['loss']:.3f}"}
 
     def periodic_eval(self) -> dict[str, Any]:
-        return {"weight_norm": float(self.g.weight.norm())}
+        return {"weight_norm": float(self.g.weight.detach().norm())}
 
     def after_eval(self, record: dict[str, Any]) -> None:
         pass

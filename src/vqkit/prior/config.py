@@ -21,6 +21,7 @@ from ..options import (
     positive_int,
     unit_interval,
 )
+from ..training.loop import RunOptions
 
 __all__ = ["PriorConfig", "PriorTrainConfig"]
 
@@ -81,7 +82,7 @@ class PriorConfig(Options):
 
 
 @dataclass
-class PriorTrainConfig(Options):
+class PriorTrainConfig(RunOptions):
     """Options of one ``vqkit prior`` training run."""
 
     steps: int = option(3000, "optimizer steps", check=nonneg_int)
@@ -93,14 +94,9 @@ class PriorTrainConfig(Options):
         0.1, "final learning rate / peak after the cosine decay", check=unit_interval
     )
     grad_clip: float = option(1.0, "clip the gradient norm to this; 0: no clipping", check=nonneg)
-    eval_every: int = option(
-        500, "evaluate, sample and checkpoint every N steps", check=positive_int
-    )
     eval_sequences: int = option(
         2000, "sequences per split of each evaluation (evenly strided); 0: all", check=nonneg_int
     )
-    log_every: int = option(50, "write a train record every N steps", check=positive_int)
     num_samples: int = option(16, "images in the sample grid of each evaluation", check=nonneg_int)
     seed: int = option(0, "seed of initialisation, data order and class dropout")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    progress: bool = option(True, "show a progress bar")

@@ -380,8 +380,7 @@ class PriorTrainer(LoaderJob):
             self.out.mkdir(parents=True, exist_ok=True)
             self.run.write_json("config.json", self._run_info())
         self._timer = (0, time.perf_counter())  # (steps timed, since)
-        cadence = Cadence(cfg.steps, cfg.log_every, cfg.eval_every, 0.0, cfg.progress, "prior")
-        if not RunLoop(self, cadence, self.run, self.world).run_steps(until):
+        if not RunLoop(self, Cadence.of(cfg, "prior"), self.run, self.world).run_steps(until):
             return {"step": self.step}  # stopped at ``until`` (saved)
         result = self.finish() if self.is_main else {"step": self.step}
         distributed.barrier()  # leave together: no rank tears down while rank 0 writes

@@ -28,6 +28,7 @@ from ..options import (
     positive_int,
     unit_interval,
 )
+from .loop import RunOptions
 from .optim import SCHEDULES
 from .step import PRECISIONS
 
@@ -47,7 +48,7 @@ def _ema_check(v: float) -> str | None:
 
 
 @dataclass
-class TrainOptions(Options):
+class TrainOptions(RunOptions):
     """Options of the training job (data, optimisation, codebook health, bookkeeping).
 
     ``on_resume="fixed"`` marks the options a resumed run cannot change (they shaped the
@@ -198,18 +199,7 @@ class TrainOptions(Options):
         check=positive,
     )
     out_dir: str = option("runs/vqkit", "run directory")
-    log_every: int = option(50, "log training metrics every N steps", check=positive_int)
-    eval_every: int = option(
-        500, "evaluate on --eval-images and write checkpoints every N steps", check=positive_int
-    )
     eval_images: int = option(1000, "images of the periodic evaluation", check=positive_int)
-    ckpt_minutes: float = option(
-        0.0,
-        "also write checkpoints/last.pt when this many minutes passed since the last one "
-        "(0: only every --eval-every steps)",
-        check=nonneg,
-    )
-    progress: bool = option(True, "show a progress bar")
     dist_timeout: float = option(
         600.0,
         "seconds a process waits for the others at a collective before the run stops "

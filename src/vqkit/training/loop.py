@@ -46,6 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed
+from ..options import Options, nonneg, option, positive_int
 from ..storage.rundir import RunDir
 from .interrupt import DeferredInterrupt, no_interrupt
 from .optim import Schedule
@@ -56,11 +57,32 @@ __all__ = [
     "LoaderJob",
     "Progress",
     "RunLoop",
+    "RunOptions",
     "ScheduledOptimizer",
     "StepResult",
 ]
 
 _clock = time.monotonic  # the clock of ckpt_minutes (a test replaces it)
+
+
+@dataclass
+class RunOptions(Options):
+    """The run loop's options, declared once: every job's options inherit them
+    (``TrainOptions``, ``PriorTrainConfig``), so ``--log-every`` & co. mean the same in
+    every command, and an option added here reaches every job's CLI, config files and
+    checkpoints. (``steps`` stays with each job: its default is the job's.)"""
+
+    log_every: int = option(50, "write a train record every N steps", check=positive_int)
+    eval_every: int = option(
+        500, "evaluate and write checkpoints/last.pt every N steps", check=positive_int
+    )
+    ckpt_minutes: float = option(
+        0.0,
+        "also write checkpoints/last.pt when this many minutes passed since the last one "
+        "(0: only every --eval-every steps)",
+        check=nonneg,
+    )
+    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,18 @@ class Cadence:
     ckpt_minutes: float = 0.0
     progress: bool = True
     desc: str = "train"
+
+    @classmethod
+    def of(cls, config: Any, desc: str) -> Cadence:
+        """The cadence of a job's config: its ``steps`` and its :class:`RunOptions`."""
+        return cls(
+            config.steps,
+            config.log_every,
+            config.eval_every,
+            config.ckpt_minutes,
+            config.progress,
+            desc,
+        )
 
 
 @dataclass

@@ -357,10 +357,7 @@ class Trainer(LoaderJob):
         if self.is_main:
             self.run.write_json("config.json", run_info)
         self.window = Window(self.model.num_codes)
-        cadence = Cadence(
-            cfg.steps, cfg.log_every, cfg.eval_every, cfg.ckpt_minutes, cfg.progress, "train"
-        )
-        RunLoop(self, cadence, self.run, self.world).run_steps()
+        RunLoop(self, Cadence.of(cfg, "train"), self.run, self.world).run_steps()
         if not self.is_main:
             return {"step": self.step}
         return self.finish()
