@@ -4,7 +4,8 @@ SSIM and MS-SSIM are pytorch-msssim's (Wang et al.'s valid-window definition, as
 scikit-image), called on uint8 images (values 0..255
 as float64, data range 255, Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03): the
 setting of taming-transformers, LlamaGen and Open-MAGVIT2's evaluations. Images here
-are the model's scale, [-0.5, 0.5]; :func:`to_uint8` maps them to what a viewer sees.
+are the model's scale, [-0.5, 0.5]; ``vqkit.data.denormalize`` maps them to what a viewer
+sees (rounded, clamped uint8).
 """
 
 from __future__ import annotations
@@ -20,17 +21,11 @@ __all__ = [
     "ms_ssim",
     "ms_ssim_scales",
     "ssim",
-    "to_uint8",
 ]
 
 WINDOW, SIGMA, DATA_RANGE = 11, 1.5, 255.0
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 """Wang, Simoncelli & Bovik (2003)'s weights of the five scales, finest first."""
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images on the model's scale [-0.5, 0.5] -> uint8 0..255 (clamped, rounded)."""
-    return ((x.float() + 0.5) * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
 def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
