@@ -9,16 +9,20 @@ import torch
 from vqkit.losses.perceptual import LPIPS, VGG16_FILE, lpips_heads_path, vgg16_features
 
 
-@pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory):
+def random_vgg_file(path):
     """A randomly initialised VGG16 in torchvision's layout (features + a classifier)."""
     torch.manual_seed(0)
     feats = vgg16_features()
     state = {f"features.{k}": v for k, v in feats.state_dict().items()}
     state["classifier.0.weight"] = torch.zeros(4, 4)  # ignored, as in the real file
-    path = tmp_path_factory.mktemp("vgg") / VGG16_FILE
     torch.save(state, path)
-    return path, feats
+    return feats
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vgg") / VGG16_FILE
+    return path, random_vgg_file(path)
 
 
 def test_lpips_matches_a_float64_reference(vgg_file):

@@ -119,7 +119,7 @@ def train_feature_net(
         sched.step()
         if log_every and step % log_every == 0:
             print(
-                f"features step {step}/{steps} loss {float(loss):.4f} "
+                f"features step {step}/{steps} loss {float(loss.detach()):.4f} "
                 f"({time.perf_counter() - t0:.0f} s)"
             )
     return net.eval()
