@@ -116,3 +116,23 @@ def test_bad_input_is_one_clear_line(setup, tmp_path):
         loss.discriminator_loss(bad, model(x).recon, step=3)
     with pytest.raises(ValueError, match="disc_loss must be one of"):
         LossOptions(disc_loss="wgan")
+
+
+def test_without_a_discriminator_l2_is_the_classic_loss(setup):
+    model, x = setup
+    out = model(x)
+    loss = VQGANLoss(LossOptions(), in_channels=3)
+    got = loss.generator_loss(x, out.recon, out.vq.loss, model.last_layer, 0, rec_scale=1 / 0.06)
+    torch.testing.assert_close(got["loss"], model.loss(out, x, 0.06)["loss"])
+
+
+def test_checkpoint_state_round_trip(setup):
+    model, x = setup
+    opts = LossOptions(disc_weight=1.0, disc_layers=2, lecam_weight=0.1)
+    a, b = VQGANLoss(opts, 3), VQGANLoss(opts, 3)
+    a.discriminator_loss(x, model(x).recon, step=0)  # moves BN statistics and anchors
+    b.load_checkpoint_state(a.checkpoint_state())
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    with pytest.raises(ValueError, match="loss options need"):
+        VQGANLoss(LossOptions(), 3).load_checkpoint_state(a.checkpoint_state())

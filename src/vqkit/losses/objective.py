@@ -122,12 +122,39 @@ class VQGANLoss(nn.Module):
     def disc_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.options.disc_start
 
-    def reconstruction(self, x: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"rec", "perceptual"?, "nll"}``: the non-adversarial part of the loss."""
+    def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What a training checkpoint must hold: the discriminator and LeCAM's anchors (the
+        frozen LPIPS network comes from its file and is not saved)."""
+        state = {}
+        if self.discriminator is not None:
+            state["discriminator"] = self.discriminator.state_dict()
+        if self.lecam is not None:
+            state["lecam"] = self.lecam.state_dict()
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Restore :meth:`checkpoint_state`; ValueError when it does not fit these options."""
+        own = self.checkpoint_state()
+        if set(state) != set(own):
+            raise ValueError(
+                f"the checkpoint's loss state holds {sorted(state)}, these loss options need "
+                f"{sorted(own)}"
+            )
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+        if self.lecam is not None:
+            self.lecam.load_state_dict(state["lecam"])
+
+    def reconstruction(
+        self, x: torch.Tensor, recon: torch.Tensor, rec_scale: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """``{"rec", "perceptual"?, "nll"}``: the non-adversarial part of the loss.
+        ``rec_scale`` multiplies the L1/L2 term (``1 / data_variance`` with l2 gives
+        :meth:`vqkit.models.VQVAE.loss`'s normalised MSE)."""
         if self.options.rec_loss == "l1":
-            rec = F.l1_loss(recon, x)
+            rec = F.l1_loss(recon, x) * rec_scale
         else:
-            rec = F.mse_loss(recon, x)
+            rec = F.mse_loss(recon, x) * rec_scale
         out = {"rec": rec, "nll": rec}
         if self.perceptual is not None:
             p = self.perceptual(LPIPS.from_model_scale(recon), LPIPS.from_model_scale(x)).mean()
@@ -142,11 +169,12 @@ class VQGANLoss(nn.Module):
         vq_loss: torch.Tensor,
         last_layer: torch.Tensor,
         step: int,
+        rec_scale: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """The tokenizer's loss: ``{"loss", "rec", "nll", "perceptual"?, "g_loss"?,
         "disc_weight"?}``. The discriminator is :func:`frozen` here: this loss reaches the
         tokenizer only. ``last_layer``: the decoder's last weight (``model.last_layer``)."""
-        out = self.reconstruction(x, recon)
+        out = self.reconstruction(x, recon, rec_scale)
         out["loss"] = out["nll"] + vq_loss
         if not self.disc_active(step):
             return out
