@@ -57,12 +57,13 @@ def test_whole_evaluation_offline(tmp_path, monkeypatch, capsys):
         want |= {"rfid", "rfid_kid"}
     assert want <= set(ev), want - set(ev)
     labels = ev["labels"]
-    assert not (want - set(labels)) - {"fd_vqkit_features_kid_std", "rfid_kid_std"}
+    unlabelled = set(ev) - set(labels) - {"labels", "fd_vqkit_features_kid_std", "rfid_kid_std"}
+    assert not unlabelled
     assert ev["bits_per_pixel"] == pytest.approx(7 * 7 * 4 / 784)  # 7x7 codes, K=16
     fd = labels["fd_vqkit_features"]
     assert fd["figure"] == "FD (vqkit-features feats)" and not fd["comparable_with_papers"]
     assert "not comparable with papers' rFID" in fd["note"] and len(fd["sha256"]) == 64
-    assert "2 (renormalised weights) scales" in labels["ms_ssim"]  # 28 px: 2 scales
+    assert "2 scales (the standard 5 need > 160 px" in labels["ms_ssim"]  # 28 px: 2 scales
     assert "gray replicated to RGB" in labels["lpips"]
     if HAVE_FIDELITY:
         assert labels["rfid"]["figure"] == "rFID" and labels["rfid"]["images"] == 2

@@ -33,6 +33,8 @@ def _version(package: str) -> str:
 def base_labels() -> dict[str, str]:
     """Labels of the figures :func:`evaluate` always reports."""
     return {
+        "num_images": "images evaluated (an evenly strided subset with --limit)",
+        "data_variance": "pixel variance of the training set, model scale (divides mse into nmse)",
         "mse": "mean squared error per pixel, model scale [-0.5, 0.5], reconstructions unclamped",
         "nmse": "mse / the training set's pixel variance",
         "psnr": "PSNR (dB), float reconstructions clamped to the valid range, peak 1",
@@ -98,8 +100,12 @@ class QualitySuite:
         if "ssim" in figures:
             labels["ssim"] = f"SSIM ({_version('pytorch-msssim')}), {conv}; mean over images"
         if "ms_ssim" in figures:
-            std = "the standard 5" if self.scales == 5 else f"{self.scales} (renormalised weights)"
-            labels["ms_ssim"] = f"MS-SSIM ({_version('pytorch-msssim')}), {conv}, {std} scales"
+            std = (
+                "the standard 5 scales"
+                if self.scales == 5
+                else f"{self.scales} scales (the standard 5 need > 160 px; weights renormalised)"
+            )
+            labels["ms_ssim"] = f"MS-SSIM ({_version('pytorch-msssim')}), {conv}, {std}"
         if "lpips" in figures:
             gray = "; gray replicated to RGB" if self.channels == 1 else ""
             labels["lpips"] = (
