@@ -22,6 +22,7 @@ RANKS = {
     "quantizers": 3,
     "models": 4,
     "data": 4,
+    "losses": 4,
     "evaluation": 5,
     "training": 6,
     "prior": 7,

@@ -1,7 +1,9 @@
 """``vqkit`` command line.
 
 vqkit train [--data PATH] [--steps N] [--out DIR] ...   train a VQ-VAE
-vqkit eval CHECKPOINT [--data PATH] [--split test]       MSE, NMSE, PSNR, usage
+vqkit eval CHECKPOINT [--data PATH] [--split test]       PSNR, SSIM, MS-SSIM, usage, bits/pixel;
+      [--inception-weights F] [--features DIR] [--lpips-weights F]   rFID / FD, KID, LPIPS
+vqkit features --data PATH --out DIR                      train vqkit's own feature network
 vqkit encode CHECKPOINT IMAGES... --out DIR              images -> index maps (.npy)
 vqkit decode CHECKPOINT CODES.npy... --out DIR           index maps -> PNG images
 vqkit pack IMAGES --out SHARDS [--shard-size N]          any source -> WebDataset shards
@@ -121,7 +123,15 @@ def _eval(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
     )
     var = meta.get("data_variance") or data_variance(data)
-    result = evaluate(model, data, data_variance=var, device=device, progress=True)
+    result = evaluate(
+        model,
+        data,
+        data_variance=var,
+        device=device,
+        progress=True,
+        limit=args.limit,
+        suite=_eval_suite(args),
+    )
     result.pop("counts")
     # beside the checkpoint's run unless --out says otherwise, never the current directory
     out = Path(args.out) if args.out else _run_dir_of(Path(args.checkpoint)) / f"eval-{args.split}"
@@ -137,6 +147,30 @@ def _eval(args: argparse.Namespace) -> int:
     print(dump_json(result, indent=2))
     print(f"wrote {out / 'eval.json'} and {out / 'recon.png'}")
     return 0
+
+
+def _eval_suite(args: argparse.Namespace):
+    """The figures beyond PSNR that ``vqkit eval`` was asked for; every network from a
+    file the user named (nothing is downloaded)."""
+    from .evaluation.suite import QualitySuite
+
+    extractors = {}
+    if args.inception_weights:
+        from .evaluation.features import InceptionFeatures
+
+        extractors["rfid"] = InceptionFeatures(args.inception_weights)
+    if args.features:
+        from .evaluation.feature_net import VqkitFeatures
+
+        extractors["fd_vqkit_features"] = VqkitFeatures(args.features)
+    lpips = None
+    if args.lpips_weights:
+        from .losses.perceptual import LPIPS
+
+        lpips = LPIPS(args.lpips_weights)
+    if args.limit is not None and args.limit < 2:
+        raise ValueError(f"--limit must be >= 2; got {args.limit}")
+    return QualitySuite(lpips=lpips, extractors=extractors, kid_subset_size=args.kid_subset_size)
 
 
 def _output_names(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
@@ -238,6 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", default=None, help="dataset (default: the training one)")
             p.add_argument("--split", default="test")
             p.add_argument("--cache-dir", default=None)
+            p.add_argument("--limit", type=int, default=None, help="an evenly strided subset")
+            p.add_argument(
+                "--inception-weights",
+                default=None,
+                help="FID's InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth): rFID, KID",
+            )
+            p.add_argument(
+                "--features",
+                default=None,
+                help="a vqkit features network (vqkit features --out DIR): FD, KID in its "
+                "space (not comparable with papers' rFID)",
+            )
+            p.add_argument(
+                "--lpips-weights",
+                default=None,
+                help="torchvision's VGG16 weights (vgg16-397923af.pth): LPIPS",
+            )
+            p.add_argument("--kid-subset-size", type=int, default=1000)
         elif name == "encode":
             p.add_argument("images", nargs="+", help="PNG/JPEG files")
         else:
@@ -246,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .prior.cli import add_prior_arguments, add_sample_arguments
 
     add_pack_arguments(sub.add_parser("pack", help="write WebDataset shards from any source"))
+    from .evaluation.feature_net import add_features_arguments
+
+    add_features_arguments(
+        sub.add_parser("features", help="train vqkit's own feature network for FD/KID")
+    )
     add_prior_arguments(
         sub.add_parser("prior", help="train an autoregressive prior on a tokenizer's codes")
     )
@@ -258,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .data.pack import run_pack
+    from .evaluation.feature_net import run_features
     from .prior.cli import run_prior, run_sample
 
     handler = {
@@ -266,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "encode": _encode,
         "decode": _decode,
         "pack": run_pack,
+        "features": run_features,
         "prior": run_prior,
         "sample": run_sample,
     }
@@ -274,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     from .storage.checkpoint import CheckpointError
 
     try:
-        if args.command in ("train", "pack", "prior"):
+        if args.command in ("train", "pack", "prior", "features"):
             return handler[args.command](args)
         with torch.no_grad():  # scoped: in-process callers keep their grad mode
             return handler[args.command](args)

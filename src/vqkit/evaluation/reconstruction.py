@@ -10,6 +10,8 @@ import torch
 from ..data import ImageData, normalize
 from ..metrics import perplexity
 from ..models import VQVAE
+from .image_metrics import bits_per_pixel
+from .suite import QualitySuite, base_labels
 
 __all__ = ["evaluate"]
 
@@ -25,6 +27,7 @@ def evaluate(
     batch_perplexity_size: int = 32,
     limit: int | None = None,  # an evenly strided subset of this many images
     progress: bool = False,
+    suite: QualitySuite | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (in eval mode; the codebook is not touched) on ``data``.
 
@@ -38,7 +41,10 @@ def evaluate(
       * ``batch_perplexity``: mean perplexity over consecutive groups of
         ``batch_perplexity_size`` images (the training-time figure);
       * ``codes_used``, ``usage``: codes used at least once, and that over K;
-      * ``counts``: per-code counts (list; rvq: pooled over stages), ``num_images``.
+      * ``counts``: per-code counts (list; rvq: pooled over stages), ``num_images``;
+      * ``bits_per_pixel``: of the code grid (positions x codes per position x log2 K / pixels);
+      * with a ``suite``: its figures (SSIM, MS-SSIM, LPIPS, FD/KID per feature space) and
+        ``labels``, what produced each figure.
     """
     if not data_variance > 0:
         raise ValueError(f"data_variance must be > 0; got {data_variance}")
@@ -71,6 +77,8 @@ def evaluate(
             sq_err += float(diff.double().pow(2).sum())
             sq_err_clamped += float((out.recon.clamp(-0.5, 0.5) - x).double().pow(2).sum())
             n_pix += x.numel()
+            if suite is not None:
+                suite.update(x, out.recon)
             idx = out.vq.indices.reshape(x.shape[0], -1).cpu()
             counts += torch.bincount(idx.reshape(-1), minlength=k)
             # full groups only, so every figure is over the same number of images
@@ -87,7 +95,10 @@ def evaluate(
             "its weights or the data hold non-finite values"
         )
     used = int((counts > 0).sum())
-    return {
+    h, w = data.images.shape[-2:]
+    f = model.config.downsample
+    bpp = bits_per_pixel((h // f) * (w // f), model.quantizer.codes_per_position, k, h * w)
+    result = {
         "num_images": n,
         "mse": mse,
         "nmse": mse / data_variance,
@@ -99,4 +110,10 @@ def evaluate(
         "usage": used / k,
         "data_variance": data_variance,
         "counts": counts.tolist(),
+        "bits_per_pixel": bpp,
     }
+    if suite is not None:
+        figures, labels = suite.compute()
+        result.update(figures)
+        result["labels"] = {**base_labels(), **labels}
+    return result

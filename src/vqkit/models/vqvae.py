@@ -1,4 +1,5 @@
-"""The VQ-VAE of van den Oord et al. (2017) in its classic CIFAR-10 configuration."""
+"""The VQ-VAE of van den Oord et al. (2017) in its classic CIFAR-10 configuration, or with
+the VQGAN-class encoder/decoder (``arch='vqgan'``, :mod:`.vqgan`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from ..options import Options, compose, nonneg_int, option, option_fields, positive_int
 from ..quantizers import QuantizerOptions, QuantizerOutput, get_kind, quantizer_kinds
 from .convnets import Decoder, Encoder, ResidualStack, parse_channel_mult
+from .vqgan import GROUPS, VQGANDecoder, VQGANEncoder, parse_attn_resolutions, parse_vqgan_ch_mult
 
 __all__ = [
     "VQVAE",
@@ -33,13 +35,31 @@ class ShapeOptions(Options):
     image_size: int = option(32, "image height and width", check=positive_int)
 
 
+ARCHS = ("classic", "vqgan")
+
+
 @dataclass
 class ModelOptions(Options):
     """The network around the quantizer; the quantizer's own options live in its module."""
 
-    hidden: int = option(128, "channels of the encoder/decoder convolutions", check=positive_int)
-    res_hidden: int = option(32, "hidden channels of the residual blocks", check=positive_int)
-    res_layers: int = option(2, "residual blocks in encoder and decoder", check=nonneg_int)
+    arch: str = option(
+        "classic",
+        "encoder/decoder: classic (van den Oord et al. 2017) or vqgan (taming-transformers' "
+        "ResNet blocks with GroupNorm and SiLU, self-attention at the lowest resolution)",
+        choices=ARCHS,
+    )
+    hidden: int = option(
+        128,
+        "channels of the encoder/decoder convolutions (vqgan: of the first level, a multiple "
+        "of 32)",
+        check=positive_int,
+    )
+    res_hidden: int = option(
+        32, "hidden channels of the residual blocks (classic only)", check=positive_int
+    )
+    res_layers: int = option(
+        2, "residual blocks in encoder and decoder (vqgan: per level)", check=nonneg_int
+    )
     embedding_dim: int = option(
         64, "D, channels of the latents that are quantized", check=positive_int
     )
@@ -50,8 +70,14 @@ class ModelOptions(Options):
     )
     channel_mult: str = option(
         "",
-        "channel multipliers of the levels beyond factor 4, comma-separated (e.g. '2,4'; "
-        "'': every level keeps --hidden channels)",
+        "channel multipliers, comma-separated. classic: of the levels beyond factor 4 (e.g. "
+        "'2,4'; '': every level keeps --hidden channels); vqgan: one per level, 3/4/5 values "
+        "for downsample 4/8/16 ('': 1,2,4 / 1,1,2,4 / 1,1,2,2,4)",
+    )
+    attn_resolutions: str = option(
+        "",
+        "vqgan only: feature-map sizes (px) whose blocks get self-attention, comma-separated "
+        "('': the lowest, image_size / downsample; the middle block always has it)",
     )
     quantizer: str = option(
         "ema",
@@ -111,15 +137,38 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
 
     def __post_init__(self) -> None:
         QuantizerChoice.__post_init__(self)
-        if self.hidden % 2:
-            raise ValueError(f"hidden must be even (first conv: hidden/2); got {self.hidden}")
-        mult = parse_channel_mult(self.channel_mult, self.downsample)
         if self.image_size % self.downsample:
             raise ValueError(
                 f"image_size must be a multiple of downsample={self.downsample}; "
                 f"got {self.image_size}"
             )
+        if self.arch == "vqgan":
+            self._check_vqgan()
+            return
+        if self.attn_resolutions:
+            raise ValueError("attn_resolutions applies to arch 'vqgan' only")
+        if self.hidden % 2:
+            raise ValueError(f"hidden must be even (first conv: hidden/2); got {self.hidden}")
+        mult = parse_channel_mult(self.channel_mult, self.downsample)
         self.channel_mult = ",".join(str(m) for m in mult) if self.channel_mult else ""
+
+    def _check_vqgan(self) -> None:
+        if self.res_hidden != ModelOptions.res_hidden:
+            raise ValueError(
+                "res_hidden applies to arch 'classic' only (vqgan blocks are full width)"
+            )
+        mult = parse_vqgan_ch_mult(self.channel_mult, self.downsample)
+        bad = [self.hidden * m for m in mult if (self.hidden * m) % GROUPS]
+        if bad:
+            raise ValueError(
+                f"the vqgan network's level widths (hidden x channel_mult) must be multiples of "
+                f"{GROUPS} (GroupNorm groups); got {bad}"
+            )
+        attn = parse_attn_resolutions(self.attn_resolutions, self.image_size, self.downsample)
+        if self.channel_mult:
+            self.channel_mult = ",".join(map(str, mult))
+        if self.attn_resolutions:
+            self.attn_resolutions = ",".join(map(str, attn))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, where: str = "VQVAE config") -> VQVAEConfig:
@@ -154,6 +203,9 @@ class VQVAE(nn.Module):
             config = VQVAEConfig.from_dict({**config.to_dict(), **overrides})
         self.config = config
         c = config
+        if c.arch == "vqgan":
+            self._build_vqgan(c)
+            return
         levels = {"downsample": c.downsample, "channel_mult": c.channel_mult}
         self.encoder = Encoder(c.in_channels, c.hidden, c.res_hidden, c.res_layers, **levels)
         self.pre_vq = nn.Conv2d(self.encoder.out_channels, c.embedding_dim, 1)
@@ -161,6 +213,28 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(
             c.embedding_dim, c.hidden, c.in_channels, c.res_hidden, c.res_layers, **levels
         )
+
+    def _build_vqgan(self, c: VQVAEConfig) -> None:
+        net = {
+            "res_layers": c.res_layers,
+            "ch_mult": parse_vqgan_ch_mult(c.channel_mult, c.downsample),
+            "image_size": c.image_size,
+            "attn_resolutions": parse_attn_resolutions(
+                c.attn_resolutions, c.image_size, c.downsample
+            ),
+        }
+        self.encoder = VQGANEncoder(c.in_channels, c.hidden, **net)
+        self.pre_vq = nn.Conv2d(self.encoder.out_channels, c.embedding_dim, 1)
+        self.quantizer = c.quantizer_options().build(c.embedding_dim)
+        self.decoder = VQGANDecoder(c.embedding_dim, c.hidden, c.in_channels, **net)
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's last weight: where the adaptive GAN weight compares gradient norms
+        (classic: the final transposed conv; vqgan: conv_out)."""
+        if self.config.arch == "vqgan":
+            return self.decoder.last_layer
+        return self.decoder.up2.weight
 
     def _check_images(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:

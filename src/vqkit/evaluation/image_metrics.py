@@ -1,0 +1,112 @@
+"""Image-quality figures on the tokenizer papers' convention, and the code grid's rate.
+
+SSIM and MS-SSIM are pytorch-msssim's (Wang et al.'s valid-window definition, as
+scikit-image), called on uint8 images (values 0..255
+as float64, data range 255, Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03): the
+setting of taming-transformers, LlamaGen and Open-MAGVIT2's evaluations. Images here
+are the model's scale, [-0.5, 0.5]; ``vqkit.data.denormalize`` maps them to what a viewer
+sees (rounded, clamped uint8).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MS_SSIM_BETAS",
+    "bits_per_pixel",
+    "ms_ssim",
+    "ms_ssim_scales",
+    "ssim",
+]
+
+WINDOW, SIGMA, DATA_RANGE = 11, 1.5, 255.0
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+"""Wang, Simoncelli & Bovik (2003)'s weights of the five scales, finest first."""
+
+
+def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.dtype != torch.uint8 or target.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images; got {pred.dtype} and {target.dtype}")
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise ValueError(
+            f"expected two (B, C, H, W) batches of one shape; got {tuple(pred.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    if min(pred.shape[-2:]) < WINDOW:
+        raise ValueError(f"SSIM needs images of at least {WINDOW} px; got {tuple(pred.shape)}")
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (B,) float64 of uint8 (B, C, H, W) batches (pytorch-msssim): the
+    mean over channels and the valid (un-padded) window positions of
+    ``(2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))``,
+    ``C1 = (0.01 * 255)^2``, ``C2 = (0.03 * 255)^2``, Gaussian-weighted moments."""
+    from pytorch_msssim import ssim as _ssim_lib
+
+    _check(pred, target)
+    return _ssim_lib(
+        pred.double(),
+        target.double(),
+        data_range=DATA_RANGE,
+        size_average=False,
+        win_size=WINDOW,
+        win_sigma=SIGMA,
+        K=(0.01, 0.03),
+    )
+
+
+def ms_ssim_scales(size: int) -> int:
+    """Scales of MS-SSIM for images of side ``size``: the most, up to the standard 5, with
+    ``size > (window - 1) * 2^(s - 1)`` (pytorch-msssim's rule for 5: above 160 px), so
+    the coarsest scale is still a window wide. 32 px: 2; 128 px: 4; 0 below 21 px."""
+    for s in range(len(MS_SSIM_BETAS), 1, -1):
+        if size > (WINDOW - 1) * 2 ** (s - 1):
+            return s
+    return 0
+
+
+def ms_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-image MS-SSIM (B,) float64 of uint8 batches, and the number of scales used.
+
+    Per channel ``prod_j relu(cs_j)^beta_j`` over the scales (2x2 average pooling between
+    them), the last scale's full SSIM in place of its ``cs``; then the mean over channels
+    (pytorch-msssim). With 5 scales this is pytorch-msssim's ``ms_ssim``; smaller images
+    get fewer scales (:func:`ms_ssim_scales`) with the first weights renormalised to sum
+    to 1, through the library's per-scale SSIM: report the scale count with the figure.
+    """
+    from pytorch_msssim import ms_ssim as _ms_ssim_lib
+    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
+
+    _check(pred, target)
+    scales = ms_ssim_scales(min(pred.shape[-2:]))
+    if scales < 2:
+        raise ValueError(f"MS-SSIM needs images of at least 21 px; got {tuple(pred.shape)}")
+    x, y = pred.double(), target.double()
+    kw = {"data_range": DATA_RANGE, "K": (0.01, 0.03)}
+    if scales == len(MS_SSIM_BETAS):
+        value = _ms_ssim_lib(
+            x, y, size_average=False, win_size=WINDOW, win_sigma=SIGMA, weights=None, **kw
+        )
+        return value, scales
+    betas = torch.tensor(MS_SSIM_BETAS[:scales], dtype=torch.float64)
+    betas = (betas / betas.sum()).view(-1, 1, 1)
+    win = _fspecial_gauss_1d(WINDOW, SIGMA).repeat([x.shape[1], 1, 1, 1]).double()
+    terms = []
+    for j in range(scales):
+        s, cs = _ssim(x, y, win=win, size_average=False, **kw)  # (B, C) each
+        terms.append(torch.relu(s if j == scales - 1 else cs))
+        pad = [n % 2 for n in x.shape[2:]]
+        x, y = F.avg_pool2d(x, 2, padding=pad), F.avg_pool2d(y, 2, padding=pad)
+    return torch.prod(torch.stack(terms) ** betas, dim=0).mean(1), scales
+
+
+def bits_per_pixel(positions: int, codes_per_position: int, num_codes: int, pixels: int) -> float:
+    """Rate of the code grid of one image: ``positions * Q * log2(K) / pixels`` (bits per
+    pixel of the uncompressed index map; H x W pixels, not counting channels)."""
+    if min(positions, codes_per_position, num_codes, pixels) < 1:
+        raise ValueError("bits_per_pixel needs positive positions, codes, K and pixels")
+    return positions * codes_per_position * math.log2(num_codes) / pixels

@@ -1,0 +1,132 @@
+"""The figures beyond MSE/PSNR that ``vqkit eval`` reports, each with a label saying what
+produced it: SSIM, MS-SSIM, LPIPS, bits per pixel, and FD/KID in each named feature space.
+
+:class:`QualitySuite` is fed batches of real images and reconstructions (model scale,
+[-0.5, 0.5]) by :func:`vqkit.evaluation.reconstruction.evaluate` and returns
+``(figures, labels)``; a figure that was not asked for (or cannot be had, e.g. LPIPS
+without the backbone file) is absent, never approximated.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import denormalize
+from ..losses.perceptual import LPIPS
+from .frechet import FeatureDistances
+from .image_metrics import ms_ssim, ms_ssim_scales, ssim
+
+__all__ = ["QualitySuite", "base_labels"]
+
+
+def _version(package: str) -> str:
+    try:
+        return f"{package} {version(package)}"
+    except PackageNotFoundError:
+        return package
+
+
+def base_labels() -> dict[str, str]:
+    """Labels of the figures :func:`evaluate` always reports."""
+    return {
+        "num_images": "images evaluated (an evenly strided subset with --limit)",
+        "data_variance": "pixel variance of the training set, model scale (divides mse into nmse)",
+        "mse": "mean squared error per pixel, model scale [-0.5, 0.5], reconstructions unclamped",
+        "nmse": "mse / the training set's pixel variance",
+        "psnr": "PSNR (dB), float reconstructions clamped to the valid range, peak 1",
+        "perplexity": "exp(entropy) of code usage pooled over the split",
+        "batch_perplexity": "mean perplexity over groups of 32 images",
+        "codes_used": "codes used at least once on the split",
+        "usage": "codes_used / K",
+        "bits_per_pixel": "positions x codes per position x log2 K / pixels (H x W)",
+    }
+
+
+class QualitySuite:
+    """SSIM / MS-SSIM (``image_metrics``), LPIPS (``lpips``), FD and KID in each of
+    ``extractors`` (keyed by ``key``: e.g. ``{"rfid": InceptionFeatures(...)}``)."""
+
+    def __init__(
+        self,
+        *,
+        image_metrics: bool = True,
+        lpips: LPIPS | None = None,
+        extractors: dict[str, nn.Module] | None = None,
+        kid_subset_size: int = 1000,
+    ) -> None:
+        self.image_metrics = image_metrics
+        self.lpips = lpips
+        self.distances = {
+            k: FeatureDistances(e, kid_subset_size=kid_subset_size)
+            for k, e in (extractors or {}).items()
+        }
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.scales = 0
+        self.channels = 0
+
+    def _add(self, key: str, values: torch.Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(values.double().sum())
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, recon: torch.Tensor) -> None:
+        """Real ``x`` and reconstructions ``recon``, (B, C, H, W) on the model's scale."""
+        real, fake = denormalize(x), denormalize(recon)
+        if self.image_metrics:
+            self._add("ssim", ssim(fake.cpu(), real.cpu()))
+            if ms_ssim_scales(min(x.shape[-2:])) >= 2:
+                value, self.scales = ms_ssim(fake.cpu(), real.cpu())
+                self._add("ms_ssim", value)
+        if self.lpips is not None:
+            a, b = x.clamp(-0.5, 0.5), recon.clamp(-0.5, 0.5)
+            if a.shape[1] == 1:  # gray: replicated to RGB (labelled)
+                a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+            lp = self.lpips.to(x.device)
+            self._add("lpips", lp(LPIPS.from_model_scale(b), LPIPS.from_model_scale(a)))
+        for d in self.distances.values():
+            d.update(real, fake)
+        self.n += x.shape[0]
+        self.channels = x.shape[1]
+
+    def compute(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(figures, labels)``: means over the images and FD/KID per feature space."""
+        figures: dict[str, Any] = {k: v / self.n for k, v in self.sums.items()}
+        labels: dict[str, Any] = {}
+        conv = "uint8 images, data range 255, Gaussian window 11, sigma 1.5"
+        if "ssim" in figures:
+            labels["ssim"] = f"SSIM ({_version('pytorch-msssim')}), {conv}; mean over images"
+        if "ms_ssim" in figures:
+            std = (
+                "the standard 5 scales"
+                if self.scales == 5
+                else f"{self.scales} scales (the standard 5 need > 160 px; weights renormalised)"
+            )
+            labels["ms_ssim"] = f"MS-SSIM ({_version('pytorch-msssim')}), {conv}, {std}"
+        if "lpips" in figures:
+            gray = "; gray replicated to RGB" if self.channels == 1 else ""
+            labels["lpips"] = (
+                "LPIPS-VGG v0.1 (heads from the torchmetrics wheel, the user's VGG16 weights), "
+                f"images clamped to [-1, 1]{gray}; mean over images"
+            )
+        for key, dist in self.distances.items():
+            out = dist.compute()
+            info = dist.extractor.describe()
+            figures[key] = out["fd"]
+            figures[f"{key}_kid"] = out["kid"]
+            figures[f"{key}_kid_std"] = out["kid_std"]
+            what = "rFID" if info.get("comparable_with_papers") else f"FD ({dist.extractor.name})"
+            labels[key] = {
+                "figure": what,
+                "computed_by": "torchmetrics FrechetInceptionDistance on vqkit-extracted features",
+                "images": out["images"],
+                **info,
+            }
+            labels[f"{key}_kid"] = (
+                f"KID in the same feature space ({what}): cubic polynomial kernel, mean (and "
+                f"_std) over {out['kid_subsets']} subsets of {out['kid_subset_size']} images"
+            )
+        return figures, labels

@@ -1,0 +1,176 @@
+"""The adversarial parts of a VQGAN objective (Esser et al. 2021, taming-transformers).
+
+* :class:`PatchDiscriminator`: the N-layer PatchGAN of pix2pix as taming uses it (4x4
+  convs, stride 2 then 1, BatchNorm, LeakyReLU 0.2; N(0, 0.02) init), one logit per patch;
+* discriminator losses: hinge ``(relu(1 - D(x)) + relu(1 + D(x^)))/2`` and
+  non-saturating ``(softplus(-D(x)) + softplus(D(x^)))/2``; the generator's
+  ``-D(x^)`` (hinge, as taming) or ``softplus(-D(x^))`` (non-saturating);
+* :func:`adaptive_weight`: ``||grad_w L_rec|| / (||grad_w L_G|| + 1e-4)`` at the decoder's
+  last weight ``w``, clamped to [0, 1e4] and detached (taming's ``calculate_adaptive_weight``);
+* :class:`LeCAM`: Tseng et al. (2021)'s regulariser
+  ``mean(relu(D(x) - ema_fake)^2) + mean(relu(ema_real - D(x^))^2)``;
+* :func:`frozen`: the discriminator as the generator step must see it (no gradients into
+  its weights, no BatchNorm statistics updated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "DISC_LOSSES",
+    "LeCAM",
+    "PatchDiscriminator",
+    "adaptive_weight",
+    "discriminator_loss",
+    "frozen",
+    "generator_loss",
+]
+
+DISC_LOSSES = ("hinge", "non_saturating")
+MAX_ADAPTIVE_WEIGHT = 1e4  # taming's clamp
+
+
+class PatchDiscriminator(nn.Module):
+    """``(B, C, H, W) -> (B, 1, h, w)`` logits, one per overlapping patch.
+
+    ``layers`` stride-2 convs (widths ``channels * min(2^n, 8)``), then a stride-1 conv and
+    the stride-1 output conv; BatchNorm after every conv but the first and the last.
+    For 256 px and 3 layers each logit sees a 70 x 70 patch.
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        if layers < 1 or channels < 1 or in_channels < 1:
+            raise ValueError(
+                f"the discriminator needs >= 1 layer, channel and input channel; got layers="
+                f"{layers}, channels={channels}, in_channels={in_channels}"
+            )
+        seq: list[nn.Module] = [
+            nn.Conv2d(in_channels, channels, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+        ]
+        mult = 1
+        for n in range(1, layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < layers else 1
+            seq += [
+                nn.Conv2d(
+                    channels * prev, channels * mult, 4, stride=stride, padding=1, bias=False
+                ),
+                nn.BatchNorm2d(channels * mult),
+                nn.LeakyReLU(0.2),
+            ]
+        seq.append(nn.Conv2d(channels * mult, 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*seq)
+        self.layers = layers
+        for m in self.modules():  # taming's weights_init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def min_size(self) -> int:
+        """Smallest image side it takes: ``3 * 2^layers`` (one logit after the last convs)."""
+        return 3 * 2**self.layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.min_size:
+            raise ValueError(
+                f"a {self.layers}-layer discriminator needs images of at least {self.min_size} "
+                f"px; got {tuple(x.shape)}: lower --disc-layers"
+            )
+        return self.main(x)
+
+
+def discriminator_loss(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "hinge"
+) -> torch.Tensor:
+    """The discriminator's loss (scalar) from its logits on real and reconstructed images."""
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    if kind == "non_saturating":
+        return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+    raise ValueError(f"disc_loss must be one of {list(DISC_LOSSES)}; got {kind!r}")
+
+
+def generator_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """The generator's adversarial loss (scalar): ``-mean D(x^)`` for hinge (taming),
+    ``mean softplus(-D(x^))`` for the non-saturating loss."""
+    if kind == "hinge":
+        return -logits_fake.mean()
+    if kind == "non_saturating":
+        return F.softplus(-logits_fake).mean()
+    raise ValueError(f"disc_loss must be one of {list(DISC_LOSSES)}; got {kind!r}")
+
+
+def adaptive_weight(
+    rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor
+) -> torch.Tensor:
+    """``clamp(||dL_rec/dw|| / (||dL_G/dw|| + 1e-4), 0, 1e4)``, detached, at ``w =
+    last_layer``: balances the adversarial gradient against the reconstruction's where
+    both enter the decoder. Both losses must depend on ``last_layer``; the graph is kept."""
+    if not (rec_loss.requires_grad and gan_loss.requires_grad):
+        raise ValueError("the adaptive weight needs both losses to carry gradients")
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    w = g_rec.float().norm() / (g_gan.float().norm() + 1e-4)
+    return w.clamp(0.0, MAX_ADAPTIVE_WEIGHT).detach()
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``module`` gets no gradients and its BatchNorm layers normalise
+    with the batch's statistics (as in training) without updating their running ones: the
+    generator step leaves the discriminator exactly as it found it."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    norms = [
+        (m, m.track_running_stats)
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for m, _ in norms:
+            m.track_running_stats = False
+        yield module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, flag in norms:
+            m.track_running_stats = flag
+
+
+class LeCAM(nn.Module):
+    """LeCAM regulariser with EMAs (decay ``decay``) of the mean real and fake logits;
+    :meth:`forward` updates the EMAs (in training mode) and returns the penalty."""
+
+    def __init__(self, decay: float = 0.99) -> None:
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"lecam decay must be in [0, 1); got {decay}")
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                # the first batch sets the EMAs (no bias towards the zero start)
+                d = self.decay if int(self.steps) > 0 else 0.0
+                self.ema_real.mul_(d).add_((1 - d) * logits_real.detach().float().mean())
+                self.ema_fake.mul_(d).add_((1 - d) * logits_fake.detach().float().mean())
+                self.steps += 1
+        return (
+            F.relu(logits_real - self.ema_fake).pow(2).mean()
+            + F.relu(self.ema_real - logits_fake).pow(2).mean()
+        )

@@ -1,0 +1,104 @@
+"""Tests of vqkit's image_metrics module: SSIM and MS-SSIM against an independent float64
+implementation written here from the papers' definitions, bits per pixel by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqkit.evaluation.image_metrics import (
+    MS_SSIM_BETAS,
+    bits_per_pixel,
+    ms_ssim,
+    ms_ssim_scales,
+    ssim,
+)
+
+
+def _gauss(window=11, sigma=1.5):
+    ax = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def _ssim_and_cs(x, y):
+    """Per-image, per-channel (B, C) SSIM and contrast-structure terms: valid Gaussian
+    filtering (no padding), mean over positions; population moments."""
+    c = x.shape[1]
+    w = _gauss().expand(c, 1, 11, 11)
+
+    def filt(t):
+        return F.conv2d(t, w, groups=c)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = filt(x), filt(y)
+    sxx = filt(x * x) - mx * mx
+    syy = filt(y * y) - my * my
+    sxy = filt(x * y) - mx * my
+    cs = (2 * sxy + c2) / (sxx + syy + c2)
+    lum = (2 * mx * my + c1) / (mx * mx + my * my + c1)
+    return (lum * cs).mean(dim=(2, 3)), cs.mean(dim=(2, 3))
+
+
+def _pair(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    # a correlated reconstruction: the image plus noise, so SSIM is far from 0 and 1
+    noise = torch.randn(shape, generator=g) * 25
+    b = (a.double() + noise).round().clamp(0, 255).to(torch.uint8)
+    return b, a
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 32, 32), (2, 1, 40, 24)])
+def test_ssim_matches_a_float64_reference(shape):
+    pred, target = _pair(shape, 0)
+    ref = _ssim_and_cs(pred.double(), target.double())[0].mean(1)
+    got = ssim(pred, target)
+    assert got.shape == (shape[0],)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got, ref)
+    assert 0.2 < float(got.min()) < 0.95
+    assert torch.allclose(ssim(target, target), torch.ones(shape[0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size, scales", [(32, 2), (64, 3), (128, 4), (192, 5)])
+def test_ms_ssim_matches_a_float64_reference(size, scales):
+    assert ms_ssim_scales(size) == scales
+    pred, target = _pair((2, 3, size, size), 1)
+    x, y = pred.double(), target.double()
+    betas = torch.tensor(MS_SSIM_BETAS[:scales], dtype=torch.float64)
+    betas = betas / betas.sum()
+    ref = torch.ones(2, 3, dtype=torch.float64)
+    for j in range(scales):
+        s, cs = _ssim_and_cs(x, y)
+        term = s if j == scales - 1 else cs
+        ref = ref * term.clamp_min(0) ** betas[j]
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    ref = ref.mean(1)  # per channel, then the mean over channels
+    got, used = ms_ssim(pred, target)
+    assert used == scales
+    assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got, ref)
+
+
+def test_bad_input():
+    a = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="uint8"):
+        ssim(a.float(), a.float())
+    with pytest.raises(ValueError, match="one shape"):
+        ssim(a, a[:, :1])
+    with pytest.raises(ValueError, match="at least 11 px"):
+        ssim(a[..., :8, :8], a[..., :8, :8])
+    with pytest.raises(ValueError, match="at least 21 px"):
+        ms_ssim(a[..., :16, :16], a[..., :16, :16])
+
+
+def test_bits_per_pixel():
+    # 32x32 image, 8x8 grid of K=512 codes: 64 * 9 / 1024
+    assert bits_per_pixel(64, 1, 512, 1024) == pytest.approx(0.5625)
+    # residual, 3 codes per position, K=1000
+    assert bits_per_pixel(16, 3, 1000, 256) == pytest.approx(16 * 3 * math.log2(1000) / 256)
+    with pytest.raises(ValueError):
+        bits_per_pixel(0, 1, 512, 1024)

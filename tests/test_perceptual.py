@@ -1,0 +1,84 @@
+"""Tests of vqkit's perceptual module: LPIPS-VGG from the wheel's heads and a backbone
+file, against a float64 computation written here, and its loading errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqkit.losses.perceptual import LPIPS, VGG16_FILE, lpips_heads_path, vgg16_features
+
+
+def random_vgg_file(path):
+    """A randomly initialised VGG16 in torchvision's layout (features + a classifier)."""
+    torch.manual_seed(0)
+    feats = vgg16_features()
+    state = {f"features.{k}": v for k, v in feats.state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(4, 4)  # ignored, as in the real file
+    torch.save(state, path)
+    return feats
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vgg") / VGG16_FILE
+    return path, random_vgg_file(path)
+
+
+def test_lpips_matches_a_float64_reference(vgg_file):
+    path, feats = vgg_file
+    net = LPIPS(path)
+    heads = torch.load(lpips_heads_path(), map_location="cpu", weights_only=True)
+    torch.testing.assert_close(net.heads[2].weight, heads["lin2.model.1.weight"])
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 20, 20, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(2, 3, 20, 20, generator=g)).clamp(-1, 1)
+    got = net(x, y)
+    # reference: the same weights in float64, the LPIPS formula written out
+    f64 = feats.double()
+    shift = torch.tensor([-0.030, -0.088, -0.188], dtype=torch.float64).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450], dtype=torch.float64).view(1, 3, 1, 1)
+    hx, hy = (x.double() - shift) / scale, (y.double() - shift) / scale
+    ref = torch.zeros(2, dtype=torch.float64)
+    start = 0
+    for i, tap in enumerate((3, 8, 15, 22, 29)):
+        for layer in f64[start : tap + 1]:
+            hx, hy = layer(hx), layer(hy)
+        start = tap + 1
+        nx = hx / (hx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        ny = hy / (hy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        w = heads[f"lin{i}.model.1.weight"].double().view(1, -1, 1, 1)
+        ref += ((nx - ny).pow(2) * w).sum(1).mean(dim=(1, 2))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6)
+    assert float(got.min()) > 0
+    torch.testing.assert_close(net(x, x), torch.zeros(2))
+    # gradients reach the images, never the network
+    xr = x.clone().requires_grad_(True)
+    net(xr, y).sum().backward()
+    assert xr.grad is not None and float(xr.grad.abs().sum()) > 0
+    assert all(p.grad is None and not p.requires_grad for p in net.parameters())
+    net.train()
+    assert not net.training
+
+
+def test_loading_errors_are_one_line(vgg_file, tmp_path):
+    path, _ = vgg_file
+    with pytest.raises(FileNotFoundError, match=f"not found: download .*{VGG16_FILE}"):
+        LPIPS(tmp_path / "missing.pth")
+    trunc = tmp_path / "trunc.pth"
+    trunc.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="cannot read VGG16 weights file") as e:
+        LPIPS(trunc)
+    assert "\n" not in str(e.value)
+    other = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, other)
+    with pytest.raises(ValueError, match="not torchvision's VGG16: 26 missing tensors"):
+        LPIPS(other)
+    wrong = tmp_path / "wrong.pth"
+    state = torch.load(path, weights_only=True)
+    state["features.0.weight"] = torch.zeros(64, 1, 3, 3)  # a one-channel VGG
+    torch.save(state, wrong)
+    with pytest.raises(ValueError, match=r"wrong shape \(e.g. features.0.weight"):
+        LPIPS(wrong)
+    with pytest.raises(ValueError, match="RGB images"):
+        LPIPS()(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))

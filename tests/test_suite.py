@@ -1,0 +1,96 @@
+"""Tests of vqkit's suite module: ``vqkit eval`` with every figure (SSIM, MS-SSIM, LPIPS,
+bits per pixel, rFID and FD/KID in vqkit's feature space) runs with sockets refused, and
+labels each figure with what produced it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+
+import pytest
+import torch
+
+from vqkit.cli import main
+from vqkit.data import load_dataset
+from vqkit.evaluation.reconstruction import evaluate
+from vqkit.evaluation.suite import QualitySuite
+from vqkit.models import VQVAE, export_safetensors
+
+from .test_perceptual import random_vgg_file
+
+HAVE_FIDELITY = importlib.util.find_spec("torch_fidelity") is not None
+
+
+def _refuse(*args, **kwargs):
+    raise OSError("network access refused by the test")
+
+
+def test_whole_evaluation_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(socket.socket, "connect", _refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", _refuse)
+    monkeypatch.setattr(socket, "create_connection", _refuse)
+    torch.manual_seed(0)
+    model = VQVAE(
+        in_channels=1, image_size=28, hidden=16, res_hidden=8, res_layers=1, num_embeddings=16
+    )
+    ckpt = tmp_path / "model.safetensors"
+    export_safetensors(model, ckpt)
+    feats = tmp_path / "feats"
+    assert main(["features", "--data", "builtin", "--out", str(feats), "--steps", "3",
+                 "--width", "4", "--batch-size", "16"]) == 0  # fmt: skip
+    vgg = tmp_path / "vgg16.pth"
+    random_vgg_file(vgg)
+    args = ["eval", str(ckpt), "--data", "builtin", "--limit", "2", "--out", str(tmp_path / "ev")]
+    args += ["--features", str(feats), "--lpips-weights", str(vgg), "--kid-subset-size", "2"]
+    if HAVE_FIDELITY:
+        from .test_features import random_inception_file
+
+        random_inception_file(tmp_path / "inception.pth")
+        args += ["--inception-weights", str(tmp_path / "inception.pth")]
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    want = {"psnr", "ssim", "ms_ssim", "lpips", "bits_per_pixel", "codes_used"}
+    want |= {"fd_vqkit_features", "fd_vqkit_features_kid", "fd_vqkit_features_kid_std"}
+    if HAVE_FIDELITY:
+        want |= {"rfid", "rfid_kid"}
+    assert want <= set(ev), want - set(ev)
+    labels = ev["labels"]
+    unlabelled = set(ev) - set(labels) - {"labels", "fd_vqkit_features_kid_std", "rfid_kid_std"}
+    assert not unlabelled
+    assert ev["bits_per_pixel"] == pytest.approx(7 * 7 * 4 / 784)  # 7x7 codes, K=16
+    fd = labels["fd_vqkit_features"]
+    assert fd["figure"] == "FD (vqkit-features feats)" and not fd["comparable_with_papers"]
+    assert "not comparable with papers' rFID" in fd["note"] and len(fd["sha256"]) == 64
+    assert "2 scales (the standard 5 need > 160 px" in labels["ms_ssim"]  # 28 px: 2 scales
+    assert "gray replicated to RGB" in labels["lpips"]
+    if HAVE_FIDELITY:
+        assert labels["rfid"]["figure"] == "rFID" and labels["rfid"]["images"] == 2
+    for key in ("ssim", "ms_ssim"):
+        assert 0 < ev[key] <= 1
+
+
+def test_absent_figures_stay_absent():
+    torch.manual_seed(0)
+    model = VQVAE(in_channels=1, image_size=28, hidden=16, res_hidden=8, res_layers=1)
+    data = load_dataset("builtin", "test")
+    plain = evaluate(model, data, data_variance=0.1, limit=8)
+    assert "ssim" not in plain and "labels" not in plain and "bits_per_pixel" in plain
+    out = evaluate(model, data, data_variance=0.1, limit=8, suite=QualitySuite())
+    assert {"ssim", "ms_ssim"} <= set(out) and "lpips" not in out and "rfid" not in out
+    assert "lpips" not in out["labels"]
+
+
+def test_eval_flag_errors_are_one_line(tmp_path, capsys):
+    model = VQVAE(in_channels=1, image_size=28, hidden=16, res_hidden=8, res_layers=1)
+    ckpt = tmp_path / "m.safetensors"
+    export_safetensors(model, ckpt)
+    base = ["eval", str(ckpt), "--data", "builtin", "--out", str(tmp_path / "e")]
+    assert main(base + ["--lpips-weights", str(tmp_path / "none.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "vgg16-397923af.pth" in err and err.count("\n") == 1
+    assert main(base + ["--features", str(tmp_path / "none")]) == 2
+    assert "make one with vqkit features" in capsys.readouterr().err
+    assert main(base + ["--limit", "1"]) == 2
+    assert "--limit must be >= 2" in capsys.readouterr().err
