@@ -305,3 +305,68 @@ def test_temperatures_and_epsilon_must_be_finite_and_positive(bad):
     ):
         with pytest.raises(ValueError, match="must be a finite number > 0"):
             build()
+
+
+# -- layers with a projection: any float dtype, NaN weights refused (BaseQuantizer._project)
+
+
+def _projected():
+    from vqkit import BSQ, IBQ, LFQ, SimVQ
+
+    torch.manual_seed(0)
+    return {
+        "lfq": LFQ(8, 16),
+        "bsq": BSQ(8, 16),
+        "vq": VectorQuantizer(16, 16, codebook_dim=4),
+        "ema": VectorQuantizerEMA(16, 16, codebook_dim=4),
+        "simvq": SimVQ(16, 16, codebook_dim=4),
+        "ibq": IBQ(16, 16, codebook_dim=4),
+        "fsq": FSQ([4, 3, 3], dim=16),
+    }
+
+
+@pytest.mark.parametrize("kind", ["lfq", "bsq", "vq", "ema", "simvq", "ibq", "fsq"])
+def test_projection_accepts_every_float_dtype(kind):
+    """fp16 / bf16 / float64 inputs outside autocast: the output keeps the input's dtype
+    and equals the float32 result (the projection runs in the layer's float32)."""
+    q = _projected()[kind].eval()
+    x = torch.randn(2, 16, 3, dtype=torch.float64)
+    ref = q(x.float())
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        xi = x.to(dtype)
+        out = q(xi)
+        assert out.quantized.dtype == dtype
+        want = q(xi.float())  # the same values, rounded to dtype, through float32
+        assert torch.equal(out.indices, want.indices)
+        torch.testing.assert_close(out.quantized.float(), want.quantized.to(dtype).float())
+        assert torch.equal(q.encode(xi), want.indices)
+    assert torch.equal(q(x).indices, ref.indices)  # float64: the same codes as float32
+    xg = x.clone().requires_grad_(True)
+    q.train()(xg).quantized.sum().backward()
+    assert xg.grad is not None and xg.grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", ["lfq", "bsq", "vq", "ema", "simvq", "ibq", "fsq"])
+def test_nan_projection_is_refused(kind):
+    """A NaN in the in-projection would give finite codes from NaN logits: refused."""
+    q = _projected()[kind].eval()
+    with torch.no_grad():
+        q.project_in.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="projection .* NaN or Inf"):
+        q.encode(torch.randn(2, 16, 3))
+    with pytest.raises(ValueError, match="projection .* NaN or Inf"):
+        q(torch.randn(2, 16, 3))
+
+
+def test_sizes_refuse_bools():
+    from vqkit import BSQ, LFQ
+
+    for make in (
+        lambda: LFQ(True),
+        lambda: BSQ(True),
+        lambda: VectorQuantizer(True, 4),
+        lambda: VectorQuantizer(4, True),
+        lambda: VectorQuantizer(4, 8, codebook_dim=True),
+    ):
+        with pytest.raises(ValueError, match="int"):
+            make()

@@ -169,3 +169,35 @@ def test_two_processes(two_ranks, kind, precision, mode):
         for rank, res in enumerate(per_rank):
             want = 2.0 * one["x_grad"][2 * rank : 2 * rank + 2]
             torch.testing.assert_close(res["x_grad"], want, rtol=1e-4, atol=1e-6)
+
+
+# -- the empty case: every kind (and the shared grouped codebook) -----------------------
+
+EMPTY_SHAPES = [(0, D, 5), (2, D, 0)]
+
+
+def _build_any(kind: str) -> torch.nn.Module:
+    if kind == "gvq-shared":
+        torch.manual_seed(0)
+        return GroupedVQ(2, 16, D, shared=True)
+    return build(kind)
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=["no-batch", "no-positions"])
+@pytest.mark.parametrize("kind", [*KINDS, "gvq-shared"])
+def test_empty_batch(kind, shape):
+    """An empty batch or zero positions: training and eval forwards return empty outputs
+    of the right shapes, the loss is a finite scalar, backward runs, encode is empty."""
+    q = _build_any(kind)
+    q_per = q.codes_per_position
+    want = (shape[0], shape[2]) + ((q_per,) if q_per > 1 else ())
+    for training in (True, False):
+        q.train(training)
+        x = torch.randn(*shape, requires_grad=True)
+        out = q(x)
+        assert out.quantized.shape == x.shape and out.quantized.dtype == x.dtype
+        assert tuple(out.indices.shape) == want
+        assert out.loss.dim() == 0 and bool(torch.isfinite(out.loss))
+        (out.loss + out.quantized.sum()).backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+    assert tuple(q.encode(torch.randn(*shape)).shape) == want

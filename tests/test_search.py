@@ -160,3 +160,9 @@ def test_nan_codebook_in_a_quantizer_layer_is_an_error():
         q.codebook[5] = float("nan")
     with pytest.raises(ValueError, match=r"codebook has NaN or Inf in 1 of 8 codebook rows \(5\)"):
         q(torch.randn(2, 4, 3, 3))
+
+
+def test_meta_tensors_one_line_error():
+    x, cb = torch.empty(4, 3, device="meta"), torch.empty(5, 3, device="meta")
+    with pytest.raises(ValueError, match="meta tensor"):
+        nearest_code(x, cb)

@@ -58,6 +58,11 @@ def faiss_available() -> bool:
 def _check_pair(x: torch.Tensor, codebook: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(codebook, torch.Tensor):
         raise TypeError("x and codebook must be torch.Tensors")
+    if x.is_meta or codebook.is_meta:  # shapes only: no values to search
+        raise ValueError(
+            "x and codebook must hold values; got a meta tensor (materialise it first, e.g. "
+            "module.to_empty(device=...) and load the weights)"
+        )
     if x.dim() != 2:
         raise ValueError(f"x must have shape (N, D); got {tuple(x.shape)}")
     if codebook.dim() != 2:

@@ -63,6 +63,14 @@ def check_positive(**values: float) -> None:
             raise ValueError(f"{name} must be a finite number > 0; got {v!r}")
 
 
+def check_count(**values: int) -> None:
+    """Each named size (num_bits, num_embeddings, embedding_dim, ...) must be an int >= 1;
+    a bool is refused (``LFQ(True)`` is a mistake, not one bit)."""
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int; got {v!r}")
+
+
 def check_indices(indices: torch.Tensor, device: torch.device, high: int, low: int = 0) -> None:
     """Type, device and (outside compilation: one host sync) range checks of an index
     tensor for ``decode``; valid values lie in ``[low, high)``."""
@@ -117,8 +125,7 @@ class BaseQuantizer(nn.Module):
         self, embedding_dim: int, *, channels_last: bool = False, check_finite: bool = True
     ) -> None:
         super().__init__()
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be a positive int; got {embedding_dim!r}")
+        check_count(embedding_dim=embedding_dim)
         self.embedding_dim = embedding_dim
         self.channels_last = bool(channels_last)
         self.check_finite = bool(check_finite)
@@ -199,6 +206,28 @@ class BaseQuantizer(nn.Module):
             lo, hi = torch.aminmax(x.detach())
             if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 raise ValueError("input contains NaN or Inf")
+
+    def _project(self, layer: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` (a linear projection, or ``x`` when None) for an input of any float
+        dtype: outside autocast the input is cast to the layer's dtype (fp16, bf16 and
+        float64 inputs meet float32 weights; callers cast the result back to the input's
+        dtype). With ``check_finite`` a NaN/Inf result from the finite input (checked in
+        :meth:`_validate`) is refused: it means the projection's weights hold NaN/Inf,
+        and a sign or a search over NaN would give finite but meaningless codes."""
+        if layer is None:
+            return x
+        weight = layer.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)
+        y = layer(x)
+        if self.check_finite and not _compiling() and y.numel() > 0:
+            lo, hi = torch.aminmax(y.detach())
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                raise ValueError(
+                    f"{type(self).__name__}: the projection of a finite input holds NaN or "
+                    "Inf: its weights are not finite (a diverged run); reload a good checkpoint"
+                )
+        return y
 
     # -- usage tracking ---------------------------------------------------------
     def _init_sync(self, process_group: dist.ProcessGroup | None, sync_stats: bool) -> None:

@@ -16,7 +16,7 @@ from ..codebook import kmeans, kmeans_init, sample_replacements
 from ..metrics import perplexity, usage_fraction
 from ..options import nonneg, nonneg_int, option, positive_int
 from ..search import DEFAULT_SCRATCH_BYTES, nearest_code
-from .base import BaseQuantizer, check_indices
+from .base import BaseQuantizer, check_count, check_indices
 from .estimators import rotation_trick, straight_through
 from .masking import kept_input
 from .output import QuantizerOutput
@@ -124,8 +124,7 @@ class CodebookQuantizer(BaseQuantizer):
         sync_stats: bool = True,
     ) -> None:
         super().__init__(embedding_dim, channels_last=channels_last, check_finite=check_finite)
-        if not isinstance(num_embeddings, int) or num_embeddings < 1:
-            raise ValueError(f"num_embeddings must be a positive int; got {num_embeddings!r}")
+        check_count(num_embeddings=num_embeddings)
         if not isinstance(max_scratch_bytes, int) or max_scratch_bytes < 4:
             raise ValueError(f"max_scratch_bytes must be an int >= 4; got {max_scratch_bytes!r}")
         if search_backend not in ("torch", "faiss", "auto"):
@@ -134,8 +133,7 @@ class CodebookQuantizer(BaseQuantizer):
             )
         if codebook_dim is None:
             codebook_dim = embedding_dim
-        if not isinstance(codebook_dim, int) or codebook_dim < 1:
-            raise ValueError(f"codebook_dim must be a positive int; got {codebook_dim!r}")
+        check_count(codebook_dim=codebook_dim)
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {list(GRADIENTS)}; got {gradient!r}")
         if l2_normalize is not None:
@@ -272,8 +270,7 @@ class CodebookQuantizer(BaseQuantizer):
         """(N, embedding_dim) -> the vectors that are searched and compared with the
         codes (N, codebook_dim): in-projected and/or l2-normalised (float32) when
         those options are on; ``flat`` itself otherwise."""
-        if self.project_in is not None:
-            flat = self.project_in(flat)
+        flat = self._project(self.project_in, flat)  # any float dtype; NaN weights refused
         if self.use_cosine:
             flat = F.normalize(flat.to(torch.float32), dim=-1)
         return flat

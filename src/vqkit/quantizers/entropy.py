@@ -158,7 +158,7 @@ class _BatchEntropy(torch.autograd.Function):
             groups = _groups(d, group_size, a.dtype, a.device)
             marg = [torch.zeros(g.ka, g.kb, dtype=a.dtype, device=a.device) for g in groups]
         tile = _tile_rows(n, groups, a.element_size(), scratch) if groups else n
-        for r0 in range(0, n if groups else 0, tile):
+        for r0 in range(0, n if groups else 0, max(tile, 1)):  # n = 0: an empty batch
             ar, wr = a[r0 : r0 + tile], w[r0 : r0 + tile].unsqueeze(1)
             for g, m in zip(groups, marg, strict=True):
                 pa, pb = g.probs(ar)

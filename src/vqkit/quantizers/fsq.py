@@ -170,7 +170,7 @@ class FSQ(BaseQuantizer):
     def _quantize_flat(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, dim) -> (normalised codes with straight-through gradient (N, d) float32,
         indices (N,))."""
-        z = self.project_in(flat) if self.project_in is not None else flat
+        z = self._project(self.project_in, flat)
         with fp32_region(z.device):
             bounded = self.bound(z)
             rounded = torch.round(bounded)

@@ -139,7 +139,7 @@ class GroupedVQ(BaseQuantizer):
                 parts.reshape(n * g, self.group_dim),
                 mask=None if pad is None else pad.repeat_interleave(g),
             )
-            quantized, indices = o.quantized.reshape(n, -1), o.indices.reshape(n, g)
+            quantized, indices = o.quantized.reshape(n, self.embedding_dim), o.indices.reshape(n, g)
             distances = o.distances.reshape(n, g).sum(1)  # type: ignore[union-attr]
             loss, losses, counts = o.loss, o.losses, o.counts
             ppl, usage, outs = o.perplexity, o.usage, [o]

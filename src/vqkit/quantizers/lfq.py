@@ -73,7 +73,7 @@ class BinaryQuantizer(BaseQuantizer):
         process_group: dist.ProcessGroup | None = None,
         sync_stats: bool = True,
     ) -> None:
-        if not isinstance(num_bits, int) or not 1 <= num_bits <= 62:
+        if isinstance(num_bits, bool) or not isinstance(num_bits, int) or not 1 <= num_bits <= 62:
             raise ValueError(f"num_bits must be an int in [1, 62]; got {num_bits!r}")
         if embedding_dim is None:
             embedding_dim = num_bits
@@ -127,7 +127,7 @@ class BinaryQuantizer(BaseQuantizer):
     def _quantize(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(N, embedding_dim) -> (u (N, d) float32, codes with straight-through gradient
         (N, d) float32, indices (N,))."""
-        z = self.project_in(flat) if self.project_in is not None else flat
+        z = self._project(self.project_in, flat)
         with fp32_region(z.device):
             u = self._to_sphere(z.to(torch.float32))
             pos = u > 0
