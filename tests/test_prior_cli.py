@@ -186,15 +186,22 @@ def test_bad_tokenizer_runs(runs, tmp_path, capsys):
     assert "holds no tokenizer checkpoint" in capsys.readouterr().err
     assert main(["prior", "--tokenizer", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
-    # a prior paired with another tokenizer: the recorded hash no longer matches the file
+    # the tokenizer run trained on (a new best.pt): the prior samples from its pinned copy
     moved = tmp_path / "tok2"
     shutil.copytree(tok, moved)
     ckpt = load_checkpoint(moved / "checkpoints" / "best.pt")
     save_checkpoint(moved / "checkpoints" / "best.pt", {**ckpt, "step": 1234})
-    assert _sample(prior, tmp_path / "s", "--num", "1", "--tokenizer", str(moved)) == 2
+    assert _sample(prior, tmp_path / "s0", "--num", "1", "--tokenizer", str(moved)) == 0
+    # a prior without its pinned copy (older priors): the recorded hash no longer matches
+    # the file, and the one-line error says how to recover
+    unpinned = tmp_path / "unpinned"
+    shutil.copytree(prior, unpinned)
+    shutil.rmtree(unpinned / "tokenizer")
+    assert _sample(unpinned, tmp_path / "s", "--num", "1", "--tokenizer", str(moved)) == 2
     err = capsys.readouterr().err
     assert "tokenizer mismatch" in err and err.count("\n") == 1
-    assert main(["prior", "--tokenizer", str(moved), "--out", str(prior), "--resume"]) == 2
+    assert "Restore that file" in err and "pinned copy" in err
+    assert main(["prior", "--tokenizer", str(moved), "--out", str(unpinned), "--resume"]) == 2
     assert "tokenizer mismatch" in capsys.readouterr().err
     assert _sample(tmp_path / "empty", tmp_path / "s", "--num", "1") == 2
     assert "holds no prior checkpoint" in capsys.readouterr().err

@@ -62,6 +62,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.config:
             raise ValueError("--resume takes the run's own options; drop --config")
         ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+        TrainConfig.check_resume_request(given, int(ckpt.get("step", 0)), str(out))
         cfg = TrainConfig.for_resume(ckpt.get("train_config", {}), given)
     elif args.config:
         cfg = TrainConfig.from_file(args.config, **given)
@@ -188,53 +189,35 @@ def _output_names(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .data import normalize, read_image
+    from .models.codes_io import model_identity, save_codes
 
     model, _, device = _load(args)
+    identity = model_identity(model)  # recorded beside every map (NAME.npy.json)
     inputs = [Path(p) for p in args.images]
     names = _output_names(inputs, Path(args.out or "."), ".npy")  # checked before writing
     for p, name in zip(inputs, names, strict=True):
         image = read_image(p, model.config.in_channels, model.config.image_size)
         x = normalize(image[None]).to(device)
-        idx = model.encode(x)[0].cpu().numpy().astype(np.int64)
-        name.parent.mkdir(parents=True, exist_ok=True)
-        np.save(name, idx)
+        idx = model.encode(x)[0].cpu().numpy()
+        save_codes(name, idx, identity)
         print(f"{p} -> {name} {idx.shape}")
     return 0
-
-
-def _read_codes(path: Path, nd: int):
-    """An index map file as int64 (B, h, w) or (B, h, w, Q), with clear errors."""
-    import numpy as np
-
-    try:
-        idx = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read index map {path}: {e}") from e
-    if idx.ndim == nd - 1:
-        idx = idx[None]
-    want = "(h, w, Q) or (B, h, w, Q)" if nd == 4 else "(h, w) or (B, h, w)"
-    if idx.ndim != nd or not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(
-            f"{path}: expected an integer index map {want}; got {idx.dtype} {idx.shape}"
-        )
-    if idx.size == 0:
-        raise ValueError(f"{path}: the index map is empty (shape {idx.shape}); nothing to decode")
-    return idx.astype(np.int64)
 
 
 def _decode(args: argparse.Namespace) -> int:
     import torch
 
     from .evaluation.plots import save_images
+    from .models.codes_io import model_identity, read_codes
 
     model, _, device = _load(args)
+    identity = model_identity(model)
     out = Path(args.out or ".")
     inputs = [Path(p) for p in args.codes]
     stems = _output_names(inputs, out, "")
-    maps = [_read_codes(p, model.index_dims) for p in inputs]  # all checked before writing
+    # all checked (tokenizer identity, shape, range) before anything is written
+    maps = [read_codes(p, identity, unchecked=args.unchecked) for p in inputs]
     for p, stem, idx in zip(inputs, stems, maps, strict=True):
         images = model.decode(torch.from_numpy(idx).to(device))
         names = (
@@ -294,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("images", nargs="+", help="PNG/JPEG files")
         else:
             p.add_argument("codes", nargs="+", help=".npy index maps from vqkit encode")
+            p.add_argument(
+                "--unchecked",
+                action="store_true",
+                help="decode raw arrays: skip the tokenizer identity (NAME.npy.json) and "
+                "grid-size checks (see vqkit.models.codes_io)",
+            )
     from .data.pack import add_pack_arguments
     from .prior.cli import add_prior_arguments, add_sample_arguments
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..options import add_arguments, option_fields
-from .config import PriorConfig, PriorTrainConfig
+from .config import PriorConfig, PriorTrainConfig, resume_report
 from .sampling import SampleOptions
 
 __all__ = ["add_prior_arguments", "add_sample_arguments", "main", "run_prior", "run_sample"]
@@ -82,35 +82,53 @@ def run_prior(args: argparse.Namespace) -> int:
     success, 130 when interrupted (the run is saved for ``--resume``)."""
     from .. import distributed
     from ..storage.checkpoint import load_checkpoint
-    from .codes import load_codes, load_tokenizer
+    from .codes import PIN_DIR, load_codes, load_tokenizer, tokenizer_in_use
     from .trainer import PriorTrainer
 
     out = Path(args.out)
     model_base: dict[str, Any] = {}
     train_base: dict[str, Any] = {}
     stored_tok: dict[str, Any] | None = None
+    report: list[str] = []
     if args.resume:  # the stored options, flags on top
         ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
         model_base, train_base = ckpt["model_config"], ckpt["train_config"]
         stored_tok = ckpt.get("tokenizer")
     config = PriorConfig.from_dict({**model_base, **_given(args, PriorConfig)})
     train_config = PriorTrainConfig.from_dict({**train_base, **_given(args, PriorTrainConfig)})
+    if args.resume:  # refused before anything is loaded; the changes are reported
+        report = resume_report(train_base, train_config, int(ckpt.get("step", 0)))
     tok_dir = args.tokenizer or (stored_tok or {}).get("run_dir")
     if tok_dir is None:
         raise ValueError("--tokenizer RUN_DIR is required (the vqkit train run to model)")
     tok_ckpt = args.tokenizer_checkpoint or (
         stored_tok["checkpoint"] if stored_tok and not args.tokenizer else None
     )
+    pinned = (stored_tok or {}).get("pinned")
     device = distributed.rank_device(train_config.device)
     owns_group = distributed.init_from_env(device)
     try:
         main_rank = distributed.rank() == 0
+        busy = None if pinned else tokenizer_in_use(tok_dir)
         tok = load_tokenizer(
             tok_dir,
             checkpoint=tok_ckpt,
             device=device,
             expect_sha256=stored_tok["sha256"] if stored_tok else None,
+            pin=out / PIN_DIR,  # the prior keeps the exact weights it is trained on
+            pinned=out / pinned if pinned else None,
         )
+        if busy and main_rank:
+            print(
+                f"warning: tokenizer run {tok_dir} is in use by {busy} (still training); "
+                f"this prior keeps a copy of its current {tok.checkpoint.name} "
+                f"(sha256 {tok.sha256[:16]}...) in {out / PIN_DIR}, which later "
+                "checkpoints of that run do not change",
+                file=sys.stderr,
+            )
+        if main_rank:
+            for line in report:
+                print(line)
         if distributed.world_size() > 1 and not main_rank:
             distributed.barrier()  # rank 0 encodes and fills the cache first
         train, test, cached = load_codes(
@@ -181,6 +199,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         help="the tokenizer run, if it moved (its weights must be the same file)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the samples in a non-empty --out (only the files sample writes)",
+    )
     add_arguments(parser.add_argument_group("sampling"), SampleOptions)
 
 
@@ -204,14 +227,19 @@ def load_prior(
     return model.to(device).eval(), ckpt
 
 
-def _class_labels(spec: str | None, classes: list[str], num: int, null: int) -> torch.Tensor:
-    """Labels (num,) from ``--class``: an id, a class name, 'null', or None (in turn)."""
+def _class_labels(
+    spec: str | None, classes: list[str], start: int, count: int, null: int
+) -> torch.Tensor:
+    """Labels (count,) of samples start..start+count-1 from ``--class``: an id, a class
+    name, 'null', or None (the classes in turn: sample i gets class i mod C)."""
     if spec is None:
-        return torch.arange(num) % len(classes) if classes else torch.full((num,), null)
+        if not classes:
+            return torch.full((count,), null)
+        return torch.arange(start, start + count) % len(classes)
     if spec.lower() in ("null", "none"):
-        return torch.full((num,), null)
+        return torch.full((count,), null)
     if spec in classes:
-        return torch.full((num,), classes.index(spec))
+        return torch.full((count,), classes.index(spec))
     try:
         cid = int(spec)
     except ValueError:
@@ -222,17 +250,36 @@ def _class_labels(spec: str | None, classes: list[str], num: int, null: int) -> 
         raise ValueError(
             f"class id {cid} out of range: this prior has classes 0..{len(classes) - 1}"
         )
-    return torch.full((num,), cid)
+    return torch.full((count,), cid)
+
+
+def load_sample_tokenizer(prior_dir: str | Path, ckpt: dict[str, Any], run_dir: Any, device: Any):
+    """The tokenizer a prior was trained on: its pinned copy in PRIOR_DIR/tokenizer/ when
+    there is one (the tokenizer run may have trained on or be gone), else the run's file,
+    checked against the recorded hash (the error says how to recover)."""
+    from .codes import load_tokenizer
+
+    stored = ckpt.get("tokenizer") or {}
+    pinned = stored.get("pinned")
+    run_dir = run_dir or stored.get("run_dir")
+    if run_dir is None:
+        raise ValueError(f"{prior_dir}: no tokenizer recorded; pass --tokenizer RUN_DIR")
+    return load_tokenizer(
+        run_dir,
+        checkpoint=stored.get("checkpoint"),
+        device=device,
+        expect_sha256=stored.get("sha256"),
+        pinned=Path(prior_dir) / pinned if pinned else None,
+    )
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    """Draw samples from a prior, decode them with its tokenizer, write PNGs and index maps."""
-    import numpy as np
-
+    """Draw samples from a prior batch by batch, decode each batch with its tokenizer and
+    write its PNGs and index maps at once (:class:`~vqkit.prior.sample_writer.SampleWriter`:
+    memory holds one batch; a killed run leaves the samples written so far)."""
     from ..distributed import resolve_device
-    from ..evaluation.plots import save_images
-    from .codes import load_tokenizer
-    from .report import save_grid
+    from ..models.codes_io import model_identity
+    from .sample_writer import SampleWriter
 
     opts = SampleOptions.from_dict(_given(args, SampleOptions), where="sample options")
     if args.num < 1:
@@ -241,48 +288,39 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     device = resolve_device(args.device)
     model, ckpt = load_prior(args.prior, args.checkpoint, device)
-    stored = ckpt.get("tokenizer") or {}
-    run_dir = args.tokenizer or stored.get("run_dir")
-    if run_dir is None:
-        raise ValueError(f"{args.prior}: no tokenizer recorded; pass --tokenizer RUN_DIR")
-    tok = load_tokenizer(
-        run_dir,
-        checkpoint=stored.get("checkpoint"),
-        device=device,
-        expect_sha256=stored.get("sha256"),
+    tok = load_sample_tokenizer(args.prior, ckpt, args.tokenizer, device)
+    classes = list(ckpt.get("classes", []))
+    null = model.null_class
+    first = _class_labels(args.class_id, classes, 0, 1, null)  # checks --class up front
+    guided_null = model.config.num_classes and bool((first == null).any())
+    if guided_null and opts.cfg_scale != 1.0:
+        raise ValueError("--cfg-scale needs a class to guide towards (not 'null')")
+    writer = SampleWriter(
+        args.out,
+        args.num,
+        {
+            "prior": str(Path(args.prior).resolve()),
+            "seed": args.seed,
+            "options": opts.to_dict(),
+            "class": args.class_id,
+            "classes": classes,
+            "tokenizer_sha256": tok.sha256,
+        },
+        model_identity(tok.model),
+        overwrite=args.overwrite,
     )
-    labels = _class_labels(args.class_id, list(ckpt.get("classes", [])), args.num, model.null_class)
-    cond = labels if model.config.num_classes else None
-    if cond is not None and bool((labels == model.null_class).any()):
-        if opts.cfg_scale != 1.0:
-            raise ValueError("--cfg-scale needs a class to guide towards (not 'null')")
-        cond = None  # 'null': the unconditional model itself
     g = torch.Generator(device).manual_seed(args.seed)
-    codes = model.sample(args.num, opts, labels=cond, generator=g, batch_size=args.batch_size)
-    images = torch.cat(
-        [
-            tok.model.decode(codes[i : i + args.batch_size])
-            for i in range(0, args.num, args.batch_size)
-        ]
-    )
+    shape: tuple[int, ...] = ()
+    for start in range(0, args.num, args.batch_size):
+        n = min(args.batch_size, args.num - start)
+        labels = _class_labels(args.class_id, classes, start, n, null)
+        cond = labels if model.config.num_classes and not guided_null else None
+        # one batch at a time from the same generator: the same draws as one call
+        codes = model.sample(n, opts, labels=cond, generator=g, batch_size=n)
+        writer.add(tok.model.decode(codes), codes, labels)
+        shape = tuple(codes.shape[1:])
+    writer.close()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [f"sample_{i:04d}" for i in range(args.num)]
-    save_images(images, [out / f"{n}.png" for n in names])
-    for n, c in zip(names, codes.cpu().numpy().astype(np.int64), strict=True):
-        np.save(out / f"{n}.npy", c)  # (h, w) or (h, w, Q): what vqkit decode reads
-    save_grid(images, out / "grid.png")
-    meta = {
-        "prior": str(Path(args.prior).resolve()),
-        "seed": args.seed,
-        "num": args.num,
-        "options": opts.to_dict(),
-        "labels": labels.tolist(),
-        "classes": list(ckpt.get("classes", [])),
-        "tokenizer_sha256": tok.sha256,
-    }
-    (out / "samples.json").write_text(json.dumps(meta, indent=2))
-    shape = tuple(codes.shape[1:])
     print(f"{args.num} samples -> {out}/grid.png, sample_*.png, sample_*.npy {shape}")
     return 0
 

@@ -7,6 +7,18 @@ is tied to the exact weights file by its SHA-256: the train and test splits are 
 into ``RUN_DIR/codes/<sha256[:16]>/{train,test}.npz`` (index maps and labels) the first
 time and read back afterwards, and a prior refuses a tokenizer whose file hash differs
 from the one it was trained on.
+
+The prior keeps the exact weights it was trained on: :func:`load_tokenizer` with ``pin``
+hard-links (or, across filesystems, copies) the weights file into
+``PRIOR_DIR/tokenizer/<sha256[:16]><suffix>`` first and loads, hashes and records that
+copy, so a tokenizer run that goes on training (a new ``best.pt``), is resumed or deleted
+leaves the prior usable; ``vqkit sample`` loads the pinned copy. A tokenizer run still
+locked by its trainer gets a warning (:func:`tokenizer_in_use`).
+
+A cached split is verified before use (:func:`read_cached_codes`): readable, integer,
+the tokenizer's code shape, every index in ``[0, K)``, labels matching, and the SHA-256
+recorded in ``RUN_DIR/codes/<hash>/checksums.json`` when it was written; a damaged file
+is named in a warning and encoded again.
 """
 
 from __future__ import annotations
@@ -14,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +37,8 @@ import torch
 
 from ..data import epoch_permutation
 from ..models import VQVAE, load_model
-from ..storage.fileio import atomic_write
+from ..storage.fileio import atomic_write, write_json
+from ..storage.rundir import RunDir
 
 __all__ = [
     "CHECKPOINT_NAMES",
@@ -35,7 +50,13 @@ __all__ = [
     "find_checkpoint",
     "load_codes",
     "load_tokenizer",
+    "pin_weights",
+    "read_cached_codes",
+    "tokenizer_in_use",
 ]
+
+PIN_DIR = "tokenizer"
+"""Where a prior keeps its tokenizer's weights: ``PRIOR_DIR/tokenizer/``."""
 
 # searched in this order; "best" = lowest eval NMSE of the tokenizer run
 CHECKPOINT_NAMES = ("checkpoints/best.pt", "checkpoints/last.pt", "model.safetensors")
@@ -72,6 +93,7 @@ class Tokenizer:
     sha256: str
     model: VQVAE
     run_config: dict[str, Any]
+    pinned: Path | None = None  # the copy the prior keeps (loaded instead of checkpoint)
 
     @property
     def num_codes(self) -> int:
@@ -83,9 +105,48 @@ class Tokenizer:
             "run_dir": str(self.run_dir.resolve()),
             "checkpoint": str(self.checkpoint.relative_to(self.run_dir)),
             "sha256": self.sha256,
+            # relative to the prior run directory: PRIOR_DIR/tokenizer/<name>
+            "pinned": f"{PIN_DIR}/{self.pinned.name}" if self.pinned is not None else None,
             "num_codes": self.num_codes,
             "model_config": self.model.config.to_dict(),
         }
+
+
+def tokenizer_in_use(run_dir: str | os.PathLike[str]) -> str | None:
+    """Who holds ``run_dir``'s run lock (a trainer still writing checkpoints there), as
+    "pid N on HOST"; None when nobody does."""
+    return RunDir(run_dir).holder()
+
+
+def pin_weights(path: str | os.PathLike[str], pin_dir: str | os.PathLike[str]) -> tuple[Path, str]:
+    """(pinned copy, its sha256): ``path`` hard-linked (else copied) into ``pin_dir`` as
+    ``<sha256[:16]><suffix>``. A link made while a trainer atomically replaces ``path``
+    holds the old or the new file whole, and later replacements do not touch it; the
+    hash is of the pinned bytes."""
+    src, pin = Path(path), Path(pin_dir)
+    pin.mkdir(parents=True, exist_ok=True)
+    tmp = pin / f".{src.name}.{os.getpid()}.{os.urandom(3).hex()}.tmp"
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another filesystem, or links not supported: a copy
+            shutil.copyfile(src, tmp)
+        digest = file_sha256(tmp)
+        target = pin / f"{digest[:16]}{src.suffix}"
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target, digest
+
+
+def _mismatch(path: Path, want: str, got: str) -> ValueError:
+    return ValueError(
+        f"tokenizer mismatch: the prior was trained on weights with sha256 {want[:16]}..., but "
+        f"{path} has sha256 {got[:16]}... (the tokenizer run trained on or was resumed). "
+        "Restore that file, or pass --tokenizer DIR holding the original weights, or train a "
+        "new prior on the current tokenizer (priors keep a pinned copy in PRIOR_DIR/tokenizer/)"
+    )
 
 
 def load_tokenizer(
@@ -94,23 +155,33 @@ def load_tokenizer(
     checkpoint: str | None = None,
     device: torch.device | str = "cpu",
     expect_sha256: str | None = None,
+    pin: str | os.PathLike[str] | None = None,
+    pinned: str | os.PathLike[str] | None = None,
 ) -> Tokenizer:
     """Load the tokenizer of a ``vqkit train`` run (see :func:`find_checkpoint`).
 
     ``expect_sha256``: the hash a prior was trained with; a different file is a
-    ValueError (the prior's codes would mean other things)."""
+    ValueError (the prior's codes would mean other things) saying how to recover.
+    ``pin``: a directory to pin the weights in first (:func:`pin_weights`); the model
+    and hash are then those of the pinned copy. ``pinned``: a copy pinned earlier,
+    loaded instead of the run's file when it exists (the run directory may be gone)."""
     run = Path(run_dir)
-    path = find_checkpoint(run, checkpoint)
-    digest = file_sha256(path)
+    if pinned is not None and Path(pinned).is_file():
+        path, origin = Path(pinned), run / (checkpoint or CHECKPOINT_NAMES[0])
+        digest = file_sha256(path)
+    else:
+        origin = find_checkpoint(run, checkpoint)
+        path, digest = pin_weights(origin, pin) if pin is not None else (origin, "")
+        digest = digest or file_sha256(path)
     if expect_sha256 is not None and digest != expect_sha256:
-        raise ValueError(
-            f"tokenizer mismatch: the prior was trained on a tokenizer with sha256 "
-            f"{expect_sha256[:16]}..., but {path} has sha256 {digest[:16]}..."
-        )
+        if path != origin and pinned is None:
+            path.unlink(missing_ok=True)  # pinned just now, and not the prior's weights
+        raise _mismatch(origin if pinned is None else path, expect_sha256, digest)
     model = load_model(path, map_location=device).to(device).eval()
     cfg_path = run / "config.json"
     run_config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    return Tokenizer(run, path, digest, model, run_config)
+    keep = path if path != origin else None
+    return Tokenizer(run, origin, digest, model, run_config, keep)
 
 
 @dataclass
@@ -220,6 +291,51 @@ def codes_dir(tok: Tokenizer) -> Path:
     return tok.run_dir / "codes" / tok.sha256[:16]
 
 
+CHECKSUMS = "checksums.json"
+
+
+def _expected_shape(tok: Tokenizer) -> tuple[int, ...]:
+    side = tok.model.config.image_size // tok.model.config.downsample
+    q = tok.model.quantizer.codes_per_position
+    return (side, side, q) if q > 1 else (side, side)
+
+
+def read_cached_codes(path: Path, tok: Tokenizer) -> CodeData:
+    """A cached split, verified: its SHA-256 against ``checksums.json`` beside it (when
+    recorded), readable without pickles, integer codes of the tokenizer's code shape with
+    every index in ``[0, K)``, one integer label per map. ValueError naming ``path`` and
+    what is wrong otherwise."""
+    sums_path = path.parent / CHECKSUMS
+    try:
+        sums = json.loads(sums_path.read_text()) if sums_path.is_file() else {}
+    except (OSError, ValueError):
+        sums = {}
+    want = sums.get(path.name) if isinstance(sums, dict) else None
+    if want is not None and file_sha256(path) != want:
+        raise ValueError(f"{path}: checksum differs from {CHECKSUMS} (a damaged file)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            codes, labels = z["codes"], z["labels"]
+            classes, split = tuple(str(c) for c in z["classes"]), str(z["split"])
+    except Exception as e:  # zip, pickle and key errors of a damaged archive
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+    shape = _expected_shape(tok)
+    if not np.issubdtype(codes.dtype, np.integer) or tuple(codes.shape[1:]) != shape:
+        raise ValueError(f"{path}: codes {codes.dtype} {codes.shape}, expected (N, *{shape})")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != codes.shape[:1]:
+        raise ValueError(f"{path}: labels {labels.dtype} {labels.shape} do not fit the codes")
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= tok.num_codes):
+        raise ValueError(
+            f"{path}: indices {int(codes.min())}..{int(codes.max())} outside [0, {tok.num_codes})"
+        )
+    return CodeData(
+        torch.from_numpy(codes.astype(np.int64)),
+        torch.from_numpy(labels.astype(np.int64)),
+        classes,
+        split,
+    )
+
+
 def load_codes(
     tok: Tokenizer,
     *,
@@ -229,18 +345,29 @@ def load_codes(
 ) -> tuple[CodeData, CodeData, bool]:
     """(train, test, cached): the tokenizer's splits as index maps, from the cache when
     it holds them (``cached`` True), else encoded now and written there. ``data``
-    overrides the dataset of the tokenizer's ``config.json`` (and is then not cached)."""
+    overrides the dataset of the tokenizer's ``config.json`` (and is then not cached).
+    A damaged cache file (:func:`read_cached_codes`) is named in a warning on stderr and
+    the splits are encoded again and rewritten."""
     where = codes_dir(tok)
     paths = where / "train.npz", where / "test.npz"
     if data is None and all(p.is_file() for p in paths):
-        return CodeData.load(paths[0]), CodeData.load(paths[1]), True
+        try:
+            train, test = (read_cached_codes(p, tok) for p in paths)
+            return train, test, True
+        except ValueError as e:
+            print(
+                f"warning: damaged code cache, encoding again: {e} (rm -r {where} clears it)",
+                file=sys.stderr,
+            )
     train_images, test_images = _load_images(tok, data)
     out = []
     for images in (train_images, test_images):
         out.append(encode_data(tok.model, images, batch_size=batch_size, progress=progress))
     if data is None:
+        (where / CHECKSUMS).unlink(missing_ok=True)  # stale while the files are replaced
         for split, path in zip(out, paths, strict=True):
             split.save(path)
+        write_json(where / CHECKSUMS, {p.name: file_sha256(p) for p in paths})
     return out[0], out[1], False
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..options import (
     Options,
@@ -23,7 +24,7 @@ from ..options import (
 )
 from ..training.loop import RunOptions
 
-__all__ = ["PriorConfig", "PriorTrainConfig"]
+__all__ = ["PriorConfig", "PriorTrainConfig", "resume_report"]
 
 
 def _dropout(v: float) -> str | None:
@@ -100,3 +101,31 @@ class PriorTrainConfig(RunOptions):
     num_samples: int = option(16, "images in the sample grid of each evaluation", check=nonneg_int)
     seed: int = option(0, "seed of initialisation, data order and class dropout")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
+
+
+def resume_report(stored: dict[str, Any], config: PriorTrainConfig, step: int) -> list[str]:
+    """The lines a resumed prior prints, ``"resume: lr 0.0006 -> 0.001 (applied)"``, one per
+    training option that differs from the checkpoint's ``stored`` ones (as ``vqkit train
+    --resume`` reports them). ``steps`` below the checkpoint's ``step`` is a ValueError:
+    nothing would be trained, yet the smaller number would be recorded."""
+    if config.steps < step:
+        raise ValueError(
+            f"--steps {config.steps} is below the checkpoint's step {step}: nothing to "
+            f"train; give --steps above {step} to train on"
+        )
+    changed = {
+        k: (stored[k], v) for k, v in config.to_dict().items() if k in stored and stored[k] != v
+    }
+    fixed = [f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in RESUME_FIXED if k in changed]
+    if fixed:
+        raise ValueError(
+            "a resumed prior cannot change " + ", ".join(fixed) + ": the checkpoint's data "
+            "order and optimizer groups keep the stored values; start a new run (--overwrite "
+            "or another --out) to change them"
+        )
+    return [f"resume: {k} {a!r} -> {b!r} (applied)" for k, (a, b) in changed.items()]
+
+
+RESUME_FIXED = ("seed", "weight_decay")
+"""Training options a resumed prior cannot change: the loader's order is restored with
+the stored seed, and AdamW's restored groups keep the stored weight decay."""

@@ -102,7 +102,11 @@ def _draw(
     logits: torch.Tensor, opts: SampleOptions, generator: torch.Generator | None
 ) -> torch.Tensor:
     """One code per row of (B, V) logits, int64 (B,)."""
-    logits = filter_logits(logits.float() / opts.temperature, opts.top_k, opts.top_p)
+    # shifted so the largest logit is 0, divided in float64: a tiny temperature (1e-40)
+    # then gives 0 and -inf (greedy), never inf - inf = NaN, and the result fits float32
+    logits = logits.double()
+    logits = ((logits - logits.amax(-1, keepdim=True)) / opts.temperature).float()
+    logits = filter_logits(logits, opts.top_k, opts.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 

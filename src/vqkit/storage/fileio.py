@@ -9,8 +9,14 @@ pictures, JSON, the decoded-data cache) goes through :func:`atomic_write`:
 * the new file gets the mode an ordinary ``open(path, "w")`` would give it (the old
   file's mode, else ``0o666`` minus the umask), also when the writer (safetensors) makes
   its output 0600;
-* on a full disk (ENOSPC) or exceeded quota (EDQUOT) it raises :class:`DiskFullError`
-  with a one-line message naming the file, keeps the old file and removes the temp;
+* on a full disk (ENOSPC), an exceeded quota (EDQUOT) or the process's file-size limit
+  (EFBIG, ``ulimit -f``) it raises :class:`DiskFullError` with a one-line message naming
+  the file, keeps the old file and removes the temp. Writers that do not raise an
+  OSError are recognised too (:func:`is_disk_full`): ``torch.save`` raises
+  ``RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos`` and
+  safetensors a ``SafetensorError`` mentioning "os error 28"; a failed write is then
+  taken as a full disk when the target's filesystem has (almost) no space left, or the
+  temp file reached the file-size limit;
 * a temp file orphaned by a killed writer (kill -9, power loss) is removed later by
   :func:`clean_stale_temps`, which reads the writer's host and pid from the name.
 
@@ -36,12 +42,26 @@ __all__ = [
     "DiskFullError",
     "atomic_write",
     "clean_stale_temps",
+    "disk_full_error",
     "dump_json",
     "is_disk_full",
     "write_json",
 ]
 
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_EDQUOT = getattr(errno, "EDQUOT", errno.ENOSPC)
+_DISK_FULL = {errno.ENOSPC, _EDQUOT, errno.EFBIG}
+# the same conditions in the text of exceptions that carry no errno (safetensors' Rust
+# I/O errors, numpy or PIL wrappers): "os error 28", "No space left on device", ...
+_FULL_CODES = (errno.ENOSPC, _EDQUOT, errno.EFBIG)
+_DISK_FULL_TEXT = re.compile(
+    "|".join(
+        [rf"os error {c}\b" for c in _FULL_CODES] + [re.escape(os.strerror(c)) for c in _FULL_CODES]
+    ),
+    re.IGNORECASE,
+)
+NEARLY_FULL_BYTES = 1 << 20
+"""A write that failed on a filesystem with less free space than this failed for lack of
+space, whatever exception the writer raised (torch.save's carries no errno)."""
 # .{name}.{host}.{pid}.{6 hex}.tmp; the name part may itself contain dots
 _TEMP_RE = re.compile(r"^\..*\.([A-Za-z0-9-]{1,16})\.(\d+)\.[0-9a-f]{6}\.tmp$")
 DEFAULT_STALE_AGE_S = 3600.0
@@ -57,9 +77,51 @@ class DiskFullError(OSError):
         return self.strerror or super().__str__()
 
 
-def is_disk_full(e: BaseException) -> bool:
-    """True for an OSError meaning "no space left" (ENOSPC) or "quota exceeded" (EDQUOT)."""
-    return isinstance(e, OSError) and e.errno in _DISK_FULL
+def is_disk_full(e: BaseException, path: str | os.PathLike[str] | None = None) -> bool:
+    """True when ``e`` means "no space left" (ENOSPC), "quota exceeded" (EDQUOT) or "file
+    too large" for the process's file-size limit (EFBIG).
+
+    An OSError is judged by its errno. Any other exception of a writer (torch.save's
+    RuntimeError, safetensors' SafetensorError) counts when its text names one of those
+    conditions or, given ``path`` (the partly written file), when the filesystem holding
+    it has less than :data:`NEARLY_FULL_BYTES` free or the file reached the file-size
+    limit (``RLIMIT_FSIZE``)."""
+    return _full_errno(e, path) is not None
+
+
+def _full_errno(e: BaseException, path: str | os.PathLike[str] | None) -> int | None:
+    """The errno (ENOSPC, EDQUOT, EFBIG) that ``e`` amounts to, else None."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno if e.errno in _DISK_FULL else None
+    # not for interrupts, and not for the errors of a programming mistake
+    if not isinstance(e, Exception) or isinstance(e, (TypeError, AttributeError, KeyError)):
+        return None
+    m = _DISK_FULL_TEXT.search(str(e))
+    if m:
+        text = m.group(0).lower()
+        if text in (os.strerror(_EDQUOT).lower(), f"os error {_EDQUOT}"):
+            return _EDQUOT
+        if text in (os.strerror(errno.EFBIG).lower(), f"os error {errno.EFBIG}"):
+            return errno.EFBIG
+        return errno.ENOSPC
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and os.stat(path).st_size >= limit:
+            return errno.EFBIG
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        st = os.statvfs(path if path.is_dir() else path.parent)
+    except OSError:
+        return None
+    # root may write into the blocks reserved for it: count those too
+    free = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return errno.ENOSPC if free * st.f_frsize < NEARLY_FULL_BYTES else None
 
 
 def _host_tag() -> str:
@@ -67,17 +129,16 @@ def _host_tag() -> str:
     return tag or "host"
 
 
-def _disk_full(e: OSError, path: Path) -> DiskFullError:
-    what = (
-        "disk quota exceeded"
-        if e.errno == getattr(errno, "EDQUOT", None)
-        else ("no space left on device")
-    )
-    msg = (
-        f"{what} writing {path}; the previous version (if any) is unchanged. "
-        "Free some space and try again"
-    )
-    return DiskFullError(e.errno, msg, str(path))
+def disk_full_error(code: int, path: str | os.PathLike[str]) -> DiskFullError:
+    """The one-line :class:`DiskFullError` for errno ``code`` (ENOSPC, EDQUOT, EFBIG)
+    while writing ``path``."""
+    what, todo = "no space left on device", "Free some space and try again"
+    if code == _EDQUOT and code != errno.ENOSPC:
+        what = "disk quota exceeded"
+    elif code == errno.EFBIG:
+        what, todo = "file too large for the file-size limit", "Raise the limit (ulimit -f)"
+    msg = f"{what} writing {path}; the previous version (if any) is unchanged. {todo}"
+    return DiskFullError(code, msg, str(path))
 
 
 def _target_mode(path: Path, fd: int) -> int:
@@ -115,12 +176,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        code = _full_errno(e, tmp)  # before the unlink frees the temp's space
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        if is_disk_full(e):
-            raise _disk_full(e, path) from e  # type: ignore[arg-type]
+        if code is not None:
+            raise disk_full_error(code, path) from e
         raise
     _fsync_dir(path.parent)
 

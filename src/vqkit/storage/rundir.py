@@ -25,7 +25,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .fileio import atomic_write, clean_stale_temps, dump_json, write_json
+from .fileio import (
+    atomic_write,
+    clean_stale_temps,
+    disk_full_error,
+    dump_json,
+    is_disk_full,
+    write_json,
+)
 
 __all__ = ["ARTIFACTS", "RunDir", "RunDirBusyError"]
 
@@ -108,6 +115,25 @@ class RunDir:
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
         return self
+
+    def holder(self) -> str | None:
+        """Who holds the lock, as "pid N on HOST" ("another process" when unsaid), or None
+        when nobody does (this object's own lock included: None). Takes no lock of its
+        own beyond a shared probe of an instant, and creates no file."""
+        if self._fd is not None:
+            return None
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except OSError:  # no lock file: never locked
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            return f"pid {words[0]} on {words[1]}" if len(words) >= 2 else "another process"
+        finally:
+            os.close(fd)  # closing releases the probe
+        return None
 
     def unlock(self) -> None:
         """Release the lock. The file stays: unlinking it would let a process that has
@@ -206,9 +232,14 @@ class RunDir:
         """Append ``record`` to ``metrics.jsonl`` as one strict-JSON line (non-finite floats
         become null) and flush it. One write call per line, so lines do not interleave."""
         line = dump_json(dict(record)) + "\n"
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full_error(e.errno, self.metrics_path) from e
+            raise
 
     def write_json(self, name: str, obj: Any) -> Path:
         """Write ``obj`` as strict, indented JSON to ``path/name`` atomically; returns the path."""

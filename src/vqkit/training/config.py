@@ -289,6 +289,24 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         base = {k: v for k, v in stored.items() if k in known}
         return cls(**{**base, **given})
 
+    @staticmethod
+    def check_resume_request(given: dict[str, Any], step: int, where: str = "the run") -> None:
+        """Refuse what a resume cannot do, before anything is loaded or written: ``steps``
+        below the checkpoint's ``step`` (nothing would be trained, yet the smaller number
+        would be recorded) and a ``preset`` (a resumed run keeps its own options; a preset
+        would be recorded in config.json but not applied)."""
+        if "preset" in given:
+            raise ValueError(
+                f"--preset {given['preset']} with --resume: a resumed run keeps its own "
+                "options; drop --preset and give the options to change as flags"
+            )
+        steps = given.get("steps")
+        if steps is not None and steps < step:
+            raise ValueError(
+                f"--steps {steps} is below the step {step} of {where}'s checkpoint: nothing "
+                f"to train; give --steps above {step} to train on"
+            )
+
     def resume_changes(
         self, stored: dict[str, Any], stored_world: int = 1, world: int = 1
     ) -> dict[str, tuple[Any, Any]]:

@@ -1,0 +1,180 @@
+"""Index-map files: codes that carry the identity of the tokenizer that wrote them.
+
+``vqkit encode`` and ``vqkit sample`` write each index map as two files:
+
+* ``NAME.npy``: the codes, an integer array ``(h, w)`` or ``(h, w, Q)`` (one image), or
+  ``(B, h, w)`` / ``(B, h, w, Q)`` (several), readable by any ``numpy.load``;
+* ``NAME.npy.json``, the sidecar (strict JSON)::
+
+      {"format": "vqkit-codes", "version": 1,
+       "tokenizer": "<sha256 of the model's weights and config>",
+       "num_codes": K, "codes_per_position": Q, "grid": [h, w]}
+
+The identity (:func:`model_identity`) hashes what decoding depends on: the model's config
+and every tensor of its state dict, so the same weights give the same hash whether they
+were loaded from a ``.pt`` checkpoint or a ``.safetensors`` export, and different weights
+(another run, a later checkpoint) a different one.
+
+:func:`read_codes` (``vqkit decode``) checks a map against the model before decoding:
+
+* with a sidecar: the tokenizer hash, K and Q must match (else a one-line error saying
+  which model wrote the map), then the shape;
+* without one (maps written before this format, or by other tools): the shape must be an
+  index map of this model, ``(h, w)`` or ``(B, h, w)`` (``(.., Q)`` for Q codes per
+  position) with the model's latent grid, and every index in ``[0, K)``; the map is then
+  decoded with a warning that its tokenizer cannot be checked;
+* ``unchecked=True`` (``vqkit decode --unchecked``): raw arrays; the identity and the
+  grid size are not checked (the number of dimensions and the range still are).
+
+Writes are atomic (:func:`vqkit.storage.fileio.atomic_write`; a full disk is one line
+naming the file); the old sidecar is removed before the map is replaced, so a kill in
+between leaves a map without identity (decoded with the warning), never a map with the
+identity of another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..storage.fileio import atomic_write, write_json
+
+__all__ = ["FORMAT", "model_identity", "read_codes", "save_codes", "sidecar_path"]
+
+FORMAT = "vqkit-codes"
+VERSION = 1
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """``NAME.npy.json`` for ``NAME.npy``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """What a map records of the model that wrote it: ``tokenizer`` (hex SHA-256 of the
+    config JSON and of each state-dict tensor's name, dtype, shape and bytes, in name
+    order), ``num_codes`` K, ``codes_per_position`` Q and ``grid`` [h, w]."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor):  # a module's extra state (FSQ's levels)
+            h.update(f"{name}={t!r}".encode())
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    side = model.config.image_size // model.config.downsample
+    return {
+        "tokenizer": h.hexdigest(),
+        "num_codes": int(model.num_codes),
+        "codes_per_position": int(model.quantizer.codes_per_position),
+        "grid": [side, side],
+    }
+
+
+def save_codes(path: str | os.PathLike[str], codes: Any, identity: dict[str, Any]) -> None:
+    """Write ``codes`` (integer, ``(h, w)[, Q]`` or ``(B, h, w)[, Q]``) as ``path`` (.npy)
+    and its sidecar (see the module docstring), both atomically."""
+    path = Path(path)
+    array = np.ascontiguousarray(np.asarray(codes).astype(np.int64, copy=False))
+    sidecar = sidecar_path(path)
+    sidecar.unlink(missing_ok=True)  # never the old identity beside a new map
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, write)
+    write_json(sidecar, {"format": FORMAT, "version": VERSION, **identity})
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{sidecar}: unreadable index-map sidecar ({e}); delete it to decode {path.name} "
+            "unchecked"
+        ) from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{sidecar} is not a {FORMAT} sidecar; delete it or rename the map")
+    return meta
+
+
+def _check_identity(path: Path, meta: dict[str, Any], want: dict[str, Any]) -> None:
+    for key, what in (
+        ("codes_per_position", "codes per position"),
+        ("num_codes", "codes (K)"),
+        ("tokenizer", "tokenizer weights"),
+    ):
+        if meta.get(key) != want[key]:
+            got, need = meta.get(key), want[key]
+            if key == "tokenizer":
+                got, need = f"sha256 {str(got)[:16]}...", f"sha256 {str(need)[:16]}..."
+            raise ValueError(
+                f"{path} was written by another tokenizer ({what}: {got}; this model: "
+                f"{need}); decode it with the model that encoded it, or pass --unchecked "
+                "to decode it anyway"
+            )
+
+
+def read_codes(
+    path: str | os.PathLike[str], identity: dict[str, Any], *, unchecked: bool = False
+) -> np.ndarray:
+    """An index map file as int64 ``(B, h, w)`` or ``(B, h, w, Q)`` for the model of
+    ``identity`` (:func:`model_identity`), checked as the module docstring says;
+    ValueError with a one-line message naming ``path`` otherwise."""
+    path = Path(path)
+    try:
+        idx = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read index map {path}: {e}") from e
+    if not isinstance(idx, np.ndarray):  # an .npz archive
+        idx.close()
+        raise ValueError(f"{path}: expected one array (.npy), got an .npz archive")
+    meta = None if unchecked else _read_sidecar(path)
+    if meta is not None:
+        _check_identity(path, meta, identity)
+    q = identity["codes_per_position"]
+    nd = 4 if q > 1 else 3
+    if idx.ndim == nd - 1:
+        idx = idx[None]
+    grid = tuple(identity["grid"])
+    want = f"(h, w{', Q' if q > 1 else ''}) or (B, h, w{', Q' if q > 1 else ''})"
+    if not np.issubdtype(idx.dtype, np.integer) or idx.ndim != nd:
+        raise ValueError(
+            f"{path}: expected an integer index map {want} for this model "
+            f"({q} code(s) per position); got {idx.dtype} {tuple(idx.shape)}"
+        )
+    if q > 1 and idx.shape[-1] != q:
+        raise ValueError(f"{path}: {idx.shape[-1]} codes per position; this model has {q}")
+    if idx.size == 0:
+        raise ValueError(f"{path}: the index map is empty (shape {idx.shape}); nothing to decode")
+    if not unchecked and tuple(idx.shape[1:3]) != grid:
+        raise ValueError(
+            f"{path}: shape {tuple(idx.shape)} is not an index map of this model, whose maps "
+            f"are {grid[0]}x{grid[1]} ({want}); pass --unchecked to decode a raw array of "
+            "another size"
+        )
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= identity["num_codes"]:
+        raise ValueError(
+            f"{path}: indices {lo}..{hi} outside [0, {identity['num_codes']}) of this model"
+        )
+    if meta is None and not unchecked:
+        warnings.warn(
+            f"{path} has no tokenizer identity ({sidecar_path(path).name}); decoded "
+            "unchecked: maps of another model with the same shape would give garbage",
+            stacklevel=2,
+        )
+    return idx.astype(np.int64)
