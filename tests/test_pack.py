@@ -176,3 +176,86 @@ def test_real_jpeg_tar_round_trip(tmp_path):
     loader = ShardLoader(out, 32, split="test", num_workers=2, image_size=64)
     x, y = loader.next_batch()
     assert x.shape == (32, 3, 64, 64) and int(y.max()) < 102
+
+
+# -- a pack killed (SIGKILL) part-way: all-or-nothing for a reader ----------------------
+
+_KILLED_PACK = """
+import os, signal, sys
+import vqkit.data.pack as P
+from vqkit.data import load_builtin
+out, where = sys.argv[1], sys.argv[2]
+data = load_builtin("test").subset(slice(0, 40))
+if where == "staging":  # killed while writing its 3rd shard (into the staging folder)
+    real, n = P._write_shard, [0]
+    def write(path, members):
+        n[0] += 1
+        if n[0] == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, members)
+    P._write_shard = write
+else:  # killed during the switch, after the first staged shard was moved into place
+    real_replace, moved = os.replace, [0]
+    def replace(src, dst):
+        real_replace(src, dst)
+        if ".pack-train." in str(src) and ".pack-train." not in str(dst):
+            moved[0] += 1
+            if moved[0] == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+    P.os.replace = replace
+P.pack(data, out, 10, seed=1, overwrite=True)
+"""
+
+
+def _keys(out: Path) -> list[str]:
+    """Image keys of the train split, as a reader sees them."""
+    keys = []
+    for path in open_shards(out, "train").shards:
+        keys += [n for n in _members(Path(path)) if not n.endswith(".cls")]
+    return keys
+
+
+@pytest.mark.parametrize("where", ["staging", "switch"])
+def test_killed_overwrite_never_mixes_two_packs(tmp_path, where):
+    import subprocess
+    import sys
+
+    out = tmp_path / "shards"
+    pack(load_builtin("test").subset(slice(0, 40)), out, 10, seed=0)
+    before = {p.name: p.read_bytes() for p in out.glob("train-*.tar")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_PACK, str(out), where], env=env)
+    assert proc.returncode == -9  # killed, as a person or the OOM killer would
+    if where == "staging":  # the old pack, untouched and readable
+        assert {p.name: p.read_bytes() for p in out.glob("train-*.tar")} == before
+        assert len(_keys(out)) == 40 and len(set(_keys(out))) == 40
+    else:  # half switched: refused, with what to do
+        with pytest.raises(ValueError, match="half replaced.*--overwrite"):
+            open_shards(out, "train")
+        with pytest.raises(FileExistsError, match="--overwrite"):
+            pack(load_builtin("test").subset(slice(0, 40)), out, 10)
+    pack(load_builtin("test").subset(slice(0, 40)), out, 10, seed=1, overwrite=True)
+    keys = _keys(out)
+    assert len(keys) == 40 and len(set(keys)) == 40  # each image once
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # leftovers cleaned
+
+
+def test_pack_argument_errors_are_one_line(tmp_path, capsys):
+    from vqkit.cli import main
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(folder / f"{i}.png")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, want in (
+        (["--out", str(afile)], "is a file"),
+        (["--out", str(tmp_path / "o"), "--image-size", "0"], "image_size must be >= 1"),
+    ):
+        assert main(["pack", str(folder), *argv]) == 2
+        err = capsys.readouterr().err
+        assert want in err and err.count("\n") == 1, err
+    assert main(["pack", str(folder), "--out", str(tmp_path / "o2")]) == 0
+    assert main(["pack", str(folder), "--out", str(tmp_path / "o2")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from ._core import ImageData
-from ._stream import MANIFEST_NAME, Decode, checked, count_samples, iter_shard
+from ._stream import (
+    MANIFEST_NAME,
+    Decode,
+    checked,
+    count_samples,
+    iter_shard,
+    packing_marker,
+)
 from .transforms import IMAGE_KEYS
 
 MANIFEST_FORMAT = "vqkit-shards"
@@ -182,6 +189,12 @@ def open_shards(source: str | os.PathLike[str], split: str = "train") -> ShardSe
     """
     paths = _list_split(str(source), split)
     folders = {p.parent for p in paths}
+    for folder in folders:
+        if packing_marker(folder, split).exists():
+            raise ValueError(
+                f"{folder}: its {split} shards are half replaced (a vqkit pack was stopped "
+                "while switching them in); pack them again with --overwrite"
+            )
     manifest = _read_manifest(folders.pop()) if len(folders) == 1 else None
     entry = (manifest or {}).get("splits", {}).get(split, {})
     listed = {s["name"]: int(s["count"]) for s in entry.get("shards", [])}

@@ -14,6 +14,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,12 @@ import torch
 from .transforms import IMAGE_KEYS, crop_resize, decode_image, sample_rng, to_array
 
 MANIFEST_NAME = "manifest.json"
+
+
+def packing_marker(folder: str | os.PathLike[str], split: str) -> Path:
+    """``folder/.{split}.packing``: present while ``vqkit pack`` switches a split's shards
+    (a pack killed then leaves it, and readers refuse the split)."""
+    return Path(folder) / f".{split}.packing"
 
 
 def mix_seed(*parts: Any) -> int:

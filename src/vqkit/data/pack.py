@@ -18,8 +18,14 @@ Other files, resized images, ``encoding="png"`` and decoded in-memory sources (C
 python, idx, builtin) are stored as lossless PNG. Every image is decoded once while packing;
 unreadable ones are skipped with a warning, as the image-folder loader skips them.
 
-Each shard and the manifest are written to a temporary file and renamed into place, so a
-reader never sees half a shard.
+A pack is all-or-nothing for a reader. The new shards are written into a hidden staging
+folder ``.pack-{split}.{host}.{pid}.{random}.tmp`` beside the old ones, which stay
+readable meanwhile; a kill there leaves the old pack intact (the staging folder is
+removed by the next pack). Then the switch: a marker ``.{split}.packing`` is written, the
+staged shards are renamed into place, shards left over from a larger old pack removed,
+the manifest written, and the marker removed. :func:`vqkit.data.shards.open_shards`
+refuses a split whose marker is present (a pack killed during the switch) with a message
+saying to pack it again with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import io
 import json
 import os
 import re
+import shutil
+import socket
 import tarfile
 import warnings
 from collections.abc import Sequence
@@ -37,9 +45,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..storage.fileio import atomic_write
+from ..storage.fileio import atomic_write, clean_stale_temps, temp_path
 from ._core import ImageData, channels_to_mode
-from ._stream import MANIFEST_NAME
+from ._stream import MANIFEST_NAME, packing_marker
 from .decode import GRAY_MODES
 from .shards import MANIFEST_FORMAT
 from .transforms import crop_resize, decode_image
@@ -197,16 +205,23 @@ def pack(
     """
     from . import detect_format, load_dataset
 
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    if image_size is not None and (isinstance(image_size, bool) or not 1 <= image_size):
+        raise ValueError(f"image_size must be >= 1 (or None: keep the sizes), got {image_size!r}")
     if encoding not in ("auto", "png"):
         raise ValueError(f"encoding must be 'auto' or 'png', not {encoding!r}")
     if channels is not None:
         channels_to_mode(channels)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give a folder for the shards")
     old = _existing(out, split) if out.is_dir() else []
-    if old and not overwrite:
-        raise FileExistsError(f"{out} already holds {split} shards; pass overwrite=True")
+    if (old or packing_marker(out, split).exists()) and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {split} shards; pass --overwrite (overwrite=True) to "
+            "replace them, or choose another --out"
+        )
     if isinstance(source, ImageData):
         origin = source.source or "ImageData"
         n, labels, classes, c, encode = _from_arrays(source)
@@ -234,6 +249,39 @@ def pack(
             )
             n, labels, classes, c, encode = _from_arrays(data)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)  # shard temps and staging folders of killed packs
+    stage = _staging_folder(out, split)
+    try:
+        return _pack_into(out, stage, split, n, labels, classes, c, encode, origin, shard_size,
+                          image_size, shuffle, seed)  # fmt: skip
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _staging_folder(out: Path, split: str) -> Path:
+    """A new hidden folder in ``out`` named like a temp file of this process (so that
+    :func:`~vqkit.storage.fileio.clean_stale_temps` removes it once this process is gone)."""
+    stage = temp_path(out / f"pack-{split}")
+    stage.mkdir()
+    return stage
+
+
+def _pack_into(
+    out: Path,
+    stage: Path,
+    split: str,
+    n: int,
+    labels: list[int],
+    classes: tuple[str, ...],
+    c: int,
+    encode: Any,
+    origin: str,
+    shard_size: int,
+    image_size: int | None,
+    shuffle: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """Write the shards into ``stage``, then switch them into ``out`` (module docstring)."""
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     width = max(6, len(str(n - 1)))
     shards: list[dict[str, Any]] = []
@@ -244,7 +292,7 @@ def pack(
 
     def flush() -> None:
         name = f"{split}-{len(shards):06d}.tar"
-        _write_shard(out / name, members)
+        _write_shard(stage / name, members)
         shards.append({"name": name, "count": len(members) // 2})
         members.clear()
 
@@ -264,8 +312,6 @@ def pack(
         flush()
     if not shards:
         raise ValueError(f"{origin}: none of the {n} images could be read: " + "; ".join(bad[:5]))
-    for p in _existing(out, split)[len(shards) :]:
-        p.unlink()  # left over from an earlier, larger pack of this split
     if bad:
         listed = "; ".join(bad[:_MAX_LISTED]) + ("; ..." if len(bad) > _MAX_LISTED else "")
         warnings.warn(
@@ -295,7 +341,15 @@ def pack(
             pass  # replaced below
     manifest.setdefault("splits", {})[split] = entry
     text = json.dumps(manifest, indent=1).encode()
+    # the switch: readers refuse the split while the marker exists
+    marker = packing_marker(out, split)
+    _atomic_write(marker, lambda f: f.write(f"{os.getpid()} {socket.gethostname()}\n".encode()))
+    for s in shards:
+        os.replace(stage / s["name"], out / s["name"])
+    for p in _existing(out, split)[len(shards) :]:
+        p.unlink()  # left over from an earlier, larger pack of this split
     _atomic_write(manifest_path, lambda f: f.write(text))
+    marker.unlink()
     return entry
 
 

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ __all__ = [
     "disk_full_error",
     "dump_json",
     "is_disk_full",
+    "temp_path",
     "write_json",
 ]
 
@@ -151,6 +153,17 @@ def _target_mode(path: Path, fd: int) -> int:
         return os.fstat(fd).st_mode & 0o777
 
 
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """A fresh temp name for ``path`` in its folder, ``.{name}.{host}.{pid}.{random}.tmp``:
+    :func:`clean_stale_temps` removes what is left under such a name (a file, or a
+    staging folder) once its writer is gone."""
+    path = Path(path)
+    # keep the whole name under NAME_MAX (255) with room for the suffix
+    return path.parent / (
+        f".{path.name[:200]}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(3)}.tmp"
+    )
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)``, then move the temp file onto ``path`` atomically.
 
@@ -160,10 +173,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], object]) -
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the whole name under NAME_MAX (255) with room for the suffix
-    tmp = path.parent / (
-        f".{path.name[:200]}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(3)}.tmp"
-    )
+    tmp = temp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
@@ -214,7 +224,8 @@ def _pid_dead(pid: int) -> bool:
 def clean_stale_temps(
     directory: str | os.PathLike[str], *, max_age_s: float = DEFAULT_STALE_AGE_S
 ) -> list[Path]:
-    """Remove temp files (``.*.tmp``) in ``directory`` left behind by killed writers.
+    """Remove temp files (``.*.tmp``, and staging folders so named) in ``directory`` left
+    behind by killed writers.
 
     A temp file is removed when its name says it was written on this host by a process
     that no longer exists, or when it is older than ``max_age_s`` seconds (another host,
@@ -234,7 +245,8 @@ def clean_stale_temps(
         if not (name.startswith(".") and name.endswith(".tmp")):
             continue
         try:
-            if not entry.is_file(follow_symlinks=False):
+            folder = entry.is_dir(follow_symlinks=False)  # a staging folder (vqkit pack)
+            if not folder and not entry.is_file(follow_symlinks=False):
                 continue
             age = now - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
@@ -245,7 +257,10 @@ def clean_stale_temps(
         dead = bool(m) and m.group(1) == host and _pid_dead(int(m.group(2)))  # type: ignore[union-attr]
         if dead or age > max_age_s:
             try:
-                os.unlink(entry.path)
+                if folder:
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
             except FileNotFoundError:
                 continue
             removed.append(directory / name)
