@@ -162,3 +162,17 @@ def test_init_and_revival_reject_bad_vectors(cls):
         q.revive_dead_codes(torch.randn(32, D + 1), threshold=1.0)
     with pytest.raises(TypeError, match="floating"):
         q.init_codebook_kmeans(torch.ones(32, D, dtype=torch.int64))
+
+
+def test_codebooks_that_cannot_fit_are_refused_up_front(monkeypatch):
+    """SimVQ(2**31, 8), --num-embeddings 100000000: the memory the per-code buffers need,
+    in one line, before any allocation (here against a 1 GiB machine)."""
+    from vqkit import SimVQ, VectorQuantizer
+    from vqkit.quantizers import base
+
+    monkeypatch.setattr(base, "_memory_bytes", lambda: 1 << 30)
+    with pytest.raises(ValueError, match=r"2147483648 codes need at least 72.0 GiB"):
+        SimVQ(2**31, 8)
+    with pytest.raises(ValueError, match=r"100000000 codes need at least 24.2 GiB.*1.0 GiB"):
+        VectorQuantizer(100_000_000, 64)
+    assert VectorQuantizer(1024, 64).num_codes == 1024  # 260 KiB: fine

@@ -133,14 +133,20 @@ def plot_curves(metrics_path: str | os.PathLike[str], path: str | os.PathLike[st
     plt.close(fig)
 
 
-def plot_usage(counts: Sequence[int], path: str | os.PathLike[str], title: str = "") -> None:
+def plot_usage(counts: Any, path: str | os.PathLike[str], title: str = "") -> None:
     """Codebook-usage histogram: per-code counts (K,) sorted by frequency (log scale).
 
     Only used codes are bars (a count of 0 has no place on a log axis); the unused ones
     keep their ranks on the x axis, shaded, and their number is in the title and legend.
     """
-    c = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
-    k = len(c)
+    from .reconstruction import SparseCounts
+
+    if isinstance(counts, SparseCounts):  # a huge implicit codebook: the used codes only
+        c = np.sort(counts.used.numpy().astype(np.float64))[::-1]
+        k = counts.num_codes
+    else:
+        c = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
+        k = len(c)
     used = int((c > 0).sum())
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,7 +14,30 @@ from ..models import VQVAE
 from .image_metrics import bits_per_pixel
 from .suite import QualitySuite, base_labels
 
-__all__ = ["evaluate"]
+__all__ = ["DENSE_COUNTS_MAX", "SparseCounts", "evaluate"]
+
+DENSE_COUNTS_MAX = 1 << 24
+"""Above this many codes (an implicit codebook: LFQ / BSQ with many bits, a large FSQ
+grid) usage is counted per used code (:class:`SparseCounts`), never as a dense (K,)
+tensor: ``--num-bits 30`` would need 8 GiB for it and 36 GiB more as a list."""
+
+
+@dataclass
+class SparseCounts:
+    """Per-code counts of a codebook too large for a dense (K,) tensor: ``codes`` (the
+    used codes, sorted) and ``used`` (their counts); every other code has count 0."""
+
+    num_codes: int
+    codes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    used: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+    def add(self, indices: torch.Tensor) -> None:
+        """Count the int64 ``indices`` (any shape) in."""
+        codes, counts = torch.unique(indices.reshape(-1), return_counts=True)
+        every = torch.cat((self.codes, codes))
+        self.codes, inverse = torch.unique(every, return_inverse=True)
+        merged = torch.zeros(len(self.codes), dtype=torch.int64)
+        self.used = merged.index_add_(0, inverse, torch.cat((self.used, counts)))
 
 
 @torch.no_grad()
@@ -41,7 +65,8 @@ def evaluate(
       * ``batch_perplexity``: mean perplexity over consecutive groups of
         ``batch_perplexity_size`` images (the training-time figure);
       * ``codes_used``, ``usage``: codes used at least once, and that over K;
-      * ``counts``: per-code counts (list; rvq: pooled over stages), ``num_images``;
+      * ``counts``: per-code counts (list; rvq: pooled over stages), or above
+        :data:`DENSE_COUNTS_MAX` codes a :class:`SparseCounts`; ``num_images``;
       * ``bits_per_pixel``: of the code grid (positions x codes per position x log2 K / pixels);
       * with a ``suite``: its figures (SSIM, MS-SSIM, LPIPS, FD/KID per feature space) and
         ``labels``, what produced each figure.
@@ -57,7 +82,9 @@ def evaluate(
     n = len(data)
     if n == 0:
         raise ValueError(f"nothing to evaluate: the split '{data.split}' of {data.source} is empty")
-    counts = torch.zeros(k, dtype=torch.int64)
+    dense = k <= DENSE_COUNTS_MAX
+    counts = torch.zeros(k if dense else 0, dtype=torch.int64)
+    sparse = SparseCounts(k)
     sq_err = 0.0
     sq_err_clamped = 0.0
     n_pix = 0
@@ -80,11 +107,16 @@ def evaluate(
             if suite is not None:
                 suite.update(x, out.recon)
             idx = out.vq.indices.reshape(x.shape[0], -1).cpu()
-            counts += torch.bincount(idx.reshape(-1), minlength=k)
+            if dense:
+                counts += torch.bincount(idx.reshape(-1), minlength=k)
+            else:
+                sparse.add(idx.reshape(-1))
             # full groups only, so every figure is over the same number of images
             for j in range(0, x.shape[0] - batch_perplexity_size + 1, batch_perplexity_size):
                 group = idx[j : j + batch_perplexity_size].reshape(-1)
-                batch_ppl.append(float(perplexity(torch.bincount(group, minlength=k))))
+                # zero counts add nothing to the entropy: the used codes' counts suffice
+                group_counts = torch.unique(group, return_counts=True)[1]
+                batch_ppl.append(float(perplexity(group_counts)))
     finally:
         model.train(was_training)
     mse = sq_err / n_pix
@@ -94,6 +126,8 @@ def evaluate(
             f"the model's reconstructions of {data.source} ({data.split}) are NaN or Inf: "
             "its weights or the data hold non-finite values"
         )
+    if not dense:
+        counts = sparse.used
     used = int((counts > 0).sum())
     h, w = data.images.shape[-2:]
     f = model.config.downsample
@@ -109,7 +143,7 @@ def evaluate(
         "codes_used": used,
         "usage": used / k,
         "data_variance": data_variance,
-        "counts": counts.tolist(),
+        "counts": counts.tolist() if dense else sparse,
         "bits_per_pixel": bpp,
     }
     if suite is not None:

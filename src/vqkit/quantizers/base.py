@@ -27,6 +27,7 @@ training mode: ResidualVQ's quantizer dropout (row selection per stage,
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,26 @@ def check_count(**values: int) -> None:
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int; got {v!r}")
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_code_memory(name: str, num_codes: int, bytes_per_code: int) -> None:
+    """Refuse up front a codebook whose per-code buffers (``bytes_per_code`` each, a lower
+    bound: the codes and their usage statistic) exceed this machine's memory, with the
+    memory it would need, instead of an allocator error (or the OOM killer) later."""
+    need, have = num_codes * bytes_per_code, _memory_bytes()
+    if have is not None and need > have:
+        raise ValueError(
+            f"{name}: {num_codes} codes need at least {need / 2**30:.1f} GiB for their "
+            f"per-code buffers, more than this machine's {have / 2**30:.1f} GiB; use fewer codes"
+        )
 
 
 def check_indices(indices: torch.Tensor, device: torch.device, high: int, low: int = 0) -> None:

@@ -16,7 +16,7 @@ from ..codebook import kmeans, kmeans_init, sample_replacements
 from ..metrics import perplexity, usage_fraction
 from ..options import nonneg, nonneg_int, option, positive_int
 from ..search import DEFAULT_SCRATCH_BYTES, nearest_code
-from .base import BaseQuantizer, check_count, check_indices
+from .base import BaseQuantizer, check_code_memory, check_count, check_indices
 from .estimators import rotation_trick, straight_through
 from .masking import kept_input
 from .output import QuantizerOutput
@@ -134,6 +134,8 @@ class CodebookQuantizer(BaseQuantizer):
         if codebook_dim is None:
             codebook_dim = embedding_dim
         check_count(codebook_dim=codebook_dim)
+        # float32 codes and usage statistic: a lower bound of what the kind keeps per code
+        check_code_memory(type(self).__name__, num_embeddings, 4 * (codebook_dim + 1))
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {list(GRADIENTS)}; got {gradient!r}")
         if l2_normalize is not None:

@@ -30,7 +30,12 @@ def seeded_generator(seed: int, *tag: int) -> torch.Generator:
 
 
 class Window:
-    """Averages of the per-step figures over one log interval."""
+    """Averages of the per-step figures over one log interval.
+
+    ``counts`` (K,) is allocated when the quantizer first reports per-code counts: never
+    for an implicit codebook too large to count (LFQ / BSQ / FSQ above their
+    ``max_bincount``, which report None), so ``--num-bits 30`` allocates no 2^30 buffer;
+    the window's usage figures are then None (null in metrics.jsonl)."""
 
     def __init__(self, k: int) -> None:
         self.k = k
@@ -39,7 +44,7 @@ class Window:
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.n = 0
-        self.counts = torch.zeros(self.k, dtype=torch.int64)
+        self.counts: torch.Tensor | None = None
         self.t0 = time.perf_counter()
         self.images = 0
         self.revived = 0
@@ -48,13 +53,15 @@ class Window:
         for key, v in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + v
         self.n += 1
-        if counts is not None:  # (K,), (Q, K) for rvq (pooled); None: a huge FSQ grid
-            self.counts += counts.reshape(-1, self.k).sum(0).cpu()
+        if counts is not None:  # (K,), (Q, K) for rvq (pooled); None: a huge implicit grid
+            pooled = counts.reshape(-1, self.k).sum(0).cpu().to(torch.int64)
+            self.counts = pooled if self.counts is None else self.counts + pooled
         self.images += images
 
     def summary(self) -> dict[str, float]:
         out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
-        out["window_usage"] = float((self.counts > 0).float().mean())
+        used = None if self.counts is None else float((self.counts > 0).float().mean())
+        out["window_usage"] = used  # type: ignore[assignment]
         out["images_per_s"] = self.images / max(time.perf_counter() - self.t0, 1e-9)
         out["revived"] = self.revived
         return out
@@ -128,9 +135,12 @@ class CodebookHealth:
             weight_ema.reset_rows(model, "quantizer.", mask)
         return int(mask.sum())
 
-    def figures(self, window_counts: torch.Tensor) -> dict[str, float]:
+    def figures(self, window_counts: torch.Tensor | None) -> dict[str, float | None]:
         """``dead`` (by the quantizer's usage statistic when it keeps one, else codes
-        unused in the window), ``codes_used`` and ``window_perplexity``."""
+        unused in the window), ``codes_used`` and ``window_perplexity``; None each when
+        the quantizer counts no codes (a huge implicit codebook)."""
+        if window_counts is None:
+            return {"dead": None, "codes_used": None, "window_perplexity": None}
         h = codebook_health(
             window_counts,
             ema_counts=self.quantizer.code_usage(),

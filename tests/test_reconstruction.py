@@ -1,0 +1,63 @@
+"""Tests of vqkit's reconstruction module: usage counted without K-sized buffers for
+huge implicit codebooks (LFQ with 30 bits), checked under an address-space limit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vqkit.evaluation.reconstruction import SparseCounts
+
+
+def test_sparse_counts_match_bincount():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 50, (300,), generator=g), torch.randint(20, 90, (200,), generator=g)
+    s = SparseCounts(100)
+    s.add(a)
+    s.add(b.reshape(10, 20))
+    dense = torch.bincount(torch.cat((a, b)), minlength=100)
+    assert torch.equal(s.codes, dense.nonzero().reshape(-1))
+    assert torch.equal(s.used, dense[dense > 0])
+
+
+_HUGE = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # 2^30 int64 counts: 8 GiB
+import torch
+torch.set_num_threads(1)
+from vqkit.data import load_builtin
+from vqkit.evaluation.plots import plot_usage
+from vqkit.evaluation.reconstruction import SparseCounts, evaluate
+from vqkit.models import VQVAE, VQVAEConfig
+from vqkit.training.health import Window
+cfg = VQVAEConfig(in_channels=1, image_size=28, hidden=16, res_hidden=4, res_layers=1,
+                  embedding_dim=30, quantizer="lfq", num_bits=30, entropy_weight=0.0)
+model = VQVAE(cfg)
+res = evaluate(model, load_builtin("test").subset(slice(0, 40)), data_variance=0.1)
+assert isinstance(res["counts"], SparseCounts) and res["counts"].num_codes == 2**30
+assert 1 <= res["codes_used"] <= 40 * 49 and res["perplexity"] >= 1
+plot_usage(res["counts"], sys.argv[1])
+w = Window(2**30)
+w.add({"loss": 1.0}, None, 8)
+assert w.counts is None and w.summary()["window_usage"] is None
+print("ok")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_huge_implicit_codebook_allocates_no_k_sized_buffers(tmp_path):
+    """``--num-bits 30``: evaluation, the usage plot and the training window stay within
+    a 6 GiB address space (a dense count tensor alone would be 8 GiB)."""
+    code = "import sys\n" + textwrap.dedent(_HUGE)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "usage.png")],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+    assert (tmp_path / "usage.png").stat().st_size > 0
