@@ -170,7 +170,7 @@ def test_codebooks_that_cannot_fit_are_refused_up_front(monkeypatch):
     from vqkit import SimVQ, VectorQuantizer
     from vqkit.quantizers import base
 
-    monkeypatch.setattr(base, "_memory_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(base, "machine_memory", lambda: 1 << 30)
     with pytest.raises(ValueError, match=r"2147483648 codes need at least 72.0 GiB"):
         SimVQ(2**31, 8)
     with pytest.raises(ValueError, match=r"100000000 codes need at least 24.2 GiB.*1.0 GiB"):

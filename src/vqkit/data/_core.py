@@ -21,6 +21,15 @@ __all__ = [
 ]
 
 
+def archive_error(path: object, e: BaseException) -> ValueError:
+    """One line for an archive tarfile cannot read: tarfile's own message for an unknown
+    format lists every method it tried, one per line."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if first.startswith("file could not be opened successfully"):
+        first = "not a tar archive, plain or gzip/bzip2/xz compressed"
+    return ValueError(f"{path}: corrupt or truncated archive ({first.rstrip(':')})")
+
+
 @dataclass(frozen=True, eq=False)  # eq on tensors would be ambiguous
 class ImageData:
     """One split of an image dataset, held in memory.

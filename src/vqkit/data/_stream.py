@@ -125,7 +125,26 @@ class Decode:
                 f"{url}: {key}.{ext} is {a.shape[2]}x{a.shape[1]}, not {self.hw[1]}x{self.hw[0]}"
                 " like the rest; pass image_size to resize and crop"
             )
-        return a, int(raw["cls"]) if "cls" in raw else 0
+        return a, _label(raw, url, key)
+
+
+def _label(raw: dict[str, Any], url: str, key: str) -> int:
+    """The sample's ``.cls`` member as an int >= 0 (0 without one); ValueError naming the
+    shard and member otherwise."""
+    if "cls" not in raw:
+        return 0
+    text = raw["cls"]
+    text = text if isinstance(text, bytes) else str(text).encode()
+    try:
+        label = int(text.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        label = -1
+    if label < 0:
+        raise ValueError(
+            f"{url}: {key}.cls is not a class label (ASCII digits): {text[:20]!r}; "
+            "rewrite the shard (vqkit pack writes labels as digits)"
+        )
+    return label
 
 
 class BufferOrder:

@@ -24,7 +24,7 @@ import torch
 
 from ..storage.fileio import atomic_write, clean_stale_temps, is_disk_full
 from ._cache import cache_file, load_cached, resolve_cache_dir, save_cached
-from ._core import ImageData, transform_array
+from ._core import ImageData, archive_error, transform_array
 
 __all__ = [
     "CIFAR10_ARCHIVE",
@@ -202,7 +202,7 @@ def _read_from_archive(archive: Path, names: tuple[str, ...]) -> dict[str, bytes
                     if len(out) == len(names):
                         break
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise ValueError(f"{archive}: corrupt or truncated archive ({e})") from e
+        raise archive_error(archive, e) from e
     missing = [n for n in names if n not in out]
     if missing:
         raise ValueError(f"{archive}: not a CIFAR-10 python archive, missing {', '.join(missing)}")

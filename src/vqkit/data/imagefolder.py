@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ._cache import cache_file, load_cached, resolve_cache_dir, save_cached
-from ._core import ImageData, channels_to_mode
+from ._core import ImageData, archive_error, channels_to_mode
 from .decode import decode_image, too_large_message
 
 __all__ = [
@@ -98,7 +98,7 @@ def _read_tar(path: Path) -> dict[str, bytes]:
             if fileobj is not None and offset is not None and fileobj.tell() - offset < 512:
                 raise tarfile.ReadError("archive ends without an end-of-archive block")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise ValueError(f"{path}: corrupt or truncated archive ({e})") from e
+        raise archive_error(path, e) from e
     return out
 
 
@@ -111,7 +111,7 @@ def image_folder_splits(source: str | os.PathLike[str]) -> list[str]:
             with tarfile.open(path, "r:*") as tf:
                 names = [_member_name(m.name) for m in tf if m.isfile()]  # headers only
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupt or truncated archive ({e})") from e
+            raise archive_error(path, e) from e
         names = [n for n in names if _is_image_name(n)]
     else:
         names = _list_directory(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from ._cache import resolve_cache_dir
-from ._core import ImageData
+from ._core import ImageData, archive_error
 from .cifar import (
     CIFAR10_ARCHIVE,
     CIFAR10_FOLDER,
@@ -62,7 +62,7 @@ def _tar_looks_like_cifar(path: Path) -> bool:
                 if i >= 20:  # the batches come first in the official archive
                     return False
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: corrupt or truncated archive ({e})") from e
+        raise archive_error(path, e) from e
     return False
 
 

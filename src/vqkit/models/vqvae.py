@@ -124,6 +124,32 @@ QUANTIZER_GROUPS = tuple(get_kind(k).options for k in quantizer_kinds())
 QUANTIZER_DEFAULTS = {f.name: f.default for group in QUANTIZER_GROUPS for f in option_fields(group)}
 QUANTIZER_OPTION_NAMES = frozenset(QUANTIZER_DEFAULTS)
 
+
+def check_size_fits(
+    image_size: int, channels: int, hidden: int, channel_mult: str, downsample: int
+) -> None:
+    """Refuse, before any data is read or weight allocated, an ``image_size`` or
+    ``channel_mult`` whose tensors cannot fit in this machine's memory: the network's
+    float32 weights (4x4 convolutions, encoder and decoder) plus one image's largest
+    float32 activation (hidden/2 channels at half the image size). A lower bound of what
+    training needs; the message gives both figures."""
+    from ..quantizers.base import machine_memory
+
+    mult = parse_channel_mult(channel_mult, downsample)
+    widths = [channels, hidden // 2, hidden, *(hidden * m for m in mult)]
+    weights = 2 * 16 * 4 * sum(a * b for a, b in zip(widths, widths[1:], strict=False))
+    half = (image_size + 1) // 2
+    activation = 4 * max(hidden // 2, channels) * half * half
+    have = machine_memory()
+    if have is not None and weights + activation > have:
+        raise ValueError(
+            f"image_size {image_size} with hidden {hidden} and channel_mult "
+            f"{channel_mult or '1'} needs at least {weights / 2**30:.1f} GiB of weights and "
+            f"{activation / 2**30:.1f} GiB per image, more than this machine's "
+            f"{have / 2**30:.1f} GiB; use a smaller --image-size or --channel-mult"
+        )
+
+
 _VQVAEConfigBase = compose(
     "VQVAEConfig", (ShapeOptions, ModelOptions, *QUANTIZER_GROUPS), bases=(QuantizerChoice,)
 )
@@ -151,6 +177,9 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
             raise ValueError(f"hidden must be even (first conv: hidden/2); got {self.hidden}")
         mult = parse_channel_mult(self.channel_mult, self.downsample)
         self.channel_mult = ",".join(str(m) for m in mult) if self.channel_mult else ""
+        check_size_fits(
+            self.image_size, self.in_channels, self.hidden, self.channel_mult, self.downsample
+        )
 
     def _check_vqgan(self) -> None:
         if self.res_hidden != ModelOptions.res_hidden:

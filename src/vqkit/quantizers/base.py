@@ -72,7 +72,7 @@ def check_count(**values: int) -> None:
             raise ValueError(f"{name} must be a positive int; got {v!r}")
 
 
-def _memory_bytes() -> int | None:
+def machine_memory() -> int | None:
     """This machine's physical memory (None where the platform does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -84,7 +84,7 @@ def check_code_memory(name: str, num_codes: int, bytes_per_code: int) -> None:
     """Refuse up front a codebook whose per-code buffers (``bytes_per_code`` each, a lower
     bound: the codes and their usage statistic) exceed this machine's memory, with the
     memory it would need, instead of an allocator error (or the OOM killer) later."""
-    need, have = num_codes * bytes_per_code, _memory_bytes()
+    need, have = num_codes * bytes_per_code, machine_memory()
     if have is not None and need > have:
         raise ValueError(
             f"{name}: {num_codes} codes need at least {need / 2**30:.1f} GiB for their "

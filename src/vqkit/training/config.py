@@ -16,7 +16,13 @@ from typing import Any
 
 from ..data.transforms import CROPS
 from ..distributed import resolve_device
-from ..models.vqvae import QUANTIZER_GROUPS, ModelOptions, QuantizerChoice, VQVAEConfig
+from ..models.vqvae import (
+    QUANTIZER_GROUPS,
+    ModelOptions,
+    QuantizerChoice,
+    VQVAEConfig,
+    check_size_fits,
+)
 from ..options import (
     Options,
     compose,
@@ -244,6 +250,11 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
     :class:`~vqkit.models.vqvae.ModelOptions` and every quantizer kind's options.
     Every value is checked on construction, before any data is read."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # sizes whose tensors cannot fit are refused before the data is resized to them
+        check_size_fits(self.image_size or 32, 3, self.hidden, self.channel_mult, self.downsample)
+
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
         """Options from a JSON file, then ``overrides`` on top. A ``preset`` among the
@@ -253,6 +264,11 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
             values = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
+        except OSError as e:  # a folder, no permission, ...: the reason, not "[Errno 21]"
+            reason = (e.strerror or str(e)).lower()
+            raise ValueError(f"--config {path}: {reason}; give a JSON file of options") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path} is not text (JSON): {e}") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"config file {path} is not valid JSON: {e}") from e
         if not isinstance(values, dict):
