@@ -181,3 +181,79 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
             TrainConfig(out_dir=str(out), steps=10, progress=False, **{**SMALL, "hidden": 64}),
             resume=True,
         )
+
+
+# -- issue 21: index maps carry the tokenizer's identity; resume rules --------------------
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers(tmp_path_factory):
+    """Two 1-step runs of the same shape (K = 8) but other seeds: other weights."""
+    from .test_faults import _train
+
+    root = tmp_path_factory.mktemp("two")
+    for seed in ("1", "2"):
+        assert _train(root / seed, "--steps", "1", "--seed", seed) == 0
+    return root / "1", root / "2"
+
+
+def test_index_maps_carry_the_tokenizer_identity(two_tokenizers, tmp_path, capsys):
+    from PIL import Image
+
+    from vqkit.models.codes_io import model_identity, sidecar_path
+
+    a, b = (str(r / "model.safetensors") for r in two_tokenizers)
+    Image.new("L", (28, 28), 90).save(tmp_path / "img.png")
+    codes = tmp_path / "codes"
+    assert main(["encode", a, str(tmp_path / "img.png"), "--out", str(codes)]) == 0
+    meta = json.loads(sidecar_path(codes / "img.npy").read_text())
+    # the identity of the weights, the same from the .pt checkpoint and the export
+    pt = two_tokenizers[0] / "checkpoints" / "last.pt"
+    assert meta["tokenizer"] == model_identity(load_model(a))["tokenizer"]
+    assert meta["tokenizer"] == model_identity(load_model(pt))["tokenizer"]
+    assert meta["num_codes"] == 8 and meta["codes_per_position"] == 1 and meta["grid"] == [7, 7]
+    capsys.readouterr()
+    dec = str(tmp_path / "dec")
+    assert main(["decode", b, str(codes / "img.npy"), "--out", dec]) == 2  # same K, other run
+    err = capsys.readouterr().err
+    assert "written by another tokenizer" in err and "--unchecked" in err and err.count("\n") == 1
+    assert main(["decode", str(pt), str(codes / "img.npy"), "--out", dec]) == 0
+    assert main(["decode", b, str(codes / "img.npy"), "--out", dec, "--unchecked"]) == 0
+
+
+def test_decode_refuses_maps_of_another_layout(two_tokenizers, tmp_path, capsys):
+    """An (8, 8, 2) map of a two-codes-per-position model given to a one-code model is
+    not 8 maps of 8 x 2: refused, as are out-of-range indices; a plain .npy of the
+    model's shape (written before the sidecar existed) decodes with a warning."""
+    model = str(two_tokenizers[0] / "model.safetensors")
+    dec = str(tmp_path / "dec")
+    np.save(tmp_path / "grouped.npy", np.zeros((7, 7, 2), dtype=np.int64))
+    assert main(["decode", model, str(tmp_path / "grouped.npy"), "--out", dec]) == 2
+    err = capsys.readouterr().err
+    assert "(7, 7, 2) is not an index map of this model" in err and err.count("\n") == 1
+    np.save(tmp_path / "big.npy", np.full((7, 7), 8, dtype=np.int64))
+    assert main(["decode", model, str(tmp_path / "big.npy"), "--out", dec]) == 2
+    assert "outside [0, 8)" in capsys.readouterr().err
+    np.save(tmp_path / "old.npy", np.ones((2, 7, 7), dtype=np.int64))
+    with pytest.warns(UserWarning, match="no tokenizer identity"):
+        assert main(["decode", model, str(tmp_path / "old.npy"), "--out", dec]) == 0
+    assert (tmp_path / "dec" / "old_1.png").is_file()
+
+
+def test_resume_refuses_steps_below_the_checkpoint_and_a_preset(two_tokenizers, capsys):
+    """--resume --steps N below the checkpoint's step trained nothing but recorded N;
+    --preset with --resume was recorded but not applied: both refused, nothing written."""
+    from .test_faults import TINY_FLAGS
+
+    run = two_tokenizers[0]
+    before = (run / "config.json").read_text()
+    capsys.readouterr()
+    for extra, want in (
+        (["--steps", "0"], "--steps 0 is below the step 1"),
+        (["--steps", "3", "--preset", "classic"], "--preset classic with --resume"),
+    ):
+        argv = ["train", "--out", str(run), "--resume", *TINY_FLAGS, *extra]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert want in err and err.count("\n") == 1, err
+    assert (run / "config.json").read_text() == before

@@ -94,3 +94,18 @@ def test_resume_applies_schedule_and_speed_options_but_not_the_data_layout():
     # a run stored before these options existed resumes with their defaults
     old = {k: v for k, v in stored.items() if k not in ("precision", "weight_ema")}
     assert TrainConfig.for_resume(old, {}).resume_changes(old) == {}
+
+
+def test_sizes_that_cannot_fit_are_refused_up_front(monkeypatch, tmp_path):
+    """--image-size 100000 and --channel-mult 100000 failed inside numpy or the allocator:
+    refused when the config is built, with the memory needed."""
+    from vqkit.quantizers import base
+
+    monkeypatch.setattr(base, "machine_memory", lambda: 16 << 30)
+    with pytest.raises(ValueError, match=r"image_size 100000 .* 596.0 GiB per image"):
+        TrainConfig.build(image_size=100000)
+    with pytest.raises(ValueError, match=r"channel_mult 100000 needs at least 195.3 GiB"):
+        TrainConfig.build(downsample=8, channel_mult="100000")
+    assert TrainConfig.build(image_size=256, downsample=8, channel_mult="2").image_size == 256
+    with pytest.raises(ValueError, match=r"--config .*: is a directory; give a JSON file"):
+        TrainConfig.from_file(tmp_path)

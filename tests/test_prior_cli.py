@@ -266,3 +266,119 @@ def test_torchrun_two_processes_then_resume_in_one(runs, tmp_path):
                  "--no-progress"]) == 0  # fmt: skip
     after = load_checkpoint(out / "checkpoints" / "last.pt")
     assert after["step"] == 5 and after["loader"]["position"] == 4 * 32 + 32
+
+
+# -- issue 21 -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_prior_pins_its_tokenizer_and_warns_on_a_run_in_use(runs, tmp_path, capsys):
+    """A prior keeps the exact weights it was trained on (a hard link or copy in
+    PRIOR_DIR/tokenizer/); a tokenizer run still locked by its trainer gets a warning."""
+    from vqkit.prior.codes import file_sha256
+    from vqkit.storage.rundir import RunDir
+
+    tok, prior = runs
+    stored = load_checkpoint(prior / "checkpoints" / "last.pt")["tokenizer"]
+    pinned = prior / stored["pinned"]
+    assert pinned.parent.name == "tokenizer" and file_sha256(pinned) == stored["sha256"]
+    capsys.readouterr()
+    with RunDir(tok):  # a trainer holds the tokenizer run
+        assert main(["prior", "--tokenizer", str(tok), "--out", str(tmp_path / "p"),
+                     "--steps", "1", *PRIOR_FLAGS]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"tokenizer run {tok} is in use by pid {os.getpid()}" in err
+    assert "keeps a copy of its current best.pt" in err
+
+
+@pytest.mark.timeout(120)
+def test_prior_resume_reports_changes_and_refuses_what_it_cannot_do(runs, tmp_path, capsys):
+    tok, prior = runs
+    mine = tmp_path / "prior"
+    shutil.copytree(prior, mine)
+    step = load_checkpoint(mine / "checkpoints" / "last.pt")["step"]
+    capsys.readouterr()
+    for flags, want in (
+        (["--steps", str(step - 1)], f"--steps {step - 1} is below the checkpoint's step {step}"),
+        (["--seed", "7"], "cannot change seed (0 -> 7)"),
+    ):
+        assert main(["prior", "--out", str(mine), "--resume", *flags]) == 2
+        err = capsys.readouterr().err
+        assert want in err and err.count("\n") == 1, err
+    assert main(["prior", "--out", str(mine), "--resume", "--steps", str(step + 1),
+                 "--lr", "0.002", "--no-progress"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "resume: lr 0.0006 -> 0.002 (applied)" in out
+    assert f"resume: steps {step} -> {step + 1} (applied)" in out
+
+
+@pytest.mark.timeout(120)
+def test_sample_refuses_a_used_folder_and_overwrite_leaves_no_mix(runs, tmp_path, capsys):
+    _, prior = runs
+    out = tmp_path / "s"
+    assert _sample(prior, out, "--num", "5", "--batch-size", "2") == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert _sample(prior, out, "--num", "2", "--seed", "9") == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--overwrite" in err and err.count("\n") == 1
+    assert _sample(prior, out, "--num", "2", "--seed", "9", "--overwrite") == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "grid.png", "notes.txt", "sample_0000.npy", "sample_0000.npy.json", "sample_0000.png",
+        "sample_0001.npy", "sample_0001.npy.json", "sample_0001.png", "samples.json",
+    ]  # fmt: skip
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["seed"] == 9 and meta["num"] == meta["written"] == 2 and meta["complete"]
+    (tmp_path / "afile").write_text("x")
+    assert _sample(prior, tmp_path / "afile", "--num", "1") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+_ENDLESS_SAMPLE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+import torch
+torch.set_num_threads(1)
+from vqkit.prior.cli import main
+sys.exit(main(["sample", sys.argv[1], "--out", sys.argv[2], "--num", "1000000000",
+               "--batch-size", "3", "--device", "cpu"]))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_billion_samples_stream_to_disk_and_a_kill_leaves_usable_files(runs, tmp_path):
+    """--num 1000000000 under a 4 GiB address space: samples appear batch by batch
+    (nothing K- or num-sized is built first); killed, the folder holds usable samples
+    that samples.json counts."""
+    import signal
+    import time
+
+    from vqkit.cli import main as vqkit_main
+
+    tok, prior = runs
+    out = tmp_path / "s"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _ENDLESS_SAMPLE, str(prior), str(out)],
+                            env=env, stderr=subprocess.PIPE)  # fmt: skip
+    deadline, meta = time.monotonic() + 150, {}
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                meta = json.loads((out / "samples.json").read_text())
+            except (OSError, ValueError):
+                meta = {}
+            if meta.get("written", 0) >= 6:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+    assert meta.get("written", 0) >= 6, err.decode()[-2000:]
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["num"] == 10**9 and not meta["complete"] and "labels" not in meta
+    n = meta["written"]
+    assert (out / "grid.png").is_file() and (out / f"sample_{n - 1:09d}.png").is_file()
+    best = str(tok / "checkpoints" / "best.pt")
+    last = str(out / f"sample_{n - 1:09d}.npy")
+    assert vqkit_main(["decode", best, last, "--out", str(tmp_path / "d")]) == 0

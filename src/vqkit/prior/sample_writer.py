@@ -5,8 +5,8 @@ Layout of ``--out DIR``::
     sample_0000.png, sample_0000.npy, sample_0000.npy.json, ...   one image, its index
                                         map and the map's tokenizer identity
                                         (:mod:`vqkit.models.codes_io`) per sample
-    grid.png                            the first ``GRID`` samples (64), written as soon
-                                        as they are drawn
+    grid.png                            the first ``GRID`` samples (64), rewritten after
+                                        each batch until it holds them
     samples.json                        what was asked (prior, seed, options, class) and
                                         how far it got: ``written``, ``complete``
 
@@ -103,21 +103,20 @@ class SampleWriter:
         save_images(images, [self.out / f"{n}.png" for n in names])
         for n, c in zip(names, codes.cpu().numpy(), strict=True):
             save_codes(self.out / f"{n}.npy", c, self.identity)  # what vqkit decode reads
-        if not self._grid_done:
+        if not self._grid_done:  # rewritten until it holds its GRID images: a killed
             self._grid.append(images[: GRID - sum(len(g) for g in self._grid)].cpu())
-            if sum(len(g) for g in self._grid) >= min(GRID, self.num):
-                self._write_grid()
+            self._write_grid()  # run still leaves the grid of what it drew
         self.written += len(images)
         if self._labels is not None:
             self._labels += labels.tolist()
         self._progress(self.written >= self.num)
 
     def _write_grid(self) -> None:
-        save_grid(torch.cat(self._grid), self.out / "grid.png")
-        self._grid, self._grid_done = [], True
+        images = torch.cat(self._grid)
+        save_grid(images, self.out / "grid.png")
+        if len(images) >= min(GRID, self.num):
+            self._grid, self._grid_done = [], True
 
     def close(self) -> None:
-        """Write the grid if it is still pending and mark the call complete."""
-        if not self._grid_done and self._grid:
-            self._write_grid()
+        """Mark the call complete (``samples.json``)."""
         self._progress(self.written >= self.num)
