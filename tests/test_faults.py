@@ -435,3 +435,149 @@ def test_dist_timeout_is_an_option_with_a_default():
     assert TrainConfig().dist_timeout == 600.0
     with pytest.raises(ValueError, match="dist_timeout must be > 0"):
         TrainConfig(dist_timeout=0.0)
+
+
+# ------------------------------------------- a REAL full disk (issue 21 item 7): every writer
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs at tmp_path/disk (root can mount one); skipped where mounting is
+    refused (not root, no CAP_SYS_ADMIN): test_every_writer_under_a_file_size_limit then
+    covers the same mapping with RLIMIT_FSIZE."""
+    import shutil
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command here")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _writers():
+    """(name, write(path, big)) for every writer vqkit has: big=False writes a small old
+    version (fits in 1 MiB), big=True a new one of more than 1 MiB."""
+    from vqkit.data.pack import pack
+    from vqkit.evaluation.plots import save_images
+    from vqkit.models.codes_io import save_codes
+    from vqkit.prior.codes import CodeData
+
+    g = torch.Generator().manual_seed(0)
+
+    def checkpoint(path, big):
+        save_checkpoint(
+            path, {"model_config": {}, "model": {"w": torch.randn(300_000 if big else 10)}}
+        )
+
+    def safetensors(path, big):
+        model = load_model_like(big)
+        export_safetensors(model, path)
+
+    def shards(path, big):
+        n = 400 if big else 4
+        images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+        pack(vd.ImageData(images, torch.zeros(n, dtype=torch.long)), path, 1000, overwrite=True)
+
+    def code_cache(path, big):
+        shape = (1000, 25, 25) if big else (2, 2, 2)
+        CodeData(torch.randint(0, 1000, shape, generator=g), torch.zeros(shape[0])).save(path)
+
+    def index_map(path, big):
+        save_codes(path, np.zeros(200_000 if big else 4, dtype=np.int64), {"tokenizer": "x"})
+
+    def sample_png(path, big):
+        side = 1024 if big else 8
+        save_images(torch.rand(1, 3, side, side, generator=g) - 0.5, [path])
+
+    return [
+        ("checkpoint", "last.pt", checkpoint),
+        ("safetensors", "model.safetensors", safetensors),
+        ("shards", "shards", shards),
+        ("code cache", "train.npz", code_cache),
+        ("index map", "sample_0000.npy", index_map),
+        ("sample image", "sample_0000.png", sample_png),
+    ]
+
+
+def load_model_like(big: bool):
+    from vqkit.models import VQVAE, VQVAEConfig
+
+    cfg = VQVAEConfig(in_channels=1, image_size=28, **({**SMALL, "hidden": 256} if big else SMALL))
+    return VQVAE(cfg)
+
+
+def _old_bytes(target: Path) -> dict[str, bytes]:
+    files = target.rglob("*") if target.is_dir() else [target]
+    return {str(p): p.read_bytes() for p in files if p.is_file()}
+
+
+@pytest.mark.parametrize("case", range(6), ids=[w[0] for w in _writers()])
+def test_every_writer_on_a_real_full_disk(tiny_disk, case):
+    """torch.save raises "RuntimeError: [enforce fail at inline_container.cc] ... unexpected
+    pos" on a full disk, safetensors a SafetensorError: every writer still gives "no space
+    left on device writing PATH" in one line, keeps the old file and leaves no temp."""
+    from vqkit.storage.fileio import DiskFullError
+
+    name, target, write = _writers()[case]
+    path = tiny_disk / target
+    write(path, False)
+    before = _old_bytes(path)
+    with pytest.raises((DiskFullError, CheckpointError)) as e:
+        write(path, True)
+    msg = _one_line(e)
+    assert "no space left on device writing" in msg and str(tiny_disk) in msg, msg
+    assert _old_bytes(path) == before
+    left = [p.name for p in tiny_disk.rglob("*") if p.name.endswith(".tmp")]
+    assert not left, left
+
+
+_FSIZE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+import torch
+from vqkit.storage.checkpoint import CheckpointError, save_checkpoint
+from vqkit.storage.fileio import DiskFullError
+from vqkit.models.codes_io import save_codes
+import numpy as np
+big = {"model_config": {}, "model": {"w": torch.randn(100_000)}}
+for write in (
+    lambda: save_checkpoint(sys.argv[1] + "/a.pt", big),
+    lambda: save_codes(sys.argv[1] + "/a.npy", np.zeros(100_000, dtype=np.int64), {}),
+):
+    try:
+        write()
+    except (CheckpointError, DiskFullError) as e:
+        print(e)
+"""
+
+
+def test_every_writer_under_a_file_size_limit(tmp_path):
+    """The same mapping without root: RLIMIT_FSIZE (ulimit -f) in a subprocess; torch's
+    RuntimeError carries no errno, the temp file's size at the limit says what happened."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FSIZE, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stderr[-2000:]
+    assert "file too large for the file-size limit writing" in lines[0] and "a.pt" in lines[0]
+    assert "file too large for the file-size limit writing" in lines[1] and "a.npy" in lines[1]
+    assert not list(tmp_path.iterdir())  # no temp left, no partial file
+
+
+def test_pack_on_a_full_disk_is_one_line_from_the_cli(tiny_disk, capsys):
+    from vqkit.cli import main
+
+    assert main(["pack", "builtin", "--out", str(tiny_disk / "shards"), "--splits", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device writing" in err and err.count("\n") == 1, err
+    assert not [p for p in (tiny_disk / "shards").iterdir() if p.name.endswith(".tmp")]

@@ -136,3 +136,35 @@ def test_encode_data_keeps_order_and_labels(tokenizer_run):
     codes = encode_data(tok.model, data, batch_size=32)  # 3 batches, the last partial
     whole = encode_data(tok.model, data, batch_size=100)
     assert torch.equal(codes.codes, whole.codes) and torch.equal(codes.labels, data.labels)
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return
+    with np.load(path) as z:
+        arrays = dict(z)
+    if how == "out_of_range":
+        arrays["codes"] = arrays["codes"].copy()
+        arrays["codes"].flat[0] = 32  # K = 32
+    elif how == "object":
+        arrays["codes"] = np.array([None] * len(arrays["labels"]), dtype=object)
+    elif how == "bitflip":  # valid and in range, but not what was written
+        arrays["labels"] = (arrays["labels"] + 1) % 10
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("how", ["truncated", "out_of_range", "object", "bitflip"])
+def test_damaged_code_cache_is_named_and_rebuilt(tokenizer_run, how, capsys):
+    tok = load_tokenizer(tokenizer_run)
+    train, _, _ = load_codes(tok)  # fills (or reads) the cache
+    where = tokenizer_run / "codes" / tok.sha256[:16]
+    _damage(where / "train.npz", how)
+    capsys.readouterr()
+    again, _, cached = load_codes(tok)
+    err = capsys.readouterr().err
+    assert not cached and f"{where / 'train.npz'}" in err and "encoding again" in err
+    assert err.count("\n") == 1 and f"rm -r {where}" in err
+    assert torch.equal(again.codes, train.codes) and torch.equal(again.labels, train.labels)
+    assert load_codes(tok)[2]  # rewritten: the next run reads it

@@ -148,3 +148,16 @@ def test_guidance_needs_a_trained_null_class_and_classes():
     with pytest.raises(ValueError, match="unconditional"):
         tiny(classes=0).sample(2, labels=0)
     assert math.isfinite(SampleOptions(cfg_scale=-1.0).cfg_scale)  # any finite scale
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_tiny_temperatures_are_the_greedy_limit(temperature):
+    """A temperature that passes the > 0 check but overflowed logits / T (1e-40 and
+    below): the draw is the argmax, not a NaN inside torch.multinomial."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    got = _draw(logits, SampleOptions(temperature=temperature), g)
+    assert torch.equal(got, logits.argmax(-1))
+    m = tiny(classes=0)
+    out = m.sample(2, temperature=temperature).reshape(2, -1)
+    assert torch.equal(m(out).argmax(-1), out)

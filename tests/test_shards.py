@@ -355,3 +355,16 @@ def test_load_dataset_reads_a_split_into_memory(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_dataset(src, image_size=4).images.shape == (25, 3, 4, 4)
+
+
+@pytest.mark.parametrize("label", [b"cat", b"-3", b"\xff\xfe"])
+def test_non_integer_label_names_shard_and_member(tmp_path, label):
+    src = tmp_path / "s"
+    src.mkdir()
+    ok = _png(np.zeros((4, 4, 3), np.uint8))
+    _write_tar(src / "train-000000.tar", [("a.png", ok), ("a.cls", b"1"),
+                                          ("b.png", ok), ("b.cls", label)])  # fmt: skip
+    loader = ShardLoader(src, 2, num_workers=0)
+    with pytest.raises(ValueError, match=r"train-000000.tar: b.cls is not a class label") as e:
+        loader.next_batch()
+    assert "\n" not in str(e.value)
