@@ -580,3 +580,13 @@ def test_loader_device_and_eval_iteration():
     assert x.device.type == "cpu" and y.device.type == "cpu"
     batches = list(vd.iterate_batches(data, 3))
     assert [b[1].tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_random_bytes_archive_is_one_line(tmp_path, suffix):
+    """tarfile's own message lists each method it tried, one per line: one line here."""
+    path = tmp_path / f"junk{suffix}"
+    path.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(ValueError, match="corrupt or truncated archive") as e:
+        vd.load_dataset(path, "train", cache_dir=tmp_path / "c")
+    assert "\n" not in str(e.value) and str(path) in str(e.value)

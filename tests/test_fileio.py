@@ -172,3 +172,35 @@ def test_clean_stale_temps_removes_only_orphans(tmp_path):
     assert sorted(clean_stale_temps(tmp_path, max_age_s=-1)) == sorted([live, other_host])
     assert mine.exists()
     assert clean_stale_temps(tmp_path / "missing") == []
+
+
+def test_disk_full_recognised_without_an_errno(tmp_path):
+    """Writers that raise no OSError: the text of safetensors' error, and torch.save's
+    RuntimeError judged by the space left (here: none, as statvfs reports it)."""
+    from vqkit.storage.fileio import NEARLY_FULL_BYTES, is_disk_full
+
+    rust = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert is_disk_full(rust)
+    torch_err = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832")
+    assert not is_disk_full(torch_err)  # no path: nothing to judge by
+    assert not is_disk_full(torch_err, tmp_path)  # a disk with room
+    assert not is_disk_full(TypeError("No space left on device"), tmp_path)  # a bug
+    full = os.statvfs_result((4096, 4096, 100, 0, 0, 10, 0, 0, 0, 255))
+    real = os.statvfs
+    try:
+        os.statvfs = lambda p: full
+        assert is_disk_full(torch_err, tmp_path) and NEARLY_FULL_BYTES > 0
+    finally:
+        os.statvfs = real
+
+
+def test_stale_staging_folders_are_removed_like_temp_files(tmp_path):
+    from vqkit.storage.fileio import temp_path
+
+    dead = tmp_path / f".pack-train.{fileio._host_tag()}.999999999.abcdef.tmp"
+    dead.mkdir()
+    (dead / "train-000000.tar").write_bytes(b"x")
+    mine = temp_path(tmp_path / "pack-test")
+    mine.mkdir()
+    assert fileio.clean_stale_temps(tmp_path) == [dead]
+    assert not dead.exists() and mine.is_dir()

@@ -168,3 +168,14 @@ def test_lock_wait_is_not_blocking(tmp_path):
         with pytest.raises(RunDirBusyError):
             RunDir(tmp_path).lock()
         assert time.monotonic() - t < 1.0
+
+
+def test_holder_names_the_process_holding_the_lock_without_taking_it(tmp_path):
+    run = tmp_path / "run"
+    assert RunDir(run).holder() is None  # no lock file: nobody, and nothing created
+    assert not run.exists()
+    with RunDir(run):
+        probe = RunDir(run)
+        assert probe.holder() == f"pid {os.getpid()} on {socket.gethostname()}"
+        assert not probe.locked
+    assert RunDir(run).holder() is None  # released
