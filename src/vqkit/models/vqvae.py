@@ -126,26 +126,37 @@ QUANTIZER_OPTION_NAMES = frozenset(QUANTIZER_DEFAULTS)
 
 
 def check_size_fits(
-    image_size: int, channels: int, hidden: int, channel_mult: str, downsample: int
+    image_size: int,
+    channels: int,
+    hidden: int,
+    channel_mult: str,
+    downsample: int,
+    arch: str = "classic",
 ) -> None:
     """Refuse, before any data is read or weight allocated, an ``image_size`` or
     ``channel_mult`` whose tensors cannot fit in this machine's memory: the network's
-    float32 weights (4x4 convolutions, encoder and decoder) plus one image's largest
-    float32 activation (hidden/2 channels at half the image size). A lower bound of what
-    training needs; the message gives both figures."""
+    float32 weights (one convolution per level change, encoder and decoder: 4x4 for the
+    classic network, 3x3 for vqgan) plus one image's largest float32 activation (the
+    first level: hidden/2 channels at half the image size, or hidden x mult[0] at full
+    size for vqgan). A lower bound of what training needs; the message gives both."""
     from ..quantizers.base import machine_memory
 
-    mult = parse_channel_mult(channel_mult, downsample)
-    widths = [channels, hidden // 2, hidden, *(hidden * m for m in mult)]
-    weights = 2 * 16 * 4 * sum(a * b for a, b in zip(widths, widths[1:], strict=False))
-    half = (image_size + 1) // 2
-    activation = 4 * max(hidden // 2, channels) * half * half
+    if arch == "vqgan":
+        mult = parse_vqgan_ch_mult(channel_mult, downsample)
+        widths, taps = [channels, *(hidden * m for m in mult)], 9
+        activation = 4 * hidden * mult[0] * image_size * image_size
+    else:
+        mult = parse_channel_mult(channel_mult, downsample)
+        widths, taps = [channels, hidden // 2, hidden, *(hidden * m for m in mult)], 16
+        half = (image_size + 1) // 2
+        activation = 4 * max(hidden // 2, channels) * half * half
+    weights = 2 * taps * 4 * sum(a * b for a, b in zip(widths, widths[1:], strict=False))
     have = machine_memory()
     if have is not None and weights + activation > have:
         raise ValueError(
             f"image_size {image_size} with hidden {hidden} and channel_mult "
-            f"{channel_mult or '1'} needs at least {weights / 2**30:.1f} GiB of weights and "
-            f"{activation / 2**30:.1f} GiB per image, more than this machine's "
+            f"{channel_mult or 'default'} needs at least {weights / 2**30:.1f} GiB of weights "
+            f"and {activation / 2**30:.1f} GiB per image, more than this machine's "
             f"{have / 2**30:.1f} GiB; use a smaller --image-size or --channel-mult"
         )
 
@@ -170,6 +181,10 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
             )
         if self.arch == "vqgan":
             self._check_vqgan()
+            check_size_fits(
+                self.image_size, self.in_channels, self.hidden, self.channel_mult,
+                self.downsample, "vqgan",
+            )  # fmt: skip
             return
         if self.attn_resolutions:
             raise ValueError("attn_resolutions applies to arch 'vqgan' only")

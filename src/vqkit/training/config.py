@@ -253,7 +253,9 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
     def __post_init__(self) -> None:
         super().__post_init__()
         # sizes whose tensors cannot fit are refused before the data is resized to them
-        check_size_fits(self.image_size or 32, 3, self.hidden, self.channel_mult, self.downsample)
+        check_size_fits(
+            self.image_size or 32, 3, self.hidden, self.channel_mult, self.downsample, self.arch
+        )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
