@@ -40,7 +40,7 @@ from .report import save_grid
 __all__ = ["GRID", "LABELS_LISTED", "SampleWriter"]
 
 GRID = 64
-LABELS_LISTED = 1 << 16
+LABELS_LISTED = 4096  # samples.json is rewritten per batch: keep that cheap
 _OWN = re.compile(r"sample_\d+\.(png|npy|npy\.json)|grid\.png|samples\.json")
 
 
