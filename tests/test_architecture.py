@@ -26,8 +26,9 @@ RANKS = {
     "evaluation": 5,
     "training": 6,
     "prior": 7,
-    "cli": 8,
-    "__main__": 9,
+    "compress": 8,
+    "cli": 9,
+    "__main__": 10,
 }
 
 

@@ -9,12 +9,13 @@ vqkit decode CHECKPOINT CODES.npy... --out DIR           index maps -> PNG image
 vqkit pack IMAGES --out SHARDS [--shard-size N]          any source -> WebDataset shards
 vqkit prior --tokenizer RUN_DIR --out PRIOR_DIR          train a prior over the codes
 vqkit sample PRIOR_DIR --num N --out DIR                 new code maps -> images
+vqkit compress IMAGES... --prior PRIOR_DIR --out DIR     images -> .vqz files (entropy-coded)
+vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR  .vqz -> PNG (or .npy with --codes)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -175,17 +176,10 @@ def _eval_suite(args: argparse.Namespace):
 
 
 def _output_names(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
-    """One output per input, mirroring the inputs' paths below their common folder, so
-    ``a/img.png`` and ``b/img.png`` stay apart; refuses names that still collide."""
-    resolved = [p.resolve() for p in inputs]
-    root = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path(".")
-    names = [out / p.relative_to(root).with_suffix(suffix) for p in resolved]
-    seen: dict[Path, Path] = {}
-    for src, name in zip(inputs, names, strict=True):
-        if name in seen:
-            raise ValueError(f"{seen[name]} and {src} would both be written to {name}")
-        seen[name] = src
-    return names
+    """One output per input, mirroring the inputs' paths (see ``mirror_paths``)."""
+    from .storage.fileio import mirror_paths
+
+    return mirror_paths(inputs, out, suffix)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -298,11 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_arguments(
         sub.add_parser("sample", help="sample code maps from a prior and decode them")
     )
+    from .compress.cli import add_compress_arguments, add_decompress_arguments
+
+    add_compress_arguments(
+        sub.add_parser("compress", help="images (or --codes maps) -> files coded with a prior")
+    )
+    add_decompress_arguments(
+        sub.add_parser("decompress", help="files of vqkit compress -> PNG images (or .npy)")
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .compress.cli import run_compress, run_decompress
     from .data.pack import run_pack
     from .evaluation.feature_net import run_features
     from .prior.cli import run_prior, run_sample
@@ -316,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "features": run_features,
         "prior": run_prior,
         "sample": run_sample,
+        "compress": run_compress,
+        "decompress": run_decompress,
     }
     import torch
 

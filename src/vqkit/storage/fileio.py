@@ -46,6 +46,7 @@ __all__ = [
     "disk_full_error",
     "dump_json",
     "is_disk_full",
+    "mirror_paths",
     "temp_path",
     "write_json",
 ]
@@ -302,3 +303,17 @@ def write_json(
             f.write(text)
 
     atomic_write(path, write)
+
+
+def mirror_paths(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
+    """One output per input, mirroring the inputs' paths below their common folder, so
+    ``a/img.png`` and ``b/img.png`` stay apart; refuses names that still collide."""
+    resolved = [p.resolve() for p in inputs]
+    root = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path(".")
+    names = [out / p.relative_to(root).with_suffix(suffix) for p in resolved]
+    seen: dict[Path, Path] = {}
+    for src, name in zip(inputs, names, strict=True):
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {src} would both be written to {name}")
+        seen[name] = src
+    return names

@@ -1,0 +1,305 @@
+"""``vqkit compress`` and ``vqkit decompress``: the argument declarations and handlers.
+
+    vqkit compress IMAGES... --prior PRIOR_DIR --out DIR [--class C] [--codes]
+    vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR
+
+``compress`` writes one ``.vqz`` per input (mirroring the input paths below their
+common folder): images go through the prior's tokenizer (they must have its size and
+channel count; a gray image is accepted by a colour tokenizer); with ``--codes`` the
+inputs are ``.npy`` index maps (what ``vqkit encode`` writes), compressed losslessly.
+``decompress`` writes PNGs (the tokenizer's reconstruction) or, for files made with
+``--codes``, the ``.npy`` maps bit for bit. Both print bits per pixel and bits per code
+per file and in total. Every input is read and checked, and every output computed,
+before the first file is written: bad input leaves no output (exit code 2).
+
+``vqkit.cli`` registers them like ``prior``/``sample``::
+
+    add_compress_arguments(sub.add_parser("compress", ...))      # -> run_compress(args)
+    add_decompress_arguments(sub.add_parser("decompress", ...))  # -> run_decompress(args)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..storage.fileio import atomic_write, mirror_paths
+from . import format as fmt
+from .codec import (
+    Codec,
+    codes_to_images,
+    decode_maps,
+    encode,
+    encode_codes,
+    load_codec,
+    restore_codes,
+)
+
+__all__ = [
+    "add_compress_arguments",
+    "add_decompress_arguments",
+    "run_compress",
+    "run_decompress",
+]
+
+SUFFIX = ".vqz"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prior", required=True, metavar="PRIOR_DIR", help="vqkit prior run directory"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default=None,
+        help="prior weights (default: best when present, else last); a file decodes only "
+        "with the weights that wrote it",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="RUN_DIR",
+        default=None,
+        help="the tokenizer run, if it moved (its weights must be the same file)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), cuda, ...: decompress on the device type that compressed "
+        "(floating-point results differ between devices; a mismatch is refused)",
+    )
+
+
+def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``vqkit compress``."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="images, or .npy with --codes")
+    _common(parser)
+    parser.add_argument(
+        "--codes",
+        action="store_true",
+        help="the inputs are .npy index maps (h, w[, Q]) or (B, h, w[, Q]): lossless",
+    )
+    parser.add_argument(
+        "--class",
+        dest="class_id",
+        default=None,
+        metavar="C",
+        help="class id or name of the inputs for a class-conditional prior (default: "
+        "the null class, i.e. unconditional)",
+    )
+
+
+def add_decompress_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``vqkit decompress``."""
+    parser.add_argument("files", nargs="+", metavar="FILE", help=".vqz files of vqkit compress")
+    _common(parser)
+
+
+def _load(args: argparse.Namespace, images: bool) -> Codec:
+    from ..distributed import resolve_device
+
+    try:  # an optional dependency: say so in one line, before loading any model
+        import constriction  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "vqkit compress needs the 'constriction' package: pip install 'vqkit[compress]'"
+        ) from None
+
+    return load_codec(
+        args.prior,
+        checkpoint=args.checkpoint,
+        tokenizer=args.tokenizer,
+        device=resolve_device(args.device),
+        images=images,
+    )
+
+
+def _class_id(spec: str | None, codec: Codec) -> int | None:
+    """``--class``: None / 'null' -> None (the null class), a name or an id."""
+    if spec is None or spec.lower() in ("null", "none"):
+        return None
+    if not codec.classes:
+        raise ValueError("--class: this prior is unconditional (trained without classes)")
+    if spec in codec.classes:
+        return codec.classes.index(spec)
+    try:
+        cid = int(spec)
+    except ValueError:
+        raise ValueError(f"unknown class {spec!r}; the prior's classes: {codec.classes}") from None
+    if not 0 <= cid < len(codec.classes):
+        raise ValueError(f"class id {cid} out of range: classes 0..{len(codec.classes) - 1}")
+    return cid
+
+
+def read_image_for(codec: Codec, path: Path) -> torch.Tensor:
+    """One image file as uint8 (C, H, W) the tokenizer takes as it is: its exact size
+    (no resizing: the file would not decode to the picture given) and channels (gray is
+    replicated for a colour tokenizer; colour is refused by a gray one unless the
+    channels are equal)."""
+    from ..data import read_image
+
+    x = read_image(path)  # its own size; 1 channel for gray, else 3
+    c, h, w = x.shape
+    size, want = codec.image_size, codec.channels
+    if (h, w) != (size, size):
+        raise ValueError(
+            f"{path} is {w}x{h} pixels; this tokenizer takes {size}x{size} images "
+            "(resize or crop it first)"
+        )
+    if c == want:
+        return x
+    if want == 3:
+        return x.expand(3, h, w).clone()
+    if bool((x == x[:1]).all()):
+        return x[:1].clone()
+    raise ValueError(f"{path} is a colour image; this tokenizer takes gray (1-channel) images")
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read index map {path}: {e}") from e
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: expected an integer index map; got {arr.dtype}")
+    return arr
+
+
+def _rates(data_bytes: int, codes: int, pixels: int | None) -> str:
+    bpc = 8 * data_bytes / codes
+    bpp = f"{8 * data_bytes / pixels:.4f} bits/pixel, " if pixels else ""
+    return f"{data_bytes} bytes, {bpp}{bpc:.3f} bits/code"
+
+
+def _report(rows: list[tuple[Path, Path, int, int, int | None]]) -> None:
+    """Per file and in total: bytes, bits per pixel (when the image size is known) and
+    bits per code. Rows: (input, output, file bytes, codes, pixels or None)."""
+    for src, dst, size, codes, pixels in rows:
+        print(f"{src} -> {dst}: {_rates(size, codes, pixels)}")
+    total, codes = sum(r[2] for r in rows), sum(r[3] for r in rows)
+    pixels = None if any(r[4] is None for r in rows) else sum(r[4] for r in rows)
+    print(f"total: {len(rows)} files, {_rates(total, codes, pixels)}")
+
+
+def _pixels(codec: Codec, maps: int) -> int | None:
+    return maps * codec.image_size**2 if codec.image_size else None
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)  # to memory: np.save on a path would append ".npy" to the temp name
+    _write_bytes(path, buf.getvalue())
+
+
+def _write_png(path: Path, image: torch.Tensor) -> None:
+    from PIL import Image
+
+    arr = image.permute(1, 2, 0).numpy()  # uint8 (H, W, C)
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    _write_bytes(path, buf.getvalue())
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    """Compress every input; nothing is written unless all of them compress."""
+    codec = _load(args, images=not args.codes)
+    inputs = [Path(p) for p in args.inputs]
+    names = mirror_paths(inputs, Path(args.out), SUFFIX)  # collisions refused first
+    label = _class_id(args.class_id, codec)
+    if args.codes:
+        arrays = [_read_npy(p) for p in inputs]
+        blobs = []
+        for p, arr in zip(inputs, arrays, strict=True):
+            try:
+                blobs.append(encode_codes(arr, codec, labels=label))
+            except ValueError as e:
+                raise ValueError(f"{p}: {e}") from None
+    else:
+        images = [read_image_for(codec, p) for p in inputs]  # all checked before coding
+        blobs = [encode(x[None], codec, labels=label) for x in images]  # one stream each
+    rows = []
+    for src, dst, blob in zip(inputs, names, blobs, strict=True):
+        _write_bytes(dst, blob)
+        header, _ = fmt.unpack(blob)
+        rows.append(
+            (
+                src,
+                dst,
+                len(blob),
+                header.num_maps * _seq_len(codec),
+                _pixels(codec, header.num_maps),
+            )
+        )
+    _report(rows)
+    return 0
+
+
+def _seq_len(codec: Codec) -> int:
+    return int(codec.prior.seq_len)
+
+
+def run_decompress(args: argparse.Namespace) -> int:
+    """Decompress every file; nothing is written unless all of them decode."""
+    files = [Path(p) for p in args.files]
+    datas = []
+    for p in files:
+        if not p.is_file():
+            raise FileNotFoundError(f"no such file: {p}")
+        datas.append(p.read_bytes())
+    headers = []
+    for p, data in zip(files, datas, strict=True):
+        try:
+            headers.append(fmt.unpack(data)[0])
+        except fmt.FormatError as e:
+            raise fmt.FormatError(f"{p}: {e}") from None
+    codec = _load(args, images=not all(h.is_codes for h in headers))
+    for p, h in zip(files, headers, strict=True):
+        codec.check(h, str(p))  # every file's identity before any decoding
+    stems = mirror_paths(files, Path(args.out), "")
+    outputs: list[tuple[Path, list[tuple[Path, Any]]]] = []
+    for p, stem, data in zip(files, stems, datas, strict=True):
+        codes, header = decode_maps(codec, data, str(p))
+        if header.is_codes:
+            outputs.append(
+                (p, [(stem.with_name(stem.name + ".npy"), restore_codes(codes, header))])
+            )
+            continue
+        images = codes_to_images(codec, codes)
+        if len(images) == 1:
+            names = [stem.with_name(stem.name + ".png")]
+        else:
+            names = [stem.with_name(f"{stem.name}_{i}.png") for i in range(len(images))]
+        outputs.append((p, list(zip(names, images, strict=True))))
+    rows = []
+    for (src, items), data, header in zip(outputs, datas, headers, strict=True):
+        for name, value in items:
+            (_write_npy if header.is_codes else _write_png)(name, value)
+        dst = items[0][0] if len(items) == 1 else items[0][0].parent
+        rows.append(
+            (
+                src,
+                dst,
+                len(data),
+                header.num_maps * _seq_len(codec),
+                _pixels(codec, header.num_maps),
+            )
+        )
+    _report(rows)
+    return 0

@@ -1,0 +1,402 @@
+"""Images and code maps to bytes and back, entropy-coded with a prior's distributions.
+
+A code map ``c`` (h, w) or (h, w, Q) is read in the prior's raster order
+(:func:`vqkit.prior.flatten_codes`: rows, then the Q codes of a position) as
+``c_0 .. c_{T-1}``; code ``c_t`` is range-coded (:mod:`.coder`) under the prior's
+conditional distribution ``p(c_t | c_<t, y)``, so a file costs about
+``-log2 p(c | y)`` bits (the prior's NLL) plus the coder's termination and the header
+(:mod:`.format`).
+
+**Determinism.** The decoder can only rebuild ``p(c_t | c_<t, y)`` after decoding
+``c_<t``; it runs the prior's KV-cached incremental path (one :meth:`Prior.extend`
+of one code per step, as :func:`vqkit.prior.sample` does). The encoder computes its
+distributions through *the same function* (:func:`_run`), with the same batch of maps
+in the same order, so both sides evaluate the same floating-point operations on the same
+inputs: a teacher-forced pass over the whole sequence would give slightly different
+logits and a stream the decoder misreads. The softmax is taken in float64 from the
+model's logits and quantized by constriction in integer arithmetic. If a platform still
+computes a different distribution (another CPU kernel, a GPU), decoding goes astray, and
+the checksum of the code maps stored in the file turns that into an error ("cannot be
+decoded here"), never into a wrong image. On the CPU the loop runs on one thread
+(:data:`CODING_THREADS`) on both sides, whatever the process's setting: the sums inside
+a matrix product split over another number of threads come out in another order, which
+changes logits in the last bit.
+
+The maps of one stream are decoded as one batch (batch composition is part of the
+floating-point path): ``encode(images)`` of N images gives one stream of N maps;
+``vqkit compress`` writes one stream per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import denormalize, normalize
+from ..prior import Prior, flatten_codes
+from . import format as fmt
+from .coder import CoderError, RangeDecoder, RangeEncoder
+
+__all__ = [
+    "Codec",
+    "DecodeError",
+    "codes_to_images",
+    "decode",
+    "decode_codes",
+    "decode_maps",
+    "encode",
+    "encode_codes",
+    "encode_maps",
+    "images_to_codes",
+    "load_codec",
+    "prior_hash",
+    "restore_codes",
+]
+
+
+CODING_THREADS = 1
+"""CPU threads of the coding loop on both sides (see :func:`_run`)."""
+
+
+class DecodeError(ValueError):
+    """A file that cannot be decoded with this codec or on this machine (one line)."""
+
+
+def prior_hash(model: torch.nn.Module, config: dict[str, Any]) -> str:
+    """Hex SHA-256 of a prior's content: its config (sorted JSON) and every state-dict
+    tensor (name, dtype, shape, bytes) in name order. Independent of the file it came
+    from and of the device it sits on."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Codec:
+    """A prior (eval mode) and, for images, its tokenizer (a VQ-VAE in eval mode).
+
+    ``tokenizer_hash``: SHA-256 of the tokenizer's weights file, as the prior records
+    it; ``prior_hash``: :func:`prior_hash`. ``classes``: the prior's class names
+    (empty when unconditional)."""
+
+    prior: Prior
+    tokenizer: Any | None
+    tokenizer_hash: str
+    prior_hash: str
+    classes: tuple[str, ...] = ()
+    image_size: int | None = None
+    channels: int | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        return self.prior.code_shape
+
+    @property
+    def num_symbols(self) -> int:
+        return int(self.prior.config.vocab_size)
+
+    @property
+    def null_class(self) -> int:
+        return self.prior.null_class
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    def labels(self, labels: int | Sequence[int] | None, n: int) -> torch.Tensor:
+        """Class ids (n,): None is the null class (unconditional) for all, an int is
+        every map's class, a sequence one per map."""
+        null = self.null_class
+        if labels is None:
+            return torch.full((n,), null, dtype=torch.long)
+        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        y = y.expand(n).clone() if y.numel() == 1 else y
+        if y.numel() != n:
+            raise ValueError(f"expected one class or {n}; got {y.numel()}")
+        bad = (y < 0) | (y > null)
+        if bool(bad.any()):
+            have = f"classes 0..{null - 1} and the null class {null}" if null else "no classes"
+            raise ValueError(f"class id {int(y[bad][0])} out of range: the prior has {have}")
+        return y
+
+    def check(self, header: fmt.Header, where: str) -> None:
+        """DecodeError unless ``header`` was written by this prior and tokenizer."""
+        mine = self.tokenizer_hash[:16], self.prior_hash[:16]
+        if (header.tokenizer_hash, header.prior_hash) != mine:
+            raise DecodeError(
+                f"{where} was compressed with prior {header.prior_hash} and tokenizer "
+                f"{header.tokenizer_hash}; this prior is {mine[1]} with tokenizer {mine[0]}"
+            )
+        if header.code_shape != self.code_shape or header.num_symbols != self.num_symbols:
+            raise DecodeError(
+                f"{where}: code maps {header.code_shape} of {header.num_symbols} symbols do "
+                f"not match the prior's {self.code_shape} of {self.num_symbols}"
+            )
+        if any(y > self.null_class for y in header.labels):
+            raise DecodeError(f"{where}: class id out of range for this prior")
+
+
+def load_codec(
+    prior_dir: str | os.PathLike[str],
+    *,
+    checkpoint: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
+    images: bool = True,
+) -> Codec:
+    """The codec of a ``vqkit prior`` run: its weights (``checkpoint`` "best" or
+    "last"; default best when present) and, when ``images``, the tokenizer it was
+    trained on (``tokenizer``: its run directory, if it moved; the weights file must
+    have the recorded SHA-256)."""
+    from ..prior.cli import load_prior
+    from ..prior.codes import load_tokenizer
+
+    model, ckpt = load_prior(prior_dir, checkpoint, device)
+    stored = ckpt.get("tokenizer") or {}
+    if not stored.get("sha256"):
+        raise ValueError(f"{prior_dir}: the prior records no tokenizer; it cannot compress")
+    tok = None
+    if images:
+        run_dir = tokenizer or stored.get("run_dir")
+        tok = load_tokenizer(
+            run_dir,
+            checkpoint=stored.get("checkpoint"),
+            device=device,
+            expect_sha256=stored["sha256"],
+        )
+    # the image geometry: the tokenizer's own config, else the prior's record of it
+    model_cfg = tok.model.config.to_dict() if tok is not None else stored.get("model_config") or {}
+    return Codec(
+        prior=model,
+        tokenizer=tok.model if tok is not None else None,
+        tokenizer_hash=stored["sha256"],
+        prior_hash=prior_hash(model, ckpt["model_config"]),
+        classes=tuple(ckpt.get("classes") or ()),
+        image_size=model_cfg.get("image_size"),
+        channels=model_cfg.get("in_channels"),
+        source={"prior_dir": str(Path(prior_dir)), "checkpoint": checkpoint or "best"},
+    )
+
+
+def _codec(prior: Codec | str | os.PathLike[str], images: bool) -> Codec:
+    return prior if isinstance(prior, Codec) else load_codec(prior, images=images)
+
+
+@torch.inference_mode()
+def _run(
+    prior: Prior, labels: torch.Tensor, step: Callable[[int, np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """The one autoregressive pass both sides run: for t = 0 .. T-1, the distributions
+    (N, K) float64 of ``c_t`` go to ``step(t, probs)``, which returns the codes (N,)
+    (the encoder: the known ones; the decoder: the decoded ones), fed back through the
+    KV cache. Returns the codes (N, T) int64."""
+    n, t_len = labels.shape[0], prior.seq_len
+    dev = next(prior.parameters()).device
+    was_training, threads = prior.training, torch.get_num_threads()
+    prior.eval()
+    # one CPU thread, whatever the caller's setting: a matrix product split over another
+    # number of threads sums in another order and moves logits by an ulp (measured: a
+    # third of them differ between 1 and 2 threads), enough to derail the decoder
+    torch.set_num_threads(CODING_THREADS)
+    try:
+        cache = prior.new_cache(n)
+        out = np.zeros((n, t_len), dtype=np.int64)
+        empty = torch.zeros(n, 0, dtype=torch.long, device=dev)
+        logits = prior.extend(empty, cache, labels.to(dev))[:, -1]
+        for t in range(t_len):
+            probs = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+            out[:, t] = step(t, probs)
+            if t + 1 == t_len:
+                break
+            logits = prior.extend(torch.from_numpy(out[:, t : t + 1]).to(dev), cache)[:, -1]
+    finally:
+        prior.train(was_training)
+        torch.set_num_threads(threads)
+    return out
+
+
+def encode_maps(
+    codec: Codec,
+    codes: torch.Tensor | np.ndarray,
+    labels: int | Sequence[int] | None,
+    flags: int = 0,
+    dtype: int = 0,
+    stats: dict[str, float] | None = None,
+) -> bytes:
+    """Code maps (N, *code_shape) -> file bytes (see :mod:`.format`)."""
+    codes = torch.as_tensor(np.asarray(codes)).long()
+    if codes.dim() != len(codec.code_shape) + 1 or tuple(codes.shape[1:]) != codec.code_shape:
+        raise ValueError(
+            f"expected code maps (N, {', '.join(map(str, codec.code_shape))}); "
+            f"got {tuple(codes.shape)}"
+        )
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codec.num_symbols):
+        raise ValueError(
+            f"codes must be in [0, {codec.num_symbols}) for this prior; "
+            f"got {int(codes.min())}..{int(codes.max())}"
+        )
+    n = codes.shape[0]
+    if n == 0:
+        raise ValueError("no code maps to compress")
+    y = codec.labels(labels, n)
+    seq = flatten_codes(codes, codec.code_shape).numpy()
+    enc = RangeEncoder()
+    ideal = [0.0]
+
+    def step(t: int, probs: np.ndarray) -> np.ndarray:
+        enc.encode(seq[:, t], probs)
+        if stats is not None:
+            ideal[0] += float(-np.log2(probs[np.arange(n), seq[:, t]]).sum())
+        return seq[:, t]
+
+    _run(codec.prior, y, step)
+    payload = enc.finish()
+    header = fmt.Header(
+        codec.tokenizer_hash[:16],
+        codec.prior_hash[:16],
+        codec.code_shape,
+        codec.num_symbols,
+        tuple(int(v) for v in y),
+        fmt.code_checksum(seq),
+        flags,
+        dtype,
+    )
+    data = fmt.pack(header, payload)
+    if stats is not None:
+        stats.update(
+            ideal_bits=ideal[0],
+            payload_bytes=len(payload),
+            header_bytes=len(data) - len(payload),
+            codes=int(seq.size),
+        )
+    return data
+
+
+def decode_maps(
+    codec: Codec, data: bytes, where: str = "the data"
+) -> tuple[np.ndarray, fmt.Header]:
+    """File bytes -> (code maps (N, *code_shape) int64, header); DecodeError /
+    FormatError (both ValueError) when they cannot be decoded here."""
+    try:
+        header, payload = fmt.unpack(data)
+    except fmt.FormatError as e:
+        raise fmt.FormatError(f"{where}: {e}") from None
+    codec.check(header, where)
+    y = torch.tensor(header.labels, dtype=torch.long)
+    try:
+        dec = RangeDecoder(payload)
+        seq = _run(codec.prior, y, lambda t, probs: dec.decode(probs))
+    except CoderError as e:
+        raise DecodeError(f"{where}: {e}") from None
+    if fmt.code_checksum(seq) != header.checksum:
+        raise DecodeError(
+            f"{where} cannot be decoded here: the decoded codes fail the file's checksum "
+            "(this machine computes the prior's distributions differently from the one "
+            "that compressed it; decompress it there, or on the same device type)"
+        )
+    return seq.reshape(len(header.labels), *codec.code_shape), header
+
+
+def _as_images(codec: Codec, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 (N, C, H, W) (or one (C, H, W)) checked against the tokenizer."""
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    if x.dim() == 3:
+        x = x[None]
+    want = (codec.channels, codec.image_size, codec.image_size)
+    if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != want:
+        raise ValueError(
+            f"expected uint8 images (N, {want[0]}, {want[1]}, {want[2]}) for this tokenizer; "
+            f"got {x.dtype} {tuple(x.shape)}"
+        )
+    return x
+
+
+def images_to_codes(codec: Codec, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> the tokenizer's index maps (N, *code_shape), CPU."""
+    if codec.tokenizer is None:
+        raise ValueError("this codec has no tokenizer (loaded for code maps only)")
+    x = _as_images(codec, images)
+    with torch.inference_mode():
+        return codec.tokenizer.encode(normalize(x).to(codec.device)).cpu()
+
+
+def codes_to_images(codec: Codec, codes: np.ndarray) -> torch.Tensor:
+    """Index maps (N, *code_shape) -> the tokenizer's reconstruction, uint8 (N, C, H, W)."""
+    if codec.tokenizer is None:
+        raise ValueError("this codec has no tokenizer (loaded for code maps only)")
+    with torch.inference_mode():
+        x = codec.tokenizer.decode(torch.as_tensor(codes).to(codec.device))
+    return denormalize(x).cpu()
+
+
+def encode(
+    images: torch.Tensor | np.ndarray,
+    prior: Codec | str | os.PathLike[str],
+    *,
+    labels: int | Sequence[int] | None = None,
+    stats: dict[str, float] | None = None,
+) -> bytes:
+    """uint8 images (N, C, H, W) -> the bytes of one ``.vqz`` stream of N code maps.
+
+    ``prior``: a :class:`Codec` or a prior run directory. ``labels``: the class of the
+    images for a class-conditional prior (None: the null class). ``stats``, when
+    given, receives ``ideal_bits`` (the prior's ``sum -log2 p`` of the codes along the
+    coded path), ``payload_bytes``, ``header_bytes`` and ``codes``."""
+    codec = _codec(prior, images=True)
+    return encode_maps(codec, images_to_codes(codec, images), labels, stats=stats)
+
+
+def decode(data: bytes, prior: Codec | str | os.PathLike[str]) -> torch.Tensor:
+    """The bytes of :func:`encode` -> uint8 images (N, C, H, W), the tokenizer's
+    reconstruction of the coded maps."""
+    codec = _codec(prior, images=True)
+    codes, _ = decode_maps(codec, data)
+    return codes_to_images(codec, codes)
+
+
+def encode_codes(
+    codes: np.ndarray | torch.Tensor,
+    prior: Codec | str | os.PathLike[str],
+    *,
+    labels: int | Sequence[int] | None = None,
+    stats: dict[str, float] | None = None,
+) -> bytes:
+    """Integer index maps ``code_shape`` or (N, *code_shape) -> bytes; lossless:
+    :func:`decode_codes` returns the same values, dtype and shape."""
+    codec = _codec(prior, images=False)
+    arr = codes.cpu().numpy() if torch.is_tensor(codes) else np.asarray(codes)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"index maps must be integers; got {arr.dtype}")
+    dtype = f"<{arr.dtype.kind}{arr.dtype.itemsize}"  # stored little-endian
+    batched = arr.ndim == len(codec.code_shape) + 1
+    flags = fmt.FLAG_CODES | (fmt.FLAG_BATCH_AXIS if batched else 0)
+    maps = arr if batched else arr[None]
+    return encode_maps(codec, maps, labels, flags, fmt.DTYPES.index(dtype), stats)
+
+
+def decode_codes(data: bytes, prior: Codec | str | os.PathLike[str]) -> np.ndarray:
+    """The bytes of :func:`encode_codes` (or :func:`encode`: int64 (N, *code_shape))
+    -> the index maps, with their original dtype and shape."""
+    codec = _codec(prior, images=False)
+    codes, header = decode_maps(codec, data)
+    return restore_codes(codes, header)
+
+
+def restore_codes(codes: np.ndarray, header: fmt.Header) -> np.ndarray:
+    """Decoded maps (N, *shape) int64 in the dtype and shape of the compressed array."""
+    if not header.is_codes:
+        return codes
+    out = codes.astype(np.dtype(fmt.DTYPES[header.dtype]))
+    return out if header.flags & fmt.FLAG_BATCH_AXIS else out[0]
