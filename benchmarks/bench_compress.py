@@ -1,0 +1,385 @@
+"""vqkit compress on a test split: file sizes against the prior's NLL and fixed-width
+packing, speed, the round trip, and rate-distortion against JPEG and WebP (Pillow).
+
+    python -m benchmarks.bench_compress --prior /tmp/h24/prior            # built-in data
+    python -m benchmarks.bench_compress --prior C10_PRIOR --data CIFAR --name compress_cifar10
+
+For every image of the split (``--limit`` for fewer):
+
+* **files**: one ``.vqz`` stream per image, exactly what ``vqkit compress`` writes (the
+  map coded alone, batch 1, true class in the header for a class-conditional prior);
+  decoded again and checked: the decoded codes must equal the encoder's, every file.
+* **streams**: ``vqkit.compress.encode`` of ``--stream-batch`` images per stream (the
+  coder's termination and the header spread over many maps).
+* the prior's **test NLL** (bits per code), teacher-forced over the same maps and
+  labels; the **ideal** bits along the coded path (``sum -log2 p``, float64 softmax);
+  fixed-width packing at ``ceil(log2 K)`` bits per code.
+* **rate-distortion**: PSNR (from the mean squared error over all pixels of the split,
+  0..255 scale), SSIM (pytorch-msssim, when installed; mean over images) and bits per
+  pixel (bits / (H x W)) of the tokenizer's reconstruction, and of JPEG and WebP at a
+  sweep of quality settings, with and without their container headers (JPEG without:
+  the entropy-coded scan data after the SOS header; WebP without: the VP8/VP8L chunk
+  payload, i.e. minus the 20 bytes of RIFF and chunk headers).
+
+Speed: images per second through the whole path (tokenizer + prior + coder + container),
+one thread per the coding loop (vqkit.compress runs it on one CPU thread); wall clock
+on a shared machine, so the ratios within the run are what to read.
+
+Writes benchmarks/results/<name>/compress.{md,json} and rate_distortion.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import common
+from vqkit.compress import codec as cc
+from vqkit.compress import format as fmt
+from vqkit.data import load_dataset
+
+MODULE = "benchmarks.bench_compress"
+QUALITIES = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95)
+
+
+def mse_psnr_ssim(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    """uint8 (N, C, H, W) pairs: PSNR of the pooled MSE, mean per-image SSIM."""
+    a, b = ref.double(), out.double()
+    mse = float(((a - b) ** 2).mean())
+    psnr = 10 * math.log10(255.0**2 / mse) if mse > 0 else float("inf")
+    ssim = None
+    try:
+        from pytorch_msssim import ssim as ssim_fn
+
+        ssim = float(ssim_fn(a.float(), b.float(), data_range=255, size_average=True))
+    except ImportError:
+        pass
+    return {"mse": mse, "psnr": psnr, "ssim": ssim}
+
+
+def jpeg_scan_bytes(data: bytes) -> int:
+    """Bytes of a baseline JPEG's entropy-coded data: after the SOS segment, before EOI."""
+    i = data.index(b"\xff\xda")
+    seg_len = int.from_bytes(data[i + 2 : i + 4], "big")
+    end = data.rindex(b"\xff\xd9")
+    return end - (i + 2 + seg_len)
+
+
+def webp_payload_bytes(data: bytes) -> int:
+    """A simple-format WebP's VP8/VP8L chunk payload (RIFF header and chunk header off)."""
+    assert data[:4] == b"RIFF" and data[8:12] == b"WEBP", "not a WebP"
+    return int.from_bytes(data[16:20], "little")
+
+
+def pil_codec(images: torch.Tensor, kind: str, quality: int) -> dict:
+    """JPEG or WebP of every image at one quality: sizes and the decoded images."""
+    from PIL import Image
+
+    out = torch.empty_like(images)
+    total = payload = 0
+    mode = "L" if images.shape[1] == 1 else "RGB"
+    for i, x in enumerate(images):
+        arr = x.permute(1, 2, 0).numpy()
+        img = Image.fromarray(arr[..., 0] if mode == "L" else arr, mode)
+        buf = io.BytesIO()
+        if kind == "jpeg":
+            img.save(buf, format="JPEG", quality=quality, optimize=True)
+        else:
+            img.save(buf, format="WEBP", quality=quality, method=6)
+        data = buf.getvalue()
+        total += len(data)
+        payload += jpeg_scan_bytes(data) if kind == "jpeg" else webp_payload_bytes(data)
+        dec = np.asarray(Image.open(io.BytesIO(data)).convert(mode))
+        out[i] = torch.from_numpy(dec.reshape(*dec.shape[:2], -1).copy()).permute(2, 0, 1)
+    return {"bytes": total, "payload_bytes": payload, "decoded": out}
+
+
+def test_nll_bits(codec: cc.Codec, codes: torch.Tensor, labels: torch.Tensor | None) -> float:
+    """The prior's teacher-forced NLL in bits per code over the maps (float32, eval)."""
+    prior = codec.prior.eval()
+    nats, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(codes), 256):
+            c = codes[i : i + 256].to(codec.device)
+            y = None if labels is None else labels[i : i + 256].to(codec.device)
+            nats += float(-prior.log_prob(c, y).double().sum())
+            n += c.shape[0] * prior.seq_len
+    return nats / n / math.log(2)
+
+
+def run(args: argparse.Namespace) -> None:
+    meta = common.run_meta(MODULE, args.note)
+    torch.set_num_threads(args.threads)
+    codec = cc.load_codec(args.prior, device="cpu")
+    size, ch = codec.image_size, codec.channels
+    data = load_dataset(args.data, "test", image_size=size, channels=ch)
+    n = len(data) if args.limit is None else min(args.limit, len(data))
+    images, labels = data.images[:n], data.labels[:n]
+    cond = codec.prior.config.num_classes > 0
+    y = labels if cond else None
+    pixels = size * size
+    t_len = codec.prior.seq_len
+    k = codec.num_symbols
+
+    codes = torch.cat([cc.images_to_codes(codec, images[i : i + 256]) for i in range(0, n, 256)])
+    nll = test_nll_bits(codec, codes, y)
+    recon = torch.cat(
+        [cc.codes_to_images(codec, codes[i : i + 256].numpy()) for i in range(0, n, 256)]
+    )
+
+    # files: one stream per image, as vqkit compress writes them; then decoded
+    files, ideal, payload, header = [], 0.0, 0, 0
+    t0 = time.perf_counter()
+    for i in range(n):
+        stats: dict = {}
+        x = images[i : i + 1]
+        maps = cc.images_to_codes(codec, x)
+        files.append(cc.encode_maps(codec, maps, None if y is None else int(y[i]), stats=stats))
+        ideal += stats["ideal_bits"]
+        payload += stats["payload_bytes"]
+        header += stats["header_bytes"]
+    enc_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mismatched = 0
+    decoded = []
+    for i, blob in enumerate(files):
+        maps, _ = cc.decode_maps(codec, blob, f"image {i}")
+        decoded.append(cc.codes_to_images(codec, maps))
+        mismatched += int(not np.array_equal(maps, codes[i : i + 1].numpy()))
+    dec_s = time.perf_counter() - t0
+    decoded_images = torch.cat(decoded)
+    same_images = bool(torch.equal(decoded_images, recon))
+    file_bytes = sum(len(b) for b in files)
+
+    # streams: many maps per stream
+    sb = args.stream_batch
+    t0 = time.perf_counter()
+    streams = [
+        cc.encode(images[i : i + sb], codec, labels=None if y is None else y[i : i + sb])
+        for i in range(0, n, sb)
+    ]
+    s_enc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s_ok = all(
+        torch.equal(cc.decode(s, codec), recon[i * sb : (i + 1) * sb])
+        for i, s in enumerate(streams)
+    )
+    s_dec = time.perf_counter() - t0
+    s_payload = sum(len(fmt.unpack(s)[1]) for s in streams)
+    s_bytes = sum(len(s) for s in streams)
+
+    codes_total = n * t_len
+    fixed_bits = math.ceil(math.log2(k))
+    vq = {
+        "nll_bits_per_code": nll,
+        "ideal_bits_per_code": ideal / codes_total,
+        "file_payload_bits_per_code": 8 * payload / codes_total,
+        "file_bits_per_code": 8 * file_bytes / codes_total,
+        "header_bytes_per_file": header / n,
+        "stream_payload_bits_per_code": 8 * s_payload / codes_total,
+        "stream_bits_per_code": 8 * s_bytes / codes_total,
+        "fixed_bits_per_code": fixed_bits,
+        "log2_k": math.log2(k),
+        "file_bpp": 8 * file_bytes / (n * pixels),
+        "file_payload_bpp": 8 * payload / (n * pixels),
+        "stream_bpp": 8 * s_bytes / (n * pixels),
+        "encode_images_per_s": n / enc_s,
+        "decode_images_per_s": n / dec_s,
+        "stream_encode_images_per_s": n / s_enc,
+        "stream_decode_images_per_s": n / s_dec,
+        "round_trip_files": n,
+        "round_trip_code_mismatches": mismatched,
+        "decoded_images_equal_reconstruction": same_images,
+        "streams_decode_to_reconstruction": s_ok,
+        **mse_psnr_ssim(images, recon),
+    }
+    rd = []
+    for kind in ("jpeg", "webp"):
+        for q in args.qualities:
+            r = pil_codec(images, kind, q)
+            rd.append(
+                {
+                    "codec": kind,
+                    "quality": q,
+                    "bpp": 8 * r["bytes"] / (n * pixels),
+                    "payload_bpp": 8 * r["payload_bytes"] / (n * pixels),
+                    **mse_psnr_ssim(images, r["decoded"]),
+                }
+            )
+    common.finish_meta(meta)
+    meta.update(
+        {
+            "data": args.data or "builtin",
+            "split": "test",
+            "images": n,
+            "image_shape": [ch, size, size],
+            "code_shape": list(codec.code_shape),
+            "num_symbols": k,
+            "prior_dir": str(args.prior),
+            "prior_hash": codec.prior_hash[:16],
+            "tokenizer_hash": codec.tokenizer_hash[:16],
+            "prior_config": codec.prior.config.to_dict(),
+            "class_conditional": cond,
+            "stream_batch": sb,
+            "threads": args.threads,
+        }
+    )
+    result = {**meta, "vqkit": vq, "pillow": rd}
+    out = Path(args.out or common.out_dir(args.name))
+    lines = report_lines(meta, vq, rd)
+    common.write_results(out, "compress", result, lines)
+    plot(vq, rd, out / "rate_distortion.png", meta)
+    print("\n".join(lines))
+
+
+def report_lines(meta: dict, vq: dict, rd: list[dict]) -> list[str]:
+    def f(v, spec=".3f"):
+        return common.fmt(v, spec)
+
+    n, fixed = meta["images"], vq["fixed_bits_per_code"]
+    saving = 1 - vq["file_payload_bits_per_code"] / fixed
+    over = vq["file_payload_bits_per_code"] / vq["nll_bits_per_code"] - 1
+    s_over = vq["stream_payload_bits_per_code"] / vq["nll_bits_per_code"] - 1
+    lines = [
+        f"# vqkit compress: {meta['data']} test split ({n} images)",
+        "",
+        *common.meta_lines(meta, machine_extra=f"; torch threads {meta['threads']}"),
+        f"- code maps {tuple(meta['code_shape'])} of K = {meta['num_symbols']}, "
+        f"images {tuple(meta['image_shape'])}; prior {meta['prior_hash']}, tokenizer "
+        f"{meta['tokenizer_hash']}; class-conditional: {meta['class_conditional']} "
+        "(the true class is in each header)",
+        "",
+        "## Bits per code",
+        "",
+        *common.md_table(
+            ["what", "bits/code", "vs NLL"],
+            [
+                ["prior test NLL (teacher-forced, float32)", f(vq["nll_bits_per_code"]), ""],
+                [
+                    "ideal along the coded path (sum -log2 p)",
+                    f(vq["ideal_bits_per_code"]),
+                    f"{vq['ideal_bits_per_code'] / vq['nll_bits_per_code'] - 1:+.3%}",
+                ],
+                [
+                    "files (one per image): payload",
+                    f(vq["file_payload_bits_per_code"]),
+                    f"{over:+.2%}",
+                ],
+                [
+                    f"files: with the {vq['header_bytes_per_file']:.0f}-byte header",
+                    f(vq["file_bits_per_code"]),
+                    "",
+                ],
+                [
+                    f"streams of {meta['stream_batch']} maps: payload",
+                    f(vq["stream_payload_bits_per_code"]),
+                    f"{s_over:+.2%}",
+                ],
+                ["streams: with header", f(vq["stream_bits_per_code"]), ""],
+                [f"fixed-width packing (ceil log2 K = {fixed})", str(fixed), ""],
+            ],
+        ),  # fmt: skip
+        "",
+        f"- file payload against fixed-width packing: {saving:.1%} smaller",
+        f"- round trip: {n} files decoded; code maps differing from the encoder's: "
+        f"{vq['round_trip_code_mismatches']}; decoded images equal to the tokenizer's "
+        f"reconstruction: {vq['decoded_images_equal_reconstruction']}; streams: "
+        f"{vq['streams_decode_to_reconstruction']}",
+        f"- speed (images/s, whole path): files encode {vq['encode_images_per_s']:.1f}, "
+        f"decode {vq['decode_images_per_s']:.1f}; streams of {meta['stream_batch']}: encode "
+        f"{vq['stream_encode_images_per_s']:.1f}, decode {vq['stream_decode_images_per_s']:.1f}",
+        "",
+        "## Rate-distortion (bits per pixel = bits / (H x W))",
+        "",
+        *common.md_table(
+            ["codec", "setting", "bpp", "bpp w/o headers", "PSNR dB", "SSIM"],
+            [
+                [
+                    "vqkit",
+                    "files",
+                    f(vq["file_bpp"]),
+                    f(vq["file_payload_bpp"]),
+                    f(vq["psnr"], ".2f"),
+                    f(vq["ssim"]),
+                ],
+                [
+                    "vqkit",
+                    f"streams of {meta['stream_batch']}",
+                    f(vq["stream_bpp"]),
+                    f(
+                        vq["stream_payload_bits_per_code"]
+                        * vq["stream_bpp"]
+                        / vq["stream_bits_per_code"]
+                    ),
+                    f(vq["psnr"], ".2f"),
+                    f(vq["ssim"]),
+                ],
+                *[
+                    [
+                        r["codec"],
+                        f"q={r['quality']}",
+                        f(r["bpp"]),
+                        f(r["payload_bpp"]),
+                        f(r["psnr"], ".2f"),
+                        f(r["ssim"]),
+                    ]
+                    for r in rd
+                ],
+            ],
+        ),  # fmt: skip
+    ]
+    return lines
+
+
+def plot(vq: dict, rd: list[dict], path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, color in (("jpeg", "tab:blue"), ("webp", "tab:green")):
+        rows = [r for r in rd if r["codec"] == kind]
+        ax.plot([r["bpp"] for r in rows], [r["psnr"] for r in rows], "o-", color=color,
+                label=f"{kind.upper()} (file)")  # fmt: skip
+        ax.plot([r["payload_bpp"] for r in rows], [r["psnr"] for r in rows], "o--",
+                color=color, alpha=0.5, label=f"{kind.upper()} (without headers)")  # fmt: skip
+    ax.plot([vq["file_bpp"]], [vq["psnr"]], "r*", ms=12, label="vqkit (file)")
+    ax.plot([vq["file_payload_bpp"]], [vq["psnr"]], "r^", ms=9, label="vqkit (payload)")
+    ax.plot([vq["stream_bpp"]], [vq["psnr"]], "rs", ms=8,
+            label=f"vqkit (streams of {meta['stream_batch']})")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("bits per pixel (log)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(f"{meta['data']} test split, {meta['images']} images")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prior", required=True, help="vqkit prior run directory")
+    ap.add_argument(
+        "--data", default=None, help="dataset (default: built-in; e.g. the CIFAR-10 archive)"
+    )
+    ap.add_argument("--name", default="compress_builtin", help="results folder name")
+    ap.add_argument("--out", default=None, help="results folder (default: results/<name>)")
+    ap.add_argument("--limit", type=int, default=None, help="first N test images only")
+    ap.add_argument("--stream-batch", type=int, default=250, help="maps per stream")
+    ap.add_argument("--qualities", type=int, nargs="+", default=list(QUALITIES))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (coding uses 1)")
+    ap.add_argument("--note", help="free text stored in the results")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
