@@ -171,24 +171,33 @@ def _read_npy(path: Path) -> np.ndarray:
     return arr
 
 
-def _rates(data_bytes: int, codes: int, pixels: int | None) -> str:
-    bpc = 8 * data_bytes / codes
+def _rates(data_bytes: int, payload_bytes: int, codes: int, pixels: int | None) -> str:
     bpp = f"{8 * data_bytes / pixels:.4f} bits/pixel, " if pixels else ""
-    return f"{data_bytes} bytes, {bpp}{bpc:.3f} bits/code"
+    return (
+        f"{data_bytes} bytes, {bpp}{8 * data_bytes / codes:.3f} bits/code "
+        f"({8 * payload_bytes / codes:.3f} without the header)"
+    )
 
 
-def _report(rows: list[tuple[Path, Path, int, int, int | None]]) -> None:
+Row = tuple[Path, Path, int, int, int, "int | None"]
+
+
+def _row(codec: Codec, src: Path, dst: Path, blob: bytes) -> Row:
+    """(input, output, file bytes, payload bytes, codes, pixels or None) of one file."""
+    header, payload = fmt.unpack(blob)
+    n = header.num_maps
+    pixels = n * codec.image_size**2 if codec.image_size else None
+    return src, dst, len(blob), len(payload), n * int(codec.prior.seq_len), pixels
+
+
+def _report(rows: list[Row]) -> None:
     """Per file and in total: bytes, bits per pixel (when the image size is known) and
-    bits per code. Rows: (input, output, file bytes, codes, pixels or None)."""
-    for src, dst, size, codes, pixels in rows:
-        print(f"{src} -> {dst}: {_rates(size, codes, pixels)}")
-    total, codes = sum(r[2] for r in rows), sum(r[3] for r in rows)
-    pixels = None if any(r[4] is None for r in rows) else sum(r[4] for r in rows)
-    print(f"total: {len(rows)} files, {_rates(total, codes, pixels)}")
-
-
-def _pixels(codec: Codec, maps: int) -> int | None:
-    return maps * codec.image_size**2 if codec.image_size else None
+    bits per code, with and without the container header."""
+    for src, dst, size, payload, codes, pixels in rows:
+        print(f"{src} -> {dst}: {_rates(size, payload, codes, pixels)}")
+    total, payload, codes = (sum(r[i] for r in rows) for i in (2, 3, 4))
+    pixels = None if any(r[5] is None for r in rows) else sum(r[5] for r in rows)
+    print(f"total: {len(rows)} files, {_rates(total, payload, codes, pixels)}")
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -234,25 +243,10 @@ def run_compress(args: argparse.Namespace) -> int:
     else:
         images = [read_image_for(codec, p) for p in inputs]  # all checked before coding
         blobs = [encode(x[None], codec, labels=label) for x in images]  # one stream each
-    rows = []
-    for src, dst, blob in zip(inputs, names, blobs, strict=True):
+    for dst, blob in zip(names, blobs, strict=True):
         _write_bytes(dst, blob)
-        header, _ = fmt.unpack(blob)
-        rows.append(
-            (
-                src,
-                dst,
-                len(blob),
-                header.num_maps * _seq_len(codec),
-                _pixels(codec, header.num_maps),
-            )
-        )
-    _report(rows)
+    _report([_row(codec, *r) for r in zip(inputs, names, blobs, strict=True)])
     return 0
-
-
-def _seq_len(codec: Codec) -> int:
-    return int(codec.prior.seq_len)
 
 
 def run_decompress(args: argparse.Namespace) -> int:
@@ -292,14 +286,6 @@ def run_decompress(args: argparse.Namespace) -> int:
         for name, value in items:
             (_write_npy if header.is_codes else _write_png)(name, value)
         dst = items[0][0] if len(items) == 1 else items[0][0].parent
-        rows.append(
-            (
-                src,
-                dst,
-                len(data),
-                header.num_maps * _seq_len(codec),
-                _pixels(codec, header.num_maps),
-            )
-        )
+        rows.append(_row(codec, src, dst, data))
     _report(rows)
     return 0

@@ -1,0 +1,165 @@
+"""``vqkit compress`` / ``vqkit decompress`` end to end: mirrored outputs, PNGs equal to
+the tokenizer's reconstruction, ``--codes`` .npy back byte for byte, the printed rates,
+and bad input (another prior, damaged files, an unknown version, images the tokenizer
+cannot take): one line, exit code 2, no output at all."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("constriction")
+
+from PIL import Image  # noqa: E402
+
+from vqkit.cli import main  # noqa: E402
+from vqkit.compress import codes_to_images, images_to_codes, load_codec  # noqa: E402
+
+from .test_compress_codec import make_prior, make_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(prior dir, folder of 3 test PNGs in two subfolders, the images (3, 1, 28, 28))."""
+    from vqkit.data import load_dataset
+
+    root = tmp_path_factory.mktemp("compress_cli")
+    tok = make_tokenizer(root / "tok")
+    prior = make_prior(root / "prior", tok)
+    images = load_dataset(None, "test").images[:3]
+    for i, rel in enumerate(("a/x.png", "b/x.png", "b/y.png")):
+        (root / "in" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i, 0].numpy()).save(root / "in" / rel)
+    return prior, root / "in", images
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_images_compress_and_decompress(setup, tmp_path, capsys):
+    prior, src, images = setup
+    inputs = [str(src / r) for r in ("a/x.png", "b/x.png", "b/y.png")]
+    code, out, _ = _run(capsys, "compress", *inputs, "--prior", str(prior), "--out",
+                        str(tmp_path / "c"), "--class", "class3")  # fmt: skip
+    assert code == 0
+    files = [tmp_path / "c" / r for r in ("a/x.vqz", "b/x.vqz", "b/y.vqz")]
+    assert all(f.is_file() for f in files)
+    sizes = [f.stat().st_size for f in files]
+    lines = out.strip().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("total: 3 files")
+    bits = 8 * sum(sizes)
+    assert f"{bits / (3 * 28 * 28):.4f} bits/pixel" in lines[-1]
+    assert f"{bits / (3 * 49):.3f} bits/code" in lines[-1]
+    code, out, _ = _run(capsys, "decompress", *map(str, files), "--prior", str(prior),
+                        "--out", str(tmp_path / "d"))  # fmt: skip
+    assert code == 0 and "total: 3 files" in out
+    codec = load_codec(prior)
+    expect = codes_to_images(codec, images_to_codes(codec, images).numpy())
+    for i, rel in enumerate(("a/x.png", "b/x.png", "b/y.png")):
+        got = np.asarray(Image.open(tmp_path / "d" / rel))
+        np.testing.assert_array_equal(got, expect[i, 0].numpy())
+
+
+def test_codes_come_back_byte_for_byte(setup, tmp_path, capsys):
+    prior, _, _ = setup
+    g = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "one.npy", g.integers(0, 32, (7, 7)).astype(np.uint16))
+    np.save(tmp_path / "in" / "many.npy", g.integers(0, 32, (3, 7, 7)))
+    inputs = [str(tmp_path / "in" / n) for n in ("one.npy", "many.npy")]
+    code, out, _ = _run(capsys, "compress", *inputs, "--codes", "--prior", str(prior),
+                        "--out", str(tmp_path / "c"))  # fmt: skip
+    assert code == 0 and "total: 2 files" in out
+    files = [str(tmp_path / "c" / n) for n in ("one.vqz", "many.vqz")]
+    code, _, _ = _run(capsys, "decompress", *files, "--prior", str(prior), "--out",
+                      str(tmp_path / "d"))  # fmt: skip
+    assert code == 0
+    for n in ("one.npy", "many.npy"):
+        assert (tmp_path / "d" / n).read_bytes() == (tmp_path / "in" / n).read_bytes()
+
+
+def _refused(capsys, out_dir, *argv: str) -> str:
+    code, _, err = _run(capsys, *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out_dir.exists() or not any(p.is_file() for p in out_dir.rglob("*"))
+    return err
+
+
+def test_bad_files_are_refused_with_no_output(setup, tmp_path, capsys):
+    prior, src, _ = setup
+    good = tmp_path / "good.vqz"
+    assert main(["compress", str(src / "a" / "x.png"), "--prior", str(prior), "--out",
+                 str(tmp_path)]) == 0  # fmt: skip
+    (tmp_path / "x.vqz").rename(good)
+    data = good.read_bytes()
+    bad = {
+        "trunc.vqz": data[:-3],
+        "short.vqz": data[:20],
+        "flip.vqz": data[:-1] + bytes([data[-1] ^ 0x10]),
+        "v9.vqz": data[:4] + b"\x09" + data[5:],
+        "png.vqz": (src / "a" / "x.png").read_bytes(),
+    }
+    msgs = {
+        "trunc.vqz": "corrupt or truncated file",
+        "short.vqz": "truncated",
+        "flip.vqz": "corrupt or truncated file",
+        "v9.vqz": "unknown format version 9",
+        "png.vqz": "not a vqkit compressed file",
+    }
+    out = tmp_path / "d"
+    for name, blob in bad.items():
+        (tmp_path / name).write_bytes(blob)
+        # the bad file after a good one: the good one is not written either
+        err = _refused(capsys, out, "decompress", str(good), str(tmp_path / name),
+                       "--prior", str(prior), "--out", str(out))  # fmt: skip
+        assert msgs[name] in err and name in err
+    # another prior: both hashes named
+    other = make_prior(tmp_path / "p2", prior.parent / "tok", seed=5)
+    err = _refused(capsys, out, "decompress", str(good), "--prior", str(other), "--out", str(out))
+    a, b = load_codec(prior, images=False), load_codec(other, images=False)
+    assert a.prior_hash[:16] in err and b.prior_hash[:16] in err and a.tokenizer_hash[:16] in err
+
+
+def test_images_the_tokenizer_cannot_take(setup, tmp_path, capsys):
+    prior, src, _ = setup
+    big = tmp_path / "big.png"
+    Image.new("L", (32, 32)).save(big)
+    colour = tmp_path / "colour.png"
+    Image.new("RGB", (28, 28), (200, 10, 10)).save(colour)
+    gray_rgb = tmp_path / "gray_rgb.png"
+    Image.new("RGB", (28, 28), (90, 90, 90)).save(gray_rgb)
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    out = tmp_path / "c"
+    base = ["--prior", str(prior), "--out", str(out)]
+    for path, msg in (
+        (big, "big.png is 32x32 pixels; this tokenizer takes 28x28 images"),
+        (colour, "colour.png is a colour image; this tokenizer takes gray"),
+        (text, "cannot read image"),
+        (tmp_path / "missing.png", "missing.png"),
+    ):
+        err = _refused(capsys, out, "compress", str(src / "a" / "x.png"), str(path), *base)
+        assert msg in err
+    err = _refused(capsys, out, "compress", str(src / "a" / "x.png"), "--class", "12", *base)
+    assert "class id 12 out of range" in err
+    np.save(tmp_path / "bad.npy", np.full((7, 7), 40))
+    err = _refused(capsys, out, "compress", str(tmp_path / "bad.npy"), "--codes", *base)
+    assert "bad.npy" in err and "codes must be in [0, 32)" in err
+    # a gray picture stored as RGB is taken as gray
+    assert main(["compress", str(gray_rgb), *base]) == 0
+    assert (out / "gray_rgb.vqz").is_file()
