@@ -221,6 +221,22 @@ def test_changed_distributions_fail_the_checksum_not_a_wrong_map(codec):
         decode_codes(data, drifted)
 
 
+def test_a_payload_that_is_not_the_codes_is_refused(codec):
+    """Intact container (CRC recomputed), other payload: an error, not other codes."""
+    import struct
+    import zlib
+
+    from vqkit.compress.format import unpack
+
+    data = encode_codes(_maps(codec, 2, seed=9), codec)
+    _, payload = unpack(data)
+    head = data[: len(data) - len(payload) - 4]
+    for junk in (b"\xff" * 12, b"", bytes(range(40))):
+        forged = head + struct.pack("<I", zlib.crc32(junk, zlib.crc32(head))) + junk
+        with pytest.raises(DecodeError, match="cannot decode the payload|cannot be decoded here"):
+            decode_codes(forged, codec)
+
+
 def test_fresh_process_with_other_thread_count_decodes_the_same(codec, runs, tmp_path):
     """Encoded here with 1 thread; decoded in a new interpreter with 2 threads."""
     maps = _maps(codec, 4, seed=7)

@@ -128,7 +128,7 @@ class RangeDecoder:
         words = np.frombuffer(padded, dtype=">u4").astype(np.uint32)
         try:
             self._dec = c.stream.queue.RangeDecoder(words)
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, AssertionError) as e:  # constriction's ways
             raise CoderError(f"cannot decode the payload: {e}") from e
         self._family = _family()
 
@@ -137,7 +137,7 @@ class RangeDecoder:
         probs = _check(probs, probs.shape[0] if probs.ndim == 2 else -1)
         try:
             out = self._dec.decode(self._family, probs)
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, AssertionError) as e:  # constriction's ways
             raise CoderError(f"cannot decode the payload: {e}") from e
         return np.asarray(out, dtype=np.int64)
 
