@@ -33,8 +33,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,7 +96,6 @@ class Codec:
     classes: tuple[str, ...] = ()
     image_size: int | None = None
     channels: int | None = None
-    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def code_shape(self) -> tuple[int, ...]:
@@ -186,7 +184,6 @@ def load_codec(
         classes=tuple(ckpt.get("classes") or ()),
         image_size=model_cfg.get("image_size"),
         channels=model_cfg.get("in_channels"),
-        source={"prior_dir": str(Path(prior_dir)), "checkpoint": checkpoint or "best"},
     )
 
 
