@@ -154,7 +154,9 @@ def run(args: argparse.Namespace) -> None:
         mismatched += int(not np.array_equal(maps, codes[i : i + 1].numpy()))
     dec_s = time.perf_counter() - t0
     decoded_images = torch.cat(decoded)
-    same_images = bool(torch.equal(decoded_images, recon))
+    # the tokenizer's decoder at batch 1 against batches of 256: same codes, but the
+    # convolutions may round differently in the last bit (pixels off by one)
+    diff = (decoded_images.int() - recon.int()).abs()
     file_bytes = sum(len(b) for b in files)
 
     # streams: many maps per stream
@@ -166,10 +168,11 @@ def run(args: argparse.Namespace) -> None:
     ]
     s_enc = time.perf_counter() - t0
     t0 = time.perf_counter()
-    s_ok = all(
-        torch.equal(cc.decode(s, codec), recon[i * sb : (i + 1) * sb])
-        for i, s in enumerate(streams)
-    )
+    s_mismatched = 0
+    for i, s in enumerate(streams):
+        maps, _ = cc.decode_maps(codec, s, f"stream {i}")
+        cc.codes_to_images(codec, maps)
+        s_mismatched += int((maps != codes[i * sb : (i + 1) * sb].numpy()).any(axis=(1, 2)).sum())
     s_dec = time.perf_counter() - t0
     s_payload = sum(len(fmt.unpack(s)[1]) for s in streams)
     s_bytes = sum(len(s) for s in streams)
@@ -195,9 +198,13 @@ def run(args: argparse.Namespace) -> None:
         "stream_decode_images_per_s": n / s_dec,
         "round_trip_files": n,
         "round_trip_code_mismatches": mismatched,
-        "decoded_images_equal_reconstruction": same_images,
-        "streams_decode_to_reconstruction": s_ok,
-        **mse_psnr_ssim(images, recon),
+        "stream_code_mismatches": s_mismatched,
+        "decoded_vs_batched_reconstruction": {
+            "max_abs": int(diff.max()),
+            "pixels_differing": int((diff > 0).sum()),
+            "images_differing": int((diff.flatten(1) > 0).any(1).sum()),
+        },
+        **mse_psnr_ssim(images, decoded_images),  # what the files decode to
     }
     rd = []
     for kind in ("jpeg", "webp"):
@@ -243,6 +250,7 @@ def report_lines(meta: dict, vq: dict, rd: list[dict]) -> list[str]:
         return common.fmt(v, spec)
 
     n, fixed = meta["images"], vq["fixed_bits_per_code"]
+    d = vq["decoded_vs_batched_reconstruction"]
     saving = 1 - vq["file_payload_bits_per_code"] / fixed
     over = vq["file_payload_bits_per_code"] / vq["nll_bits_per_code"] - 1
     s_over = vq["stream_payload_bits_per_code"] / vq["nll_bits_per_code"] - 1
@@ -288,9 +296,11 @@ def report_lines(meta: dict, vq: dict, rd: list[dict]) -> list[str]:
         "",
         f"- file payload against fixed-width packing: {saving:.1%} smaller",
         f"- round trip: {n} files decoded; code maps differing from the encoder's: "
-        f"{vq['round_trip_code_mismatches']}; decoded images equal to the tokenizer's "
-        f"reconstruction: {vq['decoded_images_equal_reconstruction']}; streams: "
-        f"{vq['streams_decode_to_reconstruction']}",
+        f"{vq['round_trip_code_mismatches']} (streams: {vq['stream_code_mismatches']})",
+        f"- the files' images (tokenizer decoder at batch 1) against the tokenizer's "
+        f"reconstruction in batches of 256: {d['pixels_differing']} pixels in "
+        f"{d['images_differing']} images differ, by at most {d['max_abs']} (floating-point "
+        "rounding of the decoder's convolutions at another batch size; the codes are equal)",
         f"- speed (images/s, whole path): files encode {vq['encode_images_per_s']:.1f}, "
         f"decode {vq['decode_images_per_s']:.1f}; streams of {meta['stream_batch']}: encode "
         f"{vq['stream_encode_images_per_s']:.1f}, decode {vq['stream_decode_images_per_s']:.1f}",
