@@ -352,6 +352,7 @@ def plot(vq: dict, rd: list[dict], path: Path, meta: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, color in (("jpeg", "tab:blue"), ("webp", "tab:green")):
@@ -365,6 +366,9 @@ def plot(vq: dict, rd: list[dict], path: Path, meta: dict) -> None:
     ax.plot([vq["stream_bpp"]], [vq["psnr"]], "rs", ms=8,
             label=f"vqkit (streams of {meta['stream_batch']})")  # fmt: skip
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks([0.1, 0.2, 0.5, 1, 2, 5, 10])
     ax.set_xlabel("bits per pixel (log)")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title(f"{meta['data']} test split, {meta['images']} images")
@@ -377,7 +381,10 @@ def plot(vq: dict, rd: list[dict], path: Path, meta: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prior", required=True, help="vqkit prior run directory")
+    ap.add_argument("--prior", help="vqkit prior run directory")
+    ap.add_argument(
+        "--plot-only", metavar="JSON", help="redraw the plot of a results JSON (next to it)"
+    )
     ap.add_argument(
         "--data", default=None, help="dataset (default: built-in; e.g. the CIFAR-10 archive)"
     )
@@ -388,7 +395,16 @@ def main() -> None:
     ap.add_argument("--qualities", type=int, nargs="+", default=list(QUALITIES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (coding uses 1)")
     ap.add_argument("--note", help="free text stored in the results")
-    run(ap.parse_args())
+    args = ap.parse_args()
+    if args.plot_only:
+        import json
+
+        res = json.loads(Path(args.plot_only).read_text())
+        plot(res["vqkit"], res["pillow"], Path(args.plot_only).parent / "rate_distortion.png", res)
+    elif not args.prior:
+        ap.error("--prior is required")
+    else:
+        run(args)
 
 
 if __name__ == "__main__":
