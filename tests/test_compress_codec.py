@@ -110,6 +110,10 @@ def _maps(codec: Codec, n: int, seed: int = 0) -> np.ndarray:
 
 def test_code_maps_round_trip_with_dtype_shape_and_classes(codec):
     maps = _maps(codec, 3)
+    torch.set_num_threads(2)  # the coding loop runs on one thread and gives this back
+    encode_codes(maps, codec)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
     for arr in (maps, maps[0], maps.astype(np.uint16), maps[1].astype(np.int32)):
         data = encode_codes(arr, codec, labels=[2, 5, 10][: 1 if arr.ndim == 2 else 3])
         back = decode_codes(data, codec)
