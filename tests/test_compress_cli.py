@@ -5,6 +5,8 @@ cannot take): one line, exit code 2, no output at all."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -75,14 +77,20 @@ def test_images_compress_and_decompress(setup, tmp_path, capsys):
 
 
 def test_codes_come_back_byte_for_byte(setup, tmp_path, capsys):
+    """A map with its tokenizer's sidecar (as vqkit encode writes it) and a raw uint16
+    array: back byte for byte, each with the tokenizer's identity beside it."""
+    from vqkit.models.codes_io import model_identity, save_codes, sidecar_path
+
     prior, _, _ = setup
+    identity = model_identity(load_codec(prior).tokenizer)
     g = np.random.default_rng(0)
     (tmp_path / "in").mkdir()
     np.save(tmp_path / "in" / "one.npy", g.integers(0, 32, (7, 7)).astype(np.uint16))
-    np.save(tmp_path / "in" / "many.npy", g.integers(0, 32, (3, 7, 7)))
+    save_codes(tmp_path / "in" / "many.npy", g.integers(0, 32, (3, 7, 7)), identity)
     inputs = [str(tmp_path / "in" / n) for n in ("one.npy", "many.npy")]
-    code, out, _ = _run(capsys, "compress", *inputs, "--codes", "--prior", str(prior),
-                        "--out", str(tmp_path / "c"))  # fmt: skip
+    with pytest.warns(UserWarning, match="one.npy has no tokenizer identity"):
+        code, out, _ = _run(capsys, "compress", *inputs, "--codes", "--prior", str(prior),
+                            "--out", str(tmp_path / "c"))  # fmt: skip
     assert code == 0 and "total: 2 files" in out
     files = [str(tmp_path / "c" / n) for n in ("one.vqz", "many.vqz")]
     code, _, _ = _run(capsys, "decompress", *files, "--prior", str(prior), "--out",
@@ -90,6 +98,15 @@ def test_codes_come_back_byte_for_byte(setup, tmp_path, capsys):
     assert code == 0
     for n in ("one.npy", "many.npy"):
         assert (tmp_path / "d" / n).read_bytes() == (tmp_path / "in" / n).read_bytes()
+        meta = json.loads(sidecar_path(tmp_path / "d" / n).read_text())
+        assert meta["tokenizer"] == identity["tokenizer"]
+    # a map whose sidecar names another tokenizer: refused, or taken with --unchecked
+    other = {**identity, "tokenizer": "0" * 64}
+    save_codes(tmp_path / "in" / "other.npy", g.integers(0, 32, (7, 7)), other)
+    base = [str(tmp_path / "in" / "other.npy"), "--codes", "--prior", str(prior)]
+    err = _refused(capsys, tmp_path / "e", "compress", *base, "--out", str(tmp_path / "e"))
+    assert "other.npy was written by another tokenizer" in err
+    assert main(["compress", *base, "--out", str(tmp_path / "f"), "--unchecked"]) == 0
 
 
 def _refused(capsys, out_dir, *argv: str) -> str:
@@ -159,7 +176,7 @@ def test_images_the_tokenizer_cannot_take(setup, tmp_path, capsys):
     assert "class id 12 out of range" in err
     np.save(tmp_path / "bad.npy", np.full((7, 7), 40))
     err = _refused(capsys, out, "compress", str(tmp_path / "bad.npy"), "--codes", *base)
-    assert "bad.npy" in err and "codes must be in [0, 32)" in err
+    assert "bad.npy: indices 40..40 outside [0, 32)" in err
     # a gray picture stored as RGB is taken as gray
     assert main(["compress", str(gray_rgb), *base]) == 0
     assert (out / "gray_rgb.vqz").is_file()

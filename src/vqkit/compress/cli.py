@@ -8,7 +8,9 @@ common folder): images go through the prior's tokenizer (they must have its size
 channel count; a gray image is accepted by a colour tokenizer); with ``--codes`` the
 inputs are ``.npy`` index maps (what ``vqkit encode`` writes), compressed losslessly.
 ``decompress`` writes PNGs (the tokenizer's reconstruction) or, for files made with
-``--codes``, the ``.npy`` maps bit for bit. Both print bits per pixel and bits per code
+``--codes``, the ``.npy`` maps bit for bit, with the tokenizer's identity in a sidecar
+(:mod:`vqkit.models.codes_io`, as ``vqkit encode`` writes them; ``--codes`` inputs are
+checked against it when they have one). Both print bits per pixel and bits per code
 per file and in total. Every input is read and checked, and every output computed,
 before the first file is written: bad input leaves no output (exit code 2).
 
@@ -86,6 +88,12 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
         help="the inputs are .npy index maps (h, w[, Q]) or (B, h, w[, Q]): lossless",
     )
     parser.add_argument(
+        "--unchecked",
+        action="store_true",
+        help="with --codes: take maps whose sidecar names another tokenizer, or of another "
+        "grid (as vqkit decode --unchecked); the prior must still fit their shape and range",
+    )
+    parser.add_argument(
         "--class",
         dest="class_id",
         default=None,
@@ -101,7 +109,9 @@ def add_decompress_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser)
 
 
-def _load(args: argparse.Namespace, images: bool) -> Codec:
+def _load(args: argparse.Namespace) -> Codec:
+    """The codec with its tokenizer: images need it, and code maps are checked against
+    (and written back with) its identity (:mod:`vqkit.models.codes_io`)."""
     from ..distributed import resolve_device
 
     try:  # an optional dependency: say so in one line, before loading any model
@@ -116,7 +126,7 @@ def _load(args: argparse.Namespace, images: bool) -> Codec:
         checkpoint=args.checkpoint,
         tokenizer=args.tokenizer,
         device=resolve_device(args.device),
-        images=images,
+        images=True,
     )
 
 
@@ -161,14 +171,29 @@ def read_image_for(codec: Codec, path: Path) -> torch.Tensor:
     raise ValueError(f"{path} is a colour image; this tokenizer takes gray (1-channel) images")
 
 
-def _read_npy(path: Path) -> np.ndarray:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read index map {path}: {e}") from e
-    if not np.issubdtype(arr.dtype, np.integer):
+def _read_maps(path: Path, identity: dict[str, Any], unchecked: bool) -> np.ndarray:
+    """A ``--codes`` input as stored (its dtype and shape come back from decompress),
+    after :func:`vqkit.models.codes_io.read_codes` checked it against the prior's
+    tokenizer: the sidecar's identity when there is one (``vqkit encode`` / ``sample``
+    write it), else the shape and range (with a warning that the tokenizer is unknown)."""
+    from ..models.codes_io import read_codes
+
+    read_codes(path, identity, unchecked=unchecked)  # one-line ValueError naming the file
+    arr = np.load(path, allow_pickle=False)
+    if not np.issubdtype(arr.dtype, np.integer):  # read_codes refused it already
         raise ValueError(f"{path}: expected an integer index map; got {arr.dtype}")
     return arr
+
+
+def _write_maps(path: Path, arr: np.ndarray, identity: dict[str, Any]) -> None:
+    """The decompressed map as a ``.npy`` of its original dtype and shape, with the
+    tokenizer's identity in its sidecar (as :func:`vqkit.models.codes_io.save_codes`
+    writes them: old sidecar removed first, the map, then the new sidecar)."""
+    from ..models.codes_io import sidecar_path, write_sidecar
+
+    sidecar_path(path).unlink(missing_ok=True)
+    _write_npy(path, arr)
+    write_sidecar(path, identity)
 
 
 def _rates(data_bytes: int, payload_bytes: int, codes: int, pixels: int | None) -> str:
@@ -228,12 +253,15 @@ def _write_png(path: Path, image: torch.Tensor) -> None:
 
 def run_compress(args: argparse.Namespace) -> int:
     """Compress every input; nothing is written unless all of them compress."""
-    codec = _load(args, images=not args.codes)
+    codec = _load(args)
     inputs = [Path(p) for p in args.inputs]
     names = mirror_paths(inputs, Path(args.out), SUFFIX)  # collisions refused first
     label = _class_id(args.class_id, codec)
     if args.codes:
-        arrays = [_read_npy(p) for p in inputs]
+        from ..models.codes_io import model_identity
+
+        identity = model_identity(codec.tokenizer)
+        arrays = [_read_maps(p, identity, args.unchecked) for p in inputs]
         blobs = []
         for p, arr in zip(inputs, arrays, strict=True):
             try:
@@ -263,10 +291,13 @@ def run_decompress(args: argparse.Namespace) -> int:
             headers.append(fmt.unpack(data)[0])
         except fmt.FormatError as e:
             raise fmt.FormatError(f"{p}: {e}") from None
-    codec = _load(args, images=not all(h.is_codes for h in headers))
+    codec = _load(args)
     for p, h in zip(files, headers, strict=True):
         codec.check(h, str(p))  # every file's identity before any decoding
     stems = mirror_paths(files, Path(args.out), "")
+    from ..models.codes_io import model_identity
+
+    identity = model_identity(codec.tokenizer)
     outputs: list[tuple[Path, list[tuple[Path, Any]]]] = []
     for p, stem, data in zip(files, stems, datas, strict=True):
         codes, header = decode_maps(codec, data, str(p))
@@ -284,7 +315,10 @@ def run_decompress(args: argparse.Namespace) -> int:
     rows = []
     for (src, items), data, header in zip(outputs, datas, headers, strict=True):
         for name, value in items:
-            (_write_npy if header.is_codes else _write_png)(name, value)
+            if header.is_codes:
+                _write_maps(name, value, identity)
+            else:
+                _write_png(name, value)
         dst = items[0][0] if len(items) == 1 else items[0][0].parent
         rows.append(_row(codec, src, dst, data))
     _report(rows)

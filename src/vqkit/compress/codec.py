@@ -156,24 +156,17 @@ def load_codec(
 ) -> Codec:
     """The codec of a ``vqkit prior`` run: its weights (``checkpoint`` "best" or
     "last"; default best when present) and, when ``images``, the tokenizer it was
-    trained on (``tokenizer``: its run directory, if it moved; the weights file must
-    have the recorded SHA-256)."""
-    from ..prior.cli import load_prior
-    from ..prior.codes import load_tokenizer
+    trained on (its copy pinned in the prior's directory, else ``tokenizer`` or the
+    recorded run directory; the weights file must have the recorded SHA-256)."""
+    from ..prior.cli import load_prior, load_sample_tokenizer
 
     model, ckpt = load_prior(prior_dir, checkpoint, device)
     stored = ckpt.get("tokenizer") or {}
     if not stored.get("sha256"):
         raise ValueError(f"{prior_dir}: the prior records no tokenizer; it cannot compress")
-    tok = None
-    if images:
-        run_dir = tokenizer or stored.get("run_dir")
-        tok = load_tokenizer(
-            run_dir,
-            checkpoint=stored.get("checkpoint"),
-            device=device,
-            expect_sha256=stored["sha256"],
-        )
+    # the prior's pinned copy (PRIOR_DIR/tokenizer/) when it has one, else the run's file;
+    # either way the weights must have the hash the prior recorded
+    tok = load_sample_tokenizer(prior_dir, ckpt, tokenizer, device) if images else None
     # the image geometry: the tokenizer's own config, else the prior's record of it
     model_cfg = tok.model.config.to_dict() if tok is not None else stored.get("model_config") or {}
     return Codec(

@@ -46,7 +46,14 @@ import torch
 
 from ..storage.fileio import atomic_write, write_json
 
-__all__ = ["FORMAT", "model_identity", "read_codes", "save_codes", "sidecar_path"]
+__all__ = [
+    "FORMAT",
+    "model_identity",
+    "read_codes",
+    "save_codes",
+    "sidecar_path",
+    "write_sidecar",
+]
 
 FORMAT = "vqkit-codes"
 VERSION = 1
@@ -92,7 +99,13 @@ def save_codes(path: str | os.PathLike[str], codes: Any, identity: dict[str, Any
             np.save(f, array, allow_pickle=False)
 
     atomic_write(path, write)
-    write_json(sidecar, {"format": FORMAT, "version": VERSION, **identity})
+    write_sidecar(path, identity)
+
+
+def write_sidecar(path: str | os.PathLike[str], identity: dict[str, Any]) -> None:
+    """Write the sidecar of the map ``path`` (after the map itself: see
+    :func:`save_codes`, which also removes the old sidecar before replacing the map)."""
+    write_json(sidecar_path(path), {"format": FORMAT, "version": VERSION, **identity})
 
 
 def _read_sidecar(path: Path) -> dict[str, Any] | None:
