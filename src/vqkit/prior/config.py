@@ -1,6 +1,8 @@
 """The prior's options, declared once (:func:`vqkit.options.option`).
 
-:class:`PriorConfig` rebuilds a :class:`~vqkit.prior.Prior`: the architecture options
+:class:`PriorConfig` rebuilds a :class:`~vqkit.prior.Prior`: its ``kind``
+(``autoregressive``: causal attention, next-code prediction; ``masked``: bidirectional
+attention and a mask token, MaskGIT, see :mod:`vqkit.prior.masked`), the architecture options
 (command-line flags of ``vqkit prior``) and three shape fields that come from the
 tokenizer and its data, not from the user (``vocab_size``, ``code_shape``,
 ``num_classes``). :class:`PriorTrainConfig` holds the training options. A prior
@@ -31,10 +33,32 @@ def _dropout(v: float) -> str | None:
     return None if 0.0 <= v < 1.0 else "in [0, 1)"
 
 
+KINDS = ("autoregressive", "masked")
+# the mask-ratio schedules gamma(r) of the masked prior (vqkit.prior.masked.SCHEDULES)
+SCHEDULE_NAMES = ("cosine", "arccos", "linear")
+
+
+def schedule_name(v: str) -> str | None:
+    """Check of a schedule option: one clear line naming the schedules."""
+    return None if v in SCHEDULE_NAMES else f"one of {', '.join(SCHEDULE_NAMES)}"
+
+
 @dataclass
 class PriorConfig(Options):
-    """Architecture of the autoregressive prior (see :class:`~vqkit.prior.Prior`)."""
+    """Architecture of the prior (see :class:`~vqkit.prior.Prior`)."""
 
+    kind: str = option(
+        "autoregressive",
+        "autoregressive (causal, one code per pass, KV cache) or masked (MaskGIT: "
+        "bidirectional, fills masked codes, decodes in a few parallel passes, edits)",
+        choices=KINDS,
+    )
+    mask_schedule: str = option(
+        "cosine",
+        "masked prior: the schedule gamma(r) that draws each training map's mask ratio "
+        "(cosine, arccos, linear)",
+        check=schedule_name,
+    )
     n_layer: int = option(4, "transformer blocks", check=positive_int)
     n_head: int = option(4, "attention heads per block", check=positive_int)
     n_embd: int = option(
@@ -63,6 +87,11 @@ class PriorConfig(Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.kind != "masked" and self.mask_schedule != "cosine":
+            raise ValueError(
+                f"mask_schedule={self.mask_schedule!r} applies to a masked prior "
+                "(--kind masked); this one is autoregressive"
+            )
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
@@ -75,6 +104,11 @@ class PriorConfig(Options):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0; got {v!r}")
+
+    @property
+    def masked(self) -> bool:
+        """True for the masked (MaskGIT) kind."""
+        return self.kind == "masked"
 
     @property
     def seq_len(self) -> int:

@@ -31,8 +31,9 @@ def save_grid(
 
 
 def plot_prior_curves(metrics_path: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
-    """Bits per code (train window, eval on train and test) and learning rate against
-    step, from a prior run's ``metrics.jsonl``; ValueError when it holds no records."""
+    """Bits per code (train window, eval on train and test; a masked prior's masked
+    cross-entropy at fixed ratios) and learning rate against step, from a prior run's
+    ``metrics.jsonl``; ValueError when it holds no records."""
     records = [
         json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()
     ]
@@ -50,11 +51,16 @@ def plot_prior_curves(metrics_path: str | os.PathLike[str], path: str | os.PathL
         (train, "bits", "-", "train (window, dropout on)"),
         (evals, "train_bits", "o-", "train (eval)"),
         (evals, "test_bits", "o-", "test (eval)"),
+        # a masked prior: cross-entropy of hidden codes at fixed mask ratios (not an NLL)
+        *((evals, f"test_masked_bits_{p}", "o-", f"test, {p}% hidden") for p in (25, 50, 90)),
+        (evals, "train_masked_bits_50", "o--", "train, 50% hidden"),
     ]
     for recs, key, style, label in series:
+        recs = [r for r in recs if key in r]
         if recs:
             ax.plot([r["step"] for r in recs], [r[key] for r in recs], style, label=label)
-    ax.set_title("NLL (bits per code)")
+    masked = any("test_masked_bits" in r for r in evals)
+    ax.set_title("masked cross-entropy (bits per hidden code)" if masked else "NLL (bits per code)")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -13,7 +13,13 @@ A prior run directory follows the conventions of ``vqkit train``::
     eval.json            the final evaluation
 
 Loss: the mean over codes of ``-log2 p(c_t | c_<t, y)`` (bits per code; the model trains
-on the same quantity in nats). Learning rate at step s (0-based) of S, warm-up W::
+on the same quantity in nats). A masked prior (``kind="masked"``) is the same job with
+another loss and evaluation (:class:`vqkit.prior.masked.MaskedObjective`): the
+cross-entropy of the codes hidden by a mask drawn from its schedule, and in the eval
+records the masked cross-entropy at fixed ratios (``test_masked_bits_25/50/90``, their
+mean ``test_masked_bits`` choosing ``best.pt``), not an NLL.
+
+Learning rate at step s (0-based) of S, warm-up W::
 
     lr(s) = lr * (s + 1) / W                                         s < W
     lr(s) = lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2)   otherwise
@@ -64,6 +70,7 @@ from ..training.loop import (
 from ..training.optim import Schedule
 from .codes import CodeData, SequenceLoader, Tokenizer
 from .config import PriorConfig, PriorTrainConfig
+from .masked import MaskedObjective
 from .transformer import Prior
 
 __all__ = ["ARTIFACTS", "PriorTrainer", "lr_at"]
@@ -81,6 +88,14 @@ def schedule_of(cfg: PriorTrainConfig) -> Schedule:
 def lr_at(step: int, cfg: PriorTrainConfig) -> float:
     """Learning rate of 0-based ``step`` (see the module docstring)."""
     return schedule_of(cfg).lr(cfg.lr, step)
+
+
+def strided(data: CodeData, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequences (n, T), labels (n,)) of ``limit`` sequences (0: all), evenly strided,
+    so a class-sorted split (image folders) is still covered."""
+    n = len(data) if limit == 0 else min(limit, len(data))
+    idx = torch.linspace(0, len(data) - 1, n).round().long() if n < len(data) else slice(None)
+    return data.sequences()[idx], data.labels[idx]
 
 
 class PriorTrainer(LoaderJob):
@@ -156,6 +171,9 @@ class PriorTrainer(LoaderJob):
         if not config.num_classes and classes:
             fill["num_classes"] = classes
         self.config = PriorConfig.from_dict({**config.to_dict(), **fill}) if fill else config
+        # the masked kind's loss and evaluation; None: the autoregressive kind's own
+        self.objective = MaskedObjective(self.config) if self.config.masked else None
+        self.best_key = self.objective.best_key if self.objective else "test_bits"
         if list(train_data.code_shape) != self.config.code_shape:
             raise ValueError(
                 f"codes of shape {train_data.code_shape} do not fit code_shape "
@@ -262,10 +280,9 @@ class PriorTrainer(LoaderJob):
         """Mean ``-log2 p(c_t | c_<t, y)`` over the codes of ``limit`` sequences (0: all),
         in eval mode (no dropout, true labels). The subset is evenly strided, so a
         class-sorted split (image folders) is still covered."""
-        n = len(data) if limit == 0 else min(limit, len(data))
-        idx = torch.linspace(0, len(data) - 1, n).round().long() if n < len(data) else slice(None)
-        seq = data.sequences()[idx]
-        labels = data.labels[idx] if self.config.num_classes else None
+        seq, labels = strided(data, limit)
+        n = seq.shape[0]
+        labels = labels if self.config.num_classes else None
         was = self.model.training
         self.model.eval()
         total = 0.0
@@ -278,6 +295,19 @@ class PriorTrainer(LoaderJob):
 
     def evaluate(self) -> dict[str, float]:
         lim = self.tcfg.eval_sequences
+        if self.objective is not None:  # the masked kind: masked cross-entropy
+            cond = self.config.num_classes > 0
+            test, train = strided(self.test_data, lim), strided(self.train_data, lim)
+            was = self.model.training
+            self.model.eval()
+            try:
+                return self.objective.evaluate(
+                    self.model,
+                    (test[0], test[1] if cond else None),
+                    (train[0], train[1] if cond else None),
+                )
+            finally:
+                self.model.train(was)
         return {
             "test_bits": self.bits_per_code(self.test_data, lim),
             "train_bits": self.bits_per_code(self.train_data, lim),
@@ -290,8 +320,11 @@ class PriorTrainer(LoaderJob):
         """One optimizer step on a batch, at the rate the run loop has set; returns its
         loss (bits per code), lr, grad norm."""
         self.model.train()
-        logits = self.ddp(seq, labels if self.config.num_classes else None)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq.reshape(-1))
+        if self.objective is not None:  # the masked kind: hidden codes only
+            loss = self.objective.loss(self.ddp, seq, labels if self.config.num_classes else None)
+        else:
+            logits = self.ddp(seq, labels if self.config.num_classes else None)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.tcfg.grad_clip or math.inf
@@ -390,8 +423,8 @@ class PriorTrainer(LoaderJob):
         """Keep the best checkpoint, write the sample grid and the curves."""
         from .report import plot_prior_curves
 
-        if result["test_bits"] < self.best_bits:
-            self.best_bits = result["test_bits"]
+        if result[self.best_key] < self.best_bits:
+            self.best_bits = result[self.best_key]
             save_checkpoint(self.best_path, self._payload())
         self.write_samples()
         plot_prior_curves(self.run.metrics_path, self.out / "curves.png")

@@ -21,6 +21,15 @@ guidance (:func:`vqkit.prior.sampling.guide`).
 
 Decoding keeps every layer's keys and values in a :class:`KVCache`, so each new code
 costs one position's work instead of a pass over the whole prefix.
+
+The masked kind (``config.kind == "masked"``, MaskGIT, Chang et al. 2022) is the same
+module with the other attention pattern: every position sees every other
+(bidirectional), the input is ``[y, x_0 .. x_{T-1}]`` where ``x_t`` is the embedding of
+``c_t``, or the learned mask embedding where ``c_t`` is hidden, and the output at
+position ``t + 1`` is the distribution of ``c_t`` given the visible codes and ``y``
+(:meth:`Prior.fill`). It has T + 1 positions (one more position embedding) and one more
+parameter vector (the mask embedding) than the autoregressive kind of the same size;
+training, the schedules and iterative decoding are in :mod:`vqkit.prior.masked`.
 """
 
 from __future__ import annotations
@@ -125,11 +134,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head attention where position t sees positions <= t."""
+class SelfAttention(nn.Module):
+    """Multi-head attention: position t sees positions <= t (causal, the autoregressive
+    kind) or every position (bidirectional, the masked kind); the only difference
+    between the two kinds' blocks."""
 
     def __init__(self, c: PriorConfig, layer: int) -> None:
         super().__init__()
+        self.causal = not c.masked
         self.layer = layer
         self.n_head = c.n_head
         self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd)
@@ -155,7 +167,9 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         s = k.shape[2]  # positions attended to: start + n
         p = self.dropout if self.training else 0.0
-        if s == n:  # no past: the plain causal mask
+        if not self.causal:  # bidirectional: every position sees every position
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        elif s == n:  # no past: the plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         elif n == 1:  # one new position sees the whole past and itself
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
@@ -174,7 +188,7 @@ class Block(nn.Module):
     def __init__(self, c: PriorConfig, layer: int) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(c.n_embd)
-        self.attn = CausalSelfAttention(c, layer)
+        self.attn = SelfAttention(c, layer)
         self.ln2 = nn.LayerNorm(c.n_embd)
         self.mlp = nn.Sequential(
             nn.Linear(c.n_embd, 4 * c.n_embd),
@@ -195,7 +209,8 @@ class Block(nn.Module):
 
 
 class Prior(nn.Module):
-    """Decoder-only transformer over raster-ordered codes (see the module docstring).
+    """Transformer over raster-ordered codes (see the module docstring): decoder-only
+    (autoregressive) or bidirectional with a mask token (masked), by ``config.kind``.
 
     ``config.vocab_size`` (V), ``config.code_shape`` and ``config.num_classes`` (C; 0 for
     an unconditional prior) must be set. Class ids are ``0 .. C-1``; :attr:`null_class`
@@ -212,15 +227,17 @@ class Prior(nn.Module):
             )
         self.config = c
         self.seq_len = c.seq_len
+        # positions: [y, c_0 .. c_{T-2}] (autoregressive) or [y, c_0 .. c_{T-1}] (masked)
+        self.n_pos = self.seq_len + 1 if c.masked else self.seq_len
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
         self.cls_emb = nn.Embedding(c.num_classes + 1, c.n_embd)  # last row: null class
-        self.pos_emb = nn.Embedding(self.seq_len, c.n_embd) if c.pos == "learned" else None
+        self.pos_emb = nn.Embedding(self.n_pos, c.n_embd) if c.pos == "learned" else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.n_embd)
         self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         if c.pos == "rope":
-            cos, sin = rope_tables(self.seq_len, c.n_embd // c.n_head)
+            cos, sin = rope_tables(self.n_pos, c.n_embd // c.n_head)
             # not in the state dict: a function of the config
             self.register_buffer("rope_cos", cos.float(), persistent=False)
             self.register_buffer("rope_sin", sin.float(), persistent=False)
@@ -230,6 +247,9 @@ class Prior(nn.Module):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * c.n_layer))
         if c.tie_weights:
             self.head.weight = self.tok_emb.weight
+        self.mask_emb: nn.Parameter | None = None
+        if c.masked:  # made last: the autoregressive kind's initial draws stay as they were
+            self.mask_emb = nn.Parameter(torch.randn(c.n_embd) * 0.02)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -250,8 +270,16 @@ class Prior(nn.Module):
         """Trainable parameters (a tied weight counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def _autoregressive(self, what: str) -> None:
+        if self.config.masked:
+            raise ValueError(
+                f"{what} is the autoregressive prior's; this prior is masked (use fill, "
+                "vqkit.prior.masked.masked_bits and vqkit.prior.masked.decode)"
+            )
+
     def new_cache(self, batch: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences on the model's device/dtype."""
+        self._autoregressive("the KV cache")
         c = self.config
         w = self.tok_emb.weight
         return KVCache(
@@ -298,6 +326,7 @@ class Prior(nn.Module):
         c_{m+L-1}`` and the logits those of ``c_{m+1} .. c_{m+L}`` (L' = L). The cache
         is advanced past the new inputs.
         """
+        self._autoregressive("extend")
         b, n = codes.shape
         start = cache.length if cache is not None else 0
         x = self.tok_emb(codes)
@@ -317,15 +346,60 @@ class Prior(nn.Module):
             cache.advance(x.shape[1])
         return self.head(self.ln_f(x))
 
-    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, T', V) of codes (B, T') (T' <= T, or index maps
-        (B, *code_shape)): ``logits[:, t]`` scores ``c_t`` given ``c_<t`` and the label."""
+    def fill(
+        self, codes: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The masked kind's logits (B, T, V) of every code given the visible ones.
+
+        ``codes`` (B, T) (or index maps (B, *code_shape)); ``mask`` bool, same shape,
+        **True where a code is hidden** (its value is never read: the mask embedding
+        takes its place, so hidden values cannot leak). ``logits[:, t]`` scores ``c_t``
+        given the codes where ``mask`` is False and the label (class dropout in training).
+        """
+        if not self.config.masked:
+            raise ValueError("fill is the masked prior's; this prior is autoregressive")
+        if codes.dim() != 2:
+            codes = flatten_codes(codes, self.code_shape)
+            mask = mask.reshape(codes.shape)
+        b, n = codes.shape
+        if n != self.seq_len or tuple(mask.shape) != (b, n):
+            raise ValueError(
+                f"expected codes and mask (B, {self.seq_len}); got {tuple(codes.shape)} and "
+                f"{tuple(mask.shape)}"
+            )
+        mask = mask.to(torch.bool)
+        x = self.tok_emb(codes.masked_fill(mask, 0))
+        x = torch.where(mask[..., None], self.mask_emb.to(x.dtype), x)
+        y = self._labels(labels, b, codes.device)
+        x = torch.cat((self.cls_emb(y)[:, None], x), dim=1)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight
+        rope = (self.rope_cos, self.rope_sin) if self.pos_emb is None else None
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, 0, None, rope)
+        return self.head(self.ln_f(x[:, 1:]))
+
+    def forward(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Autoregressive kind: teacher-forced logits (B, T', V) of codes (B, T') (T' <= T,
+        or index maps (B, *code_shape)): ``logits[:, t]`` scores ``c_t`` given ``c_<t``
+        and the label. Masked kind: :meth:`fill` (``mask`` required)."""
+        if self.config.masked:
+            if mask is None:
+                raise ValueError("a masked prior needs the mask of hidden codes")
+            return self.fill(codes, mask, labels)
         if codes.dim() != 2:
             codes = flatten_codes(codes, self.code_shape)
         return self.extend(codes[:, :-1], None, labels)
 
     def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean negative log-likelihood per code, in nats: ``-mean_t log p(c_t | c_<t, y)``."""
+        self._autoregressive("loss (the NLL)")
         seq = flatten_codes(codes, self.code_shape)
         logits = self(seq, labels)
         return F.cross_entropy(_wide(logits).reshape(-1, logits.shape[-1]), seq.reshape(-1))
@@ -333,6 +407,7 @@ class Prior(nn.Module):
     def log_prob(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(c | y)`` in nats, (B,): the sum over the T codes of index maps
         (B, *code_shape) or sequences (B, T). Runs in the model's current mode."""
+        self._autoregressive("log_prob")
         seq = flatten_codes(indices, self.code_shape)
         if seq.shape[1] != self.seq_len:
             raise ValueError(f"expected {self.seq_len} codes per sequence; got {seq.shape[1]}")
@@ -341,7 +416,12 @@ class Prior(nn.Module):
 
     @torch.no_grad()
     def sample(self, num: int, options: SampleOptions | None = None, **kwargs: Any) -> torch.Tensor:
-        """``num`` index maps (num, *code_shape); see :func:`vqkit.prior.sampling.sample`."""
+        """``num`` index maps (num, *code_shape); see :func:`vqkit.prior.sampling.sample`
+        (autoregressive) and :func:`vqkit.prior.masked.decode` (masked)."""
+        if self.config.masked:
+            from .masked import decode
+
+            return decode(self, num, options, **kwargs)
         return sample(self, num, options, **kwargs)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
