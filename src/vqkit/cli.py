@@ -8,7 +8,9 @@ vqkit encode CHECKPOINT IMAGES... --out DIR              images -> index maps (.
 vqkit decode CHECKPOINT CODES.npy... --out DIR           index maps -> PNG images
 vqkit pack IMAGES --out SHARDS [--shard-size N]          any source -> WebDataset shards
 vqkit prior --tokenizer RUN_DIR --out PRIOR_DIR          train a prior over the codes
+            [--kind autoregressive|masked]
 vqkit sample PRIOR_DIR --num N --out DIR                 new code maps -> images
+vqkit sample PRIOR_DIR --edit IMAGE --region x0,y0,x1,y1  regenerate a box (masked prior)
 vqkit compress IMAGES... --prior PRIOR_DIR --out DIR     images -> .vqz files (entropy-coded)
 vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR  .vqz -> PNG (or .npy with --codes)
 """
@@ -287,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("features", help="train vqkit's own feature network for FD/KID")
     )
     add_prior_arguments(
-        sub.add_parser("prior", help="train an autoregressive prior on a tokenizer's codes")
+        sub.add_parser(
+            "prior", help="train a prior (autoregressive or masked) on a tokenizer's codes"
+        )
     )
     add_sample_arguments(
         sub.add_parser("sample", help="sample code maps from a prior and decode them")

@@ -3,6 +3,8 @@
     vqkit prior --tokenizer RUN_DIR --out PRIOR_DIR [--steps N] [--n-layer L] ...
     vqkit sample PRIOR_DIR --num N --out DIR [--class C] [--temperature T] [--top-k K]
                  [--top-p P] [--cfg-scale S] [--seed S] [--batch-size B]
+                 [--steps S --schedule cosine --choice-temperature T]     (masked prior)
+                 [--edit IMAGE --region x0,y0,x1,y1 [--region ...] [--outside]]
 
 The integrator adds them to ``vqkit.cli`` as subcommands::
 
@@ -205,6 +207,9 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         help="replace the samples in a non-empty --out (only the files sample writes)",
     )
     add_arguments(parser.add_argument_group("sampling"), SampleOptions)
+    from .editing import add_masked_sample_arguments
+
+    add_masked_sample_arguments(parser)  # --steps --schedule ... --edit --region --outside
 
 
 def load_prior(
@@ -279,6 +284,7 @@ def run_sample(args: argparse.Namespace) -> int:
     memory holds one batch; a killed run leaves the samples written so far)."""
     from ..distributed import resolve_device
     from ..models.codes_io import model_identity
+    from .editing import masked_sample_options, run_edit
     from .sample_writer import SampleWriter
 
     opts = SampleOptions.from_dict(_given(args, SampleOptions), where="sample options")
@@ -288,13 +294,21 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     device = resolve_device(args.device)
     model, ckpt = load_prior(args.prior, args.checkpoint, device)
+    masked = masked_sample_options(args, model)  # the kind is the prior run's
     tok = load_sample_tokenizer(args.prior, ckpt, args.tokenizer, device)
     classes = list(ckpt.get("classes", []))
     null = model.null_class
-    first = _class_labels(args.class_id, classes, 0, 1, null)  # checks --class up front
+    # an edit steers with the null class unless --class names one
+    class_id = "null" if args.edit is not None and args.class_id is None else args.class_id
+    first = _class_labels(class_id, classes, 0, 1, null)  # checks --class up front
     guided_null = model.config.num_classes and bool((first == null).any())
     if guided_null and opts.cfg_scale != 1.0:
         raise ValueError("--cfg-scale needs a class to guide towards (not 'null')")
+    g = torch.Generator(device).manual_seed(args.seed)
+    if args.edit is not None:
+        labels = _class_labels(class_id, classes, 0, args.num, null)
+        cond = labels if model.config.num_classes and not guided_null else None
+        return run_edit(args, model, tok, opts, masked, cond, g)
     writer = SampleWriter(
         args.out,
         args.num,
@@ -309,14 +323,13 @@ def run_sample(args: argparse.Namespace) -> int:
         model_identity(tok.model),
         overwrite=args.overwrite,
     )
-    g = torch.Generator(device).manual_seed(args.seed)
     shape: tuple[int, ...] = ()
     for start in range(0, args.num, args.batch_size):
         n = min(args.batch_size, args.num - start)
-        labels = _class_labels(args.class_id, classes, start, n, null)
+        labels = _class_labels(class_id, classes, start, n, null)
         cond = labels if model.config.num_classes and not guided_null else None
         # one batch at a time from the same generator: the same draws as one call
-        codes = model.sample(n, opts, labels=cond, generator=g, batch_size=n)
+        codes = model.sample(n, opts, labels=cond, generator=g, batch_size=n, **masked)
         writer.add(tok.model.decode(codes), codes, labels)
         shape = tuple(codes.shape[1:])
     writer.close()
@@ -331,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="vqkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    add_prior_arguments(sub.add_parser("prior", help="train an autoregressive prior"))
+    add_prior_arguments(sub.add_parser("prior", help="train a prior (autoregressive or masked)"))
     add_sample_arguments(sub.add_parser("sample", help="draw images from a prior"))
     args = parser.parse_args(argv)
     try:

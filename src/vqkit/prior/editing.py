@@ -1,0 +1,212 @@
+"""Editing with a masked prior: ``vqkit sample PRIOR --edit IMAGE --region x0,y0,x1,y1``,
+and the masked prior's flags of ``vqkit sample``.
+
+A region is a pixel box ``[x0, x1) x [y0, y1)`` of the tokenizer's input image (after
+its resize and centre crop), x to the right, y down; several ``--region`` boxes are
+joined. Code position (i, j) of an (h, w) map covers the pixels ``[i H / h, (i + 1) H /
+h) x [j W / w, (j + 1) W / w)``; a position is regenerated when its pixels meet a box
+(``--outside``: when they meet none). For residual / grouped codes (h, w, Q) all Q
+codes of a regenerated position are hidden. The image is encoded, the hidden codes are
+decoded by the masked prior in S passes (:func:`vqkit.prior.masked.decode`) with every
+other code kept, and ``--class`` steers the new content (default for an edit: the null
+class, i.e. the unconditional model, the image's own content steering it).
+
+Writes into ``--out``: ``original.png`` (the image as the tokenizer sees it),
+``reconstruction.png`` (its codes decoded, nothing regenerated), ``edit_NNNN.png`` and
+``edit_NNNN.npy`` (index maps, with the tokenizer identity beside them as
+:mod:`vqkit.models.codes_io` writes it), ``grid.png`` (original, reconstruction, the region
+greyed out, then the edits next to them) and ``edit.json``; a folder that holds
+anything is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..options import add_arguments, option_fields
+from ..storage.fileio import write_json
+from .masked import MaskedSampleOptions, reveal_counts
+
+__all__ = [
+    "add_masked_sample_arguments",
+    "masked_sample_options",
+    "parse_region",
+    "region_mask",
+    "run_edit",
+]
+
+
+def parse_region(spec: str) -> tuple[int, int, int, int]:
+    """``"x0,y0,x1,y1"`` -> four ints; ValueError (one line) otherwise."""
+    parts = spec.split(",")
+    try:
+        box = tuple(int(p) for p in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise ValueError(f"--region must be x0,y0,x1,y1 (four integer pixels); got {spec!r}")
+    return box  # type: ignore[return-value]
+
+
+def region_mask(
+    regions: list[tuple[int, int, int, int]],
+    image_hw: tuple[int, int],
+    code_shape: tuple[int, ...] | list[int],
+    outside: bool = False,
+) -> torch.Tensor:
+    """Bool (*code_shape), True = regenerate: the positions whose pixels meet a box (or
+    meet none, ``outside``); see the module docstring. ValueError for a box that is
+    empty or leaves the image, or a mask that regenerates nothing."""
+    height, width = image_hw
+    h, w = int(code_shape[0]), int(code_shape[1])
+    if not regions:
+        raise ValueError("--edit needs at least one --region x0,y0,x1,y1")
+    rows = torch.arange(h, dtype=torch.float64)
+    cols = torch.arange(w, dtype=torch.float64)
+    y_lo, y_hi = rows * height / h, (rows + 1) * height / h
+    x_lo, x_hi = cols * width / w, (cols + 1) * width / w
+    hit = torch.zeros(h, w, dtype=torch.bool)
+    for x0, y0, x1, y1 in regions:
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(
+                f"--region {x0},{y0},{x1},{y1} is not a box inside the {width} x {height} "
+                "image (0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)"
+            )
+        rows_in = (y_lo < y1) & (y_hi > y0)
+        cols_in = (x_lo < x1) & (x_hi > x0)
+        hit |= rows_in[:, None] & cols_in[None, :]
+    mask = ~hit if outside else hit
+    if not bool(mask.any()):
+        raise ValueError("the regions leave no code position to regenerate (--outside?)")
+    if len(code_shape) == 3:
+        mask = mask[..., None].expand(h, w, int(code_shape[2]))
+    return mask.contiguous()
+
+
+def add_masked_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """The masked prior's flags of ``vqkit sample``: its decoding options
+    (:class:`~vqkit.prior.masked.MaskedSampleOptions`) and ``--edit``, ``--region``,
+    ``--outside``."""
+    group = parser.add_argument_group("masked prior: decoding and editing")
+    add_arguments(group, MaskedSampleOptions)
+    group.add_argument(
+        "--edit", metavar="IMAGE", default=None, help="regenerate a region of this image"
+    )
+    group.add_argument(
+        "--region",
+        action="append",
+        default=None,
+        metavar="x0,y0,x1,y1",
+        help="pixel box to regenerate (with --edit; repeat for several boxes)",
+    )
+    group.add_argument(
+        "--outside",
+        action="store_true",
+        help="regenerate everything but the regions (outpainting)",
+    )
+
+
+def masked_sample_options(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """The keyword arguments a masked prior's ``sample`` takes from the flags
+    (``{"masked": MaskedSampleOptions}``; ``{}`` for an autoregressive prior); one-line
+    ValueError for a masked-prior flag on an autoregressive prior."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in option_fields(MaskedSampleOptions)
+        if getattr(args, f.name, None) is not None
+    }
+    mopts = MaskedSampleOptions.from_dict(given, where="sample options")
+    flags = ["--" + k.replace("_", "-") for k in given]
+    flags += [f for f, v in (("--edit", args.edit), ("--region", args.region)) if v]
+    flags += ["--outside"] if args.outside else []
+    if not model.config.masked:
+        if flags:
+            raise ValueError(
+                f"{', '.join(flags)}: a masked prior's flag; this prior is autoregressive "
+                "(train one with vqkit prior --kind masked)"
+            )
+        return {}
+    if args.edit is None and (args.region or args.outside):
+        raise ValueError("--region and --outside go with --edit IMAGE")
+    if args.edit is None and mopts.steps is not None:  # before anything is written
+        reveal_counts(model.seq_len, mopts.steps, mopts.schedule)
+    return {"masked": mopts}
+
+
+@torch.no_grad()
+def run_edit(
+    args: argparse.Namespace,
+    model: Any,
+    tok: Any,
+    opts: Any,
+    masked: dict[str, Any],
+    labels: torch.Tensor | None,
+    generator: torch.Generator,
+) -> int:
+    """``vqkit sample PRIOR --edit IMAGE --region ...``: ``--num`` edits of the image
+    (see the module docstring). ``labels``: the class per edit, None for the null class."""
+    from ..data import normalize, read_image
+    from ..evaluation.plots import save_images
+    from ..models.codes_io import model_identity, save_codes
+    from .report import save_grid
+
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not getattr(args, "overwrite", False):
+        raise ValueError(f"{out} is not empty; pass --overwrite to write the edits into it")
+    regions = [parse_region(r) for r in args.region or []]
+    cfg = tok.model.config
+    size = (cfg.image_size, cfg.image_size)
+    hidden = region_mask(regions, size, model.code_shape, args.outside)
+    device = model.tok_emb.weight.device
+    image = read_image(args.edit, cfg.in_channels, cfg.image_size)
+    x = normalize(image[None]).to(device)
+    codes = tok.model.encode(x)
+    num, bs = args.num, args.batch_size
+    edited = model.sample(
+        num,
+        opts,
+        labels=labels,
+        generator=generator,
+        batch_size=bs,
+        codes=codes.expand(num, *codes.shape[1:]),
+        hidden=hidden.to(device)[None].expand(num, *hidden.shape),
+        **masked,
+    )
+    recon = tok.model.decode(codes)
+    images = torch.cat([tok.model.decode(edited[i : i + bs]) for i in range(0, num, bs)])
+    pos = hidden if hidden.dim() == 2 else hidden[..., 0]
+    f_h, f_w = cfg.image_size // pos.shape[0], cfg.image_size // pos.shape[1]
+    pixels = pos.repeat_interleave(f_h, 0).repeat_interleave(f_w, 1).to(device)
+    greyed = torch.where(pixels, torch.zeros_like(x), x)
+    out.mkdir(parents=True, exist_ok=True)
+    save_images(torch.cat((x, recon)), [out / "original.png", out / "reconstruction.png"])
+    names = [f"edit_{i:04d}" for i in range(num)]
+    save_images(images, [out / f"{n}.png" for n in names])
+    identity = model_identity(tok.model)  # beside every map, as vqkit sample writes them
+    for n, c in zip(names, edited.cpu(), strict=True):
+        save_codes(out / f"{n}.npy", c, identity)
+    save_grid(torch.cat((x, recon, greyed, images)), out / "grid.png")
+    meta = {
+        "prior": str(Path(args.prior).resolve()),
+        "image": str(Path(args.edit).resolve()),
+        "regions": [list(r) for r in regions],
+        "outside": bool(args.outside),
+        "codes_regenerated": int(hidden.sum()),
+        "codes": int(hidden.numel()),
+        "seed": args.seed,
+        "num": num,
+        "options": opts.to_dict(),
+        "masked_options": masked["masked"].to_dict(),
+        "labels": labels.tolist() if labels is not None else None,
+        "tokenizer_sha256": tok.sha256,
+    }
+    write_json(out / "edit.json", meta)
+    print(
+        f"{num} edits of {args.edit} ({int(hidden.sum())} of {hidden.numel()} codes "
+        f"regenerated) -> {out}/grid.png, edit_*.png, edit_*.npy"
+    )
+    return 0
