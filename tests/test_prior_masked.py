@@ -54,9 +54,13 @@ def test_schedule_mask_counts_sum_to_the_map_size(schedule):
             assert len(counts) == steps and sum(counts) == n and min(counts) >= 1
     assert reveal_counts(64, 64, schedule) == [1] * 64
     # no clamping needed here: the counts are the differences of floor(n gamma(s / S))
-    hidden = [math.floor(64 * g) for g in (1.0, *(float(gamma(schedule, s / 8)) for s in range(1, 9)))]
+    hidden = [
+        math.floor(64 * g) for g in (1.0, *(float(gamma(schedule, s / 8)) for s in range(1, 9)))
+    ]
     if all(a > b for a, b in zip(hidden, hidden[1:], strict=False)):
-        assert reveal_counts(64, 8, schedule) == [a - b for a, b in zip(hidden, hidden[1:], strict=False)]
+        assert reveal_counts(64, 8, schedule) == [
+            a - b for a, b in zip(hidden, hidden[1:], strict=False)
+        ]
 
 
 def test_schedules_against_their_formulas():
@@ -285,3 +289,18 @@ def test_masked_resume_is_bit_exact(tmp_path):
     assert {"test_masked_bits_25", "test_masked_bits_50", "test_masked_bits_90",
             "test_masked_bits", "train_masked_bits_50"} <= set(evals[0])  # fmt: skip
     assert a["best_bits"] == min(r["test_masked_bits"] for r in evals)
+
+
+def test_residual_codes_are_tokens_in_raster_order():
+    """(h, w, Q) maps: Q tokens per position, stage 0 first; an edit of a position hides
+    all Q stages and keeps every other token."""
+    prior = masked_prior(code_shape=[2, 3, 2])
+    assert prior.seq_len == 12
+    g = torch.Generator().manual_seed(0)
+    known = torch.randint(0, 11, (3, 2, 3, 2), generator=g)
+    hidden = torch.zeros(2, 3, 2, dtype=torch.bool)
+    hidden[1, 1] = True  # both stages of position (1, 1): tokens 8 and 9
+    assert torch.nonzero(hidden.reshape(-1)).flatten().tolist() == [8, 9]
+    out = decode(prior, 3, generator=g, codes=known, hidden=hidden.expand(3, 2, 3, 2), steps=2)
+    assert out.shape == (3, 2, 3, 2) and torch.equal(out[:, ~hidden], known[:, ~hidden])
+    assert decode(prior, 2, generator=g).shape == (2, 2, 3, 2)

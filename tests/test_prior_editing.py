@@ -1,0 +1,195 @@
+"""Editing with a masked prior (prior/editing.py) and the masked kind end to end through
+``vqkit prior --kind masked`` / ``vqkit sample``: regions to code positions, sampling,
+edits that keep the codes outside the region, bad input (one line, exit code 2), and a
+2-process torchrun run resumed in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqkit.prior.cli import main
+from vqkit.prior.editing import parse_region, region_mask
+from vqkit.storage.checkpoint import load_checkpoint
+
+from .test_prior_cli import PRIOR_FLAGS
+from .test_prior_codes import make_tokenizer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_regions_to_code_positions():
+    # 28 x 28 pixels over 7 x 7 codes: position (i, j) holds pixels [4i, 4i + 4) x [4j, 4j + 4)
+    m = region_mask([(0, 0, 4, 4)], (28, 28), (7, 7))
+    assert m.sum() == 1 and m[0, 0]
+    m = region_mask([(3, 0, 5, 4)], (28, 28), (7, 7))  # x 3..4: columns 0 and 1, row 0
+    assert m.nonzero().tolist() == [[0, 0], [0, 1]]
+    m = region_mask([(0, 0, 8, 8), (24, 20, 28, 28)], (28, 28), (7, 7))
+    want = torch.zeros(7, 7, dtype=torch.bool)
+    want[:2, :2] = True
+    want[5:, 6] = True
+    assert torch.equal(m, want)
+    assert torch.equal(region_mask([(0, 0, 8, 8), (24, 20, 28, 28)], (28, 28), (7, 7), True), ~want)
+    r = region_mask([(4, 8, 9, 12)], (28, 28), (7, 7, 3))  # residual: every stage
+    assert r.shape == (7, 7, 3) and r.sum() == 2 * 3 and r[2, 1].all() and r[2, 2].all()
+    # a non-integer ratio: 32 px over 5 codes, position j spans [6.4 j, 6.4 (j + 1))
+    assert region_mask([(6, 0, 7, 1)], (32, 32), (5, 5)).nonzero().tolist() == [[0, 0], [0, 1]]
+    assert parse_region("1,2,3,4") == (1, 2, 3, 4)
+    for bad in ("1,2,3", "a,b,c,d", "1,2,3,4,5"):
+        with pytest.raises(ValueError, match="x0,y0,x1,y1"):
+            parse_region(bad)
+    for box in ((0, 0, 29, 4), (4, 0, 4, 8), (-1, 0, 3, 3)):
+        with pytest.raises(ValueError, match="not a box inside the 28 x 28 image"):
+            region_mask([box], (28, 28), (7, 7))
+    with pytest.raises(ValueError, match="no code position"):
+        region_mask([(0, 0, 28, 28)], (28, 28), (7, 7), outside=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tokenizer, a 4-step masked prior and a 2-step autoregressive one, and a picture."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("masked_cli")
+    try:
+        tok = make_tokenizer(root / "tok")
+        masked, ar = root / "masked", root / "ar"
+        kind = ["--kind", "masked", "--mask-schedule", "arccos"]
+        assert main(["prior", "--tokenizer", str(tok), "--out", str(masked), "--steps", "4",
+                     *kind, *PRIOR_FLAGS]) == 0  # fmt: skip
+        assert main(["prior", "--tokenizer", str(tok), "--out", str(ar), "--steps", "2",
+                     *PRIOR_FLAGS]) == 0  # fmt: skip
+        from PIL import Image
+
+        pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "image.png")
+        yield tok, masked, ar, root / "image.png"
+    finally:
+        torch.set_num_threads(n)
+
+
+def _sample(prior: Path, out: Path, *flags: str) -> int:
+    return main(["sample", str(prior), "--out", str(out), *flags])
+
+
+@pytest.mark.timeout(120)
+def test_masked_prior_run_sampling_and_resume(runs, tmp_path):
+    tok, masked, _, _ = runs
+    cfg = json.loads((masked / "config.json").read_text())
+    assert cfg["prior"]["kind"] == "masked" and cfg["prior"]["mask_schedule"] == "arccos"
+    evals = [json.loads(x) for x in (masked / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 4]
+    assert 0 < evals[-1]["test_masked_bits_50"] < 10 and "test_bits" not in evals[-1]
+    assert (masked / "samples.png").is_file() and (masked / "curves.png").is_file()
+    flags = ["--num", "4", "--seed", "2", "--class", "1", "--cfg-scale", "2", "--steps", "5",
+             "--schedule", "linear", "--top-k", "10"]  # fmt: skip
+    assert _sample(masked, tmp_path / "a", *flags) == 0
+    assert _sample(masked, tmp_path / "b", *flags) == 0
+    a = np.stack([np.load(tmp_path / "a" / f"sample_{i:04d}.npy") for i in range(4)])
+    b = np.stack([np.load(tmp_path / "b" / f"sample_{i:04d}.npy") for i in range(4)])
+    assert a.shape == (4, 7, 7) and np.array_equal(a, b) and a.max() < 32
+    assert _sample(masked, tmp_path / "c", "--num", "2") == 0  # defaults: 10 passes, cosine
+    assert main(["prior", "--out", str(masked), "--resume", "--steps", "5", "--no-progress"]) == 0
+    ckpt = load_checkpoint(masked / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 5 and ckpt["model_config"]["kind"] == "masked"
+
+
+@pytest.mark.timeout(120)
+def test_edit_keeps_the_codes_outside_the_region(runs, tmp_path):
+    tok, masked, _, image = runs
+    from vqkit.data import normalize, read_image
+    from vqkit.prior.codes import load_tokenizer
+
+    model = load_tokenizer(tok).model
+    codes = model.encode(normalize(read_image(image, 1, 28)[None]))[0].numpy()
+    out = tmp_path / "e"
+    assert _sample(masked, out, "--edit", str(image), "--region", "0,0,14,14", "--region",
+                   "20,20,28,28", "--num", "3", "--class", "2", "--steps", "4") == 0  # fmt: skip
+    for name in ("original.png", "reconstruction.png", "edit_0002.png", "grid.png", "edit.json"):
+        assert (out / name).is_file(), name
+    region = region_mask([(0, 0, 14, 14), (20, 20, 28, 28)], (28, 28), (7, 7)).numpy()
+    edits = np.stack([np.load(out / f"edit_{i:04d}.npy") for i in range(3)])
+    assert (edits[:, ~region] == codes[~region]).all()
+    assert (edits[:, region] != codes[region]).any()  # the region was redrawn
+    meta = json.loads((out / "edit.json").read_text())
+    assert meta["codes_regenerated"] == int(region.sum()) and meta["labels"] == [2, 2, 2]
+    out2 = tmp_path / "o"  # outpainting: the region is what stays
+    assert _sample(masked, out2, "--edit", str(image), "--region", "8,8,20,20",
+                   "--outside", "--num", "1") == 0  # fmt: skip
+    keep = region_mask([(8, 8, 20, 20)], (28, 28), (7, 7)).numpy()
+    assert (np.load(out2 / "edit_0000.npy")[keep] == codes[keep]).all()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "which,flags,msg",
+    [
+        ("masked", ["--steps", "0"], "steps must be a positive int"),
+        ("masked", ["--steps", "50"], "--steps 50 is more than the 49 codes"),
+        ("masked", ["--schedule", "zigzag"], "schedule must be one of cosine, arccos, linear"),
+        ("masked", ["--choice-temperature", "-1"], "choice_temperature must be >= 0"),
+        ("masked", ["--region", "0,0,4,4"], "--region and --outside go with --edit"),
+        ("masked", ["--edit", "IMAGE", "--region", "0,0,40,4"], "not a box inside the 28 x 28"),
+        ("masked", ["--edit", "IMAGE", "--region", "0,0,4"], "--region must be x0,y0,x1,y1"),
+        ("masked", ["--edit", "IMAGE"], "--edit needs at least one --region"),
+        ("masked", ["--edit", "IMAGE", "--region", "0,0,8,8", "--steps", "5"], "more than the 4"),
+        ("ar", ["--steps", "8"], "--steps: a masked prior's flag; this prior is autoregressive"),
+        ("ar", ["--edit", "IMAGE", "--region", "0,0,4,4"], "--edit, --region: a masked prior's"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys, which, flags, msg):
+    _, masked, ar, image = runs
+    flags = [str(image) if f == "IMAGE" else f for f in flags]
+    assert _sample(masked if which == "masked" else ar, tmp_path / "x", *flags) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()  # checked before anything is written
+
+
+def test_masked_flag_on_an_autoregressive_run_is_one_line(runs, tmp_path, capsys):
+    tok, _, _, _ = runs
+    assert main(["prior", "--tokenizer", str(tok), "--out", str(tmp_path / "p"),
+                 "--mask-schedule", "linear"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "applies to a masked prior (--kind masked)" in err and err.count("\n") == 1
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_two_processes_then_resume_in_one(runs, tmp_path):
+    tok, _, _, _ = runs
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "vqkit.prior.cli", "prior", "--tokenizer", str(tok), "--out", str(out),
+           "--kind", "masked", "--steps", "3", "--seed", "2", *PRIOR_FLAGS]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=70)
+        log = proc.stdout + proc.stderr
+        if proc.returncode == 0 or "address already in use" not in log.lower():
+            break  # only the free-port race of --standalone gets a second try
+        out = tmp_path / "ddp_retry"
+        cmd[cmd.index("--out") + 1] = str(out)
+    assert proc.returncode == 0, log[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2 and cfg["prior"]["kind"] == "masked"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 3), ("eval", 3)]
+    assert main(["prior", "--out", str(out), "--resume", "--steps", "4", "--batch-size", "32",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
