@@ -76,11 +76,15 @@ def check_schedule(name: str) -> None:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
 
 
-def gamma(schedule: str, r: torch.Tensor | float) -> torch.Tensor:
+def gamma(schedule: str, r: torch.Tensor | float) -> torch.Tensor | float:
     """The hidden fraction ``gamma(r)`` of a schedule at r in [0, 1] (see the module
-    docstring), float64 for a float argument, else in the tensor's dtype."""
+    docstring): a float for a float, else a tensor in the tensor's dtype."""
     check_schedule(schedule)
-    r = torch.as_tensor(r, dtype=torch.float64) if not torch.is_tensor(r) else r
+    if not torch.is_tensor(r):  # the decoding schedule: plain floats, no tensor overhead
+        r = min(max(float(r), 0.0), 1.0)
+        if schedule == "cosine":
+            return math.cos(0.5 * math.pi * r)
+        return math.acos(r) / (0.5 * math.pi) if schedule == "arccos" else 1.0 - r
     r = r.clamp(0.0, 1.0)
     if schedule == "cosine":
         return torch.cos(0.5 * math.pi * r)
@@ -102,7 +106,7 @@ def reveal_counts(n: int, steps: int, schedule: str) -> list[int]:
         )
     hidden = [n]
     for s in range(1, steps + 1):
-        m = math.floor(n * float(gamma(schedule, s / steps)) + 1e-9)
+        m = math.floor(n * gamma(schedule, s / steps) + 1e-9)
         hidden.append(max(min(m, hidden[-1] - 1), steps - s))
     return [a - b for a, b in zip(hidden, hidden[1:], strict=False)]
 
@@ -273,15 +277,17 @@ def _decode_batch(
         logits = prior.fill(rows[0], rows[1], rows_labels)
         if guided:
             logits = guide(logits[:b], logits[b:], opts.cfg_scale)
-        logits = filter_logits(logits.float() / opts.temperature, opts.top_k, opts.top_p)
-        logp = torch.log_softmax(logits, dim=-1)
-        draw = torch.multinomial(logp.exp().reshape(b * t_len, -1), 1, generator=generator)
-        draw = draw.view(b, t_len)
-        conf = logp.gather(-1, draw[..., None]).squeeze(-1)
+        # draws and confidences of the hidden codes only (row-major order of (b, T))
+        sel = filter_logits(logits[hidden].float() / opts.temperature, opts.top_k, opts.top_p)
+        logp = torch.log_softmax(sel, dim=-1)
+        x = torch.multinomial(logp.exp(), 1, generator=generator)
+        c = logp.gather(-1, x).squeeze(-1)
         tau = mopts.choice_temperature * (1.0 - (s + 1) / steps)
         if tau > 0:
-            conf = conf + tau * _gumbel(conf.shape, generator, conf.device)
-        conf = conf.masked_fill(~hidden, float("-inf"))  # fixed codes stay as they are
+            c = c + tau * _gumbel(c.shape, generator, c.device)
+        draw = codes.masked_scatter(hidden, x.squeeze(-1))
+        # fixed codes have no confidence: they are never chosen again
+        conf = torch.full(codes.shape, float("-inf"), device=codes.device).masked_scatter(hidden, c)
         chosen = torch.topk(conf, k, dim=1).indices
         reveal = torch.zeros_like(hidden).scatter_(1, chosen, True)
         codes = torch.where(reveal, draw, codes)
