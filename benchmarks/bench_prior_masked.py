@@ -14,13 +14,14 @@ depend on the weights, so the priors are fresh initialisations unless ``--ar-pri
 time / batch. Sampling: classes in turn, temperature 1, no top-k/p, guidance scale
 ``--cfg-scale`` (1: none; guidance doubles the rows of both kinds).
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_prior_masked --data builtin \\
-        --edit-prior /tmp/h23/pM
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_prior_masked --data builtin
+    python -m benchmarks.bench_prior_masked --rounds 0 --edit-prior PRIOR_RUN  # the grid
     python -m benchmarks.bench_prior_masked --data cifar10 --tokenizer /work/runs/c10-ema-10k
 
-Writes benchmarks/results/prior_masked_<data>/speed.{md,json} and, with
-``--edit-prior``, editing_grid.png (test images; original, reconstruction, the box
-greyed out, then the box regenerated under two class labels).
+Writes benchmarks/results/prior_masked_<data>/speed_<device>.{md,json} and, with
+``--edit-prior RUN``, editing_grid.png and editing.{md,json}: test images of RUN's
+tokenizer as it reconstructs them, the box greyed out, then the box regenerated under
+two class labels (``--rounds 0``: the grid only).
 """
 
 from __future__ import annotations
@@ -73,13 +74,18 @@ def build(kind: str, args: argparse.Namespace, shape: tuple[list[int], int, int]
 
 
 def time_one(prior: Prior, batch: int, steps: int | None, cfg_scale: float) -> float:
-    """Seconds to draw ``batch`` index maps."""
-    labels = torch.arange(batch) % max(prior.config.num_classes, 1)
+    """Seconds to draw ``batch`` index maps (CUDA: synchronised before and after)."""
+    dev = prior.tok_emb.weight.device
+    labels = torch.arange(batch, device=dev) % max(prior.config.num_classes, 1)
     labels = labels if prior.config.num_classes else None
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(dev).manual_seed(0)
     kw = {"steps": steps} if steps else {}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     t0 = time.perf_counter()
     prior.sample(batch, labels=labels, generator=g, cfg_scale=cfg_scale, **kw)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     return time.perf_counter() - t0
 
 
@@ -148,8 +154,9 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--masked-steps", type=int, nargs="+", default=[8, 12])
     ap.add_argument("--cfg-scale", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="0: no timing (the edit grid only)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ... (the timed sampling)")
     ap.add_argument("--edit-prior", dest="edit_prior", help="masked prior run for the edit grid")
     ap.add_argument("--edit-box", default="0,0,14,14", help="x0,y0,x1,y1 pixels")
     ap.add_argument("--edit-classes", default="1,8", help="two class ids")
@@ -165,15 +172,16 @@ def main() -> None:
     meta = common.run_meta(MODULE, args.note)
     code_shape, vocab, classes, source = shape_of(args)
     shape = (code_shape, vocab, classes)
-    priors = {k: build(k, args, shape) for k in ("autoregressive", "masked")}
+    device = torch.device(args.device)
+    priors = {k: build(k, args, shape).to(device) for k in ("autoregressive", "masked")}
     params = {k: p.num_params() for k, p in priors.items()}
     seq = priors["autoregressive"].seq_len
     methods = [("autoregressive (KV cache)", "autoregressive", None)]
     methods += [(f"masked, {s} passes", "masked", s) for s in args.masked_steps]
-    for _, kind, steps in methods:  # warm-up: first-call allocations, kernel choices
+    for _, kind, steps in methods if args.rounds else ():  # warm-up: first calls
         time_one(priors[kind], 2, steps, args.cfg_scale)
     rows = []
-    for batch in args.batch_sizes:
+    for batch in args.batch_sizes if args.rounds else ():
         times: dict[str, list[float]] = {name: [] for name, _, _ in methods}
         for _ in range(args.rounds):
             for name, kind, steps in methods:
@@ -194,7 +202,7 @@ def main() -> None:
         "code_shape": code_shape, "vocab": vocab, "classes": classes, "source": source,
         "n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
         "params": params, "cfg_scale": args.cfg_scale, "rounds": args.rounds,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": args.device,
         "trained": {"ar": args.ar_prior, "masked": args.masked_prior},
     }  # fmt: skip
     md = [
@@ -204,7 +212,8 @@ def main() -> None:
         f"- code map {code_shape} ({seq} codes) of {vocab}, {classes} classes ({source}); "
         f"{args.n_layer} blocks, {args.n_head} heads, width {args.n_embd}; parameters: "
         f"autoregressive {params['autoregressive']:,}, masked {params['masked']:,}; "
-        f"{torch.get_num_threads()} torch thread(s); guidance scale {args.cfg_scale}; "
+        f"{torch.get_num_threads()} torch thread(s), device {args.device}; guidance scale "
+        f"{args.cfg_scale}; "
         f"median of {args.rounds} interleaved rounds",
         "",
         *common.md_table(
@@ -222,11 +231,18 @@ def main() -> None:
             align="rlrrr",
         ),
     ]
+    if rows:
+        data = {"meta": meta, "settings": settings, "rows": rows}
+        print(common.write_results(out, f"speed_{device.type}", data, md))
     if edit:
-        md += ["", "Editing grid: `editing_grid.png`; " + ", ".join(
-            f"{k}: {v}" for k, v in edit.items())]  # fmt: skip
-    data = {"meta": meta, "settings": settings, "rows": rows, "edit": edit}
-    print(common.write_results(out, "speed", data, md))
+        lines = [
+            "# Editing grid (`editing_grid.png`)",
+            "",
+            *common.meta_lines(meta),
+            "",
+            *(f"- {k}: {v}" for k, v in edit.items()),
+        ]
+        print(common.write_results(out, "editing", {"meta": meta, "edit": edit}, lines))
 
 
 if __name__ == "__main__":
