@@ -162,6 +162,17 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys, which, flags, msg
     assert not (tmp_path / "x").exists()  # checked before anything is written
 
 
+def test_compress_refuses_a_masked_prior(runs, tmp_path, capsys):
+    from vqkit.cli import main as vqkit_main
+
+    _, masked, _, image = runs
+    out = tmp_path / "z"
+    assert vqkit_main(["compress", str(image), "--prior", str(masked), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is a masked prior; compression needs an autoregressive one" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
 def test_masked_flag_on_an_autoregressive_run_is_one_line(runs, tmp_path, capsys):
     tok, _, _, _ = runs
     assert main(["prior", "--tokenizer", str(tok), "--out", str(tmp_path / "p"),

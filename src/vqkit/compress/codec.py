@@ -161,6 +161,11 @@ def load_codec(
     from ..prior.cli import load_prior, load_sample_tokenizer
 
     model, ckpt = load_prior(prior_dir, checkpoint, device)
+    if model.config.masked:  # coding needs each code's conditional given the ones before
+        raise ValueError(
+            f"{prior_dir} is a masked prior; compression needs an autoregressive one "
+            "(vqkit prior --kind autoregressive)"
+        )
     stored = ckpt.get("tokenizer") or {}
     if not stored.get("sha256"):
         raise ValueError(f"{prior_dir}: the prior records no tokenizer; it cannot compress")
