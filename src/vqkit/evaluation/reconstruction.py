@@ -114,8 +114,12 @@ def evaluate(
             # full groups only, so every figure is over the same number of images
             for j in range(0, x.shape[0] - batch_perplexity_size + 1, batch_perplexity_size):
                 group = idx[j : j + batch_perplexity_size].reshape(-1)
-                # zero counts add nothing to the entropy: the used codes' counts suffice
-                group_counts = torch.unique(group, return_counts=True)[1]
+                # zero counts add nothing to the entropy: above DENSE_COUNTS_MAX the used
+                # codes' counts suffice (below it, the dense counts keep the figure's bits)
+                if dense:
+                    group_counts = torch.bincount(group, minlength=k)
+                else:
+                    group_counts = torch.unique(group, return_counts=True)[1]
                 batch_ppl.append(float(perplexity(group_counts)))
     finally:
         model.train(was_training)
