@@ -8,6 +8,7 @@
 
 from .codes import CodeData, Tokenizer, load_codes, load_tokenizer
 from .config import PriorConfig, PriorTrainConfig
+from .pretrained import load_prior_tokenizer
 from .sampling import SampleOptions, filter_logits, guide, sample
 from .trainer import PriorTrainer
 from .transformer import KVCache, Prior, flatten_codes, unflatten_codes
@@ -25,6 +26,7 @@ __all__ = [
     "flatten_codes",
     "guide",
     "load_codes",
+    "load_prior_tokenizer",
     "load_tokenizer",
     "sample",
     "unflatten_codes",
