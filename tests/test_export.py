@@ -41,7 +41,7 @@ def runs(tmp_path_factory):
         tok = make_tokenizer(root / "tok")
         prior = root / "prior"
         assert main(["prior", "--tokenizer", str(tok), "--out", str(prior), "--steps", "6",
-                     *PRIOR_FLAGS]) == 0  # fmt: skip
+                     "--tensorboard", *PRIOR_FLAGS]) == 0  # fmt: skip
         yield tok, prior
     finally:
         torch.set_num_threads(n)
@@ -89,6 +89,16 @@ def test_prior_run_export_names_and_checks_its_tokenizer(runs, tmp_path, capsys)
     )
     card = (out / "README.md").read_text()
     assert "| test_bits |" in card and "tokenizer: `tokenizer`" in card
+    # the run's --tensorboard: its sample grids at each evaluation (4 samples of 28 x 28)
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(prior_run / "tensorboard"), size_guidance={ea.IMAGES: 0})
+    acc.Reload()
+    assert [(e.step, e.width, e.height) for e in acc.Images("samples")] == [
+        (3, 4 * 28, 28),
+        (6, 4 * 28, 28),
+    ]
+    assert [e.step for e in acc.Scalars("eval/test_bits")] == [3, 6]
     # a wrong tokenizer is refused: other weights, and a changed file in the run
     wrong = load_model(tok / "checkpoints/best.pt")
     with torch.no_grad():

@@ -5,6 +5,7 @@ package, ``--tensorboard`` is a one-line error before anything runs."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import numpy as np
@@ -128,3 +129,32 @@ def test_without_the_package_the_option_is_a_one_line_error(monkeypatch, tmp_pat
     err = capsys.readouterr().err
     assert "vqkit[tensorboard]" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+@pytest.mark.timeout(180)
+def test_vqkit_train_mirrors_its_records_and_resumes_without_duplicates(tmp_path):
+    import shutil
+
+    from .test_prior_codes import make_tokenizer
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = make_tokenizer(tmp_path / "tok", "--tensorboard")  # 3 steps, eval at 3
+        shutil.copy(run / "checkpoints/last.pt", tmp_path / "step3.pt")
+        make_tokenizer(run, "--resume", "--steps", "6")
+        # killed after logging step 6 but before its checkpoint: resume from step 3 again
+        shutil.copy(tmp_path / "step3.pt", run / "checkpoints/last.pt")
+        make_tokenizer(run, "--resume", "--steps", "6")
+    finally:
+        torch.set_num_threads(n)
+    acc = read(run / "tensorboard")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for kind, name in (("train", "loss"), ("eval", "nmse"), ("train", "codes_used")):
+        want = [(r["step"], r[name]) for r in records if r["kind"] == kind]
+        got = curve(acc, f"{kind}/{name}")
+        assert [s for s, _ in got] == [3, 6]
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
+    (first, second) = acc.Images("eval/recon")  # originals above reconstructions, 8 wide
+    assert (first.step, second.step) == (3, 6)
+    assert (second.width, second.height) == (8 * 28, 2 * 28)
