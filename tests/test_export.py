@@ -57,6 +57,7 @@ def test_tokenizer_run_export(runs, tmp_path, capsys):
     card = (tmp_path / "t" / "README.md").read_text()
     measured = json.loads((tok / "eval.json").read_text())
     assert f"| nmse | {measured['nmse']:.4g} |" in card and "| step | 3 |" in card
+    assert "| split | test |" in card and f"| num_images | {measured['num_images']} |" in card
     assert "`builtin`, 5000 training images (1x28x28), 10 classes" in card
     assert "K = 32" in card and "7 x 7 indices per 28 x 28 image" in card
     # another weights file of the run: not the one eval.json measured

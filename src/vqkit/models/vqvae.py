@@ -383,7 +383,7 @@ class VQVAE(nn.Module, PretrainedMixin):
         lines += ["", "## Measured", ""]
         if evaluation:
             lines += ["| figure | value |", "|---|---:|"]
-            for key in ("split", "images", "step", "mse", "nmse", "psnr", "perplexity",
+            for key in ("split", "num_images", "step", "mse", "nmse", "psnr", "perplexity",
                         "codes_used", "usage"):  # fmt: skip
                 if key in evaluation and evaluation[key] is not None:
                     v = evaluation[key]

@@ -64,6 +64,9 @@ def export_tokenizer_run(
     model = load_model(path)
     evaluation = _read_json(run / "eval.json") if path.name == "model.safetensors" else {}
     run_config = _read_json(run / "config.json")
+    split = ((run_config.get("data") or {}).get("eval") or {}).get("split")
+    if evaluation and split:
+        evaluation = {"split": split, **evaluation}
     model.save_pretrained(
         out,
         model_card_kwargs={
