@@ -16,7 +16,7 @@ from vqkit.cli import main
 from vqkit.models import VQVAE, load_model
 from vqkit.prior import Prior, load_prior_tokenizer
 from vqkit.prior.cli import load_prior
-from vqkit.storage.checkpoint import load_checkpoint, save_checkpoint
+from vqkit.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 from .test_prior_cli import PRIOR_FLAGS
 from .test_prior_codes import make_tokenizer
@@ -64,6 +64,8 @@ def test_tokenizer_run_export(runs, tmp_path, capsys):
     assert main(["export", str(tok), "--out", str(tmp_path / "l"),
                  "--weights", "checkpoints/last.pt"]) == 0  # fmt: skip
     assert "Not measured" in (tmp_path / "l" / "README.md").read_text()
+    with pytest.raises(CheckpointError, match="vqkit export RUN"):
+        VQVAE.from_pretrained(tok)  # the run itself is not a pretrained directory
     capsys.readouterr()
     assert main(["export", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
     assert "run directory not found" in capsys.readouterr().err

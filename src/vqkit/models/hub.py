@@ -184,9 +184,13 @@ class PretrainedMixin(_HubBase, **_HUB_OPTIONS):  # type: ignore[misc, valid-typ
             raise CheckpointError(f"{cfg_path}: unreadable ({e})") from e
         kind = stored.get("vqkit") if isinstance(stored, dict) else None
         if kind != cls.pretrained_kind or not isinstance(stored.get("config"), dict):
+            hint = (
+                "a run directory? write its pretrained directory with vqkit export RUN --out DIR"
+                if kind is None
+                else "load it with the class that saved it"
+            )
             raise CheckpointError(
-                f"{cfg_path} is not a vqkit {cls.pretrained_kind} (it says {kind!r}); "
-                f"load it with the class that saved it"
+                f"{cfg_path} is not a vqkit {cls.pretrained_kind} (it says {kind!r}): {hint}"
             )
         try:
             config = cls.config_class.from_dict(stored["config"], where=str(cfg_path))
