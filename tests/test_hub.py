@@ -70,6 +70,18 @@ def test_tokenizer_round_trip_for_every_quantizer(kind, tmp_path):
     assert torch.equal(loaded.decode(idx), model.decode(idx))  # bit-identical images
 
 
+def test_vqgan_network_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = VQVAE(image_size=16, arch="vqgan", hidden=32, res_layers=1, num_embeddings=16,
+                  embedding_dim=8).eval()  # fmt: skip
+    model.save_pretrained(tmp_path)
+    loaded = VQVAE.from_pretrained(tmp_path)
+    assert_same_state(model, loaded)
+    idx = model.encode(torch.rand(2, 3, 16, 16) - 0.5)
+    assert torch.equal(loaded.decode(idx), model.decode(idx))
+    assert "network: `vqgan` encoder/decoder" in (tmp_path / "README.md").read_text()
+
+
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_prior_round_trip_gives_the_same_log_probs(pos, tmp_path):
     torch.manual_seed(0)

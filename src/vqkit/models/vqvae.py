@@ -376,6 +376,7 @@ class VQVAE(nn.Module, PretrainedMixin):
             f"- code grid: {grid} indices per {c.image_size} x {c.image_size} image with "
             f"{c.in_channels} channel(s) (downsampling {c.downsample}, code dim "
             f"{c.embedding_dim})",
+            f"- network: `{c.arch}` encoder/decoder, {c.hidden} base channels",
             f"- data: {data or 'not recorded'}",
         ]
         if source:

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed
-from ..options import Options, nonneg, option, positive_int
+from ..options import nonneg, option, positive_int
 from ..storage.rundir import RunDir
 from ..storage.tensorboard import TensorBoardOptions
 from .interrupt import DeferredInterrupt, no_interrupt
