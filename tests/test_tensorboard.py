@@ -70,6 +70,19 @@ def test_image_grid_holds_the_pixels(tmp_path):
         TensorBoardSink(tmp_path / "b").images(0, "x", torch.zeros(2, 2, 4, 4))
 
 
+def test_a_new_event_file_sorts_after_the_existing_ones(tmp_path):
+    made = []
+    for _ in range(2):
+        before = set(tmp_path.glob("events.out.tfevents.*"))
+        TensorBoardSink(tmp_path).close()
+        (new,) = set(tmp_path.glob("events.out.tfevents.*")) - before
+        made.append(new.name)
+    # TensorBoard reads in name order; names start with the creation second, and the
+    # counter after the pid does not sort numerically: the second must be later
+    assert int(made[1].split(".")[3]) > int(made[0].split(".")[3])
+    assert sorted(made) == made
+
+
 def _run(path, steps, *, resume_from=None, scale=1.0, purge=True):
     """A run that logs train records at ``steps`` and an eval record at the last one."""
     run = RunDir(path)
@@ -133,18 +146,19 @@ def test_without_the_package_the_option_is_a_one_line_error(monkeypatch, tmp_pat
 
 @pytest.mark.timeout(180)
 def test_vqkit_train_mirrors_its_records_and_resumes_without_duplicates(tmp_path):
-    import shutil
-
     from .test_prior_codes import make_tokenizer
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run = make_tokenizer(tmp_path / "tok", "--tensorboard")  # 3 steps, eval at 3
-        shutil.copy(run / "checkpoints/last.pt", tmp_path / "step3.pt")
-        make_tokenizer(run, "--resume", "--steps", "6")
-        # killed after logging step 6 but before its checkpoint: resume from step 3 again
-        shutil.copy(tmp_path / "step3.pt", run / "checkpoints/last.pt")
+        # as if the run had gone on to step 6 and been killed before its checkpoint
+        stale = {"kind": "eval", "step": 6, "nmse": 99.0}
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(stale) + "\n")
+        sink = TensorBoardSink(run / "tensorboard")
+        sink.log(stale)
+        sink.close()
         make_tokenizer(run, "--resume", "--steps", "6")
     finally:
         torch.set_num_threads(n)
@@ -153,8 +167,8 @@ def test_vqkit_train_mirrors_its_records_and_resumes_without_duplicates(tmp_path
     for kind, name in (("train", "loss"), ("eval", "nmse"), ("train", "codes_used")):
         want = [(r["step"], r[name]) for r in records if r["kind"] == kind]
         got = curve(acc, f"{kind}/{name}")
-        assert [s for s, _ in got] == [3, 6]
+        assert [s for s, _ in got] == [3, 6]  # the stale step 6 was purged
         np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
-    (first, second) = acc.Images("eval/recon")  # originals above reconstructions, 8 wide
+    first, second = acc.Images("eval/recon")  # originals above reconstructions, 8 wide
     assert (first.step, second.step) == (3, 6)
     assert (second.width, second.height) == (8 * 28, 2 * 28)

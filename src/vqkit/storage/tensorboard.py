@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,22 @@ def scalars_of(record: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _after_existing_files(logdir: Path) -> None:
+    """Wait, if needed, until a new event file sorts after the existing ones.
+
+    TensorBoard reads a directory's event files in name order; a name starts with the
+    writer's creation time in whole seconds, then host, pid and a counter that does not
+    sort numerically. A file made in the same second as an existing one could be read
+    before it, and a resumed run's events before the stale ones they replace."""
+    stamps = []
+    for p in logdir.glob("events.out.tfevents.*"):
+        field = p.name.split(".")[3]
+        if field.isdigit():
+            stamps.append(int(field))
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class TensorBoardSink:
     """Event-file writer of one run (see the module docstring).
 
@@ -96,6 +113,7 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         self.logdir = Path(logdir)
+        _after_existing_files(self.logdir)
         # flush_secs: a crashed run still leaves its curves; log() flushes at each record
         self._writer = SummaryWriter(str(self.logdir), purge_step=purge_step, flush_secs=10)
 
