@@ -111,12 +111,20 @@ def test_prior_run_export_names_and_checks_its_tokenizer(runs, tmp_path, capsys)
     wrong.save_pretrained(tmp_path / "wrong")
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         load_prior_tokenizer(out, tmp_path / "wrong")
-    moved = tmp_path / "tok_changed"
-    shutil.copytree(tok, moved)
-    ckpt = load_checkpoint(moved / "checkpoints/best.pt")
+    # the tokenizer run trained on: the prior's pinned copy is exported, as vqkit sample
+    # uses it; without that copy the changed file is refused
+    changed = tmp_path / "tok_changed"
+    shutil.copytree(tok, changed)
+    ckpt = load_checkpoint(changed / "checkpoints/best.pt")
     ckpt["model"] = wrong.state_dict()
-    save_checkpoint(moved / "checkpoints/best.pt", ckpt)
-    capsys.readouterr()
+    save_checkpoint(changed / "checkpoints/best.pt", ckpt)
     assert main(["export", str(prior_run), "--out", str(tmp_path / "q"),
-                 "--tokenizer", str(moved)]) == 2  # fmt: skip
+                 "--tokenizer", str(changed)]) == 0  # fmt: skip
+    assert load_prior_tokenizer(tmp_path / "q") is not None  # the original weights
+    unpinned = tmp_path / "prior_unpinned"
+    shutil.copytree(prior_run, unpinned)
+    shutil.rmtree(unpinned / "tokenizer")
+    capsys.readouterr()
+    assert main(["export", str(unpinned), "--out", str(tmp_path / "r"),
+                 "--tokenizer", str(changed)]) == 2  # fmt: skip
     assert "tokenizer mismatch" in capsys.readouterr().err

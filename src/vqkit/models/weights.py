@@ -12,7 +12,6 @@ a missing or unexpected key, or a tensor of another shape, is a one-line
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ from ..storage.checkpoint import (
     save_file_atomically,
 )
 
-__all__ = ["export_safetensors", "load_state_strict", "read_safetensors", "weights_sha256"]
+__all__ = ["export_safetensors", "load_state_strict", "read_safetensors"]
 
 
 def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
@@ -130,19 +129,3 @@ def load_state_strict(model: nn.Module, state: Mapping[str, Any], where: Any) ->
     except (RuntimeError, ValueError) as e:  # ValueError: an extra state that disagrees
         msg = " ".join(str(e).split())
         raise CheckpointError(f"{bad} {msg}") from e
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """Hex SHA-256 of the model's state (names, dtypes, shapes, bytes; extra state as
-    JSON): equal for the same weights in any file format, so a prior can check that it
-    is given the tokenizer it was trained on."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        if isinstance(v, torch.Tensor):
-            t = v.detach().contiguous().cpu()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(json.dumps(v, sort_keys=True).encode())
-    return h.hexdigest()

@@ -2,10 +2,10 @@
 tokenizer beside it (``DIR/tokenizer/``) so the directory stands alone.
 
 The prior's weights are ``checkpoints/last.pt`` (the model the run's final ``eval.json``
-measured). Its tokenizer is the exact weights file it was trained on, found through the
-checkpoint's record and refused, as ``vqkit sample`` does, when that file changed
-(:func:`vqkit.prior.codes.load_tokenizer`); ``config.json`` records its hashes and
-location (see :mod:`vqkit.prior.pretrained`).
+measured). Its tokenizer is the one ``vqkit sample`` would use: the copy pinned in
+``PRIOR_RUN/tokenizer/``, else the run's file, refused when its hash differs from the
+one the prior was trained with (:func:`vqkit.prior.cli.load_sample_tokenizer`);
+``config.json`` records its identity and location (see :mod:`vqkit.prior.pretrained`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..models.weights import load_state_strict, weights_sha256
+from ..models.codes_io import model_identity
+from ..models.weights import load_state_strict
 from ..storage.checkpoint import CheckpointError, load_checkpoint
-from ..training.export import export_tokenizer_run
-from .codes import load_tokenizer
+from ..training.export import describe_data
+from .cli import load_sample_tokenizer
 from .config import PriorConfig
 from .transformer import Prior
 
@@ -49,20 +50,22 @@ def export_prior_run(
     stored = ckpt.get("tokenizer")
     if not stored:
         raise ValueError(f"{path} records no tokenizer; a prior is exported with its tokenizer")
-    tok = load_tokenizer(
-        tokenizer or stored["run_dir"],
-        checkpoint=stored["checkpoint"],
-        expect_sha256=stored["sha256"],
-    )
+    tok = load_sample_tokenizer(run, ckpt, tokenizer, "cpu")
     model = Prior(PriorConfig.from_dict(ckpt["model_config"]))
     load_state_strict(model, ckpt["model"], path)
-    export_tokenizer_run(tok.run_dir, out / TOKENIZER_DIR, weights=stored["checkpoint"])
+    tok.model.save_pretrained(
+        out / TOKENIZER_DIR,
+        model_card_kwargs={
+            "data": describe_data(tok.run_config),
+            "source": str(tok.checkpoint.resolve()),
+        },
+    )
     model.pretrained_info = {
         "tokenizer": {
             "location": TOKENIZER_DIR,
-            "weights_sha256": weights_sha256(tok.model),
+            "identity": model_identity(tok.model)["tokenizer"],
             "sha256": stored["sha256"],
-            "run_dir": str(tok.run_dir.resolve()),
+            "run_dir": stored["run_dir"],
             "checkpoint": stored["checkpoint"],
         },
         "classes": list(ckpt.get("classes", [])),

@@ -7,14 +7,15 @@ A prior's codes mean something only with the tokenizer it was trained on, so its
 
 * ``sha256``: the tokenizer's weights file the prior was trained with (as in the prior's
   checkpoints: ``vqkit sample`` and ``load_tokenizer`` refuse another file);
-* ``weights_sha256``: :func:`vqkit.models.weights.weights_sha256` of the tokenizer's
-  state, the same for that file and for its ``save_pretrained`` export;
+* ``identity``: :func:`vqkit.models.codes_io.model_identity` of the tokenizer (its
+  config and state; the hash index-map sidecars carry), the same for that file and for
+  its ``save_pretrained`` export;
 * ``location``: where the tokenizer is, relative to the prior's directory
   (``vqkit export`` writes it into ``tokenizer/``) or absolute; ``run_dir`` and
   ``checkpoint``: the training run it came from.
 
 ``Prior.from_pretrained(dir, tokenizer=model_or_dir)`` and
-:func:`load_prior_tokenizer` refuse a tokenizer whose ``weights_sha256`` differs.
+:func:`load_prior_tokenizer` refuse a tokenizer whose ``identity`` differs.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from typing import Any
 import torch
 
 from ..models import VQVAE
+from ..models.codes_io import model_identity
 from ..models.hub import CONFIG_NAME, PretrainedMixin
-from ..models.weights import weights_sha256
 from ..storage.checkpoint import CheckpointError
 
 __all__ = ["PretrainedPrior", "check_tokenizer", "load_prior_tokenizer"]
@@ -36,14 +37,14 @@ __all__ = ["PretrainedPrior", "check_tokenizer", "load_prior_tokenizer"]
 
 def check_tokenizer(info: dict[str, Any], tokenizer: VQVAE, where: Any) -> None:
     """ValueError unless ``tokenizer`` holds the weights the prior was trained on."""
-    want = (info.get("tokenizer") or {}).get("weights_sha256")
+    want = (info.get("tokenizer") or {}).get("identity")
     if want is None:
         raise ValueError(f"{where}: the prior names no tokenizer to check against")
-    have = weights_sha256(tokenizer)
+    have = model_identity(tokenizer)["tokenizer"]
     if have != want:
         raise ValueError(
-            f"tokenizer mismatch: the prior in {where} was trained on a tokenizer with "
-            f"weights sha256 {want[:16]}..., the given one has {have[:16]}..."
+            f"tokenizer mismatch: the prior in {where} was trained on the tokenizer "
+            f"{want[:16]}..., the given one is {have[:16]}..."
         )
 
 
@@ -55,7 +56,7 @@ def load_prior_tokenizer(
 ) -> VQVAE:
     """The tokenizer of a pretrained prior directory: ``tokenizer`` (a pretrained
     directory) or the ``location`` its ``config.json`` names, checked against the
-    recorded ``weights_sha256``."""
+    recorded ``identity``."""
     prior_dir = Path(prior_dir)
     try:
         info = json.loads((prior_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("info", {})
@@ -115,8 +116,8 @@ class PretrainedPrior(PretrainedMixin):
             f"- vocabulary: {c.vocab_size} codes; code grid {' x '.join(map(str, c.code_shape))} "
             f"({c.seq_len} codes per image)",
             f"- classes: {', '.join(map(str, classes)) if classes else 'none (unconditional)'}",
-            f"- tokenizer: `{tok.get('location', 'not recorded')}` (weights sha256 "
-            f"{str(tok.get('weights_sha256', '?'))[:16]}..., trained from "
+            f"- tokenizer: `{tok.get('location', 'not recorded')}` (identity "
+            f"{str(tok.get('identity', '?'))[:16]}..., trained from "
             f"`{tok.get('run_dir', '?')}/{tok.get('checkpoint', '?')}`)",
         ]
         if source:

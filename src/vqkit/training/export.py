@@ -16,7 +16,7 @@ from typing import Any
 
 from ..models import VQVAE, load_model
 
-__all__ = ["export_tokenizer_run", "run_weights"]
+__all__ = ["describe_data", "export_tokenizer_run", "run_weights"]
 
 WEIGHTS = ("model.safetensors", "checkpoints/best.pt", "checkpoints/last.pt")
 
@@ -43,7 +43,8 @@ def run_weights(run_dir: str | os.PathLike[str], weights: str | None = None) -> 
     raise ValueError(f"{run} holds no tokenizer weights ({weights or ' or '.join(WEIGHTS)})")
 
 
-def _describe_data(run_config: dict[str, Any]) -> str:
+def describe_data(run_config: dict[str, Any]) -> str:
+    """The model card's data line from a tokenizer run's ``config.json``."""
     train = (run_config.get("data") or {}).get("train") or {}
     source = train.get("source") or (run_config.get("train") or {}).get("data") or "builtin"
     parts = [f"`{source}`"]
@@ -71,7 +72,7 @@ def export_tokenizer_run(
         out,
         model_card_kwargs={
             "evaluation": evaluation or None,
-            "data": _describe_data(run_config),
+            "data": describe_data(run_config),
             "source": str(path.resolve()),
         },
     )
