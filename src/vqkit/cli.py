@@ -13,6 +13,7 @@ vqkit sample PRIOR_DIR --num N --out DIR                 new code maps -> images
 vqkit sample PRIOR_DIR --edit IMAGE --region x0,y0,x1,y1  regenerate a box (masked prior)
 vqkit compress IMAGES... --prior PRIOR_DIR --out DIR     images -> .vqz files (entropy-coded)
 vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR  .vqz -> PNG (or .npy with --codes)
+vqkit export RUN --out DIR                               a run -> save_pretrained layout
 """
 
 from __future__ import annotations
@@ -227,6 +228,50 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .prior.export import export_prior_run, is_prior_run
+    from .training.export import export_tokenizer_run
+
+    out = Path(args.out)
+    if is_prior_run(args.run):
+        if args.weights:
+            raise ValueError("--weights is for tokenizer runs; a prior exports checkpoints/last.pt")
+        export_prior_run(args.run, out, tokenizer=args.tokenizer)
+        what = "prior (and its tokenizer in tokenizer/)"
+    else:
+        if args.tokenizer:
+            raise ValueError(f"--tokenizer is for prior runs; {args.run} is not one")
+        export_tokenizer_run(args.run, out, weights=args.weights)
+        what = "tokenizer"
+    print(f"{what} written to {out}: config.json model.safetensors README.md")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="a vqkit train or vqkit prior run -> a pretrained directory (from_pretrained)",
+        description="Write a run's model as config.json, model.safetensors and a README.md "
+        "model card with the run's measured figures; load it with VQVAE.from_pretrained(DIR) "
+        "or Prior.from_pretrained(DIR).",
+    )
+    p.add_argument("run", metavar="RUN", help="a vqkit train or vqkit prior run directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="the pretrained directory")
+    p.add_argument(
+        "--weights",
+        default=None,
+        metavar="NAME",
+        help="tokenizer run: the weights file inside RUN (default: model.safetensors, else "
+        "checkpoints/best.pt, else checkpoints/last.pt)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="RUN_DIR",
+        help="prior run: the tokenizer run, if it moved (its weights must be the same file)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -304,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decompress_arguments(
         sub.add_parser("decompress", help="files of vqkit compress -> PNG images (or .npy)")
     )
+    _add_export(sub)
     return parser
 
 
@@ -325,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "sample": run_sample,
         "compress": run_compress,
         "decompress": run_decompress,
+        "export": _export,
     }
     import torch
 

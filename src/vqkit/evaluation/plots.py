@@ -15,7 +15,14 @@ import torch
 
 from ..storage.fileio import atomic_write
 
-__all__ = ["image_grid", "save_images", "save_recon_grid", "plot_curves", "plot_usage"]
+__all__ = [
+    "image_grid",
+    "recon_pairs",
+    "save_images",
+    "save_recon_grid",
+    "plot_curves",
+    "plot_usage",
+]
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -44,6 +51,16 @@ def _save_png(array: np.ndarray, path: str | os.PathLike[str], scale: int = 1) -
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def recon_pairs(originals: torch.Tensor, recons: torch.Tensor, per_row: int = 8) -> torch.Tensor:
+    """(2N, C, H, W): rows of ``per_row`` originals, each followed by the row of their
+    reconstructions; a grid tiled ``per_row`` wide (TensorBoard's 8) shows each image
+    above its reconstruction."""
+    rows = []
+    for i in range(0, originals.shape[0], per_row):
+        rows += [originals[i : i + per_row], recons[i : i + per_row]]
+    return torch.cat(rows)
 
 
 def save_recon_grid(

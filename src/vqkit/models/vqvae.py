@@ -13,6 +13,7 @@ from torch import nn
 from ..options import Options, compose, nonneg_int, option, option_fields, positive_int
 from ..quantizers import QuantizerOptions, QuantizerOutput, get_kind, quantizer_kinds
 from .convnets import Decoder, Encoder, ResidualStack, parse_channel_mult
+from .hub import PretrainedMixin
 from .vqgan import GROUPS, VQGANDecoder, VQGANEncoder, parse_attn_resolutions, parse_vqgan_ch_mult
 
 __all__ = [
@@ -231,13 +232,18 @@ class VQVAEOutput:
     vq: QuantizerOutput
 
 
-class VQVAE(nn.Module):
+class VQVAE(nn.Module, PretrainedMixin):
     """Encoder -> 1x1 pre-VQ conv -> vector quantizer -> decoder.
 
     Training objective (see :meth:`loss`): ``mse(recon, x) / data_variance + vq.loss``.
     Inputs are images scaled to [-0.5, 0.5], shape (B, in_channels, S, S), S = image_size
     (any multiple of 4 works at run time; the config's size is what the data was).
+    ``save_pretrained(dir)`` / ``VQVAE.from_pretrained(dir_or_repo_id)``: see
+    :mod:`vqkit.models.hub`.
     """
+
+    config_class = VQVAEConfig
+    pretrained_kind = "tokenizer"
 
     def __init__(self, config: VQVAEConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -343,3 +349,59 @@ class VQVAE(nn.Module):
             raise ValueError(f"data_variance must be > 0; got {data_variance}")
         recon_nmse = F.mse_loss(out.recon, x) / data_variance
         return {"loss": recon_nmse + out.vq.loss, "recon_nmse": recon_nmse, "vq": out.vq.loss}
+
+    # -- model card (save_pretrained) ---------------------------------------------------
+    def card_tags(self) -> list[str]:
+        return ["image-tokenizer", "vq-vae", f"quantizer-{self.config.quantizer}"]
+
+    def model_card_body(
+        self,
+        *,
+        evaluation: dict[str, Any] | None = None,
+        data: str | None = None,
+        source: str | None = None,
+        **_: Any,
+    ) -> str:
+        """The tokenizer's card: quantizer, K, code grid, data, and the measured test
+        figures ``evaluation`` (a run's ``eval.json``; "not measured" when None)."""
+        c = self.config
+        side = c.image_size // c.downsample
+        q = int(self.quantizer.codes_per_position)
+        grid = f"{side} x {side}" + (f" x {q} stages" if q > 1 else "")
+        lines = [
+            "# vqkit VQ-VAE image tokenizer",
+            "",
+            f"- quantizer: `{c.quantizer}` ({get_kind(c.quantizer).help})",
+            f"- codes: K = {self.num_codes}" + (" per stage" if q > 1 else ""),
+            f"- code grid: {grid} indices per {c.image_size} x {c.image_size} image with "
+            f"{c.in_channels} channel(s) (downsampling {c.downsample}, code dim "
+            f"{c.embedding_dim})",
+            f"- network: `{c.arch}` encoder/decoder, {c.hidden} base channels",
+            f"- data: {data or 'not recorded'}",
+        ]
+        if source:
+            lines.append(f"- exported from: `{source}`")
+        lines += ["", "## Measured", ""]
+        if evaluation:
+            lines += ["| figure | value |", "|---|---:|"]
+            for key in ("split", "num_images", "step", "mse", "nmse", "psnr", "perplexity",
+                        "codes_used", "usage"):  # fmt: skip
+                if key in evaluation and evaluation[key] is not None:
+                    v = evaluation[key]
+                    lines.append(f"| {key} | {v:.4g} |" if isinstance(v, float) else
+                                 f"| {key} | {v} |")  # fmt: skip
+        else:
+            lines.append("Not measured for these weights (no eval.json of the run).")
+        lines += [
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from vqkit.models import VQVAE",
+            'model = VQVAE.from_pretrained("THIS_DIR_OR_REPO")',
+            "indices = model.encode(x)          # x: (B, C, H, W) in [-0.5, 0.5]",
+            "images = model.decode(indices)     # back to (B, C, H, W)",
+            "```",
+            "",
+        ]
+        return "\n".join(lines)

@@ -10,6 +10,7 @@ schedules and parallel decoding in :mod:`vqkit.prior.masked`, editing in
 from .codes import CodeData, Tokenizer, load_codes, load_tokenizer
 from .config import PriorConfig, PriorTrainConfig
 from .masked import MaskedSampleOptions, decode
+from .pretrained import load_prior_tokenizer
 from .sampling import SampleOptions, filter_logits, guide, sample
 from .trainer import PriorTrainer
 from .transformer import KVCache, Prior, flatten_codes, unflatten_codes
@@ -29,6 +30,7 @@ __all__ = [
     "flatten_codes",
     "guide",
     "load_codes",
+    "load_prior_tokenizer",
     "load_tokenizer",
     "sample",
     "unflatten_codes",

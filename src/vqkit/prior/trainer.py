@@ -11,6 +11,7 @@ A prior run directory follows the conventions of ``vqkit train``::
     curves.png           bits per code (train, test) and learning rate against step; both
                          pictures are rewritten at every evaluation
     eval.json            the final evaluation
+    tensorboard/         with ``--tensorboard``: the metrics records and the sample grids
 
 Loss: the mean over codes of ``-log2 p(c_t | c_<t, y)`` (bits per code; the model trains
 on the same quantity in nats). A masked prior (``kind="masked"``) is the same job with
@@ -412,6 +413,8 @@ class PriorTrainer(LoaderJob):
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.run.write_json("config.json", self._run_info())
+            if cfg.tensorboard:  # a resume truncated the metrics: the same steps are purged
+                self.run.open_tensorboard()
         self._timer = (0, time.perf_counter())  # (steps timed, since)
         if not RunLoop(self, Cadence.of(cfg, "prior"), self.run, self.world).run_steps(until):
             return {"step": self.step}  # stopped at ``until`` (saved)
@@ -448,6 +451,7 @@ class PriorTrainer(LoaderJob):
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         save_grid(images, path)
         save_grid(images, self.out / "samples.png")
+        self.run.images(self.step, "samples", images)  # to the sinks (TensorBoard), if any
 
     def finish(self) -> dict[str, Any]:
         """The final evaluation (the last periodic one, made at this step) to ``eval.json``."""

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PriorConfig
+from .pretrained import PretrainedPrior
 from .sampling import SampleOptions, sample
 
 __all__ = ["KVCache", "Prior", "flatten_codes", "unflatten_codes"]
@@ -208,14 +209,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class Prior(nn.Module):
+class Prior(nn.Module, PretrainedPrior):
     """Transformer over raster-ordered codes (see the module docstring): decoder-only
     (autoregressive) or bidirectional with a mask token (masked), by ``config.kind``.
 
     ``config.vocab_size`` (V), ``config.code_shape`` and ``config.num_classes`` (C; 0 for
     an unconditional prior) must be set. Class ids are ``0 .. C-1``; :attr:`null_class`
-    (= C) is the unconditional label.
+    (= C) is the unconditional label. ``save_pretrained`` / ``from_pretrained``: see
+    :mod:`vqkit.prior.pretrained`.
     """
+
+    config_class = PriorConfig
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()

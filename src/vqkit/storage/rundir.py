@@ -10,6 +10,9 @@
 * :meth:`RunDir.truncate_metrics` drops the metric records a resumed run will write
   again: those logged after the checkpoint it resumes from, and a line cut short.
 * :meth:`RunDir.log` / :meth:`RunDir.write_json` write strict JSON (no NaN/Infinity).
+* :meth:`RunDir.attach` adds a sink (e.g. :class:`vqkit.storage.tensorboard.TensorBoardSink`,
+  made by :meth:`RunDir.open_tensorboard`) that mirrors every :meth:`RunDir.log` record and
+  receives the evaluation pictures of :meth:`RunDir.images`; :meth:`RunDir.unlock` closes it.
 
 The lock is advisory and per host-kernel; on NFS it relies on the server's lock support.
 """
@@ -23,7 +26,9 @@ import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from .fileio import (
     atomic_write,
@@ -33,8 +38,9 @@ from .fileio import (
     is_disk_full,
     write_json,
 )
+from .tensorboard import TENSORBOARD_DIR, TensorBoardSink
 
-__all__ = ["ARTIFACTS", "RunDir", "RunDirBusyError"]
+__all__ = ["ARTIFACTS", "RunDir", "RunDirBusyError", "Sink"]
 
 ARTIFACTS = (
     "metrics.jsonl",
@@ -56,6 +62,16 @@ class RunDirBusyError(FileExistsError):
     """Another live process holds the run directory's lock."""
 
 
+class Sink(Protocol):
+    """Where a run's records are mirrored besides ``metrics.jsonl``."""
+
+    def log(self, record: Mapping[str, Any]) -> None: ...
+
+    def images(self, step: int, tag: str, images: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class RunDir:
     """One run's output directory (see the module docstring).
 
@@ -67,6 +83,8 @@ class RunDir:
         self.path = Path(path)
         self.artifacts = tuple(artifacts)
         self._fd: int | None = None
+        self._sinks: list[Sink] = []
+        self._resumed_at: int | None = None  # the step truncate_metrics kept records up to
 
     @property
     def checkpoints(self) -> Path:
@@ -77,6 +95,11 @@ class RunDir:
     def metrics_path(self) -> Path:
         """``path/metrics.jsonl``."""
         return self.path / METRICS
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """``path/tensorboard``: the TensorBoard event files (``--tensorboard``)."""
+        return self.path / TENSORBOARD_DIR
 
     @property
     def locked(self) -> bool:
@@ -138,6 +161,7 @@ class RunDir:
     def unlock(self) -> None:
         """Release the lock. The file stays: unlinking it would let a process that has
         it open lock a file no longer in the directory while a third makes a new one."""
+        self.close_sinks()
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -163,14 +187,17 @@ class RunDir:
         found = [self.path / n for n in self.artifacts if (self.path / n).is_file()]
         if self.checkpoints.is_dir():
             found += sorted(self.checkpoints.glob("*.pt"))
+        if self.tensorboard_dir.is_dir():
+            found += sorted(self.tensorboard_dir.glob("events.out.tfevents.*"))
         return found
 
     def prepare(self, *, resume: bool = False, overwrite: bool = False) -> list[Path]:
         """Lock the directory (if not yet) and make it ready for a run; returns the paths
         removed.
 
-        ``resume``: keep everything. ``overwrite``: remove the known artifacts and
-        ``checkpoints/*.pt`` (other files stay; ``checkpoints/`` goes only if then empty).
+        ``resume``: keep everything. ``overwrite``: remove the known artifacts,
+        ``checkpoints/*.pt`` and ``tensorboard/events.out.tfevents.*`` (other files stay;
+        ``checkpoints/`` and ``tensorboard/`` go only if then empty).
         Neither: the directory must hold no run files (FileExistsError naming them).
         All three remove orphaned temp files (:func:`vqkit.storage.fileio.clean_stale_temps`).
         """
@@ -183,10 +210,11 @@ class RunDir:
             for p in present:
                 p.unlink(missing_ok=True)
                 removed.append(p)
-            try:
-                self.checkpoints.rmdir()
-            except OSError:  # absent, or holds files that are not ours
-                pass
+            for d in (self.checkpoints, self.tensorboard_dir):
+                try:
+                    d.rmdir()
+                except OSError:  # absent, or holds files that are not ours
+                    pass
         elif not resume and present:
             names = ", ".join(str(p.relative_to(self.path)) for p in present[:5])
             raise FileExistsError(
@@ -201,6 +229,7 @@ class RunDir:
         checkpoint's step: the resumed run logs those steps again. Returns the number of
         lines dropped; the file is rewritten atomically, and only if something changes.
         """
+        self._resumed_at = step
         path = self.metrics_path
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
@@ -240,6 +269,38 @@ class RunDir:
             if is_disk_full(e):
                 raise disk_full_error(e.errno, self.metrics_path) from e
             raise
+        for sink in self._sinks:
+            sink.log(record)
+
+    # -- sinks ---------------------------------------------------------------------
+    def attach(self, sink: Sink) -> Sink:
+        """Mirror every later :meth:`log` record (and :meth:`images`) to ``sink``; closed
+        by :meth:`close_sinks` (and :meth:`unlock`). Returns ``sink``."""
+        self._sinks.append(sink)
+        return sink
+
+    def open_tensorboard(self, purge_step: int | None = None) -> TensorBoardSink:
+        """Attach a :class:`~vqkit.storage.tensorboard.TensorBoardSink` on
+        :attr:`tensorboard_dir`. ``purge_step`` defaults, after :meth:`truncate_metrics`
+        (a resume), to the kept step + 1, so the resumed event stream holds each step
+        once; on a fresh run to None. Call it on the writing rank only."""
+        if purge_step is None and self._resumed_at is not None:
+            purge_step = self._resumed_at + 1
+        sink = TensorBoardSink(self.tensorboard_dir, purge_step=purge_step)
+        self.attach(sink)
+        return sink
+
+    def images(self, step: int, tag: str, images: torch.Tensor) -> None:
+        """Hand a grid of images (B, C, H, W) in [-0.5, 0.5] to the attached sinks (no
+        file of its own: the PNGs are written by the jobs)."""
+        for sink in self._sinks:
+            sink.images(step, tag, images)
+
+    def close_sinks(self) -> None:
+        """Close and detach every sink."""
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
 
     def write_json(self, name: str, obj: Any) -> Path:
         """Write ``obj`` as strict, indented JSON to ``path/name`` atomically; returns the path."""

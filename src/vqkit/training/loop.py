@@ -46,8 +46,9 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed
-from ..options import Options, nonneg, option, positive_int
+from ..options import nonneg, option, positive_int
 from ..storage.rundir import RunDir
+from ..storage.tensorboard import TensorBoardOptions
 from .interrupt import DeferredInterrupt, no_interrupt
 from .optim import Schedule
 
@@ -66,11 +67,12 @@ _clock = time.monotonic  # the clock of ckpt_minutes (a test replaces it)
 
 
 @dataclass
-class RunOptions(Options):
+class RunOptions(TensorBoardOptions):
     """The run loop's options, declared once: every job's options inherit them
     (``TrainOptions``, ``PriorTrainConfig``), so ``--log-every`` & co. mean the same in
     every command, and an option added here reaches every job's CLI, config files and
-    checkpoints. (``steps`` stays with each job: its default is the job's.)"""
+    checkpoints. (``steps`` stays with each job: its default is the job's.) ``tensorboard``
+    is inherited from its declaration beside the sink, :mod:`vqkit.storage.tensorboard`."""
 
     log_every: int = option(50, "write a train record every N steps", check=positive_int)
     eval_every: int = option(

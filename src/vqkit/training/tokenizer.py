@@ -15,6 +15,8 @@ A run directory holds::
     curves.png           loss, NMSE, perplexity, usage against step
     usage.png            codebook-usage histogram on the eval split
     eval.json            final evaluation on the eval split
+    tensorboard/         with ``--tensorboard``: the metrics records and, at each
+                         evaluation, 8 eval images above their reconstructions
 
 ``resume=True`` continues from ``checkpoints/last.pt``: model, optimizer, EMA
 buffers, weight average, gradient scaler, RNG and data position are restored, so the
@@ -308,6 +310,24 @@ class Trainer(LoaderJob):
         if record["nmse"] < self.best_nmse:
             self.best_nmse = record["nmse"]
             save_checkpoint(self.best_path, self._payload())
+        if self.config.tensorboard:  # a small reconstruction grid of this evaluation
+            from ..evaluation.plots import recon_pairs
+
+            self.run.images(self.step, "eval/recon", recon_pairs(*self.reconstruct(8)))
+
+    def reconstruct(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(originals, reconstructions) (n, C, H, W) of ``n`` eval images, evenly strided
+        over the split (class-sorted data shows every class), by the evaluated weights."""
+        n = min(n, len(self.eval_data))
+        pick = torch.linspace(0, len(self.eval_data) - 1, n).round().long()
+        x = normalize(self.eval_data.images[pick].to(self.device))
+        model = self.eval_model()
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            recon = model(x).recon
+        model.train(was_training)
+        return x, recon
 
     def eval_model(self) -> VQVAE:
         """The weights evaluated and exported: the weight average when there is one."""
@@ -341,6 +361,8 @@ class Trainer(LoaderJob):
             if self.resume_changes:
                 changes = {k: {"from": a, "to": b} for k, (a, b) in self.resume_changes.items()}
                 self._log({"kind": "resume", "step": self.step, "changes": changes})
+        if self.is_main and cfg.tensorboard:  # after truncate_metrics: purges the same steps
+            self.run.open_tensorboard()
         run_info = {
             "train": asdict(cfg),
             "model": self.model_config.to_dict(),
@@ -404,16 +426,8 @@ class Trainer(LoaderJob):
         counts = result.pop("counts")
         result["step"] = self.step
         self.run.write_json("eval.json", result)
-        model = self.eval_model()
-        export_safetensors(model, self.out / "model.safetensors")
-        n = min(32, len(self.eval_data))
-        # evenly strided over the split, so class-sorted data shows every class
-        pick = torch.linspace(0, len(self.eval_data) - 1, n).round().long()
-        x = normalize(self.eval_data.images[pick].to(self.device))
-        model.eval()
-        with torch.no_grad():
-            recon = model(x).recon
-        save_recon_grid(x, recon, self.out / "recon.png")
+        export_safetensors(self.eval_model(), self.out / "model.safetensors")
+        save_recon_grid(*self.reconstruct(32), self.out / "recon.png")
         if (self.out / "metrics.jsonl").exists():
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
         plot_usage(counts, self.out / "usage.png", title=f"{self.eval_data.split}:")
