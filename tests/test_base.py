@@ -370,3 +370,36 @@ def test_sizes_refuse_bools():
     ):
         with pytest.raises(ValueError, match="int"):
             make()
+
+
+@pytest.mark.parametrize(
+    "kind, options, rows",
+    [
+        ("vq", {"num_embeddings": 8}, ["codebook"]),
+        ("vq", {"num_embeddings": 8, "affine_codebook": True}, ["codebook"]),
+        ("ema", {"num_embeddings": 8}, []),  # a buffer: no gradient, no optimizer state
+        ("ibq", {"num_embeddings": 8}, ["codebook"]),
+        ("simvq", {"num_embeddings": 8}, []),  # K == d: W's shape alone would mislead
+        ("gvq", {"num_embeddings": 8, "groups": 2, "shared_groups": True}, ["layers.0.codebook"]),
+        ("rvq", {"num_embeddings": 8, "num_quantizers": 2, "rvq_stage": "vq"}, None),
+        ("fsq", {"levels": "3,3"}, []),
+        ("lfq", {"num_bits": 3}, []),
+    ],
+)
+def test_codebook_lr_and_code_row_parameters_say_what_they_are(kind, options, rows):
+    from vqkit.quantizers import build_quantizer
+
+    q = build_quantizer(kind, 8, **options)
+    names = {id(p): n for n, p in q.named_parameters()}
+    lr = q.codebook_lr_parameters()
+    code_rows = q.code_row_parameters()
+    assert all(id(p) in names for p in lr)  # trainable parameters of this module
+    assert {id(p) for p in code_rows} <= {id(p) for p in lr}
+    for p in code_rows:  # row k is code k
+        assert p.shape[0] == q.num_codes
+    if rows is not None:
+        assert [names[id(p)] for p in code_rows] == rows
+    if kind == "vq" and options.get("affine_codebook"):
+        assert sorted(names[id(p)] for p in lr) == ["codebook", "codebook_scale", "codebook_shift"]
+    if kind == "simvq":
+        assert [names[id(p)] for p in lr] == ["transform.weight"]

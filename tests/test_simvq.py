@@ -44,11 +44,12 @@ def test_simvq_contract_and_all_codes_move():
     torch.manual_seed(0)
     q = SimVQ(64, 4)
     assert not q.supports_init and not q.supports_revival
-    assert q.codebook_parameters() == [q.transform.weight]
+    assert q.codebook_lr_parameters() == [q.transform.weight]
+    assert q.code_row_parameters() == []  # W is d x d: no code rows to restart
     assert "codebook" in dict(q.named_buffers())  # frozen, saved with the state
     with pytest.raises(NotImplementedError):
         q.revive_dead_codes(torch.randn(8, 4))
-    opt = torch.optim.SGD(q.codebook_parameters(), lr=0.5)
+    opt = torch.optim.SGD(q.codebook_lr_parameters(), lr=0.5)
     before = q._search_codebook().detach().clone()
     out = q.train()(torch.randn(16, 4) + 3.0)
     out.loss.backward()

@@ -128,8 +128,11 @@ class BaseQuantizer(nn.Module):
       bool (K,) mask of revived codes.
     * ``code_usage() -> (K,) | None``: the usage statistic (expected assignments per
       global training batch, recent EMA), None when not tracked; ``dead_codes``.
-    * ``codebook_parameters()``: the parameters that are the codes (a learning-rate
-      group of their own; optimizer-row reset after revival); empty if none.
+    * ``codebook_lr_parameters()``: the parameters that get the codebook learning rate
+      (``--codebook-lr-scale``): the codes, an affine map of them, SimVQ's d x d map.
+    * ``code_row_parameters()``: the parameters whose dim-0 rows are the K codes, the
+      rows that ``revive_dead_codes``' mask indexes (their optimizer state restarts
+      after a revival); a subset of ``codebook_lr_parameters()``.
     * ``counts_are_global``: training-mode ``counts`` are already summed over ranks.
 
     A quantizer without a codebook (FSQ) keeps the defaults: no init, no revival.
@@ -166,8 +169,14 @@ class BaseQuantizer(nn.Module):
         """Replace dead codes by vectors of ``x``; returns the bool (K,) revived mask."""
         raise NotImplementedError(f"{type(self).__name__} has no codebook to revive")
 
-    def codebook_parameters(self) -> list[nn.Parameter]:
-        """The parameters that hold the codes (empty: none are learned by gradient)."""
+    def codebook_lr_parameters(self) -> list[nn.Parameter]:
+        """The parameters trained at the codebook learning rate (empty: none are
+        learned by gradient)."""
+        return []
+
+    def code_row_parameters(self) -> list[nn.Parameter]:
+        """The parameters of shape (K, ...) whose row k is code k (empty: no code is a
+        parameter row)."""
         return []
 
     @property

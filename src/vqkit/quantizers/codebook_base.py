@@ -158,8 +158,11 @@ class CodebookQuantizer(BaseQuantizer):
         if usage_decay is not None:  # None: the subclass keeps its own usage statistic
             self._init_usage(num_embeddings, usage_decay)
 
-    def codebook_parameters(self) -> list[nn.Parameter]:
+    def code_row_parameters(self) -> list[nn.Parameter]:
         return [self.codebook] if isinstance(self.codebook, nn.Parameter) else []
+
+    def codebook_lr_parameters(self) -> list[nn.Parameter]:
+        return self.code_row_parameters()
 
     # -- codebook health: one procedure; subclasses say how codes and statistics are set
     @torch.no_grad()

@@ -97,8 +97,11 @@ class GroupedVQ(BaseQuantizer):
         )
 
     # -- the contract ---------------------------------------------------------------
-    def codebook_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.codebook_parameters()]
+    def codebook_lr_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.codebook_lr_parameters()]
+
+    def code_row_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.code_row_parameters()]
 
     @property
     def counts_are_global(self) -> bool:

@@ -122,8 +122,11 @@ class ResidualVQ(BaseQuantizer):
         )
 
     # -- the contract: the stages' codebooks and statistics --------------------------
-    def codebook_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.codebook_parameters()]
+    def codebook_lr_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.codebook_lr_parameters()]
+
+    def code_row_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.code_row_parameters()]
 
     @property
     def counts_are_global(self) -> bool:

@@ -40,8 +40,9 @@ class SimVQ(CodebookQuantizer):
     Init and revival: not supported (``supports_init = supports_revival = False``).
     The codes are not free rows: moving one code means changing ``W``, which moves all
     of them, and a k-means fit of K codes by a d x d map is a least-squares problem,
-    not an init. ``codebook_parameters()`` is ``[W]`` (its learning-rate group; it is
-    d x d, not K rows, so there are no optimizer rows to restart).
+    not an init. ``codebook_lr_parameters()`` is ``[W]`` (the codebook learning rate);
+    ``code_row_parameters()`` is empty (W is d x d, not K rows: no optimizer rows to
+    restart).
 
     Args:
         num_embeddings, embedding_dim, commitment_cost, codebook_weight: as for
@@ -73,8 +74,11 @@ class SimVQ(CodebookQuantizer):
         with torch.no_grad():
             self.transform.weight.copy_(torch.eye(d))
 
-    def codebook_parameters(self) -> list[nn.Parameter]:
+    def codebook_lr_parameters(self) -> list[nn.Parameter]:
         return [self.transform.weight]
+
+    def code_row_parameters(self) -> list[nn.Parameter]:
+        return []
 
     def _map(self, frozen: torch.Tensor) -> torch.Tensor:
         """Frozen codes (..., d) -> implicit codes ``W c`` (float32, normalised with

@@ -87,7 +87,7 @@ class VectorQuantizer(CodebookQuantizer):
             nn.init.ones_(self.codebook_scale)
             nn.init.zeros_(self.codebook_shift)
 
-    def codebook_parameters(self) -> list[nn.Parameter]:
+    def codebook_lr_parameters(self) -> list[nn.Parameter]:
         extra = [p for p in (self.codebook_scale, self.codebook_shift) if p is not None]
         return [self.codebook, *extra]
 

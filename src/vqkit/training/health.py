@@ -128,9 +128,8 @@ class CodebookHealth:
             threshold=self.config.dead_threshold,
             generator=seeded_generator(self.config.seed, 1, step),
         )
-        for p in self.quantizer.codebook_parameters():
-            if p.dim() == 2 and p.shape[0] == mask.shape[0]:  # rows are codes
-                reset_optimizer_rows(optimizer, p, mask)
+        for p in self.quantizer.code_row_parameters():
+            reset_optimizer_rows(optimizer, p, mask)
         if weight_ema is not None and model is not None and bool(mask.any()):
             weight_ema.reset_rows(model, "quantizer.", mask)
         return int(mask.sum())

@@ -202,7 +202,7 @@ class Trainer(LoaderJob):
         quantizer's codebook parameters when the scale is not 1."""
         if self.config.codebook_lr_scale == 1.0:
             return [{"params": list(self.model.parameters())}]
-        codebook = self.model.quantizer.codebook_parameters()
+        codebook = self.model.quantizer.codebook_lr_parameters()
         ids = {id(p) for p in codebook}
         rest = [p for p in self.model.parameters() if id(p) not in ids]
         groups: list[dict[str, Any]] = [{"params": rest}]
