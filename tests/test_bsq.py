@@ -104,6 +104,16 @@ def test_bsq_options():
     assert out.counts is None and torch.isfinite(out.loss)
 
 
+def test_bsq_refuses_an_entropy_group_too_large_at_construction():
+    with pytest.raises(ValueError, match="entropy_group_size must be <= 24"):
+        BSQ(30, entropy_group_size=25)
+    with pytest.raises(ValueError, match="entropy_group_size must be <= 24"):
+        build_quantizer("bsq", 16, num_bits=40, entropy_group_size=30)
+    BSQ(30, entropy_group_size=24)  # the largest exact group
+    BSQ(20, entropy_group_size=99)  # capped at num_bits: one exact group of 20 bits
+    BSQ(30, entropy_group_size=25, entropy_weight=0.0)  # no entropy term: nothing to build
+
+
 def test_bsq_eval_compiles_to_one_graph_and_autocast():
     q = BSQ(8, 16)
     x = torch.randn(2, 16, 5)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..options import option, positive_int
-from .entropy import batch_entropy
+from .entropy import MAX_EXACT_BITS, batch_entropy
 from .lfq import BinaryOptions, BinaryQuantizer
 from .registry import register_quantizer
 
@@ -28,7 +28,8 @@ class BSQ(BinaryQuantizer):
     projections when different, ``entropy_weight``, ``diversity_gamma``,
     ``commitment_cost``, ``temperature``, ...), plus
 
-        entropy_group_size: bits per group of the factorised batch entropy (below).
+        entropy_group_size: bits per group of the factorised batch entropy (below); at
+            most ``MAX_EXACT_BITS`` (24) bits per group with ``entropy_weight > 0``.
 
     Soft assignment ``p(c|u) ∝ exp(-||u - c||^2 / tau) ∝ exp(2 c.u / tau)``: per-bit
     logit ``a_i = 4 u_i / (sqrt(d) tau)`` (the reference code's ``inv_temperature`` is
@@ -64,6 +65,13 @@ class BSQ(BinaryQuantizer):
                 f"entropy_group_size must be a positive int; got {entropy_group_size!r}"
             )
         self.entropy_group_size = min(entropy_group_size, num_bits)
+        if self.entropy_weight > 0 and self.entropy_group_size > MAX_EXACT_BITS:
+            # caught here, not at the first training step (the 2^g-float group marginal)
+            raise ValueError(
+                f"entropy_group_size must be <= {MAX_EXACT_BITS} (the exact entropy of a "
+                f"group of g bits needs a 2^g-float marginal); got {entropy_group_size} "
+                f"with num_bits={num_bits}"
+            )
         self.code_scale = 1.0 / math.sqrt(num_bits)
 
     def _to_sphere(self, z: torch.Tensor) -> torch.Tensor:
