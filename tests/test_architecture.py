@@ -14,6 +14,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 # rooms, lowest first: a room may import its own room and any room of a lower rank
 RANKS = {
     "options": 0,
+    "errors": -1,
     "distributed": 0,
     "search": 1,
     "metrics": 1,

@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 __all__ = [
     "all_gather_rows",
     "all_reduce_sum",
@@ -180,11 +182,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise UserError(f"device {name!r} requested but CUDA is not available")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {name!r}")
     return dev
 
 

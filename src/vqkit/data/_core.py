@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 __all__ = [
     "ImageData",
     "data_variance",
@@ -27,7 +29,7 @@ def archive_error(path: object, e: BaseException) -> ValueError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if first.startswith("file could not be opened successfully"):
         first = "not a tar archive, plain or gzip/bzip2/xz compressed"
-    return ValueError(f"{path}: corrupt or truncated archive ({first.rstrip(':')})")
+    return UserError(f"{path}: corrupt or truncated archive ({first.rstrip(':')})")
 
 
 @dataclass(frozen=True, eq=False)  # eq on tensors would be ambiguous
@@ -55,16 +57,16 @@ class ImageData:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(
+            raise UserError(
                 f"images must be a uint8 tensor (N, C, H, W), got {self.images.dtype} "
                 f"with shape {tuple(self.images.shape)}"
             )
         if self.images.shape[1] not in (1, 3):
-            raise ValueError(
+            raise UserError(
                 f"images must have 1 or 3 channels, got shape {tuple(self.images.shape)}"
             )
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
+            raise UserError(
                 f"labels must be int64 of shape ({self.images.shape[0]},), got {self.labels.dtype} "
                 f"with shape {tuple(self.labels.shape)}"
             )
@@ -87,7 +89,7 @@ class ImageData:
         """Side length of the (square) images; ValueError if they are not square."""
         h, w = self.hw
         if h != w:
-            raise ValueError(f"images are not square ({h}x{w}); use .hw instead")
+            raise UserError(f"images are not square ({h}x{w}); use .hw instead")
         return h
 
     @property
@@ -165,7 +167,7 @@ def data_variance(data: ImageData | torch.Tensor | np.ndarray) -> float:
     if x.dtype != torch.uint8:
         raise TypeError(f"data_variance expects uint8 images, got {x.dtype}")
     if x.numel() == 0:
-        raise ValueError("data_variance of an empty dataset")
+        raise UserError("data_variance of an empty dataset")
     counts = torch.bincount(x.reshape(-1).to(torch.int64).cpu(), minlength=256).to(torch.float64)
     values = torch.arange(256, dtype=torch.float64) / 255.0 - 0.5
     n = counts.sum()
@@ -201,7 +203,7 @@ def transform_array(images: np.ndarray, channels: int | None, image_size: int | 
     n, c, h, w = images.shape
     want_c = c if channels is None else channels
     if want_c not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise UserError(f"channels must be 1 or 3, got {channels}")
     need_resize = image_size is not None and (h, w) != (image_size, image_size)
     if want_c == c and not need_resize:
         return images
@@ -232,4 +234,4 @@ def channels_to_mode(channels: int) -> str:
         return "L"
     if channels == 3:
         return "RGB"
-    raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    raise UserError(f"channels must be 1 or 3, got {channels!r}")

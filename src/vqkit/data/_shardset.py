@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ._core import ImageData
 from ._stream import (
     MANIFEST_NAME,
@@ -54,9 +55,9 @@ class ShardSet:
 
     def __post_init__(self) -> None:
         if not self.shards or len(self.shards) != len(self.counts):
-            raise ValueError(f"{self.source}: need one count per shard, and at least one shard")
+            raise UserError(f"{self.source}: need one count per shard, and at least one shard")
         if any(int(c) < 0 for c in self.counts):
-            raise ValueError(f"{self.source}: negative shard count")
+            raise UserError(f"{self.source}: negative shard count")
 
     @property
     def num_shards(self) -> int:
@@ -87,7 +88,7 @@ class ShardSet:
         c = channels or self.channels
         hw = (image_size, image_size) if image_size else self.size
         if hw is None:
-            raise ValueError(f"{self.source}: images differ in size; pass image_size")
+            raise UserError(f"{self.source}: images differ in size; pass image_size")
         decode = Decode(c, image_size, "center", 1.0, hw, 0, 0)
         images = np.empty((self.num_images, c, *hw), dtype=np.uint8)
         labels, keys = np.empty(self.num_images, dtype=np.int64), []
@@ -145,7 +146,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         m = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e})") from e
+        raise UserError(f"{path}: unreadable manifest ({e})") from e
     return m if isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT else None
 
 
@@ -161,7 +162,7 @@ def _list_split(source: str, split: str) -> list[Path]:
         last = prefixes.pop().rsplit("-", 1)[-1] if len(prefixes) == 1 else ""
         own = last if last in SPLIT_NAMES else "train"
         if split != own:
-            raise ValueError(f"{source}: this pattern names the {own!r} shards, not {split!r}")
+            raise UserError(f"{source}: this pattern names the {own!r} shards, not {split!r}")
         return paths
     folder = Path(source)
     if not folder.is_dir():
@@ -174,7 +175,7 @@ def _list_split(source: str, split: str) -> list[Path]:
     found = sorted(set(named.values()) & set(SPLIT_NAMES))
     if tars and not found and split == "train":
         return tars  # no split prefixes: every shard is train
-    raise ValueError(
+    raise UserError(
         f"{folder}: no {split!r} shards ({split}-NNNNNN.tar); "
         + (f"splits found: {', '.join(found)}" if found else "no shards found")
     )
@@ -191,7 +192,7 @@ def open_shards(source: str | os.PathLike[str], split: str = "train") -> ShardSe
     folders = {p.parent for p in paths}
     for folder in folders:
         if packing_marker(folder, split).exists():
-            raise ValueError(
+            raise UserError(
                 f"{folder}: its {split} shards are half replaced (a vqkit pack was stopped "
                 "while switching them in); pack them again with --overwrite"
             )
@@ -226,7 +227,7 @@ def _peek(paths: Sequence[Path], counts: Sequence[int]) -> tuple[int, tuple[int,
         for raw in iter_shard(path) if n else ():
             ext = next((e for e in IMAGE_KEYS if e in raw), None)
             if ext is None:
-                raise ValueError(f"{path}: sample {raw['__key__']!r} has no image member")
+                raise UserError(f"{path}: sample {raw['__key__']!r} has no image member")
             with Image.open(io.BytesIO(raw[ext])) as im:
                 return (1 if im.mode in _GRAY else 3), (im.height, im.width)
-    raise ValueError(f"{paths[0]}: the shards hold no samples")
+    raise UserError(f"{paths[0]}: the shards hold no samples")

@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .transforms import IMAGE_KEYS, crop_resize, decode_image, sample_rng, to_array
+from ..errors import UserError
+from ._core import channels_to_mode
+from .decode import decode_image
+from .transforms import IMAGE_KEYS, crop_resize, sample_rng, to_array
 
 MANIFEST_NAME = "manifest.json"
 
@@ -58,7 +61,7 @@ def count_samples(path: str | os.PathLike[str]) -> int:
             if fileobj is not None and offset is not None and fileobj.tell() - offset < 512:
                 raise tarfile.ReadError("archive ends without an end-of-archive block")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise ValueError(f"{path}: corrupt or truncated shard ({short_error(e)})") from e
+        raise UserError(f"{path}: corrupt or truncated shard ({short_error(e)})") from e
     return n
 
 
@@ -72,7 +75,7 @@ def iter_shard(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
         with open(url, "rb") as f:
             yield from group_by_keys({**d, "__url__": url} for d in tar_file_iterator(f))
     except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
-        raise ValueError(f"{url}: corrupt or truncated shard ({short_error(e)})") from e
+        raise UserError(f"{url}: corrupt or truncated shard ({short_error(e)})") from e
 
 
 def checked(path: str, count: int, skip: int = 0) -> Iterator[dict[str, Any]]:
@@ -86,7 +89,7 @@ def checked(path: str, count: int, skip: int = 0) -> Iterator[dict[str, Any]]:
             yield raw
     if seen != count:
         found = f"more than {count}" if seen > count else str(seen)
-        raise ValueError(
+        raise UserError(
             f"{path}: corrupt or truncated shard: {found} samples where {count} were expected "
             f"(rewrite it, or update its {MANIFEST_NAME})"
         )
@@ -111,17 +114,17 @@ class Decode:
         url, key = raw["__url__"], raw["__key__"]
         ext = next((e for e in IMAGE_KEYS if e in raw), None)
         if ext is None:
-            raise ValueError(f"{url}: sample {key!r} has no image member ({', '.join(IMAGE_KEYS)})")
+            raise UserError(f"{url}: sample {key!r} has no image member ({', '.join(IMAGE_KEYS)})")
         try:
-            img = decode_image(raw[ext], self.channels)
+            img, _ = decode_image(raw[ext], channels_to_mode(self.channels))
         except Exception as e:
-            raise ValueError(f"{url}: cannot decode {key}.{ext} ({short_error(e)})") from e
+            raise UserError(f"{url}: cannot decode {key}.{ext} ({short_error(e)})") from e
         rng = None
         if self.crop == "random" and self.image_size:
             rng = sample_rng(self.seed, self.epoch, os.path.basename(url), key)
         a = to_array(crop_resize(img, self.image_size, self.crop, rng, self.crop_scale))
         if a.shape[1:] != self.hw:
-            raise ValueError(
+            raise UserError(
                 f"{url}: {key}.{ext} is {a.shape[2]}x{a.shape[1]}, not {self.hw[1]}x{self.hw[0]}"
                 " like the rest; pass image_size to resize and crop"
             )
@@ -140,7 +143,7 @@ def _label(raw: dict[str, Any], url: str, key: str) -> int:
     except (ValueError, UnicodeDecodeError):
         label = -1
     if label < 0:
-        raise ValueError(
+        raise UserError(
             f"{url}: {key}.cls is not a class label (ASCII digits): {text[:20]!r}; "
             "rewrite the shard (vqkit pack writes labels as digits)"
         )
@@ -301,7 +304,7 @@ def resume_point(totals: Sequence[int], chunk: int, position: int) -> tuple[list
     comes next, how many samples of that chunk were already consumed)."""
     done, k, pos = [0] * len(totals), 0, 0
     if position >= sum(totals):
-        raise ValueError(f"position {position} is past the epoch's {sum(totals)} samples")
+        raise UserError(f"position {position} is past the epoch's {sum(totals)} samples")
     while True:
         while done[k] >= totals[k]:
             k = (k + 1) % len(totals)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..storage.fileio import atomic_write, clean_stale_temps, is_disk_full
 from ._cache import cache_file, load_cached, resolve_cache_dir, save_cached
 from ._core import ImageData, archive_error, transform_array
@@ -76,7 +77,7 @@ def verify_cifar10_archive(path: str | os.PathLike[str], md5: str = CIFAR10_MD5)
     """Raise ValueError naming ``path`` if its md5 is not the official one."""
     actual = file_md5(path)
     if actual != md5:
-        raise ValueError(
+        raise UserError(
             f"checksum mismatch for {path}: md5 {actual}, expected {md5} (the official "
             f"{CIFAR10_ARCHIVE}). The file is corrupt, incomplete or a different file; "
             f"download it again from {CIFAR10_URL}"
@@ -153,22 +154,22 @@ def _unpickle(data: bytes, where: str) -> dict[str, Any]:
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as e:
-        raise ValueError(f"{where}: not a readable CIFAR-10 batch pickle ({e})") from e
+        raise UserError(f"{where}: not a readable CIFAR-10 batch pickle ({e})") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a pickled dict, got {type(obj).__name__}")
+        raise UserError(f"{where}: expected a pickled dict, got {type(obj).__name__}")
     # Official pickles have bytes keys; files re-saved under Python 3 may have str keys.
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
 def _parse_batch(d: dict[str, Any], where: str) -> tuple[np.ndarray, np.ndarray]:
     if "data" not in d or ("labels" not in d and "fine_labels" not in d):
-        raise ValueError(f"{where}: batch dict lacks 'data'/'labels' (keys: {sorted(d)})")
+        raise UserError(f"{where}: batch dict lacks 'data'/'labels' (keys: {sorted(d)})")
     data = np.asarray(d["data"])
     labels = np.asarray(d["labels"] if "labels" in d else d["fine_labels"], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{where}: 'data' must be uint8 (n, 3072), got {data.dtype} {data.shape}")
+        raise UserError(f"{where}: 'data' must be uint8 (n, 3072), got {data.dtype} {data.shape}")
     if labels.shape != (data.shape[0],):
-        raise ValueError(f"{where}: {data.shape[0]} images but {labels.shape[0]} labels")
+        raise UserError(f"{where}: {data.shape[0]} images but {labels.shape[0]} labels")
     return data.reshape(-1, 3, 32, 32), labels  # rows are R, G, B planes -> (n, 3, 32, 32)
 
 
@@ -205,7 +206,7 @@ def _read_from_archive(archive: Path, names: tuple[str, ...]) -> dict[str, bytes
         raise archive_error(archive, e) from e
     missing = [n for n in names if n not in out]
     if missing:
-        raise ValueError(f"{archive}: not a CIFAR-10 python archive, missing {', '.join(missing)}")
+        raise UserError(f"{archive}: not a CIFAR-10 python archive, missing {', '.join(missing)}")
     return out
 
 
@@ -229,7 +230,7 @@ def load_cifar10(
     """
     path = Path(source)
     if split not in _SPLIT_FILES:
-        raise ValueError(f"CIFAR-10 has splits 'train' and 'test', not {split!r}")
+        raise UserError(f"CIFAR-10 has splits 'train' and 'test', not {split!r}")
     names = _SPLIT_FILES[split]
     if not path.exists():
         raise FileNotFoundError(f"CIFAR-10 source not found: {path}")

@@ -1,4 +1,5 @@
-"""Decoding one image with Pillow: channel rules, oversized-image errors, :func:`read_image`.
+"""Decoding one image with Pillow, for every data path: :func:`decode_image`, channel
+rules, oversized-image errors, :func:`read_image`.
 
 Channel rule shared by image folders and single reads: an image is *gray* when its Pillow
 mode is one of :data:`GRAY_MODES` (L, LA, 1, I, F, ...). Gray -> RGB repeats the channel
@@ -10,13 +11,15 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ._core import channels_to_mode, resize_center_crop
 
-__all__ = ["GRAY_MODES", "decode_image", "read_image", "too_large_message"]
+__all__ = ["GRAY_MODES", "decode_image", "decode_pixels", "read_image", "too_large_message"]
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
@@ -30,19 +33,19 @@ def too_large_message(where: str | os.PathLike[str], detail: object) -> str:
     )
 
 
-def decode_image(
-    item: bytes | str | os.PathLike[str], mode: str | None, size: int | None
-) -> tuple[bytes, int, int, int, bool]:
-    """Decode one image (its bytes or a path) to raw pixels.
+def decode_image(item: bytes | str | os.PathLike[str], mode: str | None = None) -> tuple[Any, bool]:
+    """Decode one image (its encoded bytes or a path): the one decoder of every data
+    path (image folders, shards, packing, :func:`read_image`).
 
     ``mode``: "L" or "RGB"; None keeps the image's kind (gray -> "L", anything else ->
-    "RGB"). ``size``: shorter side resized to it, then centre-cropped square.
-    Returns ``(pixels, height, width, channels, was_gray)``, pixels in (H, W, C) order.
-    Pillow's exceptions pass through (DecompressionBombError for oversized images).
+    "RGB"). Palette images with transparency go through RGBA. Returns ``(image,
+    was_gray)``: a loaded Pillow image in that mode, and whether the source was gray
+    (:data:`GRAY_MODES`). Pillow's exceptions pass through (DecompressionBombError for
+    oversized images; OSError / ValueError / SyntaxError for what is not an image).
     """
     from PIL import Image
 
-    data = item if isinstance(item, bytes) else Path(item).read_bytes()
+    data = Path(item).read_bytes() if isinstance(item, (str, os.PathLike)) else item
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # decode now, so a truncated or corrupt file raises here
         gray = im.mode in GRAY_MODES
@@ -50,11 +53,20 @@ def decode_image(
         img = im
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")  # avoids Pillow's palette-transparency warning
-        if img.mode != want:
-            img = img.convert(want)
-        if size is not None:
-            img = resize_center_crop(img, size)
-        return img.tobytes(), img.height, img.width, 1 if want == "L" else 3, gray
+        # a copy when nothing converts: the opened image is closed on leaving the block
+        return (img.convert(want) if img.mode != want else img.copy()), gray
+
+
+def decode_pixels(
+    item: bytes | str | os.PathLike[str], mode: str | None, size: int | None
+) -> tuple[bytes, int, int, int, bool]:
+    """:func:`decode_image`, then the shorter side resized to ``size`` and the centre
+    square cropped (``size`` None: unchanged). Returns ``(pixels, height, width,
+    channels, was_gray)``, pixels in (H, W, C) order."""
+    img, gray = decode_image(item, mode)
+    if size is not None:
+        img = resize_center_crop(img, size)
+    return img.tobytes(), img.height, img.width, 1 if img.mode == "L" else 3, gray
 
 
 def read_image(
@@ -76,12 +88,12 @@ def read_image(
         raise FileNotFoundError(f"image not found: {path}")
     mode = None if channels is None else channels_to_mode(channels)
     if size is not None and size < 1:
-        raise ValueError(f"size must be positive, got {size}")
+        raise UserError(f"size must be positive, got {size}")
     try:
-        pixels, h, w, c, _ = decode_image(path, mode, size)
+        pixels, h, w, c, _ = decode_pixels(path, mode, size)
     except Image.DecompressionBombError as e:
-        raise ValueError(too_large_message(path, e)) from e
+        raise UserError(too_large_message(path, e)) from e
     except (OSError, ValueError, SyntaxError) as e:  # Pillow's ways of saying "not an image"
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise UserError(f"cannot read image {path}: {e}") from e
     arr = np.frombuffer(pixels, dtype=np.uint8).reshape(h, w, c)
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ._core import ImageData, transform_array
 
 __all__ = ["find_idx_files", "load_idx", "read_idx"]
@@ -51,7 +52,7 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (EOFError, OSError, zlib.error) as e:
-        raise ValueError(f"{path}: corrupt or truncated gzip file ({e})") from e
+        raise UserError(f"{path}: corrupt or truncated gzip file ({e})") from e
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -65,33 +66,31 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         raise FileNotFoundError(f"idx file not found: {path}")
     raw = _read_bytes(path)
     if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an idx header ({len(raw)} bytes)")
+        raise UserError(f"{path}: too short for an idx header ({len(raw)} bytes)")
     if raw[0] != 0 or raw[1] != 0:
-        raise ValueError(
+        raise UserError(
             f"{path}: bad idx magic {raw[:4].hex()} (expected 0000 followed by a dtype code "
             "and the number of dimensions); not an idx file"
         )
     code, ndim = raw[2], raw[3]
     if code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: unknown idx dtype code 0x{code:02x} (magic {raw[:4].hex()})")
+        raise UserError(f"{path}: unknown idx dtype code 0x{code:02x} (magic {raw[:4].hex()})")
     if ndim == 0:
-        raise ValueError(f"{path}: idx header declares 0 dimensions")
+        raise UserError(f"{path}: idx header declares 0 dimensions")
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
-        raise ValueError(f"{path}: truncated idx header ({len(raw)} of {header_len} bytes)")
+        raise UserError(f"{path}: truncated idx header ({len(raw)} of {header_len} bytes)")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[code])
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     got = len(raw) - header_len
     if got < expected:
-        raise ValueError(
+        raise UserError(
             f"{path}: truncated idx data: header says {dims} of {dtype} ({expected} bytes), "
             f"file has {got} bytes of data"
         )
     if got > expected:
-        raise ValueError(
-            f"{path}: {got - expected} unexpected trailing bytes after idx data {dims}"
-        )
+        raise UserError(f"{path}: {got - expected} unexpected trailing bytes after idx data {dims}")
     arr = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=header_len)
     return arr.reshape(dims).astype(dtype.newbyteorder("="), copy=True)
 
@@ -109,7 +108,7 @@ def find_idx_files(directory: str | os.PathLike[str], split: str) -> tuple[Path,
     directory = Path(directory)
     key = "test" if split in ("test", "t10k") else split
     if key not in _SPLIT_PREFIXES:
-        raise ValueError(f"idx datasets have splits 'train' and 'test', not {split!r}")
+        raise UserError(f"idx datasets have splits 'train' and 'test', not {split!r}")
 
     def find(kind: str, ndim: int) -> Path:
         tried = []
@@ -155,11 +154,11 @@ def load_idx(
     images = read_idx(images_path)
     labels = read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(
+        raise UserError(
             f"{images_path}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}"
         )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"{labels_path}: expected {images.shape[0]} labels, got array of shape {labels.shape}"
         )
     arr = transform_array(images[:, None], channels, image_size)

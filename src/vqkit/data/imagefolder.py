@@ -28,9 +28,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ._cache import cache_file, load_cached, resolve_cache_dir, save_cached
 from ._core import ImageData, archive_error, channels_to_mode
-from .decode import decode_image, too_large_message
+from .decode import decode_pixels, too_large_message
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -137,18 +138,18 @@ def _select_split(paths: Sequence[str], split: str | None, where: Path) -> tuple
             depth = min(r.count("/") for r in roots)
             top = sorted(r for r in roots if r.count("/") == depth)
             if len(top) > 1:
-                raise ValueError(
+                raise UserError(
                     f"{where}: ambiguous split {split!r}: several folders match ({', '.join(top)})"
                 )
             root = top[0]
             return root, [p for p in paths if p.startswith(root)]
         present = sorted({part for p in paths for part in p.split("/")[:-1]} & set(SPLIT_NAMES))
         if present:
-            raise ValueError(
+            raise UserError(
                 f"{where}: no {split!r} split folder; split folders found: {', '.join(present)}"
             )
         if split != "train":
-            raise ValueError(
+            raise UserError(
                 f"{where}: has no split folders (train/, test/, ...), so the whole tree is the "
                 f"'train' split; there is no {split!r} split"
             )
@@ -190,7 +191,7 @@ def _decode_chunk(args: tuple[list[bytes | str], str | None, int | None]) -> _De
     meta: list[_Meta] = []
     for item in items:
         try:
-            pixels, h, w, c, gray = decode_image(item, mode, size)
+            pixels, h, w, c, gray = decode_pixels(item, mode, size)
         except Exception as e:  # reported by path by the caller
             meta.append(f"{type(e).__name__}: {e}")
         else:
@@ -257,13 +258,13 @@ def load_image_folder(
         raise FileNotFoundError(f"image folder or archive not found: {path}")
     tar = path.is_file()
     if tar and not is_tar_path(path):
-        raise ValueError(f"{path}: not a directory or a tar archive ({', '.join(TAR_SUFFIXES)})")
+        raise UserError(f"{path}: not a directory or a tar archive ({', '.join(TAR_SUFFIXES)})")
     if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
+        raise UserError(f"on_error must be 'skip' or 'raise', not {on_error!r}")
     if channels is not None:
         channels_to_mode(channels)  # validate early
     if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
+        raise UserError(f"image_size must be positive, got {image_size}")
 
     cache_path = None
     if cache:
@@ -299,9 +300,7 @@ def load_image_folder(
     else:
         names = _list_directory(path)
     if not names:
-        raise ValueError(
-            f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files)"
-        )
+        raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files)")
     root, selected = _select_split(names, split, path)
     selected.sort(key=_path_key)
     labels, classes, _ = _labels_for([p[len(root) :] for p in selected])
@@ -324,12 +323,12 @@ def load_image_folder(
     too_large = [i for i, m in enumerate(meta) if isinstance(m, str) and m.startswith(_TOO_LARGE)]
     if too_large:  # never skipped: a huge photo is data the user meant to include
         i = too_large[0]
-        raise ValueError(too_large_message(display[i], meta[i].split(": ", 1)[1]))  # type: ignore[union-attr]
+        raise UserError(too_large_message(display[i], meta[i].split(": ", 1)[1]))  # type: ignore[union-attr]
     if bad and on_error == "raise":
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ValueError(f"cannot decode image {bad[0]}{more}")
+        raise UserError(f"cannot decode image {bad[0]}{more}")
     if not good:
-        raise ValueError(
+        raise UserError(
             f"{path}: none of the {len(meta)} images could be decoded: "
             + "; ".join(bad[:_MAX_LISTED])
         )
@@ -337,7 +336,7 @@ def load_image_folder(
     for i in good:
         if meta[i][:2] != (h, w):
             hi, wi = meta[i][:2]
-            raise ValueError(
+            raise UserError(
                 f"images differ in size: {display[good[0]]} is {w}x{h} but {display[i]} is "
                 f"{wi}x{hi}; pass image_size to resize and crop them all"
             )

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import UserError
 from ._core import ImageData, normalize
 
 __all__ = ["BatchLoader", "epoch_permutation", "iterate_batches"]
@@ -90,13 +91,13 @@ class BatchLoader:
         if self.images.dtype != torch.uint8:
             raise TypeError(f"BatchLoader expects uint8 images, got {self.images.dtype}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
+            raise UserError(
                 f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
             )
         if shard_tail not in ("pad", "drop"):
-            raise ValueError(f"shard_tail must be 'pad' or 'drop', not {shard_tail!r}")
+            raise UserError(f"shard_tail must be 'pad' or 'drop', not {shard_tail!r}")
         self.num_samples = int(self.images.shape[0])
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -111,7 +112,7 @@ class BatchLoader:
         else:
             self.shard_size = -(-self.num_samples // world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"no batches per epoch: {self.num_samples} samples, world_size {world_size}, "
                 f"batch_size {batch_size}, drop_last={drop_last}"
             )
@@ -224,17 +225,17 @@ class BatchLoader:
             if key == "batch_size" and saved_world != self.world_size:
                 continue  # the per-rank batch may change with the number of ranks
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(
+                raise UserError(
                     f"loader state does not match: {key}={state[key]!r} in the state, "
                     f"{getattr(self, key)!r} here"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if saved_world < 1 or position < 0:
-            raise ValueError(f"invalid loader state: world_size={saved_world}, position={position}")
+            raise UserError(f"invalid loader state: world_size={saved_world}, position={position}")
         if saved_world != self.world_size:
             position = min(position * saved_world // self.world_size, self.shard_size)
         if epoch < 0 or not 0 <= position <= self.shard_size:
-            raise ValueError(f"invalid loader state: epoch={epoch}, position={position}")
+            raise UserError(f"invalid loader state: epoch={epoch}, position={position}")
         self.seed = int(state.get("seed", self.seed))
         self._epoch, self._position = epoch, position
         self._order_epoch = -1

@@ -45,12 +45,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..errors import UserError
 from ..storage.fileio import atomic_write, clean_stale_temps, temp_path
 from ._core import ImageData, channels_to_mode
 from ._stream import MANIFEST_NAME, packing_marker
-from .decode import GRAY_MODES
+from .decode import GRAY_MODES, decode_image
 from .shards import MANIFEST_FORMAT
-from .transforms import crop_resize, decode_image
+from .transforms import crop_resize
 
 __all__ = ["add_pack_arguments", "pack", "run_pack"]
 
@@ -75,7 +76,7 @@ def _encode_file(
         fmt, size = im.format, (im.height, im.width)
     if encoding == "auto" and image_size is None and fmt in _KEEP:
         return _KEEP[fmt], data, size
-    img = crop_resize(decode_image(data, channels), image_size)
+    img = crop_resize(decode_image(data, channels_to_mode(channels))[0], image_size)
     return "png", _png(img), (img.height, img.width)
 
 
@@ -96,7 +97,7 @@ def _from_folder(
     blobs = _read_tar(path) if tar else {}  # a tar's members stay in memory (compressed)
     names = list(blobs) if tar else _list_directory(path)
     if not names:
-        raise ValueError(f"{path}: no images found")
+        raise UserError(f"{path}: no images found")
     root, selected = _select_split(names, split, path)
     selected.sort(key=_path_key)
     labels, classes, _ = _labels_for([p[len(root) :] for p in selected])
@@ -206,16 +207,16 @@ def pack(
     from . import detect_format, load_dataset
 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+        raise UserError(f"shard_size must be an int >= 1, got {shard_size!r}")
     if image_size is not None and (isinstance(image_size, bool) or not 1 <= image_size):
-        raise ValueError(f"image_size must be >= 1 (or None: keep the sizes), got {image_size!r}")
+        raise UserError(f"image_size must be >= 1 (or None: keep the sizes), got {image_size!r}")
     if encoding not in ("auto", "png"):
-        raise ValueError(f"encoding must be 'auto' or 'png', not {encoding!r}")
+        raise UserError(f"encoding must be 'auto' or 'png', not {encoding!r}")
     if channels is not None:
         channels_to_mode(channels)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; give a folder for the shards")
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the shards")
     old = _existing(out, split) if out.is_dir() else []
     if (old or packing_marker(out, split).exists()) and not overwrite:
         raise FileExistsError(
@@ -311,7 +312,7 @@ def _pack_into(
     if members:
         flush()
     if not shards:
-        raise ValueError(f"{origin}: none of the {n} images could be read: " + "; ".join(bad[:5]))
+        raise UserError(f"{origin}: none of the {n} images could be read: " + "; ".join(bad[:5]))
     if bad:
         listed = "; ".join(bad[:_MAX_LISTED]) + ("; ..." if len(bad) > _MAX_LISTED else "")
         warnings.warn(

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ._core import normalize
 from ._shardset import MANIFEST_FORMAT, ShardSet, is_shard_source, open_shards
 from ._stream import (
@@ -129,13 +130,13 @@ class ShardLoader:
         self.data = data if isinstance(data, ShardSet) else open_shards(data, split)
         streams = streams if streams is not None else max(1, num_workers)
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
+            raise UserError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
         if batch_size < 1 or chunk_size < 1 or streams < 1 or num_workers < 0:
-            raise ValueError("batch_size, chunk_size and streams must be >= 1, num_workers >= 0")
+            raise UserError("batch_size, chunk_size and streams must be >= 1, num_workers >= 0")
         if num_workers and num_workers != streams:
-            raise ValueError(f"streams ({streams}) must equal num_workers ({num_workers})")
+            raise UserError(f"streams ({streams}) must equal num_workers ({num_workers})")
         if crop not in CROPS or not 0.0 < crop_scale <= 1.0:
-            raise ValueError(f"crop must be one of {CROPS}, crop_scale in (0, 1]")
+            raise UserError(f"crop must be one of {CROPS}, crop_scale in (0, 1]")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, int(seed)
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.streams = num_workers, streams
@@ -144,7 +145,7 @@ class ShardLoader:
         self.channels = int(channels or self.data.channels)
         hw = (image_size, image_size) if image_size else self.data.size
         if hw is None:
-            raise ValueError(f"{self.data.source}: images differ in size; pass image_size")
+            raise UserError(f"{self.data.source}: images differ in size; pass image_size")
         self.hw: tuple[int, int] = (int(hw[0]), int(hw[1]))
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.prefetch_factor = prefetch_factor
@@ -154,7 +155,7 @@ class ShardLoader:
         self._it: Iterator[Any] | None = None
         self._chunk: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"{self.data.source}: no batches in epoch 0: rank shares of "
                 f"{self.epoch_samples} samples < batch_size {batch_size}"
             )
@@ -174,7 +175,7 @@ class ShardLoader:
     def image_size(self) -> int:
         """Side of the (square) batches; ValueError if they are not square."""
         if self.hw[0] != self.hw[1]:
-            raise ValueError(f"images are not square ({self.hw}); use .hw")
+            raise UserError(f"images are not square ({self.hw}); use .hw")
         return self.hw[0]
 
     def _layout(self, epoch: int) -> tuple[list[list[int]], int]:
@@ -336,10 +337,10 @@ class ShardLoader:
         order (some samples of that epoch are then seen twice, others not), with a warning.
         """
         if state.get("kind") != "shards":
-            raise ValueError("loader state is not a ShardLoader state (in-memory data?)")
+            raise UserError("loader state is not a ShardLoader state (in-memory data?)")
         for key in ("num_samples", "num_shards"):
             if state[key] != getattr(self, key):
-                raise ValueError(
+                raise UserError(
                     f"loader state does not match the data: {key}={state[key]} in the state, "
                     f"{getattr(self, key)} here"
                 )
@@ -358,7 +359,7 @@ class ShardLoader:
             saved = int(state.get("world_size", self.world_size))
             position = position * saved // self.world_size
         if epoch < 0 or position < 0:
-            raise ValueError(f"invalid loader state: epoch={epoch}, position={position}")
+            raise UserError(f"invalid loader state: epoch={epoch}, position={position}")
         self._position = position
 
     # -- summaries -------------------------------------------------------------------------
@@ -381,7 +382,7 @@ class ShardLoader:
         value; ``num_samples >= num_images`` gives the exact value. Decoded in the workers.
         """
         if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise UserError(f"num_samples must be >= 1, got {num_samples}")
         c = self.data.counts
         order = list(range(len(c)))
         random.Random(mix_seed(self.seed, "variance")).shuffle(order)

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 from typing import Literal
 
+from ..errors import UserError
 from ._cache import resolve_cache_dir
 from ._core import ImageData, archive_error
 from .cifar import (
@@ -96,7 +97,7 @@ def detect_format(source: str | os.PathLike[str]) -> str:
         return "cifar10" if _tar_looks_like_cifar(path) else "imagefolder"
     if "idx3-ubyte" in name or "idx1-ubyte" in name:
         return "idx"
-    raise ValueError(f"{path}: unrecognised dataset file; {_FORMATS_HELP}")
+    raise UserError(f"{path}: unrecognised dataset file; {_FORMATS_HELP}")
 
 
 _TRAIN_TEST = ["test", "train"]
@@ -154,7 +155,7 @@ def available_splits(
 def _check_named_split(name: str, split: str) -> None:
     # before any download: a bad split name must not cost a 163 MB fetch first
     if split not in ("train", "test") and not (name == "fashion-mnist" and split == "t10k"):
-        raise ValueError(f"{name} has splits 'train' and 'test', not {split!r}")
+        raise UserError(f"{name} has splits 'train' and 'test', not {split!r}")
 
 
 def load_dataset(
@@ -186,7 +187,7 @@ def load_dataset(
     order (centre crop for ``image_size``); stream large splits with :class:`ShardLoader`.
     """
     if format not in ("auto", "builtin", "cifar10", "idx", "imagefolder", "shards"):
-        raise ValueError(
+        raise UserError(
             f"unknown format {format!r}; use auto, builtin, cifar10, idx, imagefolder or shards"
         )
     if source is not None and (

@@ -1,4 +1,5 @@
-"""Per-image decode, resize and crop for streamed data (runs in DataLoader workers).
+"""Per-image resize and crop for streamed data (runs in DataLoader workers; the decode
+is :func:`vqkit.data.decode.decode_image`, shared with every other data path).
 
 ``crop="center"`` is :func:`vqkit.data._core.resize_center_crop` (shorter side resized to
 ``image_size`` with Pillow's antialiased bicubic filter, then the centre square), the same
@@ -13,36 +14,19 @@ resumed run crops exactly as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
-import io
 import random
 from typing import Any
 
 import numpy as np
 
-from ._core import channels_to_mode, resize_center_crop
+from ..errors import UserError
+from ._core import resize_center_crop
 
-__all__ = ["CROPS", "IMAGE_KEYS", "crop_resize", "decode_image", "sample_rng", "to_array"]
+__all__ = ["CROPS", "IMAGE_KEYS", "crop_resize", "sample_rng", "to_array"]
 
 CROPS = ("center", "random")
 # WebDataset member extensions read as the image of a sample, in order of preference
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff", "gif")
-
-
-def decode_image(data: bytes, channels: int) -> Any:
-    """Encoded image bytes -> a loaded Pillow image in mode "L" (1 channel) or "RGB" (3).
-
-    Conversion follows :func:`vqkit.data.load_image_folder` (palette images with
-    transparency go through RGBA first), so both paths give the same pixels.
-    """
-    from PIL import Image
-
-    mode = channels_to_mode(channels)
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # decode now, so a truncated or corrupt file raises here
-        img = im
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        return img.convert(mode) if img.mode != mode else img.copy()
 
 
 def sample_rng(seed: int, epoch: int, shard: str, key: str) -> random.Random:
@@ -64,7 +48,7 @@ def crop_resize(
     if crop == "center":
         return resize_center_crop(img, size)
     if crop != "random" or rng is None:
-        raise ValueError(f"crop must be one of {CROPS} (random needs an rng); got {crop!r}")
+        raise UserError(f"crop must be one of {CROPS} (random needs an rng); got {crop!r}")
     from PIL import Image
 
     w, h = img.size

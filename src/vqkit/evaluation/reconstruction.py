@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..data import ImageData, normalize
+from ..errors import UserError
 from ..metrics import perplexity
 from ..models import VQVAE
 from .image_metrics import bits_per_pixel
@@ -72,7 +73,7 @@ def evaluate(
         ``labels``, what produced each figure.
     """
     if not data_variance > 0:
-        raise ValueError(f"data_variance must be > 0; got {data_variance}")
+        raise UserError(f"data_variance must be > 0; got {data_variance}")
     was_training = model.training
     model.eval()
     k = model.num_codes  # K, or the FSQ grid; rvq: pooled over stages
@@ -81,7 +82,7 @@ def evaluate(
         data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())
     n = len(data)
     if n == 0:
-        raise ValueError(f"nothing to evaluate: the split '{data.split}' of {data.source} is empty")
+        raise UserError(f"nothing to evaluate: the split '{data.split}' of {data.source} is empty")
     dense = k <= DENSE_COUNTS_MAX
     counts = torch.zeros(k if dense else 0, dtype=torch.int64)
     sparse = SparseCounts(k)

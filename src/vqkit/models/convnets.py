@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = [
     "DOWNSAMPLE_FACTORS",
     "Decoder",
@@ -42,7 +44,7 @@ def parse_channel_mult(value: str | Sequence[int] | None, downsample: int) -> tu
     factor is not 4, 8 or 16, a multiplier is not a positive int, or the count is wrong.
     """
     if downsample not in DOWNSAMPLE_FACTORS:
-        raise ValueError(f"downsample must be one of {DOWNSAMPLE_FACTORS}; got {downsample!r}")
+        raise UserError(f"downsample must be one of {DOWNSAMPLE_FACTORS}; got {downsample!r}")
     extra = downsample.bit_length() - 3  # 4 -> 0, 8 -> 1, 16 -> 2
     if value is None or (isinstance(value, str) and not value.strip()):
         return (1,) * extra
@@ -50,11 +52,11 @@ def parse_channel_mult(value: str | Sequence[int] | None, downsample: int) -> tu
     try:
         mult = tuple(int(str(p).strip()) for p in parts)
     except ValueError:
-        raise ValueError(f"channel_mult must be comma-separated ints; got {value!r}") from None
+        raise UserError(f"channel_mult must be comma-separated ints; got {value!r}") from None
     if any(m < 1 for m in mult):
-        raise ValueError(f"channel_mult values must be >= 1; got {value!r}")
+        raise UserError(f"channel_mult values must be >= 1; got {value!r}")
     if len(mult) != extra:
-        raise ValueError(
+        raise UserError(
             f"channel_mult needs {extra} value(s) for downsample {downsample} (one per level "
             f"beyond 4); got {value!r}"
         )

@@ -11,9 +11,11 @@ The integrator adds them to ``vqkit.cli`` as subcommands::
     p = sub.add_parser("prior", help=...); add_prior_arguments(p)     # -> run_prior(args)
     p = sub.add_parser("sample", help=...); add_sample_arguments(p)   # -> run_sample(args)
 
-Bad input raises ValueError (CheckpointError, a ValueError, for unreadable files) with a
-one-line message; ``vqkit.cli.main`` turns it into exit code 2. :func:`main` here does
-the same, for use before the integration (``python -m vqkit.prior.cli``).
+Bad input raises :class:`vqkit.errors.UserError` (CheckpointError for unreadable
+files) with a one-line message; ``vqkit.cli.main`` turns it into exit code 2, and any
+other exception into a traceback and a "this is a bug" line
+(:func:`vqkit.errors.report_error`). :func:`main` here does the same
+(``python -m vqkit.prior.cli``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError, report_error
 from ..options import add_arguments, option_fields
 from .config import PriorConfig, PriorTrainConfig, resume_report
 from .sampling import SampleOptions
@@ -102,7 +105,7 @@ def run_prior(args: argparse.Namespace) -> int:
         report = resume_report(train_base, train_config, int(ckpt.get("step", 0)))
     tok_dir = args.tokenizer or (stored_tok or {}).get("run_dir")
     if tok_dir is None:
-        raise ValueError("--tokenizer RUN_DIR is required (the vqkit train run to model)")
+        raise UserError("--tokenizer RUN_DIR is required (the vqkit train run to model)")
     tok_ckpt = args.tokenizer_checkpoint or (
         stored_tok["checkpoint"] if stored_tok and not args.tokenizer else None
     )
@@ -223,7 +226,7 @@ def load_prior(
     names = [which] if which else ["best", "last"]
     paths = [ckpt_dir / f"{n}.pt" for n in names if (ckpt_dir / f"{n}.pt").is_file()]
     if not paths:
-        raise ValueError(f"{prior_dir} holds no prior checkpoint ({' or '.join(names)}.pt)")
+        raise UserError(f"{prior_dir} holds no prior checkpoint ({' or '.join(names)}.pt)")
     ckpt = load_checkpoint(paths[0], map_location="cpu")
     if ckpt.get("kind") != "vqkit-prior":
         raise CheckpointError(f"{paths[0]} is not a prior checkpoint (vqkit prior writes them)")
@@ -248,11 +251,11 @@ def _class_labels(
     try:
         cid = int(spec)
     except ValueError:
-        raise ValueError(f"unknown class {spec!r}; the prior's classes: {classes}") from None
+        raise UserError(f"unknown class {spec!r}; the prior's classes: {classes}") from None
     if not classes:
-        raise ValueError("--class: this prior is unconditional (trained without classes)")
+        raise UserError("--class: this prior is unconditional (trained without classes)")
     if not 0 <= cid < len(classes):
-        raise ValueError(
+        raise UserError(
             f"class id {cid} out of range: this prior has classes 0..{len(classes) - 1}"
         )
     return torch.full((count,), cid)
@@ -268,7 +271,7 @@ def load_sample_tokenizer(prior_dir: str | Path, ckpt: dict[str, Any], run_dir: 
     pinned = stored.get("pinned")
     run_dir = run_dir or stored.get("run_dir")
     if run_dir is None:
-        raise ValueError(f"{prior_dir}: no tokenizer recorded; pass --tokenizer RUN_DIR")
+        raise UserError(f"{prior_dir}: no tokenizer recorded; pass --tokenizer RUN_DIR")
     return load_tokenizer(
         run_dir,
         checkpoint=stored.get("checkpoint"),
@@ -289,9 +292,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
     opts = SampleOptions.from_dict(_given(args, SampleOptions), where="sample options")
     if args.num < 1:
-        raise ValueError(f"--num must be >= 1; got {args.num}")
+        raise UserError(f"--num must be >= 1; got {args.num}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
     device = resolve_device(args.device)
     model, ckpt = load_prior(args.prior, args.checkpoint, device)
     masked = masked_sample_options(args, model)  # the kind is the prior run's
@@ -303,7 +306,7 @@ def run_sample(args: argparse.Namespace) -> int:
     first = _class_labels(class_id, classes, 0, 1, null)  # checks --class up front
     guided_null = model.config.num_classes and bool((first == null).any())
     if guided_null and opts.cfg_scale != 1.0:
-        raise ValueError("--cfg-scale needs a class to guide towards (not 'null')")
+        raise UserError("--cfg-scale needs a class to guide towards (not 'null')")
     g = torch.Generator(device).manual_seed(args.seed)
     if args.edit is not None:
         labels = _class_labels(class_id, classes, 0, args.num, null)
@@ -352,9 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_prior(args)
         with torch.no_grad():
             return run_sample(args)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
-        print(f"vqkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # one line for bad input; a traceback for a bug (vqkit.errors)
+        return report_error(args.command, e)
 
 
 if __name__ == "__main__":

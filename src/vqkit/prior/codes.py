@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..data import epoch_permutation
+from ..errors import UserError
 from ..models import VQVAE, load_model
 from ..storage.fileio import atomic_write, write_json
 from ..storage.rundir import RunDir
@@ -76,12 +77,12 @@ def find_checkpoint(run_dir: str | os.PathLike[str], name: str | None = None) ->
     :data:`CHECKPOINT_NAMES` that exists; ValueError when there is none."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise ValueError(f"tokenizer run directory not found: {run}")
+        raise UserError(f"tokenizer run directory not found: {run}")
     for rel in [name] if name else CHECKPOINT_NAMES:
         if (run / rel).is_file():
             return run / rel
     want = name or " or ".join(CHECKPOINT_NAMES)
-    raise ValueError(f"{run} holds no tokenizer checkpoint ({want}); train one with vqkit train")
+    raise UserError(f"{run} holds no tokenizer checkpoint ({want}); train one with vqkit train")
 
 
 @dataclass
@@ -141,7 +142,7 @@ def pin_weights(path: str | os.PathLike[str], pin_dir: str | os.PathLike[str]) -
 
 
 def _mismatch(path: Path, want: str, got: str) -> ValueError:
-    return ValueError(
+    return UserError(
         f"tokenizer mismatch: the prior was trained on weights with sha256 {want[:16]}..., but "
         f"{path} has sha256 {got[:16]}... (the tokenizer run trained on or was resumed). "
         "Restore that file, or pass --tokenizer DIR holding the original weights, or train a "
@@ -265,7 +266,7 @@ def _load_images(tok: Tokenizer, data: str | None) -> tuple[Any, Any]:
 
     train_cfg = tok.run_config.get("train", {})
     if data is None and not tok.run_config:
-        raise ValueError(
+        raise UserError(
             f"{tok.run_dir / 'config.json'} not found: the tokenizer's data is unknown "
             "(pass the dataset explicitly)"
         )
@@ -312,20 +313,20 @@ def read_cached_codes(path: Path, tok: Tokenizer) -> CodeData:
         sums = {}
     want = sums.get(path.name) if isinstance(sums, dict) else None
     if want is not None and file_sha256(path) != want:
-        raise ValueError(f"{path}: checksum differs from {CHECKSUMS} (a damaged file)")
+        raise UserError(f"{path}: checksum differs from {CHECKSUMS} (a damaged file)")
     try:
         with np.load(path, allow_pickle=False) as z:
             codes, labels = z["codes"], z["labels"]
             classes, split = tuple(str(c) for c in z["classes"]), str(z["split"])
     except Exception as e:  # zip, pickle and key errors of a damaged archive
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
     shape = _expected_shape(tok)
     if not np.issubdtype(codes.dtype, np.integer) or tuple(codes.shape[1:]) != shape:
-        raise ValueError(f"{path}: codes {codes.dtype} {codes.shape}, expected (N, *{shape})")
+        raise UserError(f"{path}: codes {codes.dtype} {codes.shape}, expected (N, *{shape})")
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape != codes.shape[:1]:
-        raise ValueError(f"{path}: labels {labels.dtype} {labels.shape} do not fit the codes")
+        raise UserError(f"{path}: labels {labels.dtype} {labels.shape} do not fit the codes")
     if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= tok.num_codes):
-        raise ValueError(
+        raise UserError(
             f"{path}: indices {int(codes.min())}..{int(codes.max())} outside [0, {tok.num_codes})"
         )
     return CodeData(
@@ -395,7 +396,7 @@ class SequenceLoader:
         self.rank, self.world = rank, world_size
         self.shard = len(codes) // world_size
         if self.shard < batch_size:
-            raise ValueError(
+            raise UserError(
                 f"too few sequences ({len(codes)}) for batch_size {batch_size} per process "
                 f"on {world_size} process(es)"
             )
@@ -428,7 +429,7 @@ class SequenceLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         n = int(state.get("num_sequences", len(self.codes)))
         if n != len(self.codes):
-            raise ValueError(f"loader state is for {n} sequences; the data has {len(self.codes)}")
+            raise UserError(f"loader state is for {n} sequences; the data has {len(self.codes)}")
         saved_world = int(state.get("world_size", self.world))
         self.epoch, self.seed = int(state["epoch"]), int(state["seed"])
         self.position = int(state["position"]) * saved_world // self.world

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UserError
 from ..options import (
     Options,
     nonneg,
@@ -88,22 +89,22 @@ class PriorConfig(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kind != "masked" and self.mask_schedule != "cosine":
-            raise ValueError(
+            raise UserError(
                 f"mask_schedule={self.mask_schedule!r} applies to a masked prior "
                 "(--kind masked); this one is autoregressive"
             )
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            raise UserError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             head = self.n_embd // self.n_head
-            raise ValueError(f"pos='rope' needs an even head size; got {head}")
+            raise UserError(f"pos='rope' needs an even head size; got {head}")
         self.code_shape = [int(s) for s in self.code_shape]  # a JSON trip gives a list
         if self.code_shape and (len(self.code_shape) not in (2, 3) or min(self.code_shape) < 1):
-            raise ValueError(f"code_shape must be (h, w) or (h, w, Q); got {self.code_shape}")
+            raise UserError(f"code_shape must be (h, w) or (h, w, Q); got {self.code_shape}")
         for name in ("vocab_size", "num_classes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0; got {v!r}")
+                raise UserError(f"{name} must be an int >= 0; got {v!r}")
 
     @property
     def masked(self) -> bool:
@@ -143,7 +144,7 @@ def resume_report(stored: dict[str, Any], config: PriorTrainConfig, step: int) -
     --resume`` reports them). ``steps`` below the checkpoint's ``step`` is a ValueError:
     nothing would be trained, yet the smaller number would be recorded."""
     if config.steps < step:
-        raise ValueError(
+        raise UserError(
             f"--steps {config.steps} is below the checkpoint's step {step}: nothing to "
             f"train; give --steps above {step} to train on"
         )
@@ -152,7 +153,7 @@ def resume_report(stored: dict[str, Any], config: PriorTrainConfig, step: int) -
     }
     fixed = [f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in RESUME_FIXED if k in changed]
     if fixed:
-        raise ValueError(
+        raise UserError(
             "a resumed prior cannot change " + ", ".join(fixed) + ": the checkpoint's data "
             "order and optimizer groups keep the stored values; start a new run (--overwrite "
             "or another --out) to change them"

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..evaluation.plots import image_grid
 from ..storage.fileio import atomic_write
 
@@ -40,7 +41,7 @@ def plot_prior_curves(metrics_path: str | os.PathLike[str], path: str | os.PathL
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     if not train and not evals:
-        raise ValueError(f"{metrics_path} holds no records")
+        raise UserError(f"{metrics_path} holds no records")
     import matplotlib
 
     matplotlib.use("Agg")

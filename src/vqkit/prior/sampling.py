@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import UserError
 from ..options import Options, option, positive, positive_int
 
 
@@ -82,12 +83,12 @@ def filter_logits(
     set to -inf (see the module docstring). ``top_k=None`` and ``top_p=1`` keep all."""
     if top_k is not None:
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1; got {top_k}")
+            raise UserError(f"top_k must be >= 1; got {top_k}")
         k = min(top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
+        raise UserError(f"top_p must be in (0, 1]; got {top_p}")
     if top_p < 1.0:  # at 1 rounding in the cumulative sum could drop tail codes
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -119,15 +120,13 @@ def _labels(prior: Prior, num: int, labels: Any) -> torch.Tensor | None:
     if y.numel() == 1:
         y = y.expand(num)
     if y.numel() != num:
-        raise ValueError(f"expected one label or {num}; got {y.numel()}")
+        raise UserError(f"expected one label or {num}; got {y.numel()}")
     c = prior.config.num_classes
     if c == 0:
-        raise ValueError("this prior is unconditional (trained without classes): no class ids")
+        raise UserError("this prior is unconditional (trained without classes): no class ids")
     bad = (y < 0) | (y >= c)
     if bool(bad.any()):
-        raise ValueError(
-            f"class id {int(y[bad][0])} out of range: the prior has classes 0..{c - 1}"
-        )
+        raise UserError(f"class id {int(y[bad][0])} out of range: the prior has classes 0..{c - 1}")
     return y
 
 
@@ -189,19 +188,19 @@ def sample(
     if options is not None and kwargs:
         opts = SampleOptions.from_dict({**options.to_dict(), **kwargs})
     if num < 0:
-        raise ValueError(f"num must be >= 0; got {num}")
+        raise UserError(f"num must be >= 0; got {num}")
     y = _labels(prior, num, labels)
     if opts.cfg_scale != 1.0:
         if y is None:
-            raise ValueError("cfg_scale != 1 needs class labels (guidance is towards a class)")
+            raise UserError("cfg_scale != 1 needs class labels (guidance is towards a class)")
         if prior.config.class_dropout == 0:
-            raise ValueError(
+            raise UserError(
                 "this prior was trained with class_dropout=0: its null class is untrained, "
                 "so classifier-free guidance (cfg_scale != 1) is meaningless"
             )
     bs = batch_size or max(num, 1)
     if bs < 1:
-        raise ValueError(f"batch_size must be >= 1; got {bs}")
+        raise UserError(f"batch_size must be >= 1; got {bs}")
     was_training = prior.training
     prior.eval()
     try:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .fileio import DiskFullError, atomic_write
 
 __all__ = [
@@ -36,7 +37,7 @@ FORMAT = "vqkit-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, truncated, or does not fit the model."""
 
 

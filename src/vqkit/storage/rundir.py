@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import UserError
 from .fileio import (
     atomic_write,
     clean_stale_temps,
@@ -202,7 +203,7 @@ class RunDir:
         All three remove orphaned temp files (:func:`vqkit.storage.fileio.clean_stale_temps`).
         """
         if resume and overwrite:
-            raise ValueError("resume and overwrite exclude each other; pass one of them")
+            raise UserError("resume and overwrite exclude each other; pass one of them")
         self.lock()
         removed = clean_stale_temps(self.path) + clean_stale_temps(self.checkpoints)
         present = self.existing_artifacts()

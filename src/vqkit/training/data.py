@@ -32,6 +32,7 @@ from ..data import (
     open_shards,
 )
 from ..data._shardset import SPLIT_NAMES
+from ..errors import UserError
 
 __all__ = ["VARIANCE_SAMPLES", "RunData", "is_streamed", "load_run_data"]
 
@@ -101,7 +102,7 @@ def _eval_split(config: Any, known: list[str]) -> str:
     if split == "holdout" or split in known:
         return split
     if split != "test":
-        raise ValueError(
+        raise UserError(
             f"eval_split {split!r} is not a split of {config.data or 'builtin'}; "
             f"choose one of {[*known, 'holdout']}"
         )
@@ -157,12 +158,12 @@ def shard_splits(source: str) -> list[str]:
 
 def _streamed(config: Any, rank: int, world_size: int) -> RunData:
     if config.crop == "random" and config.image_size is None:
-        raise ValueError("crop='random' needs image_size (the size of the crops)")
+        raise UserError("crop='random' needs image_size (the size of the crops)")
     shards = open_shards(config.data, "train")
     split = _eval_split(config, shard_splits(config.data))
     if split == "holdout":  # the last shard, held out of training
         if shards.num_shards < 2:
-            raise ValueError(
+            raise UserError(
                 f"{config.data}: eval_split 'holdout' holds out the last train shard, but "
                 "there is only one; pack more shards or a test split"
             )
@@ -192,7 +193,7 @@ def _streamed(config: Any, rank: int, world_size: int) -> RunData:
 def load_run_data(config: Any, rank: int = 0, world_size: int = 1) -> RunData:
     """The run's data (see the module doc); the checks come before any decoding."""
     if (config.crop != "center" or config.crop_scale != 1.0) and not is_streamed(config):
-        raise ValueError(
+        raise UserError(
             "crop='random' and crop_scale apply to shard data (streamed); pack the dataset "
             "with 'vqkit pack', or keep crop='center'"
         )

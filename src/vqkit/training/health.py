@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..codebook import reset_optimizer_rows
+from ..errors import UserError
 from ..metrics import codebook_health, perplexity, usage_fraction
 from ..quantizers import BaseQuantizer
 from .config import TrainConfig
@@ -78,12 +79,12 @@ class CodebookHealth:
         self.quantizer = quantizer
         name = type(quantizer).__name__
         if config.init == "kmeans" and not quantizer.supports_init:
-            raise ValueError(
+            raise UserError(
                 f"init='kmeans' is not supported by {name} (no k-means init; its docstring "
                 "says why); use --init auto or random"
             )
         if config.revive_every and not quantizer.supports_revival:
-            raise ValueError(
+            raise UserError(
                 f"revive_every is not supported by {name} (it cannot revive dead codes; its "
                 "docstring says why); use --revive-every 0"
             )
