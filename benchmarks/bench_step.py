@@ -47,7 +47,7 @@ CONFIGS: dict[str, dict] = {
         "quantizer": "ibq",
         "num_embeddings": 16384,
         "init": "random",
-        "ibq_entropy_weight": 0.0,
+        "entropy_weight": 0.0,
     },
     "lfq 14 bits": {"quantizer": "lfq", "num_bits": 14},
     "bsq 14 bits": {"quantizer": "bsq", "num_bits": 14},

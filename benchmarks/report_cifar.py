@@ -59,7 +59,10 @@ def describe(model: dict, train_cfg: dict) -> str:
     kind = model["quantizer"]
     parts = [kind]
     if kind == "rvq":
-        parts.append(f"{model['num_quantizers']}x{model['num_embeddings']} ({model['rvq_stage']})")
+        stage = model.get(
+            "stage", model.get("rvq_stage")
+        )  # rvq_stage: the name older configs stored
+        parts.append(f"{model['num_quantizers']}x{model['num_embeddings']} ({stage})")
     elif kind == "fsq":
         parts.append(f"[{model['levels']}]")
     elif kind in ("lfq", "bsq"):

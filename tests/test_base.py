@@ -381,7 +381,7 @@ def test_sizes_refuse_bools():
         ("ibq", {"num_embeddings": 8}, ["codebook"]),
         ("simvq", {"num_embeddings": 8}, []),  # K == d: W's shape alone would mislead
         ("gvq", {"num_embeddings": 8, "groups": 2, "shared_groups": True}, ["layers.0.codebook"]),
-        ("rvq", {"num_embeddings": 8, "num_quantizers": 2, "rvq_stage": "vq"}, None),
+        ("rvq", {"num_embeddings": 8, "num_quantizers": 2, "stage": "vq"}, None),
         ("fsq", {"levels": "3,3"}, []),
         ("lfq", {"num_bits": 3}, []),
     ],

@@ -257,3 +257,46 @@ def test_resume_refuses_steps_below_the_checkpoint_and_a_preset(two_tokenizers, 
         err = capsys.readouterr().err
         assert want in err and err.count("\n") == 1, err
     assert (run / "config.json").read_text() == before
+
+
+def test_user_errors_are_one_line_and_bugs_get_a_traceback(tmp_path, capsys, monkeypatch):
+    # the project's own user errors: one line, exit 2
+    assert (
+        main(["train", "--out", str(tmp_path / "r"), "--quantizer", "fsq", "--decay", "0.9"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vqkit train: error: decay does not apply") and "\n" not in err
+    # a quantizer constructor's check of a configured value is a user error too
+    args = ["train", "--out", str(tmp_path / "g"), "--quantizer", "gvq", "--groups", "3"]
+    assert main([*args, "--steps", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: groups must be a positive int dividing" in err and "Traceback" not in err
+
+    # anything else is a bug in vqkit: the traceback and a line that says so, exit 1
+    def broken(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    import vqkit.cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "_eval", broken)
+    assert main(["eval", str(tmp_path / "x.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "TypeError: unsupported operand" in err
+    assert "this is a bug in vqkit" in err.splitlines()[-1]
+
+
+def test_report_error_classifies_by_type(capsys):
+    from vqkit.errors import UserError, report_error
+    from vqkit.storage.checkpoint import CheckpointError as CkptError
+
+    for e in (
+        UserError("bad"),
+        CkptError("bad"),
+        FileNotFoundError("bad"),
+        FloatingPointError("x"),
+    ):
+        assert report_error("eval", e) == 2
+        assert "\n" not in capsys.readouterr().err.strip()
+    for e in (ValueError("internal"), TypeError("internal"), KeyError("internal")):
+        assert report_error("eval", e) == 1
+        assert "this is a bug in vqkit" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from .reference import sq_distances
 @pytest.mark.parametrize("kind", ["vq", "ema"])
 def test_groups_match_independent_quantizers_on_slices(kind):
     torch.manual_seed(0)
-    q = GroupedVQ(3, 20, 12, kind=kind).train()
+    q = GroupedVQ(3, 20, 12, group_kind=kind).train()
     ref = [type(q.group(g))(20, 4) for g in range(3)]
     for g in range(3):
         ref[g].load_state_dict(q.group(g).state_dict())
@@ -42,7 +42,7 @@ def test_groups_match_independent_quantizers_on_slices(kind):
 
 def test_shared_codebook_pools_groups_and_revives():
     torch.manual_seed(0)
-    q = GroupedVQ(4, 16, 8, shared=True, usage_decay=0.5).train()
+    q = GroupedVQ(4, 16, 8, shared_groups=True, usage_decay=0.5).train()
     assert len(q.layers) == 1 and q.supports_revival and q.tracks_usage
     x = torch.randn(3, 8, 2, 2)
     out = q(x)

@@ -145,7 +145,7 @@ def test_ibq_options():
         8,
         num_embeddings=32,
         double_quant_weight=0.5,
-        ibq_entropy_weight=0.2,
+        entropy_weight=0.2,
         entropy_temperature=0.1,
     )
     assert isinstance(q2, IBQ) and q2.double_quant_weight == 0.5

@@ -28,7 +28,7 @@ def kinds():
         "simvq": SimVQ(16, D),
         "ibq": IBQ(16, D),
         "gvq": GroupedVQ(2, 16, D),
-        "gvq-ema-shared": GroupedVQ(2, 16, D, kind="ema", shared=True),
+        "gvq-ema-shared": GroupedVQ(2, 16, D, group_kind="ema", shared_groups=True),
     }
 
 

@@ -17,7 +17,7 @@ K, D = 16, 4
     [
         ("vq", {}, (2, 4, 4)),
         ("ema", {}, (2, 4, 4)),
-        ("rvq", {"num_quantizers": 3, "rvq_stage": "vq", "quantizer_dropout": 0.5}, (2, 4, 4, 3)),
+        ("rvq", {"num_quantizers": 3, "stage": "vq", "quantizer_dropout": 0.5}, (2, 4, 4, 3)),
         ("rvq", {"num_quantizers": 2, "shared_codebook": True}, (2, 4, 4, 2)),
         ("fsq", {"levels": "8,5,5,5"}, (2, 4, 4)),
     ],

@@ -23,12 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 __all__ = ["main"]
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .models.vqvae import QUANTIZER_GROUPS, ModelOptions
-    from .options import add_arguments, compose
+    from .models.vqvae import RENAMED_OPTIONS, ModelOptions, QuantizerFlags
+    from .options import add_arguments
     from .training.config import PRESETS, TrainConfig, TrainOptions
 
     p = sub.add_parser(
@@ -42,10 +44,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     add_arguments(p.add_argument_group("training"), TrainOptions, aliases={"out_dir": ["--out"]})
     add_arguments(p.add_argument_group("model"), ModelOptions)
-    # every quantizer kind's options, each once (shared ones are one declaration)
-    quantizers = compose("QuantizerFlags", QUANTIZER_GROUPS)
+    # every quantizer kind's options, each once (shared ones are one declaration); a
+    # renamed option keeps its old flag as an alias
+    old_flags: dict[str, list[str]] = {}
+    for old, (_, new) in RENAMED_OPTIONS.items():
+        old_flags.setdefault(new, []).append("--" + old.replace("_", "-"))
     add_arguments(
-        p.add_argument_group("quantizer (options of the other kinds are errors)"), quantizers
+        p.add_argument_group("quantizer (options of the other kinds are errors)"),
+        QuantizerFlags,
+        aliases=old_flags,
     )
     p.set_defaults(_config_class=TrainConfig)
 
@@ -64,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
         # the run's own options; only the flags that change something need be given
         out = Path(given.get("out_dir", TrainConfig.defaults()["out_dir"]))
         if args.config:
-            raise ValueError("--resume takes the run's own options; drop --config")
+            raise UserError("--resume takes the run's own options; drop --config")
         ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
         TrainConfig.check_resume_request(given, int(ckpt.get("step", 0)), str(out))
         cfg = TrainConfig.for_resume(ckpt.get("train_config", {}), given)
@@ -375,18 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     import torch
 
-    from .storage.checkpoint import CheckpointError
+    from .errors import report_error
 
     try:
         if args.command in ("train", "pack", "prior", "features"):
             return handler[args.command](args)
         with torch.no_grad():  # scoped: in-process callers keep their grad mode
             return handler[args.command](args)
-    except (CheckpointError, OSError, ValueError, TypeError, FloatingPointError) as e:
-        print(f"vqkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # the trainers saved a checkpoint first
         return 130
+    except Exception as e:  # one line for bad input; a traceback for a bug (vqkit.errors)
+        return report_error(args.command, e)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
+from .errors import UserError
+
 __all__ = [
     "Options",
     "add_arguments",
@@ -66,7 +68,7 @@ def option(
             run that asks for another value is refused).
     """
     if on_resume not in ("apply", "fixed"):
-        raise ValueError(f"on_resume must be 'apply' or 'fixed'; got {on_resume!r}")
+        raise UserError(f"on_resume must be 'apply' or 'fixed'; got {on_resume!r}")
     typ = type if type is not None else builtin_type(default)
     meta = {
         "help": help,
@@ -97,33 +99,33 @@ def coerce(name: str, value: Any, f: Field) -> Any:
     if value is None:
         if f.default is None:
             return None
-        raise ValueError(f"{name} must be a {typ.__name__}; got None")
+        raise UserError(f"{name} must be a {typ.__name__}; got None")
     if typ is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false; got {value!r}")
+            raise UserError(f"{name} must be true or false; got {value!r}")
     elif typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise ValueError(f"{name} must be an int; got {value!r}")
+                raise UserError(f"{name} must be an int; got {value!r}")
     elif typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number; got {value!r}")
+            raise UserError(f"{name} must be a number; got {value!r}")
         value = float(value)
         if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number; got {value!r}")
+            raise UserError(f"{name} must be a finite number; got {value!r}")
     elif typ is str:
         if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string; got {value!r}")
+            raise UserError(f"{name} must be a string; got {value!r}")
     choices = f.metadata["choices"]
     if choices is not None and value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}")
+        raise UserError(f"{name} must be one of {list(choices)}; got {value!r}")
     check = f.metadata["check"]
     if check is not None:
         problem = check(value)
         if problem:
-            raise ValueError(f"{name} must be {problem}; got {value!r}")
+            raise UserError(f"{name} must be {problem}; got {value!r}")
     return value
 
 
@@ -141,7 +143,7 @@ class Options:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"{where}: unknown options {sorted(unknown)}")
+            raise UserError(f"{where}: unknown options {sorted(unknown)}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -161,20 +163,34 @@ def compose(
     doc: str = "",
 ) -> type:
     """A flat dataclass holding the options of several groups, each field the very
-    ``Field`` declared in its group. A name declared by two groups must be the same
-    declaration (one home: inherited from a common base), else TypeError."""
-    seen: dict[str, Field] = {}
+    ``Field`` declared in its group. A name declared by two groups must be one option:
+    the same declaration (one home: inherited from a common base), or at least the same
+    default, type, choices, check and help; two declarations of one name that differ
+    are refused (TypeError naming both groups and what differs), so a flat config can
+    never silently take one group's default for another's."""
+    seen: dict[str, tuple[Field, str]] = {}
     skip = set(exclude)
     for group in groups:
         for f in option_fields(group):
             if f.name in skip:
                 continue
-            prev = seen.get(f.name)
-            if prev is not None and prev is not f and prev.metadata != f.metadata:
-                raise TypeError(f"option {f.name!r} is declared twice ({group.__name__})")
-            seen.setdefault(f.name, f)
+            if f.name not in seen:
+                seen[f.name] = (f, group.__name__)
+                continue
+            prev, where = seen[f.name]
+            differ = [k for k in ("type", "choices") if prev.metadata[k] != f.metadata[k]]
+            if prev.default != f.default:
+                differ.insert(0, f"default {prev.default!r} vs {f.default!r}")
+            if not differ and prev is not f and prev.metadata != f.metadata:
+                differ.append("check, help or resume rule")
+            if differ:
+                raise TypeError(
+                    f"option {f.name!r} is declared twice, by {where} and {group.__name__}, "
+                    f"differently ({', '.join(differ)}): declare it once, in a group both "
+                    "inherit"
+                )
     spec = []
-    for f in seen.values():
+    for f, _ in seen.values():
         new = dataclasses.field(default=f.default, metadata=f.metadata)
         spec.append((f.name, Any, new))
     cls = dataclasses.make_dataclass(name, spec, bases=bases)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..options import Options, compose, nonneg_int, option, option_fields, positive_int
+from ..errors import UserError, user_values
+from ..options import Options, compose, nonneg_int, option, positive_int
 from ..quantizers import QuantizerOptions, QuantizerOutput, get_kind, quantizer_kinds
 from .convnets import Decoder, Encoder, ResidualStack, parse_channel_mult
 from .hub import PretrainedMixin
@@ -101,13 +102,13 @@ class QuantizerChoice:
         # sorted: the report must not depend on set order (hash randomisation)
         stray = sorted(
             n for n in QUANTIZER_OPTION_NAMES - own if getattr(self, n) != QUANTIZER_DEFAULTS[n]
-        )
+        )  # one default per name: compose refuses two declarations that differ
         if stray:
             where = "; ".join(
                 f"{n}: {', '.join(k for k in quantizer_kinds() if n in get_kind(k).option_names())}"
                 for n in stray
             )
-            raise ValueError(
+            raise UserError(
                 f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to "
                 f"quantizer {self.quantizer!r} (they apply to {where})"
             )
@@ -118,12 +119,52 @@ class QuantizerChoice:
     def quantizer_options(self) -> QuantizerOptions:
         """The chosen kind's option group (validated; cross-option checks included)."""
         kind = get_kind(self.quantizer)
-        return kind.options(**{n: getattr(self, n) for n in kind.option_names()})
+        with user_values():
+            return kind.options(**{n: getattr(self, n) for n in kind.option_names()})
 
 
 QUANTIZER_GROUPS = tuple(get_kind(k).options for k in quantizer_kinds())
-QUANTIZER_DEFAULTS = {f.name: f.default for group in QUANTIZER_GROUPS for f in option_fields(group)}
+# every kind's options, flat: one field (one default) per name
+QuantizerFlags = compose("QuantizerFlags", QUANTIZER_GROUPS, bases=(Options,))
+QUANTIZER_DEFAULTS = QuantizerFlags.defaults()
 QUANTIZER_OPTION_NAMES = frozenset(QUANTIZER_DEFAULTS)
+# {old name: (kind, new name)}: options renamed by the kinds (their ``renamed``)
+RENAMED_OPTIONS = {
+    old: (k, new) for k in quantizer_kinds() for old, new in get_kind(k).options.renamed.items()
+}
+# flat defaults before an option became one declaration with a None default (the kind's
+# own): what configs of other kinds stored for it
+_FORMER_DEFAULTS = {"entropy_weight": 0.1}
+
+
+def upgrade_options(values: dict[str, Any], *, stored: bool = False) -> dict[str, Any]:
+    """Options written by an older vqkit (a checkpoint, ``config.json``, a config file)
+    in today's names: a renamed option (``RENAMED_OPTIONS``, e.g. ibq's
+    ``ibq_entropy_weight`` -> ``entropy_weight``) takes its new name when its kind is the
+    chosen one and is dropped otherwise (older flat configs stored every kind's options);
+    an option of another kind that holds its default (or the flat default it had before
+    it became shared) is dropped. ``stored``: a config vqkit wrote itself (checkpoints),
+    whose options of other kinds had no effect: all of them are dropped."""
+    chosen = values.get("quantizer", ModelOptions.quantizer)
+    if chosen not in quantizer_kinds():
+        return dict(values)  # the config's own check names the bad kind
+    own = get_kind(chosen).option_names()
+    out = {}
+    for name, v in values.items():
+        if name in RENAMED_OPTIONS:
+            kind, new = RENAMED_OPTIONS[name]
+            if kind != chosen:
+                continue
+            name = new
+        elif name in QUANTIZER_OPTION_NAMES and name not in own:
+            former = name in _FORMER_DEFAULTS and v == _FORMER_DEFAULTS[name]
+            if stored or former or v == QUANTIZER_DEFAULTS[name]:
+                continue
+        out[name] = v
+    for old, (kind, new) in RENAMED_OPTIONS.items():  # the renamed value wins
+        if kind == chosen and old in values:
+            out[new] = values[old]
+    return out
 
 
 def check_size_fits(
@@ -176,7 +217,7 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
     def __post_init__(self) -> None:
         QuantizerChoice.__post_init__(self)
         if self.image_size % self.downsample:
-            raise ValueError(
+            raise UserError(
                 f"image_size must be a multiple of downsample={self.downsample}; "
                 f"got {self.image_size}"
             )
@@ -217,11 +258,10 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, where: str = "VQVAE config") -> VQVAEConfig:
-        """A stored config. Options of other quantizer kinds are dropped: configs written
-        before they were errors stored every kind's options, which had no effect."""
-        kind = get_kind(d.get("quantizer", ModelOptions.quantizer))
-        d = {k: v for k, v in d.items() if k not in QUANTIZER_OPTION_NAMES - kind.option_names()}
-        return super().from_dict(d, where=where)
+        """A stored config (:func:`upgrade_options`: renamed options take today's names,
+        options of other quantizer kinds are dropped: configs written before they were
+        errors stored every kind's options, which had no effect)."""
+        return super().from_dict(upgrade_options(d, stored=True), where=where)
 
 
 @dataclass
@@ -259,7 +299,8 @@ class VQVAE(nn.Module, PretrainedMixin):
         levels = {"downsample": c.downsample, "channel_mult": c.channel_mult}
         self.encoder = Encoder(c.in_channels, c.hidden, c.res_hidden, c.res_layers, **levels)
         self.pre_vq = nn.Conv2d(self.encoder.out_channels, c.embedding_dim, 1)
-        self.quantizer = c.quantizer_options().build(c.embedding_dim)
+        with user_values():  # the constructor's checks of the config's values
+            self.quantizer = c.quantizer_options().build(c.embedding_dim)
         self.decoder = Decoder(
             c.embedding_dim, c.hidden, c.in_channels, c.res_hidden, c.res_layers, **levels
         )
@@ -289,15 +330,15 @@ class VQVAE(nn.Module, PretrainedMixin):
     def _check_images(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected images (B, C, H, W); got {shape}")
+            raise UserError(f"expected images (B, C, H, W); got {shape}")
         if x.shape[1] != self.config.in_channels:
-            raise ValueError(
+            raise UserError(
                 f"expected {self.config.in_channels} image channels; got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)})"
             )
         f = self.config.downsample
         if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(
+            raise UserError(
                 f"image height and width must be multiples of {f}; got {tuple(x.shape)}"
             )
         if not x.is_floating_point():
@@ -339,14 +380,14 @@ class VQVAE(nn.Module, PretrainedMixin):
         [-0.5, 0.5] (unclamped)."""
         if indices.dim() != self.index_dims:
             want = "(B, h, w, Q)" if self.index_dims == 4 else "(B, h, w)"
-            raise ValueError(f"expected an index map {want}; got shape {tuple(indices.shape)}")
+            raise UserError(f"expected an index map {want}; got shape {tuple(indices.shape)}")
         return self.decoder(self.quantizer.decode(indices))
 
     @staticmethod
     def loss(out: VQVAEOutput, x: torch.Tensor, data_variance: float) -> dict[str, torch.Tensor]:
         """``{"loss", "recon_nmse", "vq"}``: total = mse(recon, x) / data_variance + vq.loss."""
         if not data_variance > 0:
-            raise ValueError(f"data_variance must be > 0; got {data_variance}")
+            raise UserError(f"data_variance must be > 0; got {data_variance}")
         recon_nmse = F.mse_loss(out.recon, x) / data_variance
         return {"loss": recon_nmse + out.vq.loss, "recon_nmse": recon_nmse, "vq": out.vq.loss}
 

@@ -69,6 +69,50 @@ class CodebookOptions(CommitmentOptions):
         }
 
 
+@dataclass
+class CodebookLossOptions(CodebookOptions):
+    """The one declaration of ``codebook_weight``, shared by the kinds whose loss has a
+    codebook term (vq, simvq, ibq; rvq and gvq with vq layers)."""
+
+    codebook_weight: float = option(
+        1.0,
+        "weight of the codebook loss ||sg[z_e] - e||^2 (1.0 in the VQ-VAE paper; IBQ's "
+        "reference code uses 0.25 with --commitment-cost 1)",
+        check=nonneg,
+        applies_to="vq, simvq, ibq, rvq / gvq with vq layers",
+    )
+
+
+@dataclass
+class EntropyOptions(QuantizerOptions):
+    """The entropy penalty's options, declared once for lfq, bsq and ibq (their
+    constructors take these names). ``entropy_weight`` None: the kind's own default,
+    its constructor's (the kinds differ)."""
+
+    entropy_weight: float = option(
+        None,
+        "weight of the entropy penalty, per-sample entropy - gamma x batch entropy (0: "
+        "off; default: the kind's own, lfq and bsq 0.1, ibq 0.05)",
+        type=float,
+        check=nonneg,
+        applies_to="lfq, bsq, ibq",
+    )
+    diversity_gamma: float = option(
+        1.0,
+        "gamma: entropy term = per-sample entropy - gamma * batch entropy",
+        check=nonneg,
+        applies_to="lfq, bsq, ibq",
+    )
+
+    def entropy_kwargs(self) -> dict[str, Any]:
+        """The constructor keywords (``entropy_weight`` left out when None: the
+        constructor's default applies)."""
+        kw: dict[str, Any] = {"diversity_gamma": self.diversity_gamma}
+        if self.entropy_weight is not None:
+            kw["entropy_weight"] = self.entropy_weight
+        return kw
+
+
 class CodebookQuantizer(BaseQuantizer):
     """A quantizer with an explicit (K, d) codebook searched by nearest L2 code.
 

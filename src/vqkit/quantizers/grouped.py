@@ -12,11 +12,12 @@ from torch import nn
 from ..options import option, positive_int
 from .base import BaseQuantizer, check_indices
 from .codebook_base import CodebookQuantizer
-from .ema import EMAOptions, VectorQuantizerEMA
+from .ema import VectorQuantizerEMA
 from .masking import keep_rows, select_kept
 from .output import QuantizerOutput
 from .registry import register_quantizer
-from .vq import VectorQuantizer, VQOptions
+from .residual import LayerKindOptions
+from .vq import VectorQuantizer
 
 __all__ = ["GroupedVQ", "GroupedVQOptions"]
 
@@ -36,9 +37,9 @@ class GroupedVQ(BaseQuantizer):
         groups: G (must divide ``embedding_dim``).
         num_embeddings: K, codes per group.
         embedding_dim: D, input channels.
-        kind: ``"vq"`` (:class:`~vqkit.VectorQuantizer`) or ``"ema"``
+        group_kind: ``"vq"`` (:class:`~vqkit.VectorQuantizer`) or ``"ema"``
             (:class:`~vqkit.VectorQuantizerEMA`) per group.
-        shared: one codebook for all groups (its layer sees the N * G group vectors as
+        shared_groups: one codebook for all groups (its layer sees the N * G group vectors as
             one batch: one EMA update per step, one usage statistic).
         channels_last, check_finite: as in :class:`~vqkit.VectorQuantizer`.
         **group_options: passed to every group's quantizer (``commitment_cost``,
@@ -66,8 +67,8 @@ class GroupedVQ(BaseQuantizer):
         num_embeddings: int,
         embedding_dim: int,
         *,
-        kind: str = "vq",
-        shared: bool = False,
+        group_kind: str = "vq",
+        shared_groups: bool = False,
         channels_last: bool = False,
         check_finite: bool = True,
         **group_options: Any,
@@ -78,8 +79,8 @@ class GroupedVQ(BaseQuantizer):
                 f"groups must be a positive int dividing embedding_dim={embedding_dim}; "
                 f"got {groups!r}"
             )
-        if kind not in GROUP_KINDS:
-            raise ValueError(f"kind must be one of {sorted(GROUP_KINDS)}; got {kind!r}")
+        if group_kind not in GROUP_KINDS:
+            raise ValueError(f"group_kind must be one of {sorted(GROUP_KINDS)}; got {group_kind!r}")
         if "channels_last" in group_options:
             raise ValueError("channels_last applies to the whole GroupedVQ")
         self.groups = groups
@@ -87,10 +88,10 @@ class GroupedVQ(BaseQuantizer):
         self.num_codes = num_embeddings
         self.codes_per_position = groups
         self.group_dim = embedding_dim // groups
-        self.kind = kind
-        self.shared = bool(shared)
+        self.kind = group_kind
+        self.shared = bool(shared_groups)
         self.supports_revival = self.shared
-        cls = GROUP_KINDS[kind]
+        cls = GROUP_KINDS[group_kind]
         self.layers = nn.ModuleList(
             cls(num_embeddings, self.group_dim, check_finite=False, **group_options)
             for _ in range(1 if self.shared else groups)
@@ -243,7 +244,7 @@ class GroupedVQ(BaseQuantizer):
 
 
 @dataclass
-class GroupedVQOptions(VQOptions, EMAOptions):
+class GroupedVQOptions(LayerKindOptions):
     """Options of ``--quantizer gvq``: its own, and those of its group kind."""
 
     groups: int = option(
@@ -259,22 +260,16 @@ class GroupedVQOptions(VQOptions, EMAOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.group_kind == "ema" and self.affine_codebook:
-            raise ValueError("affine_codebook applies to gradient-trained codebooks (vq)")
-        if self.group_kind == "vq":
-            for f in ("decay", "epsilon", "zero_debias"):
-                if getattr(self, f) != EMAOptions.defaults()[f]:
-                    raise ValueError(f"{f} applies to ema groups, not group_kind='vq'")
+        self.check_layer_kind(self.group_kind, "group_kind", "groups")
 
     def build(self, dim: int) -> GroupedVQ:
-        kw = self.ema_kwargs() if self.group_kind == "ema" else self.vq_kwargs()
         return GroupedVQ(
             self.groups,
             self.num_embeddings,
             dim,
-            kind=self.group_kind,
-            shared=self.shared_groups,
-            **kw,
+            group_kind=self.group_kind,
+            shared_groups=self.shared_groups,
+            **self.layer_kwargs(self.group_kind),
         )
 
 

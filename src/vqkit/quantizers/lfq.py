@@ -19,10 +19,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..metrics import perplexity, usage_fraction
-from ..options import nonneg, option, positive, positive_int
+from ..options import option, positive, positive_int
 from ..search import DEFAULT_SCRATCH_BYTES
 from .base import BaseQuantizer, check_indices, check_positive, check_weights, fp32_region
-from .codebook_base import CommitmentOptions
+from .codebook_base import CommitmentOptions, EntropyOptions
 from .entropy import MAX_EXACT_BITS, batch_entropy, per_sample_entropy
 from .estimators import straight_through
 from .fsq import DEFAULT_MAX_BINCOUNT
@@ -258,22 +258,14 @@ class LFQ(BinaryQuantizer):
 
 
 @dataclass
-class BinaryOptions(CommitmentOptions):
-    """Options shared by ``--quantizer lfq`` and ``bsq``."""
+class BinaryOptions(CommitmentOptions, EntropyOptions):
+    """Options shared by ``--quantizer lfq`` and ``bsq`` (the entropy penalty's are
+    :class:`~vqkit.quantizers.codebook_base.EntropyOptions`, shared with ibq)."""
 
     num_bits: int = option(
         10,
         "d, binary channels (K = 2^d codes); projections from --embedding-dim when different",
         check=positive_int,
-        applies_to="lfq, bsq",
-    )
-    entropy_weight: float = option(
-        0.1, "weight of the entropy term", check=nonneg, applies_to="lfq, bsq"
-    )
-    diversity_gamma: float = option(
-        1.0,
-        "gamma: entropy term = per-sample entropy - gamma * batch entropy",
-        check=nonneg,
         applies_to="lfq, bsq",
     )
     temperature: float = option(
@@ -285,8 +277,7 @@ class BinaryOptions(CommitmentOptions):
 
     def binary_kwargs(self) -> dict[str, Any]:
         return {
-            "entropy_weight": self.entropy_weight,
-            "diversity_gamma": self.diversity_gamma,
+            **self.entropy_kwargs(),
             "commitment_cost": self.commitment_cost,
             "temperature": self.temperature,
         }

@@ -10,7 +10,7 @@ option, once) whose :meth:`~QuantizerOptions.build` makes the module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..options import Options, option_fields
 
@@ -29,7 +29,15 @@ __all__ = [
 
 @dataclass
 class QuantizerOptions(Options):
-    """The declared options of one quantizer kind; :meth:`build` makes the module."""
+    """The declared options of one quantizer kind; :meth:`build` makes the module.
+
+    The rule tying the three names of an option: the field name is the constructor's
+    argument name, and the flag is ``--`` + that name with ``_`` -> ``-`` (so
+    ``build_quantizer(kind, dim, **constructor_kwargs)`` works). ``renamed`` maps the
+    names older configs stored to today's ({old: new}); a kind lists there every
+    option it renames, so checkpoints and config files keep loading."""
+
+    renamed: ClassVar[dict[str, str]] = {}
 
     def build(self, dim: int) -> BaseQuantizer:
         """The quantizer for inputs with ``dim`` channels."""
@@ -73,7 +81,7 @@ def build_quantizer(kind: str, dim: int, **options: Any) -> BaseQuantizer:
     """A quantizer of ``kind`` for inputs with ``dim`` channels, from its declared
     options (unknown names are errors), e.g.
     ``build_quantizer("ema", 64, num_embeddings=512, decay=0.99)``,
-    ``build_quantizer("rvq", 64, num_quantizers=4, rvq_stage="ema")``,
+    ``build_quantizer("rvq", 64, num_quantizers=4, stage="ema")``,
     ``build_quantizer("fsq", 64, levels="8,5,5,5")``."""
     spec = get_kind(kind)
     return spec.options.from_dict(options, where=f"{kind} options").build(dim)

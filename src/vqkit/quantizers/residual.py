@@ -15,7 +15,7 @@ input through ``r_i = x - sg[q_1 + ... + q_{i-1}]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -268,13 +268,38 @@ class ResidualVQ(BaseQuantizer):
 
 
 @dataclass
-class RVQOptions(VQOptions, EMAOptions):
+class LayerKindOptions(VQOptions, EMAOptions):
+    """Options of a quantizer made of vq or ema layers (rvq's stages, gvq's groups):
+    those of the chosen layer kind; the other kind's must keep their defaults."""
+
+    def check_layer_kind(self, kind: str, name: str, layers: str) -> None:
+        """ValueError when an option of the kind not chosen was changed (``name``: the
+        option that chose ``kind``; ``layers``: "stages" or "groups")."""
+        if kind == "ema" and self.affine_codebook:
+            raise ValueError("affine_codebook applies to gradient-trained codebooks (vq)")
+        if kind == "ema" and self.codebook_weight != VQOptions.defaults()["codebook_weight"]:
+            raise ValueError(f"codebook_weight applies to vq {layers}, not {name}='ema'")
+        if kind == "vq":
+            for f in ("decay", "epsilon", "zero_debias"):
+                if getattr(self, f) != EMAOptions.defaults()[f]:
+                    raise ValueError(f"{f} applies to ema {layers}, not {name}='vq'")
+
+    def layer_kwargs(self, kind: str) -> dict[str, Any]:
+        """The constructor keywords of one layer of ``kind``."""
+        return self.ema_kwargs() if kind == "ema" else self.vq_kwargs()
+
+
+@dataclass
+class RVQOptions(LayerKindOptions):
     """Options of ``--quantizer rvq``: its own, and those of its stage kind."""
+
+    # configs and checkpoints written before the one-name rule (vqkit.models.vqvae)
+    renamed: ClassVar[dict[str, str]] = {"rvq_stage": "stage"}
 
     num_quantizers: int = option(
         4, "number of residual stages", check=positive_int, applies_to="rvq"
     )
-    rvq_stage: str = option("ema", "stage quantizer", choices=tuple(STAGE_KINDS), applies_to="rvq")
+    stage: str = option("ema", "stage quantizer", choices=tuple(STAGE_KINDS), applies_to="rvq")
     quantizer_dropout: float = option(
         0.0,
         "probability per training image of using only a random number of leading stages "
@@ -286,21 +311,16 @@ class RVQOptions(VQOptions, EMAOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rvq_stage == "ema" and self.affine_codebook:
-            raise ValueError("affine_codebook applies to gradient-trained codebooks (vq)")
-        if self.rvq_stage == "vq":
-            for f in ("decay", "epsilon", "zero_debias"):
-                if getattr(self, f) != EMAOptions.defaults()[f]:
-                    raise ValueError(f"{f} applies to ema stages, not rvq_stage='vq'")
+        self.check_layer_kind(self.stage, "stage", "stages")
 
     def build(self, dim: int) -> ResidualVQ:
-        stage = self.ema_kwargs() if self.rvq_stage == "ema" else self.vq_kwargs()
+        stage = self.layer_kwargs(self.stage)
         gradient = stage.pop("gradient")
         return ResidualVQ(
             self.num_quantizers,
             self.num_embeddings,
             dim,
-            stage=self.rvq_stage,
+            stage=self.stage,
             quantizer_dropout=self.quantizer_dropout,
             shared_codebook=self.shared_codebook,
             gradient=gradient,

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..search import nearest_code
 from .base import check_indices, check_weights, fp32_region
-from .codebook_base import CodebookOptions, CodebookQuantizer
+from .codebook_base import CodebookLossOptions, CodebookQuantizer
 from .masking import keep_rows, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
@@ -134,11 +134,16 @@ class SimVQ(CodebookQuantizer):
 
 
 @dataclass
-class SimVQOptions(CodebookOptions):
+class SimVQOptions(CodebookLossOptions):
     """Options of ``--quantizer simvq``."""
 
     def build(self, dim: int) -> SimVQ:
-        return SimVQ(self.num_embeddings, dim, **self.codebook_kwargs())
+        return SimVQ(
+            self.num_embeddings,
+            dim,
+            codebook_weight=self.codebook_weight,
+            **self.codebook_kwargs(),
+        )
 
 
 register_quantizer("simvq", SimVQOptions, "frozen random codebook x learned linear map (SimVQ)")

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..options import option
 from .base import check_weights
-from .codebook_base import CodebookOptions, CodebookQuantizer
+from .codebook_base import CodebookLossOptions, CodebookQuantizer
 from .masking import keep_rows, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
@@ -143,7 +143,7 @@ class VectorQuantizer(CodebookQuantizer):
 
 
 @dataclass
-class VQOptions(CodebookOptions):
+class VQOptions(CodebookLossOptions):
     """Options of ``--quantizer vq``."""
 
     affine_codebook: bool = option(
@@ -153,7 +153,11 @@ class VQOptions(CodebookOptions):
     )
 
     def vq_kwargs(self) -> dict[str, Any]:
-        return {**self.codebook_kwargs(), "affine_codebook": self.affine_codebook}
+        return {
+            **self.codebook_kwargs(),
+            "codebook_weight": self.codebook_weight,
+            "affine_codebook": self.affine_codebook,
+        }
 
     def build(self, dim: int) -> VectorQuantizer:
         return VectorQuantizer(self.num_embeddings, dim, **self.vq_kwargs())

@@ -16,12 +16,14 @@ from typing import Any
 
 from ..data.transforms import CROPS
 from ..distributed import resolve_device
+from ..errors import UserError
 from ..models.vqvae import (
     QUANTIZER_GROUPS,
     ModelOptions,
     QuantizerChoice,
     VQVAEConfig,
     check_size_fits,
+    upgrade_options,
 )
 from ..options import (
     Options,
@@ -272,17 +274,18 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         except UnicodeDecodeError as e:
             raise ValueError(f"config file {path} is not text (JSON): {e}") from e
         except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+            raise UserError(f"config file {path} is not valid JSON: {e}") from e
         if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a JSON object")
+            raise UserError(f"config file {path} must hold a JSON object")
+        values = upgrade_options(values)  # names an older vqkit wrote (e.g. config.json)
         known = {f.name for f in option_fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"config file {path}: unknown keys {sorted(unknown)}")
+            raise UserError(f"config file {path}: unknown keys {sorted(unknown)}")
         preset = overrides.get("preset")
         if preset is not None:
             if _preset_check(preset):
-                raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}")
+                raise UserError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}")
             return cls(**{**values, **PRESETS[preset], **overrides})
         return cls.build(**{**values, **overrides})
 
@@ -292,7 +295,7 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         on top of the defaults: explicit values always win over the preset's."""
         name = values.get("preset")
         if _preset_check(name):
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
+            raise UserError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
         return cls(**{**(PRESETS[name] if name else {}), **values})
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -304,6 +307,7 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         with the options ``given`` on top (only those that differ need be given). Stored
         keys unknown today are dropped; a preset only fills what was not stored."""
         known = {f.name for f in option_fields(cls)}
+        stored = upgrade_options(stored, stored=True)
         base = {k: v for k, v in stored.items() if k in known}
         return cls(**{**base, **given})
 
@@ -333,6 +337,7 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         (``on_resume="fixed"``, and every model or quantizer option) is a ValueError.
         The batch size is compared per global batch (``batch_size`` x processes), so a
         run resumes under another world size."""
+        stored = upgrade_options(stored, stored=True)  # today's names, this kind's options
         fixed_model = {f.name for f in option_fields(ModelOptions)}
         fixed_model |= {f.name for g in QUANTIZER_GROUPS for f in option_fields(g)}
         changes: dict[str, tuple[Any, Any]] = {}
@@ -350,7 +355,7 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
             else:
                 changes[f.name] = (old, new)
         if refused:
-            raise ValueError(
+            raise UserError(
                 "a resumed run cannot change "
                 + ", ".join(refused)
                 + ": they shaped the checkpoint's state; start a new run (--overwrite or "
