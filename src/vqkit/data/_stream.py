@@ -50,19 +50,39 @@ def count_samples(path: str | os.PathLike[str]) -> int:
     from webdataset.tariterators import base_plus_ext
 
     n, last = 0, None
+
+    def visit(tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        nonlocal n, last
+        key = base_plus_ext(m.name)[0] if m.isreg() else None
+        if key is not None and key != last:
+            n, last = n + 1, key
+
+    scan_tar(
+        path, visit, lambda e: UserError(f"{path}: corrupt or truncated shard ({short_error(e)})")
+    )
+    return n
+
+
+def scan_tar(
+    path: str | os.PathLike[str],
+    visit: Callable[[tarfile.TarFile, tarfile.TarInfo], None],
+    error: Callable[[BaseException], Exception],
+) -> None:
+    """``visit(tar, member)`` for every member of the tar archive ``path`` in one
+    sequential pass; a corrupt or truncated archive raises ``error(cause)`` (a one-line
+    UserError), also when it was cut exactly at a member boundary."""
     try:
         with tarfile.open(path, "r:*") as tf:
             for m in tf:
-                key = base_plus_ext(m.name)[0] if m.isreg() else None
-                if key is not None and key != last:
-                    n, last = n + 1, key
-            # a complete archive ends with zero blocks; a cut at a member boundary does not
+                visit(tf, m)
+            # tarfile stops silently when the archive ends exactly at a member boundary;
+            # a complete archive ends with a zero block, so fewer than 512 bytes read past
+            # the last member means the file was cut short.
             fileobj, offset = getattr(tf, "fileobj", None), getattr(tf, "offset", None)
             if fileobj is not None and offset is not None and fileobj.tell() - offset < 512:
                 raise tarfile.ReadError("archive ends without an end-of-archive block")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise UserError(f"{path}: corrupt or truncated shard ({short_error(e)})") from e
-    return n
+        raise error(e) from e
 
 
 def iter_shard(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:

@@ -7,7 +7,6 @@ a list of ints. ``batches.meta`` holds ``label_names``.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import io
 import os
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..storage.fileio import atomic_write, clean_stale_temps, is_disk_full
+from ..storage.fileio import atomic_write, clean_stale_temps, file_hexdigest, is_disk_full
 from ._cache import cache_file, load_cached, resolve_cache_dir, save_cached
 from ._core import ImageData, archive_error, transform_array
 
@@ -66,11 +65,7 @@ class DatasetDownloadError(FileNotFoundError):
 
 
 def file_md5(path: str | os.PathLike[str]) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hexdigest(path, "md5")
 
 
 def verify_cifar10_archive(path: str | os.PathLike[str], md5: str = CIFAR10_MD5) -> None:

@@ -31,6 +31,7 @@ import torch
 from ..errors import UserError
 from ._cache import cache_file, load_cached, resolve_cache_dir, save_cached
 from ._core import ImageData, archive_error, channels_to_mode
+from ._stream import scan_tar
 from .decode import decode_pixels, too_large_message
 
 __all__ = [
@@ -81,26 +82,38 @@ def _member_name(name: str) -> str:
 def _read_tar(path: Path) -> dict[str, bytes]:
     """All image members of a tar archive, read in one sequential pass (no unpacking)."""
     out: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                name = _member_name(m.name)
-                if not _is_image_name(name):
-                    continue
-                f = tf.extractfile(m)
-                assert f is not None
-                out[name] = f.read()
-            # tarfile stops silently when the archive ends exactly at a member boundary;
-            # a complete archive ends with a zero block, so fewer than 512 bytes read past
-            # the last member means the file was cut short.
-            fileobj, offset = getattr(tf, "fileobj", None), getattr(tf, "offset", None)
-            if fileobj is not None and offset is not None and fileobj.tell() - offset < 512:
-                raise tarfile.ReadError("archive ends without an end-of-archive block")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        raise archive_error(path, e) from e
+
+    def visit(tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        name = _member_name(m.name)
+        if m.isfile() and _is_image_name(name):
+            f = tf.extractfile(m)
+            assert f is not None
+            out[name] = f.read()
+
+    scan_tar(path, visit, lambda e: archive_error(path, e))
     return out
+
+
+def folder_items(
+    path: Path, split: str | None
+) -> tuple[list[bytes | str], list[str], list[int], tuple[str, ...]]:
+    """The images of one ``split`` of an image folder or a tar of one, by this module's
+    layout rules (split folders, class subfolders, natural order): ``(items, display,
+    labels, classes)``, items the member bytes (tar) or file paths, display the names
+    errors give. The image-folder loader and ``vqkit pack`` both read folders so."""
+    tar = path.is_file()
+    blobs = _read_tar(path) if tar else {}  # a tar's members stay in memory (compressed)
+    names = list(blobs) if tar else _list_directory(path)
+    if not names:
+        raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files)")
+    root, selected = _select_split(names, split, path)
+    selected.sort(key=_path_key)
+    labels, classes, _ = _labels_for([p[len(root) :] for p in selected])
+    items: list[bytes | str] = (
+        [blobs.pop(p) for p in selected] if tar else [str(path / p) for p in selected]
+    )
+    display = [f"{path}:{p}" if tar else str(path / p) for p in selected]
+    return items, display, labels, classes
 
 
 def image_folder_splits(source: str | os.PathLike[str]) -> list[str]:
@@ -293,22 +306,7 @@ def load_image_folder(
                 converted,
             )
 
-    blobs: dict[str, bytes] = {}
-    if tar:
-        blobs = _read_tar(path)
-        names = list(blobs)
-    else:
-        names = _list_directory(path)
-    if not names:
-        raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files)")
-    root, selected = _select_split(names, split, path)
-    selected.sort(key=_path_key)
-    labels, classes, _ = _labels_for([p[len(root) :] for p in selected])
-    items: list[bytes | str] = (
-        [blobs[p] for p in selected] if tar else [str(path / p) for p in selected]
-    )
-    display = [f"{path}:{p}" if tar else str(path / p) for p in selected]
-    del blobs
+    items, display, labels, classes = folder_items(path, split)
 
     requested = channels
     # channels=None: each image decodes as its own kind; the set's count is decided below
@@ -350,7 +348,7 @@ def load_image_folder(
     del pixels
     label_arr = np.asarray([labels[i] for i in good], dtype=np.int64)
     if bad:
-        _warn_skipped(path, tuple(bad), len(selected))
+        _warn_skipped(path, tuple(bad), len(display))
     if requested is None and converted:
         _warn_converted(path, converted, len(good))
     if cache_path is not None:

@@ -46,7 +46,35 @@ def epoch_permutation(
     return torch.randperm(num_samples, generator=g)
 
 
-class BatchLoader:
+class LoaderPosition:
+    """Where a resumable loader stands (the base of :class:`BatchLoader` and
+    :class:`~vqkit.data.shards.ShardLoader`): the epoch of the next batch and the
+    samples of it this rank consumed, and the check of a saved state against it."""
+
+    _epoch: int
+    _position: int
+
+    @property
+    def epoch(self) -> int:
+        """Epoch the next batch belongs to (0-based)."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """Samples of this epoch consumed by this rank (the same count on every rank)."""
+        return self._position
+
+    def _check_state(self, state: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+        """UserError when a saved ``state`` holds another value of one of ``keys``."""
+        for key in keys:
+            if key in state and state[key] != getattr(self, key):
+                raise UserError(
+                    f"loader state does not match{what}: {key}={state[key]!r} in the state, "
+                    f"{getattr(self, key)!r} here"
+                )
+
+
+class BatchLoader(LoaderPosition):
     """Endless iterator of ``(images, labels)`` batches over epochs.
 
     ``images``: float32 (B, C, H, W) in [-0.5, 0.5]; ``labels``: int64 (B,). Both are on
@@ -120,16 +148,6 @@ class BatchLoader:
         self._position = 0
         self._order_epoch = -1
         self._order = torch.empty(0, dtype=torch.long)
-
-    @property
-    def epoch(self) -> int:
-        """Epoch the next batch belongs to (0-based)."""
-        return self._epoch
-
-    @property
-    def position(self) -> int:
-        """Samples of this rank's shard already consumed in the current epoch."""
-        return self._position
 
     @property
     def batches_per_epoch(self) -> int:
@@ -215,20 +233,10 @@ class BatchLoader:
         ``world_size - 1`` samples. Past the end of this epoch's (padded) order, the next
         batch starts the next epoch."""
         saved_world = int(state.get("world_size", self.world_size))
-        for key in (
-            "num_samples",
-            "batch_size",
-            "shuffle",
-            "drop_last",
-            "shard_tail",
-        ):
-            if key == "batch_size" and saved_world != self.world_size:
-                continue  # the per-rank batch may change with the number of ranks
-            if key in state and state[key] != getattr(self, key):
-                raise UserError(
-                    f"loader state does not match: {key}={state[key]!r} in the state, "
-                    f"{getattr(self, key)!r} here"
-                )
+        keys = ("num_samples", "shuffle", "drop_last", "shard_tail")
+        if saved_world == self.world_size:  # the per-rank batch may change with the ranks
+            keys += ("batch_size",)
+        self._check_state(state, keys, "")
         epoch, position = int(state["epoch"]), int(state["position"])
         if saved_world < 1 or position < 0:
             raise UserError(f"invalid loader state: world_size={saved_world}, position={position}")

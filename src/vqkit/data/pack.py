@@ -85,27 +85,9 @@ def _from_folder(
 ) -> tuple[int, list[int], tuple[str, ...], int, Any]:
     """(count, labels, classes, channels, encoder(i) -> (ext, bytes, hw) | error)."""
     # The image-folder loader's own layout rules, so labels and order agree with it.
-    from .imagefolder import (
-        _labels_for,
-        _list_directory,
-        _path_key,
-        _read_tar,
-        _select_split,
-    )
+    from .imagefolder import folder_items
 
-    tar = path.is_file()
-    blobs = _read_tar(path) if tar else {}  # a tar's members stay in memory (compressed)
-    names = list(blobs) if tar else _list_directory(path)
-    if not names:
-        raise UserError(f"{path}: no images found")
-    root, selected = _select_split(names, split, path)
-    selected.sort(key=_path_key)
-    labels, classes, _ = _labels_for([p[len(root) :] for p in selected])
-    items: list[bytes | str] = (
-        [blobs.pop(p) for p in selected] if tar else [str(path / p) for p in selected]
-    )
-    display = [f"{path}:{p}" if tar else str(path / p) for p in selected]
-    del blobs  # the other splits' members
+    items, display, labels, classes = folder_items(path, split)
     c = channels or _channels_of(items, path)
 
     def encode(i: int) -> tuple[str, bytes, tuple[int, int]] | str:

@@ -62,6 +62,7 @@ from ._stream import (
     resume_point,
     variance_from_histogram,
 )
+from .loader import LoaderPosition
 from .transforms import CROPS
 
 __all__ = [
@@ -79,7 +80,7 @@ __all__ = [
 _STATE_VERSION = 1
 
 
-class ShardLoader:
+class ShardLoader(LoaderPosition):
     """Endless, resumable batches streamed from shards; the interface of ``BatchLoader``.
 
     ``next_batch()`` returns ``(images, labels)``: float32 (B, C, H, W) in [-0.5, 0.5] and
@@ -161,16 +162,6 @@ class ShardLoader:
             )
 
     # -- where we are ---------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        """Epoch the next batch belongs to (0-based)."""
-        return self._epoch
-
-    @property
-    def position(self) -> int:
-        """Samples of this rank's epoch stream consumed (the same on every rank)."""
-        return self._position
-
     @property
     def image_size(self) -> int:
         """Side of the (square) batches; ValueError if they are not square."""
@@ -338,12 +329,7 @@ class ShardLoader:
         """
         if state.get("kind") != "shards":
             raise UserError("loader state is not a ShardLoader state (in-memory data?)")
-        for key in ("num_samples", "num_shards"):
-            if state[key] != getattr(self, key):
-                raise UserError(
-                    f"loader state does not match the data: {key}={state[key]} in the state, "
-                    f"{getattr(self, key)} here"
-                )
+        self._check_state(state, ("num_samples", "num_shards"), " the data")
         self.close()
         self.seed = int(state["seed"])
         self._plan = None

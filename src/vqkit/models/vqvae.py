@@ -13,20 +13,22 @@ from torch import nn
 from ..errors import UserError, user_values
 from ..options import Options, compose, nonneg_int, option, positive_int
 from ..quantizers import QuantizerOptions, QuantizerOutput, get_kind, quantizer_kinds
-from .convnets import Decoder, Encoder, ResidualStack, parse_channel_mult
+from .convnets import Decoder, Encoder, parse_channel_mult
 from .hub import PretrainedMixin
 from .vqgan import GROUPS, VQGANDecoder, VQGANEncoder, parse_attn_resolutions, parse_vqgan_ch_mult
 
 __all__ = [
+    "QUANTIZER_GROUPS",
+    "RENAMED_OPTIONS",
     "VQVAE",
+    "ModelOptions",
+    "QuantizerChoice",
+    "QuantizerFlags",
+    "ShapeOptions",
     "VQVAEConfig",
     "VQVAEOutput",
-    "ModelOptions",
-    "ShapeOptions",
-    "ResidualStack",
-    "Encoder",
-    "Decoder",
-]
+    "upgrade_options",
+]  # Encoder, Decoder, ResidualStack: vqkit.models.convnets
 
 
 @dataclass

@@ -23,7 +23,6 @@ is named in a warning and encoded again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ import torch
 from ..data import epoch_permutation
 from ..errors import UserError
 from ..models import VQVAE, load_model
-from ..storage.fileio import atomic_write, write_json
+from ..storage.fileio import atomic_write, file_hexdigest, write_json
 from ..storage.rundir import RunDir
 
 __all__ = [
@@ -64,12 +63,8 @@ CHECKPOINT_NAMES = ("checkpoints/best.pt", "checkpoints/last.pt", "model.safeten
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Hex SHA-256 of a file's bytes."""
+    return file_hexdigest(path, "sha256")
 
 
 def find_checkpoint(run_dir: str | os.PathLike[str], name: str | None = None) -> Path:

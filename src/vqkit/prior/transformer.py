@@ -198,14 +198,9 @@ class Block(nn.Module):
             nn.Dropout(c.dropout),
         )
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        start: int,
-        cache: KVCache | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), start, cache, rope)
+    def forward(self, x: torch.Tensor, *where: Any) -> torch.Tensor:
+        """``x`` (B, n, C); ``where``: (start, cache, rope), for :class:`Attention`."""
+        x = x + self.attn(self.ln1(x), *where)
         return x + self.mlp(self.ln2(x))
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..distributed import all_reduce_sum
 from ..metrics import dead_codes, ema_debias
+from .masking import kept_input
 
 __all__ = ["BaseQuantizer", "check_indices", "fp32_region"]
 
@@ -156,18 +157,58 @@ class BaseQuantizer(nn.Module):
         self.process_group: dist.ProcessGroup | None = None
         self.sync_stats = True
 
-    # -- the contract: defaults for a quantizer without a codebook ----------------
+    # -- the contract: init and revival, written once; subclasses say how -----------
+    @torch.no_grad()
     def init_codebook_kmeans(
-        self, x: torch.Tensor, iters: int = 10, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        iters: int = 10,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
     ) -> None:
-        """Set the codes from data ``x`` (k-means); see ``supports_init``."""
-        raise NotImplementedError(f"{type(self).__name__} has no codebook to initialise from data")
+        """Set the codes from data ``x`` (an input of this layer, or flat (N, C) vectors)
+        by k-means++ and ``iters`` Lloyd iterations over the vectors of every rank of
+        ``process_group``, identical on all; ``mask`` (True = padded) leaves positions
+        out. Explicit (never inside ``forward``); every rank must call it. Call it
+        before the optimizer steps, or reset the optimizer's state for the codebook
+        afterwards (:func:`vqkit.codebook.reset_optimizer_rows`). See ``supports_init``."""
+        if not self.supports_init:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no codebook to initialise from data"
+            )
+        self._init_codes(kept_input(self, x, mask), iters, generator)
 
+    @torch.no_grad()
     def revive_dead_codes(
-        self, x: torch.Tensor, threshold: float = 1.0, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        threshold: float = 1.0,
+        generator: torch.Generator | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Replace dead codes by vectors of ``x``; returns the bool (K,) revived mask."""
-        raise NotImplementedError(f"{type(self).__name__} has no codebook to revive")
+        """Replace every code used less than ``threshold`` times per GLOBAL training batch
+        (:meth:`dead_codes`) by a vector of the current global batch ``x`` (an input of
+        this layer or flat (N, C) vectors; ``mask``, True = padded, leaves positions
+        out); same codes and vectors on every rank, and every rank must call it at the
+        same steps. Returns the bool (K,) mask of revived codes: pass it to
+        :func:`vqkit.codebook.reset_optimizer_rows` for the ``code_row_parameters()``
+        (the trainer does), or momentum drags the revived rows back. See
+        ``supports_revival``."""
+        if not self.supports_revival:
+            raise NotImplementedError(f"{type(self).__name__} has no codebook to revive")
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0; got {threshold!r}")
+        return self._revive_codes(kept_input(self, x, mask), threshold, generator)
+
+    def _init_codes(self, x: torch.Tensor, iters: int, generator: torch.Generator | None) -> None:
+        """:meth:`init_codebook_kmeans` on the kept ``x`` (layout as given)."""
+        raise NotImplementedError
+
+    def _revive_codes(
+        self, x: torch.Tensor, threshold: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """:meth:`revive_dead_codes` on the kept ``x`` (layout as given)."""
+        raise NotImplementedError
 
     def codebook_lr_parameters(self) -> list[nn.Parameter]:
         """The parameters trained at the codebook learning rate (empty: none are

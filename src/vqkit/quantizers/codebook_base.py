@@ -16,13 +16,20 @@ from ..codebook import kmeans, kmeans_init, sample_replacements
 from ..metrics import perplexity, usage_fraction
 from ..options import nonneg, nonneg_int, option, positive_int
 from ..search import DEFAULT_SCRATCH_BYTES, nearest_code
-from .base import BaseQuantizer, check_code_memory, check_count, check_indices
+from .base import BaseQuantizer, check_code_memory, check_count, check_indices, check_weights
 from .estimators import rotation_trick, straight_through
-from .masking import kept_input
 from .output import QuantizerOutput
 from .registry import QuantizerOptions
 
-__all__ = ["GRADIENTS", "CodebookOptions", "CodebookQuantizer", "CommitmentOptions"]
+__all__ = [
+    "GRADIENTS",
+    "CodebookLossOptions",
+    "CodebookOptions",
+    "CodebookQuantizer",
+    "CommitmentOptions",
+    "EntropyOptions",
+    "LossTrainedQuantizer",
+]
 
 
 GRADIENTS = ("ste", "rotation")
@@ -118,7 +125,7 @@ class CodebookQuantizer(BaseQuantizer):
 
     Subclasses register ``codebook`` (a parameter or a buffer) of shape
     ``(num_embeddings, codebook_dim)`` and call ``_search_input`` / ``_assign`` /
-    ``_search_codebook`` / ``_output`` from ``forward``.
+    ``_search_codebook`` / ``_quantized`` / ``_pack`` from ``forward``.
 
     Options shared by the VQ layers (the defaults give the classic layer, whose
     forward runs exactly the ops it always did):
@@ -209,57 +216,22 @@ class CodebookQuantizer(BaseQuantizer):
         return self.code_row_parameters()
 
     # -- codebook health: one procedure; subclasses say how codes and statistics are set
-    @torch.no_grad()
-    def init_codebook_kmeans(
-        self,
-        x: torch.Tensor,
-        iters: int = 10,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> None:
-        """Set the codes to k-means++ + ``iters`` Lloyd iterations on ``x`` (an input of
-        this layer, or flat (N, embedding_dim) vectors; searched as ``forward`` does, i.e.
-        in-projected / normalised with those options) of every rank of
-        ``process_group``, identical on all; the statistics restart
-        (:meth:`_restart_statistics`). Explicit (never inside ``forward``); every rank
-        must call it. Call it before the optimizer steps, or reset the optimizer's state
-        for the codebook afterwards (:func:`vqkit.codebook.reset_optimizer_rows`).
-        ``mask`` (True = padded) leaves padded positions of ``x`` out."""
-        if not self.supports_init:
-            super().init_codebook_kmeans(x, iters, generator)  # raises
-        centers = self._kmeans_centers(kept_input(self, x, mask), iters, generator)
+    def _init_codes(self, x: torch.Tensor, iters: int, generator: torch.Generator | None) -> None:
+        """The k-means centres of ``x`` (searched as ``forward`` does, i.e. in-projected /
+        normalised with those options) become the codes; the statistics restart
+        (:meth:`_restart_statistics`)."""
+        centers = self._kmeans_centers(x, iters, generator)
         everything = torch.ones(self.num_embeddings, dtype=torch.bool, device=centers.device)
         self._set_codes(everything, centers)
         self._restart_statistics()
 
-    @torch.no_grad()
-    def revive_dead_codes(
-        self,
-        x: torch.Tensor,
-        threshold: float = 1.0,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
+    def _revive_codes(
+        self, x: torch.Tensor, threshold: float, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """Replace every code used less than ``threshold`` times per GLOBAL training batch
-        (:meth:`dead_codes`) by a vector drawn from the current global batch ``x`` (an
-        input of this layer or flat (N, embedding_dim) vectors; see
-        :func:`vqkit.codebook.sample_replacements`); the revived codes' statistics
-        restart at ``threshold`` (:meth:`_restart_codes`), so they have one usage
-        horizon to be picked. Same codes and vectors on every rank; every rank must call
-        it at the same steps, whatever its data. ``mask`` (True = padded) leaves padded
-        positions of ``x`` out.
-
-        Returns the bool (K,) mask of revived codes. When the codebook is a parameter,
-        an optimizer with per-parameter state (Adam's moments, SGD's momentum) would
-        drag a revived row back towards where it was: pass the mask to
-        :func:`vqkit.codebook.reset_optimizer_rows` (the trainer does)."""
-        if not self.supports_revival:
-            return super().revive_dead_codes(x, threshold, generator)  # raises
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0; got {threshold!r}")
-        revived, vectors = self._replacements(
-            kept_input(self, x, mask), self.dead_codes(threshold), generator
-        )
+        """Dead codes take vectors of ``x`` (:func:`vqkit.codebook.sample_replacements`);
+        their statistics restart at ``threshold`` (:meth:`_restart_codes`), so they have
+        one usage horizon to be picked."""
+        revived, vectors = self._replacements(x, self.dead_codes(threshold), generator)
         self._set_codes(revived, vectors)
         self._restart_codes(revived, vectors, threshold)
         return revived
@@ -343,17 +315,12 @@ class CodebookQuantizer(BaseQuantizer):
             check_finite=self.check_finite,
         )  # type: ignore[arg-type]
 
-    def _output(
-        self,
-        x: torch.Tensor,
-        flat: torch.Tensor,
-        quantized_flat: torch.Tensor,
-        indices: torch.Tensor,
-        distances: torch.Tensor,
-        counts: torch.Tensor,
-        losses: dict[str, torch.Tensor],
-        loss: torch.Tensor,
-    ) -> QuantizerOutput:
+    def _quantized(
+        self, x: torch.Tensor, flat: torch.Tensor, quantized_flat: torch.Tensor
+    ) -> torch.Tensor:
+        """The output tensor in ``x``'s layout and dtype: the chosen codes
+        ``quantized_flat`` (N, d) with the configured gradient estimator from the searched
+        vectors ``flat`` (straight-through or rotation; out-projected)."""
         if self._plain:
             quantized = self.from_flat(quantized_flat.to(x.dtype), x.shape)
             # Straight-through: the gradient of the classic x + sg[q - x] (identity to
@@ -369,6 +336,20 @@ class CodebookQuantizer(BaseQuantizer):
             if self.project_out is not None:
                 st = self.project_out(st)
             quantized = self.from_flat(st.to(x.dtype), x.shape)
+        return quantized
+
+    def _pack(
+        self,
+        x: torch.Tensor,
+        quantized: torch.Tensor,
+        indices: torch.Tensor,
+        distances: torch.Tensor,
+        counts: torch.Tensor,
+        losses: dict[str, torch.Tensor],
+        loss: torch.Tensor,
+    ) -> QuantizerOutput:
+        """The output for input ``x``: ``quantized`` (in ``x``'s layout), indices and
+        distances (N,) shaped as the index map, perplexity and usage of ``counts``."""
         index_shape = self.index_shape(x.shape)
         return QuantizerOutput(
             quantized=quantized,
@@ -411,3 +392,36 @@ class CodebookQuantizer(BaseQuantizer):
             s += f", gradient={self.gradient!r}"
         extra = super().extra_repr()
         return f"{s}, {extra}" if extra else s
+
+
+class LossTrainedQuantizer(CodebookQuantizer):
+    """A codebook trained by the loss (:class:`~vqkit.VectorQuantizer`, SimVQ, IBQ):
+    ``loss = codebook_weight * ||sg[x] - e_k||^2 + commitment_cost * ||x - sg[e_k]||^2``
+    (+ the subclass's terms). The two weights are checked and kept here (finite, >= 0),
+    then the subclass makes its codes (:meth:`_make_codes`), after the projections.
+
+    Args:
+        num_embeddings, embedding_dim: K and D.
+        commitment_cost: beta, the weight of the commitment term (0.25 in the paper).
+        codebook_weight: weight of the codebook term (1.0 in the paper).
+        **codebook_options: as for :class:`CodebookQuantizer`.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        commitment_cost: float = 0.25,
+        *,
+        codebook_weight: float = 1.0,
+        **codebook_options: Any,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, **codebook_options)
+        check_weights(commitment_cost=commitment_cost, codebook_weight=codebook_weight)
+        self.commitment_cost = float(commitment_cost)
+        self.codebook_weight = float(codebook_weight)
+        self._make_codes()
+
+    def _make_codes(self) -> None:
+        """Register ``codebook`` (and whatever else makes the codes)."""
+        raise NotImplementedError

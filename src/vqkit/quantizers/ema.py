@@ -150,16 +150,9 @@ class VectorQuantizerEMA(CodebookQuantizer):
         else:
             counts = masked_counts(indices, self.num_embeddings, keep)
         losses = {"commitment": commitment}
-        return self._output(
-            x,
-            flat,
-            quantized_flat,
-            indices,
-            distances,
-            counts,
-            losses,
-            self.commitment_cost * commitment,
-        )
+        quantized = self._quantized(x, flat, quantized_flat)
+        loss = self.commitment_cost * commitment
+        return self._pack(x, quantized, indices, distances, counts, losses, loss)
 
     @torch.no_grad()
     def update_codebook(

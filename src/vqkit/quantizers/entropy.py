@@ -121,18 +121,11 @@ class _BatchEntropy(torch.autograd.Function):
     ``a`` (N, d) and row weights ``w`` (N,) (1 kept, 0 padded)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        a: torch.Tensor,
-        w: torch.Tensor,
-        group_size: int,
-        sync: bool,
-        group: dist.ProcessGroup | None,
-        scratch: int,
-    ) -> torch.Tensor:
-        # autocast off in both passes: AOT autograd traces them under the caller's autocast
+    def forward(ctx: Any, a: torch.Tensor, *rest: Any) -> torch.Tensor:  # type: ignore[override]
+        """:meth:`_forward` (``rest``: w, group_size, sync, group, scratch) with autocast
+        off in both passes: AOT autograd traces them under the caller's autocast."""
         with torch.autocast(device_type=a.device.type, enabled=False):
-            return _BatchEntropy._forward(ctx, a, w, group_size, sync, group, scratch)
+            return _BatchEntropy._forward(ctx, a, *rest)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

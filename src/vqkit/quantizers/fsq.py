@@ -179,21 +179,6 @@ class FSQ(BaseQuantizer):
             codes = straight_through(bounded, rounded) / hw
         return codes, indices
 
-    def _counts(
-        self, indices: torch.Tensor, keep: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        if self.num_codes <= self.max_bincount:
-            counts = masked_counts(indices, self.num_codes, keep)
-            if self.training:
-                # global counts for the usage EMA, and so the metrics describe the global batch
-                counts = self._global_counts(counts)
-                self._track_usage(counts)
-            return counts, perplexity(counts), usage_fraction(counts)
-        kept = indices.reshape(-1) if keep is None else indices.reshape(-1)[keep]
-        _, used = torch.unique(kept, return_counts=True)
-        usage = torch.tensor(used.numel() / self.num_codes, device=indices.device)
-        return None, perplexity(used), usage
-
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
         """Quantize ``x`` (B, dim, *spatial); ``mask`` (B, *spatial), True = padded: those
         positions are left out of the counts and the usage statistic
@@ -202,21 +187,8 @@ class FSQ(BaseQuantizer):
         keep = keep_rows(mask, self.index_shape(x.shape), x.device)  # None without mask
         flat = self.to_flat(x)
         codes, indices = self._quantize_flat(flat)
-        out = self.project_out(codes) if self.project_out is not None else codes
-        quantized = self.from_flat(out.to(x.dtype), x.shape)
-        counts, ppl, usage = self._counts(indices, keep)
-        index_shape = self.index_shape(x.shape)
-        return QuantizerOutput(
-            quantized=quantized,
-            loss=torch.zeros((), dtype=torch.float32, device=x.device),
-            perplexity=ppl,
-            indices=indices.reshape(index_shape),
-            losses={},
-            usage=usage,
-            counts=counts,
-            distances=None,
-            num_embeddings=self.num_codes,
-        )
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        return grid_output(self, x, codes, indices, keep, loss, {})
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +211,55 @@ class FSQ(BaseQuantizer):
             s += f", dim={self.embedding_dim}"
         extra = super().extra_repr()
         return f"{s}, {extra}" if extra else s
+
+
+def grid_counts(
+    q: Any, indices: torch.Tensor, keep: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``(counts, perplexity, usage)`` of a batch's indices (N,) into an implicit grid of
+    ``q.num_codes`` codes (FSQ's levels, LFQ / BSQ's bit patterns), kept rows only. Up to
+    ``q.max_bincount`` codes: per-code counts (K,), in training mode summed over the
+    ranks and fed to the usage statistic. Above: exact from the batch's distinct codes
+    (``torch.unique``, a host sync; local), counts None."""
+    if q.num_codes <= q.max_bincount:
+        counts = masked_counts(indices, q.num_codes, keep)
+        if q.training:
+            # global counts for the usage EMA, and so the metrics describe the global batch
+            counts = q._global_counts(counts)
+            q._track_usage(counts)
+        return counts, perplexity(counts), usage_fraction(counts)
+    kept = indices.reshape(-1) if keep is None else indices.reshape(-1)[keep]
+    _, used = torch.unique(kept, return_counts=True)
+    usage = torch.tensor(used.numel() / q.num_codes, device=indices.device)
+    return None, perplexity(used), usage
+
+
+def grid_output(
+    q: Any,
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    indices: torch.Tensor,
+    keep: torch.Tensor | None,
+    loss: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+) -> QuantizerOutput:
+    """The output of a grid quantizer (FSQ, LFQ / BSQ; ``q`` has ``project_out`` and
+    ``max_bincount``) for input ``x``: ``codes`` (N, d) out-projected into ``x``'s
+    layout and dtype, ``indices`` (N,) shaped as the index map, the counts of
+    :func:`grid_counts` (kept rows), no distances."""
+    out = q.project_out(codes) if q.project_out is not None else codes
+    counts, ppl, usage = grid_counts(q, indices, keep)
+    return QuantizerOutput(
+        quantized=q.from_flat(out.to(x.dtype), x.shape),
+        loss=loss,
+        perplexity=ppl,
+        indices=indices.reshape(q.index_shape(x.shape)),
+        losses=losses,
+        usage=usage,
+        counts=counts,
+        distances=None,
+        num_embeddings=q.num_codes,
+    )
 
 
 def parse_levels(levels: str | Sequence[int]) -> list[int]:

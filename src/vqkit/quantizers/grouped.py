@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from ..options import option, positive_int
-from .base import BaseQuantizer, check_indices
+from .base import check_indices
 from .codebook_base import CodebookQuantizer
 from .ema import VectorQuantizerEMA
-from .masking import keep_rows, select_kept
+from .masking import keep_rows
 from .output import QuantizerOutput
 from .registry import register_quantizer
-from .residual import LayerKindOptions
+from .residual import LayeredQuantizer, LayerKindOptions
 from .vq import VectorQuantizer
 
 __all__ = ["GroupedVQ", "GroupedVQOptions"]
@@ -24,7 +24,7 @@ __all__ = ["GroupedVQ", "GroupedVQOptions"]
 GROUP_KINDS = {"vq": VectorQuantizer, "ema": VectorQuantizerEMA}
 
 
-class GroupedVQ(BaseQuantizer):
+class GroupedVQ(LayeredQuantizer):
     """G codebook quantizers side by side on disjoint channel groups.
 
     A D-vector ``x`` is cut into ``x = [x_1, ..., x_G]`` (consecutive channels, D / G
@@ -97,17 +97,7 @@ class GroupedVQ(BaseQuantizer):
             for _ in range(1 if self.shared else groups)
         )
 
-    # -- the contract ---------------------------------------------------------------
-    def codebook_lr_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.codebook_lr_parameters()]
-
-    def code_row_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.code_row_parameters()]
-
-    @property
-    def counts_are_global(self) -> bool:
-        return all(layer.counts_are_global for layer in self.layers)
-
+    # -- the contract (parameters and count flags: LayeredQuantizer's) ----------------
     @property
     def tracks_usage(self) -> bool:
         return self.shared and self.layers[0].tracks_usage
@@ -123,9 +113,10 @@ class GroupedVQ(BaseQuantizer):
         """(N, D) -> (N, G, D / G)."""
         return flat.reshape(flat.shape[0], self.groups, self.group_dim)
 
-    def _kept_flat(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """An input or flat (N, D) vectors, checked -> (N, D)."""
         self._validate(x, x.device)
-        return select_kept(self.to_flat(x), keep_rows(mask, self.index_shape(x.shape), x.device))
+        return self.to_flat(x)
 
     # -- forward / encode / decode ---------------------------------------------------
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
@@ -193,18 +184,10 @@ class GroupedVQ(BaseQuantizer):
         return out if self.channels_last else out.movedim(-1, 1)
 
     # -- codebook health -------------------------------------------------------------
-    @torch.no_grad()
-    def init_codebook_kmeans(
-        self,
-        x: torch.Tensor,
-        iters: int = 10,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> None:
-        """k-means of each group's codebook on that group's channels of ``x`` (an input,
-        or flat (N, D) vectors; kept positions of every rank); pooled over the groups
-        when shared. Every rank must call it."""
-        parts = self._parts(self._kept_flat(x, mask))
+    def _init_codes(self, x: torch.Tensor, iters: int, generator: torch.Generator | None) -> None:
+        """k-means of each group's codebook on that group's channels of the kept ``x``;
+        pooled over the groups when shared."""
+        parts = self._parts(self._flat(x))
         if self.shared:
             self.layers[0].init_codebook_kmeans(
                 parts.reshape(-1, self.group_dim), iters=iters, generator=generator
@@ -213,21 +196,13 @@ class GroupedVQ(BaseQuantizer):
         for i, layer in enumerate(self.layers):
             layer.init_codebook_kmeans(parts[:, i].contiguous(), iters=iters, generator=generator)
 
-    @torch.no_grad()
-    def revive_dead_codes(
-        self,
-        x: torch.Tensor,
-        threshold: float = 1.0,
-        generator: torch.Generator | None = None,
-        mask: torch.Tensor | None = None,
+    def _revive_codes(
+        self, x: torch.Tensor, threshold: float, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """Shared codebook only: revive its dead codes from the group vectors of ``x``
-        (kept positions); returns the bool (K,) mask."""
-        if not self.shared:
-            raise NotImplementedError(
-                "revival of unshared groups: call layers[g].revive_dead_codes per group"
-            )
-        parts = self._parts(self._kept_flat(x, mask))
+        """Shared codebook only (``supports_revival``): its dead codes take group
+        vectors of the kept ``x``; unshared groups revive per group
+        (``layers[g].revive_dead_codes``)."""
+        parts = self._parts(self._flat(x))
         return self.layers[0].revive_dead_codes(
             parts.reshape(-1, self.group_dim), threshold=threshold, generator=generator
         )

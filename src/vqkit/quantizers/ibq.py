@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import perplexity, usage_fraction
 from ..options import nonneg, option, positive
 from ..search import nearest_code
 from .base import check_positive, check_weights, fp32_region
-from .codebook_base import CodebookLossOptions, CodebookQuantizer, EntropyOptions
+from .codebook_base import CodebookLossOptions, EntropyOptions, LossTrainedQuantizer
 from .masking import keep_rows, masked_counts, masked_mean, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
@@ -176,7 +175,7 @@ def ibq_lookup(
     return _IBQLookup.apply(x, codebook, tile_n, tile_k)
 
 
-class IBQ(CodebookQuantizer):
+class IBQ(LossTrainedQuantizer):
     """Index backpropagation quantizer.
 
     Logits ``s_nk = x_n.e_k`` (inner products, not distances), index ``k_n = argmax_k
@@ -244,7 +243,6 @@ class IBQ(CodebookQuantizer):
         embedding_dim: int,
         commitment_cost: float = 0.25,
         *,
-        codebook_weight: float = 1.0,
         double_quant_weight: float = 1.0,
         entropy_weight: float = 0.05,
         diversity_gamma: float = 1.0,
@@ -255,23 +253,21 @@ class IBQ(CodebookQuantizer):
             raise ValueError("IBQ's logits are inner products; use_cosine does not apply")
         if codebook_options.get("gradient", "ste") != "ste":
             raise ValueError("IBQ has its own gradient estimator; gradient must be 'ste'")
-        codebook_options.setdefault("max_scratch_bytes", IBQ_SCRATCH_BYTES)
-        super().__init__(num_embeddings, embedding_dim, **codebook_options)
         check_weights(
-            commitment_cost=commitment_cost,
-            codebook_weight=codebook_weight,
             double_quant_weight=double_quant_weight,
             entropy_weight=entropy_weight,
             diversity_gamma=diversity_gamma,
         )
         check_positive(entropy_temperature=entropy_temperature)
-        self.commitment_cost = float(commitment_cost)
-        self.codebook_weight = float(codebook_weight)
+        codebook_options.setdefault("max_scratch_bytes", IBQ_SCRATCH_BYTES)
+        super().__init__(num_embeddings, embedding_dim, commitment_cost, **codebook_options)
         self.double_quant_weight = float(double_quant_weight)
         self.entropy_weight = float(entropy_weight)
         self.diversity_gamma = float(diversity_gamma)
         self.entropy_temperature = float(entropy_temperature)
-        self.codebook = nn.Parameter(torch.empty(num_embeddings, self.codebook_dim))
+
+    def _make_codes(self) -> None:
+        self.codebook = nn.Parameter(torch.empty(self.num_embeddings, self.codebook_dim))
         nn.init.normal_(self.codebook)  # the reference (nn.Embedding): codes of ~equal norm
 
     def _assign(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,17 +321,8 @@ class IBQ(CodebookQuantizer):
             counts = self._global_counts(counts)
             self._track_usage(counts)
         out = self.project_out(q) if self.project_out is not None else q
-        return QuantizerOutput(
-            quantized=self.from_flat(out.to(x.dtype), x.shape),
-            loss=loss,
-            perplexity=perplexity(counts),
-            indices=indices.reshape(index_shape),
-            losses=losses,
-            usage=usage_fraction(counts),
-            counts=counts,
-            distances=distances.reshape(index_shape),
-            num_embeddings=self.num_embeddings,
-        )
+        quantized = self.from_flat(out.to(x.dtype), x.shape)
+        return self._pack(x, quantized, indices, distances, counts, losses, loss)
 
     def extra_repr(self) -> str:
         return (

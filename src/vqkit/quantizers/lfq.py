@@ -18,15 +18,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..metrics import perplexity, usage_fraction
 from ..options import option, positive, positive_int
 from ..search import DEFAULT_SCRATCH_BYTES
 from .base import BaseQuantizer, check_indices, check_positive, check_weights, fp32_region
 from .codebook_base import CommitmentOptions, EntropyOptions
 from .entropy import MAX_EXACT_BITS, batch_entropy, per_sample_entropy
 from .estimators import straight_through
-from .fsq import DEFAULT_MAX_BINCOUNT
-from .masking import keep_rows, masked_counts, masked_mse_terms
+from .fsq import DEFAULT_MAX_BINCOUNT, grid_output
+from .masking import keep_rows, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
 
@@ -154,34 +153,7 @@ class BinaryQuantizer(BaseQuantizer):
                 entropy = per - self.diversity_gamma * batch
                 losses.update(per_sample_entropy=per, batch_entropy=batch, entropy=entropy)
                 loss = loss + self.entropy_weight * entropy
-        out = self.project_out(codes) if self.project_out is not None else codes
-        counts, ppl, usage = self._counts(indices, keep)
-        return QuantizerOutput(
-            quantized=self.from_flat(out.to(x.dtype), x.shape),
-            loss=loss,
-            perplexity=ppl,
-            indices=indices.reshape(index_shape),
-            losses=losses,
-            usage=usage,
-            counts=counts,
-            distances=None,
-            num_embeddings=self.num_codes,
-        )
-
-    def _counts(
-        self, indices: torch.Tensor, keep: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        if self.num_codes <= self.max_bincount:
-            counts = masked_counts(indices, self.num_codes, keep)
-            if self.training:
-                counts = self._global_counts(counts)
-                self._track_usage(counts)
-            return counts, perplexity(counts), usage_fraction(counts)
-        # above max_bincount: exact from the batch's distinct codes (host sync)
-        kept = indices if keep is None else indices[keep]
-        _, used = torch.unique(kept, return_counts=True)
-        usage = torch.tensor(used.numel() / self.num_codes, device=indices.device)
-        return None, perplexity(used), usage
+        return grid_output(self, x, codes, indices, keep, loss, losses)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

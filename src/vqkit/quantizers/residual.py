@@ -36,7 +36,24 @@ __all__ = ["RVQOptions", "ResidualVQ"]
 STAGE_KINDS = {"vq": VectorQuantizer, "ema": VectorQuantizerEMA}
 
 
-class ResidualVQ(BaseQuantizer):
+class LayeredQuantizer(BaseQuantizer):
+    """Base of the quantizers made of codebook layers (``self.layers``: rvq's stages,
+    gvq's groups): their contract parameters and count flags are the layers'."""
+
+    layers: nn.ModuleList
+
+    def codebook_lr_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.codebook_lr_parameters()]
+
+    def code_row_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.code_row_parameters()]
+
+    @property
+    def counts_are_global(self) -> bool:
+        return all(layer.counts_are_global for layer in self.layers)
+
+
+class ResidualVQ(LayeredQuantizer):
     """Q quantizer stages on successive residuals; output = sum of the stages' codes.
 
     Args:
@@ -120,17 +137,6 @@ class ResidualVQ(BaseQuantizer):
             )
             for _ in range(n_modules)
         )
-
-    # -- the contract: the stages' codebooks and statistics --------------------------
-    def codebook_lr_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.codebook_lr_parameters()]
-
-    def code_row_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.code_row_parameters()]
-
-    @property
-    def counts_are_global(self) -> bool:
-        return all(layer.counts_are_global for layer in self.layers)
 
     def stage(self, i: int) -> CodebookQuantizer:
         """The quantizer of stage ``i`` (the same module for every i when shared)."""

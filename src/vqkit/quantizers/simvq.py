@@ -5,23 +5,22 @@ learned linear map."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..search import nearest_code
-from .base import check_indices, check_weights, fp32_region
-from .codebook_base import CodebookLossOptions, CodebookQuantizer
-from .masking import keep_rows, masked_counts, masked_mse_terms
+from .base import check_indices, fp32_region
+from .codebook_base import CodebookLossOptions, LossTrainedQuantizer
 from .output import QuantizerOutput
 from .registry import register_quantizer
+from .vq import loss_trained_forward
 
 __all__ = ["SimVQ", "SimVQOptions"]
 
 
-class SimVQ(CodebookQuantizer):
+class SimVQ(LossTrainedQuantizer):
     """Vector quantizer whose K codes are ``C W^T``: ``C`` (K, d) a frozen random
     codebook (the buffer ``codebook``, N(0, 1/d) entries: codes of about unit norm) and
     ``W`` (d, d) the learned weight of ``transform`` (no bias; initialised to the
@@ -55,21 +54,9 @@ class SimVQ(CodebookQuantizer):
     supports_init = False
     supports_revival = False
 
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        commitment_cost: float = 0.25,
-        *,
-        codebook_weight: float = 1.0,
-        **codebook_options: Any,
-    ) -> None:
-        super().__init__(num_embeddings, embedding_dim, **codebook_options)
-        check_weights(commitment_cost=commitment_cost, codebook_weight=codebook_weight)
-        self.commitment_cost = float(commitment_cost)
-        self.codebook_weight = float(codebook_weight)
+    def _make_codes(self) -> None:
         d = self.codebook_dim
-        self.register_buffer("codebook", torch.randn(num_embeddings, d) * d**-0.5)
+        self.register_buffer("codebook", torch.randn(self.num_embeddings, d) * d**-0.5)
         self.transform = nn.Linear(d, d, bias=False)
         with torch.no_grad():
             self.transform.weight.copy_(torch.eye(d))
@@ -103,20 +90,10 @@ class SimVQ(CodebookQuantizer):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> QuantizerOutput:
         """Quantize ``x`` (B, C, *spatial); ``mask`` (B, *spatial), True = padded
         (:mod:`vqkit.quantizers.masking`)."""
-        self._validate(x, self.codebook.device)
-        keep = keep_rows(mask, self.index_shape(x.shape), x.device)
-        flat = self._search_input(self.to_flat(x))
-        indices, distances = self._assign(flat)
-        quantized_flat = self._map(F.embedding(indices, self.codebook))  # N rows, grad to W
-        losses = masked_mse_terms(flat, quantized_flat, keep)
-        loss = (
-            self.codebook_weight * losses["codebook"] + self.commitment_cost * losses["commitment"]
+        # the chosen codes W c_k: N rows, gradient to W
+        return loss_trained_forward(
+            self, x, mask, lambda indices: self._map(F.embedding(indices, self.codebook))
         )
-        counts = masked_counts(indices, self.num_embeddings, keep)
-        if self.training:
-            counts = self._global_counts(counts)
-            self._track_usage(counts)
-        return self._output(x, flat, quantized_flat, indices, distances, counts, losses, loss)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices (B, *spatial) -> codes ``W c_k`` in the input layout (out-projected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..options import option
-from .base import check_weights
-from .codebook_base import CodebookLossOptions, CodebookQuantizer
+from .codebook_base import CodebookLossOptions, LossTrainedQuantizer
 from .masking import keep_rows, masked_counts, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
@@ -19,7 +19,7 @@ from .registry import register_quantizer
 __all__ = ["VQOptions", "VectorQuantizer"]
 
 
-class VectorQuantizer(CodebookQuantizer):
+class VectorQuantizer(LossTrainedQuantizer):
     """Vector quantizer with a codebook learned by gradient descent.
 
     For an input ``z_e`` (B, D, *spatial) each D-vector ``x`` is replaced by its
@@ -35,8 +35,9 @@ class VectorQuantizer(CodebookQuantizer):
         num_embeddings: K, the number of codes.
         embedding_dim: D, the code dimension; must equal the input's channels.
         commitment_cost: beta, the weight of the commitment term (0.25 in the paper).
-        codebook_weight: weight of the codebook term (1.0 in the paper).
-        **codebook_options: the options every codebook quantizer takes, see
+        codebook_weight: weight of the codebook term (1.0 in the paper); both weights
+            are checked and kept by the base, ``LossTrainedQuantizer``.
+        **options: ``codebook_weight``, and the options every codebook quantizer takes, see
             :class:`~vqkit.quantizers.CodebookQuantizer`: ``channels_last``,
             ``check_finite``, ``max_scratch_bytes``, ``search_backend``,
             ``codebook_dim``, ``use_cosine`` (``l2_normalize``), ``gradient``,
@@ -62,15 +63,10 @@ class VectorQuantizer(CodebookQuantizer):
         embedding_dim: int,
         commitment_cost: float = 0.25,
         *,
-        codebook_weight: float = 1.0,
         affine_codebook: bool = False,
-        **codebook_options: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(num_embeddings, embedding_dim, **codebook_options)
-        check_weights(commitment_cost=commitment_cost, codebook_weight=codebook_weight)
-        self.commitment_cost = float(commitment_cost)
-        self.codebook_weight = float(codebook_weight)
-        self.codebook = nn.Parameter(torch.empty(num_embeddings, self.codebook_dim))
+        super().__init__(num_embeddings, embedding_dim, commitment_cost, **options)
         self.affine_codebook = bool(affine_codebook)
         if self.affine_codebook:
             self.codebook_scale: nn.Parameter | None = nn.Parameter(torch.ones(self.codebook_dim))
@@ -79,6 +75,9 @@ class VectorQuantizer(CodebookQuantizer):
         else:
             self.codebook_scale = self.codebook_shift = None
         self.reset_parameters()
+
+    def _make_codes(self) -> None:
+        self.codebook = nn.Parameter(torch.empty(self.num_embeddings, self.codebook_dim))
 
     def reset_parameters(self) -> None:
         k = self.num_embeddings
@@ -118,20 +117,9 @@ class VectorQuantizer(CodebookQuantizer):
         """Quantize ``x`` (B, D, *spatial); ``mask`` (B, *spatial), True = padded: those
         positions are left out of the losses and the statistics
         (:mod:`vqkit.quantizers.masking`)."""
-        self._validate(x, self.codebook.device)
-        keep = keep_rows(mask, self.index_shape(x.shape), x.device)  # None without mask
-        flat = self._search_input(self.to_flat(x))  # the input itself by default
-        indices, distances = self._assign(flat)
-        quantized_flat = F.embedding(indices, self._search_codebook())
-        losses = masked_mse_terms(flat, quantized_flat, keep)
-        loss = (
-            self.codebook_weight * losses["codebook"] + self.commitment_cost * losses["commitment"]
+        return loss_trained_forward(
+            self, x, mask, lambda indices: F.embedding(indices, self._search_codebook())
         )
-        counts = masked_counts(indices, self.num_embeddings, keep)
-        if self.training:
-            counts = self._global_counts(counts)
-            self._track_usage(counts)
-        return self._output(x, flat, quantized_flat, indices, distances, counts, losses, loss)
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, commitment_cost={self.commitment_cost}"
@@ -140,6 +128,32 @@ class VectorQuantizer(CodebookQuantizer):
         if self.codebook_weight != 1.0:
             s += f", codebook_weight={self.codebook_weight}"
         return s
+
+
+def loss_trained_forward(
+    q: Any,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    chosen: Callable[[torch.Tensor], torch.Tensor],
+) -> QuantizerOutput:
+    """The forward of a codebook trained by its loss (:class:`VectorQuantizer`, SimVQ):
+    nearest code of each searched vector, ``chosen(indices)`` the chosen codes (N, d)
+    with gradient to what trains them; ``loss = codebook_weight * ||sg[x] - e||^2 +
+    commitment_cost * ||x - sg[e]||^2`` over the kept positions (``mask`` True =
+    padded); counts summed over the ranks and tracked in training mode."""
+    q._validate(x, q.codebook.device)
+    keep = keep_rows(mask, q.index_shape(x.shape), x.device)  # None without mask
+    flat = q._search_input(q.to_flat(x))  # the input itself by default
+    indices, distances = q._assign(flat)
+    quantized_flat = chosen(indices)
+    losses = masked_mse_terms(flat, quantized_flat, keep)
+    loss = q.codebook_weight * losses["codebook"] + q.commitment_cost * losses["commitment"]
+    counts = masked_counts(indices, q.num_embeddings, keep)
+    if q.training:
+        counts = q._global_counts(counts)
+        q._track_usage(counts)
+    quantized = q._quantized(x, flat, quantized_flat)
+    return q._pack(x, quantized, indices, distances, counts, losses, loss)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Writing files a reader may open: atomic replace, strict JSON, orphaned-temp cleanup.
+"""Writing files a reader may open: atomic replace, strict JSON, orphaned-temp cleanup;
+and the one file hash (:func:`file_hexdigest`).
 
 Every file vqkit writes for a person or a later run (checkpoints, exported weights,
 pictures, JSON, the decoded-data cache) goes through :func:`atomic_write`:
@@ -27,6 +28,7 @@ JSON is strict: :func:`dump_json` / :func:`write_json` never write ``NaN`` or
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -44,6 +46,7 @@ __all__ = [
     "atomic_write",
     "clean_stale_temps",
     "disk_full_error",
+    "file_hexdigest",
     "dump_json",
     "is_disk_full",
     "mirror_paths",
@@ -317,3 +320,13 @@ def mirror_paths(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
             raise ValueError(f"{seen[name]} and {src} would both be written to {name}")
         seen[name] = src
     return names
+
+
+def file_hexdigest(path: str | os.PathLike[str], algorithm: str) -> str:
+    """Hex digest of a file's bytes by a :mod:`hashlib` ``algorithm`` ("sha256", "md5"),
+    read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
