@@ -146,6 +146,8 @@ def test_old_flags_and_old_keys_of_renamed_options_still_work(tmp_path):
     old.pop("stage")
     old["rvq_stage"] = "ema"
     for kind, want in (("ibq", 0.2), ("lfq", 0.1), ("vq", None)):
+        # older configs held every kind's options: the defaults of the kinds not chosen
+        old["ibq_entropy_weight"] = 0.2 if kind == "ibq" else 0.05
         cfg = VQVAEConfig.from_dict({**old, "quantizer": kind})
         assert cfg.entropy_weight == want, kind
         train = {k: v for k, v in old.items() if k not in ("in_channels", "image_size")}
@@ -155,7 +157,11 @@ def test_old_flags_and_old_keys_of_renamed_options_still_work(tmp_path):
         assert TrainConfig.from_file(path).entropy_weight == want
     cfg = VQVAEConfig.from_dict({**old, "quantizer": "rvq", "rvq_stage": "vq"})
     assert cfg.stage == "vq"
-    # a changed value of another kind in a config file is still an error
+    # a changed value of another kind in a config file is still an error, old names too
+    path = tmp_path / "stray-old.json"
+    path.write_text(json.dumps({"quantizer": "lfq", "ibq_entropy_weight": 0.3}))
+    with pytest.raises(ValueError, match="ibq_entropy_weight does not apply to quantizer 'lfq'"):
+        TrainConfig.from_file(path)
     path = tmp_path / "stray.json"
     path.write_text(json.dumps({"quantizer": "vq", "entropy_weight": 0.3}))
     with pytest.raises(ValueError, match="entropy_weight does not apply to quantizer 'vq'"):

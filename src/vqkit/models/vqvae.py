@@ -134,9 +134,10 @@ QUANTIZER_OPTION_NAMES = frozenset(QUANTIZER_DEFAULTS)
 RENAMED_OPTIONS = {
     old: (k, new) for k in quantizer_kinds() for old, new in get_kind(k).options.renamed.items()
 }
-# flat defaults before an option became one declaration with a None default (the kind's
-# own): what configs of other kinds stored for it
-_FORMER_DEFAULTS = {"entropy_weight": 0.1}
+# what older flat configs stored for an option of a kind not chosen, where it is not
+# today's default: the flat default of an option that became shared with a None default
+# (the kind's own), by its old and its new name
+_FORMER_DEFAULTS = {"entropy_weight": 0.1, "ibq_entropy_weight": 0.05}
 
 
 def upgrade_options(values: dict[str, Any], *, stored: bool = False) -> dict[str, Any]:
@@ -156,7 +157,9 @@ def upgrade_options(values: dict[str, Any], *, stored: bool = False) -> dict[str
         if name in RENAMED_OPTIONS:
             kind, new = RENAMED_OPTIONS[name]
             if kind != chosen:
-                continue
+                if stored or v == _FORMER_DEFAULTS.get(name, QUANTIZER_DEFAULTS[new]):
+                    continue
+                raise UserError(f"{name} does not apply to quantizer {chosen!r} (only {kind})")
             name = new
         elif name in QUANTIZER_OPTION_NAMES and name not in own:
             former = name in _FORMER_DEFAULTS and v == _FORMER_DEFAULTS[name]
