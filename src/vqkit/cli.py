@@ -181,7 +181,7 @@ def _eval_suite(args: argparse.Namespace):
 
         lpips = LPIPS(args.lpips_weights)
     if args.limit is not None and args.limit < 2:
-        raise ValueError(f"--limit must be >= 2; got {args.limit}")
+        raise UserError(f"--limit must be >= 2; got {args.limit}")
     return QualitySuite(lpips=lpips, extractors=extractors, kid_subset_size=args.kid_subset_size)
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import ImageData, load_dataset, normalize
+from ..errors import UserError
 from ..storage.checkpoint import save_file_atomically
 from ..storage.fileio import dump_json, write_json
 from .features import sha256_file
@@ -96,7 +97,7 @@ def train_feature_net(
     network in eval mode. ValueError when the split has fewer than 2 classes."""
     num_classes = len(train.classes) or int(train.labels.max()) + 1
     if num_classes < 2:
-        raise ValueError(
+        raise UserError(
             f"{train.source} ({train.split}) has no class labels: vqkit features needs a "
             "labelled dataset (class folders, CIFAR-10, Fashion-MNIST)"
         )
@@ -164,18 +165,18 @@ def load_feature_net(path: str | os.PathLike[str]) -> tuple[FeatureNet, dict[str
             info = json.loads((f.metadata() or {}).get("info", "{}"))
         state = load_file(str(p))
     except Exception as e:  # truncated or not safetensors
-        raise ValueError(f"cannot read feature network {p}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read feature network {p}: {str(e).splitlines()[0]}") from None
     if info.get("format") != FORMAT:
-        raise ValueError(f"{p} is not a vqkit feature network (made by vqkit features)")
+        raise UserError(f"{p} is not a vqkit feature network (made by vqkit features)")
     digest = sha256_file(p)
     side = p.with_name("features.json")
     if side.is_file() and json.loads(side.read_text()).get("sha256") != digest:
-        raise ValueError(f"{p} does not match the sha256 recorded in {side}: the file changed")
+        raise UserError(f"{p} does not match the sha256 recorded in {side}: the file changed")
     net = FeatureNet(info["in_channels"], info["num_classes"], info["width"])
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(
+        raise UserError(
             f"{p}: weights do not match its config ({str(e).splitlines()[0]})"
         ) from None
     return net.eval(), {**info, "sha256": digest}
@@ -200,7 +201,7 @@ class VqkitFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         want = (self.info["in_channels"], self.info["image_size"], self.info["image_size"])
         if images.dtype != torch.uint8 or tuple(images.shape[1:]) != want:
-            raise ValueError(
+            raise UserError(
                 f"{self.name} takes uint8 images {want} (what it was trained on); got "
                 f"{images.dtype} {tuple(images.shape[1:])}"
             )
@@ -234,9 +235,9 @@ def run_features(args: argparse.Namespace) -> int:
     """``vqkit features``: train, measure test accuracy, save; prints the info."""
     for flag in ("steps", "batch_size", "width"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if not args.lr > 0:
-        raise ValueError("--lr must be > 0")
+        raise UserError("--lr must be > 0")
     kw = {"image_size": args.image_size, "cache_dir": args.cache_dir}
     train = load_dataset(args.data, "train", **kw)
     test = load_dataset(args.data, args.test_split, **kw, channels=train.images.shape[1])

@@ -9,7 +9,6 @@ each network comes from a file the user names, checked key by key before use.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import io
@@ -22,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..losses.perceptual import check_state, load_state_file
+from ..storage.fileio import file_hexdigest
 
 __all__ = [
     "INCEPTION_FILE",
@@ -39,11 +40,7 @@ _INCEPTION_HINT = (
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_hexdigest(path, "sha256")
 
 
 def ensure_torch_fidelity_importable() -> bool:
@@ -76,7 +73,7 @@ def ensure_torch_fidelity_importable() -> bool:
 
 def _inception_class() -> type:
     if not ensure_torch_fidelity_importable():
-        raise ValueError(
+        raise UserError(
             "--inception-weights needs torch-fidelity's InceptionV3: "
             "pip install --no-deps torch-fidelity (it needs no torchvision for this)"
         )
@@ -121,7 +118,7 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(
+            raise UserError(
                 f"expected uint8 images (B, 1 or 3, H, W); got {images.dtype} {tuple(images.shape)}"
             )
         if images.shape[1] == 1:

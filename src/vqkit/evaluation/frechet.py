@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .features import ensure_torch_fidelity_importable
 
 __all__ = ["FeatureDistances"]
@@ -47,7 +48,7 @@ class FeatureDistances:
         seed: int = 0,
     ) -> None:
         if kid_subsets < 1 or kid_subset_size < 2:
-            raise ValueError("KID needs >= 1 subset of >= 2 images")
+            raise UserError("KID needs >= 1 subset of >= 2 images")
         self.extractor = extractor
         self.kid_subsets = kid_subsets
         self.kid_subset_size = kid_subset_size
@@ -69,7 +70,7 @@ class FeatureDistances:
         real, fake = torch.cat(self.real), torch.cat(self.fake)
         n = min(len(real), len(fake))
         if n < 2:
-            raise ValueError(f"FD and KID need at least 2 images; got {n}")
+            raise UserError(f"FD and KID need at least 2 images; got {n}")
         given = _Given(real.shape[1])
         fd = FrechetInceptionDistance(feature=given, reset_real_features=False)
         fd.update(real, real=True)

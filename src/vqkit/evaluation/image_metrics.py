@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 __all__ = [
     "MS_SSIM_BETAS",
     "bits_per_pixel",
@@ -32,12 +34,12 @@ def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
     if pred.dtype != torch.uint8 or target.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images; got {pred.dtype} and {target.dtype}")
     if pred.shape != target.shape or pred.dim() != 4:
-        raise ValueError(
+        raise UserError(
             f"expected two (B, C, H, W) batches of one shape; got {tuple(pred.shape)} and "
             f"{tuple(target.shape)}"
         )
     if min(pred.shape[-2:]) < WINDOW:
-        raise ValueError(f"SSIM needs images of at least {WINDOW} px; got {tuple(pred.shape)}")
+        raise UserError(f"SSIM needs images of at least {WINDOW} px; got {tuple(pred.shape)}")
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -84,7 +86,7 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int
     _check(pred, target)
     scales = ms_ssim_scales(min(pred.shape[-2:]))
     if scales < 2:
-        raise ValueError(f"MS-SSIM needs images of at least 21 px; got {tuple(pred.shape)}")
+        raise UserError(f"MS-SSIM needs images of at least 21 px; got {tuple(pred.shape)}")
     x, y = pred.double(), target.double()
     kw = {"data_range": DATA_RANGE, "K": (0.01, 0.03)}
     if scales == len(MS_SSIM_BETAS):
@@ -108,5 +110,5 @@ def bits_per_pixel(positions: int, codes_per_position: int, num_codes: int, pixe
     """Rate of the code grid of one image: ``positions * Q * log2(K) / pixels`` (bits per
     pixel of the uncompressed index map; H x W pixels, not counting channels)."""
     if min(positions, codes_per_position, num_codes, pixels) < 1:
-        raise ValueError("bits_per_pixel needs positive positions, codes, K and pixels")
+        raise UserError("bits_per_pixel needs positive positions, codes, K and pixels")
     return positions * codes_per_position * math.log2(num_codes) / pixels

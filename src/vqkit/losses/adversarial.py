@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = [
     "DISC_LOSSES",
     "LeCAM",
@@ -47,7 +49,7 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3) -> None:
         super().__init__()
         if layers < 1 or channels < 1 or in_channels < 1:
-            raise ValueError(
+            raise UserError(
                 f"the discriminator needs >= 1 layer, channel and input channel; got layers="
                 f"{layers}, channels={channels}, in_channels={in_channels}"
             )
@@ -83,7 +85,7 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < self.min_size:
-            raise ValueError(
+            raise UserError(
                 f"a {self.layers}-layer discriminator needs images of at least {self.min_size} "
                 f"px; got {tuple(x.shape)}: lower --disc-layers"
             )
@@ -98,7 +100,7 @@ def discriminator_loss(
         return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
     if kind == "non_saturating":
         return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
-    raise ValueError(f"disc_loss must be one of {list(DISC_LOSSES)}; got {kind!r}")
+    raise UserError(f"disc_loss must be one of {list(DISC_LOSSES)}; got {kind!r}")
 
 
 def generator_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
@@ -108,7 +110,7 @@ def generator_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tens
         return -logits_fake.mean()
     if kind == "non_saturating":
         return F.softplus(-logits_fake).mean()
-    raise ValueError(f"disc_loss must be one of {list(DISC_LOSSES)}; got {kind!r}")
+    raise UserError(f"disc_loss must be one of {list(DISC_LOSSES)}; got {kind!r}")
 
 
 def adaptive_weight(
@@ -156,7 +158,7 @@ class LeCAM(nn.Module):
     def __init__(self, decay: float = 0.99) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"lecam decay must be in [0, 1); got {decay}")
+            raise UserError(f"lecam decay must be in [0, 1); got {decay}")
         self.decay = decay
         self.register_buffer("ema_real", torch.zeros(()))
         self.register_buffer("ema_fake", torch.zeros(()))

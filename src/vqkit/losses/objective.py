@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..options import Options, nonneg, nonneg_int, option, positive_int
 from .adversarial import (
     DISC_LOSSES,
@@ -75,7 +76,7 @@ class LossOptions(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.perceptual_weight > 0 and not self.perceptual_weights:
-            raise ValueError(
+            raise UserError(
                 f"perceptual_weight > 0 needs --perceptual-weights FILE: torchvision's ImageNet "
                 f"VGG16 weights ({VGG16_FILE}), downloaded by you; vqkit never downloads"
             )
@@ -101,7 +102,7 @@ class VQGANLoss(nn.Module):
         self.perceptual: LPIPS | None = None
         if options.perceptual_weight > 0:
             if in_channels != 3:
-                raise ValueError(
+                raise UserError(
                     f"the perceptual (LPIPS) term needs RGB images; the model has {in_channels} "
                     "channel(s): drop --perceptual-weight"
                 )
@@ -136,7 +137,7 @@ class VQGANLoss(nn.Module):
         """Restore :meth:`checkpoint_state`; ValueError when it does not fit these options."""
         own = self.checkpoint_state()
         if set(state) != set(own):
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint's loss state holds {sorted(state)}, these loss options need "
                 f"{sorted(own)}"
             )

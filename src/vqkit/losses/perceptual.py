@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = [
     "LPIPS",
     "VGG16_FILE",
@@ -86,11 +88,11 @@ def load_state_file(path: str | os.PathLike[str], what: str, hint: str) -> dict[
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle error, foreign format: all one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read {what} file {p} ({first}): {hint}") from None
+        raise UserError(f"cannot read {what} file {p} ({first}): {hint}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{what} file {p} is not a state dict of tensors: {hint}")
+        raise UserError(f"{what} file {p} is not a state dict of tensors: {hint}")
     return state
 
 
@@ -117,7 +119,7 @@ def check_state(
             if missing
             else f"{len(wrong)} tensors of the wrong shape (e.g. {wrong[0]})"
         )
-        raise ValueError(f"{where} is not {what}: {detail}; {hint}")
+        raise UserError(f"{where} is not {what}: {detail}; {hint}")
 
 
 class LPIPS(nn.Module):
@@ -174,7 +176,7 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3 or x.shape != y.shape:
-            raise ValueError(
+            raise UserError(
                 "LPIPS compares RGB images (B, 3, H, W) of one shape; got "
                 f"{tuple(x.shape)} and {tuple(y.shape)}"
             )

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 __all__ = [
     "DEFAULT_CH_MULT",
     "GROUPS",
@@ -43,20 +45,20 @@ def _ints(value: str, name: str) -> tuple[int, ...]:
     try:
         return tuple(int(p.strip()) for p in value.split(",") if p.strip())
     except ValueError:
-        raise ValueError(f"{name} must be comma-separated ints; got {value!r}") from None
+        raise UserError(f"{name} must be comma-separated ints; got {value!r}") from None
 
 
 def parse_vqgan_ch_mult(value: str | Sequence[int] | None, downsample: int) -> tuple[int, ...]:
     """One multiplier per level: 3, 4 or 5 values for factor 4, 8 or 16 ('' or None:
     :data:`DEFAULT_CH_MULT`). ValueError for a wrong count or a value < 1."""
     if downsample not in DEFAULT_CH_MULT:
-        raise ValueError(f"downsample must be one of {tuple(DEFAULT_CH_MULT)}; got {downsample!r}")
+        raise UserError(f"downsample must be one of {tuple(DEFAULT_CH_MULT)}; got {downsample!r}")
     if value is None or (isinstance(value, str) and not value.strip()):
         return DEFAULT_CH_MULT[downsample]
     mult = _ints(value, "channel_mult") if isinstance(value, str) else tuple(map(int, value))
     levels = downsample.bit_length()  # 4 -> 3, 8 -> 4, 16 -> 5
     if len(mult) != levels or any(m < 1 for m in mult):
-        raise ValueError(
+        raise UserError(
             f"channel_mult of the vqgan network needs {levels} positive ints for downsample "
             f"{downsample} (one per level, e.g. "
             f"{','.join(map(str, DEFAULT_CH_MULT[downsample]))}); got {value!r}"
@@ -72,7 +74,7 @@ def parse_attn_resolutions(value: str, image_size: int, downsample: int) -> tupl
     sizes = {image_size >> i for i in range(downsample.bit_length())}
     bad = [r for r in res if r not in sizes]
     if bad:
-        raise ValueError(
+        raise UserError(
             f"attn_resolutions {bad} are not feature-map sizes of a {image_size}-px image at "
             f"downsample {downsample} (sizes: {sorted(sizes)})"
         )

@@ -234,9 +234,9 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
             )  # fmt: skip
             return
         if self.attn_resolutions:
-            raise ValueError("attn_resolutions applies to arch 'vqgan' only")
+            raise UserError("attn_resolutions applies to arch 'vqgan' only")
         if self.hidden % 2:
-            raise ValueError(f"hidden must be even (first conv: hidden/2); got {self.hidden}")
+            raise UserError(f"hidden must be even (first conv: hidden/2); got {self.hidden}")
         mult = parse_channel_mult(self.channel_mult, self.downsample)
         self.channel_mult = ",".join(str(m) for m in mult) if self.channel_mult else ""
         check_size_fits(
@@ -245,13 +245,13 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
 
     def _check_vqgan(self) -> None:
         if self.res_hidden != ModelOptions.res_hidden:
-            raise ValueError(
+            raise UserError(
                 "res_hidden applies to arch 'classic' only (vqgan blocks are full width)"
             )
         mult = parse_vqgan_ch_mult(self.channel_mult, self.downsample)
         bad = [self.hidden * m for m in mult if (self.hidden * m) % GROUPS]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"the vqgan network's level widths (hidden x channel_mult) must be multiples of "
                 f"{GROUPS} (GroupNorm groups); got {bad}"
             )
