@@ -233,9 +233,9 @@ class BatchLoader(LoaderPosition):
         ``world_size - 1`` samples. Past the end of this epoch's (padded) order, the next
         batch starts the next epoch."""
         saved_world = int(state.get("world_size", self.world_size))
-        keys = ("num_samples", "shuffle", "drop_last", "shard_tail")
-        if saved_world == self.world_size:  # the per-rank batch may change with the ranks
-            keys += ("batch_size",)
+        keys = ("num_samples", "batch_size", "shuffle", "drop_last", "shard_tail")
+        if saved_world != self.world_size:  # the per-rank batch may change with the ranks
+            keys = tuple(k for k in keys if k != "batch_size")
         self._check_state(state, keys, "")
         epoch, position = int(state["epoch"]), int(state["position"])
         if saved_world < 1 or position < 0:
