@@ -242,12 +242,12 @@ def _export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if is_prior_run(args.run):
         if args.weights:
-            raise ValueError("--weights is for tokenizer runs; a prior exports checkpoints/last.pt")
+            raise UserError("--weights is for tokenizer runs; a prior exports checkpoints/last.pt")
         export_prior_run(args.run, out, tokenizer=args.tokenizer)
         what = "prior (and its tokenizer in tokenizer/)"
     else:
         if args.tokenizer:
-            raise ValueError(f"--tokenizer is for prior runs; {args.run} is not one")
+            raise UserError(f"--tokenizer is for prior runs; {args.run} is not one")
         export_tokenizer_run(args.run, out, weights=args.weights)
         what = "tokenizer"
     print(f"{what} written to {out}: config.json model.safetensors README.md")

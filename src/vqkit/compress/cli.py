@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..storage.fileio import atomic_write, mirror_paths
 from . import format as fmt
 from .codec import (
@@ -117,7 +118,7 @@ def _load(args: argparse.Namespace) -> Codec:
     try:  # an optional dependency: say so in one line, before loading any model
         import constriction  # noqa: F401
     except ImportError:
-        raise ValueError(
+        raise UserError(
             "vqkit compress needs the 'constriction' package: pip install 'vqkit[compress]'"
         ) from None
 
@@ -135,15 +136,15 @@ def _class_id(spec: str | None, codec: Codec) -> int | None:
     if spec is None or spec.lower() in ("null", "none"):
         return None
     if not codec.classes:
-        raise ValueError("--class: this prior is unconditional (trained without classes)")
+        raise UserError("--class: this prior is unconditional (trained without classes)")
     if spec in codec.classes:
         return codec.classes.index(spec)
     try:
         cid = int(spec)
     except ValueError:
-        raise ValueError(f"unknown class {spec!r}; the prior's classes: {codec.classes}") from None
+        raise UserError(f"unknown class {spec!r}; the prior's classes: {codec.classes}") from None
     if not 0 <= cid < len(codec.classes):
-        raise ValueError(f"class id {cid} out of range: classes 0..{len(codec.classes) - 1}")
+        raise UserError(f"class id {cid} out of range: classes 0..{len(codec.classes) - 1}")
     return cid
 
 
@@ -158,7 +159,7 @@ def read_image_for(codec: Codec, path: Path) -> torch.Tensor:
     c, h, w = x.shape
     size, want = codec.image_size, codec.channels
     if (h, w) != (size, size):
-        raise ValueError(
+        raise UserError(
             f"{path} is {w}x{h} pixels; this tokenizer takes {size}x{size} images "
             "(resize or crop it first)"
         )
@@ -168,7 +169,7 @@ def read_image_for(codec: Codec, path: Path) -> torch.Tensor:
         return x.expand(3, h, w).clone()
     if bool((x == x[:1]).all()):
         return x[:1].clone()
-    raise ValueError(f"{path} is a colour image; this tokenizer takes gray (1-channel) images")
+    raise UserError(f"{path} is a colour image; this tokenizer takes gray (1-channel) images")
 
 
 def _read_maps(path: Path, identity: dict[str, Any], unchecked: bool) -> np.ndarray:
@@ -181,7 +182,7 @@ def _read_maps(path: Path, identity: dict[str, Any], unchecked: bool) -> np.ndar
     read_codes(path, identity, unchecked=unchecked)  # one-line ValueError naming the file
     arr = np.load(path, allow_pickle=False)
     if not np.issubdtype(arr.dtype, np.integer):  # read_codes refused it already
-        raise ValueError(f"{path}: expected an integer index map; got {arr.dtype}")
+        raise UserError(f"{path}: expected an integer index map; got {arr.dtype}")
     return arr
 
 
@@ -267,7 +268,7 @@ def run_compress(args: argparse.Namespace) -> int:
             try:
                 blobs.append(encode_codes(arr, codec, labels=label))
             except ValueError as e:
-                raise ValueError(f"{p}: {e}") from None
+                raise UserError(f"{p}: {e}") from None
     else:
         images = [read_image_for(codec, p) for p in inputs]  # all checked before coding
         blobs = [encode(x[None], codec, labels=label) for x in images]  # one stream each

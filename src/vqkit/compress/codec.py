@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..data import denormalize, normalize
+from ..errors import UserError
 from ..prior import Prior, flatten_codes
 from . import format as fmt
 from .coder import CoderError, RangeDecoder, RangeEncoder
@@ -65,7 +66,7 @@ CODING_THREADS = 1
 """CPU threads of the coding loop on both sides (see :func:`_run`)."""
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError):
     """A file that cannot be decoded with this codec or on this machine (one line)."""
 
 
@@ -122,11 +123,11 @@ class Codec:
         y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         y = y.expand(n).clone() if y.numel() == 1 else y
         if y.numel() != n:
-            raise ValueError(f"expected one class or {n}; got {y.numel()}")
+            raise UserError(f"expected one class or {n}; got {y.numel()}")
         bad = (y < 0) | (y > null)
         if bool(bad.any()):
             have = f"classes 0..{null - 1} and the null class {null}" if null else "no classes"
-            raise ValueError(f"class id {int(y[bad][0])} out of range: the prior has {have}")
+            raise UserError(f"class id {int(y[bad][0])} out of range: the prior has {have}")
         return y
 
     def check(self, header: fmt.Header, where: str) -> None:
@@ -162,13 +163,13 @@ def load_codec(
 
     model, ckpt = load_prior(prior_dir, checkpoint, device)
     if model.config.masked:  # coding needs each code's conditional given the ones before
-        raise ValueError(
+        raise UserError(
             f"{prior_dir} is a masked prior; compression needs an autoregressive one "
             "(vqkit prior --kind autoregressive)"
         )
     stored = ckpt.get("tokenizer") or {}
     if not stored.get("sha256"):
-        raise ValueError(f"{prior_dir}: the prior records no tokenizer; it cannot compress")
+        raise UserError(f"{prior_dir}: the prior records no tokenizer; it cannot compress")
     # the prior's pinned copy (PRIOR_DIR/tokenizer/) when it has one, else the run's file;
     # either way the weights must have the hash the prior recorded
     tok = load_sample_tokenizer(prior_dir, ckpt, tokenizer, device) if images else None
@@ -233,18 +234,18 @@ def encode_maps(
     """Code maps (N, *code_shape) -> file bytes (see :mod:`.format`)."""
     codes = torch.as_tensor(np.asarray(codes)).long()
     if codes.dim() != len(codec.code_shape) + 1 or tuple(codes.shape[1:]) != codec.code_shape:
-        raise ValueError(
+        raise UserError(
             f"expected code maps (N, {', '.join(map(str, codec.code_shape))}); "
             f"got {tuple(codes.shape)}"
         )
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codec.num_symbols):
-        raise ValueError(
+        raise UserError(
             f"codes must be in [0, {codec.num_symbols}) for this prior; "
             f"got {int(codes.min())}..{int(codes.max())}"
         )
     n = codes.shape[0]
     if n == 0:
-        raise ValueError("no code maps to compress")
+        raise UserError("no code maps to compress")
     y = codec.labels(labels, n)
     seq = flatten_codes(codes, codec.code_shape).numpy()
     enc = RangeEncoder()
@@ -311,7 +312,7 @@ def _as_images(codec: Codec, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = x[None]
     want = (codec.channels, codec.image_size, codec.image_size)
     if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != want:
-        raise ValueError(
+        raise UserError(
             f"expected uint8 images (N, {want[0]}, {want[1]}, {want[2]}) for this tokenizer; "
             f"got {x.dtype} {tuple(x.shape)}"
         )
@@ -321,7 +322,7 @@ def _as_images(codec: Codec, images: torch.Tensor | np.ndarray) -> torch.Tensor:
 def images_to_codes(codec: Codec, images: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 images (N, C, H, W) -> the tokenizer's index maps (N, *code_shape), CPU."""
     if codec.tokenizer is None:
-        raise ValueError("this codec has no tokenizer (loaded for code maps only)")
+        raise UserError("this codec has no tokenizer (loaded for code maps only)")
     x = _as_images(codec, images)
     with torch.inference_mode():
         return codec.tokenizer.encode(normalize(x).to(codec.device)).cpu()
@@ -330,7 +331,7 @@ def images_to_codes(codec: Codec, images: torch.Tensor | np.ndarray) -> torch.Te
 def codes_to_images(codec: Codec, codes: np.ndarray) -> torch.Tensor:
     """Index maps (N, *code_shape) -> the tokenizer's reconstruction, uint8 (N, C, H, W)."""
     if codec.tokenizer is None:
-        raise ValueError("this codec has no tokenizer (loaded for code maps only)")
+        raise UserError("this codec has no tokenizer (loaded for code maps only)")
     with torch.inference_mode():
         x = codec.tokenizer.decode(torch.as_tensor(codes).to(codec.device))
     return denormalize(x).cpu()
@@ -373,7 +374,7 @@ def encode_codes(
     codec = _codec(prior, images=False)
     arr = codes.cpu().numpy() if torch.is_tensor(codes) else np.asarray(codes)
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"index maps must be integers; got {arr.dtype}")
+        raise UserError(f"index maps must be integers; got {arr.dtype}")
     dtype = f"<{arr.dtype.kind}{arr.dtype.itemsize}"  # stored little-endian
     batched = arr.ndim == len(codec.code_shape) + 1
     flags = fmt.FLAG_CODES | (fmt.FLAG_BATCH_AXIS if batched else 0)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = ["CoderError", "RangeDecoder", "RangeEncoder", "ideal_bits"]
 
 VERIFY_BYTES = 64 << 20
 
 
-class CoderError(ValueError):
+class CoderError(UserError):
     """The payload cannot be decoded (truncated or corrupt)."""
 
 

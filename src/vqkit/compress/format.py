@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
+
 __all__ = [
     "DTYPES",
     "FLAG_BATCH_AXIS",
@@ -55,7 +57,7 @@ DTYPES = ("<i8", "<i4", "<i2", "<i1", "<u8", "<u4", "<u2", "<u1")
 HASH_BYTES = 8
 
 
-class FormatError(ValueError):
+class FormatError(UserError):
     """A file that is not a readable ``.vqz`` (message: one line, names the problem)."""
 
 
@@ -90,7 +92,7 @@ def code_checksum(codes: np.ndarray) -> bytes:
 def _hash_bytes(hex_digest: str, what: str) -> bytes:
     raw = bytes.fromhex(hex_digest[: 2 * HASH_BYTES])
     if len(raw) != HASH_BYTES:
-        raise ValueError(f"{what} hash must have at least {2 * HASH_BYTES} hex digits")
+        raise UserError(f"{what} hash must have at least {2 * HASH_BYTES} hex digits")
     return raw
 
 
@@ -98,13 +100,13 @@ def pack(header: Header, payload: bytes) -> bytes:
     """The file's bytes."""
     h = header
     if len(h.code_shape) not in (2, 3) or not all(0 < s < 1 << 16 for s in h.code_shape):
-        raise ValueError(f"code map shape must be 2 or 3 sizes in [1, 65535]; got {h.code_shape}")
+        raise UserError(f"code map shape must be 2 or 3 sizes in [1, 65535]; got {h.code_shape}")
     if not 0 < h.num_symbols < 1 << 32:
-        raise ValueError(f"symbol count {h.num_symbols} does not fit the format")
+        raise UserError(f"symbol count {h.num_symbols} does not fit the format")
     if not all(0 <= y < 1 << 16 for y in h.labels):
-        raise ValueError("class ids must be in [0, 65535]")
+        raise UserError("class ids must be in [0, 65535]")
     if len(h.checksum) != 8:
-        raise ValueError("checksum must be 8 bytes")
+        raise UserError("checksum must be 8 bytes")
     parts = [
         MAGIC,
         struct.pack("<BBB", VERSION, h.flags, h.dtype),

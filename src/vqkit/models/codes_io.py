@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..storage.fileio import atomic_write, write_json
 
 __all__ = [
@@ -115,12 +116,12 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(
+        raise UserError(
             f"{sidecar}: unreadable index-map sidecar ({e}); delete it to decode {path.name} "
             "unchecked"
         ) from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{sidecar} is not a {FORMAT} sidecar; delete it or rename the map")
+        raise UserError(f"{sidecar} is not a {FORMAT} sidecar; delete it or rename the map")
     return meta
 
 
@@ -134,7 +135,7 @@ def _check_identity(path: Path, meta: dict[str, Any], want: dict[str, Any]) -> N
             got, need = meta.get(key), want[key]
             if key == "tokenizer":
                 got, need = f"sha256 {str(got)[:16]}...", f"sha256 {str(need)[:16]}..."
-            raise ValueError(
+            raise UserError(
                 f"{path} was written by another tokenizer ({what}: {got}; this model: "
                 f"{need}); decode it with the model that encoded it, or pass --unchecked "
                 "to decode it anyway"
@@ -151,10 +152,10 @@ def read_codes(
     try:
         idx = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read index map {path}: {e}") from e
+        raise UserError(f"cannot read index map {path}: {e}") from e
     if not isinstance(idx, np.ndarray):  # an .npz archive
         idx.close()
-        raise ValueError(f"{path}: expected one array (.npy), got an .npz archive")
+        raise UserError(f"{path}: expected one array (.npy), got an .npz archive")
     meta = None if unchecked else _read_sidecar(path)
     if meta is not None:
         _check_identity(path, meta, identity)
@@ -165,23 +166,23 @@ def read_codes(
     grid = tuple(identity["grid"])
     want = f"(h, w{', Q' if q > 1 else ''}) or (B, h, w{', Q' if q > 1 else ''})"
     if not np.issubdtype(idx.dtype, np.integer) or idx.ndim != nd:
-        raise ValueError(
+        raise UserError(
             f"{path}: expected an integer index map {want} for this model "
             f"({q} code(s) per position); got {idx.dtype} {tuple(idx.shape)}"
         )
     if q > 1 and idx.shape[-1] != q:
-        raise ValueError(f"{path}: {idx.shape[-1]} codes per position; this model has {q}")
+        raise UserError(f"{path}: {idx.shape[-1]} codes per position; this model has {q}")
     if idx.size == 0:
-        raise ValueError(f"{path}: the index map is empty (shape {idx.shape}); nothing to decode")
+        raise UserError(f"{path}: the index map is empty (shape {idx.shape}); nothing to decode")
     if not unchecked and tuple(idx.shape[1:3]) != grid:
-        raise ValueError(
+        raise UserError(
             f"{path}: shape {tuple(idx.shape)} is not an index map of this model, whose maps "
             f"are {grid[0]}x{grid[1]} ({want}); pass --unchecked to decode a raw array of "
             "another size"
         )
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= identity["num_codes"]:
-        raise ValueError(
+        raise UserError(
             f"{path}: indices {lo}..{hi} outside [0, {identity['num_codes']}) of this model"
         )
     if meta is None and not unchecked:

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import UserError
 from ..storage.checkpoint import FORMAT, CheckpointError
 from ..storage.fileio import atomic_write, write_json
 from .weights import export_safetensors, load_state_strict, read_safetensors
@@ -163,7 +164,7 @@ class PretrainedMixin(_HubBase, **_HUB_OPTIONS):  # type: ignore[misc, valid-typ
         """The model saved in a directory (or a Hub repo id, with the extra), in eval
         mode on ``map_location``. Strict only: ``strict=False`` is refused."""
         if not strict:
-            raise ValueError(
+            raise UserError(
                 "vqkit loads pretrained models strictly: a missing weight would leave a "
                 "freshly initialised buffer in the model"
             )

@@ -200,7 +200,7 @@ def check_size_fits(
     weights = 2 * taps * 4 * sum(a * b for a, b in zip(widths, widths[1:], strict=False))
     have = machine_memory()
     if have is not None and weights + activation > have:
-        raise ValueError(
+        raise UserError(
             f"image_size {image_size} with hidden {hidden} and channel_mult "
             f"{channel_mult or 'default'} needs at least {weights / 2**30:.1f} GiB of weights "
             f"and {activation / 2**30:.1f} GiB per image, more than this machine's "

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..options import add_arguments, option_fields
 from ..storage.fileio import write_json
 from .masked import MaskedSampleOptions, reveal_counts
@@ -48,7 +49,7 @@ def parse_region(spec: str) -> tuple[int, int, int, int]:
     except ValueError:
         box = ()
     if len(box) != 4:
-        raise ValueError(f"--region must be x0,y0,x1,y1 (four integer pixels); got {spec!r}")
+        raise UserError(f"--region must be x0,y0,x1,y1 (four integer pixels); got {spec!r}")
     return box  # type: ignore[return-value]
 
 
@@ -64,7 +65,7 @@ def region_mask(
     height, width = image_hw
     h, w = int(code_shape[0]), int(code_shape[1])
     if not regions:
-        raise ValueError("--edit needs at least one --region x0,y0,x1,y1")
+        raise UserError("--edit needs at least one --region x0,y0,x1,y1")
     rows = torch.arange(h, dtype=torch.float64)
     cols = torch.arange(w, dtype=torch.float64)
     y_lo, y_hi = rows * height / h, (rows + 1) * height / h
@@ -72,7 +73,7 @@ def region_mask(
     hit = torch.zeros(h, w, dtype=torch.bool)
     for x0, y0, x1, y1 in regions:
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise ValueError(
+            raise UserError(
                 f"--region {x0},{y0},{x1},{y1} is not a box inside the {width} x {height} "
                 "image (0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)"
             )
@@ -81,7 +82,7 @@ def region_mask(
         hit |= rows_in[:, None] & cols_in[None, :]
     mask = ~hit if outside else hit
     if not bool(mask.any()):
-        raise ValueError("the regions leave no code position to regenerate (--outside?)")
+        raise UserError("the regions leave no code position to regenerate (--outside?)")
     if len(code_shape) == 3:
         mask = mask[..., None].expand(h, w, int(code_shape[2]))
     return mask.contiguous()
@@ -125,13 +126,13 @@ def masked_sample_options(args: argparse.Namespace, model: Any) -> dict[str, Any
     flags += ["--outside"] if args.outside else []
     if not model.config.masked:
         if flags:
-            raise ValueError(
+            raise UserError(
                 f"{', '.join(flags)}: a masked prior's flag; this prior is autoregressive "
                 "(train one with vqkit prior --kind masked)"
             )
         return {}
     if args.edit is None and (args.region or args.outside):
-        raise ValueError("--region and --outside go with --edit IMAGE")
+        raise UserError("--region and --outside go with --edit IMAGE")
     if args.edit is None and mopts.steps is not None:  # before anything is written
         reveal_counts(model.seq_len, mopts.steps, mopts.schedule)
     return {"masked": mopts}
@@ -156,7 +157,7 @@ def run_edit(
 
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not getattr(args, "overwrite", False):
-        raise ValueError(f"{out} is not empty; pass --overwrite to write the edits into it")
+        raise UserError(f"{out} is not empty; pass --overwrite to write the edits into it")
     regions = [parse_region(r) for r in args.region or []]
     cfg = tok.model.config
     size = (cfg.image_size, cfg.image_size)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..models.codes_io import model_identity
 from ..models.weights import load_state_strict
 from ..storage.checkpoint import CheckpointError, load_checkpoint
@@ -49,7 +50,7 @@ def export_prior_run(
         raise CheckpointError(f"{path} is not a prior checkpoint (vqkit prior writes them)")
     stored = ckpt.get("tokenizer")
     if not stored:
-        raise ValueError(f"{path} records no tokenizer; a prior is exported with its tokenizer")
+        raise UserError(f"{path} records no tokenizer; a prior is exported with its tokenizer")
     tok = load_sample_tokenizer(run, ckpt, tokenizer, "cpu")
     model = Prior(PriorConfig.from_dict(ckpt["model_config"]))
     load_state_strict(model, ckpt["model"], path)

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..options import Options, nonneg, option, positive_int
 from .config import SCHEDULE_NAMES, PriorConfig, schedule_name
 from .sampling import SampleOptions, filter_logits, guide
@@ -73,7 +74,7 @@ DEFAULT_STEPS = 10  # MaskGIT's 8 to 12 passes at 8 x 8 maps
 def check_schedule(name: str) -> None:
     """ValueError (one line) unless ``name`` is a schedule."""
     if name not in SCHEDULE_NAMES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
+        raise UserError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
 
 
 def gamma(schedule: str, r: torch.Tensor | float) -> torch.Tensor | float:
@@ -99,9 +100,9 @@ def reveal_counts(n: int, steps: int, schedule: str) -> list[int]:
     clamped into ``[S - s, m_{s-1} - 1]`` so every pass reveals at least one code."""
     check_schedule(schedule)
     if steps < 1:
-        raise ValueError(f"steps must be a positive int; got {steps}")
+        raise UserError(f"steps must be a positive int; got {steps}")
     if steps > n:
-        raise ValueError(
+        raise UserError(
             f"--steps {steps} is more than the {n} codes to decode: each pass fixes at least one"
         )
     hidden = [n]
@@ -182,7 +183,7 @@ class MaskedObjective:
 
     def __init__(self, config: PriorConfig) -> None:
         if not config.masked:
-            raise ValueError("MaskedObjective is for a masked prior (kind='masked')")
+            raise UserError("MaskedObjective is for a masked prior (kind='masked')")
         self.schedule = config.mask_schedule
 
     def loss(self, net: Any, seq: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -326,14 +327,14 @@ def decode(
 
     opts, mopts = _split_options(options, masked, kwargs)
     if num < 0:
-        raise ValueError(f"num must be >= 0; got {num}")
+        raise UserError(f"num must be >= 0; got {num}")
     t_len, dev = prior.seq_len, prior.tok_emb.weight.device
     y = _labels(prior, num, labels)
     if opts.cfg_scale != 1.0:
         if y is None:
-            raise ValueError("cfg_scale != 1 needs class labels (guidance is towards a class)")
+            raise UserError("cfg_scale != 1 needs class labels (guidance is towards a class)")
         if prior.config.class_dropout == 0:
-            raise ValueError(
+            raise UserError(
                 "this prior was trained with class_dropout=0: its null class is untrained, "
                 "so classifier-free guidance (cfg_scale != 1) is meaningless"
             )
@@ -341,22 +342,22 @@ def decode(
         codes = torch.zeros(num, t_len, dtype=torch.long, device=dev)
         hidden = torch.ones(num, t_len, dtype=torch.bool, device=dev)
     elif hidden is None:
-        raise ValueError("an edit needs the mask of the codes to regenerate (hidden)")
+        raise UserError("an edit needs the mask of the codes to regenerate (hidden)")
     codes = flatten_codes(codes.to(dev), prior.code_shape)
     hidden = hidden.to(dev, torch.bool).reshape(codes.shape)
     if codes.shape[0] != num:
-        raise ValueError(f"expected {num} code maps; got {codes.shape[0]}")
+        raise UserError(f"expected {num} code maps; got {codes.shape[0]}")
     n = hidden.sum(1)
     if num and bool((n != n[0]).any()):
-        raise ValueError("every map of an edit must regenerate the same number of codes")
+        raise UserError("every map of an edit must regenerate the same number of codes")
     if num and int(n[0]) == 0:
-        raise ValueError("nothing to decode: the region covers no code position")
+        raise UserError("nothing to decode: the region covers no code position")
     steps = mopts.steps if mopts.steps is not None else min(DEFAULT_STEPS, int(n[0]) if num else 1)
     if num:
         reveal_counts(int(n[0]), steps, mopts.schedule)  # checks steps against the codes
     bs = batch_size or max(num, 1)
     if bs < 1:
-        raise ValueError(f"batch_size must be >= 1; got {bs}")
+        raise UserError(f"batch_size must be >= 1; got {bs}")
     was_training = prior.training
     prior.eval()
     try:

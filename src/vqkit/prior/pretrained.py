@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..models import VQVAE
 from ..models.codes_io import model_identity
 from ..models.hub import CONFIG_NAME, PretrainedMixin
@@ -39,10 +40,10 @@ def check_tokenizer(info: dict[str, Any], tokenizer: VQVAE, where: Any) -> None:
     """ValueError unless ``tokenizer`` holds the weights the prior was trained on."""
     want = (info.get("tokenizer") or {}).get("identity")
     if want is None:
-        raise ValueError(f"{where}: the prior names no tokenizer to check against")
+        raise UserError(f"{where}: the prior names no tokenizer to check against")
     have = model_identity(tokenizer)["tokenizer"]
     if have != want:
-        raise ValueError(
+        raise UserError(
             f"tokenizer mismatch: the prior in {where} was trained on the tokenizer "
             f"{want[:16]}..., the given one is {have[:16]}..."
         )
@@ -65,7 +66,7 @@ def load_prior_tokenizer(
     if tokenizer is None:
         location = (info.get("tokenizer") or {}).get("location")
         if location is None:
-            raise ValueError(f"{prior_dir}: no tokenizer location recorded; pass one")
+            raise UserError(f"{prior_dir}: no tokenizer location recorded; pass one")
         tokenizer = prior_dir / location  # an absolute location stays absolute
     model = VQVAE.from_pretrained(tokenizer, map_location=map_location)
     check_tokenizer(info, model, prior_dir)

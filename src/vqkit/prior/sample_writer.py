@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..evaluation.plots import save_images
 from ..models.codes_io import save_codes
 from ..storage.fileio import clean_stale_temps, write_json
@@ -72,7 +73,7 @@ class SampleWriter:
     def _prepare(self, overwrite: bool) -> None:
         out = self.out
         if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder; give a folder for the samples")
+            raise UserError(f"--out {out} is a file, not a folder; give a folder for the samples")
         present = sorted(os.listdir(out)) if out.is_dir() else []
         if present and not overwrite:
             listed = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")

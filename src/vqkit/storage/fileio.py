@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 __all__ = [
     "DiskFullError",
     "atomic_write",
@@ -317,7 +319,7 @@ def mirror_paths(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
     seen: dict[Path, Path] = {}
     for src, name in zip(inputs, names, strict=True):
         if name in seen:
-            raise ValueError(f"{seen[name]} and {src} would both be written to {name}")
+            raise UserError(f"{seen[name]} and {src} would both be written to {name}")
         seen[name] = src
     return names
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..options import Options, option
 
 __all__ = ["TENSORBOARD_DIR", "TensorBoardOptions", "TensorBoardSink", "scalars_of"]
@@ -106,7 +107,7 @@ class TensorBoardSink:
 
     def __init__(self, logdir: str | os.PathLike[str], *, purge_step: int | None = None) -> None:
         if not tensorboard_available():
-            raise ValueError(
+            raise UserError(
                 f"--tensorboard needs the tensorboard package, which is not installed "
                 f"({INSTALL_HINT})"
             )
@@ -130,7 +131,7 @@ class TensorBoardSink:
         """One grid of ``images`` (B, C, H, W), C = 1 or 3, values in [-0.5, 0.5]
         (clamped), at ``step``."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images (B, 1 or 3, H, W); got {tuple(images.shape)}")
+            raise UserError(f"expected images (B, 1 or 3, H, W); got {tuple(images.shape)}")
         x = (images.detach().float().cpu() + 0.5).clamp(0.0, 1.0)
         self._writer.add_images(tag, x, step, dataformats="NCHW")
         self._writer.flush()

@@ -270,9 +270,9 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
             raise FileNotFoundError(f"config file not found: {path}") from None
         except OSError as e:  # a folder, no permission, ...: the reason, not "[Errno 21]"
             reason = (e.strerror or str(e)).lower()
-            raise ValueError(f"--config {path}: {reason}; give a JSON file of options") from e
+            raise UserError(f"--config {path}: {reason}; give a JSON file of options") from e
         except UnicodeDecodeError as e:
-            raise ValueError(f"config file {path} is not text (JSON): {e}") from e
+            raise UserError(f"config file {path} is not text (JSON): {e}") from e
         except json.JSONDecodeError as e:
             raise UserError(f"config file {path} is not valid JSON: {e}") from e
         if not isinstance(values, dict):
@@ -318,13 +318,13 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         would be recorded) and a ``preset`` (a resumed run keeps its own options; a preset
         would be recorded in config.json but not applied)."""
         if "preset" in given:
-            raise ValueError(
+            raise UserError(
                 f"--preset {given['preset']} with --resume: a resumed run keeps its own "
                 "options; drop --preset and give the options to change as flags"
             )
         steps = given.get("steps")
         if steps is not None and steps < step:
-            raise ValueError(
+            raise UserError(
                 f"--steps {steps} is below the step {step} of {where}'s checkpoint: nothing "
                 f"to train; give --steps above {step} to train on"
             )

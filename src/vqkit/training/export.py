@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from ..models import VQVAE, load_model
 
 __all__ = ["describe_data", "export_tokenizer_run", "run_weights"]
@@ -27,7 +28,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except ValueError as e:
-        raise ValueError(f"{path}: unreadable JSON ({e})") from e
+        raise UserError(f"{path}: unreadable JSON ({e})") from e
     return value if isinstance(value, dict) else {}
 
 
@@ -36,11 +37,11 @@ def run_weights(run_dir: str | os.PathLike[str], weights: str | None = None) -> 
     of ``model.safetensors``, ``checkpoints/best.pt``, ``checkpoints/last.pt``."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise ValueError(f"run directory not found: {run}")
+        raise UserError(f"run directory not found: {run}")
     for rel in [weights] if weights else WEIGHTS:
         if (run / rel).is_file():
             return run / rel
-    raise ValueError(f"{run} holds no tokenizer weights ({weights or ' or '.join(WEIGHTS)})")
+    raise UserError(f"{run} holds no tokenizer weights ({weights or ' or '.join(WEIGHTS)})")
 
 
 def describe_data(run_config: dict[str, Any]) -> str:
