@@ -179,7 +179,7 @@ EMPTY_SHAPES = [(0, D, 5), (2, D, 0)]
 def _build_any(kind: str) -> torch.nn.Module:
     if kind == "gvq-shared":
         torch.manual_seed(0)
-        return GroupedVQ(2, 16, D, shared=True)
+        return GroupedVQ(2, 16, D, shared_groups=True)
     return build(kind)
 
 
