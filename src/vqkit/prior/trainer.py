@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..distributed import launch_rank, rank_device
+from ..errors import UserError
 from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..storage.fileio import write_json
 from ..storage.rundir import RunDir
@@ -165,7 +166,7 @@ class PriorTrainer(LoaderJob):
         fill: dict[str, Any] = {}
         if not config.vocab_size:
             if tokenizer is None:
-                raise ValueError("vocab_size must be set when no tokenizer is given")
+                raise UserError("vocab_size must be set when no tokenizer is given")
             fill["vocab_size"] = tokenizer.num_codes
         if not config.code_shape:
             fill["code_shape"] = list(train_data.code_shape)
@@ -176,7 +177,7 @@ class PriorTrainer(LoaderJob):
         self.objective = MaskedObjective(self.config) if self.config.masked else None
         self.best_key = self.objective.best_key if self.objective else "test_bits"
         if list(train_data.code_shape) != self.config.code_shape:
-            raise ValueError(
+            raise UserError(
                 f"codes of shape {train_data.code_shape} do not fit code_shape "
                 f"{self.config.code_shape}"
             )
@@ -255,7 +256,7 @@ class PriorTrainer(LoaderJob):
             )
         tok = ckpt.get("tokenizer")
         if self.tokenizer is not None and tok and tok["sha256"] != self.tokenizer.sha256:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer mismatch: {self.last_path} was trained on sha256 "
                 f"{tok['sha256'][:16]}..., {self.tokenizer.checkpoint} has "
                 f"{self.tokenizer.sha256[:16]}..."

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import all_reduce_sum
+from ..errors import UserError
 from ..metrics import dead_codes, ema_debias
 from .masking import kept_input
 
@@ -276,7 +277,8 @@ class BaseQuantizer(nn.Module):
         if self.check_finite and not _compiling() and x.numel() > 0:
             lo, hi = torch.aminmax(x.detach())
             if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-                raise ValueError("input contains NaN or Inf")
+                # a diverged encoder in training, bad data otherwise: one line either way
+                raise UserError("input contains NaN or Inf (a diverged run: lower --lr)")
 
     def _project(self, layer: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         """``layer(x)`` (a linear projection, or ``x`` when None) for an input of any float
