@@ -29,8 +29,10 @@ __all__ = ["main"]
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .losses import LossOptions
     from .models.vqvae import RENAMED_OPTIONS, ModelOptions, QuantizerFlags
-    from .options import add_arguments
+    from .options import add_arguments, compose
+    from .training.adversarial import DiscriminatorOptimOptions
     from .training.config import PRESETS, TrainConfig, TrainOptions
 
     p = sub.add_parser(
@@ -44,6 +46,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     add_arguments(p.add_argument_group("training"), TrainOptions, aliases={"out_dir": ["--out"]})
     add_arguments(p.add_argument_group("model"), ModelOptions)
+    add_arguments(
+        p.add_argument_group("loss terms and the discriminator"),
+        compose("LossFlags", (LossOptions, DiscriminatorOptimOptions)),
+    )
     # every quantizer kind's options, each once (shared ones are one declaration); a
     # renamed option keeps its old flag as an alias
     old_flags: dict[str, list[str]] = {}

@@ -191,17 +191,19 @@ class VQGANLoss(nn.Module):
         return out
 
     def discriminator_loss(
-        self, x: torch.Tensor, recon: torch.Tensor, step: int
+        self, x: torch.Tensor, recon: torch.Tensor, step: int, net: nn.Module | None = None
     ) -> dict[str, torch.Tensor] | None:
         """The discriminator's loss on real ``x`` and (detached) ``recon``:
         ``{"loss", "d_loss", "logits_real", "logits_fake", "lecam"?}``; None before
         ``disc_start`` (no discriminator step then). FloatingPointError (one line) when
-        the loss is not finite, before anything is updated."""
+        the loss is not finite, before anything is updated. ``net``: what runs the
+        discriminator (its DistributedDataParallel wrapper under torchrun; default: it)."""
         if not self.disc_active(step):
             return None
         assert self.discriminator is not None
-        logits_real = self.discriminator(x.detach())
-        logits_fake = self.discriminator(recon.detach())
+        run = self.discriminator if net is None else net
+        logits_real = run(x.detach())
+        logits_fake = run(recon.detach())
         d = discriminator_loss(logits_real, logits_fake, self.options.disc_loss)
         out = {
             "d_loss": d,

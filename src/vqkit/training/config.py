@@ -1,6 +1,8 @@
 """The configuration of ``vqkit train``: its own options, declared once here, composed
-with the model's (:mod:`vqkit.models.vqvae`) and every quantizer's (declared in each
-quantizer module) into one flat :class:`TrainConfig`; and the named presets.
+with the loss terms' (:mod:`vqkit.losses.objective`), the discriminator's optimizer's
+(:mod:`.adversarial`), the model's (:mod:`vqkit.models.vqvae`) and every quantizer's
+(declared in each quantizer module) into one flat :class:`TrainConfig`; and the named
+presets.
 
 Precedence, lowest first: the declared defaults, a ``preset``, a config file, the
 command-line flags (a preset named on the command line applies over the file).
@@ -17,6 +19,7 @@ from typing import Any
 from ..data.transforms import CROPS
 from ..distributed import resolve_device
 from ..errors import UserError
+from ..losses import LossOptions
 from ..models.vqvae import (
     QUANTIZER_GROUPS,
     ModelOptions,
@@ -36,6 +39,7 @@ from ..options import (
     positive_int,
     unit_interval,
 )
+from .adversarial import DiscriminatorOptimOptions, loss_options
 from .loop import RunOptions
 from .optim import SCHEDULES
 from .step import PRECISIONS
@@ -220,6 +224,14 @@ class TrainOptions(RunOptions):
         type=str,
         check=_preset_check,
     )
+    eval_ssim: bool = option(
+        False, "the periodic and final evaluations also report SSIM and MS-SSIM"
+    )
+    eval_features: str = option(
+        "",
+        "a vqkit features network (vqkit features --out DIR): the periodic and final "
+        "evaluations also report FD and KID in its space (not comparable with papers' rFID)",
+    )
 
 
 # Named option sets (``--preset``), chosen from the CIFAR-10 runs in docs/results.md.
@@ -240,15 +252,38 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ema-healthy": {"quantizer": "ema", "init": "kmeans", "revive_every": 20},
     # the classic layers as published: the quantizer's own init, no revival
     "classic": {"init": "random", "revive_every": 0},
+    # taming-transformers' VQGAN recipe, sized for a CPU: the VQGAN-class network (64
+    # channels, one ResNet block per level, factor 4: 8 x 8 codes of a CIFAR image), L1
+    # reconstruction, a hinge PatchGAN (2 stride-2 layers of 32 channels: 32 px images
+    # give it 3 x 3 logits; taming: 3 layers of 64 at 256 px) weighted 0.8 by the adaptive
+    # weight, Adam betas (0.5, 0.9), switched on at step 500 of the default 1500 (taming:
+    # after the reconstruction has converged). Add the perceptual term with
+    # --perceptual-weight 1 --perceptual-weights vgg16-397923af.pth (the user's file).
+    "vqgan": {
+        "arch": "vqgan",
+        "hidden": 64,
+        "res_layers": 1,
+        "rec_loss": "l1",
+        "disc_weight": 0.8,
+        "disc_start": 500,
+        "disc_loss": "hinge",
+        "disc_layers": 2,
+        "disc_channels": 32,
+        "disc_beta1": 0.5,
+        "disc_beta2": 0.9,
+    },
 }
 
 _TrainConfigBase = compose(
-    "TrainConfig", (TrainOptions, ModelOptions, *QUANTIZER_GROUPS), bases=(QuantizerChoice,)
+    "TrainConfig",
+    (TrainOptions, LossOptions, DiscriminatorOptimOptions, ModelOptions, *QUANTIZER_GROUPS),
+    bases=(QuantizerChoice,),
 )
 
 
 class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
-    """All options of ``vqkit train``, flat: :class:`TrainOptions`, the model's
+    """All options of ``vqkit train``, flat: :class:`TrainOptions`, the loss terms'
+    :class:`~vqkit.losses.LossOptions`, the discriminator's optimizer's, the model's
     :class:`~vqkit.models.vqvae.ModelOptions` and every quantizer kind's options.
     Every value is checked on construction, before any data is read."""
 
@@ -258,6 +293,7 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         check_size_fits(
             self.image_size or 32, 3, self.hidden, self.channel_mult, self.downsample, self.arch
         )
+        loss_options(self)  # the loss terms' own checks (a perceptual weight needs its file)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:

@@ -8,6 +8,10 @@
   skip their layout reorders);
 * ``compile``: ``torch.compile`` of the training forward and loss (the model, quantizer
   included, traces as one graph); compiled once per run, on the first step;
+* ``objective``: a loss other than :meth:`VQVAE.loss` (the adversarial / perceptual
+  objective of :mod:`.adversarial`); the step then keeps the reconstruction (``recon``,
+  detached) for the discriminator's step, and ``compile`` compiles the model's forward
+  only (the loss, with its adaptive weight, runs eagerly);
 * gradient-norm clipping, and the weight average (:class:`vqkit.training.optim.WeightEMA`)
   after each update. The learning rates are set by the run loop (:mod:`.loop`).
 
@@ -27,7 +31,11 @@ from torch import nn
 from ..models import VQVAE, VQVAEOutput
 from .optim import WeightEMA
 
-__all__ = ["PRECISIONS", "StepRunner"]
+__all__ = ["PRECISIONS", "Objective", "StepRunner"]
+
+# a loss other than VQVAE.loss: (x, forward output, data_variance, step) -> terms, with
+# "loss" (what is back-propagated), "recon_nmse" and "vq" among them
+Objective = Callable[[torch.Tensor, VQVAEOutput, float, int], dict[str, torch.Tensor]]
 
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -49,6 +57,7 @@ class StepRunner:
         optimizer: torch.optim.Optimizer,
         config: Any,
         device: torch.device,
+        objective: Objective | None = None,
     ) -> None:
         self.model, self.forward, self.optimizer = model, forward, optimizer
         self.config, self.device = config, device
@@ -60,9 +69,12 @@ class StepRunner:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.ema = WeightEMA(model, config.weight_ema) if config.weight_ema else None
-        self._fwd: Callable[..., Any] = self._forward_loss
-        if config.compile:
-            self._fwd = torch.compile(self._forward_loss)
+        self.objective = objective
+        self.recon: torch.Tensor | None = None  # the last step's x^ (detached), with an objective
+        self._fwd: Callable[..., Any] = self._forward_loss if objective is None else self._forward
+        if config.compile:  # with an objective: the model's forward (the loss stays eager:
+            # the adaptive weight's autograd.grad and the disc_start switch would break it)
+            self._fwd = torch.compile(self._fwd)
 
     # -- the step -----------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -70,25 +82,35 @@ class StepRunner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _forward_loss(
-        self, x: torch.Tensor, data_variance: float
-    ) -> tuple[dict[str, torch.Tensor], VQVAEOutput]:
+    def _forward(self, x: torch.Tensor) -> VQVAEOutput:
         with self._autocast():
             out = self.forward(x)
         if self.dtype is not None:  # the reconstruction loss in float32
             out = VQVAEOutput(recon=out.recon.float(), vq=out.vq)
+        return out
+
+    def _forward_loss(
+        self, x: torch.Tensor, data_variance: float
+    ) -> tuple[dict[str, torch.Tensor], VQVAEOutput]:
+        out = self._forward(x)
         return VQVAE.loss(out, x, data_variance), out
 
     def __call__(
-        self, x: torch.Tensor, data_variance: float
+        self, x: torch.Tensor, data_variance: float, step: int = 0
     ) -> tuple[dict[str, float], torch.Tensor]:
         """Update on batch ``x`` at the learning rates the run loop has set; returns the
-        figures of the step and the per-code counts."""
+        figures of the step and the per-code counts. ``step`` (0-based) is the objective's
+        (the discriminator switches on at ``disc_start``)."""
         cfg = self.config
         self.model.train()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        terms, out = self._fwd(x, data_variance)
+        if self.objective is None:
+            terms, out = self._fwd(x, data_variance)
+        else:
+            out = self._fwd(x)
+            terms = self.objective(x, out, data_variance, step)
+            self.recon = out.recon.detach()
         self.optimizer.zero_grad(set_to_none=True)
         loss = terms["loss"]
         grad_norm = None

@@ -68,16 +68,18 @@ import torch
 from .. import distributed
 from ..data import normalize
 from ..evaluation.reconstruction import evaluate
+from ..losses import disc_start_warning
 from ..models import VQVAE, VQVAEConfig, export_safetensors
 from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..storage.rundir import RunDir
+from .adversarial import AdversarialStep, loss_options, objective_is_plain
 from .config import PRESETS, TrainConfig, resolve_device
 from .data import load_run_data
 from .health import CodebookHealth, Window, with_global_usage
 from .loop import Cadence, LoaderJob, Progress, RunLoop, ScheduledOptimizer, StepResult
 from .optim import Schedule
 from .prefetch import Prefetcher
-from .step import StepRunner
+from .step import PRECISIONS, StepRunner
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "resolve_device", "train"]
 
@@ -148,6 +150,20 @@ class Trainer(LoaderJob):
         if self.config.channels_last:  # before the optimizer state exists (its layout)
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self._param_groups(), lr=self.config.lr)
+        # the adversarial / perceptual objective and the discriminator's own optimizer
+        # (training/adversarial.py); none with the classic objective, whose step stays
+        # exactly the classic one
+        self.adv: AdversarialStep | None = None
+        if not objective_is_plain(self.config):
+            dtype = PRECISIONS[self.config.precision]
+            self.adv = AdversarialStep(
+                self.config, self.model, self.data.channels, self.device, dtype
+            )
+        self.features = None  # the feature network of --eval-features (loaded once)
+        if self.config.eval_features:
+            from ..evaluation.feature_net import VqkitFeatures
+
+            self.features = VqkitFeatures(self.config.eval_features).to(self.device)
         self.loader: Any = self.data.loader(
             self.config, seed=config.seed, device=self.device, rank=self.rank, world_size=self.world
         )
@@ -158,7 +174,10 @@ class Trainer(LoaderJob):
         # the averaged weights' model: copied here, before DDP's hooks, and not built anew
         # later, which would draw from the global RNG that a resumed run must replay
         self._eval_copy = copy.deepcopy(self.model) if self.config.weight_ema else None
-        self.runner = StepRunner(self.model, self.model, self.optimizer, self.config, self.device)
+        objective = None if self.adv is None else self.adv.objective
+        self.runner = StepRunner(
+            self.model, self.model, self.optimizer, self.config, self.device, objective
+        )
         cfg = self.config
         self.scheduled = ScheduledOptimizer(
             self.optimizer,
@@ -184,6 +203,8 @@ class Trainer(LoaderJob):
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=False,
             )
+            if self.adv is not None:
+                self.adv.wrap_ddp()
         self.runner.forward = self.ddp  # what the step calls (before any compile traces it)
 
     def close(self) -> None:
@@ -212,8 +233,15 @@ class Trainer(LoaderJob):
             )
         return groups
 
+    def optimizers(self) -> list[ScheduledOptimizer]:
+        """The tokenizer's optimizer, and the discriminator's when there is one."""
+        if self.adv is None or self.adv.scheduled is None:
+            return [self.scheduled]
+        return [self.scheduled, self.adv.scheduled]
+
     # -- state ------------------------------------------------------------------
     def _payload(self) -> dict[str, Any]:
+        extra = {} if self.adv is None else {"adversarial": self.adv.state_dict()}
         return {
             "model_config": self.model_config.to_dict(),
             "model": self.model.state_dict(),
@@ -226,6 +254,7 @@ class Trainer(LoaderJob):
             "best_nmse": self.best_nmse,
             "world_size": self.world,
             **self.runner.state_dict(),
+            **extra,
         }
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -243,6 +272,11 @@ class Trainer(LoaderJob):
             group["lr"] = fresh.get("lr", self.config.lr)
         self.loader.load_state_dict(ckpt["loader"])
         self.resume_notes = self.runner.load_state_dict(ckpt)
+        if self.adv is not None:
+            try:
+                self.resume_notes += self.adv.load_state_dict(ckpt.get("adversarial"))
+            except ValueError as e:
+                raise CheckpointError(f"{self.last_path}: {e}") from None
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.step = int(ckpt["step"])
         self.best_nmse = float(ckpt.get("best_nmse", math.inf))
@@ -261,7 +295,12 @@ class Trainer(LoaderJob):
 
     def train_step(self, x: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
         """One update on ``x`` (see :class:`vqkit.training.step.StepRunner`)."""
-        return self.runner(x, self.data_variance)
+        if self.adv is None:
+            return self.runner(x, self.data_variance)
+        values, counts = self.runner(x, self.data_variance, self.step)
+        assert self.runner.recon is not None
+        values.update(self.adv.discriminator_step(x, self.runner.recon, self.step))
+        return values, counts
 
     def update(self, batch: tuple[torch.Tensor, Any], progress: Progress) -> StepResult:
         x = batch[0]
@@ -278,6 +317,8 @@ class Trainer(LoaderJob):
         x = batch[0]
         if self.world > 1:
             with_global_usage(values, counts)
+        if self.adv is not None:  # its figures are averaged over its own steps
+            values = self.adv.take(values)
         if self.health.due(self.step):
             self.window.revived += self.health.revive(
                 self._latents(x), self.step, self.optimizer, self.runner.ema, self.model
@@ -289,6 +330,7 @@ class Trainer(LoaderJob):
             "epoch": self.loader.epoch,
             **self.window.summary(),
             **self.health.figures(self.window.counts),
+            **({} if self.adv is None else self.adv.summary()),
         }
         self.window.reset()
         return record
@@ -299,11 +341,13 @@ class Trainer(LoaderJob):
             "nmse": f"{values['recon_nmse']:.4f}",
             "ppl": f"{values['perplexity']:.1f}",
             "used": f"{values['usage']:.2f}",
+            **({"d": f"{values['d_loss']:.3f}"} if "d_loss" in values else {}),
         }
 
     def periodic_eval(self) -> dict[str, Any]:
         result = self.evaluate(limit=self.config.eval_images)
         result.pop("counts")
+        result.pop("labels", None)  # in eval.json; not repeated in every record
         return result
 
     def after_eval(self, record: dict[str, Any]) -> None:
@@ -333,6 +377,17 @@ class Trainer(LoaderJob):
         """The weights evaluated and exported: the weight average when there is one."""
         return self.runner.eval_model(self._eval_copy)
 
+    def _suite(self) -> Any:
+        """The figures beyond PSNR asked for (--eval-ssim, --eval-features; LPIPS when the
+        objective has its network), or None: the classic evaluation."""
+        lpips = None if self.adv is None else self.adv.loss.perceptual
+        if not (self.config.eval_ssim or self.features is not None or lpips is not None):
+            return None
+        from ..evaluation.suite import QualitySuite
+
+        extractors = {} if self.features is None else {"fd_vqkit_features": self.features}
+        return QualitySuite(image_metrics=self.config.eval_ssim, lpips=lpips, extractors=extractors)
+
     def evaluate(self, limit: int | None = None) -> dict[str, Any]:
         return evaluate(
             self.eval_model(),
@@ -340,6 +395,7 @@ class Trainer(LoaderJob):
             data_variance=self.data_variance,
             device=self.device,
             limit=limit,
+            suite=self._suite(),
         )
 
     def fit(self) -> dict[str, Any]:
@@ -378,6 +434,9 @@ class Trainer(LoaderJob):
         }
         if self.is_main:
             self.run.write_json("config.json", run_info)
+            warning = disc_start_warning(loss_options(cfg), cfg.steps)
+            if warning:
+                print(f"warning: {warning}", flush=True)
         self.window = Window(self.model.num_codes)
         RunLoop(self, Cadence.of(cfg, "train"), self.run, self.world).run_steps()
         if not self.is_main:

@@ -1,0 +1,247 @@
+"""The adversarial (and perceptual) part of the tokenizer job: the generator's objective,
+the discriminator's own optimizer and step, their figures and their checkpoint state.
+
+The tokenizer job (:mod:`.tokenizer`) builds an :class:`AdversarialStep` when its
+objective is more than the classic normalised MSE (``rec_loss="l1"``, a perceptual term or
+a discriminator: :func:`objective_is_plain`); with the defaults it builds none and its step
+is exactly the classic one. On the shared run loop (:mod:`.loop`) one training step is::
+
+    generator:      L = rec(x, x^) [+ w_p LPIPS] + lambda w_d L_G(D(x^)) + vq_loss
+                    (StepRunner: forward, backward, the tokenizer's optimizer; D frozen)
+    discriminator:  L_D(D(x), D(sg(x^))) [+ w_l LeCAM]    from --disc-start on
+                    (its own Adam over D's parameters; the same batch and x^ as above)
+
+``x^`` is the reconstruction of the generator's forward (computed before its update and
+detached): one forward of the tokenizer per step, so the EMA codebook sees each batch
+once. The run loop sets both optimizers' learning rates (two ``ScheduledOptimizer``: the
+discriminator's base rate is ``disc_lr``, its schedule the generator's); the step's
+figures of both go through the loop's one all-reduce.
+
+Distributed: the discriminator is wrapped in DistributedDataParallel for its own step
+(its gradients averaged over the ranks as the tokenizer's are); the generator step calls
+the unwrapped, frozen network (no gradient reaches its weights, so DDP has nothing to
+reduce there). Its BatchNorm layers normalise with each rank's own batch, as taming's
+(Lightning DDP without SyncBatchNorm) does: SyncBatchNorm would add an all-reduce per
+BatchNorm layer per forward (3 layers x 3 forwards a step) and change the recipe being
+reproduced. The running statistics are never used (the discriminator is only run in
+training mode) and are not broadcast (``forward_sync_buffers=False``); rank 0's are saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import LossOptions, VQGANLoss
+from ..models import VQVAE, VQVAEOutput
+from ..options import Options, option, option_fields, positive
+from .loop import ScheduledOptimizer
+from .optim import Schedule
+
+__all__ = [
+    "ADVERSARIAL_FIGURES",
+    "AdversarialStep",
+    "DiscriminatorOptimOptions",
+    "loss_options",
+    "objective_is_plain",
+]
+
+# the figures of the steps where the discriminator is on: averaged over those steps only
+ADVERSARIAL_FIGURES = ("g_loss", "disc_weight", "d_loss", "logits_real", "logits_fake", "lecam")
+
+
+def _beta_check(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else "in [0, 1)"
+
+
+@dataclass
+class DiscriminatorOptimOptions(Options):
+    """The discriminator's optimizer (Adam), declared once; composed into ``TrainConfig``."""
+
+    disc_lr: float = option(
+        None,
+        "learning rate of the discriminator's Adam (default: --lr); it follows the "
+        "generator's schedule (--warmup-steps, --lr-schedule)",
+        type=float,
+        check=positive,
+    )
+    disc_beta1: float = option(
+        0.5, "Adam beta1 of the discriminator (taming: 0.5)", check=_beta_check
+    )
+    disc_beta2: float = option(
+        0.9, "Adam beta2 of the discriminator (taming: 0.9)", check=_beta_check
+    )
+
+
+def loss_options(config: Any) -> LossOptions:
+    """The :class:`LossOptions` of a flat training config (checks them: a perceptual
+    weight without its file is a one-line ValueError)."""
+    return LossOptions(**{f.name: getattr(config, f.name) for f in option_fields(LossOptions)})
+
+
+def objective_is_plain(config: Any) -> bool:
+    """True when the objective is the classic ``mse / data_variance + vq_loss``
+    (:meth:`VQVAE.loss`): no L1, no perceptual term, no discriminator."""
+    return config.rec_loss == "l2" and config.perceptual_weight == 0 and config.disc_weight == 0
+
+
+class AdversarialStep:
+    """The generator's objective and the discriminator's step of one run (module doc).
+
+    ``model``: the plain tokenizer (its ``last_layer`` for the adaptive weight);
+    ``dtype``: the autocast dtype of the run (None: fp32)."""
+
+    def __init__(
+        self,
+        config: Any,
+        model: VQVAE,
+        in_channels: int,
+        device: torch.device,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.config, self.model, self.device, self.dtype = config, model, device, dtype
+        self.loss = VQGANLoss(loss_options(config), in_channels).to(device)
+        self.net: nn.Module | None = self.loss.discriminator  # the DDP wrapper under torchrun
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduled: ScheduledOptimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        params = self.loss.discriminator_parameters()
+        if params:
+            lr = config.lr if config.disc_lr is None else config.disc_lr
+            self.optimizer = torch.optim.Adam(
+                params, lr=lr, betas=(config.disc_beta1, config.disc_beta2)
+            )
+            if config.precision == "fp16":
+                self.scaler = torch.amp.GradScaler(device.type)
+            self.scheduled = ScheduledOptimizer(
+                self.optimizer,
+                [lr],
+                Schedule(
+                    config.steps, config.warmup_steps, config.lr_schedule, config.min_lr_ratio
+                ),
+                self.scaler,
+            )
+        self.reset_window()
+
+    def wrap_ddp(self) -> None:
+        """Wrap the discriminator in DistributedDataParallel (under torchrun; module doc)."""
+        if self.loss.discriminator is None:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.net = DistributedDataParallel(
+            self.loss.discriminator,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # -- the generator's objective (called by StepRunner) ---------------------------------
+    def objective(
+        self, x: torch.Tensor, out: VQVAEOutput, data_variance: float, step: int
+    ) -> dict[str, torch.Tensor]:
+        """The tokenizer's loss terms on batch ``x`` (B, C, H, W) and its forward ``out``:
+        ``{"loss", "recon_nmse", "vq", "rec", "perceptual"?, "g_loss"?, "disc_weight"?}``.
+        ``rec`` is ``mse / data_variance`` (l2) or the mean absolute error (l1);
+        ``recon_nmse`` (logged for every objective) is ``mse / data_variance``."""
+        if not data_variance > 0:
+            raise ValueError(f"data_variance must be > 0; got {data_variance}")
+        scale = 1.0 / data_variance if self.config.rec_loss == "l2" else 1.0
+        with self._autocast():
+            g = self.loss.generator_loss(
+                x, out.recon, out.vq.loss, self.model.last_layer, step, rec_scale=scale
+            )
+        terms = {k: v.float() for k, v in g.items() if k != "nll"}
+        terms["recon_nmse"] = F.mse_loss(out.recon.detach(), x) / data_variance
+        terms["vq"] = out.vq.loss
+        return terms
+
+    # -- the discriminator's step ---------------------------------------------------------
+    def discriminator_step(
+        self, x: torch.Tensor, recon: torch.Tensor, step: int
+    ) -> dict[str, float]:
+        """One update of the discriminator on real ``x`` and the (detached) reconstructions
+        ``recon``, at the rate the run loop has set; ``{}`` before ``disc_start``.
+        FloatingPointError (one line) on a non-finite loss, before anything is updated."""
+        if self.optimizer is None or self.net is None:
+            return {}
+        self.loss.train()
+        with self._autocast():
+            d = self.loss.discriminator_loss(x, recon.detach(), step, net=self.net)
+        if d is None:
+            return {}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = d["loss"].float()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return {k: float(v.detach()) for k, v in d.items() if k != "loss"}
+
+    # -- figures: the adversarial ones averaged over the steps that had them --------------
+    def reset_window(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.active = 0
+
+    def take(self, values: dict[str, float]) -> dict[str, float]:
+        """Add the adversarial figures of one step to this window; returns the others
+        (which the tokenizer's window averages over every step)."""
+        taken = {k: v for k, v in values.items() if k in ADVERSARIAL_FIGURES}
+        if taken:
+            self.active += 1
+            for k, v in taken.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+        return {k: v for k, v in values.items() if k not in taken}
+
+    def summary(self) -> dict[str, float]:
+        """The window's means over its discriminator steps, and how many there were."""
+        out = {k: v / self.active for k, v in self.sums.items()}
+        if self.optimizer is not None:
+            out["disc_steps"] = self.active
+        self.reset_window()
+        return out
+
+    # -- checkpoint -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"loss": self.loss.checkpoint_state()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> list[str]:
+        """Restore :meth:`state_dict`; returns notes on what starts fresh (a discriminator
+        switched on at resume). ValueError when the saved one does not fit these options."""
+        if not state or not state.get("loss"):
+            return ["the discriminator starts fresh"] if self.optimizer is not None else []
+        if self.optimizer is None:
+            return ["the checkpoint's discriminator is dropped (--disc-weight 0)"]
+        try:
+            self.loss.load_checkpoint_state(state["loss"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"the checkpoint's discriminator does not fit these options ({first}); "
+                "resume with the run's --disc-layers/--disc-channels/--lecam-weight"
+            ) from None
+        notes = []
+        if self.scaler is not None:
+            if "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
+            else:
+                notes.append("the discriminator's fp16 gradient scaler starts at its initial scale")
+        return notes
