@@ -32,7 +32,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .losses import LossOptions
     from .models.vqvae import RENAMED_OPTIONS, ModelOptions, QuantizerFlags
     from .options import add_arguments, compose
-    from .training.adversarial import DiscriminatorOptimOptions
+    from .training.adversarial_step import DiscriminatorOptimOptions
     from .training.config import PRESETS, TrainConfig, TrainOptions
 
     p = sub.add_parser(

@@ -1,5 +1,5 @@
 """The tokenizer's loss terms beyond MSE: LPIPS (:mod:`.perceptual`), the patch
-discriminator and GAN losses (:mod:`.adversarial`), and their combination with its
+discriminator and GAN losses (:mod:`.adversarial_step`), and their combination with its
 options (:mod:`.objective`)."""
 
 from .adversarial import LeCAM, PatchDiscriminator, adaptive_weight

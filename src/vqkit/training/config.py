@@ -1,6 +1,6 @@
 """The configuration of ``vqkit train``: its own options, declared once here, composed
 with the loss terms' (:mod:`vqkit.losses.objective`), the discriminator's optimizer's
-(:mod:`.adversarial`), the model's (:mod:`vqkit.models.vqvae`) and every quantizer's
+(:mod:`.adversarial_step`), the model's (:mod:`vqkit.models.vqvae`) and every quantizer's
 (declared in each quantizer module) into one flat :class:`TrainConfig`; and the named
 presets.
 
@@ -39,7 +39,7 @@ from ..options import (
     positive_int,
     unit_interval,
 )
-from .adversarial import DiscriminatorOptimOptions, loss_options
+from .adversarial_step import DiscriminatorOptimOptions, loss_options
 from .loop import RunOptions
 from .optim import SCHEDULES
 from .step import PRECISIONS

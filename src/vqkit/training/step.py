@@ -9,7 +9,7 @@
 * ``compile``: ``torch.compile`` of the training forward and loss (the model, quantizer
   included, traces as one graph); compiled once per run, on the first step;
 * ``objective``: a loss other than :meth:`VQVAE.loss` (the adversarial / perceptual
-  objective of :mod:`.adversarial`); the step then keeps the reconstruction (``recon``,
+  objective of :mod:`.adversarial_step`); the step then keeps the reconstruction (``recon``,
   detached) for the discriminator's step, and ``compile`` compiles the model's forward
   only (the loss, with its adaptive weight, runs eagerly);
 * gradient-norm clipping, and the weight average (:class:`vqkit.training.optim.WeightEMA`)
@@ -77,6 +77,15 @@ class StepRunner:
             self._fwd = torch.compile(self._fwd)
 
     # -- the step -----------------------------------------------------------------------
+    def _keep_buffers(self) -> contextlib.AbstractContextManager[Any]:
+        """Compiled with an objective: AOT autograd must not donate the saved buffers of
+        the backward, because the adaptive weight differentiates the graph more than once
+        (``retain_graph=True``), which donated buffers refuse. (A global config read when
+        the graph is compiled and again at its backward: set for the whole step only.)"""
+        if not self.config.compile or self.objective is None:
+            return contextlib.nullcontext()
+        return torch._functorch.config.patch(donated_buffer=False)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype is None:
             return contextlib.nullcontext()
@@ -101,6 +110,12 @@ class StepRunner:
         """Update on batch ``x`` at the learning rates the run loop has set; returns the
         figures of the step and the per-code counts. ``step`` (0-based) is the objective's
         (the discriminator switches on at ``disc_start``)."""
+        with self._keep_buffers():
+            return self._update(x, data_variance, step)
+
+    def _update(
+        self, x: torch.Tensor, data_variance: float, step: int
+    ) -> tuple[dict[str, float], torch.Tensor]:
         cfg = self.config
         self.model.train()
         if self.channels_last:

@@ -72,7 +72,7 @@ from ..losses import disc_start_warning
 from ..models import VQVAE, VQVAEConfig, export_safetensors
 from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..storage.rundir import RunDir
-from .adversarial import AdversarialStep, loss_options, objective_is_plain
+from .adversarial_step import AdversarialStep, loss_options, objective_is_plain
 from .config import PRESETS, TrainConfig, resolve_device
 from .data import load_run_data
 from .health import CodebookHealth, Window, with_global_usage
@@ -151,7 +151,7 @@ class Trainer(LoaderJob):
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self._param_groups(), lr=self.config.lr)
         # the adversarial / perceptual objective and the discriminator's own optimizer
-        # (training/adversarial.py); none with the classic objective, whose step stays
+        # (training/adversarial_step.py); none with the classic objective, whose step stays
         # exactly the classic one
         self.adv: AdversarialStep | None = None
         if not objective_is_plain(self.config):
