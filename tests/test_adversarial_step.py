@@ -98,7 +98,8 @@ def test_two_optimizers_alternate_on_the_run_loop(tmp_path, monkeypatch):
     def spy(x, recon, step):
         d = trainer.adv.loss.discriminator.state_dict()
         changed = any(not torch.equal(d0[k], v) for k, v in d.items())
-        seen.append((step, opts[0].optimizer.param_groups[0]["lr"], opts[1].optimizer.param_groups[0]["lr"], changed))  # fmt: skip
+        lrs = [o.optimizer.param_groups[0]["lr"] for o in opts]
+        seen.append((step, *lrs, changed))
         return real(x, recon, step)
 
     monkeypatch.setattr(trainer.adv, "discriminator_step", spy)
@@ -243,7 +244,8 @@ def test_two_processes_keep_one_discriminator(tmp_path):
     run.mkdir()
     run_ranks(_ddp_rank, str(run), deadline=150.0)
     d0, d1 = (torch.load(run / f"disc{r}.pt") for r in range(2))
-    weights = [k for k in d0 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]  # fmt: skip
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    weights = [k for k in d0 if not k.endswith(stats)]
     for k in weights:
         assert torch.equal(d0[k], d1[k]), k
     assert not torch.equal(d0["main.3.running_mean"], d1["main.3.running_mean"])  # per rank
@@ -261,7 +263,8 @@ def test_state_dict_without_a_saved_discriminator_starts_fresh():
     model = VQVAE(cfg.model_config(3, 16))
     adv = AdversarialStep(cfg, model, 3, torch.device("cpu"), None)
     assert adv.load_state_dict(None) == ["the discriminator starts fresh"]
-    plain = AdversarialStep(cfg.replace(disc_weight=0.0, rec_loss="l1"), model, 3, torch.device("cpu"), None)  # fmt: skip
+    l1 = cfg.replace(disc_weight=0.0, rec_loss="l1")
+    plain = AdversarialStep(l1, model, 3, torch.device("cpu"), None)
     assert plain.load_state_dict(adv.state_dict()) == [
         "the checkpoint's discriminator is dropped (--disc-weight 0)"
     ]

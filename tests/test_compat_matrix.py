@@ -14,6 +14,13 @@ and (fp32) input gradients that DDP's averaging turns into the one-process gradi
 
 The two-process cells of all kinds share ONE 2-rank job (one process-group start-up)
 under a hard deadline; each test reads its cell from it.
+
+The adversarial step of ``vqkit train`` (:mod:`vqkit.training.adversarial_step`: a tiny
+VQ-VAE's generator step with the adaptive weight, then the PatchGAN's step) has its row
+too, {fp32, bf16} x {eager, compile} x {1, 2 processes}: finite figures, the generator
+step leaves the discriminator untouched and the discriminator's step the tokenizer;
+compiled = eager up to rounding; under DDP (both networks wrapped) the ranks keep
+identical weights of both after their different batches.
 """
 
 from __future__ import annotations
@@ -138,6 +145,15 @@ def _all_cells(rank: int, world: int, port: int, out_dir: str) -> None:
                 except Exception as e:  # recorded; the test of the cell reports it
                     results[(kind, precision, mode)] = {"error": f"{type(e).__name__}: {e}"[:600]}
                 dist.barrier()  # a failed cell must not desynchronise the next one
+    for precision in PRECISIONS:
+        for mode in MODES:
+            try:
+                res = run_adversarial_cell(precision, mode, images(rank), "eager", ddp=True)
+                results[("adversarial", precision, mode)] = res
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"[:600]
+                results[("adversarial", precision, mode)] = {"error": error}
+            dist.barrier()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -201,3 +217,107 @@ def test_empty_batch(kind, shape):
         (out.loss + out.quantized.sum()).backward()
         assert x.grad is not None and x.grad.shape == x.shape
     assert tuple(q.encode(torch.randn(*shape)).shape) == want
+
+
+# -- the adversarial step (generator with the adaptive weight, then the discriminator) ------
+
+
+def images(seed: int) -> torch.Tensor:
+    """A batch of one rank's images (B, 3, 16, 16) on the model's scale."""
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) - 0.5
+
+
+def run_adversarial_cell(
+    precision: str, mode: str, x: torch.Tensor, backend: str = "aot_eager", ddp: bool = False
+) -> dict:
+    """One step of ``vqkit train --disc-weight 0.8 --disc-start 0`` on ``x`` through the
+    trainer's own pieces (StepRunner with the AdversarialStep's objective, then its
+    discriminator step); the figures and weights the tests compare."""
+    from vqkit.models import VQVAE
+    from vqkit.training.adversarial_step import AdversarialStep
+    from vqkit.training.step import PRECISIONS as DTYPES
+    from vqkit.training.step import StepRunner
+    from vqkit.training.tokenizer import TrainConfig
+
+    torch.manual_seed(0)
+    small = dict(hidden=16, res_hidden=8, res_layers=1, num_embeddings=16, embedding_dim=8)
+    disc = dict(disc_weight=0.8, disc_start=0, disc_layers=2, disc_channels=8)
+    cfg = TrainConfig(precision=precision, compile=mode == "compile", **small, **disc)
+    model = VQVAE(cfg.model_config(3, 16))
+    cpu = torch.device("cpu")
+    adv = AdversarialStep(cfg, model, 3, cpu, DTYPES[precision])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    runner = StepRunner(model, model, opt, cfg, cpu, adv.objective)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner.forward = DistributedDataParallel(model, forward_sync_buffers=False)
+        adv.wrap_ddp()
+    if mode == "compile":  # the trainer's compile, on a cheaper backend
+        torch._dynamo.reset()
+        runner._fwd = torch.compile(runner._forward, backend=backend)
+
+    def disc_state() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in adv.loss.discriminator.state_dict().items()}
+
+    def gen_state() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(v, b[k]) for k, v in a.items())
+
+    d0 = disc_state()
+    values, _ = runner(x, 0.08, 0)
+    d1, g1 = disc_state(), gen_state()
+    values.update(adv.discriminator_step(x, runner.recon, 0))
+    d2, g2 = disc_state(), gen_state()
+    return {
+        "values": values,
+        "disc_untouched_by_g": same(d0, d1),
+        "gen_untouched_by_d": same(g1, g2),
+        "disc_changed": not same(d1, d2),
+        "gen": g2,
+        "disc": d2,
+    }
+
+
+def check_adversarial_cell(res: dict) -> None:
+    assert "error" not in res, res.get("error")
+    v = res["values"]
+    assert {"loss", "g_loss", "disc_weight", "d_loss", "logits_real", "logits_fake"} <= set(v)
+    assert all(torch.isfinite(torch.tensor(x)) for x in v.values())
+    assert res["disc_untouched_by_g"] and res["gen_untouched_by_d"] and res["disc_changed"]
+
+
+@pytest.mark.timeout(CELL_S)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_adversarial_step_one_process(precision, mode):
+    res = run_adversarial_cell(precision, mode, images(0))
+    check_adversarial_cell(res)
+    if mode == "compile":
+        ref = run_adversarial_cell(precision, "eager", images(0))
+        for key in ("loss", "g_loss", "d_loss"):
+            assert res["values"][key] == pytest.approx(ref["values"][key], rel=1e-3, abs=1e-5)
+        for part in ("gen", "disc"):
+            for k, a in ref[part].items():
+                b = res[part][k]
+                assert torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-4), (part, k)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_adversarial_step_two_processes(two_ranks, precision, mode):
+    per_rank = [r[("adversarial", precision, mode)] for r in two_ranks]
+    for res in per_rank:
+        check_adversarial_cell(res)
+    a, b = per_rank
+    # the ranks drew different images, yet DDP averaged both networks' gradients: one
+    # tokenizer and one discriminator (BatchNorm's running statistics stay per rank)
+    assert not torch.equal(images(0), images(1))
+    for k, v in a["gen"].items():
+        assert torch.equal(v, b["gen"][k]), k
+    for k, v in a["disc"].items():
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(v, b["disc"][k]), k
