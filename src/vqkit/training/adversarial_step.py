@@ -40,8 +40,10 @@ from torch import nn
 from ..losses import LossOptions, VQGANLoss
 from ..models import VQVAE, VQVAEOutput
 from ..options import Options, option, option_fields, positive
+from ..storage.checkpoint import CheckpointError
 from .loop import ScheduledOptimizer
 from .optim import Schedule
+from .step import PRECISIONS, StepRunner
 
 __all__ = [
     "ADVERSARIAL_FIGURES",
@@ -128,6 +130,20 @@ class AdversarialStep:
             )
         self.reset_window()
 
+    @classmethod
+    def build(
+        cls, config: Any, model: VQVAE, in_channels: int, device: torch.device
+    ) -> AdversarialStep | None:
+        """The run's adversarial step; None with the classic objective (whose step then
+        stays exactly the classic one)."""
+        if objective_is_plain(config):
+            return None
+        return cls(config, model, in_channels, device, PRECISIONS[config.precision])
+
+    def optimizers(self) -> list[ScheduledOptimizer]:
+        """The discriminator's scheduled optimizer (none without a discriminator)."""
+        return [] if self.scheduled is None else [self.scheduled]
+
     def wrap_ddp(self) -> None:
         """Wrap the discriminator in DistributedDataParallel (under torchrun; module doc)."""
         if self.loss.discriminator is None:
@@ -166,6 +182,16 @@ class AdversarialStep:
         return terms
 
     # -- the discriminator's step ---------------------------------------------------------
+    def update(
+        self, runner: StepRunner, x: torch.Tensor, data_variance: float, step: int
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """One training step: the generator's update (``runner``, with :meth:`objective`),
+        then the discriminator's on the same batch and reconstruction."""
+        values, counts = runner(x, data_variance, step)
+        assert runner.recon is not None
+        values.update(self.discriminator_step(x, runner.recon, step))
+        return values, counts
+
     def discriminator_step(
         self, x: torch.Tensor, recon: torch.Tensor, step: int
     ) -> dict[str, float]:
@@ -224,7 +250,7 @@ class AdversarialStep:
 
     def load_state_dict(self, state: dict[str, Any] | None) -> list[str]:
         """Restore :meth:`state_dict`; returns notes on what starts fresh (a discriminator
-        switched on at resume). ValueError when the saved one does not fit these options."""
+        switched on at resume). CheckpointError when the saved one does not fit these options."""
         if not state or not state.get("loss"):
             return ["the discriminator starts fresh"] if self.optimizer is not None else []
         if self.optimizer is None:
@@ -234,7 +260,7 @@ class AdversarialStep:
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
+            raise CheckpointError(
                 f"the checkpoint's discriminator does not fit these options ({first}); "
                 "resume with the run's --disc-layers/--disc-channels/--lecam-weight"
             ) from None

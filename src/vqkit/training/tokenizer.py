@@ -27,8 +27,8 @@ the train split never has to fit in memory). The next batch is drawn in a backgr
 thread during the step (``prefetch``, :mod:`vqkit.training.prefetch`; the same batches).
 The step (:mod:`vqkit.training.step`): ``precision``, ``channels_last``, ``compile``, the
 learning-rate schedule, ``grad_clip`` and ``weight_ema`` (evaluation, best.pt's
-choice, and the export use the averaged weights). Checkpoints are written every
-``eval_every`` steps and, with ``ckpt_minutes``, when that much time has passed.
+choice, and the export use the averaged weights). An objective beyond MSE (L1,
+LPIPS, a PatchGAN with its own optimizer): :mod:`vqkit.training.adversarial_step`.
 
 Distributed (``torchrun --nproc_per_node=N -m vqkit train ...``): the process group
 is initialised from torchrun's environment (gloo on CPU, NCCL on GPU, one GPU per
@@ -46,12 +46,12 @@ Codebook health: ``init="kmeans"`` sets the codebook by k-means++ and ``init_ite
 Lloyd iterations on the initial encoder's latents of ``init_batches`` batches of all
 ranks (once, at step 0); ``revive_every=N`` replaces, every N steps, the codes whose
 usage statistic (the quantizer's ``code_usage()``: the EMA cluster size, the plain
-quantizer's usage EMA) is
-below ``dead_threshold`` assignments per global batch by latents of the current
-global batch, and for the gradient-trained codebook restarts the optimizer's state of
-those rows (:func:`vqkit.codebook.reset_optimizer_rows`). Every log record carries
-``dead`` (codes below ``dead_threshold``), ``codes_used``, ``window_perplexity`` and
-``revived``. ``preset`` picks a named set of these options (:data:`PRESETS`).
+quantizer's usage EMA) is below ``dead_threshold`` assignments per global batch by
+latents of the current global batch, and for the gradient-trained codebook restarts
+the optimizer's state of those rows (:func:`vqkit.codebook.reset_optimizer_rows`).
+Every log record carries ``dead`` (codes below ``dead_threshold``), ``codes_used``,
+``window_perplexity`` and ``revived``. ``preset`` picks a named set of these options
+(:data:`PRESETS`).
 """
 
 from __future__ import annotations
@@ -72,14 +72,14 @@ from ..losses import disc_start_warning
 from ..models import VQVAE, VQVAEConfig, export_safetensors
 from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..storage.rundir import RunDir
-from .adversarial_step import AdversarialStep, loss_options, objective_is_plain
+from .adversarial_step import AdversarialStep, loss_options
 from .config import PRESETS, TrainConfig, resolve_device
 from .data import load_run_data
 from .health import CodebookHealth, Window, with_global_usage
 from .loop import Cadence, LoaderJob, Progress, RunLoop, ScheduledOptimizer, StepResult
 from .optim import Schedule
 from .prefetch import Prefetcher
-from .step import PRECISIONS, StepRunner
+from .step import StepRunner
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "resolve_device", "train"]
 
@@ -150,15 +150,8 @@ class Trainer(LoaderJob):
         if self.config.channels_last:  # before the optimizer state exists (its layout)
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self._param_groups(), lr=self.config.lr)
-        # the adversarial / perceptual objective and the discriminator's own optimizer
-        # (training/adversarial_step.py); none with the classic objective, whose step stays
-        # exactly the classic one
-        self.adv: AdversarialStep | None = None
-        if not objective_is_plain(self.config):
-            dtype = PRECISIONS[self.config.precision]
-            self.adv = AdversarialStep(
-                self.config, self.model, self.data.channels, self.device, dtype
-            )
+        # the adversarial / perceptual objective, the discriminator and its optimizer
+        self.adv = AdversarialStep.build(self.config, self.model, self.data.channels, self.device)
         self.features = None  # the feature network of --eval-features (loaded once)
         if self.config.eval_features:
             from ..evaluation.feature_net import VqkitFeatures
@@ -235,13 +228,10 @@ class Trainer(LoaderJob):
 
     def optimizers(self) -> list[ScheduledOptimizer]:
         """The tokenizer's optimizer, and the discriminator's when there is one."""
-        if self.adv is None or self.adv.scheduled is None:
-            return [self.scheduled]
-        return [self.scheduled, self.adv.scheduled]
+        return [self.scheduled, *([] if self.adv is None else self.adv.optimizers())]
 
     # -- state ------------------------------------------------------------------
     def _payload(self) -> dict[str, Any]:
-        extra = {} if self.adv is None else {"adversarial": self.adv.state_dict()}
         return {
             "model_config": self.model_config.to_dict(),
             "model": self.model.state_dict(),
@@ -254,7 +244,7 @@ class Trainer(LoaderJob):
             "best_nmse": self.best_nmse,
             "world_size": self.world,
             **self.runner.state_dict(),
-            **extra,
+            **({} if self.adv is None else {"adversarial": self.adv.state_dict()}),
         }
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -273,10 +263,7 @@ class Trainer(LoaderJob):
         self.loader.load_state_dict(ckpt["loader"])
         self.resume_notes = self.runner.load_state_dict(ckpt)
         if self.adv is not None:
-            try:
-                self.resume_notes += self.adv.load_state_dict(ckpt.get("adversarial"))
-            except ValueError as e:
-                raise CheckpointError(f"{self.last_path}: {e}") from None
+            self.resume_notes += self.adv.load_state_dict(ckpt.get("adversarial"))
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.step = int(ckpt["step"])
         self.best_nmse = float(ckpt.get("best_nmse", math.inf))
@@ -297,10 +284,7 @@ class Trainer(LoaderJob):
         """One update on ``x`` (see :class:`vqkit.training.step.StepRunner`)."""
         if self.adv is None:
             return self.runner(x, self.data_variance)
-        values, counts = self.runner(x, self.data_variance, self.step)
-        assert self.runner.recon is not None
-        values.update(self.adv.discriminator_step(x, self.runner.recon, self.step))
-        return values, counts
+        return self.adv.update(self.runner, x, self.data_variance, self.step)
 
     def update(self, batch: tuple[torch.Tensor, Any], progress: Progress) -> StepResult:
         x = batch[0]
@@ -378,15 +362,14 @@ class Trainer(LoaderJob):
         return self.runner.eval_model(self._eval_copy)
 
     def _suite(self) -> Any:
-        """The figures beyond PSNR asked for (--eval-ssim, --eval-features; LPIPS when the
-        objective has its network), or None: the classic evaluation."""
+        """SSIM / MS-SSIM, FD, LPIPS (the perceptual term's network) when asked; else None."""
         lpips = None if self.adv is None else self.adv.loss.perceptual
         if not (self.config.eval_ssim or self.features is not None or lpips is not None):
             return None
         from ..evaluation.suite import QualitySuite
 
-        extractors = {} if self.features is None else {"fd_vqkit_features": self.features}
-        return QualitySuite(image_metrics=self.config.eval_ssim, lpips=lpips, extractors=extractors)
+        feats = {} if self.features is None else {"fd_vqkit_features": self.features}
+        return QualitySuite(image_metrics=self.config.eval_ssim, lpips=lpips, extractors=feats)
 
     def evaluate(self, limit: int | None = None) -> dict[str, Any]:
         return evaluate(
