@@ -16,13 +16,15 @@ switches on, the fewest after it and at the end; ms/step (median over the log re
 before and after the switch, within the same run (a ratio that the machine's load
 touches less than a comparison across runs); the discriminator's and the generator's
 adversarial losses over the last log window. Writes
-``benchmarks/results/<prefix>/<prefix>.{md,json}`` and ``<prefix>_curves.png`` (codes used,
-NMSE, d_loss / g_loss against step, the switch marked) beside them.
+``benchmarks/results/<prefix>/<prefix>.{md,json}``, ``<prefix>_curves.png`` (codes used,
+NMSE, d_loss / g_loss against step, the switch marked) and each run's ``recon.png`` (the
+same strided test images above their reconstructions) beside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for run, name in zip(map(Path, args.runs), names, strict=True):
         rows.append({"name": name, **summarise(run, args.at_step)})
+        if (run / "recon.png").exists():  # the same strided test images in every run
+            shutil.copy(run / "recon.png", out / f"{args.prefix}_{run.name}_recon.png")
     pairs = [(n, Path(r)) for n, r in zip(names, args.runs, strict=True)]
     _curves(pairs, out / f"{args.prefix}_curves.png")
 

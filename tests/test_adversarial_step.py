@@ -268,3 +268,17 @@ def test_state_dict_without_a_saved_discriminator_starts_fresh():
     assert plain.load_state_dict(adv.state_dict()) == [
         "the checkpoint's discriminator is dropped (--disc-weight 0)"
     ]
+
+
+def test_preset_vqgan_trains_with_its_discriminator(tmp_path, no_finish):
+    cfg = TrainConfig.build(preset="vqgan")
+    assert (cfg.arch, cfg.rec_loss, cfg.disc_weight, cfg.disc_start) == ("vqgan", "l1", 0.8, 500)
+    assert cfg.disc_start < cfg.steps  # no warning with the defaults
+    out = tmp_path / "vqgan"
+    args = ["train", "--preset", "vqgan", "--out", str(out), "--steps", "2", "--disc-start", "1"]
+    args += ["--batch-size", "4", "--log-every", "2", "--eval-every", "2", "--eval-images", "8"]
+    assert main([*args, "--no-progress", "--num-embeddings", "32", "--hidden", "32"]) == 0
+    (train,) = [r for r in _records(out) if r["kind"] == "train"]
+    assert train["disc_steps"] == 1 and "rec" in train and "d_loss" in train
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["model_config"]["arch"] == "vqgan" and ckpt["adversarial"]["optimizer"]["state"]
