@@ -39,7 +39,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a VQ-VAE (default: the built-in dataset)",
         description="Train a VQ-VAE. Every option below is declared once (vqkit.training.config, "
-        "vqkit.models.vqvae, and each quantizer module); presets: " + ", ".join(PRESETS),
+        "vqkit.losses.objective, vqkit.training.adversarial_step, vqkit.models.vqvae, and "
+        "each quantizer module); presets: " + ", ".join(PRESETS),
     )
     p.add_argument("--config", help="JSON file of options; command-line flags override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
