@@ -282,3 +282,23 @@ def test_preset_vqgan_trains_with_its_discriminator(tmp_path, no_finish):
     assert train["disc_steps"] == 1 and "rec" in train and "d_loss" in train
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt["model_config"]["arch"] == "vqgan" and ckpt["adversarial"]["optimizer"]["state"]
+
+
+def test_perceptual_term_trains_and_is_evaluated(tmp_path, no_finish):
+    from vqkit.losses.perceptual import VGG16_FILE
+
+    from .test_perceptual import random_vgg_file
+
+    vgg = tmp_path / VGG16_FILE
+    random_vgg_file(vgg)  # a randomly initialised VGG16 in torchvision's layout
+    out = tmp_path / "lpips"
+    code = _train(
+        out, 2, "--channels", "3", "--eval-ssim", disc_start=1, perceptual_weight=1.0,
+        perceptual_weights=str(vgg), log_every=2, eval_every=2, eval_images=8,
+    )  # fmt: skip
+    assert code == 0
+    train, ev = (r for r in _records(out) if r["kind"] in ("train", "eval"))
+    assert train["perceptual"] > 0 and train["loss"] > train["rec"] and train["disc_steps"] == 1
+    assert ev["lpips"] > 0 and {"ssim", "ms_ssim"} <= set(ev) and "labels" not in ev
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert set(ckpt["adversarial"]["loss"]) == {"discriminator"}  # LPIPS comes from its file
