@@ -51,7 +51,14 @@ except ImportError:  # the optional extra is missing: local directories only
     HUB_AVAILABLE = False
     _HUB_OPTIONS = {}
 
-__all__ = ["CONFIG_NAME", "HUB_AVAILABLE", "WEIGHTS_NAME", "PretrainedMixin", "ModelCardText"]
+__all__ = [
+    "CONFIG_NAME",
+    "HUB_AVAILABLE",
+    "WEIGHTS_NAME",
+    "ModelCardText",
+    "PretrainedMixin",
+    "measured_section",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -230,3 +237,20 @@ class PretrainedMixin(_HubBase, **_HUB_OPTIONS):  # type: ignore[misc, valid-typ
     def model_card_body(self, **kwargs: Any) -> str:
         """Markdown of the card; subclasses say what the model is and how it measured."""
         return f"# vqkit {self.pretrained_kind}\n"
+
+
+def measured_section(
+    source: str | None, evaluation: dict[str, Any] | None, keys: tuple[str, ...]
+) -> list[str]:
+    """The card's lines from "exported from" to the table of the run's measured figures
+    ``keys`` of ``evaluation`` (its eval.json), or a "not measured" line."""
+    lines = [f"- exported from: `{source}`"] if source else []
+    lines += ["", "## Measured", ""]
+    if not evaluation:
+        return [*lines, "Not measured for these weights (no eval.json of the run)."]
+    lines += ["| figure | value |", "|---|---:|"]
+    for key in keys:
+        v = evaluation.get(key)
+        if v is not None:
+            lines.append(f"| {key} | {v:.4g} |" if isinstance(v, float) else f"| {key} | {v} |")
+    return lines

@@ -14,8 +14,13 @@ from ..errors import UserError, user_values
 from ..options import Options, compose, nonneg_int, option, positive_int
 from ..quantizers import QuantizerOptions, QuantizerOutput, get_kind, quantizer_kinds
 from .convnets import Decoder, Encoder, parse_channel_mult
-from .hub import PretrainedMixin
+from .hub import PretrainedMixin, measured_section
 from .vqgan import GROUPS, VQGANDecoder, VQGANEncoder, parse_attn_resolutions, parse_vqgan_ch_mult
+
+# the figures of a run's eval.json that a tokenizer's model card shows
+_CARD_FIGURES = (
+    "split", "num_images", "step", "mse", "nmse", "psnr", "perplexity", "codes_used", "usage"
+)  # fmt: skip
 
 __all__ = [
     "QUANTIZER_GROUPS",
@@ -425,19 +430,7 @@ class VQVAE(nn.Module, PretrainedMixin):
             f"- network: `{c.arch}` encoder/decoder, {c.hidden} base channels",
             f"- data: {data or 'not recorded'}",
         ]
-        if source:
-            lines.append(f"- exported from: `{source}`")
-        lines += ["", "## Measured", ""]
-        if evaluation:
-            lines += ["| figure | value |", "|---|---:|"]
-            for key in ("split", "num_images", "step", "mse", "nmse", "psnr", "perplexity",
-                        "codes_used", "usage"):  # fmt: skip
-                if key in evaluation and evaluation[key] is not None:
-                    v = evaluation[key]
-                    lines.append(f"| {key} | {v:.4g} |" if isinstance(v, float) else
-                                 f"| {key} | {v} |")  # fmt: skip
-        else:
-            lines.append("Not measured for these weights (no eval.json of the run).")
+        lines += measured_section(source, evaluation, _CARD_FIGURES)
         lines += [
             "",
             "## Use",

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..options import Options, nonneg, option, positive_int
 from .config import SCHEDULE_NAMES, PriorConfig, schedule_name
-from .sampling import SampleOptions, filter_logits, guide
+from .sampling import SampleOptions, draw_labels, filter_logits, guide, in_eval_batches
 from .transformer import flatten_codes
 
 __all__ = [
@@ -323,21 +323,9 @@ def decode(
             codes to regenerate (bool, same shape, True = regenerate; the same count in
             every map). Default: every code hidden (a new sample).
     """
-    from .sampling import _labels
-
     opts, mopts = _split_options(options, masked, kwargs)
-    if num < 0:
-        raise UserError(f"num must be >= 0; got {num}")
+    y = draw_labels(prior, num, labels, opts)
     t_len, dev = prior.seq_len, prior.tok_emb.weight.device
-    y = _labels(prior, num, labels)
-    if opts.cfg_scale != 1.0:
-        if y is None:
-            raise UserError("cfg_scale != 1 needs class labels (guidance is towards a class)")
-        if prior.config.class_dropout == 0:
-            raise UserError(
-                "this prior was trained with class_dropout=0: its null class is untrained, "
-                "so classifier-free guidance (cfg_scale != 1) is meaningless"
-            )
     if codes is None:
         codes = torch.zeros(num, t_len, dtype=torch.long, device=dev)
         hidden = torch.ones(num, t_len, dtype=torch.bool, device=dev)
@@ -355,26 +343,20 @@ def decode(
     steps = mopts.steps if mopts.steps is not None else min(DEFAULT_STEPS, int(n[0]) if num else 1)
     if num:
         reveal_counts(int(n[0]), steps, mopts.schedule)  # checks steps against the codes
-    bs = batch_size or max(num, 1)
-    if bs < 1:
-        raise UserError(f"batch_size must be >= 1; got {bs}")
-    was_training = prior.training
-    prior.eval()
-    try:
-        chunks = [
-            _decode_batch(
-                prior,
-                None if y is None else y[i : i + bs],
-                codes[i : i + bs],
-                hidden[i : i + bs],
-                opts,
-                mopts,
-                steps,
-                generator,
-            )
-            for i in range(0, num, bs)
-        ]
-    finally:
-        prior.train(was_training)
+    chunks = in_eval_batches(
+        prior,
+        num,
+        batch_size,
+        lambda i, n: _decode_batch(
+            prior,
+            None if y is None else y[i : i + n],
+            codes[i : i + n],
+            hidden[i : i + n],
+            opts,
+            mopts,
+            steps,
+            generator,
+        ),
+    )
     seq = torch.cat(chunks) if chunks else codes
     return seq.reshape(num, *prior.code_shape)

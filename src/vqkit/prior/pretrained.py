@@ -30,7 +30,7 @@ import torch
 from ..errors import UserError
 from ..models import VQVAE
 from ..models.codes_io import model_identity
-from ..models.hub import CONFIG_NAME, PretrainedMixin
+from ..models.hub import CONFIG_NAME, PretrainedMixin, measured_section
 from ..storage.checkpoint import CheckpointError
 
 __all__ = ["PretrainedPrior", "check_tokenizer", "load_prior_tokenizer"]
@@ -121,20 +121,10 @@ class PretrainedPrior(PretrainedMixin):
             f"{str(tok.get('identity', '?'))[:16]}..., trained from "
             f"`{tok.get('run_dir', '?')}/{tok.get('checkpoint', '?')}`)",
         ]
-        if source:
-            lines.append(f"- exported from: `{source}`")
-        lines += ["", "## Measured", ""]
+        figures = ("step", "test_bits", "train_bits", "eval_sequences")
+        lines += measured_section(source, evaluation, figures)
         if evaluation:
-            lines += ["| figure | value |", "|---|---:|"]
-            for key in ("step", "test_bits", "train_bits", "eval_sequences"):
-                if evaluation.get(key) is not None:
-                    v = evaluation[key]
-                    lines.append(f"| {key} | {v:.4g} |" if isinstance(v, float) else
-                                 f"| {key} | {v} |")  # fmt: skip
-            lines.append("")
-            lines.append("Bits per code: mean of -log2 p(code | previous codes, class).")
-        else:
-            lines.append("Not measured for these weights (no eval.json of the run).")
+            lines += ["", "Bits per code: mean of -log2 p(code | previous codes, class)."]
         lines += [
             "",
             "## Use",

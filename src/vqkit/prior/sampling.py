@@ -21,6 +21,7 @@ whole prefix at every position: the slow reference).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -112,6 +113,39 @@ def _draw(
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def draw_labels(prior: Any, num: int, labels: Any, opts: SampleOptions) -> torch.Tensor | None:
+    """The (num,) class ids of ``num`` draws (None: the null class), checked, and with
+    guidance (``cfg_scale != 1``) checked to be meaningful: both kinds of prior use it."""
+    if num < 0:
+        raise UserError(f"num must be >= 0; got {num}")
+    y = _labels(prior, num, labels)
+    if opts.cfg_scale != 1.0:
+        if y is None:
+            raise UserError("cfg_scale != 1 needs class labels (guidance is towards a class)")
+        if prior.config.class_dropout == 0:
+            raise UserError(
+                "this prior was trained with class_dropout=0: its null class is untrained, "
+                "so classifier-free guidance (cfg_scale != 1) is meaningless"
+            )
+    return y
+
+
+def in_eval_batches(
+    prior: Any, num: int, batch_size: int | None, draw: Callable[[int, int], torch.Tensor]
+) -> list[torch.Tensor]:
+    """``draw(start, n)`` for consecutive batches of ``batch_size`` (default: all ``num``)
+    with the prior in eval mode (its mode restored after): both kinds of prior decode so."""
+    bs = batch_size or max(num, 1)
+    if bs < 1:
+        raise UserError(f"batch_size must be >= 1; got {bs}")
+    was_training = prior.training
+    prior.eval()
+    try:
+        return [draw(i, min(bs, num - i)) for i in range(0, num, bs)]
+    finally:
+        prior.train(was_training)
+
+
 def _labels(prior: Prior, num: int, labels: Any) -> torch.Tensor | None:
     if labels is None:
         return None
@@ -187,36 +221,15 @@ def sample(
     opts = options if options is not None else SampleOptions(**kwargs)
     if options is not None and kwargs:
         opts = SampleOptions.from_dict({**options.to_dict(), **kwargs})
-    if num < 0:
-        raise UserError(f"num must be >= 0; got {num}")
-    y = _labels(prior, num, labels)
-    if opts.cfg_scale != 1.0:
-        if y is None:
-            raise UserError("cfg_scale != 1 needs class labels (guidance is towards a class)")
-        if prior.config.class_dropout == 0:
-            raise UserError(
-                "this prior was trained with class_dropout=0: its null class is untrained, "
-                "so classifier-free guidance (cfg_scale != 1) is meaningless"
-            )
-    bs = batch_size or max(num, 1)
-    if bs < 1:
-        raise UserError(f"batch_size must be >= 1; got {bs}")
-    was_training = prior.training
-    prior.eval()
-    try:
-        chunks = [
-            _sample_batch(
-                prior,
-                None if y is None else y[i : i + bs],
-                min(bs, num - i),
-                opts,
-                generator,
-                use_cache,
-            )
-            for i in range(0, num, bs)
-        ]
-    finally:
-        prior.train(was_training)
+    y = draw_labels(prior, num, labels, opts)
+    chunks = in_eval_batches(
+        prior,
+        num,
+        batch_size,
+        lambda i, n: _sample_batch(
+            prior, None if y is None else y[i : i + n], n, opts, generator, use_cache
+        ),
+    )
     dev = prior.tok_emb.weight.device
     seq = (
         torch.cat(chunks) if chunks else torch.zeros(0, prior.seq_len, dtype=torch.long, device=dev)
