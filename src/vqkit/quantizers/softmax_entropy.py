@@ -1,33 +1,50 @@
-"""Entropy terms of a softmax over an explicit codebook, without the N x K matrix: IBQ's
-entropy penalty (Shi et al. 2024; the MAGVIT-v2 form used by its reference code).
+"""IBQ's lookup and its entropy penalty as ONE tiled computation over a softmax of an
+explicit codebook, never the N x K matrix (Shi et al. 2024; the MAGVIT-v2 entropy form
+used by its reference code).
 
-With logits ``a_nk = x_n.e_k / T`` and ``p_n = softmax(a_n)`` over the K codes:
+With ``s_nk = x_n.e_k`` (N rows, K codes) the layer needs
 
-* per-sample entropy ``H_n = lse_n - sum_k p_nk a_nk`` (mean over the kept rows),
-* batch entropy ``H(P) = -sum_k P_k log P_k`` of the batch-averaged distribution
-  ``P_k = mean_n p_nk`` (EXACT, no approximation; ``0 log 0 = 0``; the reference code
-  adds 1e-5 inside the log).
+* the lookup ``q_n = sum_k (onehot + p1 - sg[p1])_nk e_k``, ``p1 = softmax(s_n)``: value
+  ``e_{argmax_k s_nk}``, gradient through ``p1``;
+* the per-sample entropy ``H_n = H(p2_n)``, ``p2 = softmax(a)``, ``a = s / T``, meaned
+  over the kept rows;
+* the batch entropy ``H(P) = -sum_k P_k log P_k`` of ``P_k = mean_n p2_nk`` (EXACT;
+  ``0 log 0 = 0``; the reference code adds 1e-5 inside the log).
 
-The penalty is ``per_sample - gamma * batch``: confident assignments, many codes used.
+Every tile holds WHOLE rows (``rows x K``), so each row's softmax statistics are
+complete inside its tile and one GEMM ``x E^T`` per tile serves all three terms.
 
-Tiled over rows, each tile holding whole rows of K logits (so every softmax is one
-fused op): the forward computes each tile's ``log_softmax``, the per-sample entropies and
-its share of the marginal ``P``; the backward recomputes the tile's softmax, then
-``c_n = sum_k p_nk log P_k`` and the gradient tile. With ``g_s``, ``g_b`` the
-upstream gradients of the two terms::
+Forward, one pass: ``s`` (product 1), the row max ``m_n`` and its first index (the
+code), the centred logits ``s - m`` (``<= 0``), ``log Z1_n = log sum exp(s - m)``,
+``p2`` from ``(s - m) / T`` with ``log Z2_n``, ``H_n = log Z2_n - sum_k p2_nk (a_nk -
+m_n / T)`` and the tile's share of ``P``. No second pass: with whole rows ``p2`` is
+normalised when it is formed.
 
-    dL/da_nj = p_nj * ( -g_s (a_nj - abar_n) / N - g_b (log P_j - c_n) / N_global )
+Backward, one recomputing pass: ``s`` again (product 2), ``g E^T`` (product 3; only
+for the lookup), then the gradient of all terms w.r.t. the logits in one tile::
 
-with ``abar_n = sum_k p_nk a_nk``; ``dL/dx_n = sum_j dL/da_nj e_j / T`` and
-``dL/de_j = sum_n dL/da_nj x_n / T``. Memory: the K-float marginal, O(N) row figures
-and two (tile_n x K) tiles within ``max_scratch_bytes``; never N x K.
+    dL/ds_nj = p1_nj (g_n.e_j - sum_k p1_nk g_n.e_k)                        (lookup)
+             + p2_nj (alpha_n (ac_nj - abar_n) + beta_n (log P_j - c_n)) / T  (entropy)
+
+with ``ac = (s - m) / T`` (centred), ``abar_n = sum_k p2_nk ac_nk``, ``c_n = sum_k p2_nk
+log P_k``, ``alpha_n = -g_s w_n / N_local``, ``beta_n = -g_b w_n ws / N_global`` (``w``
+the keep mask, ``ws`` the world size), and ``dL/dx = dL/ds E`` (product 4), ``dL/dE =
+dL/ds^T x + index_add(g)`` (product 5; the hard one-hot routes ``g`` to the chosen code).
+Five N x D x K products per step in all (main's separate lookup and entropy took ten).
+
+Centring matters: at T = 0.01 the raw ``a`` reach 100-1000, and ``a - abar`` formed
+from raw values lost up to a quarter of the gradient's digits in float32; the centred
+``ac - abar`` are differences of numbers of the size of the result.
+
+Memory: the K-float marginal, O(N + K) row and code figures and three (rows x K) tiles
+within ``max_scratch_bytes`` (at least one row).
 
 Distributed: with ``sync`` the marginal and the row count are summed over the ranks of
 ``group`` (one all-reduce of K + 1 floats), so ``H(P)`` is the GLOBAL batch's; its
 gradient is multiplied by the world size so that DDP's averaging gives the exact
 gradient (each rank back-propagates through its own rows), as in
-:mod:`vqkit.quantizers.entropy`. The per-sample term is the local mean (DDP's
-averaging makes it the global mean for equal local batches).
+:mod:`vqkit.quantizers.entropy`. The per-sample term is the local mean (DDP's averaging
+makes it the global mean for equal local batches).
 """
 
 from __future__ import annotations
@@ -36,88 +53,241 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ..distributed import all_reduce_sum, world_size
 from .base import fp32_region
 
-__all__ = ["softmax_entropy_terms"]
+__all__ = ["IBQ_SCRATCH_BYTES", "ibq_terms", "softmax_entropy_terms"]
+
+IBQ_SCRATCH_BYTES = 16 * 2**20
+"""Default bound on the three live (rows x K) tiles."""
+
+_MAX_ROWS = 256
+_EXP_FLOOR = -87.0
+"""Exponents are clamped here before ``exp``: below about -87 float32 ``exp`` leaves its
+vectorised path (subnormal results) and ran 10x slower on CPU (30 ns an element against
+3), and at T = 0.01 most logits of a row lie there. ``exp(-87) = 1.6e-38``, so a clamped
+term changes a probability by at most that: far below float32 resolution of any sum."""
 
 
-def _row_tile(n: int, k: int, scratch: int) -> int:
-    """Rows per tile: two float32 (rows x K) tiles live at once (a row of K floats is the
-    least; whole rows keep every softmax one fused op instead of an online rescaling)."""
-    return max(1, min(max(n, 1), scratch // (2 * 4 * max(k, 1))))
+def _row_tile(n: int, k: int, itemsize: int, scratch: int) -> int:
+    """Rows per tile: three (rows x K) tiles live at once; at least one row."""
+    return max(1, min(max(n, 1), _MAX_ROWS, scratch // (3 * itemsize * max(k, 1))))
 
 
-class _SoftmaxEntropy(torch.autograd.Function):
+def _scratch(rows: int, k: int, like: torch.Tensor) -> torch.Tensor | None:
+    """A flat buffer reused by every tile (eager only): fresh tile-sized allocations
+    fragment glibc's heap (RSS grew ~4x over the live tiles). Dynamo cannot trace
+    ``out=`` into views of it, so compiled graphs allocate per tile instead."""
+    if torch.compiler.is_compiling():
+        return None
+    return torch.empty(rows * k, dtype=like.dtype, device=like.device)
+
+
+def _view(buf: torch.Tensor | None, rows: int, k: int) -> torch.Tensor | None:
+    return None if buf is None else buf[: rows * k].view(rows, k)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return a @ b if out is None else torch.mm(a, b, out=out)
+
+
+def _exp(a: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``exp(max(a, _EXP_FLOOR))``, into ``out`` when there is one."""
+    if out is None:
+        return a.clamp(min=_EXP_FLOOR).exp_()
+    return torch.clamp(a, min=_EXP_FLOOR, out=out).exp_()
+
+
+def _exp_sub(a: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``exp(max(a - v[:, None], _EXP_FLOOR))``, into ``out`` when there is one."""
+    if out is None:
+        return (a - v.unsqueeze(1)).clamp_(min=_EXP_FLOOR).exp_()
+    return torch.sub(a, v.unsqueeze(1), out=out).clamp_(min=_EXP_FLOOR).exp_()
+
+
+class _IBQTerms(torch.autograd.Function):
+    """See the module docstring. Inputs ``x`` (N, d), ``e`` (K, d), ``w`` (N,) keep
+    weights (1 kept, 0 padded) or None; ``inv_t`` 0 switches the entropy off, ``lookup``
+    False the lookup's gradient. Outputs ``(q (N, d), idx (N,), sample, batch)``."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
         e: torch.Tensor,
-        temperature: float,
+        w: torch.Tensor | None,
+        inv_t: float,
+        lookup: bool,
         sync: bool,
         group: dist.ProcessGroup | None,
         scratch: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
+        # autocast off in both passes: AOT autograd traces them under the caller's autocast
         with fp32_region(x.device):
-            inv_t = 1.0 / temperature
-            n, k = x.shape[0], e.shape[0]
-            tile = _row_tile(n, k, scratch)
-            et = e.t()
-            marg = torch.zeros(k, dtype=x.dtype, device=x.device)
-            abar = x.new_empty(n)  # sum_k p_nk a_nk
-            h = x.new_empty(n)  # H(p_n)
-            for r0 in range(0, n, tile):
-                a = (x[r0 : r0 + tile] * inv_t) @ et
-                p = torch.softmax(a, dim=1)
-                ab = torch.linalg.vecdot(p, a)
-                # H = lse - sum_k p a, with lse = a_j - log p_j in the row's largest
-                # column j (p_j >= 1/K: well conditioned), cheaper than a logsumexp pass
-                top, j = a.max(dim=1, keepdim=True)
-                lse = top.squeeze(1) - p.gather(1, j).squeeze(1).log()
-                abar[r0 : r0 + tile] = ab
-                h[r0 : r0 + tile] = lse - ab
-                marg += p.sum(0)
-            total = torch.tensor(float(n), dtype=x.dtype, device=x.device)
-            ws = 1
+            return _IBQTerms._forward(ctx, x, e, w, inv_t, lookup, sync, group, scratch)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_q: Any, _g_idx: Any, g_s: Any, g_b: Any) -> tuple[Any, ...]:
+        with fp32_region(ctx.device):
+            return _IBQTerms._backward(ctx, g_q, g_s, g_b)
+
+    @staticmethod
+    def _forward(
+        ctx: Any,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        w: torch.Tensor | None,
+        inv_t: float,
+        lookup: bool,
+        sync: bool,
+        group: dist.ProcessGroup | None,
+        scratch: int,
+    ) -> tuple[torch.Tensor, ...]:
+        n, k = x.shape[0], e.shape[0]
+        ent = inv_t > 0
+        rows = _row_tile(n, k, x.element_size(), scratch)
+        buf_s, buf_p = _scratch(min(rows, n), k, x), _scratch(min(rows, n), k, x)
+        et = e.t()
+        idx = torch.empty(n, dtype=torch.int64, device=x.device)
+        m = x.new_empty(n)  # row max of s
+        log_z1 = x.new_empty(n)  # log sum_k exp(s_nk - m_n)
+        log_z2 = x.new_empty(n)  # log sum_k exp(ac_nk)
+        abar = x.new_empty(n)  # sum_k p2_nk ac_nk
+        marg = x.new_zeros(k)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            s = _mm(x[r0:r1], et, _view(buf_s, r1 - r0, k))
+            mb, ib = s.max(dim=1)  # the first maximum: ties to the lowest index
+            m[r0:r1], idx[r0:r1] = mb, ib
+            s.sub_(mb.unsqueeze(1))
+            out_p = _view(buf_p, r1 - r0, k)
+            if lookup:
+                t = _exp(s, out_p)
+                log_z1[r0:r1] = t.sum(1).log()
+            if ent:
+                s.mul_(inv_t)  # ac: centred logits / T, <= 0 with a 0 at the maximum
+                p = _exp(s, out_p)
+                z = p.sum(1)  # >= 1: the maximum's term is exp(0)
+                p.div_(z.unsqueeze(1))
+                log_z2[r0:r1] = z.log()
+                abar[r0:r1] = s.mul_(p).sum(1)  # s is not needed after this
+                marg += p.sum(0) if w is None else w[r0:r1] @ p
+        sample = batch = x.new_zeros(())
+        n_loc = x.new_tensor(float(n)) if w is None else w.sum()
+        total, ws = n_loc, 1
+        if ent:
+            h = log_z2 - abar  # H(p2_n), both terms of moderate size (centred)
+            sample = (h.sum() if w is None else h @ w) / n_loc.clamp(min=1.0)
             if sync:
                 ws = world_size(group)
                 marg, total = all_reduce_sum([marg, total], group)
             big_p = marg / total.clamp(min=1.0)
             log_p = torch.log(big_p.clamp(min=torch.finfo(big_p.dtype).tiny))
             batch = -(big_p * log_p).sum()
-            sample = h.sum() / max(n, 1)
-            ctx.save_for_backward(x, e, abar, log_p, total.clamp(min=1.0))
-            ctx.cfg = (inv_t, tile, ws)
-            return sample, batch
+        else:
+            log_p = marg
+        ctx.save_for_backward(x, e, w, idx, m, log_z1, log_z2, abar, log_p, n_loc, total)
+        ctx.cfg = (inv_t, lookup, ws, rows)
+        ctx.device = x.device
+        ctx.mark_non_differentiable(idx)
+        return F.embedding(idx, e), idx, sample, batch
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g_s: torch.Tensor, g_b: torch.Tensor) -> tuple[Any, ...]:
-        with fp32_region(g_s.device):
-            x, e, abar, log_p, n_global = ctx.saved_tensors
-            inv_t, tile, ws = ctx.cfg
-            n = x.shape[0]
-            # per-sample term: a local mean (1/n); batch term: P averages the GLOBAL
-            # batch (1/n_global), times the world size since DDP averages over the ranks
-            g_s = g_s / max(n, 1)
-            g_b = g_b * (ws / n_global)
-            col = (-g_b * inv_t) * log_p  # the column part of the bracket, times 1/T
-            et = e.t()
-            dx = torch.zeros_like(x)
-            de = torch.zeros_like(e)
-            for r0 in range(0, n, tile):
-                xb = x[r0 : r0 + tile]
-                a = (xb * inv_t) @ et
-                p = torch.softmax(a, dim=1)
-                c = p @ log_p  # c_n = sum_k p_nk log P_k
-                row = (g_s * abar[r0 : r0 + tile] + g_b * c) * inv_t
-                # dL/ds = p * (-g_s (a - abar) - g_b (log P - c)) / T, as col + row - g_s a / T
-                gt = torch.add(col, a, alpha=-g_s * inv_t).add_(row.unsqueeze(1)).mul_(p)
-                dx[r0 : r0 + tile] = gt @ e
-                de.addmm_(gt.t(), xb)
-            return dx, de, None, None, None, None
+    def _backward(ctx: Any, g_q: Any, g_s: Any, g_b: Any) -> tuple[Any, ...]:
+        x, e, w, idx, m, log_z1, log_z2, abar, log_p, n_loc, total = ctx.saved_tensors
+        inv_t, lookup, ws, rows = ctx.cfg
+        ent = inv_t > 0
+        n, k = x.shape[0], e.shape[0]
+        lookup = lookup and g_q is not None
+        ent = ent and (g_s is not None or g_b is not None)
+        if lookup:
+            g_q = g_q.to(x.dtype).contiguous()  # a stride-0 grad made each GEMM copy
+        if ent:
+            # per-sample term: a local mean (1 / N_local); batch term: P averages the
+            # GLOBAL batch (1 / N_global), times the world size since DDP averages ranks
+            zero = x.new_zeros(())
+            alpha = -(g_s if g_s is not None else zero) / n_loc.clamp(min=1.0)
+            beta = -(g_b if g_b is not None else zero) * ws / total.clamp(min=1.0)
+            wv = x.new_ones(n) if w is None else w
+            alpha, beta = alpha * wv, beta * wv  # (N,): padded rows get none
+        et = e.t()
+        dx = torch.empty_like(x)
+        de = torch.zeros_like(e)
+        bufs = [_scratch(min(rows, n), k, x) for _ in range(3)]
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            nb, xb = r1 - r0, x[r0:r1]
+            s = _mm(xb, et, _view(bufs[0], nb, k)).sub_(m[r0:r1].unsqueeze(1))
+            dls = None  # dL/ds of this tile
+            if lookup:
+                gl = _mm(g_q[r0:r1], et, _view(bufs[1], nb, k))  # g_n.e_k
+                p1 = _exp_sub(s, log_z1[r0:r1], _view(bufs[2], nb, k))
+                # p1 (g.e - r), r = sum_k p1 g.e, as p1 g.e - p1 r: no extra tile
+                gl.mul_(p1)
+                dls = gl.addcmul_(p1, gl.sum(1, keepdim=True), value=-1.0)
+            if ent:
+                s.mul_(inv_t)  # ac
+                p2 = _exp_sub(s, log_z2[r0:r1], _view(bufs[2], nb, k))
+                c = p2 @ log_p  # c_n = sum_k p2_nk log P_k
+                al, be = alpha[r0:r1], beta[r0:r1]
+                # alpha (ac - abar) + beta (log P - c), then times p2 / T
+                s.sub_(abar[r0:r1].unsqueeze(1)).mul_(al.unsqueeze(1))
+                s.addr_(be, log_p).sub_((be * c).unsqueeze(1)).mul_(p2)
+                if dls is None:
+                    dls = s.mul_(inv_t)
+                else:
+                    dls.add_(s, alpha=inv_t)
+            if dls is None:
+                dx[r0:r1] = 0
+                continue
+            if bufs[0] is None:  # traced: no out= into a view
+                dx[r0:r1] = dls @ e
+            else:
+                torch.mm(dls, e, out=dx[r0:r1])
+            de.addmm_(dls.t(), xb)
+        if lookup:
+            de.index_add_(0, idx, g_q)
+        need_x, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (dx if need_x else None), (de if need_e else None), *([None] * 6)
+
+
+def ibq_terms(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    temperature: float | None,
+    keep: torch.Tensor | None = None,
+    *,
+    lookup: bool = True,
+    sync: bool = False,
+    group: dist.ProcessGroup | None = None,
+    max_scratch_bytes: int = IBQ_SCRATCH_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IBQ's lookup and entropy terms in one tiled pass each way (module docstring).
+
+    Args:
+        x: (N, d) rows; codebook: (K, d), the same floating dtype.
+        temperature: T of the entropy's softmax; None switches the entropy off (the two
+            entropy outputs are then zeros without gradient).
+        keep: (N,) bool, False for padded rows: left out of both entropy terms (the
+            lookup covers every row).
+        lookup: False leaves the lookup's softmax gradient out (the codes are still
+            returned).
+    Returns:
+        ``(codes (N, d), indices (N,), mean per-sample entropy, batch entropy)``: codes
+        are exactly ``codebook[argmax_k x.e_k]`` (ties to the lowest index) with the
+        gradient of ``(onehot + p - sg[p]) @ E``, ``p = softmax(x E^T)``; entropies in
+        nats of ``softmax(x E^T / T)``.
+    """
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    w = None if keep is None else keep.to(x.dtype)
+    inv_t = 0.0 if temperature is None else 1.0 / float(temperature)
+    return _IBQTerms.apply(
+        x, codebook, w, inv_t, bool(lookup), bool(sync), group, int(max_scratch_bytes)
+    )
 
 
 def softmax_entropy_terms(
@@ -128,23 +298,25 @@ def softmax_entropy_terms(
     *,
     sync: bool = False,
     group: dist.ProcessGroup | None = None,
-    max_scratch_bytes: int = 16 * 2**20,
+    max_scratch_bytes: int = IBQ_SCRATCH_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean per-sample entropy, batch entropy)`` in nats of ``softmax(x E^T / T)`` for
     rows ``x`` (N, d) over the codes ``codebook`` (K, d), float32, differentiable in
-    both; ``keep`` (N,) bool leaves rows out (padding). Memory bounded by
-    ``max_scratch_bytes`` (see the module docstring); an empty batch gives zeros (and,
-    with ``sync``, still joins the all-reduce)."""
+    both; ``keep`` (N,) bool leaves rows out (padding). The entropy half of
+    :func:`ibq_terms`; an empty batch gives zeros (and, with ``sync``, still joins the
+    all-reduce)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature!r}")
     x = x.to(torch.float32)
     if keep is not None:
         x = x[keep]
-    return _SoftmaxEntropy.apply(
+    _, _, sample, batch = ibq_terms(
         x,
         codebook.to(torch.float32),
-        float(temperature),
-        bool(sync),
-        group,
-        int(max_scratch_bytes),
+        temperature,
+        lookup=False,
+        sync=sync,
+        group=group,
+        max_scratch_bytes=max_scratch_bytes,
     )
+    return sample, batch
