@@ -27,16 +27,19 @@ for the lookup), then the gradient of all terms w.r.t. the logits in one tile::
              + p2_nj (alpha_n (ac_nj - abar_n) + beta_n (log P_j - c_n)) / T  (entropy)
 
 with ``ac = (s - m) / T`` (centred), ``abar_n = sum_k p2_nk ac_nk``, ``c_n = sum_k p2_nk
-log P_k``, ``alpha_n = -g_s w_n / N_local``, ``beta_n = -g_b w_n ws / N_global`` (``w``
-the keep mask, ``ws`` the world size), and ``dL/dx = dL/ds E`` (product 4), ``dL/dE =
-dL/ds^T x + index_add(g)`` (product 5; the hard one-hot routes ``g`` to the chosen code).
+log P_k`` (both differences formed centred: ``log P_j - c_n = lp_j - sum_k p2_nk lp_k``,
+``lp = log P - log P_{top_n}``), ``alpha_n = -g_s w_n / N_local``, ``beta_n = -g_b w_n
+ws / N_global`` (``w`` the keep mask, ``ws`` the world size), and ``dL/dx = dL/ds E``
+(product 4), ``dL/dE = dL/ds^T x + index_add(g)`` (product 5; the hard one-hot routes
+``g`` to the chosen code).
 Five N x D x K products per step in all (main's separate lookup and entropy took ten).
 
 Centring matters: at T = 0.01 the raw ``a`` reach 100-1000, and ``a - abar`` formed
-from raw values lost up to a quarter of the gradient's digits in float32; the centred
-``ac - abar`` are differences of numbers of the size of the result.
+from raw values lost up to all of the gradient's digits in float32 on sharp batches;
+the centred differences are of numbers of the size of the result, and the float32
+gradient's error is that of the float32 logits alone (tests/test_softmax_entropy.py).
 
-Memory: the K-float marginal, O(N + K) row and code figures and three (rows x K) tiles
+Memory: the K-float marginal, O(N + K) row and code figures and four (rows x K) tiles
 within ``max_scratch_bytes`` (at least one row).
 
 Distributed: with ``sync`` the marginal and the row count are summed over the ranks of
@@ -61,7 +64,7 @@ from .base import fp32_region
 __all__ = ["IBQ_SCRATCH_BYTES", "ibq_terms", "softmax_entropy_terms"]
 
 IBQ_SCRATCH_BYTES = 16 * 2**20
-"""Default bound on the three live (rows x K) tiles."""
+"""Default bound on the four live (rows x K) tiles."""
 
 _MAX_ROWS = 256
 _EXP_FLOOR = -87.0
@@ -72,8 +75,9 @@ term changes a probability by at most that: far below float32 resolution of any 
 
 
 def _row_tile(n: int, k: int, itemsize: int, scratch: int) -> int:
-    """Rows per tile: three (rows x K) tiles live at once; at least one row."""
-    return max(1, min(max(n, 1), _MAX_ROWS, scratch // (3 * itemsize * max(k, 1))))
+    """Rows per tile: four (rows x K) tiles live at once in the backward; at least one
+    row."""
+    return max(1, min(max(n, 1), _MAX_ROWS, scratch // (4 * itemsize * max(k, 1))))
 
 
 def _scratch(rows: int, k: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -154,7 +158,7 @@ class _IBQTerms(torch.autograd.Function):
         idx = torch.empty(n, dtype=torch.int64, device=x.device)
         m = x.new_empty(n)  # row max of s
         log_z1 = x.new_empty(n)  # log sum_k exp(s_nk - m_n)
-        log_z2 = x.new_empty(n)  # log sum_k exp(ac_nk)
+        z2 = x.new_empty(n)  # sum_k exp(ac_nk)
         abar = x.new_empty(n)  # sum_k p2_nk ac_nk
         marg = x.new_zeros(k)
         for r0 in range(0, n, rows):
@@ -172,14 +176,14 @@ class _IBQTerms(torch.autograd.Function):
                 p = _exp(s, out_p)
                 z = p.sum(1)  # >= 1: the maximum's term is exp(0)
                 p.div_(z.unsqueeze(1))
-                log_z2[r0:r1] = z.log()
+                z2[r0:r1] = z
                 abar[r0:r1] = s.mul_(p).sum(1)  # s is not needed after this
                 marg += p.sum(0) if w is None else w[r0:r1] @ p
         sample = batch = x.new_zeros(())
         n_loc = x.new_tensor(float(n)) if w is None else w.sum()
         total, ws = n_loc, 1
         if ent:
-            h = log_z2 - abar  # H(p2_n), both terms of moderate size (centred)
+            h = z2.log() - abar  # H(p2_n), both terms of moderate size (centred)
             sample = (h.sum() if w is None else h @ w) / n_loc.clamp(min=1.0)
             if sync:
                 ws = world_size(group)
@@ -189,7 +193,7 @@ class _IBQTerms(torch.autograd.Function):
             batch = -(big_p * log_p).sum()
         else:
             log_p = marg
-        ctx.save_for_backward(x, e, w, idx, m, log_z1, log_z2, abar, log_p, n_loc, total)
+        ctx.save_for_backward(x, e, w, idx, m, log_z1, z2, abar, log_p, n_loc, total)
         ctx.cfg = (inv_t, lookup, ws, rows)
         ctx.device = x.device
         ctx.mark_non_differentiable(idx)
@@ -197,7 +201,7 @@ class _IBQTerms(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, g_q: Any, g_s: Any, g_b: Any) -> tuple[Any, ...]:
-        x, e, w, idx, m, log_z1, log_z2, abar, log_p, n_loc, total = ctx.saved_tensors
+        x, e, w, idx, m, log_z1, z2, abar, log_p, n_loc, total = ctx.saved_tensors
         inv_t, lookup, ws, rows = ctx.cfg
         ent = inv_t > 0
         n, k = x.shape[0], e.shape[0]
@@ -216,7 +220,7 @@ class _IBQTerms(torch.autograd.Function):
         et = e.t()
         dx = torch.empty_like(x)
         de = torch.zeros_like(e)
-        bufs = [_scratch(min(rows, n), k, x) for _ in range(3)]
+        bufs = [_scratch(min(rows, n), k, x) for _ in range(4)]
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             nb, xb = r1 - r0, x[r0:r1]
@@ -230,12 +234,21 @@ class _IBQTerms(torch.autograd.Function):
                 dls = gl.addcmul_(p1, gl.sum(1, keepdim=True), value=-1.0)
             if ent:
                 s.mul_(inv_t)  # ac
-                p2 = _exp_sub(s, log_z2[r0:r1], _view(bufs[2], nb, k))
-                c = p2 @ log_p  # c_n = sum_k p2_nk log P_k
+                # the forward's very operations: p2 bit for bit the p2 of abar, so that
+                # sum_j dL/da_nj = 0 holds to rounding (a mismatch of 1 ulp in p2 cost
+                # 3x in the float32 gradient of sharp rows)
+                p2 = _exp(s, _view(bufs[2], nb, k)).div_(z2[r0:r1].unsqueeze(1))
                 al, be = alpha[r0:r1], beta[r0:r1]
+                # log P_j - c_n as lp_j - sum_k p2_nk lp_k with lp = log P - log P_top(n):
+                # centred like the logits, so that a sharp row's top entry (a sum of
+                # tiny tail terms) is not the difference of two numbers near log P_top
+                lp = _view(bufs[3], nb, k)
+                top = log_p[idx[r0:r1]].unsqueeze(1)
+                lp = torch.sub(log_p, top, out=lp) if lp is not None else log_p - top
+                c = (lp * p2).sum(1, keepdim=True)
+                lp.sub_(c).mul_(be.unsqueeze(1))
                 # alpha (ac - abar) + beta (log P - c), then times p2 / T
-                s.sub_(abar[r0:r1].unsqueeze(1)).mul_(al.unsqueeze(1))
-                s.addr_(be, log_p).sub_((be * c).unsqueeze(1)).mul_(p2)
+                s.sub_(abar[r0:r1].unsqueeze(1)).mul_(al.unsqueeze(1)).add_(lp).mul_(p2)
                 if dls is None:
                     dls = s.mul_(inv_t)
                 else:
