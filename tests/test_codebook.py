@@ -140,3 +140,24 @@ def test_kmeans_plusplus_in_rounds_draws_distinct_rows_weighted_by_distance(monk
         c = kmeans_plusplus(x, 8, torch.Generator().manual_seed(seed))
         hits += int((c.abs().max(1).values > 50).sum() == 2)
     assert hits == 20
+
+
+def test_kmeans_defaults_keep_small_codebooks_and_bound_the_work_of_large_ones():
+    """16 vectors per code and 10 Lloyd iterations up to 4096 codes (the init of those
+    runs is unchanged); above, the work N K (iterations + 1) grows about linearly in K
+    to 32768 codes and stays within 10x the K = 4096 work at K = 65536."""
+    from vqkit.codebook import kmeans_defaults
+
+    for k in (1, 512, 1024, 4096):
+        assert kmeans_defaults(k) == (16, 10)
+    assert kmeans_defaults(16384) == (4, 3)
+    assert kmeans_defaults(65536) == (2, 2)
+
+    def work(k: int) -> int:
+        per_code, iters = kmeans_defaults(k)
+        return per_code * k * k * (iters + 1)
+
+    for k in (8192, 16384, 32768):
+        assert work(k) <= 1.5 * work(4096) * k / 4096
+    assert work(65536) <= 10 * work(4096)
+    assert all(min(kmeans_defaults(k)) >= 2 for k in (2**16, 2**18, 2**20))

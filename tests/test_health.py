@@ -46,3 +46,27 @@ def test_trainer_revives_the_gradient_codebook_and_resets_its_adam_rows(tmp_path
     assert sum(r["revived"] for r in train_logs) == sum(n for _, n in calls)
     assert all("dead" in r and "codes_used" in r for r in train_logs)
     assert int(q.usage_updates) == 12
+
+
+def test_init_defaults_adapt_to_the_codebook_size():
+    """``init_iters`` left open resolves to 10 up to 4096 codes and fewer above; the
+    default init batch count gives 16 vectors per code up to 4096, 4 at 16384; explicit
+    values win."""
+    from vqkit.training.health import CodebookHealth
+
+    class Q:
+        supports_init = supports_revival = True
+
+        def __init__(self, k: int) -> None:
+            self.num_codes = k
+
+    cfg = TrainConfig.build(batch_size=32, progress=False)
+    assert cfg.init_iters is None
+    for k, iters, batches in ((512, 10, 4), (4096, 10, 32), (16384, 3, 32), (65536, 2, 64)):
+        resolved = cfg.with_health_defaults(True, True, 32 * 64, k)
+        assert resolved.init_iters == iters
+        assert CodebookHealth(resolved, Q(k)).init_batch_count(64, 1) == batches
+    explicit = TrainConfig.build(batch_size=32, init_iters=7, init_batches=5, progress=False)
+    resolved = explicit.with_health_defaults(True, True, 32 * 64, 65536)
+    assert resolved.init_iters == 7
+    assert CodebookHealth(resolved, Q(65536)).init_batch_count(64, 1) == 5

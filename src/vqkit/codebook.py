@@ -18,6 +18,7 @@ __all__ = [
     "assignment_stats",
     "ema_",
     "kmeans",
+    "kmeans_defaults",
     "kmeans_init",
     "kmeans_plusplus",
     "laplace_smooth",
@@ -67,6 +68,31 @@ def laplace_smooth(cluster_size: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 
 # -- data-dependent initialisation ------------------------------------------------
+
+
+FULL_INIT_CODES = 4096
+"""Up to this many codes the default k-means init takes 16 vectors per code and 10 Lloyd
+iterations (as it always did); above, :func:`kmeans_defaults` bounds the work."""
+
+
+def kmeans_defaults(num_codes: int) -> tuple[int, int]:
+    """``(vectors per code, Lloyd iterations)`` of the default k-means init for K codes.
+
+    The work of the init is about ``N K (iterations + 1)`` distance evaluations (the
+    seeding costs about one iteration), with ``N = vectors per code * K``: quadratic in
+    K at a fixed number per code, so 16 per code and 10 iterations, about 10 s at
+    K = 4096 on one CPU core, took hours at K = 65536. Up to ``FULL_INIT_CODES`` those
+    defaults stay; above, the sample shrinks to ``16 * 4096 / K`` vectors per code (at
+    least 2: 4 at K = 16384) and the iterations to ``ceil(10 * 4096 / K)`` (at least 2:
+    3 at K = 16384), so that the work grows about linearly in K up to K = 32768 and as
+    ``6 K^2`` beyond (minutes at K = 65536). Lloyd's first iterations do most of the
+    work: the 16-bit CIFAR-10 run's init with 2 per code and 2 iterations
+    (docs/results.md) gave the best 16-bit result."""
+    if num_codes <= FULL_INIT_CODES:
+        return 16, 10
+    per_code = max(2, math.ceil(16 * FULL_INIT_CODES / num_codes))
+    iters = max(2, math.ceil(10 * FULL_INIT_CODES / num_codes))
+    return per_code, iters
 
 
 SEQUENTIAL_SEEDS = 2048

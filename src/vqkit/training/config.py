@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..codebook import kmeans_defaults
 from ..data.transforms import CROPS
 from ..distributed import resolve_device
 from ..errors import UserError
@@ -181,11 +182,17 @@ class TrainOptions(RunOptions):
         on_resume="fixed",
     )
     init_iters: int = option(
-        10, "Lloyd iterations of the k-means init", check=nonneg_int, on_resume="fixed"
+        None,
+        "Lloyd iterations of the k-means init; default: 10 up to 4096 codes, fewer above "
+        "(ceil(40960 / K), at least 2)",
+        type=int,
+        check=nonneg_int,
+        on_resume="fixed",
     )
     init_batches: int = option(
         0,
-        "batches per process for --init kmeans; 0: enough for 16 vectors per code",
+        "batches per process for --init kmeans; 0: enough for 16 vectors per code up to "
+        "4096 codes, fewer above (16 * 4096 / K, at least 2)",
         check=nonneg_int,
         on_resume="fixed",
     )
@@ -406,7 +413,9 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         stored config keeps its meaning if the defaults change): ``init="auto"`` ->
         kmeans when the quantizer supports it; ``revive_every=None`` -> 20 when it can
         revive codes, else 0; ``dead_threshold=None`` -> ``dead_fraction`` of a uniform
-        code's share, ``vectors_per_batch / codes`` assignments per global batch."""
+        code's share, ``vectors_per_batch / codes`` assignments per global batch;
+        ``init_iters=None`` -> :func:`~vqkit.codebook.kmeans_defaults`' iterations for
+        ``codes`` (10 up to 4096 codes)."""
         init = self.init
         if init == "auto":
             init = "kmeans" if supports_init else "random"
@@ -416,7 +425,12 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         threshold = self.dead_threshold
         if threshold is None:
             threshold = self.dead_fraction * vectors_per_batch / max(codes, 1)
-        return self.replace(init=init, revive_every=revive, dead_threshold=threshold)
+        iters = self.init_iters
+        if iters is None:
+            iters = kmeans_defaults(codes)[1]
+        return self.replace(
+            init=init, revive_every=revive, dead_threshold=threshold, init_iters=iters
+        )
 
     def model_config(self, in_channels: int, image_size: int) -> VQVAEConfig:
         names = {f.name for f in option_fields(VQVAEConfig)} - {"in_channels", "image_size"}

@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from ..codebook import reset_optimizer_rows
+from ..codebook import kmeans_defaults, reset_optimizer_rows
 from ..errors import UserError
 from ..metrics import codebook_health, perplexity, usage_fraction
 from ..quantizers import BaseQuantizer
@@ -91,12 +91,14 @@ class CodebookHealth:
 
     def init_batch_count(self, positions: int, world: int) -> int:
         """Batches (per rank) whose latents feed the k-means init: ``init_batches``, or
-        (0) enough for about 16 vectors per code, at least one; ``positions`` are the
-        latent positions per image."""
+        (0) enough for :func:`~vqkit.codebook.kmeans_defaults`'s vectors per code (16 up
+        to 4096 codes, fewer above: the init's work stays minutes at K = 65536), at least
+        one; ``positions`` are the latent positions per image."""
         if self.config.init_batches:
             return self.config.init_batches
+        k = self.quantizer.num_codes
         per_batch = self.config.batch_size * world * positions
-        return max(1, math.ceil(16 * self.quantizer.num_codes / per_batch))
+        return max(1, math.ceil(kmeans_defaults(k)[0] * k / per_batch))
 
     @torch.no_grad()
     def init_codebook(self, latents: list[torch.Tensor]) -> None:
