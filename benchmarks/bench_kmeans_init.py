@@ -7,8 +7,8 @@ against :func:`vqkit.codebook.kmeans_defaults` (unchanged up to 4096 codes), one
 The data are D = 64 vectors from a mixture of 4 K Gaussians (the time of a nearest-code
 pass does not depend on the values). Above
 ``--truncate-above`` codes, the old init is TRUNCATED: the seeding and ONE Lloyd
-iteration are timed on 4 vectors per code and the total extrapolated as ``(16 / 4) x
-(seeding + 10 x one iteration)`` (both are linear in the vectors; marked
+iteration are timed on ``--sub-per-code`` vectors per code and the total extrapolated as
+``(16 / sub) x (seeding + 10 x one iteration)`` (both are linear in the vectors; marked
 ``extrapolated``). Writes
 ``benchmarks/results/<--out-dir>/kmeans_init.{md,json}``.
 """
@@ -38,7 +38,8 @@ def _data(n: int, k: int, seed: int = 0):
 def _time_init(x, k: int, iters: int, truncate: bool, sub: int) -> dict:
     import torch
 
-    from vqkit.codebook import kmeans, kmeans_plusplus
+    from vqkit.codebook import assignment_stats, kmeans, kmeans_plusplus
+    from vqkit.search import nearest_code
 
     g = torch.Generator().manual_seed(1)
     if not truncate:
@@ -50,12 +51,13 @@ def _time_init(x, k: int, iters: int, truncate: bool, sub: int) -> dict:
     # vectors and scaled
     xs, scale = x[:sub], x.shape[0] / sub
     t0 = time.perf_counter()
-    kmeans_plusplus(xs, k, generator=g)
+    centres = kmeans_plusplus(xs, k, generator=g)
     seed_s = time.perf_counter() - t0
-    g = torch.Generator().manual_seed(1)
-    t0 = time.perf_counter()
-    kmeans(xs, k, 1, generator=g)
-    one = time.perf_counter() - t0 - seed_s
+    t0 = time.perf_counter()  # one Lloyd iteration, as kmeans() does it
+    idx, _ = nearest_code(xs, centres)
+    counts, sums = assignment_stats(xs, idx, k)
+    torch.where((counts > 0).unsqueeze(1), sums / counts.clamp(min=1.0).unsqueeze(1), centres)
+    one = time.perf_counter() - t0
     return {
         "seconds": scale * (seed_s + iters * one),
         "measured_on": sub,
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         help="codes above which the old init is truncated (seeding and one iteration on "
         "4 vectors per code) and extrapolated",
     )
+    p.add_argument(
+        "--sub-per-code", type=int, default=4, help="vectors per code of a truncated old init"
+    )
     p.add_argument("--out-dir", default=str(common.out_dir("kmeans_init")))
     p.add_argument("--note")
     args = p.parse_args(argv)
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in args.codes:
         per_new, it_new = kmeans_defaults(k)
         x = _data(16 * k, k)
-        old = _time_init(x, k, 10, truncate=k > args.truncate_above, sub=4 * k)
+        old = _time_init(x, k, 10, truncate=k > args.truncate_above, sub=args.sub_per_code * k)
         new = _time_init(x[: per_new * k], k, it_new, truncate=False, sub=0)
         rec = {"codes": k, "old": {"per_code": 16, "iters": 10, **old}}
         rec["new"] = {"per_code": per_new, "iters": it_new, **new}
