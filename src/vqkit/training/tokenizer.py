@@ -130,7 +130,12 @@ class Trainer(LoaderJob):
         vectors = config.batch_size * self.world * self.model.latent_positions()
         if ckpt is not None:  # defaults left open take the run's resolved values
             stored = ckpt.get("train_config", {})
-            open_ = {"init": "auto", "revive_every": None, "dead_threshold": None}
+            open_ = {
+                "init": "auto",
+                "revive_every": None,
+                "dead_threshold": None,
+                "init_iters": None,
+            }
             config = config.replace(
                 **{
                     k: stored[k]
