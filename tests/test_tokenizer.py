@@ -1,4 +1,4 @@
-"""Tests of vqkit's train module."""
+"""Tests of vqkit's training.tokenizer module (the VQ-VAE training job)."""
 
 from __future__ import annotations
 
@@ -8,50 +8,10 @@ import signal
 import pytest
 import torch
 
+from tests.test_cli import SMALL, SMALL_FLAGS, _run  # the small network and CLI run
 from vqkit.cli import main
 from vqkit.storage.checkpoint import load_checkpoint
 from vqkit.training.tokenizer import TrainConfig, Trainer
-
-SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
-
-SMALL_FLAGS = [
-    "--hidden",
-    "32",
-    "--res-hidden",
-    "8",
-    "--res-layers",
-    "1",
-    "--num-embeddings",
-    "32",
-    "--embedding-dim",
-    "8",
-]
-
-
-def _run(tmp_path, name, steps, *extra):
-    out = tmp_path / name
-    args = [
-        "train",
-        "--out",
-        str(out),
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "16",
-        "--log-every",
-        "5",
-        "--eval-every",
-        "10",
-        "--eval-images",
-        "64",
-        "--no-progress",
-        "--seed",
-        "3",
-        *SMALL_FLAGS,
-        *extra,
-    ]
-    assert main(args) == 0
-    return out
 
 
 def test_resume_equals_uninterrupted(tmp_path):
