@@ -258,10 +258,8 @@ def sample_replacements(
         pick = torch.randperm(n, generator=generator)[:m].to(flat.device)
         offer[:m, :d] = flat[pick]
         offer[:m, d] = 1.0
-    if ws > 1:
-        parts = [torch.empty_like(offer) for _ in range(ws)]
-        dist.all_gather(parts, offer, group=group)
-        offer = torch.cat(parts)
+    if ws > 1:  # every rank's offer (k rows each), in rank order
+        offer = all_gather_rows(offer, group)
     pool = offer[offer[:, d] > 0, :d]
     # Every rank computes the choice (same data, same RNG use), rank 0's is broadcast.
     decision = torch.zeros(k, d + 1, dtype=torch.float32, device=flat.device)
