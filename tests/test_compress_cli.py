@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("constriction")
 
@@ -20,15 +19,7 @@ from vqkit.compress import codes_to_images, images_to_codes, load_codec  # noqa:
 
 from .test_compress_codec import make_prior, make_tokenizer  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

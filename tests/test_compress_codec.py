@@ -31,7 +31,7 @@ from vqkit.compress.codec import Codec  # noqa: E402
 from vqkit.prior import Prior, PriorConfig, load_tokenizer  # noqa: E402
 from vqkit.storage.checkpoint import save_checkpoint  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 
 def make_tokenizer(out: Path) -> Path:
@@ -76,25 +76,12 @@ def make_prior(out: Path, tok_dir: Path, *, classes: int = 10, seed: int = 0) ->
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread_module):
     """(tokenizer dir, prior dir) shared by this module's tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("compress")
-    try:
-        tok = make_tokenizer(root / "tok")
-        yield tok, make_prior(root / "prior", tok)
-    finally:
-        torch.set_num_threads(n)
+    tok = make_tokenizer(root / "tok")
+    yield tok, make_prior(root / "prior", tok)
 
 
 @pytest.fixture(scope="module")

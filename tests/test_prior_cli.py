@@ -20,7 +20,10 @@ from vqkit.storage.checkpoint import load_checkpoint, save_checkpoint
 
 from .test_prior_codes import make_tokenizer
 
-pytestmark = pytest.mark.timeout(60)  # tests that need longer say so
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("one_thread"),
+]  # tests that need longer say so
 
 PRIOR_FLAGS = [
     "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--batch-size", "16",
@@ -29,29 +32,15 @@ PRIOR_FLAGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and fair to a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread_module):
     """A tokenizer run and a 6-step prior on it (shared by the tests of this module)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("prior_cli")
-    try:
-        tok = make_tokenizer(root / "tok")
-        prior = root / "prior"
-        assert main(["prior", "--tokenizer", str(tok), "--out", str(prior), "--steps", "6",
-                     *PRIOR_FLAGS]) == 0  # fmt: skip
-        yield tok, prior
-    finally:
-        torch.set_num_threads(n)
+    tok = make_tokenizer(root / "tok")
+    prior = root / "prior"
+    assert main(["prior", "--tokenizer", str(tok), "--out", str(prior), "--steps", "6",
+                 *PRIOR_FLAGS]) == 0  # fmt: skip
+    yield tok, prior
 
 
 def _sample(prior: Path, out: Path, *flags: str) -> int:

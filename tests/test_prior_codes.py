@@ -20,7 +20,7 @@ from vqkit.prior.codes import (
 )
 from vqkit.storage.checkpoint import load_checkpoint, save_checkpoint
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 # a tokenizer that trains in a second: small widths, 3 steps, the built-in data
 TOKENIZER_FLAGS = [
@@ -38,23 +38,9 @@ def make_tokenizer(out: Path, *extra: str) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one thread is faster, and fair to a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def tokenizer_run(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield make_tokenizer(tmp_path_factory.mktemp("codes") / "tok")
-    finally:
-        torch.set_num_threads(n)
+def tokenizer_run(tmp_path_factory, one_thread_module):
+    yield make_tokenizer(tmp_path_factory.mktemp("codes") / "tok")
 
 
 def test_find_checkpoint_order_and_errors(tokenizer_run, tmp_path):

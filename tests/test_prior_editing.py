@@ -22,15 +22,7 @@ from vqkit.storage.checkpoint import load_checkpoint
 from .test_prior_cli import PRIOR_FLAGS
 from .test_prior_codes import make_tokenizer
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
 
 def test_regions_to_code_positions():
@@ -61,26 +53,21 @@ def test_regions_to_code_positions():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread_module):
     """A tokenizer, a 4-step masked prior and a 2-step autoregressive one, and a picture."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("masked_cli")
-    try:
-        tok = make_tokenizer(root / "tok")
-        masked, ar = root / "masked", root / "ar"
-        kind = ["--kind", "masked", "--mask-schedule", "arccos"]
-        assert main(["prior", "--tokenizer", str(tok), "--out", str(masked), "--steps", "4",
-                     *kind, *PRIOR_FLAGS]) == 0  # fmt: skip
-        assert main(["prior", "--tokenizer", str(tok), "--out", str(ar), "--steps", "2",
-                     *PRIOR_FLAGS]) == 0  # fmt: skip
-        from PIL import Image
+    tok = make_tokenizer(root / "tok")
+    masked, ar = root / "masked", root / "ar"
+    kind = ["--kind", "masked", "--mask-schedule", "arccos"]
+    assert main(["prior", "--tokenizer", str(tok), "--out", str(masked), "--steps", "4",
+                 *kind, *PRIOR_FLAGS]) == 0  # fmt: skip
+    assert main(["prior", "--tokenizer", str(tok), "--out", str(ar), "--steps", "2",
+                 *PRIOR_FLAGS]) == 0  # fmt: skip
+    from PIL import Image
 
-        pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / "image.png")
-        yield tok, masked, ar, root / "image.png"
-    finally:
-        torch.set_num_threads(n)
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "image.png")
+    yield tok, masked, ar, root / "image.png"
 
 
 def _sample(prior: Path, out: Path, *flags: str) -> int:

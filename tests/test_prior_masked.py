@@ -25,16 +25,7 @@ from vqkit.prior.masked import (
 from vqkit.prior.trainer import PriorTrainer
 from vqkit.storage.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and fair to a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
 
 def masked_prior(**kw) -> Prior:

@@ -15,19 +15,13 @@ from vqkit.prior.codes import CodeData, SequenceLoader
 from vqkit.prior.trainer import PriorTrainer, lr_at
 from vqkit.storage.checkpoint import CheckpointError, load_checkpoint
 
-pytestmark = pytest.mark.timeout(60)  # tests that need longer say so
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("one_thread"),
+]  # tests that need longer say so
 
 V, SHAPE = 8, (4, 4)
 T = 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and fair to a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def markov_chain(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
