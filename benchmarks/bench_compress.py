@@ -136,9 +136,10 @@ def run(args: argparse.Namespace) -> None:
     )
 
     # files: one stream per image, as vqkit compress writes them; then decoded
+    nf = n if args.files_limit is None else min(args.files_limit, n)
     files, ideal, payload, header = [], 0.0, 0, 0
     t0 = time.perf_counter()
-    for i in range(n):
+    for i in range(nf):
         stats: dict = {}
         x = images[i : i + 1]
         maps = cc.images_to_codes(codec, x)
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
     decoded_images = torch.cat(decoded)
     # the tokenizer's decoder at batch 1 against batches of 256: same codes, but the
     # convolutions may round differently in the last bit (pixels off by one)
-    diff = (decoded_images.int() - recon.int()).abs()
+    diff = (decoded_images.int() - recon[:nf].int()).abs()
     file_bytes = sum(len(b) for b in files)
 
     # streams: many maps per stream
@@ -179,26 +180,26 @@ def run(args: argparse.Namespace) -> None:
     s_payload = sum(len(fmt.unpack(s)[1]) for s in streams)
     s_bytes = sum(len(s) for s in streams)
 
-    codes_total = n * t_len
+    codes_total, file_codes = n * t_len, nf * t_len
     fixed_bits = math.ceil(math.log2(k))
     vq = {
         "nll_bits_per_code": nll,
-        "ideal_bits_per_code": ideal / codes_total,
-        "file_payload_bits_per_code": 8 * payload / codes_total,
-        "file_bits_per_code": 8 * file_bytes / codes_total,
-        "header_bytes_per_file": header / n,
+        "ideal_bits_per_code": ideal / file_codes,
+        "file_payload_bits_per_code": 8 * payload / file_codes,
+        "file_bits_per_code": 8 * file_bytes / file_codes,
+        "header_bytes_per_file": header / nf,
         "stream_payload_bits_per_code": 8 * s_payload / codes_total,
         "stream_bits_per_code": 8 * s_bytes / codes_total,
         "fixed_bits_per_code": fixed_bits,
         "log2_k": math.log2(k),
-        "file_bpp": 8 * file_bytes / (n * pixels),
-        "file_payload_bpp": 8 * payload / (n * pixels),
+        "file_bpp": 8 * file_bytes / (nf * pixels),
+        "file_payload_bpp": 8 * payload / (nf * pixels),
         "stream_bpp": 8 * s_bytes / (n * pixels),
-        "encode_images_per_s": n / enc_s,
-        "decode_images_per_s": n / dec_s,
+        "encode_images_per_s": nf / enc_s,
+        "decode_images_per_s": nf / dec_s,
         "stream_encode_images_per_s": n / s_enc,
         "stream_decode_images_per_s": n / s_dec,
-        "round_trip_files": n,
+        "round_trip_files": nf,
         "round_trip_code_mismatches": mismatched,
         "stream_code_mismatches": s_mismatched,
         "decoded_vs_batched_reconstruction": {
@@ -206,7 +207,10 @@ def run(args: argparse.Namespace) -> None:
             "pixels_differing": int((diff > 0).sum()),
             "images_differing": int((diff.flatten(1) > 0).any(1).sum()),
         },
-        **mse_psnr_ssim(images, decoded_images),  # what the files decode to
+        # the whole split's reconstruction (what the files decode to, up to the last-bit
+        # rounding reported above)
+        **mse_psnr_ssim(images, recon),
+        "files_psnr_ssim": mse_psnr_ssim(images[:nf], decoded_images),
     }
     rd = []
     for kind in ("jpeg", "webp"):
@@ -239,11 +243,11 @@ def run(args: argparse.Namespace) -> None:
             "threads": args.threads,
         }
     )
-    result = {**meta, "vqkit": vq, "pillow": rd}
+    result = {**meta, "label": args.label, "vqkit": vq, "pillow": rd}
     out = Path(args.out or common.out_dir(args.name))
     lines = report_lines(meta, vq, rd)
     common.write_results(out, "compress", result, lines)
-    plot(vq, rd, out / "rate_distortion.png", meta)
+    plot([result], out / "rate_distortion.png")
     print("\n".join(lines))
 
 
@@ -297,7 +301,9 @@ def report_lines(meta: dict, vq: dict, rd: list[dict]) -> list[str]:
         ),  # fmt: skip
         "",
         f"- file payload against fixed-width packing: {saving:.1%} smaller",
-        f"- round trip: {n} files decoded; code maps differing from the encoder's: "
+        f"- round trip: {vq['round_trip_files']} files decoded (file rows: the first "
+        f"{vq['round_trip_files']} images; the rest: all {n}); code maps differing from the "
+        "encoder's: "
         f"{vq['round_trip_code_mismatches']} (streams: {vq['stream_code_mismatches']})",
         f"- the files' images (tokenizer decoder at batch 1) against the tokenizer's "
         f"reconstruction in batches of 256: {d['pixels_differing']} pixels in "
@@ -349,34 +355,41 @@ def report_lines(meta: dict, vq: dict, rd: list[dict]) -> list[str]:
     return lines
 
 
-def plot(vq: dict, rd: list[dict], path: Path, meta: dict) -> None:
+def plot(results: list[dict], path: Path) -> None:
+    """The rate-distortion chart of one or more results (one vqkit tokenizer each, on the
+    same split): JPEG and WebP curves from the first, one marker set per tokenizer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    first = results[0]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind, color in (("jpeg", "tab:blue"), ("webp", "tab:green")):
-        rows = [r for r in rd if r["codec"] == kind]
+        rows = [r for r in first["pillow"] if r["codec"] == kind]
         ax.plot([r["bpp"] for r in rows], [r["psnr"] for r in rows], "o-", color=color,
                 label=f"{kind.upper()} (file)")  # fmt: skip
         ax.plot([r["payload_bpp"] for r in rows], [r["psnr"] for r in rows], "o--",
                 color=color, alpha=0.5, label=f"{kind.upper()} (without headers)")  # fmt: skip
-    ax.plot([vq["file_bpp"]], [vq["psnr"]], "r*", ms=12, label="vqkit (file)")
-    ax.plot([vq["file_payload_bpp"]], [vq["psnr"]], "r^", ms=9, label="vqkit (payload)")
-    ax.plot([vq["stream_bpp"]], [vq["psnr"]], "rs", ms=8,
-            label=f"vqkit (streams of {meta['stream_batch']})")  # fmt: skip
+    for res, color in zip(results, ("red", "purple", "darkorange", "black"), strict=False):
+        vq, name = res["vqkit"], res.get("label") or f"vqkit K={res['num_symbols']}"
+        ax.plot([vq["file_bpp"]], [vq["psnr"]], "*", color=color, ms=12, label=f"{name} (file)")
+        ax.plot([vq["file_payload_bpp"]], [vq["psnr"]], "^", color=color, ms=9,
+                label=f"{name} (payload)")  # fmt: skip
+        ax.plot([vq["stream_bpp"]], [vq["psnr"]], "s", color=color, ms=8,
+                label=f"{name} (streams of {res['stream_batch']})")  # fmt: skip
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks([0.1, 0.2, 0.5, 1, 2, 5, 10])
     ax.set_xlabel("bits per pixel (log)")
     ax.set_ylabel("PSNR (dB)")
-    ax.set_title(f"{meta['data']} test split, {meta['images']} images")
+    ax.set_title(f"{first['data']} test split, {first['images']} images")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -385,14 +398,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prior", help="vqkit prior run directory")
     ap.add_argument(
-        "--plot-only", metavar="JSON", help="redraw the plot of a results JSON (next to it)"
+        "--plot-only",
+        metavar="JSON",
+        nargs="+",
+        help="redraw the plot of results JSONs (one tokenizer each, same split) into --out "
+        "(default: beside the first)",
     )
+    ap.add_argument("--label", help="the tokenizer's name in tables and plots")
     ap.add_argument(
         "--data", default=None, help="dataset (default: built-in; e.g. the CIFAR-10 archive)"
     )
     ap.add_argument("--name", default="compress_builtin", help="results folder name")
     ap.add_argument("--out", default=None, help="results folder (default: results/<name>)")
     ap.add_argument("--limit", type=int, default=None, help="first N test images only")
+    ap.add_argument(
+        "--files-limit",
+        type=int,
+        default=None,
+        help="code one file per image for the first N only (batch-1 coding is the slow path)",
+    )
     ap.add_argument("--stream-batch", type=int, default=250, help="maps per stream")
     ap.add_argument("--qualities", type=int, nargs="+", default=list(QUALITIES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (coding uses 1)")
@@ -401,8 +425,9 @@ def main() -> None:
     if args.plot_only:
         import json
 
-        res = json.loads(Path(args.plot_only).read_text())
-        plot(res["vqkit"], res["pillow"], Path(args.plot_only).parent / "rate_distortion.png", res)
+        results = [json.loads(Path(p).read_text()) for p in args.plot_only]
+        where = Path(args.out) if args.out else Path(args.plot_only[0]).parent
+        plot(results, where / "rate_distortion.png")
     elif not args.prior:
         ap.error("--prior is required")
     else:
