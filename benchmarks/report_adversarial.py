@@ -17,8 +17,9 @@ before and after the switch, within the same run (a ratio that the machine's loa
 touches less than a comparison across runs); the discriminator's and the generator's
 adversarial losses over the last log window. Writes
 ``benchmarks/results/<prefix>/<prefix>.{md,json}``, ``<prefix>_curves.png`` (codes used,
-NMSE, d_loss / g_loss against step, the switch marked) and each run's ``recon.png`` (the
-same strided test images above their reconstructions) beside them.
+NMSE, d_loss / g_loss against step, the switch marked), each run's ``recon.png`` (the
+same strided test images above their reconstructions) beside them, and
+``<prefix>_side_by_side.png``: those pictures next to each other.
 """
 
 from __future__ import annotations
@@ -128,6 +129,27 @@ def _curves(runs: list[tuple[str, Path]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _side_by_side(runs: list[tuple[str, Path]], path: Path) -> None:
+    """The runs' ``recon.png`` (the same strided test images above their reconstructions
+    in every run) next to each other under the runs' names: one picture to compare."""
+    from PIL import Image, ImageDraw
+
+    pics = [(name, Image.open(run / "recon.png").convert("RGB")) for name, run in runs
+            if (run / "recon.png").exists()]  # fmt: skip
+    if len(pics) < 2:
+        return
+    gap, title_h = 16, 18
+    width = sum(p.width for _, p in pics) + gap * (len(pics) - 1)
+    canvas = Image.new("RGB", (width, title_h + max(p.height for _, p in pics)), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for name, pic in pics:
+        canvas.paste(pic, (x, title_h))
+        draw.text((x + 2, 3), name, fill="black")
+        x += pic.width + gap
+    canvas.save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories")
@@ -148,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(run / "recon.png", out / f"{args.prefix}_{run.name}_recon.png")
     pairs = [(n, Path(r)) for n, r in zip(names, args.runs, strict=True)]
     _curves(pairs, out / f"{args.prefix}_curves.png")
+    _side_by_side(pairs, out / f"{args.prefix}_side_by_side.png")
 
     f = common.fmt
     header = (
