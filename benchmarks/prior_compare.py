@@ -288,7 +288,7 @@ def main() -> None:
             "recon_same_images": distances(extractor, real_f, recon_f[pick]),
         }
         log(f"inpainting: FD {inpaint['fd']:.3f} (recon {inpaint['recon_same_images']['fd']:.3f})")
-        shown = torch.arange(min(8, n))
+        shown = torch.linspace(0, n - 1, min(10, n)).round().long()  # across classes
         f = size // prior.code_shape[0]
         pixels = hidden.repeat_interleave(f, 0).repeat_interleave(f, 1)
         r = from_uint8(recon[pick[shown]])
@@ -349,14 +349,14 @@ def main() -> None:
         f"{torch.get_num_threads()} torch thread(s); time = wall of the whole draw / samples",
         "",
         *common.md_table(
-            ["images", "n", "accuracy", "FD", "KID x 1e3", "ms / map (batch)", "codes used"],
+            ["images", "n", "accuracy", "FD", "KID", "ms / map (batch)", "codes used"],
             [
                 (
                     r["what"],
                     r["n"],
                     f"{100 * r['accuracy']:.1f}%",
                     common.fmt(r.get("fd"), ".3f"),
-                    common.fmt(1e3 * r["kid"] if "kid" in r else None, ".2f"),
+                    common.fmt(r.get("kid"), ".4f"),
                     common.fmt(r.get("sample_ms_per_map"), ".1f"),
                     r.get("codes_used", ""),
                 )
@@ -373,18 +373,18 @@ def main() -> None:
             f"{inpaint['cfg_scale']:g}, true class, {inpaint['images']} test images",
             "",
             *common.md_table(
-                ["images", "FD", "KID x 1e3", "accuracy"],
+                ["images", "FD", "KID", "accuracy"],
                 [
                     (
                         "reconstructions (nothing regenerated)",
                         f"{inpaint['recon_same_images']['fd']:.3f}",
-                        f"{1e3 * inpaint['recon_same_images']['kid']:.2f}",
+                        f"{inpaint['recon_same_images']['kid']:.4f}",
                         "",
                     ),
                     (
                         "inpainted",
                         f"{inpaint['fd']:.3f}",
-                        f"{1e3 * inpaint['kid']:.2f}",
+                        f"{inpaint['kid']:.4f}",
                         f"{100 * inpaint['accuracy']:.1f}%",
                     ),
                 ],
