@@ -46,6 +46,9 @@ def tokenizer_run(tmp_path_factory, one_thread_module):
 def test_find_checkpoint_order_and_errors(tokenizer_run, tmp_path):
     assert find_checkpoint(tokenizer_run) == tokenizer_run / "checkpoints" / "best.pt"
     assert find_checkpoint(tokenizer_run, "checkpoints/last.pt").name == "last.pt"
+    # the short names of the two trainer checkpoints
+    assert find_checkpoint(tokenizer_run, "last") == tokenizer_run / "checkpoints" / "last.pt"
+    assert find_checkpoint(tokenizer_run, "best") == tokenizer_run / "checkpoints" / "best.pt"
     only = tmp_path / "only"
     only.mkdir()
     shutil.copy(tokenizer_run / "model.safetensors", only)

@@ -58,8 +58,10 @@ def add_prior_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer-checkpoint",
         metavar="NAME",
         default=None,
-        help="weights file inside RUN_DIR (default: checkpoints/best.pt, else "
-        "checkpoints/last.pt, else model.safetensors)",
+        help="weights file inside RUN_DIR, or best / last for checkpoints/{best,last}.pt "
+        "(default: checkpoints/best.pt, else checkpoints/last.pt, else model.safetensors; "
+        "an adversarial run's best.pt is the lowest NMSE, often from before the "
+        "discriminator)",
     )
     parser.add_argument(
         "--out",

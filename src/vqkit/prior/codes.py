@@ -68,11 +68,14 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def find_checkpoint(run_dir: str | os.PathLike[str], name: str | None = None) -> Path:
-    """The tokenizer's weights in ``run_dir``: ``name`` (relative to it) or the first of
+    """The tokenizer's weights in ``run_dir``: ``name`` (relative to it; ``best`` and
+    ``last`` mean ``checkpoints/best.pt`` and ``checkpoints/last.pt``) or the first of
     :data:`CHECKPOINT_NAMES` that exists; ValueError when there is none."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"tokenizer run directory not found: {run}")
+    if name in ("best", "last"):
+        name = f"checkpoints/{name}.pt"
     for rel in [name] if name else CHECKPOINT_NAMES:
         if (run / rel).is_file():
             return run / rel
