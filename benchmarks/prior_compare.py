@@ -38,23 +38,15 @@ import torch
 
 from benchmarks import common
 from benchmarks.prior_fidelity import labelled_grid
+from vqkit.data import denormalize, normalize
 
 MODULE = "benchmarks.prior_compare"
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Decoder output in [-0.5, 0.5] as the uint8 images a PNG stores."""
-    return ((x.float() + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def from_uint8(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255 - 0.5
 
 
 @torch.no_grad()
 def decode_u8(tok: Any, codes: torch.Tensor, batch: int = 500) -> torch.Tensor:
     return torch.cat(
-        [to_uint8(tok.model.decode(codes[i : i + batch])) for i in range(0, len(codes), batch)]
+        [denormalize(tok.model.decode(codes[i : i + batch])) for i in range(0, len(codes), batch)]
     )
 
 
@@ -63,8 +55,6 @@ def judge(
     extractor: Any, images: torch.Tensor, batch: int = 500
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features float64 (N, F), predicted class (N,)) of uint8 images."""
-    from vqkit.data import normalize
-
     feats, preds = [], []
     for i in range(0, len(images), batch):
         x = images[i : i + batch]
@@ -204,8 +194,8 @@ def main() -> None:
     first = torch.cat([torch.arange(c * per, c * per + cols) for c in range(n_cls)])
     real_first = torch.cat([torch.nonzero(test.labels == c)[:cols, 0] for c in range(n_cls)])
     panels = [
-        ("real test images", from_uint8(test.images[real_first])),
-        ("reconstructions", from_uint8(recon[real_first])),
+        ("real test images", normalize(test.images[real_first])),
+        ("reconstructions", normalize(recon[real_first])),
     ]
     for spec in args.settings:
         s = parse_setting(spec)
@@ -243,7 +233,7 @@ def main() -> None:
             f"{title(s)}: acc {row['accuracy']:.3f} FD {row['fd']:.3f} KID {row['kid']:.4f}, "
             f"{row['sample_ms_per_map']:.1f} ms/map"
         )
-        grid = from_uint8(images[first])
+        grid = normalize(images[first])
         labelled_grid([(title(s), grid)], classes, cols, out / f"grid_{s['name']}.png")
         panels.append((title(s), grid))
     labelled_grid(panels[:4], classes, cols, out / "grids.png")
@@ -291,13 +281,13 @@ def main() -> None:
         shown = torch.linspace(0, n - 1, min(10, n)).round().long()  # across classes
         f = size // prior.code_shape[0]
         pixels = hidden.repeat_interleave(f, 0).repeat_interleave(f, 1)
-        r = from_uint8(recon[pick[shown]])
+        r = normalize(recon[pick[shown]])
         cols3 = torch.stack(
             [
-                from_uint8(test.images[pick[shown]]),
+                normalize(test.images[pick[shown]]),
                 r,
                 torch.where(pixels, torch.zeros_like(r), r),
-                from_uint8(images[shown]),
+                normalize(images[shown]),
             ],
             1,
         )
