@@ -136,6 +136,34 @@ def test_the_classic_objective_has_no_adversarial_step(tmp_path):
         t.close()
 
 
+def _best_steps(trainer, evals) -> list[int]:
+    """best.pt's step after each (step, nmse) evaluation handed to ``after_eval``."""
+    out = []
+    for step, nmse in evals:
+        trainer.step = step
+        trainer.after_eval({"nmse": nmse})
+        out.append(load_checkpoint(trainer.best_path)["step"])
+    return out
+
+
+def test_best_checkpoint_is_chosen_among_evaluations_of_the_final_objective(tmp_path):
+    # before disc_start (3) the tokenizer trains on reconstruction alone: its lower NMSE
+    # must not keep best.pt once the discriminator is on
+    evals = [(2, 0.10), (4, 0.50), (6, 0.60), (8, 0.40)]
+    adv = Trainer(TrainConfig(out_dir=str(tmp_path / "a"), steps=8, **SMALL, **RUN, **DISC))
+    try:
+        assert adv.adv.objective_final_from == 3
+        assert _best_steps(adv, evals) == [2, 4, 4, 8]
+        assert load_checkpoint(adv.best_path)["best_step"] == 8
+    finally:
+        adv.close()
+    plain = Trainer(TrainConfig(out_dir=str(tmp_path / "p"), steps=8, **SMALL, **RUN))
+    try:
+        assert _best_steps(plain, evals) == [2, 2, 2, 2]
+    finally:
+        plain.close()
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_smoke(tmp_path, precision, no_finish):
     assert _train(tmp_path / precision, 5, precision=precision) == 0

@@ -60,8 +60,7 @@ def add_prior_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="weights file inside RUN_DIR, or best / last for checkpoints/{best,last}.pt "
         "(default: checkpoints/best.pt, else checkpoints/last.pt, else model.safetensors; "
-        "an adversarial run's best.pt is the lowest NMSE, often from before the "
-        "discriminator)",
+        "an adversarial run's best.pt is its lowest NMSE from disc_start on)",
     )
     parser.add_argument(
         "--out",

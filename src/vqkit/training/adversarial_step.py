@@ -140,6 +140,13 @@ class AdversarialStep:
             return None
         return cls(config, model, in_channels, device, PRECISIONS[config.precision])
 
+    @property
+    def objective_final_from(self) -> int:
+        """The first step whose objective is the run's final one: ``disc_start`` with a
+        discriminator (before it the tokenizer trains on reconstruction alone, and lower
+        NMSE there is not a better model of this objective), else 0."""
+        return self.config.disc_start if self.loss.discriminator is not None else 0
+
     def optimizers(self) -> list[ScheduledOptimizer]:
         """The discriminator's scheduled optimizer (none without a discriminator)."""
         return [] if self.scheduled is None else [self.scheduled]

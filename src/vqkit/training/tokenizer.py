@@ -9,7 +9,8 @@ A run directory holds::
                          evaluation ("kind": "eval")
     checkpoints/last.pt  written atomically every ``eval_every`` steps, after
                          ``ckpt_minutes``, at the end and on Ctrl-C;
-    checkpoints/best.pt  best = lowest eval NMSE
+    checkpoints/best.pt  best = lowest eval NMSE among the evaluations of the final
+                         objective (an adversarial run: from ``disc_start`` on)
     model.safetensors    final weights + model config (for ``vqkit.models.load_model``)
     recon.png            originals (odd rows) above reconstructions (even rows)
     curves.png           loss, NMSE, perplexity, usage against step
@@ -22,13 +23,10 @@ A run directory holds::
 buffers, weight average, gradient scaler, RNG and data position are restored, so the
 resumed run produces the same weights as an uninterrupted one.
 
-Data (:mod:`vqkit.training.data`): in memory, or streamed from shards (``ShardLoader``:
-the train split never has to fit in memory). The next batch is drawn in a background
-thread during the step (``prefetch``, :mod:`vqkit.training.prefetch`; the same batches).
-The step (:mod:`vqkit.training.step`): ``precision``, ``channels_last``, ``compile``, the
-learning-rate schedule, ``grad_clip`` and ``weight_ema`` (evaluation, best.pt's
-choice, and the export use the averaged weights). An objective beyond MSE (L1,
-LPIPS, a PatchGAN with its own optimizer): :mod:`vqkit.training.adversarial_step`.
+Data (:mod:`vqkit.training.data`): in memory, or streamed from shards; ``prefetch``
+(:mod:`vqkit.training.prefetch`). The step (:mod:`vqkit.training.step`): precision,
+compile, schedule, ``grad_clip``, ``weight_ema`` (evaluation, best.pt and the export
+use the averaged weights). Beyond MSE: :mod:`vqkit.training.adversarial_step`.
 
 Distributed (``torchrun --nproc_per_node=N -m vqkit train ...``): the process group
 is initialised from torchrun's environment (gloo on CPU, NCCL on GPU, one GPU per
@@ -169,6 +167,7 @@ class Trainer(LoaderJob):
             self.loader = Prefetcher(self.loader)
         self.step = 0
         self.best_nmse = math.inf
+        self.best_step = -1  # the step best.pt was chosen at (-1: none yet)
         # the averaged weights' model: copied here, before DDP's hooks, and not built anew
         # later, which would draw from the global RNG that a resumed run must replay
         self._eval_copy = copy.deepcopy(self.model) if self.config.weight_ema else None
@@ -247,6 +246,7 @@ class Trainer(LoaderJob):
             "train_config": asdict(self.config),
             "data_variance": self.data_variance,
             "best_nmse": self.best_nmse,
+            "best_step": self.best_step,
             "world_size": self.world,
             **self.runner.state_dict(),
             **({} if self.adv is None else {"adversarial": self.adv.state_dict()}),
@@ -272,6 +272,7 @@ class Trainer(LoaderJob):
         torch.set_rng_state(ckpt["rng"]["torch"])
         self.step = int(ckpt["step"])
         self.best_nmse = float(ckpt.get("best_nmse", math.inf))
+        self.best_step = int(ckpt.get("best_step", -1))
 
     def save(self) -> None:
         """Write ``checkpoints/last.pt`` (rank 0 only; the other ranks hold the same state)."""
@@ -292,10 +293,9 @@ class Trainer(LoaderJob):
         return self.adv.update(self.runner, x, self.data_variance, self.step)
 
     def update(self, batch: tuple[torch.Tensor, Any], progress: Progress) -> StepResult:
-        x = batch[0]
         if self.step == 0 and self.config.init == "kmeans":
             self.init_codebook(progress)
-        values, counts = self.train_step(x)
+        values, counts = self.train_step(batch[0])
         # the EMA quantizer's counts are summed over the ranks already
         sum_counts = counts is not None and not self.model.quantizer.counts_are_global
         return StepResult(values, counts, sum_counts)
@@ -340,8 +340,11 @@ class Trainer(LoaderJob):
         return result
 
     def after_eval(self, record: dict[str, Any]) -> None:
+        final_from = 0 if self.adv is None else self.adv.objective_final_from
+        if self.step >= final_from > self.best_step:  # the discriminator switched on since
+            self.best_nmse = math.inf  # best.pt: reconstruction-only weights drop out
         if record["nmse"] < self.best_nmse:
-            self.best_nmse = record["nmse"]
+            self.best_nmse, self.best_step = record["nmse"], self.step
             save_checkpoint(self.best_path, self._payload())
         if self.config.tensorboard:  # a small reconstruction grid of this evaluation
             from ..evaluation.plots import recon_pairs
