@@ -8,7 +8,8 @@ from finished run directories of ``vqkit train``:
 ``cifar10_adversarial_k512.json``; both need ``vqkit features --data
 ../shared/data/cifar10-jpeg.tar.gz --out runs/cifar10-features`` first, for FD.)
 
-Per run: the final evaluation (``eval.json``, or ``--at-step N``'s periodic one) with
+Per run: the final evaluation (``eval.json``; ``--eval-dir D``: ``RUN/D/eval.json`` of
+``vqkit eval --out RUN/D``; or ``--at-step N``'s periodic one) with
 PSNR, SSIM, MS-SSIM and FD in the named feature space (as labelled in ``eval.json``;
 vqkit's own feature space is not comparable with papers' rFID), codes used on the eval
 split; from the training log: codes used per log window just before the discriminator
@@ -25,6 +26,7 @@ same strided test images above their reconstructions) beside them, and
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -41,10 +43,17 @@ def _ms_per_step(records: list[dict], batch: int) -> float | None:
     return 1000 * batch / statistics.median(ips) if ips else None
 
 
-def summarise(run: Path, at_step: int | None = None) -> dict:
+def summarise(run: Path, at_step: int | None = None, eval_dir: str | None = None) -> dict:
     """The row of one run (see the module doc)."""
     train, evals, final, cfg = load(run)
-    if at_step is None:
+    if eval_dir is not None:  # ``vqkit eval CKPT --features ...``'s output, not the trainer's
+        path = run / eval_dir / "eval.json"
+        if not path.exists():
+            raise SystemExit(f"{path}: not found (run vqkit eval with --out {path.parent})")
+        final = json.loads(path.read_text())
+        final.setdefault("step", train[-1]["step"] if train else None)
+        result, source = final, f"vqkit eval ({eval_dir}), whole eval split"
+    elif at_step is None:
         if not final:
             raise SystemExit(f"{run}: no eval.json (unfinished run?); use --at-step")
         result, source = final, "final, whole eval split"
@@ -156,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--names", nargs="+")
     ap.add_argument("--prefix", default="cifar10_adversarial")
     ap.add_argument("--at-step", type=int, default=None)
+    ap.add_argument(
+        "--eval-dir",
+        default=None,
+        help="take each run's figures from RUN/EVAL_DIR/eval.json (vqkit eval --out), e.g. "
+        "when the feature network was trained after the runs",
+    )
     ap.add_argument("--results", default=str(common.RESULTS_DIR))
     args = ap.parse_args(argv)
     names = args.names or [Path(r).name for r in args.runs]
@@ -165,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for run, name in zip(map(Path, args.runs), names, strict=True):
-        rows.append({"name": name, **summarise(run, args.at_step)})
+        rows.append({"name": name, **summarise(run, args.at_step, args.eval_dir)})
         if (run / "recon.png").exists():  # the same strided test images in every run
             shutil.copy(run / "recon.png", out / f"{args.prefix}_{run.name}_recon.png")
     pairs = [(n, Path(r)) for n, r in zip(names, args.runs, strict=True)]

@@ -206,6 +206,10 @@ def test_index_maps_carry_the_tokenizer_identity(two_tokenizers, tmp_path, capsy
     Image.new("L", (28, 28), 90).save(tmp_path / "img.png")
     codes = tmp_path / "codes"
     assert main(["encode", a, str(tmp_path / "img.png"), "--out", str(codes)]) == 0
+    before = (codes / "img.npy").read_bytes()
+    assert main(["encode", b, str(tmp_path / "img.png"), "--out", str(codes)]) == 2
+    assert "img.npy exists; pass --overwrite" in capsys.readouterr().err
+    assert (codes / "img.npy").read_bytes() == before  # untouched
     meta = json.loads(sidecar_path(codes / "img.npy").read_text())
     # the identity of the weights, the same from the .pt checkpoint and the export
     pt = two_tokenizers[0] / "checkpoints" / "last.pt"
@@ -218,7 +222,13 @@ def test_index_maps_carry_the_tokenizer_identity(two_tokenizers, tmp_path, capsy
     err = capsys.readouterr().err
     assert "written by another tokenizer" in err and "--unchecked" in err and err.count("\n") == 1
     assert main(["decode", str(pt), str(codes / "img.npy"), "--out", dec]) == 0
-    assert main(["decode", b, str(codes / "img.npy"), "--out", dec, "--unchecked"]) == 0
+    capsys.readouterr()
+    # the PNG exists now: replaced only when asked
+    assert main(["decode", b, str(codes / "img.npy"), "--out", dec, "--unchecked"]) == 2
+    err = capsys.readouterr().err
+    assert "img.png exists; pass --overwrite" in err and err.count("\n") == 1
+    args = ["decode", b, str(codes / "img.npy"), "--out", dec, "--unchecked", "--overwrite"]
+    assert main(args) == 0
 
 
 def test_decode_refuses_maps_of_another_layout(two_tokenizers, tmp_path, capsys):

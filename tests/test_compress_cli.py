@@ -108,6 +108,24 @@ def _refused(capsys, out_dir, *argv: str) -> str:
     return err
 
 
+def test_existing_outputs_are_replaced_only_with_overwrite(setup, tmp_path, capsys):
+    prior, src, _ = setup
+    base = [str(src / "a" / "x.png"), "--prior", str(prior), "--out", str(tmp_path / "c")]
+    assert main(["compress", *base]) == 0
+    vqz = tmp_path / "c" / "x.vqz"
+    first = vqz.read_bytes()
+    vqz.write_bytes(b"a file of the user's")
+    code, _, err = _run(capsys, "compress", *base)
+    assert code == 2 and "x.vqz exists; pass --overwrite" in err and err.count("\n") == 1
+    assert vqz.read_bytes() == b"a file of the user's"
+    assert main(["compress", *base, "--overwrite"]) == 0 and vqz.read_bytes() == first
+    dec = ["decompress", str(vqz), "--prior", str(prior), "--out", str(tmp_path / "d")]
+    assert main(dec) == 0
+    code, _, err = _run(capsys, *dec)
+    assert code == 2 and "x.png exists; pass --overwrite" in err
+    assert main([*dec, "--overwrite"]) == 0
+
+
 def test_bad_files_are_refused_with_no_output(setup, tmp_path, capsys):
     prior, src, _ = setup
     good = tmp_path / "good.vqz"

@@ -199,14 +199,23 @@ def _output_names(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
     return mirror_paths(inputs, out, suffix)
 
 
+def _decoded_names(stem: Path, count: int) -> list[Path]:
+    """``stem.png`` for a single map, ``stem_i.png`` for a batch of ``count``."""
+    if count == 1:
+        return [stem.with_name(stem.name + ".png")]
+    return [stem.with_name(f"{stem.name}_{i}.png") for i in range(count)]
+
+
 def _encode(args: argparse.Namespace) -> int:
     from .data import normalize, read_image
     from .models.codes_io import model_identity, save_codes
+    from .storage.fileio import refuse_existing
 
     model, _, device = _load(args)
     identity = model_identity(model)  # recorded beside every map (NAME.npy.json)
     inputs = [Path(p) for p in args.images]
     names = _output_names(inputs, Path(args.out or "."), ".npy")  # checked before writing
+    refuse_existing(names, args.overwrite)
     for p, name in zip(inputs, names, strict=True):
         image = read_image(p, model.config.in_channels, model.config.image_size)
         x = normalize(image[None]).to(device)
@@ -221,6 +230,7 @@ def _decode(args: argparse.Namespace) -> int:
 
     from .evaluation.plots import save_images
     from .models.codes_io import model_identity, read_codes
+    from .storage.fileio import refuse_existing
 
     model, _, device = _load(args)
     identity = model_identity(model)
@@ -229,13 +239,10 @@ def _decode(args: argparse.Namespace) -> int:
     stems = _output_names(inputs, out, "")
     # all checked (tokenizer identity, shape, range) before anything is written
     maps = [read_codes(p, identity, unchecked=args.unchecked) for p in inputs]
-    for p, stem, idx in zip(inputs, stems, maps, strict=True):
+    outputs = [_decoded_names(stem, len(idx)) for stem, idx in zip(stems, maps, strict=True)]
+    refuse_existing([n for names in outputs for n in names], args.overwrite)
+    for p, stem, idx, names in zip(inputs, stems, maps, outputs, strict=True):
         images = model.decode(torch.from_numpy(idx).to(device))
-        names = (
-            [stem.with_name(stem.name + ".png")]
-            if len(images) == 1
-            else [stem.with_name(f"{stem.name}_{i}.png") for i in range(len(images))]
-        )
         stem.parent.mkdir(parents=True, exist_ok=True)
         save_images(images, names)
         print(f"{p} -> {', '.join(map(str, names))}")
@@ -306,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="output directory (eval: RUN/eval-SPLIT beside the checkpoint's run; "
             "encode/decode: the current directory)",
         )
+        if name != "eval":
+            p.add_argument(
+                "--overwrite", action="store_true", help="replace outputs that exist already"
+            )
         if name == "eval":
             p.add_argument("--data", default=None, help="dataset (default: the training one)")
             p.add_argument("--split", default="test")

@@ -1,7 +1,7 @@
 """``vqkit compress`` and ``vqkit decompress``: the argument declarations and handlers.
 
-    vqkit compress IMAGES... --prior PRIOR_DIR --out DIR [--class C] [--codes]
-    vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR
+    vqkit compress IMAGES... --prior PRIOR_DIR --out DIR [--class C] [--codes] [--overwrite]
+    vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR [--overwrite]
 
 ``compress`` writes one ``.vqz`` per input (mirroring the input paths below their
 common folder): images go through the prior's tokenizer (they must have its size and
@@ -12,7 +12,8 @@ inputs are ``.npy`` index maps (what ``vqkit encode`` writes), compressed lossle
 (:mod:`vqkit.models.codes_io`, as ``vqkit encode`` writes them; ``--codes`` inputs are
 checked against it when they have one). Both print bits per pixel and bits per code
 per file and in total. Every input is read and checked, and every output computed,
-before the first file is written: bad input leaves no output (exit code 2).
+before the first file is written: bad input leaves no output (exit code 2), and an
+output that exists already is refused unless ``--overwrite``.
 
 ``vqkit.cli`` registers them like ``prior``/``sample``::
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..storage.fileio import atomic_write, mirror_paths
+from ..storage.fileio import atomic_write, mirror_paths, refuse_existing
 from . import format as fmt
 from .codec import (
     Codec,
@@ -70,6 +71,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         default=None,
         help="the tokenizer run, if it moved (its weights must be the same file)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace outputs that exist already"
     )
     parser.add_argument(
         "--device",
@@ -257,6 +261,7 @@ def run_compress(args: argparse.Namespace) -> int:
     codec = _load(args)
     inputs = [Path(p) for p in args.inputs]
     names = mirror_paths(inputs, Path(args.out), SUFFIX)  # collisions refused first
+    refuse_existing(names, args.overwrite)
     label = _class_id(args.class_id, codec)
     if args.codes:
         from ..models.codes_io import model_identity
@@ -313,6 +318,7 @@ def run_decompress(args: argparse.Namespace) -> int:
         else:
             names = [stem.with_name(f"{stem.name}_{i}.png") for i in range(len(images))]
         outputs.append((p, list(zip(names, images, strict=True))))
+    refuse_existing([name for _, items in outputs for name, _ in items], args.overwrite)
     rows = []
     for (src, items), data, header in zip(outputs, datas, headers, strict=True):
         for name, value in items:

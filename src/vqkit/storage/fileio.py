@@ -324,6 +324,16 @@ def mirror_paths(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
     return names
 
 
+def refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    """UserError (one line) naming the first of ``paths`` that exists, unless
+    ``overwrite``: a command replaces a user's files only when told to (``--overwrite``),
+    and says so before it computes or writes anything."""
+    existing = [] if overwrite else [p for p in paths if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more outputs)" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]} exists{more}; pass --overwrite to replace")
+
+
 def file_hexdigest(path: str | os.PathLike[str], algorithm: str) -> str:
     """Hex digest of a file's bytes by a :mod:`hashlib` ``algorithm`` ("sha256", "md5"),
     read in 1 MiB blocks."""
