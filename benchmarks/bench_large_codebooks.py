@@ -490,28 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         default="skipped to keep the run short",
         help="the note recorded for --skip cells",
     )
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
-    p.add_argument(
-        "--time-budget",
-        type=float,
-        default=20.0,
-        help="stop timed repeats once they used this many seconds",
-    )
-    p.add_argument(
-        "--mem-cap-gib",
-        type=float,
-        default=14.0,
-        help="address-space cap per worker (RLIMIT_AS), GiB",
-    )
-    p.add_argument("--timeout", type=float, default=300.0, help="wall timeout per worker, s")
+    common.add_child_args(p, time_budget=20.0, repeats=3)
     p.add_argument("--out-dir", default=str(common.out_dir("large_codebooks")))
     p.add_argument("--quick", action="store_true", help="tiny shape Q8 (smoke test)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch.set_num_threads in the workers (default: torch's default)",
-    )
     p.add_argument("--no-check", action="store_true", help="skip the IBQ agreement check")
     p.add_argument("--cold", help="comma list of SHAPE:METHOD cells measured by one cold call")
     p.add_argument(
@@ -520,7 +501,6 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the records of the results file, run only the missing cells",
     )
     p.add_argument("--cold-call", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--note", help="free text stored in the results (e.g. machine load)")
     p.add_argument("--worker", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats < 1:

@@ -477,13 +477,15 @@ def run_jobs(
     return records
 
 
-def add_child_args(p, time_budget: float) -> None:
-    """The options of the child-process benchmarks (bench_search, bench_quantizers)."""
+def add_child_args(p, time_budget: float, repeats: int | None = None) -> None:
+    """The options of the child-process benchmarks (bench_search, bench_quantizers,
+    bench_large_codebooks); ``repeats`` None: see :func:`default_repeats`."""
     p.add_argument(
         "--repeats",
         type=int,
-        default=None,
-        help="timed repeats after one warm-up (default 5; 2 with --quick)",
+        default=repeats,
+        help="timed repeats after one warm-up (default "
+        + ("5; 2 with --quick)" if repeats is None else f"{repeats})"),
     )
     p.add_argument(
         "--time-budget",

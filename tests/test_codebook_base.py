@@ -9,6 +9,7 @@ from vqkit import VectorQuantizer, VectorQuantizerEMA
 from vqkit.codebook import reset_optimizer_rows
 
 from .reference import flat_channels_first
+from .test_codebook import D, K, clusters, collapsed_vq
 
 
 def close64(actual, expected, rtol=1e-5, atol=1e-6):
@@ -21,35 +22,6 @@ def _randn_codebook(vq, seed=0):
         vq.codebook.copy_(torch.randn(vq.codebook.shape, generator=g))
     if isinstance(vq, VectorQuantizerEMA):
         vq.reset_statistics()
-
-
-K, D = 16, 4
-
-
-def clusters(k: int, n_per: int, d: int = D, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` well-separated clusters: (centres (k, d), shuffled points (k * n_per, d))."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(k, d, generator=g)
-    centres = 8.0 * centres / centres.norm(dim=1, keepdim=True) + 3.0 * torch.arange(k)[:, None]
-    pts = centres.repeat_interleave(n_per, 0) + 0.05 * torch.randn(k * n_per, d, generator=g)
-    return centres, pts[torch.randperm(k * n_per, generator=g)]
-
-
-def collapsed_vq(optimizer_cls=torch.optim.Adam, **opt):
-    """A gradient codebook trained on clustered data from a collapsed start (every code
-    at one point), so one code takes everything and the optimizer has momentum."""
-    torch.manual_seed(0)
-    _, pts = clusters(K, 20)
-    q = VectorQuantizer(K, D, usage_decay=0.5).train()
-    with torch.no_grad():
-        q.codebook.fill_(50.0)  # far away: every point picks code 0 (ties: lowest)
-    optim = optimizer_cls(q.parameters(), lr=0.05, **opt)
-    for _ in range(5):
-        out = q(pts)
-        optim.zero_grad()
-        out.loss.backward()
-        optim.step()
-    return q, optim, pts
 
 
 def test_cosine_search_matches_normalised_float64_reference():
