@@ -162,7 +162,8 @@ def test_float32_gradient_at_t001_is_as_accurate_as_dense_float32():
 
 
 class _CountProducts(TorchDispatchMode):
-    """Counts matrix products with an inner or outer dimension of K."""
+    """Counts matrix products with an inner or outer dimension of K (N x D x K ones: a
+    vector times a tile, as the batch marginal's weighted row sum, is an N x K pass)."""
 
     def __init__(self, k: int) -> None:
         super().__init__()
@@ -172,7 +173,7 @@ class _CountProducts(TorchDispatchMode):
         aten = torch.ops.aten
         if func in (aten.mm.default, aten.mm.out, aten.addmm_.default):
             a, b = (args[0], args[1]) if func != aten.addmm_.default else args[1:3]
-            if self.k in (a.shape[0], a.shape[1], b.shape[1]):
+            if self.k in (a.shape[0], a.shape[1], b.shape[1]) and 1 not in (a.shape[0], b.shape[1]):
                 self.count += 1
         return func(*args, **(kwargs or {}))
 
