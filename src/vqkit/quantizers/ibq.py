@@ -18,7 +18,7 @@ from .codebook_base import CodebookLossOptions, EntropyOptions, LossTrainedQuant
 from .masking import keep_rows, masked_counts, masked_mean, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
-from .softmax_entropy import IBQ_SCRATCH_BYTES, ibq_terms
+from .softmax_entropy import _LOG2E, IBQ_SCRATCH_BYTES, _exp2, _row_max, ibq_terms
 
 __all__ = ["IBQ", "IBQOptions", "ibq_lookup"]
 
@@ -62,7 +62,9 @@ class _IBQLookup(torch.autograd.Function):
     (``q``'s VALUE is the one-hot, so ``d(q @ E)/dE`` routes ``g`` to the chosen code
     only; the softmax path adds the second sum.) The forward walks code tiles with an
     online softmax (running max ``m``, running sum of ``exp(s - m)`` and running
-    ``sum exp(s - m) e``, rescaled when ``m`` grows, as in flash attention) and saves
+    ``sum exp(s - m) e``, rescaled when ``m`` grows, as in flash attention; each
+    exponential as ``exp2`` of base-2 logits, clamped as in
+    :mod:`~vqkit.quantizers.softmax_entropy`) and saves
     ``x, E``, the log-sum-exp (N,), ``zbar`` (N, d) and the indices; the backward
     recomputes each tile's logits from them. Peak extra memory: two (tile_n x tile_k)
     tiles plus O((N + K) d). Ties go to the lowest index (strict ``>`` across tiles,
@@ -96,10 +98,10 @@ class _IBQLookup(torch.autograd.Function):
             for c0 in range(0, k, tile_k):
                 et = e[c0 : c0 + tile_k]
                 lg = _mm(xb, et.t(), buf)
-                tmax, targ = lg.max(dim=1)
+                tmax, targ = _row_max(lg)  # the first maximum within the tile
                 if best is None:
                     best, bidx, m = tmax, targ, tmax
-                    pe = lg.sub_(m.unsqueeze(1)).exp_()  # in place: one live tile
+                    pe = _exp2(lg.sub_(m.unsqueeze(1)).mul_(_LOG2E), lg)  # one live tile
                     s, acc = pe.sum(1), pe @ et
                     continue
                 better = tmax > best  # strict: an earlier tile wins ties
@@ -107,7 +109,7 @@ class _IBQLookup(torch.autograd.Function):
                 bidx = torch.where(better, targ + c0, bidx)
                 m_new = torch.maximum(m, tmax)
                 alpha = torch.exp(m - m_new)
-                pe = lg.sub_(m_new.unsqueeze(1)).exp_()
+                pe = _exp2(lg.sub_(m_new.unsqueeze(1)).mul_(_LOG2E), lg)
                 s = s * alpha + pe.sum(1)
                 acc = torch.addmm(acc * alpha.unsqueeze(1), pe, et)
                 m = m_new
@@ -142,11 +144,13 @@ class _IBQLookup(torch.autograd.Function):
         )
         for r0 in range(0, n, tile_n):
             xb, gb = x[r0 : r0 + tile_n], g[r0 : r0 + tile_n]
-            lseb, gzb = lse[r0 : r0 + tile_n].unsqueeze(1), gz[r0 : r0 + tile_n].unsqueeze(1)
+            lseb = lse[r0 : r0 + tile_n].unsqueeze(1) * _LOG2E  # base 2, as the forward
+            gzb = gz[r0 : r0 + tile_n].unsqueeze(1)
             dxb = torch.zeros_like(xb) if need_x else None
             for c0 in range(0, k, tile_k):
                 et = e[c0 : c0 + tile_k]
-                p = _mm(xb, et.t(), buf_p).sub_(lseb).exp_()
+                lg = _mm(xb, et.t(), buf_p).mul_(_LOG2E).sub_(lseb)
+                p = _exp2(lg, lg)  # softmax(x E^T) of this tile
                 ds = _mm(gb, et.t(), buf_s).sub_(gzb).mul_(p)  # dL/ds for this tile
                 if dxb is not None:
                     dxb.addmm_(ds, et)
