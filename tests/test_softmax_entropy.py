@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vqkit.quantizers.softmax_entropy import ibq_terms, softmax_entropy_terms
+from vqkit.quantizers.softmax_entropy import _row_max, ibq_terms, softmax_entropy_terms
 
 
 def dense_reference(x: torch.Tensor, e: torch.Tensor, t: float, gamma_s: float, gamma_b: float):
@@ -190,3 +190,19 @@ def test_one_gemm_per_tile_forward_and_four_backward():
     with _CountProducts(100) as bwd:
         (q.square().sum() + per - batch).backward()
     assert (fwd.count, bwd.count) == (4, 16)
+
+
+@pytest.mark.parametrize("k", [1, 127, 128, 129, 300, 1000])
+def test_block_argmax_is_torch_argmax_with_exact_ties(k):
+    """The first index of the row maximum, found through 128-code blocks, equals
+    ``torch.argmax``'s (documented: the first of equal maxima), with ties inside a block,
+    across blocks and in the partial last block."""
+    gen = torch.Generator().manual_seed(k)
+    s = torch.randint(-5, 5, (64, k), generator=gen).float()  # many exact ties
+    s[0] = 7.0  # a row of one value: index 0
+    s[1, -1] = 9.0  # the maximum alone in the last (maybe partial) block
+    if k > 130:
+        s[2, [5, 130, k - 1]] = 11.0  # the same maximum in three blocks
+    m, idx = _row_max(s)
+    torch.testing.assert_close(m, s.amax(1), rtol=0, atol=0)
+    assert torch.equal(idx, s.argmax(1))
