@@ -199,13 +199,6 @@ def _output_names(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
     return mirror_paths(inputs, out, suffix)
 
 
-def _decoded_names(stem: Path, count: int) -> list[Path]:
-    """``stem.png`` for a single map, ``stem_i.png`` for a batch of ``count``."""
-    if count == 1:
-        return [stem.with_name(stem.name + ".png")]
-    return [stem.with_name(f"{stem.name}_{i}.png") for i in range(count)]
-
-
 def _encode(args: argparse.Namespace) -> int:
     from .data import normalize, read_image
     from .models.codes_io import model_identity, save_codes
@@ -230,7 +223,7 @@ def _decode(args: argparse.Namespace) -> int:
 
     from .evaluation.plots import save_images
     from .models.codes_io import model_identity, read_codes
-    from .storage.fileio import refuse_existing
+    from .storage.fileio import decoded_names, refuse_existing
 
     model, _, device = _load(args)
     identity = model_identity(model)
@@ -239,7 +232,7 @@ def _decode(args: argparse.Namespace) -> int:
     stems = _output_names(inputs, out, "")
     # all checked (tokenizer identity, shape, range) before anything is written
     maps = [read_codes(p, identity, unchecked=args.unchecked) for p in inputs]
-    outputs = [_decoded_names(stem, len(idx)) for stem, idx in zip(stems, maps, strict=True)]
+    outputs = [decoded_names(stem, len(idx)) for stem, idx in zip(stems, maps, strict=True)]
     refuse_existing([n for names in outputs for n in names], args.overwrite)
     for p, stem, idx, names in zip(inputs, stems, maps, outputs, strict=True):
         images = model.decode(torch.from_numpy(idx).to(device))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..storage.fileio import atomic_write, mirror_paths, refuse_existing
+from ..storage.fileio import atomic_write, decoded_names, mirror_paths, refuse_existing
 from . import format as fmt
 from .codec import (
     Codec,
@@ -301,24 +301,22 @@ def run_decompress(args: argparse.Namespace) -> int:
     for p, h in zip(files, headers, strict=True):
         codec.check(h, str(p))  # every file's identity before any decoding
     stems = mirror_paths(files, Path(args.out), "")
+    # every output's name from the headers, refused if it exists, before any decoding
+    out_names = [
+        [stem.with_name(stem.name + ".npy")] if h.is_codes else decoded_names(stem, h.num_maps)
+        for stem, h in zip(stems, headers, strict=True)
+    ]
+    refuse_existing([n for names in out_names for n in names], args.overwrite)
     from ..models.codes_io import model_identity
 
     identity = model_identity(codec.tokenizer)
     outputs: list[tuple[Path, list[tuple[Path, Any]]]] = []
-    for p, stem, data in zip(files, stems, datas, strict=True):
+    for p, names, data in zip(files, out_names, datas, strict=True):
         codes, header = decode_maps(codec, data, str(p))
         if header.is_codes:
-            outputs.append(
-                (p, [(stem.with_name(stem.name + ".npy"), restore_codes(codes, header))])
-            )
+            outputs.append((p, [(names[0], restore_codes(codes, header))]))
             continue
-        images = codes_to_images(codec, codes)
-        if len(images) == 1:
-            names = [stem.with_name(stem.name + ".png")]
-        else:
-            names = [stem.with_name(f"{stem.name}_{i}.png") for i in range(len(images))]
-        outputs.append((p, list(zip(names, images, strict=True))))
-    refuse_existing([name for _, items in outputs for name, _ in items], args.overwrite)
+        outputs.append((p, list(zip(names, codes_to_images(codec, codes), strict=True))))
     rows = []
     for (src, items), data, header in zip(outputs, datas, headers, strict=True):
         for name, value in items:

@@ -324,6 +324,14 @@ def mirror_paths(inputs: list[Path], out: Path, suffix: str) -> list[Path]:
     return names
 
 
+def decoded_names(stem: Path, count: int) -> list[Path]:
+    """The PNGs of ``count`` images decoded from one input: ``stem.png`` for one,
+    ``stem_0.png``, ``stem_1.png``, ... for a batch (``vqkit decode`` / ``decompress``)."""
+    if count == 1:
+        return [stem.with_name(stem.name + ".png")]
+    return [stem.with_name(f"{stem.name}_{i}.png") for i in range(count)]
+
+
 def refuse_existing(paths: list[Path], overwrite: bool) -> None:
     """UserError (one line) naming the first of ``paths`` that exists, unless
     ``overwrite``: a command replaces a user's files only when told to (``--overwrite``),
