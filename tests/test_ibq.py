@@ -158,3 +158,19 @@ def test_ibq_options():
             build_quantizer("ibq", 8, **bad)
         with pytest.raises(ValueError):
             IBQ(8, 4, **bad)
+
+
+def test_ibq_default_scratch_keeps_sixteen_whole_rows_at_large_k():
+    """The fused Function's tiles hold whole rows; at K = 2^18 the flat 16 MiB bound left
+    4 rows a tile (memory-bound: each product streamed the codebook per 4 rows). The
+    default grows to 16 rows above K = 2^16; an explicit bound is kept as given."""
+    from vqkit.quantizers.softmax_entropy import IBQ_SCRATCH_BYTES, _row_tile
+
+    assert IBQ(1024, 4).max_scratch_bytes == IBQ_SCRATCH_BYTES
+    assert IBQ(2**16, 4).max_scratch_bytes == IBQ_SCRATCH_BYTES  # exactly 16 rows
+    big = IBQ(2**18, 4).max_scratch_bytes
+    assert big == 64 * 2**20 and _row_tile(2048, 2**18, 4, big) == 16
+    assert _row_tile(2048, 2**18, 4, IBQ_SCRATCH_BYTES) == 4
+    assert IBQ(2**18, 4, max_scratch_bytes=2**20).max_scratch_bytes == 2**20
+    with pytest.raises(ValueError):
+        IBQ(0, 4)  # still refused by the constructor's own check

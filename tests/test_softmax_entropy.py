@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vqkit.quantizers.softmax_entropy import _row_max, ibq_terms, softmax_entropy_terms
+from vqkit.quantizers.softmax_entropy import ibq_terms, row_max, softmax_entropy_terms
 
 
 def dense_reference(x: torch.Tensor, e: torch.Tensor, t: float, gamma_s: float, gamma_b: float):
@@ -203,6 +203,6 @@ def test_block_argmax_is_torch_argmax_with_exact_ties(k):
     s[1, -1] = 9.0  # the maximum alone in the last (maybe partial) block
     if k > 130:
         s[2, [5, 130, k - 1]] = 11.0  # the same maximum in three blocks
-    m, idx = _row_max(s)
+    m, idx = row_max(s)
     torch.testing.assert_close(m, s.amax(1), rtol=0, atol=0)
     assert torch.equal(idx, s.argmax(1))

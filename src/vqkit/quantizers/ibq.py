@@ -18,7 +18,14 @@ from .codebook_base import CodebookLossOptions, EntropyOptions, LossTrainedQuant
 from .masking import keep_rows, masked_counts, masked_mean, masked_mse_terms
 from .output import QuantizerOutput
 from .registry import register_quantizer
-from .softmax_entropy import _LOG2E, IBQ_SCRATCH_BYTES, _exp2, _row_max, ibq_terms
+from .softmax_entropy import (
+    IBQ_SCRATCH_BYTES,
+    LOG2E,
+    clamped_exp2,
+    ibq_scratch_bytes,
+    ibq_terms,
+    row_max,
+)
 
 __all__ = ["IBQ", "IBQOptions", "ibq_lookup"]
 
@@ -98,10 +105,10 @@ class _IBQLookup(torch.autograd.Function):
             for c0 in range(0, k, tile_k):
                 et = e[c0 : c0 + tile_k]
                 lg = _mm(xb, et.t(), buf)
-                tmax, targ = _row_max(lg)  # the first maximum within the tile
+                tmax, targ = row_max(lg)  # the first maximum within the tile
                 if best is None:
                     best, bidx, m = tmax, targ, tmax
-                    pe = _exp2(lg.sub_(m.unsqueeze(1)).mul_(_LOG2E), lg)  # one live tile
+                    pe = clamped_exp2(lg.sub_(m.unsqueeze(1)).mul_(LOG2E), lg)  # one live tile
                     s, acc = pe.sum(1), pe @ et
                     continue
                 better = tmax > best  # strict: an earlier tile wins ties
@@ -109,7 +116,7 @@ class _IBQLookup(torch.autograd.Function):
                 bidx = torch.where(better, targ + c0, bidx)
                 m_new = torch.maximum(m, tmax)
                 alpha = torch.exp(m - m_new)
-                pe = _exp2(lg.sub_(m_new.unsqueeze(1)).mul_(_LOG2E), lg)
+                pe = clamped_exp2(lg.sub_(m_new.unsqueeze(1)).mul_(LOG2E), lg)
                 s = s * alpha + pe.sum(1)
                 acc = torch.addmm(acc * alpha.unsqueeze(1), pe, et)
                 m = m_new
@@ -144,13 +151,13 @@ class _IBQLookup(torch.autograd.Function):
         )
         for r0 in range(0, n, tile_n):
             xb, gb = x[r0 : r0 + tile_n], g[r0 : r0 + tile_n]
-            lseb = lse[r0 : r0 + tile_n].unsqueeze(1) * _LOG2E  # base 2, as the forward
+            lseb = lse[r0 : r0 + tile_n].unsqueeze(1) * LOG2E  # base 2, as the forward
             gzb = gz[r0 : r0 + tile_n].unsqueeze(1)
             dxb = torch.zeros_like(xb) if need_x else None
             for c0 in range(0, k, tile_k):
                 et = e[c0 : c0 + tile_k]
-                lg = _mm(xb, et.t(), buf_p).mul_(_LOG2E).sub_(lseb)
-                p = _exp2(lg, lg)  # softmax(x E^T) of this tile
+                lg = _mm(xb, et.t(), buf_p).mul_(LOG2E).sub_(lseb)
+                p = clamped_exp2(lg, lg)  # softmax(x E^T) of this tile
                 ds = _mm(gb, et.t(), buf_s).sub_(gzb).mul_(p)  # dL/ds for this tile
                 if dxb is not None:
                     dxb.addmm_(ds, et)
@@ -227,7 +234,9 @@ class IBQ(LossTrainedQuantizer):
         entropy_weight, diversity_gamma, entropy_temperature: the entropy penalty
             (0 switches it off).
         **codebook_options: ``codebook_dim`` (projections), ``max_scratch_bytes``
-            (the IBQ tiles and the eval search; default ``IBQ_SCRATCH_BYTES``, 16 MiB),
+            (the IBQ tiles and the eval search; default
+            :func:`~vqkit.quantizers.softmax_entropy.ibq_scratch_bytes`: 16 MiB up to
+            K = 2^16, 256 bytes a code above),
             ``search_backend``, usage tracking options. ``use_cosine`` and
             ``gradient="rotation"`` do not apply.
 
@@ -266,7 +275,7 @@ class IBQ(LossTrainedQuantizer):
             diversity_gamma=diversity_gamma,
         )
         check_positive(entropy_temperature=entropy_temperature)
-        codebook_options.setdefault("max_scratch_bytes", IBQ_SCRATCH_BYTES)
+        codebook_options.setdefault("max_scratch_bytes", ibq_scratch_bytes(num_embeddings))
         super().__init__(num_embeddings, embedding_dim, commitment_cost, **codebook_options)
         self.double_quant_weight = float(double_quant_weight)
         self.entropy_weight = float(entropy_weight)

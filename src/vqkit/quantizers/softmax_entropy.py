@@ -68,13 +68,24 @@ import torch.nn.functional as F
 from ..distributed import all_reduce_sum, world_size
 from .base import fp32_region
 
-__all__ = ["IBQ_SCRATCH_BYTES", "ibq_terms", "softmax_entropy_terms"]
+__all__ = [
+    "IBQ_SCRATCH_BYTES",
+    "LOG2E",
+    "clamped_exp2",
+    "ibq_scratch_bytes",
+    "ibq_terms",
+    "row_max",
+    "softmax_entropy_terms",
+]
 
 IBQ_SCRATCH_BYTES = 16 * 2**20
-"""Default bound on the four live (rows x K) tiles."""
+"""Default bound on the four live (rows x K) tiles (raised for large K by
+:func:`ibq_scratch_bytes`)."""
+IBQ_MIN_ROWS = 16
+"""Whole rows per tile that :func:`ibq_scratch_bytes` provides for at any K."""
 
 _MAX_ROWS = 256
-_LOG2E = 1.0 / math.log(2.0)
+LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 _EXP2_FLOOR = -126.0
 """Exponents (base 2) are clamped here before ``exp2``: below -126 the result is
@@ -84,6 +95,17 @@ below -87, the same point, 75x), and at T = 0.01 most logits of a row lie there.
 below float32 resolution of any sum. ``exp2`` itself runs twice as fast as ``exp``
 here (0.55 against 1.05 ns an element), hence the base-2 logits."""
 _ARGMAX_BLOCK = 128
+
+
+def ibq_scratch_bytes(num_codes: int, itemsize: int = 4) -> int:
+    """IBQ's default scratch bound for ``num_codes`` codes: ``IBQ_SCRATCH_BYTES``, or
+    room for ``IBQ_MIN_ROWS`` whole rows in the fused Function's four (rows x K) tiles
+    where that is more (above K = 2^16; 64 MiB at 2^18). Why: each tile's five
+    products stream the whole codebook (and ``dL/dE``) from memory, so 4-row tiles at
+    K = 2^18 left the layer memory-bound: 16 rows took it from 28 s to 16 s (N = 2048,
+    D = 64, 1 thread; the code-tiled lookup was unchanged, 7.8-8.0 s)."""
+    k = num_codes if isinstance(num_codes, int) and num_codes > 0 else 0  # validated later
+    return max(IBQ_SCRATCH_BYTES, 4 * IBQ_MIN_ROWS * itemsize * k)
 
 
 def _row_tile(n: int, k: int, itemsize: int, scratch: int) -> int:
@@ -109,14 +131,14 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Ten
     return a @ b if out is None else torch.mm(a, b, out=out)
 
 
-def _exp2(a: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def clamped_exp2(a: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """``2^max(a, _EXP2_FLOOR)``, into ``out`` when there is one."""
     if out is None:
         return a.clamp(min=_EXP2_FLOOR).exp2_()
     return torch.clamp(a, min=_EXP2_FLOOR, out=out).exp2_()
 
 
-def _row_max(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_max(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's maximum of ``s`` (rows, K) and its first index: the maxima of blocks
     of 128 codes, the first block holding the row's maximum, the first position in it.
     ``s.max(1)``'s indices cost 1 ns an element on CPU, this 0.1."""
@@ -186,14 +208,14 @@ class _IBQTerms(torch.autograd.Function):
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             s = _mm(x[r0:r1], et, _view(buf_s, r1 - r0, k))
-            mb, ib = _row_max(s)  # ties to the lowest index
+            mb, ib = row_max(s)  # ties to the lowest index
             m[r0:r1], idx[r0:r1] = mb, ib
             # centred logits in base 2 (<= 0, 0 at the maximum): 2^s = e^(logit - m)
-            s.sub_(mb.unsqueeze(1)).mul_(_LOG2E)
+            s.sub_(mb.unsqueeze(1)).mul_(LOG2E)
             out_p = _view(buf_p, r1 - r0, k)
             if ent:
                 s.mul_(inv_t)  # a2: the entropy's centred logits / T, base 2
-                p = _exp2(s, out_p)  # p2 * z: never normalised, 1 / z goes to row figures
+                p = clamped_exp2(s, out_p)  # p2 * z: never normalised, 1 / z goes to row figures
                 z = p.sum(1)  # >= 1: the maximum's term is 2^0
                 z2[r0:r1] = z
                 abar[r0:r1] = s.mul_(p).sum(1) / z  # sum_k p2 a2; s is not needed after
@@ -249,18 +271,18 @@ class _IBQTerms(torch.autograd.Function):
             # the forward's very operations: s and p bit for bit those of abar and z2,
             # so that sum_j dL/ds_nj = 0 holds to rounding (a mismatch of 1 ulp in p
             # cost 3x in the float32 gradient of sharp rows)
-            s = _mm(xb, et, _view(bufs[0], nb, k)).sub_(m[r0:r1].unsqueeze(1)).mul_(_LOG2E)
+            s = _mm(xb, et, _view(bufs[0], nb, k)).sub_(m[r0:r1].unsqueeze(1)).mul_(LOG2E)
             dls = inv_z1 = None  # dL/ds of this tile; the lookup's part is dls * inv_z1
             if lookup:
                 gl = _mm(g_q[r0:r1], et, _view(bufs[1], nb, k))  # g_n.e_k
-                p1 = _exp2(s, _view(bufs[2], nb, k))  # the lookup's softmax times z1
+                p1 = clamped_exp2(s, _view(bufs[2], nb, k))  # the lookup's softmax times z1
                 inv_z1 = 1.0 / p1.sum(1, keepdim=True)
                 # p1 (g.e - r), r = sum_k p1 g.e, as p1 g.e - p1 r: no extra tile
                 gl.mul_(p1)
                 dls = gl.addcmul_(p1, gl.sum(1, keepdim=True) * inv_z1, value=-1.0)
             if ent:
                 s.mul_(inv_t)  # a2
-                p = _exp2(s, _view(bufs[2], nb, k))
+                p = clamped_exp2(s, _view(bufs[2], nb, k))
                 # lp = log P - log P_top(n), centred like the logits, so that a sharp
                 # row's top entry (a sum of tiny tail terms) is not the difference of
                 # two numbers near log P_top; c = sum_k p2 lp
