@@ -35,7 +35,8 @@ def compare(x, e, scratch, rtol=1e-10, atol=1e-12):
     torch.testing.assert_close(ge, ge_ref, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("scratch", [2**20, 8 * 7 * 2 * 5])  # one tile / 5 x 7 tiles
+# 2**20: whole-row tiles (ibq_terms); 8 * 7 * 2 * 5: code tiles (_IBQLookup), 5 x 7
+@pytest.mark.parametrize("scratch", [2**20, 8 * 7 * 2 * 5], ids=["whole-rows", "code-tiles"])
 def test_ibq_lookup_matches_dense_reference(scratch):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(33, 6, generator=gen, dtype=torch.float64)
@@ -44,7 +45,8 @@ def test_ibq_lookup_matches_dense_reference(scratch):
     compare(x.float(), e.float(), scratch, rtol=1e-4, atol=1e-5)
 
 
-def test_ibq_lookup_ties_and_near_ties():
+@pytest.mark.parametrize("scratch", [2**20, 8 * 7 * 2 * 4], ids=["whole-rows", "code-tiles"])
+def test_ibq_lookup_ties_and_near_ties(scratch):
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(20, 5, generator=gen, dtype=torch.float64)
     e = torch.randn(30, 5, generator=gen, dtype=torch.float64)
@@ -54,8 +56,8 @@ def test_ibq_lookup_ties_and_near_ties():
     # near tie for row 1: a code whose logit is 1e-9 below the best one
     best = e[top[1]]
     e[22] = best - 1e-9 * x[1] / x[1].dot(x[1])
-    compare(x, e, 8 * 7 * 2 * 4)  # tiles of 7 codes: 22 and 27 in later tiles than most
-    _, idx = ibq_lookup(x, e, max_scratch_bytes=8 * 7 * 2 * 4)
+    compare(x, e, scratch)  # code tiles of 7 codes: 22 and 27 in later tiles than most
+    _, idx = ibq_lookup(x, e, max_scratch_bytes=scratch)
     assert idx[0] == min(int(top[0]), 27) and idx[1] == top[1]
 
 
@@ -174,3 +176,20 @@ def test_ibq_default_scratch_keeps_sixteen_whole_rows_at_large_k():
     assert IBQ(2**18, 4, max_scratch_bytes=2**20).max_scratch_bytes == 2**20
     with pytest.raises(ValueError):
         IBQ(0, 4)  # still refused by the constructor's own check
+
+
+def test_ibq_lookup_takes_whole_rows_where_64_fit_else_code_tiles():
+    """Five N x D x K products (whole-row tiles: x E^T forward; x E^T, g E^T, dL/ds E,
+    dL/ds^T x backward) where a tile holds 64 rows of K codes; six per tile (the forward's
+    extra p E for zbar) with code tiles below that."""
+    from tests.test_softmax_entropy import _CountProducts
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen).requires_grad_()
+    e = torch.randn(100, 8, generator=gen).requires_grad_()
+    for scratch, expected in ((2**20, (1, 4)), (4 * 100 * 4 * 16, (4, 8))):  # 2 row tiles
+        with _CountProducts(100) as fwd:
+            q, _ = ibq_lookup(x, e, max_scratch_bytes=scratch)
+        with _CountProducts(100) as bwd:
+            q.square().sum().backward()
+        assert (fwd.count, bwd.count) == expected, scratch

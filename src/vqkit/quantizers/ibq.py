@@ -25,6 +25,7 @@ from .softmax_entropy import (
     ibq_scratch_bytes,
     ibq_terms,
     row_max,
+    whole_rows,
 )
 
 __all__ = ["IBQ", "IBQOptions", "ibq_lookup"]
@@ -32,6 +33,8 @@ __all__ = ["IBQ", "IBQOptions", "ibq_lookup"]
 
 _MAX_TILE_N = 4096
 _MAX_TILE_K = 2048
+_FUSED_MIN_ROWS = 64
+""":func:`ibq_lookup` uses the whole-row Function where its tiles hold this many rows."""
 
 
 def _tiles(n: int, k: int, itemsize: int, scratch: int) -> tuple[int, int]:
@@ -180,10 +183,19 @@ def ibq_lookup(
     (same floating dtype): ``(codes (N, d), indices (N,))`` with the value
     ``codebook[argmax_k x.e_k]`` exactly and the gradient of ``(onehot + p - sg[p]) @ E``,
     ``p = softmax(x E^T)``, to ``x`` and ``codebook``; memory bounded by
-    ``max_scratch_bytes`` (see :class:`_IBQLookup`). Without the entropy penalty the
-    layer uses this code-tiled Function: the fused whole-row one
-    (:func:`~vqkit.quantizers.softmax_entropy.ibq_terms`) was 5-10 % slower at K = 2^14
-    and 3.6x slower at K = 2^18 (4-row tiles) for the lookup alone."""
+    ``max_scratch_bytes``.
+
+    Two exact ways, chosen by how many whole rows of K codes fit the bound: at least
+    64 (K <= 2^14 at the default 16 MiB), the whole-row Function
+    (:func:`~vqkit.quantizers.softmax_entropy.ibq_terms` without the entropy: five
+    N x D x K products, each row's softmax complete in its tile); fewer, the code-tiled
+    :class:`_IBQLookup` (six products, but (1024 x 2048) tiles that stream the codebook
+    once per 1024 rows). Measured for the lookup alone, N = 2048, 1 thread: at
+    K = 2^14 the whole-row one 4-9 % faster in each of five interleaved rounds (417
+    against 433 ms, medians); at K = 2^18 (4-row tiles) 3.6x slower."""
+    if whole_rows(codebook.shape[0], x.element_size(), max_scratch_bytes) >= _FUSED_MIN_ROWS:
+        q, idx, _, _ = ibq_terms(x, codebook, None, max_scratch_bytes=max_scratch_bytes)
+        return q, idx
     tile_n, tile_k = _tiles(x.shape[0], codebook.shape[0], x.element_size(), max_scratch_bytes)
     return _IBQLookup.apply(x, codebook, tile_n, tile_k)
 
@@ -307,7 +319,7 @@ class IBQ(LossTrainedQuantizer):
             soft = self.training and torch.is_grad_enabled()
             soft = soft and (f32.requires_grad or e.requires_grad)
             use_entropy = self.training and self.entropy_weight > 0
-            if soft and not use_entropy:  # the lookup alone: code tiles
+            if soft and not use_entropy:  # the lookup alone
                 q, indices = ibq_lookup(f32, e, self.max_scratch_bytes)
                 hard = F.embedding(indices, e)
                 distances = ((f32.detach() - hard.detach()) ** 2).sum(1)

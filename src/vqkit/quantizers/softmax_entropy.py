@@ -75,6 +75,7 @@ __all__ = [
     "ibq_scratch_bytes",
     "ibq_terms",
     "row_max",
+    "whole_rows",
     "softmax_entropy_terms",
 ]
 
@@ -108,10 +109,16 @@ def ibq_scratch_bytes(num_codes: int, itemsize: int = 4) -> int:
     return max(IBQ_SCRATCH_BYTES, 4 * IBQ_MIN_ROWS * itemsize * k)
 
 
+def whole_rows(k: int, itemsize: int, scratch: int) -> int:
+    """Whole rows of ``k`` codes that one tile of :func:`ibq_terms` holds within
+    ``scratch`` bytes (four (rows x K) tiles live at once in the backward), at most
+    256; 0 where not even one row fits (a tile then holds one row anyway)."""
+    return min(_MAX_ROWS, scratch // (4 * itemsize * max(k, 1)))
+
+
 def _row_tile(n: int, k: int, itemsize: int, scratch: int) -> int:
-    """Rows per tile: four (rows x K) tiles live at once in the backward; at least one
-    row."""
-    return max(1, min(max(n, 1), _MAX_ROWS, scratch // (4 * itemsize * max(k, 1))))
+    """Rows per tile for ``n`` rows: :func:`whole_rows`, at least one."""
+    return max(1, min(max(n, 1), whole_rows(k, itemsize, scratch)))
 
 
 def _scratch(rows: int, k: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -197,7 +204,8 @@ class _IBQTerms(torch.autograd.Function):
         n, k = x.shape[0], e.shape[0]
         ent = inv_t > 0
         rows = _row_tile(n, k, x.element_size(), scratch)
-        buf_s, buf_p = _scratch(min(rows, n), k, x), _scratch(min(rows, n), k, x)
+        buf_s = _scratch(min(rows, n), k, x)
+        buf_p = _scratch(min(rows, n), k, x) if ent else None
         et = e.t()
         idx = torch.empty(n, dtype=torch.int64, device=x.device)
         m = x.new_empty(n)  # row max of s
@@ -210,10 +218,10 @@ class _IBQTerms(torch.autograd.Function):
             s = _mm(x[r0:r1], et, _view(buf_s, r1 - r0, k))
             mb, ib = row_max(s)  # ties to the lowest index
             m[r0:r1], idx[r0:r1] = mb, ib
-            # centred logits in base 2 (<= 0, 0 at the maximum): 2^s = e^(logit - m)
-            s.sub_(mb.unsqueeze(1)).mul_(LOG2E)
-            out_p = _view(buf_p, r1 - r0, k)
-            if ent:
+            if ent:  # (the lookup alone needs only m and the index here)
+                # centred logits in base 2 (<= 0, 0 at the maximum): 2^s = e^(logit - m)
+                s.sub_(mb.unsqueeze(1)).mul_(LOG2E)
+                out_p = _view(buf_p, r1 - r0, k)
                 s.mul_(inv_t)  # a2: the entropy's centred logits / T, base 2
                 p = clamped_exp2(s, out_p)  # p2 * z: never normalised, 1 / z goes to row figures
                 z = p.sum(1)  # >= 1: the maximum's term is 2^0
