@@ -69,6 +69,7 @@ from ..distributed import all_reduce_sum, world_size
 from .base import fp32_region
 
 __all__ = [
+    "IBQ_MIN_ROWS",
     "IBQ_SCRATCH_BYTES",
     "LOG2E",
     "clamped_exp2",
@@ -106,14 +107,20 @@ def ibq_scratch_bytes(num_codes: int, itemsize: int = 4) -> int:
     K = 2^18 left the layer memory-bound: 16 rows took it from 28 s to 16 s (N = 2048,
     D = 64, 1 thread; the code-tiled lookup was unchanged, 7.8-8.0 s)."""
     k = num_codes if isinstance(num_codes, int) and num_codes > 0 else 0  # validated later
-    return max(IBQ_SCRATCH_BYTES, 4 * IBQ_MIN_ROWS * itemsize * k)
+    return max(IBQ_SCRATCH_BYTES, IBQ_MIN_ROWS * _row_bytes(k, itemsize))
+
+
+def _row_bytes(k: int, itemsize: int) -> int:
+    """Bytes one whole row of ``k`` codes takes in the four (rows x K) tiles that live at
+    once in :func:`ibq_terms`' backward (the one place this rule is written)."""
+    return 4 * itemsize * max(k, 1)
 
 
 def whole_rows(k: int, itemsize: int, scratch: int) -> int:
     """Whole rows of ``k`` codes that one tile of :func:`ibq_terms` holds within
     ``scratch`` bytes (four (rows x K) tiles live at once in the backward), at most
     256; 0 where not even one row fits (a tile then holds one row anyway)."""
-    return min(_MAX_ROWS, scratch // (4 * itemsize * max(k, 1)))
+    return min(_MAX_ROWS, scratch // _row_bytes(k, itemsize))
 
 
 def _row_tile(n: int, k: int, itemsize: int, scratch: int) -> int:
