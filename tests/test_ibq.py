@@ -193,3 +193,21 @@ def test_ibq_lookup_takes_whole_rows_where_64_fit_else_code_tiles():
         with _CountProducts(100) as bwd:
             q.square().sum().backward()
         assert (fwd.count, bwd.count) == expected, scratch
+
+
+def test_ibq_lookup_rejects_bad_arguments_in_one_line():
+    x, e = torch.randn(4, 3), torch.randn(7, 3)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    for args, words in (
+        ((x, torch.randn(7, 2)), "dimension mismatch"),
+        ((x, e.double()), "must share a dtype"),
+        ((bad, e), "x has NaN or Inf in 1 of 4 query rows (1)"),
+        ((x, e, 0), "max_scratch_bytes must be a positive int"),
+    ):
+        with pytest.raises((TypeError, ValueError)) as info:
+            ibq_lookup(*args)
+        assert words in str(info.value) and "\n" not in str(info.value)
+    for scratch in (2**20, 64):  # both ways (whole rows, code tiles) skip the check when told
+        q, _ = ibq_lookup(bad, e, scratch, check_finite=False)
+        assert q.shape == (4, 3)

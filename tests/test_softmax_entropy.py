@@ -206,3 +206,48 @@ def test_block_argmax_is_torch_argmax_with_exact_ties(k):
     m, idx = row_max(s)
     torch.testing.assert_close(m, s.amax(1), rtol=0, atol=0)
     assert torch.equal(idx, s.argmax(1))
+
+
+@pytest.mark.parametrize(
+    "case, exc, words",
+    [
+        ("x 1-d", ValueError, "x must have shape (N, D)"),
+        ("width", ValueError, "dimension mismatch"),
+        ("dtypes", TypeError, "must share a dtype"),
+        ("integer", TypeError, "floating-point"),
+        ("keep shape", ValueError, "keep must be a bool (6,) tensor"),
+        ("keep dtype", ValueError, "keep must be a bool (6,) tensor"),
+        ("nan x", ValueError, "x has NaN or Inf in 1 of 6 query rows (2)"),
+        ("inf code", ValueError, "codebook has NaN or Inf in 1 of 5 codebook rows (4)"),
+        ("scratch", ValueError, "max_scratch_bytes must be a positive int"),
+    ],
+)
+def test_bad_arguments_raise_one_line_errors(case, exc, words):
+    x, e, keep, scratch = torch.randn(6, 3), torch.randn(5, 3), None, 2**20
+    if case == "x 1-d":
+        x = x[0]
+    elif case == "width":
+        e = torch.randn(5, 4)
+    elif case == "dtypes":
+        e = e.double()
+    elif case == "integer":
+        x = x.long()
+    elif case == "keep shape":
+        keep = torch.ones(5, dtype=torch.bool)
+    elif case == "keep dtype":
+        keep = torch.ones(6)
+    elif case == "nan x":
+        x[2, 1] = float("nan")
+    elif case == "inf code":
+        e[4, 0] = float("inf")
+    elif case == "scratch":
+        scratch = 0
+    calls = [lambda: ibq_terms(x, e, 0.1, keep, max_scratch_bytes=scratch)]
+    if case != "dtypes":  # softmax_entropy_terms takes any floating dtype and casts
+        calls.append(lambda: softmax_entropy_terms(x, e, 0.1, keep, max_scratch_bytes=scratch))
+    for call in calls:
+        with pytest.raises(exc) as info:
+            call()
+        assert words in str(info.value) and "\n" not in str(info.value)
+    if case in ("nan x", "inf code"):  # switched off: no check, no error
+        ibq_terms(x, e, 0.1, keep, max_scratch_bytes=scratch, check_finite=False)

@@ -29,6 +29,8 @@ import torch
 
 __all__ = [
     "DEFAULT_SCRATCH_BYTES",
+    "check_finite_pair",
+    "check_pair",
     "faiss_available",
     "nearest_code",
     "scratch_bytes",
@@ -55,7 +57,9 @@ def faiss_available() -> bool:
     return True
 
 
-def _check_pair(x: torch.Tensor, codebook: torch.Tensor) -> None:
+def check_pair(x: torch.Tensor, codebook: torch.Tensor) -> None:
+    """TypeError / ValueError, one line each, unless ``x`` (N, D) and ``codebook`` (K >=
+    1, D) are floating tensors with values, of one width D, on one device."""
     if not isinstance(x, torch.Tensor) or not isinstance(codebook, torch.Tensor):
         raise TypeError("x and codebook must be torch.Tensors")
     if x.is_meta or codebook.is_meta:  # shapes only: no values to search
@@ -82,9 +86,10 @@ def _check_pair(x: torch.Tensor, codebook: torch.Tensor) -> None:
         )
 
 
-def _check_finite_pair(x: torch.Tensor, codebook: torch.Tensor) -> None:
-    """ValueError if a query row or a code holds NaN/Inf. A NaN/Inf code would otherwise
-    attract every query with a NaN distance, and a NaN query get an arbitrary index.
+def check_finite_pair(x: torch.Tensor, codebook: torch.Tensor, user: str = "nearest_code") -> None:
+    """ValueError if a query row or a code holds NaN/Inf (``user`` names the caller in
+    the message). A NaN/Inf code would otherwise attract every query with a NaN
+    distance, and a NaN query get an arbitrary index.
 
     One fused min/max pass per tensor (NaN and Inf both surface in min or max) and a
     single host sync; the per-row diagnosis runs only on the error path."""
@@ -99,7 +104,7 @@ def _check_finite_pair(x: torch.Tensor, codebook: torch.Tensor) -> None:
             first = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
             raise ValueError(
                 f"{name} has NaN or Inf in {len(bad)} of {t.shape[0]} {rows} ({first}); "
-                "nearest_code needs finite values"
+                f"{user} needs finite values"
             )
 
 
@@ -256,13 +261,13 @@ def nearest_code(
 
     Not differentiable: the result is a discrete choice, computed under no_grad.
     """
-    _check_pair(x, codebook)
+    check_pair(x, codebook)
     if max_scratch_bytes < 4:
         raise ValueError(f"max_scratch_bytes must be >= 4; got {max_scratch_bytes}")
     if backend not in ("auto", "torch", "faiss"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'faiss'; got {backend!r}")
     if check_finite and not torch.compiler.is_compiling():
-        _check_finite_pair(x, codebook)
+        check_finite_pair(x, codebook)
     n = x.shape[0]
     if n == 0:
         return (
@@ -298,7 +303,7 @@ def nearest_code(
 def squared_distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Dense (N, K) squared distances, in float32. Allocates N x K: for analysis
     and small problems only; the quantizers never call it."""
-    _check_pair(x, codebook)
+    check_pair(x, codebook)
     x = x.to(torch.float32)
     codebook = codebook.to(torch.float32)
     d = torch.addmm(codebook.pow(2).sum(1), x, codebook.t(), beta=1.0, alpha=-2.0)

@@ -21,6 +21,7 @@ from .registry import register_quantizer
 from .softmax_entropy import (
     IBQ_SCRATCH_BYTES,
     LOG2E,
+    check_terms_args,
     clamped_exp2,
     ibq_scratch_bytes,
     ibq_terms,
@@ -177,7 +178,10 @@ class _IBQLookup(torch.autograd.Function):
 
 
 def ibq_lookup(
-    x: torch.Tensor, codebook: torch.Tensor, max_scratch_bytes: int = IBQ_SCRATCH_BYTES
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    max_scratch_bytes: int = IBQ_SCRATCH_BYTES,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """IBQ's straight-through-softmax lookup of rows ``x`` (N, d) in ``codebook`` (K, d)
     (same floating dtype): ``(codes (N, d), indices (N,))`` with the value
@@ -192,9 +196,14 @@ def ibq_lookup(
     :class:`_IBQLookup` (six products, but (1024 x 2048) tiles that stream the codebook
     once per 1024 rows). Measured for the lookup alone, N = 2048, 1 thread: at
     K = 2^14 the whole-row one 4-9 % faster in each of five interleaved rounds (417
-    against 433 ms, medians); at K = 2^18 (4-row tiles) 3.6x slower."""
+    against 433 ms, medians); at K = 2^18 (4-row tiles) 3.6x slower. Wrong shapes,
+    dtypes or devices raise a one-line error, and so do NaN/Inf with ``check_finite``
+    (:func:`~vqkit.quantizers.softmax_entropy.check_terms_args`)."""
+    check_terms_args(x, codebook, None, max_scratch_bytes, check_finite, "ibq_lookup")
     if whole_rows(codebook.shape[0], x.element_size(), max_scratch_bytes) >= _FUSED_MIN_ROWS:
-        q, idx, _, _ = ibq_terms(x, codebook, None, max_scratch_bytes=max_scratch_bytes)
+        q, idx, _, _ = ibq_terms(
+            x, codebook, None, max_scratch_bytes=max_scratch_bytes, check_finite=False
+        )
         return q, idx
     tile_n, tile_k = _tiles(x.shape[0], codebook.shape[0], x.element_size(), max_scratch_bytes)
     return _IBQLookup.apply(x, codebook, tile_n, tile_k)
@@ -320,7 +329,7 @@ class IBQ(LossTrainedQuantizer):
             soft = soft and (f32.requires_grad or e.requires_grad)
             use_entropy = self.training and self.entropy_weight > 0
             if soft and not use_entropy:  # the lookup alone
-                q, indices = ibq_lookup(f32, e, self.max_scratch_bytes)
+                q, indices = ibq_lookup(f32, e, self.max_scratch_bytes, self.check_finite)
                 hard = F.embedding(indices, e)
                 distances = ((f32.detach() - hard.detach()) ** 2).sum(1)
             elif use_entropy:
@@ -334,6 +343,7 @@ class IBQ(LossTrainedQuantizer):
                     sync=self.sync_stats,
                     group=self.process_group,
                     max_scratch_bytes=self.max_scratch_bytes,
+                    check_finite=self.check_finite,
                 )
                 hard = F.embedding(indices, e)
                 q = q if soft else hard

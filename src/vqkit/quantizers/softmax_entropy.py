@@ -66,6 +66,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..distributed import all_reduce_sum, world_size
+from ..search import check_finite_pair, check_pair
 from .base import fp32_region
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "clamped_exp2",
     "ibq_scratch_bytes",
     "ibq_terms",
+    "check_terms_args",
     "row_max",
     "whole_rows",
     "softmax_entropy_terms",
@@ -329,6 +331,49 @@ class _IBQTerms(torch.autograd.Function):
         return (dx if need_x else None), (de if need_e else None), *([None] * 6)
 
 
+def check_terms_args(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    keep: torch.Tensor | None,
+    max_scratch_bytes: int,
+    check_finite: bool,
+    user: str,
+) -> None:
+    """One-line TypeError / ValueError unless ``x`` (N, d) and ``codebook`` (K, d) are
+    finite floating tensors of one dtype and device, ``keep`` None or (N,) bool there,
+    and ``max_scratch_bytes`` a positive int (``check_finite``: one min/max pass over
+    each, skipped while tracing)."""
+    check_pair(x, codebook)
+    if x.dtype != codebook.dtype:
+        raise TypeError(
+            f"{user}: x and codebook must share a dtype; got {x.dtype} and {codebook.dtype}"
+        )
+    if keep is not None and (
+        not isinstance(keep, torch.Tensor)
+        or keep.dtype != torch.bool
+        or keep.shape != (x.shape[0],)
+        or keep.device != x.device
+    ):
+        got = (
+            f"{keep.dtype} {tuple(keep.shape)} on {keep.device}"
+            if isinstance(keep, torch.Tensor)
+            else type(keep).__name__
+        )
+        raise ValueError(
+            f"{user}: keep must be a bool ({x.shape[0]},) tensor on {x.device}; got {got}"
+        )
+    if (
+        isinstance(max_scratch_bytes, bool)
+        or not isinstance(max_scratch_bytes, int)
+        or max_scratch_bytes < 1
+    ):
+        raise ValueError(
+            f"{user}: max_scratch_bytes must be a positive int; got {max_scratch_bytes!r}"
+        )
+    if check_finite and not torch.compiler.is_compiling():
+        check_finite_pair(x, codebook, user)
+
+
 def ibq_terms(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -339,6 +384,7 @@ def ibq_terms(
     sync: bool = False,
     group: dist.ProcessGroup | None = None,
     max_scratch_bytes: int = IBQ_SCRATCH_BYTES,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """IBQ's lookup and entropy terms in one tiled pass each way (module docstring).
 
@@ -350,12 +396,15 @@ def ibq_terms(
             lookup covers every row).
         lookup: False leaves the lookup's softmax gradient out (the codes are still
             returned).
+        check_finite: raise ValueError naming the rows where ``x`` or ``codebook``
+            holds NaN/Inf (wrong shapes, dtypes or devices always raise).
     Returns:
         ``(codes (N, d), indices (N,), mean per-sample entropy, batch entropy)``: codes
         are exactly ``codebook[argmax_k x.e_k]`` (ties to the lowest index) with the
         gradient of ``(onehot + p - sg[p]) @ E``, ``p = softmax(x E^T)``; entropies in
         nats of ``softmax(x E^T / T)``.
     """
+    check_terms_args(x, codebook, keep, max_scratch_bytes, check_finite, "ibq_terms")
     if temperature is not None and not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature!r}")
     w = None if keep is None else keep.to(x.dtype)
@@ -382,16 +431,19 @@ def softmax_entropy_terms(
     all-reduce)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature!r}")
-    x = x.to(torch.float32)
+    check_pair(x, codebook)
+    x, codebook = x.to(torch.float32), codebook.to(torch.float32)
+    check_terms_args(x, codebook, keep, max_scratch_bytes, True, "softmax_entropy_terms")
     if keep is not None:
         x = x[keep]
     _, _, sample, batch = ibq_terms(
         x,
-        codebook.to(torch.float32),
+        codebook,
         temperature,
         lookup=False,
         sync=sync,
         group=group,
         max_scratch_bytes=max_scratch_bytes,
+        check_finite=False,
     )
     return sample, batch
