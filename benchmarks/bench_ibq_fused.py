@@ -11,6 +11,8 @@ requiring grad, ``(out.loss + out.quantized.square().mean()).backward()``):
 * ``ibq`` / ``ibq_noent`` (this checkout), ``main_ibq`` / ``main_ibq_noent`` (the
   baseline's), with the entropy penalty (weight 0.05, T 0.01) and without it;
 * ``ema``: ``VectorQuantizerEMA(K, 64)``, the one-product floor (its search);
+* ``ibq_compiled``: ``ibq`` under ``torch.compile`` (Inductor traces the tile loop and
+  fuses each tile's elementwise chain; the compile falls in the warm-up call);
 * ``dense_ibq``: the same three MSE terms and entropy penalty written densely (N x K
   logits, softmax, autograd), skipped where one N x K matrix exceeds ``--dense-max-gib``.
 
@@ -31,7 +33,15 @@ from pathlib import Path
 from benchmarks import common
 
 MODULE = "benchmarks.bench_ibq_fused"
-METHODS = ("ema", "ibq", "main_ibq", "ibq_noent", "main_ibq_noent", "dense_ibq")
+METHODS = (
+    "ema",
+    "ibq",
+    "main_ibq",
+    "ibq_noent",
+    "main_ibq_noent",
+    "ibq_compiled",
+    "dense_ibq",
+)
 D = 64
 
 
@@ -84,6 +94,8 @@ def _worker(method: str, n: int, k: int, repeats: int, budget: float) -> dict:
             mod = VectorQuantizerEMA(k, D).train()
         else:
             mod = IBQ(k, D, entropy_weight=0.0 if method.endswith("noent") else 0.05).train()
+            if method == "ibq_compiled":
+                mod = torch.compile(mod)
 
         def run() -> None:
             out = mod(x)
