@@ -45,6 +45,10 @@ centred, every term is of the size of the result, and the float32 gradient's err
 that of the float32 logits alone (tests/test_softmax_entropy.py; the base-2 scaling and
 the row figures did not change it at the table's precision).
 
+Each tile's elementwise work runs in :mod:`vqkit.quantizers.ibq_native`'s C kernel
+where it builds (CPU, float32, eager), else as the in-place PyTorch passes below; the
+backward always takes the forward's way.
+
 Memory: the K-float marginal, O(N + K) row and code figures and four (rows x K) tiles
 within ``max_scratch_bytes`` (at least one row).
 
@@ -67,6 +71,7 @@ import torch.nn.functional as F
 
 from ..distributed import all_reduce_sum, world_size
 from ..search import check_finite_pair, check_pair
+from . import ibq_native
 from .base import fp32_region
 
 __all__ = [
@@ -215,6 +220,9 @@ class _IBQTerms(torch.autograd.Function):
         rows = _row_tile(n, k, x.element_size(), scratch)
         buf_s = _scratch(min(rows, n), k, x)
         buf_p = _scratch(min(rows, n), k, x) if ent else None
+        # the C kernel or eager passes, the same way in the backward (its 2^a2 must be
+        # bit for bit the forward's); never where tiles are traced (no buffers)
+        native = buf_s is not None and n > 0 and ibq_native.usable(x)
         et = e.t()
         idx = torch.empty(n, dtype=torch.int64, device=x.device)
         m = x.new_empty(n)  # row max of s
@@ -227,7 +235,12 @@ class _IBQTerms(torch.autograd.Function):
             s = _mm(x[r0:r1], et, _view(buf_s, r1 - r0, k))
             mb, ib = row_max(s)  # ties to the lowest index
             m[r0:r1], idx[r0:r1] = mb, ib
-            if ent:  # (the lookup alone needs only m and the index here)
+            if ent and native:
+                u = _view(buf_p, r1 - r0, k)
+                z, ab = ibq_native.forward_rows(s, mb, inv_t, u)
+                z2[r0:r1], abar[r0:r1] = z, ab
+                marg += (wv[r0:r1] / z) @ u
+            elif ent:  # (the lookup alone needs only m and the index here)
                 # centred logits in base 2 (<= 0, 0 at the maximum): 2^s = e^(logit - m)
                 s.sub_(mb.unsqueeze(1)).mul_(LOG2E)
                 out_p = _view(buf_p, r1 - r0, k)
@@ -252,7 +265,7 @@ class _IBQTerms(torch.autograd.Function):
         else:
             log_p = marg
         ctx.save_for_backward(x, e, w, idx, m, z2, abar, log_p, n_loc, total)
-        ctx.cfg = (inv_t, lookup, ws, rows)
+        ctx.cfg = (inv_t, lookup, ws, rows, native)
         ctx.device = x.device
         ctx.mark_non_differentiable(idx)
         return F.embedding(idx, e), idx, sample, batch
@@ -260,7 +273,7 @@ class _IBQTerms(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, g_q: Any, g_s: Any, g_b: Any) -> tuple[Any, ...]:
         x, e, w, idx, m, z2, abar, log_p, n_loc, total = ctx.saved_tensors
-        inv_t, lookup, ws, rows = ctx.cfg
+        inv_t, lookup, ws, rows, native = ctx.cfg
         ent = inv_t > 0
         n, k = x.shape[0], e.shape[0]
         lookup = lookup and g_q is not None
@@ -285,6 +298,18 @@ class _IBQTerms(torch.autograd.Function):
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             nb, xb = r1 - r0, x[r0:r1]
+            bufs_v = [_view(b, nb, k) for b in bufs]
+            if native and (lookup or ent):
+                s = _mm(xb, et, _view(bufs[0], nb, k))
+                gl = _mm(g_q[r0:r1], et, _view(bufs[1], nb, k)) if lookup else None
+                terms = None
+                if ent:  # row figures, and log P_top(n) to centre log P in the row
+                    top = log_p[idx[r0:r1]]
+                    terms = (log_p, top, a_row[r0:r1], b_row[r0:r1], abar[r0:r1], z2[r0:r1])
+                dls = ibq_native.backward_rows(s, gl, m[r0:r1], inv_t, terms, bufs_v[2])
+                torch.mm(dls, e, out=dx[r0:r1])
+                de.addmm_(dls.t(), xb)
+                continue
             # the forward's very operations: s and p bit for bit those of abar and z2,
             # so that sum_j dL/ds_nj = 0 holds to rounding (a mismatch of 1 ulp in p
             # cost 3x in the float32 gradient of sharp rows)
