@@ -42,25 +42,30 @@ static inline float exp2_clamped(float x) {
     return p * scale;
 }
 
-/* Forward, rows of raw logits s (rows x k) with row maxima m: a2 = (s - m) log2(e) / T,
- * u = 2^a2 (into u), z = sum_k u, abar = sum_k u a2 / z. */
-void ibq_forward(const float *restrict s, const float *restrict m, int64_t rows, int64_t k,
-                 float inv_t, float *restrict u, float *restrict z, float *restrict abar) {
+/* Forward, rows of raw logits s (rows x k) with row maxima m and weights w: a2 = (s - m)
+ * log2(e) / T, u = 2^a2 (in ubuf, k floats), z = sum_k u, abar = sum_k u a2 / z, and
+ * marg += (w / z) u (the batch marginal's share of the rows). */
+void ibq_forward(const float *restrict s, const float *restrict m, const float *restrict w,
+                 int64_t rows, int64_t k, float inv_t, float *restrict z,
+                 float *restrict abar, float *restrict marg, float *restrict ubuf) {
     for (int64_t r = 0; r < rows; r++) {
         const float *sr = s + r * k;
-        float *ur = u + r * k;
         const float mr = m[r];
         float zs = 0.0f, as = 0.0f;
 #pragma omp simd reduction(+ : zs, as)
         for (int64_t j = 0; j < k; j++) {
             float a2 = (sr[j] - mr) * LOG2E * inv_t;
             float v = exp2_clamped(a2);
-            ur[j] = v;
+            ubuf[j] = v;
             zs += v;
             as += v * a2;
         }
         z[r] = zs;
         abar[r] = as / zs;
+        const float coef = w[r] / zs;
+#pragma omp simd
+        for (int64_t j = 0; j < k; j++)
+            marg[j] += coef * ubuf[j];
     }
 }
 

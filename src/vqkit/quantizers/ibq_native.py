@@ -71,7 +71,7 @@ def _build() -> ctypes.CDLL:
         handle = ctypes.CDLL(lib)  # loaded: the file may go with the directory
     i64, f32, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int
     p = _F32P
-    handle.ibq_forward.argtypes = [p, p, i64, i64, f32, p, p, p]
+    handle.ibq_forward.argtypes = [p, p, p, i64, i64, f32, p, p, p, p]
     handle.ibq_forward.restype = None
     handle.ibq_backward.argtypes = [p, p, p, i64, i64, f32, i32, p, p, p, p, p, p, p, p, p]
     handle.ibq_backward.restype = None
@@ -132,22 +132,26 @@ def _run(jobs: list) -> None:  # type: ignore[type-arg]
 
 
 def forward_rows(
-    s: torch.Tensor, m: torch.Tensor, inv_t: float, u: torch.Tensor
+    s: torch.Tensor, m: torch.Tensor, w: torch.Tensor, inv_t: float, marg: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(z, abar)`` of raw logits ``s`` (rows, K) with row maxima ``m``; writes ``u =
-    2^a2`` (clamped) into ``u`` (rows, K)."""
+    """``(z, abar)`` of raw logits ``s`` (rows, K) with row maxima ``m`` and row weights
+    ``w``; adds the rows' share ``sum_n (w_n / z_n) 2^a2_n`` to ``marg`` (K,)."""
     lib = _lib()
     assert lib is not None
     rows, k = s.shape
     z, abar = s.new_empty(rows), s.new_empty(rows)
+    chunks = _row_chunks(rows)
+    parts = s.new_zeros(len(chunks), k)  # one marginal per thread, summed below
 
-    def job(r0: int, r1: int):  # type: ignore[no-untyped-def]
+    def job(i: int, r0: int, r1: int):  # type: ignore[no-untyped-def]
+        ubuf = s.new_empty(k)  # 2^a2 of one row at a time
         return lambda: lib.ibq_forward(
-            _ptr(s[r0:r1]), _ptr(m[r0:r1]), r1 - r0, k, inv_t,
-            _ptr(u[r0:r1]), _ptr(z[r0:r1]), _ptr(abar[r0:r1]),
+            _ptr(s[r0:r1]), _ptr(m[r0:r1]), _ptr(w[r0:r1]), r1 - r0, k, inv_t,
+            _ptr(z[r0:r1]), _ptr(abar[r0:r1]), _ptr(parts[i]), _ptr(ubuf),
         )  # fmt: skip
 
-    _run([job(a, b) for a, b in _row_chunks(rows)])
+    _run([job(i, a, b) for i, (a, b) in enumerate(chunks)])
+    marg += parts.sum(0) if len(chunks) > 1 else parts[0]
     return z, abar
 
 

@@ -219,10 +219,10 @@ class _IBQTerms(torch.autograd.Function):
         ent = inv_t > 0
         rows = _row_tile(n, k, x.element_size(), scratch)
         buf_s = _scratch(min(rows, n), k, x)
-        buf_p = _scratch(min(rows, n), k, x) if ent else None
         # the C kernel or eager passes, the same way in the backward (its 2^a2 must be
         # bit for bit the forward's); never where tiles are traced (no buffers)
         native = buf_s is not None and n > 0 and ibq_native.usable(x)
+        buf_p = _scratch(min(rows, n), k, x) if ent and not native else None
         et = e.t()
         idx = torch.empty(n, dtype=torch.int64, device=x.device)
         m = x.new_empty(n)  # row max of s
@@ -235,11 +235,9 @@ class _IBQTerms(torch.autograd.Function):
             s = _mm(x[r0:r1], et, _view(buf_s, r1 - r0, k))
             mb, ib = row_max(s)  # ties to the lowest index
             m[r0:r1], idx[r0:r1] = mb, ib
-            if ent and native:
-                u = _view(buf_p, r1 - r0, k)
-                z, ab = ibq_native.forward_rows(s, mb, inv_t, u)
+            if ent and native:  # the marginal's share too, from the row in cache
+                z, ab = ibq_native.forward_rows(s, mb, wv[r0:r1], inv_t, marg)
                 z2[r0:r1], abar[r0:r1] = z, ab
-                marg += (wv[r0:r1] / z) @ u
             elif ent:  # (the lookup alone needs only m and the index here)
                 # centred logits in base 2 (<= 0, 0 at the maximum): 2^s = e^(logit - m)
                 s.sub_(mb.unsqueeze(1)).mul_(LOG2E)
