@@ -45,7 +45,7 @@ FLAGS = (
 )
 _state: dict[str, object] = {}  # "lib" once built, "error" once failed
 _lock = threading.Lock()
-_pool: dict[int, ThreadPoolExecutor] = {}  # by worker count
+_pool: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by worker count and process
 _F32P = ctypes.POINTER(ctypes.c_float)
 
 
@@ -124,10 +124,10 @@ def _run(jobs: list) -> None:  # type: ignore[type-arg]
     if len(jobs) == 1:
         jobs[0]()
         return
-    n = len(jobs)
-    if n not in _pool:
-        _pool[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="vqkit-ibq")
-    for f in [_pool[n].submit(job) for job in jobs]:
+    n, pid = len(jobs), os.getpid()
+    if (n, pid) not in _pool:  # a forked child has none of its parent's pool threads
+        _pool[(n, pid)] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="vqkit-ibq")
+    for f in [_pool[(n, pid)].submit(job) for job in jobs]:
         f.result()
 
 
