@@ -7,9 +7,9 @@ elementwise passes (centring, two clamped ``exp2``, the row sums, the gradient's
 products) took about 90 of the fused layer's 440 ms, and Inductor's fused loops of the
 same formulas were no faster (they recompute the exponentials in each loop: compute
 bound). The kernel reads each row once, evaluates each softmax once into a row buffer
-that stays in cache, and writes the result once: inside the layer about 10 ms forward
-and 35 ms backward for those 2048 x 16384 logits, against about 26 and 65 ms for the
-eager passes (docs/results.md).
+that stays in cache, and writes the result once: inside the layer about 13 ms forward
+(with the batch marginal's share) and 35-45 ms backward for those 2048 x 16384 logits,
+against about 30 and 65 ms for the eager passes (docs/results.md).
 
 Built once per process (about 0.3 s: ``cc -O3 -march=native``, no ``-ffast-math``, no
 FMA contraction, so that vector and scalar code give the same bits) into a temporary
