@@ -292,19 +292,19 @@ class _IBQTerms(torch.autograd.Function):
         et = e.t()
         dx = torch.empty_like(x)
         de = torch.zeros_like(e)
-        bufs = [_scratch(min(rows, n), k, x) for _ in range(4)]
+        bufs = [_scratch(min(rows, n), k, x) for _ in range(3 if native else 4)]
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             nb, xb = r1 - r0, x[r0:r1]
-            bufs_v = [_view(b, nb, k) for b in bufs]
             if native and (lookup or ent):
-                s = _mm(xb, et, _view(bufs[0], nb, k))
-                gl = _mm(g_q[r0:r1], et, _view(bufs[1], nb, k)) if lookup else None
+                tiles = [_view(b, nb, k) for b in bufs]
+                s = _mm(xb, et, tiles[0])
+                gl = _mm(g_q[r0:r1], et, tiles[1]) if lookup else None
                 terms = None
                 if ent:  # row figures, and log P_top(n) to centre log P in the row
                     top = log_p[idx[r0:r1]]
                     terms = (log_p, top, a_row[r0:r1], b_row[r0:r1], abar[r0:r1], z2[r0:r1])
-                dls = ibq_native.backward_rows(s, gl, m[r0:r1], inv_t, terms, bufs_v[2])
+                dls = ibq_native.backward_rows(s, gl, m[r0:r1], inv_t, terms, tiles[2])
                 torch.mm(dls, e, out=dx[r0:r1])
                 de.addmm_(dls.t(), xb)
                 continue
