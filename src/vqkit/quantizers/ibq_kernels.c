@@ -16,17 +16,11 @@
 #include <string.h>
 
 #define LOG2E 1.4426950408889634f
-/* Exponents are clamped at -64 (the eager passes: -126). A clamped term is at most
- * 2^-64 where the row's largest is 1, so the K <= 2^18 clamped terms of a row move its
- * sum by at most 2^-46 relative, far below float32 resolution; and their products with
- * the row figures (~1e-3) stay normal floats: at -126 they were subnormal, which cost
- * this loop a third of its time (60 against 40 ms for 2048 x 16384 logits). */
-#define FLOOR -64.0f
-
-/* 2^max(x, FLOOR) for x <= 0: 2^round(x) (exponent bits) times 2^f, |f| <= 1/2, from
- * Cephes' exp2f polynomial (relative error about 1e-7, 1-2 ulp). */
-static inline float exp2_clamped(float x) {
-    x = x < FLOOR ? FLOOR : x;
+/* 2^max(x, lo) for x <= 0 and -126 <= lo (the floor softmax_entropy.py passes in):
+ * 2^round(x) (exponent bits) times 2^f, |f| <= 1/2, from Cephes' exp2f polynomial
+ * (relative error about 1e-7, 1-2 ulp). */
+static inline float exp2_clamped(float x, float lo) {
+    x = x < lo ? lo : x;
     float n = floorf(x + 0.5f);
     float f = x - n;
     float p = 1.535336188319500e-4f;
@@ -46,7 +40,7 @@ static inline float exp2_clamped(float x) {
  * log2(e) / T, u = 2^a2 (in ubuf, k floats), z = sum_k u, abar = sum_k u a2 / z, and
  * marg += (w / z) u (the batch marginal's share of the rows). */
 void ibq_forward(const float *restrict s, const float *restrict m, const float *restrict w,
-                 int64_t rows, int64_t k, float inv_t, float *restrict z,
+                 int64_t rows, int64_t k, float inv_t, float lo, float *restrict z,
                  float *restrict abar, float *restrict marg, float *restrict ubuf) {
     for (int64_t r = 0; r < rows; r++) {
         const float *sr = s + r * k;
@@ -55,7 +49,7 @@ void ibq_forward(const float *restrict s, const float *restrict m, const float *
 #pragma omp simd reduction(+ : zs, as)
         for (int64_t j = 0; j < k; j++) {
             float a2 = (sr[j] - mr) * LOG2E * inv_t;
-            float v = exp2_clamped(a2);
+            float v = exp2_clamped(a2, lo);
             ubuf[j] = v;
             zs += v;
             as += v * a2;
@@ -76,7 +70,8 @@ void ibq_forward(const float *restrict s, const float *restrict m, const float *
  *   entropy: p (A a2 - C) + B p lp, p = 2^(a2), lp = log_p - top, C = A abar + B sum p lp / z2
  */
 void ibq_backward(const float *restrict s, const float *restrict gl, const float *restrict m,
-                  int64_t rows, int64_t k, float inv_t, int ent, const float *restrict log_p,
+                  int64_t rows, int64_t k, float inv_t, float lo, int ent,
+                  const float *restrict log_p,
                   const float *restrict top, const float *restrict a_row,
                   const float *restrict b_row, const float *restrict abar,
                   const float *restrict z2, float *restrict out, float *restrict p1buf,
@@ -92,8 +87,8 @@ void ibq_backward(const float *restrict s, const float *restrict gl, const float
 #pragma omp simd reduction(+ : z1, rs, cs)
             for (int64_t j = 0; j < k; j++) {
                 float s2 = (sr[j] - mr) * LOG2E;
-                float q = exp2_clamped(s2);
-                float p = exp2_clamped(s2 * inv_t);
+                float q = exp2_clamped(s2, lo);
+                float p = exp2_clamped(s2 * inv_t, lo);
                 p1buf[j] = q;
                 pbuf[j] = p;
                 z1 += q;
@@ -103,7 +98,7 @@ void ibq_backward(const float *restrict s, const float *restrict gl, const float
         } else if (gr) {
 #pragma omp simd reduction(+ : z1, rs)
             for (int64_t j = 0; j < k; j++) {
-                float q = exp2_clamped((sr[j] - mr) * LOG2E);
+                float q = exp2_clamped((sr[j] - mr) * LOG2E, lo);
                 p1buf[j] = q;
                 z1 += q;
                 rs += q * gr[j];
@@ -111,7 +106,7 @@ void ibq_backward(const float *restrict s, const float *restrict gl, const float
         } else {
 #pragma omp simd reduction(+ : cs)
             for (int64_t j = 0; j < k; j++) {
-                float p = exp2_clamped((sr[j] - mr) * LOG2E * inv_t);
+                float p = exp2_clamped((sr[j] - mr) * LOG2E * inv_t, lo);
                 pbuf[j] = p;
                 cs += p * (log_p[j] - tp);
             }

@@ -71,9 +71,9 @@ def _build() -> ctypes.CDLL:
         handle = ctypes.CDLL(lib)  # loaded: the file may go with the directory
     i64, f32, i32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int
     p = _F32P
-    handle.ibq_forward.argtypes = [p, p, p, i64, i64, f32, p, p, p, p]
+    handle.ibq_forward.argtypes = [p, p, p, i64, i64, f32, f32, p, p, p, p]
     handle.ibq_forward.restype = None
-    handle.ibq_backward.argtypes = [p, p, p, i64, i64, f32, i32, p, p, p, p, p, p, p, p, p]
+    handle.ibq_backward.argtypes = [p, p, p, i64, i64, f32, f32, i32, p, p, p, p, p, p, p, p, p]
     handle.ibq_backward.restype = None
     return handle
 
@@ -132,12 +132,18 @@ def _run(jobs: list) -> None:  # type: ignore[type-arg]
 
 
 def forward_rows(
-    s: torch.Tensor, m: torch.Tensor, w: torch.Tensor, inv_t: float, marg: torch.Tensor
+    s: torch.Tensor,
+    m: torch.Tensor,
+    w: torch.Tensor,
+    inv_t: float,
+    floor: float,
+    marg: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z, abar)`` of raw logits ``s`` (rows, K) with row maxima ``m`` and row weights
-    ``w``; adds the rows' share ``sum_n (w_n / z_n) 2^a2_n`` to ``marg`` (K,)."""
+    ``w`` (exponents clamped at ``floor``, -126 or above); adds the rows' share ``sum_n
+    (w_n / z_n) 2^a2_n`` to ``marg`` (K,)."""
     lib = _lib()
-    assert lib is not None
+    assert lib is not None and floor >= -126.0
     rows, k = s.shape
     z, abar = s.new_empty(rows), s.new_empty(rows)
     chunks = _row_chunks(rows)
@@ -146,7 +152,7 @@ def forward_rows(
     def job(i: int, r0: int, r1: int):  # type: ignore[no-untyped-def]
         ubuf = s.new_empty(k)  # 2^a2 of one row at a time
         return lambda: lib.ibq_forward(
-            _ptr(s[r0:r1]), _ptr(m[r0:r1]), _ptr(w[r0:r1]), r1 - r0, k, inv_t,
+            _ptr(s[r0:r1]), _ptr(m[r0:r1]), _ptr(w[r0:r1]), r1 - r0, k, inv_t, floor,
             _ptr(z[r0:r1]), _ptr(abar[r0:r1]), _ptr(parts[i]), _ptr(ubuf),
         )  # fmt: skip
 
@@ -160,14 +166,15 @@ def backward_rows(
     gl: torch.Tensor | None,
     m: torch.Tensor,
     inv_t: float,
+    floor: float,
     ent: tuple[torch.Tensor, ...] | None,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """dL/ds of raw logits ``s`` (rows, K) into ``out``: the lookup's part from ``gl = g
-    E^T`` (None: none), the entropy's from ``ent = (log_p (K,), top, a_row, b_row, abar,
-    z2)`` (rows each; None: none)."""
+    """dL/ds of raw logits ``s`` (rows, K) into ``out``, exponents clamped at ``floor``:
+    the lookup's part from ``gl = g E^T`` (None: none), the entropy's from ``ent =
+    (log_p (K,), top, a_row, b_row, abar, z2)`` (rows each; None: none)."""
     lib = _lib()
-    assert lib is not None
+    assert lib is not None and floor >= -126.0
     rows, k = s.shape
     log_p, top, a_r, b_r, abar, z2 = ent if ent is not None else (None,) * 6
 
@@ -178,7 +185,7 @@ def backward_rows(
             return None if t is None else t[r0:r1]
 
         return lambda: lib.ibq_backward(
-            _ptr(s[r0:r1]), _ptr(sl(gl)), _ptr(m[r0:r1]), r1 - r0, k, inv_t,
+            _ptr(s[r0:r1]), _ptr(sl(gl)), _ptr(m[r0:r1]), r1 - r0, k, inv_t, floor,
             int(ent is not None), _ptr(log_p), _ptr(sl(top)), _ptr(sl(a_r)), _ptr(sl(b_r)),
             _ptr(sl(abar)), _ptr(sl(z2)), _ptr(out[r0:r1]), _ptr(bufs[0]), _ptr(bufs[1]),
         )  # fmt: skip

@@ -96,13 +96,16 @@ IBQ_MIN_ROWS = 16
 _MAX_ROWS = 256
 LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
-_EXP2_FLOOR = -126.0
-"""Exponents (base 2) are clamped here before ``exp2``: below -126 the result is
-subnormal and float32 ``exp2`` leaves its vectorised path (7x slower on CPU; ``exp``
-below -87, the same point, 75x), and at T = 0.01 most logits of a row lie there.
-``2^-126 = 1.2e-38``, so a clamped term changes a probability by at most that: far
-below float32 resolution of any sum. ``exp2`` itself runs twice as fast as ``exp``
-here (0.55 against 1.05 ns an element), hence the base-2 logits."""
+_EXP2_FLOOR = -64.0
+"""Exponents (base 2) are clamped here before ``exp2`` (in the eager passes and the C
+kernel alike); at T = 0.01 most logits of a row lie below. A clamped term is at most
+``2^-64`` where the row's largest is 1, so the ``K <= 2^18`` clamped terms of a row move
+its sum by at most ``2^-46`` relative: far below float32 resolution. Why not lower:
+below -126 float32 ``exp2`` goes subnormal and leaves its vectorised path (7x slower on
+CPU; ``exp`` below -87, 75x), and at -126 the kernel's products of clamped terms with
+the row figures (~1e-3) were subnormal, which cost its backward a third (60 against 40
+ms at N = 2048, K = 2^14). ``exp2`` itself runs twice as fast as ``exp`` here (0.55
+against 1.05 ns an element), hence the base-2 logits."""
 _ARGMAX_BLOCK = 128
 
 
@@ -236,7 +239,7 @@ class _IBQTerms(torch.autograd.Function):
             mb, ib = row_max(s)  # ties to the lowest index
             m[r0:r1], idx[r0:r1] = mb, ib
             if ent and native:  # the marginal's share too, from the row in cache
-                z, ab = ibq_native.forward_rows(s, mb, wv[r0:r1], inv_t, marg)
+                z, ab = ibq_native.forward_rows(s, mb, wv[r0:r1], inv_t, _EXP2_FLOOR, marg)
                 z2[r0:r1], abar[r0:r1] = z, ab
             elif ent:  # (the lookup alone needs only m and the index here)
                 # centred logits in base 2 (<= 0, 0 at the maximum): 2^s = e^(logit - m)
@@ -304,7 +307,7 @@ class _IBQTerms(torch.autograd.Function):
                 if ent:  # row figures, and log P_top(n) to centre log P in the row
                     top = log_p[idx[r0:r1]]
                     terms = (log_p, top, a_row[r0:r1], b_row[r0:r1], abar[r0:r1], z2[r0:r1])
-                dls = ibq_native.backward_rows(s, gl, m[r0:r1], inv_t, terms, tiles[2])
+                dls = ibq_native.backward_rows(s, gl, m[r0:r1], inv_t, _EXP2_FLOOR, terms, tiles[2])
                 torch.mm(dls, e, out=dx[r0:r1])
                 de.addmm_(dls.t(), xb)
                 continue
