@@ -83,6 +83,8 @@ void ibq_backward(const float *restrict s, const float *restrict gl, const float
         const float mr = m[r];
         const float tp = ent ? top[r] : 0.0f;
         float z1 = 0.0f, rs = 0.0f, cs = 0.0f;
+        /* one loop per case (lookup and entropy, lookup, entropy): branch-free bodies,
+         * so that each vectorises and computes no exponential it does not need */
         if (gr && ent) {
 #pragma omp simd reduction(+ : z1, rs, cs)
             for (int64_t j = 0; j < k; j++) {

@@ -238,19 +238,12 @@ class _IBQTerms(torch.autograd.Function):
             s = _mm(x[r0:r1], et, _view(buf_s, r1 - r0, k))
             mb, ib = row_max(s)  # ties to the lowest index
             m[r0:r1], idx[r0:r1] = mb, ib
-            if ent and native:  # the marginal's share too, from the row in cache
+            if ent and native:  # z2, abar and the marginal's share, from the row in cache
                 z, ab = ibq_native.forward_rows(s, mb, wv[r0:r1], inv_t, _EXP2_FLOOR, marg)
                 z2[r0:r1], abar[r0:r1] = z, ab
             elif ent:  # (the lookup alone needs only m and the index here)
-                # centred logits in base 2 (<= 0, 0 at the maximum): 2^s = e^(logit - m)
-                s.sub_(mb.unsqueeze(1)).mul_(LOG2E)
-                out_p = _view(buf_p, r1 - r0, k)
-                s.mul_(inv_t)  # a2: the entropy's centred logits / T, base 2
-                p = clamped_exp2(s, out_p)  # p2 * z: never normalised, 1 / z goes to row figures
-                z = p.sum(1)  # >= 1: the maximum's term is 2^0
-                z2[r0:r1] = z
-                abar[r0:r1] = s.mul_(p).sum(1) / z  # sum_k p2 a2; s is not needed after
-                marg += (wv[r0:r1] / z) @ p
+                u_buf = _view(buf_p, r1 - r0, k)
+                z2[r0:r1], abar[r0:r1] = _forward_tile(s, mb, wv[r0:r1], inv_t, marg, u_buf)
         sample = batch = x.new_zeros(())
         n_loc = x.new_tensor(float(n)) if w is None else w.sum()
         total, ws = n_loc, 1
@@ -299,54 +292,25 @@ class _IBQTerms(torch.autograd.Function):
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             nb, xb = r1 - r0, x[r0:r1]
-            if native and (lookup or ent):
-                tiles = [_view(b, nb, k) for b in bufs]
-                s = _mm(xb, et, tiles[0])
-                gl = _mm(g_q[r0:r1], et, tiles[1]) if lookup else None
-                terms = None
-                if ent:  # row figures, and log P_top(n) to centre log P in the row
-                    top = log_p[idx[r0:r1]]
-                    terms = (log_p, top, a_row[r0:r1], b_row[r0:r1], abar[r0:r1], z2[r0:r1])
-                dls = ibq_native.backward_rows(s, gl, m[r0:r1], inv_t, _EXP2_FLOOR, terms, tiles[2])
-                torch.mm(dls, e, out=dx[r0:r1])
-                de.addmm_(dls.t(), xb)
-                continue
-            # the forward's very operations: s and p bit for bit those of abar and z2,
-            # so that sum_j dL/ds_nj = 0 holds to rounding (a mismatch of 1 ulp in p
-            # cost 3x in the float32 gradient of sharp rows)
-            s = _mm(xb, et, _view(bufs[0], nb, k)).sub_(m[r0:r1].unsqueeze(1)).mul_(LOG2E)
-            dls = inv_z1 = None  # dL/ds of this tile; the lookup's part is dls * inv_z1
-            if lookup:
-                gl = _mm(g_q[r0:r1], et, _view(bufs[1], nb, k))  # g_n.e_k
-                p1 = clamped_exp2(s, _view(bufs[2], nb, k))  # the lookup's softmax times z1
-                inv_z1 = 1.0 / p1.sum(1, keepdim=True)
-                # p1 (g.e - r), r = sum_k p1 g.e, as p1 g.e - p1 r: no extra tile
-                gl.mul_(p1)
-                dls = gl.addcmul_(p1, gl.sum(1, keepdim=True) * inv_z1, value=-1.0)
-            if ent:
-                s.mul_(inv_t)  # a2
-                p = clamped_exp2(s, _view(bufs[2], nb, k))
-                # lp = log P - log P_top(n), centred like the logits, so that a sharp
-                # row's top entry (a sum of tiny tail terms) is not the difference of
-                # two numbers near log P_top; c = sum_k p2 lp
-                lp = _view(bufs[3], nb, k)
-                top = log_p[idx[r0:r1]].unsqueeze(1)
-                lp = torch.sub(log_p, top, out=lp) if lp is not None else log_p - top
-                a_r, b_r = a_row[r0:r1], b_row[r0:r1]
-                lpp = lp.mul_(p)  # p lp: c = sum p2 lp = sum (p lp) / z2
-                c_r = a_r * abar[r0:r1] + b_r * lpp.sum(1) / z2[r0:r1]  # A abar + B c
-                # p (A a2 - C) + B p lp: alpha (ac - abar) + beta (lp - c) times p2 / T
-                # in place (addcmul(-C, a2, A, out=s) took 4x as long: two broadcast
-                # operands leave its vectorised loop)
-                t = s.mul_(a_r.unsqueeze(1)).sub_(c_r.unsqueeze(1))
-                t.mul_(p).addcmul_(lpp, b_r.unsqueeze(1))
-                dls = t if dls is None else t.addcmul_(dls, inv_z1)
-            elif inv_z1 is not None:
-                dls = dls.mul_(inv_z1)
-            if dls is None:
+            if not (lookup or ent):
                 dx[r0:r1] = 0
                 continue
-            if bufs[0] is None:  # traced: no out= into a view
+            tiles = [_view(b, nb, k) for b in bufs]
+            # the forward's very logits; the kernel or the eager passes as in the forward,
+            # so that p is bit for bit that of abar and z2 and sum_j dL/ds_nj = 0 holds
+            # to rounding (a mismatch of 1 ulp in p cost 3x in the float32 gradient of
+            # sharp rows)
+            s = _mm(xb, et, tiles[0])
+            gl = _mm(g_q[r0:r1], et, tiles[1]) if lookup else None  # g_n.e_k
+            terms = None
+            if ent:  # row figures, and log P_top(n) to centre log P in the row
+                top = log_p[idx[r0:r1]]
+                terms = (log_p, top, a_row[r0:r1], b_row[r0:r1], abar[r0:r1], z2[r0:r1])
+            if native:
+                dls = ibq_native.backward_rows(s, gl, m[r0:r1], inv_t, _EXP2_FLOOR, terms, tiles[2])
+            else:
+                dls = _backward_tile(s, gl, m[r0:r1], inv_t, terms, tiles)
+            if tiles[0] is None:  # traced: no out= into a view
                 dx[r0:r1] = dls @ e
             else:
                 torch.mm(dls, e, out=dx[r0:r1])
@@ -355,6 +319,64 @@ class _IBQTerms(torch.autograd.Function):
             de.index_add_(0, idx, g_q)
         need_x, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (dx if need_x else None), (de if need_e else None), *([None] * 6)
+
+
+def _forward_tile(
+    s: torch.Tensor,
+    m: torch.Tensor,
+    w: torch.Tensor,
+    inv_t: float,
+    marg: torch.Tensor,
+    u_buf: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ibq_native.forward_rows` as eager passes (``s`` overwritten, ``u = 2^a2``
+    in ``u_buf`` where there is one, never normalised: ``1 / z`` goes to row figures)."""
+    # centred logits in base 2 (<= 0, 0 at the maximum): 2^s = e^(logit - m)
+    s.sub_(m.unsqueeze(1)).mul_(LOG2E)
+    s.mul_(inv_t)  # a2: the entropy's centred logits / T, base 2
+    u = clamped_exp2(s, u_buf)
+    z = u.sum(1)  # >= 1: the maximum's term is 2^0
+    abar = s.mul_(u).sum(1) / z  # sum_k p2 a2; s is not needed after
+    marg += (w / z) @ u
+    return z, abar
+
+
+def _backward_tile(
+    s: torch.Tensor,
+    gl: torch.Tensor | None,
+    m: torch.Tensor,
+    inv_t: float,
+    terms: tuple[torch.Tensor, ...] | None,
+    tiles: list[torch.Tensor | None],
+) -> torch.Tensor:
+    """:func:`ibq_native.backward_rows` as eager passes: ``s`` and ``gl`` overwritten,
+    ``tiles[2:4]`` free tiles (None when traced); the result is ``s`` or ``gl``."""
+    s.sub_(m.unsqueeze(1)).mul_(LOG2E)
+    dls = inv_z1 = None  # the lookup's part is dls * inv_z1
+    if gl is not None:
+        p1 = clamped_exp2(s, tiles[2])  # the lookup's softmax times z1
+        inv_z1 = 1.0 / p1.sum(1, keepdim=True)
+        # p1 (g.e - r), r = sum_k p1 g.e, as p1 g.e - p1 r: no extra tile
+        gl.mul_(p1)
+        dls = gl.addcmul_(p1, gl.sum(1, keepdim=True) * inv_z1, value=-1.0)
+    if terms is None:
+        assert dls is not None and inv_z1 is not None
+        return dls.mul_(inv_z1)
+    log_p, top, a_r, b_r, abar, z2 = terms
+    s.mul_(inv_t)  # a2
+    p = clamped_exp2(s, tiles[2])
+    # lp = log P - log P_top(n), centred like the logits, so that a sharp row's top entry
+    # (a sum of tiny tail terms) is not the difference of two numbers near log P_top
+    top = top.unsqueeze(1)
+    lp = torch.sub(log_p, top, out=tiles[3]) if tiles[3] is not None else log_p - top
+    lpp = lp.mul_(p)  # p lp: c = sum p2 lp = sum (p lp) / z2
+    c_r = a_r * abar + b_r * lpp.sum(1) / z2  # A abar + B c
+    # p (A a2 - C) + B p lp: alpha (ac - abar) + beta (lp - c) times p2 / T; in place
+    # (addcmul(-C, a2, A, out=s) took 4x as long: two broadcast operands leave its
+    # vectorised loop)
+    t = s.mul_(a_r.unsqueeze(1)).sub_(c_r.unsqueeze(1))
+    t.mul_(p).addcmul_(lpp, b_r.unsqueeze(1))
+    return t if dls is None else t.addcmul_(dls, inv_z1)
 
 
 def check_terms_args(
