@@ -43,7 +43,8 @@ def build(setting: str, batch: int, layers: int, channels: int):
     cpu = torch.device("cpu")
     adv = AdversarialStep.build(cfg, model, 3, cpu)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    runner = StepRunner(model, model, opt, cfg, cpu, None if adv is None else adv.objective)
+    objective = None if adv is None else adv.objective
+    runner = StepRunner(model, model, opt, cfg.step_options, cpu, objective)
 
     def step(x: torch.Tensor, i: int) -> None:
         if adv is None:

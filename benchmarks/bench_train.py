@@ -170,7 +170,7 @@ def run_vqkit(data_source, batch_size, steps, warmup, limit, options):
 
 
 def _time_trainer(data_source, batch_size, steps, warmup, limit, options, out_dir):
-    from vqkit.training.prefetch import Prefetcher
+    from vqkit.runtime.prefetch import Prefetcher
     from vqkit.training.tokenizer import TrainConfig, Trainer
 
     # the trainer itself (`vqkit train` with these options): its loader (prefetching),

@@ -115,7 +115,7 @@ def test_two_optimizers_alternate_on_the_run_loop(tmp_path, monkeypatch):
     assert [r["disc_steps"] for r in records] == [0, 1, 2]  # steps 1-2, 3-4 (4th), 5-6
     assert "d_loss" not in records[0] and "g_loss" not in records[0]
     for r in records[1:]:
-        assert {"d_loss", "g_loss", "disc_weight", "logits_real", "logits_fake"} <= set(r)
+        assert {"d_loss", "g_loss", "d_weight", "logits_real", "logits_fake"} <= set(r)
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert "labels" not in [r for r in _records(tmp_path / "run") if r["kind"] == "eval"][0]
     assert "psnr" in ev
@@ -125,7 +125,7 @@ def test_the_classic_objective_has_no_adversarial_step(tmp_path):
     trainer = Trainer(TrainConfig(out_dir=str(tmp_path / "c"), steps=1, **SMALL, **RUN))
     try:
         assert trainer.adv is None and trainer.runner.objective is None
-        assert len(trainer.optimizers()) == 1 and "adversarial" not in trainer._payload()
+        assert len(trainer.optimizers()) == 1 and "adversarial" not in trainer.state_dict()
     finally:
         trainer.close()
     # l1 alone: the objective without a discriminator (one optimizer)
@@ -137,11 +137,13 @@ def test_the_classic_objective_has_no_adversarial_step(tmp_path):
 
 
 def _best_steps(trainer, evals) -> list[int]:
-    """best.pt's step after each (step, nmse) evaluation handed to ``after_eval``."""
+    """best.pt's step after each (step, nmse) evaluation handed to ``after_eval`` and the
+    checkpoint written after it."""
     out = []
     for step, nmse in evals:
         trainer.step = step
         trainer.after_eval({"nmse": nmse})
+        trainer.save()
         out.append(load_checkpoint(trainer.best_path)["step"])
     return out
 
@@ -154,7 +156,7 @@ def test_best_checkpoint_is_chosen_among_evaluations_of_the_final_objective(tmp_
     try:
         assert adv.adv.objective_final_from == 3
         assert _best_steps(adv, evals) == [2, 4, 4, 8]
-        assert load_checkpoint(adv.best_path)["best_step"] == 8
+        assert load_checkpoint(adv.best_path)["best"]["step"] == 8
     finally:
         adv.close()
     plain = Trainer(TrainConfig(out_dir=str(tmp_path / "p"), steps=8, **SMALL, **RUN))
@@ -289,10 +291,10 @@ def test_state_dict_without_a_saved_discriminator_starts_fresh():
     from vqkit.models import VQVAE
 
     model = VQVAE(cfg.model_config(3, 16))
-    adv = AdversarialStep(cfg, model, 3, torch.device("cpu"), None)
+    adv = AdversarialStep.build(cfg, model, 3, torch.device("cpu"))
     assert adv.load_state_dict(None) == ["the discriminator starts fresh"]
     l1 = cfg.replace(disc_weight=0.0, rec_loss="l1")
-    plain = AdversarialStep(l1, model, 3, torch.device("cpu"), None)
+    plain = AdversarialStep.build(l1, model, 3, torch.device("cpu"))
     assert plain.load_state_dict(adv.state_dict()) == [
         "the checkpoint's discriminator is dropped (--disc-weight 0)"
     ]

@@ -25,6 +25,7 @@ RANKS = {
     "data": 4,
     "losses": 4,
     "evaluation": 5,
+    "runtime": 5,
     "training": 6,
     "prior": 7,
     "compress": 8,

@@ -235,7 +235,6 @@ def run_adversarial_cell(
     discriminator step); the figures and weights the tests compare."""
     from vqkit.models import VQVAE
     from vqkit.training.adversarial_step import AdversarialStep
-    from vqkit.training.step import PRECISIONS as DTYPES
     from vqkit.training.step import StepRunner
     from vqkit.training.tokenizer import TrainConfig
 
@@ -245,9 +244,9 @@ def run_adversarial_cell(
     cfg = TrainConfig(precision=precision, compile=mode == "compile", **small, **disc)
     model = VQVAE(cfg.model_config(3, 16))
     cpu = torch.device("cpu")
-    adv = AdversarialStep(cfg, model, 3, cpu, DTYPES[precision])
+    adv = AdversarialStep.build(cfg, model, 3, cpu)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    runner = StepRunner(model, model, opt, cfg, cpu, adv.objective)
+    runner = StepRunner(model, model, opt, cfg.step_options, cpu, adv.objective)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -284,7 +283,7 @@ def run_adversarial_cell(
 def check_adversarial_cell(res: dict) -> None:
     assert "error" not in res, res.get("error")
     v = res["values"]
-    assert {"loss", "g_loss", "disc_weight", "d_loss", "logits_real", "logits_fake"} <= set(v)
+    assert {"loss", "g_loss", "d_weight", "d_loss", "logits_real", "logits_fake"} <= set(v)
     assert all(torch.isfinite(torch.tensor(x)) for x in v.values())
     assert res["disc_untouched_by_g"] and res["gen_untouched_by_d"] and res["disc_changed"]
 

@@ -422,7 +422,7 @@ def test_quantizer_level_faults():
 def test_a_ctrl_c_during_the_checkpoint_write_is_reported_not_fatal(capsys):
     import signal
 
-    from vqkit.training.interrupt import no_interrupt
+    from vqkit.runtime.interrupt import no_interrupt
 
     with no_interrupt("writing the checkpoint"):
         os.kill(os.getpid(), signal.SIGINT)  # must not raise KeyboardInterrupt here

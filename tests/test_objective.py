@@ -76,8 +76,8 @@ def test_generator_adversarial_loss_never_changes_the_discriminator(setup):
     assert all(torch.equal(before[k], v) for k, v in loss.state_dict().items())
     assert _reached(model, "decoder") and _reached(model, "encoder")
     # the total is nll + lambda * disc_weight * g_loss + vq, lambda the adaptive weight
-    torch.testing.assert_close(g["loss"], g["nll"] + g["disc_weight"] * g["g_loss"] + out.vq.loss)
-    assert float(g["disc_weight"]) > 0
+    torch.testing.assert_close(g["loss"], g["nll"] + g["d_weight"] * g["g_loss"] + out.vq.loss)
+    assert float(g["d_weight"]) > 0
 
 
 def test_disc_start_switches_the_adversarial_terms(setup):

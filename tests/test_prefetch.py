@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vqkit.data import BatchLoader
-from vqkit.training.prefetch import Prefetcher
+from vqkit.runtime.prefetch import Prefetcher
 
 
 def _loader(seed: int = 0) -> BatchLoader:

@@ -288,7 +288,7 @@ def test_prior_resume_reports_changes_and_refuses_what_it_cannot_do(runs, tmp_pa
     step = load_checkpoint(mine / "checkpoints" / "last.pt")["step"]
     capsys.readouterr()
     for flags, want in (
-        (["--steps", str(step - 1)], f"--steps {step - 1} is below the checkpoint's step {step}"),
+        (["--steps", str(step - 1)], f"--steps {step - 1} is below the step {step} of"),
         (["--seed", "7"], "cannot change seed (0 -> 7)"),
     ):
         assert main(["prior", "--out", str(mine), "--resume", *flags]) == 2

@@ -227,7 +227,7 @@ def test_masked_cross_entropy_approaches_the_conditional_entropy_of_a_markov_fie
     cfg = PriorConfig(kind="masked", n_layer=2, n_head=2, n_embd=32, dropout=0.0, pos="rope",
                       vocab_size=V)  # fmt: skip
     tcfg = PriorTrainConfig(
-        steps=300, batch_size=64, lr=1e-2, warmup=20, weight_decay=0.0, eval_every=300,
+        steps=300, batch_size=64, lr=1e-2, warmup_steps=20, weight_decay=0.0, eval_every=300,
         log_every=100, eval_sequences=0, progress=False,
     )  # fmt: skip
     trainer = PriorTrainer(cfg, tcfg, tmp_path / "run", codes(train), codes(test))
@@ -250,7 +250,7 @@ def _trainer(out, resume=False, steps=12):
     cfg = PriorConfig(kind="masked", n_layer=2, n_head=2, n_embd=16, dropout=0.1,
                       vocab_size=V, class_dropout=0.3, mask_schedule="arccos")  # fmt: skip
     tcfg = PriorTrainConfig(
-        steps=steps, batch_size=16, lr=3e-3, warmup=3, eval_every=5, log_every=2,
+        steps=steps, batch_size=16, lr=3e-3, warmup_steps=3, eval_every=5, log_every=2,
         eval_sequences=20, progress=False, seed=4,
     )  # fmt: skip
     return PriorTrainer(cfg, tcfg, out, split, split, resume=resume)
@@ -279,7 +279,7 @@ def test_masked_resume_is_bit_exact(tmp_path):
     assert [r["step"] for r in evals] == [5, 10, 12]
     assert {"test_masked_bits_25", "test_masked_bits_50", "test_masked_bits_90",
             "test_masked_bits", "train_masked_bits_50"} <= set(evals[0])  # fmt: skip
-    assert a["best_bits"] == min(r["test_masked_bits"] for r in evals)
+    assert a["best"]["value"] == min(r["test_masked_bits"] for r in evals)
 
 
 def test_residual_codes_are_tokens_in_raster_order():

@@ -17,7 +17,9 @@ def _runner(**options) -> StepRunner:
     cfg = TrainConfig(**SMALL, **options)
     model = VQVAE(cfg.model_config(3, 16))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    return StepRunner(model, model, opt, cfg, torch.device("cpu"))
+    return StepRunner(
+        model, model, opt, cfg.step_options, torch.device("cpu"), grad_clip=cfg.grad_clip
+    )
 
 
 def _batches(n: int = 2) -> list[torch.Tensor]:

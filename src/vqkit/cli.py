@@ -34,18 +34,24 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from .options import add_arguments, compose
     from .training.adversarial_step import DiscriminatorOptimOptions
     from .training.config import PRESETS, TrainConfig, TrainOptions
+    from .training.step import StepOptions
 
     p = sub.add_parser(
         "train",
         help="train a VQ-VAE (default: the built-in dataset)",
         description="Train a VQ-VAE. Every option below is declared once (vqkit.training.config, "
-        "vqkit.losses.objective, vqkit.training.adversarial_step, vqkit.models.vqvae, and "
+        "vqkit.runtime.options, vqkit.training.step, vqkit.losses.objective, "
+        "vqkit.training.adversarial_step, vqkit.models.vqvae, and "
         "each quantizer module); presets: " + ", ".join(PRESETS),
     )
     p.add_argument("--config", help="JSON file of options; command-line flags override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
-    add_arguments(p.add_argument_group("training"), TrainOptions, aliases={"out_dir": ["--out"]})
+    add_arguments(
+        p.add_argument_group("training"),
+        compose("TrainFlags", (TrainOptions, StepOptions)),
+        aliases={"out_dir": ["--out"]},
+    )
     add_arguments(p.add_argument_group("model"), ModelOptions)
     add_arguments(
         p.add_argument_group("loss terms and the discriminator"),

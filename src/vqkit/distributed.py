@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,7 @@ __all__ = [
     "barrier",
     "broadcast_",
     "env_world_size",
+    "gather_objects",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -149,24 +151,39 @@ def step_figures(
     stop: bool,
     device: torch.device,
     counts: torch.Tensor | None = None,
-) -> tuple[dict[str, float], torch.Tensor | None, bool]:
+    *,
+    save: bool = False,
+) -> tuple[dict[str, float], torch.Tensor | None, bool, bool]:
     """The figures of one training step over the global batch, by ONE all-reduce in
     float64: each value averaged over the ranks, ``counts`` (per-code assignment
-    counts, any shape) summed, and whether ANY rank was asked to stop. In one process
-    the inputs come back unchanged."""
+    counts, any shape) summed, whether ANY rank was asked to stop and whether any rank
+    asks for a checkpoint (``save``: rank 0's clock). In one process the inputs come
+    back unchanged."""
     if world_size() == 1:
-        return values, counts, stop
+        return values, counts, stop, save
     keys = list(values)
-    parts = [torch.tensor([values[k] for k in keys] + [float(stop)], dtype=torch.float64)]
+    flags = [float(stop), float(save)]
+    parts = [torch.tensor([values[k] for k in keys] + flags, dtype=torch.float64)]
     if counts is not None:
         parts.append(counts.detach().reshape(-1).cpu().to(torch.float64))
     buf = all_reduce_sum([torch.cat(parts).to(device)])[0].cpu()
     world = world_size()
     out = {k: float(buf[i]) / world for i, k in enumerate(keys)}
+    n = len(keys)
     summed = None
     if counts is not None:
-        summed = buf[len(keys) + 1 :].round().to(torch.int64).reshape(counts.shape)
-    return out, summed, bool(buf[len(keys)] > 0)
+        summed = buf[n + 2 :].round().to(torch.int64).reshape(counts.shape)
+    return out, summed, bool(buf[n] > 0), bool(buf[n + 1] > 0)
+
+
+def gather_objects(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """``obj`` of every rank, in rank order (``[obj]`` in one process): a collective,
+    every rank must call it."""
+    if world_size(group) == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:

@@ -22,7 +22,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import UserError
 
@@ -32,6 +32,7 @@ __all__ = [
     "compose",
     "option",
     "option_fields",
+    "with_defaults",
     "finite",
     "nonneg",
     "nonneg_int",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 Check = Callable[[Any], "str | None"]
+G = TypeVar("G")
 
 
 def option(
@@ -149,6 +151,11 @@ class Options:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def group(self, cls: type[G]) -> G:
+        """The option group ``cls`` (a class whose options this flat config holds, e.g. the
+        loss terms' ``LossOptions`` of a ``TrainConfig``), typed and checked."""
+        return cls(**{f.name: getattr(self, f.name) for f in option_fields(cls)})
+
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
@@ -196,6 +203,24 @@ def compose(
     cls = dataclasses.make_dataclass(name, spec, bases=bases)
     cls.__doc__ = doc or cls.__doc__
     return cls
+
+
+def with_defaults(cls: type, name: str, doc: str = "", **defaults: Any) -> type:
+    """A subclass of the option group ``cls`` whose options ``defaults`` names take other
+    defaults: the same declaration otherwise (type, check, help, resume rule), so a job
+    with other needs (the prior's 3000 steps) does not declare a second ``steps``. An
+    unknown name is a TypeError."""
+    declared = {f.name: f for f in option_fields(cls)}
+    unknown = set(defaults) - set(declared)
+    if unknown:
+        raise TypeError(f"{cls.__name__} declares no options {sorted(unknown)}")
+    spec = [
+        (k, Any, dataclasses.field(default=v, metadata=declared[k].metadata))
+        for k, v in defaults.items()
+    ]
+    out = dataclasses.make_dataclass(name, spec, bases=(cls,))
+    out.__doc__ = doc or cls.__doc__
+    return out
 
 
 def add_arguments(

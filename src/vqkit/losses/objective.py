@@ -173,8 +173,10 @@ class VQGANLoss(nn.Module):
         rec_scale: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """The tokenizer's loss: ``{"loss", "rec", "nll", "perceptual"?, "g_loss"?,
-        "disc_weight"?}``. The discriminator is :func:`frozen` here: this loss reaches the
-        tokenizer only. ``last_layer``: the decoder's last weight (``model.last_layer``)."""
+        "d_weight"?}`` (``d_weight``: the adaptive weight times ``--disc-weight``, named
+        as taming logs it, apart from the option). The discriminator is :func:`frozen`
+        here: this loss reaches the tokenizer only. ``last_layer``: the decoder's last
+        weight (``model.last_layer``)."""
         out = self.reconstruction(x, recon, rec_scale)
         out["loss"] = out["nll"] + vq_loss
         if not self.disc_active(step):
@@ -187,7 +189,7 @@ class VQGANLoss(nn.Module):
         else:
             lam = torch.ones((), device=g.device)
         weight = lam * self.options.disc_weight
-        out.update(g_loss=g, disc_weight=weight, loss=out["loss"] + weight * g)
+        out.update(g_loss=g, d_weight=weight, loss=out["loss"] + weight * g)
         return out
 
     def discriminator_loss(

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import UserError, report_error
 from ..options import add_arguments, option_fields
-from .config import PriorConfig, PriorTrainConfig, resume_report
+from .config import PriorConfig, PriorTrainConfig
 from .sampling import SampleOptions
 
 __all__ = ["add_prior_arguments", "add_sample_arguments", "main", "run_prior", "run_sample"]
@@ -80,13 +80,18 @@ def add_prior_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", default=None, help="dataset to encode instead of the tokenizer's (not cached)"
     )
     add_arguments(parser.add_argument_group("architecture"), PriorConfig)
-    add_arguments(parser.add_argument_group("training"), PriorTrainConfig)
+    add_arguments(
+        parser.add_argument_group("training"),
+        PriorTrainConfig,
+        aliases={new: [f"--{old}"] for old, new in PriorTrainConfig.renamed.items()},
+    )
 
 
 def run_prior(args: argparse.Namespace) -> int:
     """Train a prior on a tokenizer's codes (see :mod:`vqkit.prior.trainer`); 0 on
     success, 130 when interrupted (the run is saved for ``--resume``)."""
     from .. import distributed
+    from ..runtime.options import check_resume_steps, resume_changes
     from ..storage.checkpoint import load_checkpoint
     from .codes import PIN_DIR, load_codes, load_tokenizer, tokenizer_in_use
     from .trainer import PriorTrainer
@@ -95,15 +100,21 @@ def run_prior(args: argparse.Namespace) -> int:
     model_base: dict[str, Any] = {}
     train_base: dict[str, Any] = {}
     stored_tok: dict[str, Any] | None = None
-    report: list[str] = []
     if args.resume:  # the stored options, flags on top
         ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
-        model_base, train_base = ckpt["model_config"], ckpt["train_config"]
+        model_base = ckpt["model_config"]
+        train_base = PriorTrainConfig.from_dict(ckpt["train_config"]).to_dict()
         stored_tok = ckpt.get("tokenizer")
     config = PriorConfig.from_dict({**model_base, **_given(args, PriorConfig)})
     train_config = PriorTrainConfig.from_dict({**train_base, **_given(args, PriorTrainConfig)})
-    if args.resume:  # refused before anything is loaded; the changes are reported
-        report = resume_report(train_base, train_config, int(ckpt.get("step", 0)))
+    if args.resume:  # refused before anything is loaded (the runtime reports the changes)
+        check_resume_steps(train_config.steps, int(ckpt.get("step", 0)))
+        resume_changes(
+            train_config,
+            train_base,
+            stored_world=int(ckpt.get("world_size", 1)),
+            world=distributed.env_world_size(),
+        )
     tok_dir = args.tokenizer or (stored_tok or {}).get("run_dir")
     if tok_dir is None:
         raise UserError("--tokenizer RUN_DIR is required (the vqkit train run to model)")
@@ -111,20 +122,19 @@ def run_prior(args: argparse.Namespace) -> int:
         stored_tok["checkpoint"] if stored_tok and not args.tokenizer else None
     )
     pinned = (stored_tok or {}).get("pinned")
-    device = distributed.rank_device(train_config.device)
-    owns_group = distributed.init_from_env(device)
-    try:
-        main_rank = distributed.rank() == 0
+
+    def load(job: PriorTrainer) -> tuple[Any, Any, Any]:
+        """The tokenizer and its codes, once the runtime holds the process group."""
         busy = None if pinned else tokenizer_in_use(tok_dir)
         tok = load_tokenizer(
             tok_dir,
             checkpoint=tok_ckpt,
-            device=device,
+            device=job.device,
             expect_sha256=stored_tok["sha256"] if stored_tok else None,
             pin=out / PIN_DIR,  # the prior keeps the exact weights it is trained on
             pinned=out / pinned if pinned else None,
         )
-        if busy and main_rank:
+        if busy and job.is_main:
             print(
                 f"warning: tokenizer run {tok_dir} is in use by {busy} (still training); "
                 f"this prior keeps a copy of its current {tok.checkpoint.name} "
@@ -132,41 +142,27 @@ def run_prior(args: argparse.Namespace) -> int:
                 "checkpoints of that run do not change",
                 file=sys.stderr,
             )
-        if main_rank:
-            for line in report:
-                print(line)
-        if distributed.world_size() > 1 and not main_rank:
-            distributed.barrier()  # rank 0 encodes and fills the cache first
-        train, test, cached = load_codes(
-            tok, data=args.data, progress=train_config.progress and main_rank
-        )
-        if distributed.world_size() > 1 and main_rank:
-            distributed.barrier()
-        if main_rank:
+        with job.rank0_first():  # rank 0 encodes and fills the cache first
+            train, test, cached = load_codes(
+                tok, data=args.data, progress=train_config.progress and job.is_main
+            )
+        if job.is_main:
             how = "cached" if cached else "encoded"
             print(
                 f"codes {how}: {len(train)} train / {len(test)} test index maps "
                 f"{tuple(train.code_shape)} of {tok.num_codes} codes ({tok.checkpoint})"
             )
-        trainer = PriorTrainer(
-            config,
-            train_config,
-            out,
-            train,
-            test,
-            tokenizer=tok,
-            resume=args.resume,
-            overwrite=args.overwrite,
-        )
-        try:
-            with torch.enable_grad():  # also when the caller runs commands under no_grad
-                result = trainer.fit()
-        except KeyboardInterrupt:
-            return 130
-    finally:
-        if owns_group:
-            distributed.teardown()
-    if main_rank:
+        return train, test, tok
+
+    trainer = PriorTrainer(
+        config, train_config, out, load=load, resume=args.resume, overwrite=args.overwrite
+    )
+    try:
+        with torch.enable_grad():  # also when the caller runs commands under no_grad
+            result = trainer.fit()
+    except KeyboardInterrupt:
+        return 130
+    if trainer.is_main:
         print(json.dumps(result, indent=2))
         print(
             f"prior written to {out}: checkpoints/ metrics.jsonl curves.png samples.png eval.json"

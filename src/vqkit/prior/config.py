@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import UserError
 from ..options import (
@@ -21,13 +21,13 @@ from ..options import (
     nonneg,
     nonneg_int,
     option,
-    positive,
     positive_int,
     unit_interval,
+    with_defaults,
 )
-from ..training.loop import RunOptions
+from ..runtime.options import JobOptions
 
-__all__ = ["PriorConfig", "PriorTrainConfig", "resume_report"]
+__all__ = ["PriorConfig", "PriorTrainConfig"]
 
 
 def _dropout(v: float) -> str | None:
@@ -117,50 +117,41 @@ class PriorConfig(Options):
         return math.prod(self.code_shape) if self.code_shape else 0
 
 
-@dataclass
-class PriorTrainConfig(RunOptions):
-    """Options of one ``vqkit prior`` training run."""
+_PriorJobOptions = with_defaults(
+    JobOptions,
+    "_PriorJobOptions",
+    steps=3000,
+    batch_size=64,
+    lr=6e-4,
+    warmup_steps=100,
+    lr_schedule="cosine",
+    min_lr_ratio=0.1,
+    grad_clip=1.0,
+)
 
-    steps: int = option(3000, "optimizer steps", check=nonneg_int)
-    batch_size: int = option(64, "sequences per step and per process", check=positive_int)
-    lr: float = option(6e-4, "peak learning rate (AdamW)", check=positive)
-    weight_decay: float = option(0.1, "AdamW weight decay of the weight matrices", check=nonneg)
-    warmup: int = option(100, "linear learning-rate warm-up steps", check=nonneg_int)
-    min_lr_ratio: float = option(
-        0.1, "final learning rate / peak after the cosine decay", check=unit_interval
+
+@dataclass
+class PriorTrainConfig(_PriorJobOptions):  # type: ignore[misc, valid-type]
+    """Options of one ``vqkit prior`` training run: every job's options
+    (:class:`vqkit.runtime.options.JobOptions`, with the prior's defaults: 3000 steps of
+    64 sequences, AdamW at 6e-4 with 100 warmup steps and a cosine decay to 0.1 x,
+    gradients clipped at 1) and the prior's own."""
+
+    renamed: ClassVar[dict[str, str]] = {"warmup": "warmup_steps"}  # stored configs, flags
+
+    weight_decay: float = option(
+        0.1,
+        "AdamW weight decay of the weight matrices",
+        check=nonneg,
+        on_resume="fixed",  # AdamW's restored param groups keep the stored value
     )
-    grad_clip: float = option(1.0, "clip the gradient norm to this; 0: no clipping", check=nonneg)
     eval_sequences: int = option(
         2000, "sequences per split of each evaluation (evenly strided); 0: all", check=nonneg_int
     )
     num_samples: int = option(16, "images in the sample grid of each evaluation", check=nonneg_int)
-    seed: int = option(0, "seed of initialisation, data order and class dropout")
-    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
-
-def resume_report(stored: dict[str, Any], config: PriorTrainConfig, step: int) -> list[str]:
-    """The lines a resumed prior prints, ``"resume: lr 0.0006 -> 0.001 (applied)"``, one per
-    training option that differs from the checkpoint's ``stored`` ones (as ``vqkit train
-    --resume`` reports them). ``steps`` below the checkpoint's ``step`` is a ValueError:
-    nothing would be trained, yet the smaller number would be recorded."""
-    if config.steps < step:
-        raise UserError(
-            f"--steps {config.steps} is below the checkpoint's step {step}: nothing to "
-            f"train; give --steps above {step} to train on"
-        )
-    changed = {
-        k: (stored[k], v) for k, v in config.to_dict().items() if k in stored and stored[k] != v
-    }
-    fixed = [f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in RESUME_FIXED if k in changed]
-    if fixed:
-        raise UserError(
-            "a resumed prior cannot change " + ", ".join(fixed) + ": the checkpoint's data "
-            "order and optimizer groups keep the stored values; start a new run (--overwrite "
-            "or another --out) to change them"
-        )
-    return [f"resume: {k} {a!r} -> {b!r} (applied)" for k, (a, b) in changed.items()]
-
-
-RESUME_FIXED = ("seed", "weight_decay")
-"""Training options a resumed prior cannot change: the loader's order is restored with
-the stored seed, and AdamW's restored groups keep the stored weight decay."""
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> PriorTrainConfig:
+        """Options from a dict; a name an older vqkit wrote (``warmup``) is read as today's."""
+        values = {cls.renamed.get(k, k): v for k, v in values.items()}
+        return super().from_dict(values, where=where)

@@ -25,12 +25,13 @@ Learning rate at step s (0-based) of S, warm-up W::
     lr(s) = lr * (s + 1) / W                                         s < W
     lr(s) = lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2)   otherwise
 
-with r = ``min_lr_ratio`` (:class:`vqkit.training.optim.Schedule`, set by the shared run
-loop :mod:`vqkit.training.loop`, which also owns the cadence, Ctrl-C and logs). The
-directory is a :class:`vqkit.storage.rundir.RunDir`: rank 0 holds its lock from
-construction to the end of :meth:`PriorTrainer.fit` (or ``close()``), a fresh start
-refuses a directory holding a run unless ``overwrite`` (which removes only the files
-listed in :data:`ARTIFACTS`, the checkpoints and ``samples/step_*.png``).
+with r = ``min_lr_ratio`` (:class:`vqkit.runtime.schedule.Schedule`). The prior is a job
+of the runtime (:class:`vqkit.runtime.job.Job`), which owns the process group, the run
+directory (rank 0 holds its lock from construction to the end of
+:meth:`PriorTrainer.fit` or ``close()``; a fresh start refuses a directory holding a run
+unless ``overwrite``, which removes only the files listed in :data:`ARTIFACTS`, the
+checkpoints and ``samples/step_*.png``), resume, RNG, the log window, best.pt and the
+run loop.
 
 ``resume=True`` restores model, optimizer, RNG, data position and the log window from
 ``checkpoints/last.pt`` and drops the metric records written after it: a run
@@ -48,28 +49,19 @@ resumes exactly.
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .. import distributed
-from ..distributed import launch_rank, rank_device
 from ..errors import UserError
-from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..runtime.job import LoaderJob
+from ..runtime.loop import Progress, ScheduledOptimizer, StepResult
+from ..runtime.schedule import Schedule
+from ..storage.checkpoint import CheckpointError
 from ..storage.fileio import write_json
-from ..storage.rundir import RunDir
-from ..training.loop import (
-    Cadence,
-    LoaderJob,
-    Progress,
-    RunLoop,
-    ScheduledOptimizer,
-    StepResult,
-)
-from ..training.optim import Schedule
 from .codes import CodeData, SequenceLoader, Tokenizer
 from .config import PriorConfig, PriorTrainConfig
 from .masked import MaskedObjective
@@ -81,15 +73,13 @@ LN2 = math.log(2.0)
 # what a prior run writes into its directory (removed by --overwrite; sample PNGs too)
 ARTIFACTS = ("metrics.jsonl", "config.json", "eval.json", "curves.png", "samples.png")
 
-
-def schedule_of(cfg: PriorTrainConfig) -> Schedule:
-    """The prior's schedule: warm-up, then cosine decay to ``min_lr_ratio``."""
-    return Schedule(cfg.steps, cfg.warmup, "cosine", cfg.min_lr_ratio)
+# the prior's data, made once the process group exists: (train, test, tokenizer)
+CodeLoad = Callable[["PriorTrainer"], tuple[CodeData, CodeData, "Tokenizer | None"]]
 
 
 def lr_at(step: int, cfg: PriorTrainConfig) -> float:
     """Learning rate of 0-based ``step`` (see the module docstring)."""
-    return schedule_of(cfg).lr(cfg.lr, step)
+    return Schedule.of(cfg).lr(cfg.lr, step)
 
 
 def strided(data: CodeData, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,57 +98,48 @@ class PriorTrainer(LoaderJob):
             filled from ``train_data`` and ``tokenizer`` when left at 0 / empty.
         train_config: the training options.
         out_dir: the run directory.
-        train_data, test_data: the index maps of the two splits.
+        train_data, test_data: the index maps of the two splits; or ``load``, which makes
+            them (and the tokenizer) once the process group exists.
         tokenizer: decodes the sample grids and is recorded (path, sha256); None: no
             pictures (e.g. synthetic codes), ``vocab_size`` must then be set.
         resume / overwrite: continue ``checkpoints/last.pt`` / start again over it.
     """
+
+    kind = "vqkit-prior"
+    desc = "prior"
+    loss_key = "bits"
+    rate_key = "codes_per_s"
+    artifacts = ARTIFACTS
+    artifact_globs = ("samples/step_*.png",)
 
     def __init__(
         self,
         config: PriorConfig,
         train_config: PriorTrainConfig,
         out_dir: str | Path,
-        train_data: CodeData,
-        test_data: CodeData,
+        train_data: CodeData | None = None,
+        test_data: CodeData | None = None,
         *,
         tokenizer: Tokenizer | None = None,
+        load: CodeLoad | None = None,
         resume: bool = False,
         overwrite: bool = False,
     ) -> None:
+        super().__init__(train_config, out_dir, resume=resume, overwrite=overwrite)
         self.tcfg = train_config
-        self.out = Path(out_dir)
-        self.last_path = self.out / "checkpoints" / "last.pt"
-        self.best_path = self.out / "checkpoints" / "best.pt"
-        if not resume and self.last_path.exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.out} already holds a prior run; pass --resume to continue it or "
-                "--overwrite to start again"
-            )
-        if resume and not self.last_path.exists():
-            raise CheckpointError(f"nothing to resume: {self.last_path} does not exist")
-        # one writer per run directory: rank 0 holds its lock until fit() or close() ends
-        self.run = RunDir(self.out, artifacts=ARTIFACTS)
-        self.is_main = launch_rank() == 0
-        if self.is_main:
-            self.run.prepare(resume=resume, overwrite=overwrite)
-            if overwrite:
-                for png in self.out.glob("samples/step_*.png"):
-                    png.unlink()
-        try:
-            self._setup(config, train_config, train_data, test_data, tokenizer, resume)
-        except BaseException:
-            self.close()
-            raise
+        with self.setting_up():
+            if load is not None:
+                train_data, test_data, tokenizer = load(self)
+            if train_data is None or test_data is None:
+                raise UserError("PriorTrainer needs train_data and test_data, or load")
+            self._setup(config, train_data, test_data, tokenizer)
 
     def _setup(
         self,
         config: PriorConfig,
-        train_config: PriorTrainConfig,
         train_data: CodeData,
         test_data: CodeData,
         tokenizer: Tokenizer | None,
-        resume: bool,
     ) -> None:
         self.tokenizer = tokenizer
         self.train_data, self.test_data = train_data, test_data
@@ -181,13 +162,8 @@ class PriorTrainer(LoaderJob):
                 f"codes of shape {train_data.code_shape} do not fit code_shape "
                 f"{self.config.code_shape}"
             )
-        self.device = rank_device(train_config.device)
-        if distributed.env_world_size() > 1 and self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self._owns_group = distributed.init_from_env(self.device)
-        self.rank, self.world = distributed.rank(), distributed.world_size()
-
-        torch.manual_seed(train_config.seed)  # same init (and dropout draws) on every rank
+        tcfg = self.tcfg
+        torch.manual_seed(tcfg.seed)  # same init (and dropout draws) on every rank
         self.model = Prior(self.config).to(self.device)
         self.ddp: torch.nn.Module = self.model
         if self.world > 1:
@@ -195,59 +171,32 @@ class PriorTrainer(LoaderJob):
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            self.model.param_groups(train_config.weight_decay),
-            lr=train_config.lr,
-            betas=(0.9, 0.95),
-            fused=fused,
+            self.model.param_groups(tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.95), fused=fused
         )
         self.scheduled = ScheduledOptimizer(
-            self.optimizer,
-            [train_config.lr] * len(self.optimizer.param_groups),
-            schedule_of(train_config),
+            self.optimizer, [tcfg.lr] * len(self.optimizer.param_groups), Schedule.of(tcfg)
         )
         self.loader = SequenceLoader(
             train_data.sequences().to(self.device),
             train_data.labels.to(self.device),
-            train_config.batch_size,
-            seed=train_config.seed,
+            tcfg.batch_size,
+            seed=tcfg.seed,
             rank=self.rank,
             world_size=self.world,
         )
-        self.step = 0
-        self.best_bits = math.inf
-        # sums of the per-step figures since the last train record (saved: a resumed
-        # run logs the same averages as an uninterrupted one)
-        self.window: dict[str, Any] = {"sums": {}, "n": 0}
-        self.resume = resume
-        if resume:
-            self._restore(load_checkpoint(self.last_path, map_location=self.device))
-            if self.is_main:  # the steps after the checkpoint are logged again
-                self.run.truncate_metrics(self.step)
 
     # -- state ------------------------------------------------------------------------
-    def _payload(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+    def state_dict(self) -> dict[str, Any]:
         return {
-            "kind": "vqkit-prior",
             "model_config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "train_config": self.tcfg.to_dict(),
-            "step": self.step,
             "loader": self.loader.state_dict(),
-            "rng": rng,
-            "best_bits": self.best_bits,
-            "window": self.window,
             "tokenizer": self.tokenizer.describe() if self.tokenizer is not None else None,
             "classes": list(self.train_data.classes) if self.config.num_classes else [],
-            "world_size": self.world,
         }
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        if ckpt.get("kind") != "vqkit-prior":
-            raise CheckpointError(f"{self.last_path} is not a prior checkpoint")
+    def load_state_dict(self, ckpt: dict[str, Any]) -> list[str]:
         saved = PriorConfig.from_dict(ckpt["model_config"])
         if saved.to_dict() != self.config.to_dict():
             raise CheckpointError(
@@ -264,17 +213,11 @@ class PriorTrainer(LoaderJob):
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.loader.load_state_dict(ckpt["loader"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
-        self.step = int(ckpt["step"])
-        self.best_bits = float(ckpt.get("best_bits", math.inf))
-        self.window = ckpt.get("window", {"sums": {}, "n": 0})
+        return []
 
-    def save(self, path: Path | None = None) -> None:
-        """Write ``checkpoints/last.pt`` (or ``path``) atomically, on rank 0."""
-        if self.is_main:
-            save_checkpoint(path or self.last_path, self._payload())
+    def changes_on_resume(self, ckpt: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        stored = PriorTrainConfig.from_dict(ckpt.get("train_config", {})).to_dict()
+        return super().changes_on_resume({**ckpt, "train_config": stored})
 
     # -- metrics ----------------------------------------------------------------------
     @torch.no_grad()
@@ -315,9 +258,7 @@ class PriorTrainer(LoaderJob):
             "train_bits": self.bits_per_code(self.train_data, lim),
         }
 
-    # -- the job the run loop drives (vqkit.training.loop) -------------------------------
-    loss_key = "bits"
-
+    # -- the job the runtime drives (vqkit.runtime) ------------------------------------
     def train_step(self, seq: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """One optimizer step on a batch, at the rate the run loop has set; returns its
         loss (bits per code), lr, grad norm."""
@@ -338,61 +279,14 @@ class PriorTrainer(LoaderJob):
     def update(self, batch: tuple[torch.Tensor, torch.Tensor], progress: Progress) -> StepResult:
         return StepResult(self.train_step(*batch))
 
-    def observe(self, batch: Any, values: dict[str, float], counts: Any) -> None:
-        """Add a step's figures to the log window (saved in the checkpoint: a resumed run
-        logs the same averages as an uninterrupted one)."""
-        sums, w = self.window["sums"], self.window
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        w["n"] += 1
-        timed, since = self._timer
-        self._timer = (timed + 1, since)
-
-    def train_record(self) -> dict[str, Any]:
-        timed, since = self._timer
-        dt = max(time.perf_counter() - since, 1e-9)
-        codes = timed * self.tcfg.batch_size * self.world * self.model.seq_len
-        w = self.window
-        record = {
-            "epoch": self.loader.epoch,
-            **{k: v / w["n"] for k, v in w["sums"].items()},
-            "codes_per_s": codes / dt,
-        }
-        self.window = {"sums": {}, "n": 0}
-        self._timer = (0, time.perf_counter())
-        return record
+    def items(self, batch: Any) -> int:
+        """Codes of the global batch (the records' ``codes_per_s``)."""
+        return self.tcfg.batch_size * self.world * self.model.seq_len
 
     def postfix(self, values: dict[str, float]) -> dict[str, str]:
         return {"bits": f"{values['bits']:.3f}"}
 
-    def periodic_eval(self) -> dict[str, Any]:
-        result = self.evaluate()
-        self.last_eval = {"step": self.step, **result}
-        return result
-
-    def fit(self, until: int | None = None) -> dict[str, Any]:
-        """Train to ``steps`` (or stop after step ``until``, saving ``last.pt``, as an
-        interruption would); returns the final evaluation (rank 0), ``{"step": ...}``
-        otherwise. Tears down a process group it created."""
-        try:
-            return self._fit(until)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Release the run directory's lock and a process group this trainer created."""
-        self.run.unlock()
-        if getattr(self, "_owns_group", False):
-            distributed.teardown()
-            self._owns_group = False
-
-    def __enter__(self) -> PriorTrainer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def _run_info(self) -> dict[str, Any]:
+    def run_info(self) -> dict[str, Any]:
         return {
             "prior": self.config.to_dict(),
             "train": self.tcfg.to_dict(),
@@ -404,32 +298,12 @@ class PriorTrainer(LoaderJob):
             },
             "params": self.model.num_params(),
             "device": str(self.device),
-            "world_size": self.world,
-            "global_batch_size": self.tcfg.batch_size * self.world,
-            "torch": torch.__version__,
         }
 
-    def _fit(self, until: int | None) -> dict[str, Any]:
-        cfg = self.tcfg
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.run.write_json("config.json", self._run_info())
-            if cfg.tensorboard:  # a resume truncated the metrics: the same steps are purged
-                self.run.open_tensorboard()
-        self._timer = (0, time.perf_counter())  # (steps timed, since)
-        if not RunLoop(self, Cadence.of(cfg, "prior"), self.run, self.world).run_steps(until):
-            return {"step": self.step}  # stopped at ``until`` (saved)
-        result = self.finish() if self.is_main else {"step": self.step}
-        distributed.barrier()  # leave together: no rank tears down while rank 0 writes
-        return result
-
-    def after_eval(self, result: dict[str, Any]) -> None:
-        """Keep the best checkpoint, write the sample grid and the curves."""
+    def report_eval(self, result: dict[str, Any]) -> None:
+        """Write the sample grid and the curves."""
         from .report import plot_prior_curves
 
-        if result[self.best_key] < self.best_bits:
-            self.best_bits = result[self.best_key]
-            save_checkpoint(self.best_path, self._payload())
         self.write_samples()
         plot_prior_curves(self.run.metrics_path, self.out / "curves.png")
 
@@ -456,7 +330,7 @@ class PriorTrainer(LoaderJob):
 
     def finish(self) -> dict[str, Any]:
         """The final evaluation (the last periodic one, made at this step) to ``eval.json``."""
-        last = getattr(self, "last_eval", None)
+        last = self.last_eval
         result = (
             last if last and last["step"] == self.step else {"step": self.step, **self.evaluate()}
         )

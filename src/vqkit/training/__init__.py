@@ -1,9 +1,6 @@
-"""Training jobs and what they share: the tokenizer trainer (:mod:`.tokenizer`), its
-options (:mod:`.config`), step (:mod:`.step`), data (:mod:`.data`, :mod:`.prefetch`),
-codebook-health policy (:mod:`.health`), optimisation helpers (:mod:`.optim`) and the
-deferred Ctrl-C (:mod:`.interrupt`)."""
+"""The tokenizer's training job (:mod:`.tokenizer`), its options (:mod:`.config`), step
+(:mod:`.step`), data (:mod:`.data`), codebook-health policy (:mod:`.health`), weight
+average (:mod:`.optim`) and adversarial step (:mod:`.adversarial_step`). The runtime
+every job runs on lives in :mod:`vqkit.runtime`.
 
-from .config import PRESETS, TrainConfig, TrainOptions
-from .tokenizer import Trainer, train
-
-__all__ = ["PRESETS", "TrainConfig", "TrainOptions", "Trainer", "train"]
+Nothing is imported here: ``import vqkit.training.config`` does not load the trainer."""

@@ -4,7 +4,8 @@ the discriminator's own optimizer and step, their figures and their checkpoint s
 The tokenizer job (:mod:`.tokenizer`) builds an :class:`AdversarialStep` when its
 objective is more than the classic normalised MSE (``rec_loss="l1"``, a perceptual term or
 a discriminator: :func:`objective_is_plain`); with the defaults it builds none and its step
-is exactly the classic one. On the shared run loop (:mod:`.loop`) one training step is::
+is exactly the classic one. On the shared run loop (:mod:`vqkit.runtime.loop`) one
+training step is::
 
     generator:      L = rec(x, x^) [+ w_p LPIPS] + lambda w_d L_G(D(x^)) + vq_loss
                     (StepRunner: forward, backward, the tokenizer's optimizer; D frozen)
@@ -39,22 +40,21 @@ from torch import nn
 
 from ..losses import LossOptions, VQGANLoss
 from ..models import VQVAE, VQVAEOutput
-from ..options import Options, option, option_fields, positive
+from ..options import Options, option, positive
+from ..runtime.loop import ScheduledOptimizer
+from ..runtime.schedule import Schedule
 from ..storage.checkpoint import CheckpointError
-from .loop import ScheduledOptimizer
-from .optim import Schedule
 from .step import PRECISIONS, StepRunner
 
 __all__ = [
     "ADVERSARIAL_FIGURES",
     "AdversarialStep",
     "DiscriminatorOptimOptions",
-    "loss_options",
     "objective_is_plain",
 ]
 
 # the figures of the steps where the discriminator is on: averaged over those steps only
-ADVERSARIAL_FIGURES = ("g_loss", "disc_weight", "d_loss", "logits_real", "logits_fake", "lecam")
+ADVERSARIAL_FIGURES = ("g_loss", "d_weight", "d_loss", "logits_real", "logits_fake", "lecam")
 
 
 def _beta_check(v: float) -> str | None:
@@ -80,12 +80,6 @@ class DiscriminatorOptimOptions(Options):
     )
 
 
-def loss_options(config: Any) -> LossOptions:
-    """The :class:`LossOptions` of a flat training config (checks them: a perceptual
-    weight without its file is a one-line ValueError)."""
-    return LossOptions(**{f.name: getattr(config, f.name) for f in option_fields(LossOptions)})
-
-
 def objective_is_plain(config: Any) -> bool:
     """True when the objective is the classic ``mse / data_variance + vq_loss``
     (:meth:`VQVAE.loss`): no L1, no perceptual term, no discriminator."""
@@ -95,57 +89,64 @@ def objective_is_plain(config: Any) -> bool:
 class AdversarialStep:
     """The generator's objective and the discriminator's step of one run (module doc).
 
-    ``model``: the plain tokenizer (its ``last_layer`` for the adaptive weight);
-    ``dtype``: the autocast dtype of the run (None: fp32)."""
+    ``loss``: the loss terms' options; ``optim``: the discriminator's optimizer's;
+    ``schedule`` and ``lr``: the run's schedule and (default) base rate; ``model``: the
+    plain tokenizer (its ``last_layer`` for the adaptive weight); ``dtype``: the autocast
+    dtype of the run (None: fp32; fp16 gives the discriminator its own gradient scaler)."""
 
     def __init__(
         self,
-        config: Any,
+        loss: LossOptions,
+        optim: DiscriminatorOptimOptions,
         model: VQVAE,
         in_channels: int,
         device: torch.device,
         dtype: torch.dtype | None,
+        *,
+        schedule: Schedule,
+        lr: float,
     ) -> None:
-        self.config, self.model, self.device, self.dtype = config, model, device, dtype
-        self.loss = VQGANLoss(loss_options(config), in_channels).to(device)
+        self.options, self.model, self.device, self.dtype = loss, model, device, dtype
+        self.loss = VQGANLoss(loss, in_channels).to(device)
         self.net: nn.Module | None = self.loss.discriminator  # the DDP wrapper under torchrun
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduled: ScheduledOptimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
         params = self.loss.discriminator_parameters()
         if params:
-            lr = config.lr if config.disc_lr is None else config.disc_lr
+            lr = lr if optim.disc_lr is None else optim.disc_lr
             self.optimizer = torch.optim.Adam(
-                params, lr=lr, betas=(config.disc_beta1, config.disc_beta2)
+                params, lr=lr, betas=(optim.disc_beta1, optim.disc_beta2)
             )
-            if config.precision == "fp16":
+            if dtype == torch.float16:
                 self.scaler = torch.amp.GradScaler(device.type)
-            self.scheduled = ScheduledOptimizer(
-                self.optimizer,
-                [lr],
-                Schedule(
-                    config.steps, config.warmup_steps, config.lr_schedule, config.min_lr_ratio
-                ),
-                self.scaler,
-            )
-        self.reset_window()
+            self.scheduled = ScheduledOptimizer(self.optimizer, [lr], schedule, self.scaler)
 
     @classmethod
     def build(
         cls, config: Any, model: VQVAE, in_channels: int, device: torch.device
     ) -> AdversarialStep | None:
-        """The run's adversarial step; None with the classic objective (whose step then
-        stays exactly the classic one)."""
+        """The run's adversarial step from its flat ``TrainConfig`` (its typed groups);
+        None with the classic objective (whose step then stays exactly the classic one)."""
         if objective_is_plain(config):
             return None
-        return cls(config, model, in_channels, device, PRECISIONS[config.precision])
+        return cls(
+            config.loss,
+            config.disc_optim,
+            model,
+            in_channels,
+            device,
+            PRECISIONS[config.precision],
+            schedule=Schedule.of(config),
+            lr=config.lr,
+        )
 
     @property
     def objective_final_from(self) -> int:
         """The first step whose objective is the run's final one: ``disc_start`` with a
         discriminator (before it the tokenizer trains on reconstruction alone, and lower
         NMSE there is not a better model of this objective), else 0."""
-        return self.config.disc_start if self.loss.discriminator is not None else 0
+        return self.options.disc_start if self.loss.discriminator is not None else 0
 
     def optimizers(self) -> list[ScheduledOptimizer]:
         """The discriminator's scheduled optimizer (none without a discriminator)."""
@@ -173,12 +174,12 @@ class AdversarialStep:
         self, x: torch.Tensor, out: VQVAEOutput, data_variance: float, step: int
     ) -> dict[str, torch.Tensor]:
         """The tokenizer's loss terms on batch ``x`` (B, C, H, W) and its forward ``out``:
-        ``{"loss", "recon_nmse", "vq", "rec", "perceptual"?, "g_loss"?, "disc_weight"?}``.
+        ``{"loss", "recon_nmse", "vq", "rec", "perceptual"?, "g_loss"?, "d_weight"?}``.
         ``rec`` is ``mse / data_variance`` (l2) or the mean absolute error (l1);
         ``recon_nmse`` (logged for every objective) is ``mse / data_variance``."""
         if not data_variance > 0:
             raise ValueError(f"data_variance must be > 0; got {data_variance}")
-        scale = 1.0 / data_variance if self.config.rec_loss == "l2" else 1.0
+        scale = 1.0 / data_variance if self.options.rec_loss == "l2" else 1.0
         with self._autocast():
             g = self.loss.generator_loss(
                 x, out.recon, out.vq.loss, self.model.last_layer, step, rec_scale=scale
@@ -222,29 +223,6 @@ class AdversarialStep:
             loss.backward()
             self.optimizer.step()
         return {k: float(v.detach()) for k, v in d.items() if k != "loss"}
-
-    # -- figures: the adversarial ones averaged over the steps that had them --------------
-    def reset_window(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.active = 0
-
-    def take(self, values: dict[str, float]) -> dict[str, float]:
-        """Add the adversarial figures of one step to this window; returns the others
-        (which the tokenizer's window averages over every step)."""
-        taken = {k: v for k, v in values.items() if k in ADVERSARIAL_FIGURES}
-        if taken:
-            self.active += 1
-            for k, v in taken.items():
-                self.sums[k] = self.sums.get(k, 0.0) + v
-        return {k: v for k, v in values.items() if k not in taken}
-
-    def summary(self) -> dict[str, float]:
-        """The window's means over its discriminator steps, and how many there were."""
-        out = {k: v / self.active for k, v in self.sums.items()}
-        if self.optimizer is not None:
-            out["disc_steps"] = self.active
-        self.reset_window()
-        return out
 
     # -- checkpoint -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

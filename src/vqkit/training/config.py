@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +33,15 @@ from ..models.vqvae import (
 from ..options import (
     Options,
     compose,
-    nonneg,
     nonneg_int,
     option,
     option_fields,
     positive,
     positive_int,
-    unit_interval,
 )
-from .adversarial_step import DiscriminatorOptimOptions, loss_options
-from .loop import RunOptions
-from .optim import SCHEDULES
-from .step import PRECISIONS
+from ..runtime.options import JobOptions, check_resume_steps, resume_changes
+from .adversarial_step import DiscriminatorOptimOptions
+from .step import StepOptions
 
 __all__ = ["PRESETS", "TrainConfig", "TrainOptions", "resolve_device"]
 
@@ -56,13 +54,11 @@ def _crop_scale_check(v: float) -> str | None:
     return None if 0.0 < v <= 1.0 else "in (0, 1]"
 
 
-def _ema_check(v: float) -> str | None:
-    return None if 0.0 <= v < 1.0 else "in [0, 1)"
-
-
 @dataclass
-class TrainOptions(RunOptions):
-    """Options of the training job (data, optimisation, codebook health, bookkeeping).
+class TrainOptions(JobOptions):
+    """Options of the training job (data, optimisation, codebook health, bookkeeping);
+    the options every job has (steps, batch, learning rate, seed, ...) are inherited from
+    their one declaration, :class:`vqkit.runtime.options.JobOptions`.
 
     ``on_resume="fixed"`` marks the options a resumed run cannot change (they shaped the
     state in the checkpoint); the others are applied and reported when changed."""
@@ -129,44 +125,6 @@ class TrainOptions(RunOptions):
         "data has no test split and the default is kept)",
         on_resume="fixed",
     )
-    batch_size: int = option(
-        32,
-        "images per step and per process (global batch: x number of processes)",
-        check=positive_int,
-        on_resume="fixed",
-    )
-    steps: int = option(1500, "training steps", check=nonneg_int)
-    lr: float = option(3e-4, "Adam learning rate", check=positive)
-    warmup_steps: int = option(
-        0, "linear learning-rate warmup over the first N steps (0: none)", check=nonneg_int
-    )
-    lr_schedule: str = option(
-        "constant",
-        "after the warmup: constant, or cosine decay to --min-lr-ratio x --lr at --steps "
-        "(a resume that changes --steps reshapes the rest of the decay)",
-        choices=SCHEDULES,
-    )
-    min_lr_ratio: float = option(
-        0.0, "cosine schedule: the final learning rate as a fraction of --lr", check=unit_interval
-    )
-    grad_clip: float = option(
-        0.0, "clip the global gradient norm to this (0: off); logs grad_norm", check=nonneg
-    )
-    weight_ema: float = option(
-        0.0,
-        "decay of an exponential moving average of the weights, used for evaluation and "
-        "export (0: off; e.g. 0.999)",
-        check=_ema_check,
-    )
-    precision: str = option(
-        "fp32",
-        "fp32, or bf16 / fp16 autocast (the quantizer searches in fp32; fp16 scales the loss)",
-        choices=tuple(PRECISIONS),
-    )
-    channels_last: bool = option(False, "channels-last memory format for model and inputs")
-    compile: bool = option(False, "torch.compile the training forward and loss")
-    seed: int = option(0, "random seed (model init, data order, codebook init)", on_resume="fixed")
-    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:1, ...")
     codebook_lr_scale: float = option(
         1.0,
         "learning rate of the codebook parameters = --lr x this",
@@ -219,12 +177,6 @@ class TrainOptions(RunOptions):
     )
     out_dir: str = option("runs/vqkit", "run directory")
     eval_images: int = option(1000, "images of the periodic evaluation", check=positive_int)
-    dist_timeout: float = option(
-        600.0,
-        "seconds a process waits for the others at a collective before the run stops "
-        "with an error (a stuck rank must not freeze the others for 30 minutes)",
-        check=positive,
-    )
     preset: str = option(
         None,
         "named option set; applies over --config, other flags override it",
@@ -283,7 +235,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _TrainConfigBase = compose(
     "TrainConfig",
-    (TrainOptions, LossOptions, DiscriminatorOptimOptions, ModelOptions, *QUANTIZER_GROUPS),
+    (
+        TrainOptions,
+        StepOptions,
+        LossOptions,
+        DiscriminatorOptimOptions,
+        ModelOptions,
+        *QUANTIZER_GROUPS,
+    ),
     bases=(QuantizerChoice,),
 )
 
@@ -300,7 +259,24 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         check_size_fits(
             self.image_size or 32, 3, self.hidden, self.channel_mult, self.downsample, self.arch
         )
-        loss_options(self)  # the loss terms' own checks (a perceptual weight needs its file)
+        _ = self.loss  # the loss terms' own checks (a perceptual weight needs its file)
+
+    # the typed option groups the step, the objective and the discriminator take: made
+    # once from the flat config (their fields are this config's)
+    @cached_property
+    def loss(self) -> LossOptions:
+        """The loss terms' options (:class:`~vqkit.losses.LossOptions`)."""
+        return self.group(LossOptions)
+
+    @cached_property
+    def step_options(self) -> StepOptions:
+        """How the step runs (:class:`~vqkit.training.step.StepOptions`)."""
+        return self.group(StepOptions)
+
+    @cached_property
+    def disc_optim(self) -> DiscriminatorOptimOptions:
+        """The discriminator's optimizer options."""
+        return self.group(DiscriminatorOptimOptions)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
@@ -365,12 +341,7 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
                 f"--preset {given['preset']} with --resume: a resumed run keeps its own "
                 "options; drop --preset and give the options to change as flags"
             )
-        steps = given.get("steps")
-        if steps is not None and steps < step:
-            raise UserError(
-                f"--steps {steps} is below the step {step} of {where}'s checkpoint: nothing "
-                f"to train; give --steps above {step} to train on"
-            )
+        check_resume_steps(given.get("steps"), step, where)
 
     def resume_changes(
         self, stored: dict[str, Any], stored_world: int = 1, world: int = 1
@@ -380,31 +351,14 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         (``on_resume="fixed"``, and every model or quantizer option) is a ValueError.
         The batch size is compared per global batch (``batch_size`` x processes), so a
         run resumes under another world size."""
-        stored = upgrade_options(stored, stored=True)  # today's names, this kind's options
-        fixed_model = {f.name for f in option_fields(ModelOptions)}
-        fixed_model |= {f.name for g in QUANTIZER_GROUPS for f in option_fields(g)}
-        changes: dict[str, tuple[Any, Any]] = {}
-        refused = []
-        for f in option_fields(self):
-            if f.name not in stored or f.name in ("out_dir", "preset"):
-                continue
-            old, new = stored[f.name], getattr(self, f.name)
-            if f.name == "batch_size" and old * stored_world == new * world:
-                continue
-            if old == new:
-                continue
-            if f.name in fixed_model or f.metadata["on_resume"] == "fixed":
-                refused.append(f"{f.name} ({old!r} -> {new!r})")
-            else:
-                changes[f.name] = (old, new)
-        if refused:
-            raise UserError(
-                "a resumed run cannot change "
-                + ", ".join(refused)
-                + ": they shaped the checkpoint's state; start a new run (--overwrite or "
-                "another --out) to change them"
-            )
-        return changes
+        return resume_changes(
+            self,
+            upgrade_options(stored, stored=True),  # today's names, this kind's options
+            stored_world=stored_world,
+            world=world,
+            fixed_groups=(ModelOptions, *QUANTIZER_GROUPS),
+            ignore=("out_dir", "preset"),
+        )
 
     def with_health_defaults(
         self, supports_init: bool, supports_revival: bool, vectors_per_batch: int, codes: int

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..models import VQVAE, VQVAEOutput
+from ..options import Options, option
 from .optim import WeightEMA
 
-__all__ = ["PRECISIONS", "Objective", "StepRunner"]
+__all__ = ["PRECISIONS", "Objective", "StepOptions", "StepRunner"]
 
 # a loss other than VQVAE.loss: (x, forward output, data_variance, step) -> terms, with
 # "loss" (what is back-propagated), "recon_nmse" and "vq" among them
@@ -44,35 +46,61 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 }
 
 
+def _ema_check(v: float) -> str | None:
+    return None if 0.0 <= v < 1.0 else "in [0, 1)"
+
+
+@dataclass
+class StepOptions(Options):
+    """How the tokenizer's step runs (declared once; composed into ``TrainConfig``)."""
+
+    weight_ema: float = option(
+        0.0,
+        "decay of an exponential moving average of the weights, used for evaluation and "
+        "export (0: off; e.g. 0.999)",
+        check=_ema_check,
+    )
+    precision: str = option(
+        "fp32",
+        "fp32, or bf16 / fp16 autocast (the quantizer searches in fp32; fp16 scales the loss)",
+        choices=tuple(PRECISIONS),
+    )
+    channels_last: bool = option(False, "channels-last memory format for model and inputs")
+    compile: bool = option(False, "torch.compile the training forward and loss")
+
+
 class StepRunner:
     """Forward, loss, backward, update for one batch (see the module doc).
 
     ``model`` is the plain module (weights, EMA, clipping); ``forward`` what the step
-    calls (the DistributedDataParallel wrapper under torchrun)."""
+    calls (the DistributedDataParallel wrapper under torchrun); ``options`` how the step
+    runs; ``grad_clip`` the gradient-norm bound (0: none)."""
 
     def __init__(
         self,
         model: VQVAE,
         forward: nn.Module,
         optimizer: torch.optim.Optimizer,
-        config: Any,
+        options: StepOptions,
         device: torch.device,
         objective: Objective | None = None,
+        *,
+        grad_clip: float = 0.0,
     ) -> None:
         self.model, self.forward, self.optimizer = model, forward, optimizer
-        self.config, self.device = config, device
-        self.dtype = PRECISIONS[config.precision]
+        self.options, self.device, self.grad_clip = options, device, grad_clip
+        self.dtype = PRECISIONS[options.precision]
         self.scaler: torch.amp.GradScaler | None = None
-        if config.precision == "fp16":
+        if options.precision == "fp16":
             self.scaler = torch.amp.GradScaler(device.type)
-        self.channels_last = bool(config.channels_last)
+        self.channels_last = bool(options.channels_last)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.ema = WeightEMA(model, config.weight_ema) if config.weight_ema else None
+        self.ema = WeightEMA(model, options.weight_ema) if options.weight_ema else None
         self.objective = objective
         self.recon: torch.Tensor | None = None  # the last step's x^ (detached), with an objective
         self._fwd: Callable[..., Any] = self._forward_loss if objective is None else self._forward
-        if config.compile:  # with an objective: the model's forward (the loss stays eager:
+        if options.compile:  # with an objective: the model's forward (the loss stays eager:
             # the adaptive weight's autograd.grad and the disc_start switch would break it)
             self._fwd = torch.compile(self._fwd)
 
@@ -82,7 +110,7 @@ class StepRunner:
         the backward, because the adaptive weight differentiates the graph more than once
         (``retain_graph=True``), which donated buffers refuse. (A global config read when
         the graph is compiled and again at its backward: set for the whole step only.)"""
-        if not self.config.compile or self.objective is None:
+        if not self.options.compile or self.objective is None:
             return contextlib.nullcontext()
         return torch._functorch.config.patch(donated_buffer=False)
 
@@ -116,7 +144,6 @@ class StepRunner:
     def _update(
         self, x: torch.Tensor, data_variance: float, step: int
     ) -> tuple[dict[str, float], torch.Tensor]:
-        cfg = self.config
         self.model.train()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -131,14 +158,14 @@ class StepRunner:
         grad_norm = None
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            if cfg.grad_clip:
+            if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = self._clip()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            if cfg.grad_clip:
+            if self.grad_clip:
                 grad_norm = self._clip()
             self.optimizer.step()
         if self.ema is not None:
@@ -154,7 +181,7 @@ class StepRunner:
         """Clip the global gradient norm to ``grad_clip``; returns the norm before (after
         DDP's all-reduce the gradients, hence the norm, are the same on every rank)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        return float(torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip))
+        return float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -179,7 +206,7 @@ class StepRunner:
             if "weight_ema" in state:
                 self.ema.load_state_dict(state["weight_ema"])
             else:  # from the weights just restored, not the initial ones
-                self.ema = WeightEMA(self.model, self.config.weight_ema)
+                self.ema = WeightEMA(self.model, self.options.weight_ema)
                 notes.append("weight_ema starts from the current weights")
         return notes
 

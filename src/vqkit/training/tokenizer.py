@@ -1,6 +1,6 @@
 """The VQ-VAE training job: data, model, optimizer, metrics, checkpoints, pictures. It
-supplies its state, step and evaluation to the shared run loop
-(:mod:`vqkit.training.loop`), which owns the cadence, Ctrl-C, learning rates and logs.
+supplies its state, step and evaluation to the runtime (:class:`vqkit.runtime.job.Job`:
+process group, run directory, resume, RNG, log window, best.pt, the run loop).
 
 A run directory holds::
 
@@ -20,11 +20,12 @@ A run directory holds::
                          evaluation, 8 eval images above their reconstructions
 
 ``resume=True`` continues from ``checkpoints/last.pt``: model, optimizer, EMA
-buffers, weight average, gradient scaler, RNG and data position are restored, so the
-resumed run produces the same weights as an uninterrupted one.
+buffers, weight average, gradient scaler, RNG, data position and log window are
+restored, so the resumed run produces the same weights and records as an uninterrupted
+one.
 
 Data (:mod:`vqkit.training.data`): in memory, or streamed from shards; ``prefetch``
-(:mod:`vqkit.training.prefetch`). The step (:mod:`vqkit.training.step`): precision,
+(:mod:`vqkit.runtime.prefetch`). The step (:mod:`vqkit.training.step`): precision,
 compile, schedule, ``grad_clip``, ``weight_ema`` (evaluation, best.pt and the export
 use the averaged weights). Beyond MSE: :mod:`vqkit.training.adversarial_step`.
 
@@ -55,28 +56,26 @@ Every log record carries ``dead`` (codes below ``dead_threshold``), ``codes_used
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import distributed
 from ..data import normalize
 from ..evaluation.reconstruction import evaluate
 from ..losses import disc_start_warning
 from ..models import VQVAE, VQVAEConfig, export_safetensors
-from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..storage.rundir import RunDir
-from .adversarial_step import AdversarialStep, loss_options
+from ..runtime.job import LoaderJob
+from ..runtime.loop import Progress, ScheduledOptimizer, StepResult
+from ..runtime.prefetch import Prefetcher
+from ..runtime.schedule import Schedule
+from ..runtime.window import Window
+from ..storage.checkpoint import CheckpointError
+from .adversarial_step import ADVERSARIAL_FIGURES, AdversarialStep
 from .config import PRESETS, TrainConfig, resolve_device
 from .data import load_run_data
-from .health import CodebookHealth, Window, with_global_usage
-from .loop import Cadence, LoaderJob, Progress, RunLoop, ScheduledOptimizer, StepResult
-from .optim import Schedule
-from .prefetch import Prefetcher
+from .health import CodebookHealth, with_global_usage
 from .step import StepRunner
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "resolve_device", "train"]
@@ -85,41 +84,24 @@ __all__ = ["PRESETS", "TrainConfig", "Trainer", "resolve_device", "train"]
 class Trainer(LoaderJob):
     """Owns one training run. ``Trainer(config).fit()``; see the module docstring."""
 
+    kind = "vqkit-tokenizer"
+    loss_key = "loss"
+    best_key = "nmse"
+    rate_key = "images_per_s"
+
     def __init__(
         self, config: TrainConfig, *, resume: bool = False, overwrite: bool = False
     ) -> None:
-        self.out = Path(config.out_dir)
+        super().__init__(config, config.out_dir, resume=resume, overwrite=overwrite)
         self.ckpt_dir = self.out / "checkpoints"
-        self.last_path = self.ckpt_dir / "last.pt"
-        self.best_path = self.ckpt_dir / "best.pt"
-        self.device = distributed.rank_device(config.device)  # one GPU per process
-        if distributed.env_world_size() > 1 and self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.resume = resume
-        self._owns_group = distributed.init_from_env(self.device, config.dist_timeout)
-        self.rank, self.world = distributed.rank(), distributed.world_size()
-        self.is_main = self.rank == 0
-        self.run = RunDir(self.out)
-        try:
-            if self.is_main:  # one writer: lock, then check or clean the directory
-                self.run.prepare(resume=resume, overwrite=overwrite)
+        with self.setting_up():
             self._setup(config)
-        except BaseException:
-            self.close()
-            raise
 
     def _setup(self, config: TrainConfig) -> None:
-        ckpt = None
-        if self.resume:
-            if not self.last_path.exists():
-                raise CheckpointError(f"nothing to resume: {self.last_path} does not exist")
-            ckpt = load_checkpoint(self.last_path, map_location=self.device)
-        if self.world > 1 and not self.is_main:
-            distributed.barrier()  # rank 0 loads first (and fills the decode cache)
-        self.data = load_run_data(config, self.rank, self.world)
+        ckpt = self.checkpoint
+        with self.rank0_first():  # rank 0 loads first (and fills the decode cache)
+            self.data = load_run_data(config, self.rank, self.world)
         self.eval_data, self.data_variance = self.data.eval_data, self.data.data_variance
-        if self.world > 1 and self.is_main:
-            distributed.barrier()
 
         torch.manual_seed(config.seed)
         self.model_config = config.model_config(self.data.channels, self.data.image_size)
@@ -141,14 +123,10 @@ class Trainer(LoaderJob):
                     if getattr(config, k) == v and k in stored
                 }
             )
-        self.config = config.with_health_defaults(
+        self.config = self.options = config.with_health_defaults(
             q.supports_init, q.supports_revival, vectors, self.model.num_codes
         )
-        self.resume_changes: dict[str, tuple[Any, Any]] = {}
-        if ckpt is not None:
-            self.resume_changes = self.config.resume_changes(
-                ckpt.get("train_config", {}), int(ckpt.get("world_size", 1)), self.world
-            )
+        self.window = Window(self.model.num_codes, self.rate_key, tallies=("revived",))
         self.health = CodebookHealth(self.config, q)
         if self.config.channels_last:  # before the optimizer state exists (its layout)
             self.model.to(memory_format=torch.channels_last)
@@ -165,26 +143,25 @@ class Trainer(LoaderJob):
         )
         if self.config.prefetch:
             self.loader = Prefetcher(self.loader)
-        self.step = 0
-        self.best_nmse = math.inf
-        self.best_step = -1  # the step best.pt was chosen at (-1: none yet)
         # the averaged weights' model: copied here, before DDP's hooks, and not built anew
         # later, which would draw from the global RNG that a resumed run must replay
         self._eval_copy = copy.deepcopy(self.model) if self.config.weight_ema else None
         objective = None if self.adv is None else self.adv.objective
         self.runner = StepRunner(
-            self.model, self.model, self.optimizer, self.config, self.device, objective
+            self.model,
+            self.model,
+            self.optimizer,
+            self.config.step_options,
+            self.device,
+            objective,
+            grad_clip=self.config.grad_clip,
         )
-        cfg = self.config
         self.scheduled = ScheduledOptimizer(
             self.optimizer,
-            [g.get("lr", cfg.lr) for g in self._param_groups()],
-            Schedule(cfg.steps, cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio),
+            [g.get("lr", self.config.lr) for g in self._param_groups()],
+            Schedule.of(self.config),
             self.runner.scaler,
         )
-        self.resume_notes: list[str] = []
-        if ckpt is not None:
-            self._restore(ckpt)
         self.ddp: torch.nn.Module = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -204,16 +181,11 @@ class Trainer(LoaderJob):
                 self.adv.wrap_ddp()
         self.runner.forward = self.ddp  # what the step calls (before any compile traces it)
 
-    def close(self) -> None:
-        """Stop the data workers, release the run directory (and a process group this
-        trainer created)."""
+    def release(self) -> None:
+        """Stop the data workers (the runtime then releases the directory and group)."""
         loader = getattr(self, "loader", None)
         if loader is not None and hasattr(loader, "close"):
             loader.close()
-        self.run.unlock()
-        if self._owns_group:
-            distributed.teardown()
-            self._owns_group = False
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One group for everything, a second at ``lr * codebook_lr_scale`` for the
@@ -235,24 +207,18 @@ class Trainer(LoaderJob):
         return [self.scheduled, *([] if self.adv is None else self.adv.optimizers())]
 
     # -- state ------------------------------------------------------------------
-    def _payload(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "model_config": self.model_config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
             "loader": self.loader.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
-            "train_config": asdict(self.config),
             "data_variance": self.data_variance,
-            "best_nmse": self.best_nmse,
-            "best_step": self.best_step,
-            "world_size": self.world,
             **self.runner.state_dict(),
             **({} if self.adv is None else {"adversarial": self.adv.state_dict()}),
         }
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
+    def load_state_dict(self, ckpt: dict[str, Any]) -> list[str]:
         # from_dict: a checkpoint written before a config key existed gets its default
         if VQVAEConfig.from_dict(ckpt["model_config"]).to_dict() != self.model_config.to_dict():
             raise CheckpointError(
@@ -266,26 +232,17 @@ class Trainer(LoaderJob):
         for group, fresh in zip(self.optimizer.param_groups, self._param_groups(), strict=True):
             group["lr"] = fresh.get("lr", self.config.lr)
         self.loader.load_state_dict(ckpt["loader"])
-        self.resume_notes = self.runner.load_state_dict(ckpt)
+        notes = self.runner.load_state_dict(ckpt)
         if self.adv is not None:
-            self.resume_notes += self.adv.load_state_dict(ckpt.get("adversarial"))
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        self.step = int(ckpt["step"])
-        self.best_nmse = float(ckpt.get("best_nmse", math.inf))
-        self.best_step = int(ckpt.get("best_step", -1))
+            notes += self.adv.load_state_dict(ckpt.get("adversarial"))
+        return notes
 
-    def save(self) -> None:
-        """Write ``checkpoints/last.pt`` (rank 0 only; the other ranks hold the same state)."""
-        if self.is_main:
-            save_checkpoint(self.last_path, self._payload())
+    def changes_on_resume(self, ckpt: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        return self.config.resume_changes(
+            ckpt.get("train_config", {}), int(ckpt.get("world_size", 1)), self.world
+        )
 
-    # -- the job the run loop drives (vqkit.training.loop) -----------------------
-    loss_key = "loss"
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.is_main:
-            self.run.log(record)
-
+    # -- the job the runtime drives (vqkit.runtime) ------------------------------------
     def train_step(self, x: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
         """One update on ``x`` (see :class:`vqkit.training.step.StepRunner`)."""
         if self.adv is None:
@@ -306,23 +263,23 @@ class Trainer(LoaderJob):
         x = batch[0]
         if self.world > 1:
             with_global_usage(values, counts)
-        if self.adv is not None:  # its figures are averaged over its own steps
-            values = self.adv.take(values)
         if self.health.due(self.step):
-            self.window.revived += self.health.revive(
+            revived = self.health.revive(
                 self._latents(x), self.step, self.optimizer, self.runner.ema, self.model
             )
+            self.window.tally("revived", revived)
+        # the adversarial figures are averaged over the steps that had them
         self.window.add(values, counts, x.shape[0] * self.world)
 
-    def train_record(self) -> dict[str, Any]:
-        record = {
+    def record(self) -> dict[str, Any]:
+        disc = {}
+        if self.adv is not None and self.adv.optimizer is not None:
+            disc = {"disc_steps": max(self.window.steps(k) for k in ADVERSARIAL_FIGURES)}
+        return {
             "epoch": self.loader.epoch,
-            **self.window.summary(),
             **self.health.figures(self.window.counts),
-            **({} if self.adv is None else self.adv.summary()),
+            **disc,
         }
-        self.window.reset()
-        return record
 
     def postfix(self, values: dict[str, float]) -> dict[str, str]:
         return {
@@ -333,19 +290,19 @@ class Trainer(LoaderJob):
             **({"d": f"{values['d_loss']:.3f}"} if "d_loss" in values else {}),
         }
 
-    def periodic_eval(self) -> dict[str, Any]:
-        result = self.evaluate(limit=self.config.eval_images)
+    def evaluate(self) -> dict[str, Any]:
+        """The periodic evaluation: ``eval_images`` images of the eval split."""
+        result = self.evaluate_split(limit=self.config.eval_images)
         result.pop("counts")
         result.pop("labels", None)  # in eval.json; not repeated in every record
         return result
 
-    def after_eval(self, record: dict[str, Any]) -> None:
-        final_from = 0 if self.adv is None else self.adv.objective_final_from
-        if self.step >= final_from > self.best_step:  # the discriminator switched on since
-            self.best_nmse = math.inf  # best.pt: reconstruction-only weights drop out
-        if record["nmse"] < self.best_nmse:
-            self.best_nmse, self.best_step = record["nmse"], self.step
-            save_checkpoint(self.best_path, self._payload())
+    @property
+    def best_from(self) -> int:
+        """best.pt: reconstruction-only weights drop out once the discriminator is on."""
+        return 0 if self.adv is None else self.adv.objective_final_from
+
+    def report_eval(self, record: dict[str, Any]) -> None:
         if self.config.tensorboard:  # a small reconstruction grid of this evaluation
             from ..evaluation.plots import recon_pairs
 
@@ -379,7 +336,8 @@ class Trainer(LoaderJob):
         feats = {} if self.features is None else {"fd_vqkit_features": self.features}
         return QualitySuite(image_metrics=self.config.eval_ssim, lpips=lpips, extractors=feats)
 
-    def evaluate(self, limit: int | None = None) -> dict[str, Any]:
+    def evaluate_split(self, limit: int | None = None) -> dict[str, Any]:
+        """Reconstruction figures of ``limit`` eval images (None: the whole split)."""
         return evaluate(
             self.eval_model(),
             self.eval_data,
@@ -389,29 +347,9 @@ class Trainer(LoaderJob):
             suite=self._suite(),
         )
 
-    def fit(self) -> dict[str, Any]:
-        """Train to ``steps``; returns the final evaluation (rank 0; ``{"step": ...}``
-        on the other ranks). Tears down a process group it created."""
-        try:
-            return self._fit()
-        finally:
-            self.close()
-
-    def _fit(self) -> dict[str, Any]:
-        cfg = self.config
-        if self.is_main and self.resume:
-            self.run.truncate_metrics(self.step)  # steps after the checkpoint run again
-            for name, (old, new) in self.resume_changes.items():
-                print(f"resume: {name} {old!r} -> {new!r} (applied)")
-            for note in self.resume_notes:
-                print(f"resume: {note}")
-            if self.resume_changes:
-                changes = {k: {"from": a, "to": b} for k, (a, b) in self.resume_changes.items()}
-                self._log({"kind": "resume", "step": self.step, "changes": changes})
-        if self.is_main and cfg.tensorboard:  # after truncate_metrics: purges the same steps
-            self.run.open_tensorboard()
-        run_info = {
-            "train": asdict(cfg),
+    def run_info(self) -> dict[str, Any]:
+        return {
+            "train": asdict(self.config),
             "model": self.model_config.to_dict(),
             "data": {
                 "train": self.data.describe_train,
@@ -419,20 +357,12 @@ class Trainer(LoaderJob):
                 "data_variance": self.data_variance,
             },
             "device": str(self.device),
-            "world_size": self.world,
-            "global_batch_size": cfg.batch_size * self.world,
-            "torch": torch.__version__,
         }
-        if self.is_main:
-            self.run.write_json("config.json", run_info)
-            warning = disc_start_warning(loss_options(cfg), cfg.steps)
-            if warning:
-                print(f"warning: {warning}", flush=True)
-        self.window = Window(self.model.num_codes)
-        RunLoop(self, Cadence.of(cfg, "train"), self.run, self.world).run_steps()
-        if not self.is_main:
-            return {"step": self.step}
-        return self.finish()
+
+    def announce(self) -> None:
+        warning = disc_start_warning(self.config.loss, self.config.steps)
+        if warning:
+            print(f"warning: {warning}", flush=True)
 
     @torch.no_grad()
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
@@ -472,7 +402,7 @@ class Trainer(LoaderJob):
         """Final evaluation on the whole eval split, weights export and pictures."""
         from ..evaluation.plots import plot_curves, plot_usage, save_recon_grid
 
-        result = self.evaluate()
+        result = self.evaluate_split()
         counts = result.pop("counts")
         result["step"] = self.step
         self.run.write_json("eval.json", result)

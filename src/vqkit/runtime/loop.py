@@ -1,7 +1,7 @@
 """The one run loop every training job uses (the tokenizer, the prior, and later ones).
 
-A job supplies its state, its step and its evaluation (:class:`Job`); the loop owns the
-rest, written once:
+A job (:class:`vqkit.runtime.job.Job`: the runtime around this loop) supplies its state,
+its step and its evaluation; the loop owns the rest, written once:
 
 * the learning rates: before every update each of the job's optimizers
   (:class:`ScheduledOptimizer`: an optimizer, its base rates, its own
@@ -15,22 +15,25 @@ rest, written once:
 * the cadence: a ``"train"`` record every ``log_every`` steps, the job's periodic
   evaluation (rank 0 alone, no collective inside, so the other ranks cannot hang on it)
   and a checkpoint every ``eval_every`` steps, a checkpoint when ``ckpt_minutes`` have
-  passed, and at the end;
-* the deferred Ctrl-C (:class:`~vqkit.training.interrupt.DeferredInterrupt`): the
+  passed on rank 0's clock (the decision travels in the step's all-reduce, so every rank
+  saves at the same step), and at the end;
+* the deferred Ctrl-C (:class:`~vqkit.runtime.interrupt.DeferredInterrupt`): the
   first SIGINT finishes the step in flight, then the checkpoint is written (shielded by
-  :func:`~vqkit.training.interrupt.no_interrupt`) and ``KeyboardInterrupt`` re-raised;
-  a hard interrupt inside a step rewinds the job's data position to before that step's
-  draw, so the batch is drawn again on resume and ``--resume`` reproduces the
-  uninterrupted run bit for bit;
+  :func:`~vqkit.runtime.interrupt.no_interrupt`) and ``KeyboardInterrupt`` re-raised.
+  A checkpoint always holds one step boundary: a hard interrupt (a second SIGINT) that
+  lands inside a step writes nothing, since by then the weights, an optimizer or the
+  quantizer's statistics may be a step ahead of the step number (after
+  ``optimizer.step()``, or between a generator's and a discriminator's update);
+  ``last.pt`` keeps the last boundary saved, which ``--resume`` continues exactly;
 * a non-finite loss stops the run with one line; the progress bar (rank 0) with the
   job's figures and an ETA; ``metrics.jsonl`` records through the run directory.
 
 Per step, in this order::
 
-    state = job.data_state();  batch = job.next_batch()
+    batch = job.next_batch()
     for each optimizer: set the learning rate of step ``job.step``
     result = job.update(batch, progress)              # forward, backward, updates
-    values, counts, stop = step_figures(result, ...)  # one all-reduce (DDP)
+    values, counts, stop, save = step_figures(...)    # one all-reduce (DDP)
     job.step += 1;  job.observe(batch, values, counts)
     log / evaluate / save as due;  stop if any rank was asked to
 """
@@ -46,11 +49,9 @@ from typing import Any, Protocol
 import torch
 
 from .. import distributed
-from ..options import nonneg, option, positive_int
 from ..storage.rundir import RunDir
-from ..storage.tensorboard import TensorBoardOptions
 from .interrupt import DeferredInterrupt, no_interrupt
-from .optim import Schedule
+from .schedule import Schedule
 
 __all__ = [
     "Cadence",
@@ -58,33 +59,11 @@ __all__ = [
     "LoaderJob",
     "Progress",
     "RunLoop",
-    "RunOptions",
     "ScheduledOptimizer",
     "StepResult",
 ]
 
 _clock = time.monotonic  # the clock of ckpt_minutes (a test replaces it)
-
-
-@dataclass
-class RunOptions(TensorBoardOptions):
-    """The run loop's options, declared once: every job's options inherit them
-    (``TrainOptions``, ``PriorTrainConfig``), so ``--log-every`` & co. mean the same in
-    every command, and an option added here reaches every job's CLI, config files and
-    checkpoints. (``steps`` stays with each job: its default is the job's.) ``tensorboard``
-    is inherited from its declaration beside the sink, :mod:`vqkit.storage.tensorboard`."""
-
-    log_every: int = option(50, "write a train record every N steps", check=positive_int)
-    eval_every: int = option(
-        500, "evaluate and write checkpoints/last.pt every N steps", check=positive_int
-    )
-    ckpt_minutes: float = option(
-        0.0,
-        "also write checkpoints/last.pt when this many minutes passed since the last one "
-        "(0: only every --eval-every steps)",
-        check=nonneg,
-    )
-    progress: bool = option(True, "show a progress bar")
 
 
 @dataclass(frozen=True)
@@ -100,7 +79,7 @@ class Cadence:
 
     @classmethod
     def of(cls, config: Any, desc: str) -> Cadence:
-        """The cadence of a job's config: its ``steps`` and its :class:`RunOptions`."""
+        """The cadence of a job's options (:class:`vqkit.runtime.options.JobOptions`)."""
         return cls(
             config.steps,
             config.log_every,
@@ -179,9 +158,10 @@ class Progress:
 
 
 class Job(Protocol):
-    """What a training job gives the loop. ``step`` counts the updates done (the loop
-    advances it); ``is_main`` is rank 0; ``loss_key`` names the figure that must stay
-    finite; ``last_path`` is where :meth:`save` writes."""
+    """What the loop calls: :class:`vqkit.runtime.job.Job` implements the generic members
+    (window, best checkpoint, saving) and a concrete job the rest. ``step`` counts the
+    updates done (the loop advances it); ``is_main`` is rank 0; ``loss_key`` names the
+    figure that must stay finite; ``last_path`` is where :meth:`save` writes."""
 
     step: int
     is_main: bool
@@ -190,8 +170,6 @@ class Job(Protocol):
     last_path: Path
 
     def optimizers(self) -> list[ScheduledOptimizer]: ...
-    def data_state(self) -> Any: ...
-    def restore_data_state(self, state: Any) -> None: ...
     def next_batch(self) -> Any: ...
     def update(self, batch: Any, progress: Progress) -> StepResult: ...
     def observe(self, batch: Any, values: dict[str, float], counts: Any) -> None: ...
@@ -199,7 +177,7 @@ class Job(Protocol):
     def postfix(self, values: dict[str, float]) -> dict[str, str]: ...
     def periodic_eval(self) -> dict[str, Any]: ...
     def after_eval(self, record: dict[str, Any]) -> None: ...
-    def save(self) -> None: ...
+    def save(self, *, collective: bool = True) -> None: ...
 
 
 class LoaderJob:
@@ -212,12 +190,6 @@ class LoaderJob:
 
     def optimizers(self) -> list[ScheduledOptimizer]:
         return [self.scheduled]
-
-    def data_state(self) -> Any:
-        return self.loader.state_dict()
-
-    def restore_data_state(self, state: Any) -> None:
-        self.loader.load_state_dict(state)
 
     def next_batch(self) -> Any:
         return self.loader.next_batch()
@@ -232,48 +204,66 @@ class RunLoop:
     run: RunDir
     world: int = 1
     _saved_at: float = field(default=0.0, init=False)
+    _stopping: bool = field(default=False, init=False)  # the loop's own, collective stop
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.job.is_main:
             self.run.log(record)
 
-    def save(self) -> None:
-        self.job.save()
+    def save(self, *, collective: bool = True) -> None:
+        self.job.save(collective=collective)
         self._saved_at = _clock()
 
     def run_steps(self, until: int | None = None) -> bool:
         """Train to ``cadence.steps`` (or stop after step ``until``, saving as an
         interruption would); True when the run reached its end. Re-raises
-        ``KeyboardInterrupt`` after saving when interrupted."""
+        ``KeyboardInterrupt`` after saving when interrupted at a step boundary."""
         job, cad = self.job, self.cadence
         end = cad.steps if until is None else min(until, cad.steps)
         progress = Progress(cad.progress, job.is_main, cad.steps, job.step, cad.desc)
         stop = DeferredInterrupt()
-        state = job.data_state()
         self._saved_at = _clock()
+        self._stopping = False
         try:
             with stop:
                 while job.step < end:
                     stop.completed_step = False
-                    state = job.data_state()
                     self._step(progress, stop)
+                    stop.completed_step = True
         except KeyboardInterrupt:
-            if not stop.completed_step:  # hard interrupt inside a step: draw it again
-                job.restore_data_state(state)
-            with no_interrupt("writing the checkpoint; it finishes in a moment"):
-                self.save()
             progress.close()
-            if job.is_main:
-                print(
-                    f"\ninterrupted at step {job.step}: saved {job.last_path}; "
-                    "continue with --resume"
-                )
+            self._interrupted(stop.completed_step)
             raise
         progress.close()
         if job.step < cad.steps:  # stopped at ``until``
             self.save()
             return False
         return True
+
+    def _interrupted(self, at_boundary: bool) -> None:
+        """Save a checkpoint that holds one step boundary, or none (module docstring)."""
+        job = self.job
+        if not at_boundary:
+            if job.is_main:
+                held = (
+                    f"{job.last_path} keeps its last save"
+                    if job.last_path.exists()
+                    else ("no checkpoint was written yet")
+                )
+                print(
+                    f"\ninterrupted inside step {job.step + 1}: not saved (the weights may "
+                    f"be ahead of the step); {held}; continue with --resume",
+                    flush=True,
+                )
+            return
+        with no_interrupt("writing the checkpoint; it finishes in a moment"):
+            # the loop's own stop is every rank's, at the same step: a collective save;
+            # a hard interrupt between steps reaches this rank alone
+            self.save(collective=self._stopping)
+        if job.is_main:
+            print(
+                f"\ninterrupted at step {job.step}: saved {job.last_path}; continue with --resume"
+            )
 
     def _step(self, progress: Progress, stop: DeferredInterrupt) -> None:
         job, cad = self.job, self.cadence
@@ -282,15 +272,25 @@ class RunLoop:
             opt.set_lr(job.step)
         result = job.update(batch, progress)
         values, counts, stop_any = result.values, result.counts, stop.requested
+        # rank 0's clock decides a ckpt_minutes save; the all-reduce tells every rank
+        save_any = bool(
+            cad.ckpt_minutes
+            and job.is_main
+            and _clock() - self._saved_at >= 60.0 * cad.ckpt_minutes
+        )
         if self.world > 1:
-            values, summed, stop_any = distributed.step_figures(
-                values, stop.requested, job.device, counts if result.sum_counts else None
+            values, summed, stop_any, save_any = distributed.step_figures(
+                values,
+                stop.requested,
+                job.device,
+                counts if result.sum_counts else None,
+                save=save_any,
             )
             if result.sum_counts:
                 counts = summed
         job.step += 1
         job.observe(batch, values, counts)
-        stop.completed_step = True
+        stop.completed_step = True  # whole from here: a hard interrupt saves this boundary
         loss = values[job.loss_key]
         if not math.isfinite(loss):
             raise FloatingPointError(
@@ -306,7 +306,8 @@ class RunLoop:
                 self._log({"kind": "eval", "step": step, **record})
                 job.after_eval(record)
             self.save()
-        elif cad.ckpt_minutes and _clock() - self._saved_at >= 60.0 * cad.ckpt_minutes:
-            self.save()  # rank 0 alone decides: saving calls no collective
+        elif save_any:
+            self.save()
         if stop_any:
+            self._stopping = True
             raise KeyboardInterrupt
