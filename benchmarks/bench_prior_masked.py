@@ -56,7 +56,7 @@ def build(kind: str, args: argparse.Namespace, shape: tuple[list[int], int, int]
     """A prior of ``kind``: trained (``--ar-prior`` / ``--masked-prior``) or fresh."""
     trained = args.ar_prior if kind == "autoregressive" else args.masked_prior
     if trained:
-        from vqkit.prior.cli import load_prior
+        from vqkit.prior.loading import load_prior
 
         return load_prior(trained)[0]
     torch.manual_seed(0)
@@ -95,9 +95,9 @@ def edit_grid(args: argparse.Namespace, out: Path) -> dict:
     """Test images of the masked prior's tokenizer with one box regenerated under two
     class labels; rows: images; columns: original, reconstruction, box greyed, class
     A, class B."""
-    from vqkit.prior.cli import load_prior
     from vqkit.prior.codes import load_codes, load_tokenizer
     from vqkit.prior.editing import region_mask
+    from vqkit.prior.loading import load_prior
     from vqkit.prior.report import save_grid
 
     prior, ckpt = load_prior(args.edit_prior)

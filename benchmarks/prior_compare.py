@@ -124,9 +124,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from vqkit.data import load_dataset
     from vqkit.evaluation.feature_net import VqkitFeatures
-    from vqkit.prior.cli import load_prior
     from vqkit.prior.codes import load_codes, load_tokenizer
     from vqkit.prior.editing import region_mask
+    from vqkit.prior.loading import load_prior
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,8 +49,14 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..options import Options, nonneg, option, positive_int
 from .config import SCHEDULE_NAMES, PriorConfig, schedule_name
-from .sampling import SampleOptions, draw_labels, filter_logits, guide, in_eval_batches
-from .transformer import flatten_codes
+from .sampling import (
+    SampleOptions,
+    draw_labels,
+    filter_logits,
+    flatten_codes,
+    guide,
+    in_eval_batches,
+)
 
 __all__ = [
     "DEFAULT_STEPS",
