@@ -200,7 +200,7 @@ def main() -> None:
     for spec in args.settings:
         s = parse_setting(spec)
         prior = priors[s["kind"]]
-        kw = {"steps": s["steps"]} if s["steps"] else {}
+        kw = {"decode_steps": s["steps"]} if s["steps"] else {}
         g = torch.Generator().manual_seed(args.seed)
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
@@ -256,7 +256,7 @@ def main() -> None:
                 batch_size=args.sample_batch,
                 codes=test_codes.codes[pick],
                 hidden=hidden.expand(n, *hidden.shape),
-                steps=args.inpaint_steps,
+                decode_steps=args.inpaint_steps,
                 cfg_scale=args.inpaint_cfg,
             )
         wall = time.perf_counter() - t0

@@ -3,7 +3,7 @@
     vqkit prior --tokenizer RUN_DIR --out PRIOR_DIR [--steps N] [--n-layer L] ...
     vqkit sample PRIOR_DIR --num N --out DIR [--class C] [--temperature T] [--top-k K]
                  [--top-p P] [--cfg-scale S] [--seed S] [--batch-size B]
-                 [--steps S --schedule cosine --choice-temperature T]     (masked prior)
+                 [--decode-steps S --schedule cosine --choice-temperature T]  (masked prior)
                  [--edit IMAGE --region x0,y0,x1,y1 [--region ...] [--outside]]
 
 The integrator adds them to ``vqkit.cli`` as subcommands::
@@ -214,7 +214,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser.add_argument_group("sampling"), SampleOptions)
     from .editing import add_masked_sample_arguments
 
-    add_masked_sample_arguments(parser)  # --steps --schedule ... --edit --region --outside
+    add_masked_sample_arguments(parser)  # --decode-steps --schedule ... --edit --region ...
 
 
 def _class_labels(
@@ -279,8 +279,16 @@ def run_sample(args: argparse.Namespace) -> int:
         args.num,
         {
             "prior": str(Path(args.prior).resolve()),
+            "checkpoint": args.checkpoint,
+            "step": ckpt.get("step"),
+            "kind": model.config.kind,
             "seed": args.seed,
+            "device": str(device),
+            # the batches share one generator: another batch size draws other samples
+            "batch_size": args.batch_size,
             "options": opts.to_dict(),
+            # a masked prior's decoding, its passes made explicit (MaskedSampleOptions)
+            **({"masked_options": masked["masked"].to_dict()} if masked else {}),
             "class": args.class_id,
             "classes": classes,
             "tokenizer_sha256": tok.sha256,
