@@ -56,7 +56,7 @@ def build(kind: str, args: argparse.Namespace, shape: tuple[list[int], int, int]
     """A prior of ``kind``: trained (``--ar-prior`` / ``--masked-prior``) or fresh."""
     trained = args.ar_prior if kind == "autoregressive" else args.masked_prior
     if trained:
-        from vqkit.prior.cli import load_prior
+        from vqkit.prior.loading import load_prior
 
         return load_prior(trained)[0]
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def time_one(prior: Prior, batch: int, steps: int | None, cfg_scale: float) -> t
     labels = torch.arange(batch, device=dev) % max(prior.config.num_classes, 1)
     labels = labels if prior.config.num_classes else None
     g = torch.Generator(dev).manual_seed(0)
-    kw = {"steps": steps} if steps else {}
+    kw = {"decode_steps": steps} if steps else {}
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -95,9 +95,9 @@ def edit_grid(args: argparse.Namespace, out: Path) -> dict:
     """Test images of the masked prior's tokenizer with one box regenerated under two
     class labels; rows: images; columns: original, reconstruction, box greyed, class
     A, class B."""
-    from vqkit.prior.cli import load_prior
     from vqkit.prior.codes import load_codes, load_tokenizer
     from vqkit.prior.editing import region_mask
+    from vqkit.prior.loading import load_prior
     from vqkit.prior.report import save_grid
 
     prior, ckpt = load_prior(args.edit_prior)
@@ -124,7 +124,8 @@ def edit_grid(args: argparse.Namespace, out: Path) -> dict:
         for c in classes:
             g = torch.Generator().manual_seed(0)
             edited = prior.sample(n, labels=c, generator=g, codes=codes,
-                                  hidden=hidden.expand(n, *hidden.shape), steps=args.edit_steps,
+                                  hidden=hidden.expand(n, *hidden.shape),
+                                  decode_steps=args.edit_steps,
                                   cfg_scale=args.edit_cfg_scale)  # fmt: skip
             columns.append(tok.model.decode(edited))
     # one row per image: reconstruction (the tokenizer's view of the test image), box,

@@ -124,9 +124,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from vqkit.data import load_dataset
     from vqkit.evaluation.feature_net import VqkitFeatures
-    from vqkit.prior.cli import load_prior
     from vqkit.prior.codes import load_codes, load_tokenizer
     from vqkit.prior.editing import region_mask
+    from vqkit.prior.loading import load_prior
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ def main() -> None:
     for spec in args.settings:
         s = parse_setting(spec)
         prior = priors[s["kind"]]
-        kw = {"steps": s["steps"]} if s["steps"] else {}
+        kw = {"decode_steps": s["steps"]} if s["steps"] else {}
         g = torch.Generator().manual_seed(args.seed)
         t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
@@ -256,7 +256,7 @@ def main() -> None:
                 batch_size=args.sample_batch,
                 codes=test_codes.codes[pick],
                 hidden=hidden.expand(n, *hidden.shape),
-                steps=args.inpaint_steps,
+                decode_steps=args.inpaint_steps,
                 cfg_scale=args.inpaint_cfg,
             )
         wall = time.perf_counter() - t0

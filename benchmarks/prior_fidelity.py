@@ -322,8 +322,8 @@ def reconstruct(tok: Any, x: torch.Tensor, batch_size: int = 250) -> torch.Tenso
 
 def evaluate(args: argparse.Namespace) -> int:
     from vqkit.data import load_dataset, normalize
-    from vqkit.prior.cli import load_prior
     from vqkit.prior.codes import load_codes, load_tokenizer
+    from vqkit.prior.loading import load_prior
 
     if args.threads:
         torch.set_num_threads(args.threads)

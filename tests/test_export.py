@@ -15,7 +15,7 @@ import torch
 from vqkit.cli import main
 from vqkit.models import VQVAE, load_model
 from vqkit.prior import Prior, load_prior_tokenizer
-from vqkit.prior.cli import load_prior
+from vqkit.prior.loading import load_prior
 from vqkit.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 from .test_prior_cli import PRIOR_FLAGS

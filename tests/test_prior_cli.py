@@ -110,6 +110,10 @@ def test_sample_writes_images_and_index_maps(runs, tmp_path):
         assert (a / name).is_file(), name
     meta = json.loads((a / "samples.json").read_text())
     assert meta["labels"] == [2] * 5 and meta["options"]["top_k"] == 20
+    # an autoregressive prior: its sampling options, nothing of the masked kind's
+    assert meta["options"] == {"temperature": 0.9, "top_k": 20, "top_p": 0.95, "cfg_scale": 1.5}
+    assert meta["kind"] == "autoregressive" and "masked_options" not in meta
+    assert meta["seed"] == 3 and meta["batch_size"] == 2 and meta["device"]
     idx = np.load(a / "sample_0000.npy")
     assert idx.shape == (7, 7) and idx.dtype == np.int64 and 0 <= idx.min() <= idx.max() < 32
     # the same seed gives the same samples; another seed others

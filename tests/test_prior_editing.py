@@ -84,7 +84,7 @@ def test_masked_prior_run_sampling_and_resume(runs, tmp_path):
     assert [r["step"] for r in evals] == [3, 4]
     assert 0 < evals[-1]["test_masked_bits_50"] < 10 and "test_bits" not in evals[-1]
     assert (masked / "samples.png").is_file() and (masked / "curves.png").is_file()
-    flags = ["--num", "4", "--seed", "2", "--class", "1", "--cfg-scale", "2", "--steps", "5",
+    flags = ["--num", "4", "--seed", "2", "--class", "1", "--cfg-scale", "2", "--decode-steps", "5",
              "--schedule", "linear", "--top-k", "10"]  # fmt: skip
     assert _sample(masked, tmp_path / "a", *flags) == 0
     assert _sample(masked, tmp_path / "b", *flags) == 0
@@ -98,6 +98,74 @@ def test_masked_prior_run_sampling_and_resume(runs, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_masked_sample_is_drawn_again_from_its_samples_json(runs, tmp_path):
+    """samples.json records everything a masked sample was drawn with (the decoding
+    options too): the library, given only that record, draws the same index maps."""
+    from vqkit.prior import MaskedSampleOptions, SampleOptions, load_prior
+
+    _, masked, _, _ = runs
+    out = tmp_path / "s"
+    flags = ["--num", "5", "--batch-size", "2", "--seed", "11", "--class", "3",
+             "--cfg-scale", "1.5", "--temperature", "0.9", "--top-k", "12", "--decode-steps",
+             "3", "--schedule", "linear", "--choice-temperature", "2.5"]  # fmt: skip
+    assert _sample(masked, out, *flags) == 0
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["kind"] == "masked" and meta["masked_options"] == {
+        "decode_steps": 3,
+        "schedule": "linear",
+        "choice_temperature": 2.5,
+    }
+    stored = np.stack([np.load(out / f"sample_{i:04d}.npy") for i in range(5)])
+
+    def again(meta: dict) -> np.ndarray:
+        model, _ = load_prior(meta["prior"], meta["checkpoint"], meta["device"])
+        return model.sample(
+            meta["num"],
+            SampleOptions.from_dict(meta["options"]),
+            masked=MaskedSampleOptions.from_dict(meta["masked_options"]),
+            labels=torch.tensor(meta["labels"]),
+            generator=torch.Generator(meta["device"]).manual_seed(meta["seed"]),
+            batch_size=meta["batch_size"],
+        ).numpy()
+
+    assert np.array_equal(again(meta), stored)
+    # the record is what made them: other decoding options draw other maps
+    other = {**meta, "masked_options": {**meta["masked_options"], "schedule": "cosine"}}
+    assert not np.array_equal(again(other), stored)
+    # the default passes are recorded as the number run (10 of the 49 codes)
+    assert _sample(masked, tmp_path / "d", "--num", "2") == 0
+    meta = json.loads((tmp_path / "d" / "samples.json").read_text())
+    assert meta["masked_options"]["decode_steps"] == 10
+    stored = np.stack([np.load(tmp_path / "d" / f"sample_{i:04d}.npy") for i in range(2)])
+    assert np.array_equal(again(meta), stored)
+
+
+@pytest.mark.timeout(120)
+def test_sample_reads_the_old_steps_flag_with_a_note(runs, tmp_path, capsys):
+    """``vqkit sample --steps`` was --decode-steps (vqkit prior --steps is optimizer
+    steps): still read, the same samples, with a one-line note."""
+    _, masked, ar, _ = runs
+    note = "note: vqkit sample --steps is now --decode-steps\n"
+    assert _sample(masked, tmp_path / "old", "--num", "2", "--steps", "4") == 0
+    assert capsys.readouterr().err == note
+    assert _sample(masked, tmp_path / "new", "--num", "2", "--decode-steps", "4") == 0
+    assert capsys.readouterr().err == ""
+    old, new = (
+        [np.load(tmp_path / d / f"sample_{i:04d}.npy") for i in range(2)] for d in ("old", "new")
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(old, new, strict=True))
+    meta = json.loads((tmp_path / "old" / "samples.json").read_text())
+    assert meta["masked_options"]["decode_steps"] == 4
+    assert _sample(masked, tmp_path / "x", "--steps", "4", "--decode-steps", "5") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(note) and "give --decode-steps only" in err and err.count("\n") == 2
+    assert _sample(ar, tmp_path / "y", "--steps", "8") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(note) and "--steps: a masked prior's flag" in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.timeout(120)
 def test_edit_keeps_the_codes_outside_the_region(runs, tmp_path):
     tok, masked, _, image = runs
     from vqkit.data import normalize, read_image
@@ -107,7 +175,8 @@ def test_edit_keeps_the_codes_outside_the_region(runs, tmp_path):
     codes = model.encode(normalize(read_image(image, 1, 28)[None]))[0].numpy()
     out = tmp_path / "e"
     assert _sample(masked, out, "--edit", str(image), "--region", "0,0,14,14", "--region",
-                   "20,20,28,28", "--num", "3", "--class", "2", "--steps", "4") == 0  # fmt: skip
+                   "20,20,28,28", "--num", "3", "--class", "2",
+                   "--decode-steps", "4") == 0  # fmt: skip
     for name in ("original.png", "reconstruction.png", "edit_0002.png", "grid.png", "edit.json"):
         assert (out / name).is_file(), name
     region = region_mask([(0, 0, 14, 14), (20, 20, 28, 28)], (28, 28), (7, 7)).numpy()
@@ -116,6 +185,7 @@ def test_edit_keeps_the_codes_outside_the_region(runs, tmp_path):
     assert (edits[:, region] != codes[region]).any()  # the region was redrawn
     meta = json.loads((out / "edit.json").read_text())
     assert meta["codes_regenerated"] == int(region.sum()) and meta["labels"] == [2, 2, 2]
+    assert meta["masked_options"]["decode_steps"] == 4
     out2 = tmp_path / "o"  # outpainting: the region is what stays
     assert _sample(masked, out2, "--edit", str(image), "--region", "8,8,20,20",
                    "--outside", "--num", "1") == 0  # fmt: skip
@@ -127,16 +197,24 @@ def test_edit_keeps_the_codes_outside_the_region(runs, tmp_path):
 @pytest.mark.parametrize(
     "which,flags,msg",
     [
-        ("masked", ["--steps", "0"], "steps must be a positive int"),
-        ("masked", ["--steps", "50"], "--steps 50 is more than the 49 codes"),
+        ("masked", ["--decode-steps", "0"], "decode_steps must be a positive int"),
+        ("masked", ["--decode-steps", "50"], "--decode-steps 50 is more than the 49 codes"),
         ("masked", ["--schedule", "zigzag"], "schedule must be one of cosine, arccos, linear"),
         ("masked", ["--choice-temperature", "-1"], "choice_temperature must be >= 0"),
         ("masked", ["--region", "0,0,4,4"], "--region and --outside go with --edit"),
         ("masked", ["--edit", "IMAGE", "--region", "0,0,40,4"], "not a box inside the 28 x 28"),
         ("masked", ["--edit", "IMAGE", "--region", "0,0,4"], "--region must be x0,y0,x1,y1"),
         ("masked", ["--edit", "IMAGE"], "--edit needs at least one --region"),
-        ("masked", ["--edit", "IMAGE", "--region", "0,0,8,8", "--steps", "5"], "more than the 4"),
-        ("ar", ["--steps", "8"], "--steps: a masked prior's flag; this prior is autoregressive"),
+        (
+            "masked",
+            ["--edit", "IMAGE", "--region", "0,0,8,8", "--decode-steps", "5"],
+            "more than the 4",
+        ),
+        (
+            "ar",
+            ["--decode-steps", "8"],
+            "--decode-steps: a masked prior's flag; this prior is autoregressive",
+        ),
         ("ar", ["--edit", "IMAGE", "--region", "0,0,4,4"], "--edit, --region: a masked prior's"),
     ],
 )

@@ -14,7 +14,9 @@ import torch
 from vqkit.prior import Prior, PriorConfig, PriorTrainConfig
 from vqkit.prior.codes import CodeData
 from vqkit.prior.masked import (
+    DEFAULT_STEPS,
     EVAL_RATIOS,
+    MaskedSampleOptions,
     decode,
     gamma,
     masked_bits,
@@ -113,14 +115,14 @@ def test_one_code_per_pass_when_steps_equal_the_codes():
 
     prior.fill = spy
     g = torch.Generator().manual_seed(0)
-    out = decode(prior, 3, labels=[0, 1, 2], generator=g, steps=12, choice_temperature=0.0)
+    out = decode(prior, 3, labels=[0, 1, 2], generator=g, decode_steps=12, choice_temperature=0.0)
     assert out.shape == (3, 3, 4)
     assert [s.tolist() for s in seen] == [[12 - i] * 3 for i in range(12)]
     seen.clear()  # guidance: two rows per map, still one code per pass
-    decode(prior, 2, labels=1, generator=g, steps=12, cfg_scale=2.0, schedule="linear")
+    decode(prior, 2, labels=1, generator=g, decode_steps=12, cfg_scale=2.0, schedule="linear")
     assert [s.tolist() for s in seen] == [[12 - i] * 4 for i in range(12)]
     seen.clear()
-    decode(prior, 2, generator=g, steps=5, schedule="cosine")
+    decode(prior, 2, generator=g, decode_steps=5, schedule="cosine")
     assert [int(s[0]) for s in seen] == [12, *(12 - sum(reveal_counts(12, 5, "cosine")[:i])
                                                for i in range(1, 5))]  # fmt: skip
 
@@ -138,12 +140,12 @@ def test_decoding_seeds_edits_and_bad_input():
     known = torch.randint(0, 11, (4, 3, 4), generator=torch.Generator().manual_seed(5))
     hidden = torch.zeros(3, 4, dtype=torch.bool)
     hidden[1:, 2:] = True
-    out = draw(3, codes=known, hidden=hidden.expand(4, 3, 4), steps=4)
+    out = draw(3, codes=known, hidden=hidden.expand(4, 3, 4), decode_steps=4)
     assert torch.equal(out[:, ~hidden], known[:, ~hidden])
     with pytest.raises(ValueError, match="more than the 4 codes"):
-        draw(3, codes=known, hidden=hidden.expand(4, 3, 4), steps=5)
+        draw(3, codes=known, hidden=hidden.expand(4, 3, 4), decode_steps=5)
     with pytest.raises(ValueError, match="steps must be a positive int"):
-        draw(3, steps=0)
+        draw(3, decode_steps=0)
     with pytest.raises(ValueError, match="schedule must be one of cosine, arccos, linear"):
         draw(3, schedule="zigzag")
     with pytest.raises(ValueError, match="autoregressive prior's"):
@@ -151,6 +153,29 @@ def test_decoding_seeds_edits_and_bad_input():
     ar = Prior(PriorConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=11, code_shape=[3, 4]))
     with pytest.raises(ValueError, match="masked prior's"):
         ar.fill(known, hidden.expand(4, 3, 4))
+
+
+def test_decode_steps_keeps_reading_its_old_name_steps():
+    """``steps`` was decode_steps's name: stored options and keyword arguments that use
+    it still load, as decode_steps; a clash of the two names is refused."""
+    prior = masked_prior()
+    assert MaskedSampleOptions.from_dict({"steps": 4, "schedule": "linear"}).decode_steps == 4
+    assert MaskedSampleOptions.from_dict({"steps": 4, "decode_steps": None}).decode_steps == 4
+    with pytest.raises(ValueError, match="steps .the old name of decode_steps. is 4 but"):
+        MaskedSampleOptions.from_dict({"steps": 4, "decode_steps": 5})
+
+    def draw(**kw):
+        return decode(prior, 2, generator=torch.Generator().manual_seed(7), **kw)
+
+    assert torch.equal(draw(steps=3), draw(decode_steps=3))
+    assert not torch.equal(draw(steps=3), draw(decode_steps=2))
+    base = MaskedSampleOptions(decode_steps=2)
+    assert torch.equal(draw(masked=base, steps=3), draw(decode_steps=3))
+    # the default made explicit: what decode runs and what samples.json records
+    assert MaskedSampleOptions().resolved(prior.seq_len).decode_steps == DEFAULT_STEPS
+    assert MaskedSampleOptions().resolved(4).decode_steps == 4
+    assert MaskedSampleOptions(decode_steps=3).resolved(12).decode_steps == 3
+    assert torch.equal(draw(), draw(decode_steps=DEFAULT_STEPS))
 
 
 def test_kind_options_are_checked():
@@ -292,6 +317,8 @@ def test_residual_codes_are_tokens_in_raster_order():
     hidden = torch.zeros(2, 3, 2, dtype=torch.bool)
     hidden[1, 1] = True  # both stages of position (1, 1): tokens 8 and 9
     assert torch.nonzero(hidden.reshape(-1)).flatten().tolist() == [8, 9]
-    out = decode(prior, 3, generator=g, codes=known, hidden=hidden.expand(3, 2, 3, 2), steps=2)
+    out = decode(
+        prior, 3, generator=g, codes=known, hidden=hidden.expand(3, 2, 3, 2), decode_steps=2
+    )
     assert out.shape == (3, 2, 3, 2) and torch.equal(out[:, ~hidden], known[:, ~hidden])
     assert decode(prior, 2, generator=g).shape == (2, 2, 3, 2)

@@ -42,6 +42,7 @@ import torch
 from ..data import denormalize, normalize
 from ..errors import UserError
 from ..prior import Prior, flatten_codes
+from ..prior.loading import load_prior, load_sample_tokenizer
 from . import format as fmt
 from .coder import CoderError, RangeDecoder, RangeEncoder
 
@@ -159,8 +160,6 @@ def load_codec(
     "last"; default best when present) and, when ``images``, the tokenizer it was
     trained on (its copy pinned in the prior's directory, else ``tokenizer`` or the
     recorded run directory; the weights file must have the recorded SHA-256)."""
-    from ..prior.cli import load_prior, load_sample_tokenizer
-
     model, ckpt = load_prior(prior_dir, checkpoint, device)
     if model.config.masked:  # coding needs each code's conditional given the ones before
         raise UserError(

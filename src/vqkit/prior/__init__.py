@@ -1,19 +1,23 @@
 """Generate: priors over a tokenizer's codes, autoregressive or masked (MaskGIT).
 
 :class:`Prior` (one transformer for both kinds, :mod:`vqkit.prior.transformer`),
-:func:`sample` and the filters of :mod:`vqkit.prior.sampling`, the masked kind's
+:func:`sample`, the filters and the raster order (:func:`flatten_codes`) of
+:mod:`vqkit.prior.sampling`, the masked kind's
 schedules and parallel decoding in :mod:`vqkit.prior.masked`, editing in
 :mod:`vqkit.prior.editing`, the training job of :mod:`vqkit.prior.trainer` and the
-``vqkit prior`` / ``vqkit sample`` commands of :mod:`vqkit.prior.cli`.
+prior run read back by :mod:`vqkit.prior.loading` (:func:`load_prior`,
+:func:`load_sample_tokenizer`) and the ``vqkit prior`` / ``vqkit sample`` commands of
+:mod:`vqkit.prior.cli`.
 """
 
 from .codes import CodeData, Tokenizer, load_codes, load_tokenizer
 from .config import PriorConfig, PriorTrainConfig
+from .loading import load_prior, load_sample_tokenizer
 from .masked import MaskedSampleOptions, decode
 from .pretrained import load_prior_tokenizer
-from .sampling import SampleOptions, filter_logits, guide, sample
+from .sampling import SampleOptions, filter_logits, flatten_codes, guide, sample, unflatten_codes
 from .trainer import PriorTrainer
-from .transformer import KVCache, Prior, flatten_codes, unflatten_codes
+from .transformer import KVCache, Prior
 
 __all__ = [
     "CodeData",
@@ -30,7 +34,9 @@ __all__ = [
     "flatten_codes",
     "guide",
     "load_codes",
+    "load_prior",
     "load_prior_tokenizer",
+    "load_sample_tokenizer",
     "load_tokenizer",
     "sample",
     "unflatten_codes",

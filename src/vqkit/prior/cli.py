@@ -3,7 +3,7 @@
     vqkit prior --tokenizer RUN_DIR --out PRIOR_DIR [--steps N] [--n-layer L] ...
     vqkit sample PRIOR_DIR --num N --out DIR [--class C] [--temperature T] [--top-k K]
                  [--top-p P] [--cfg-scale S] [--seed S] [--batch-size B]
-                 [--steps S --schedule cosine --choice-temperature T]     (masked prior)
+                 [--decode-steps S --schedule cosine --choice-temperature T]  (masked prior)
                  [--edit IMAGE --region x0,y0,x1,y1 [--region ...] [--outside]]
 
 The integrator adds them to ``vqkit.cli`` as subcommands::
@@ -31,6 +31,7 @@ import torch
 from ..errors import UserError, report_error
 from ..options import add_arguments, option_fields
 from .config import PriorConfig, PriorTrainConfig
+from .loading import load_prior, load_sample_tokenizer
 from .sampling import SampleOptions
 
 __all__ = ["add_prior_arguments", "add_sample_arguments", "main", "run_prior", "run_sample"]
@@ -209,27 +210,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments(parser.add_argument_group("sampling"), SampleOptions)
     from .editing import add_masked_sample_arguments
 
-    add_masked_sample_arguments(parser)  # --steps --schedule ... --edit --region --outside
-
-
-def load_prior(
-    prior_dir: str | Path, which: str | None = None, device: torch.device | str = "cpu"
-) -> tuple[Any, dict[str, Any]]:
-    """(model in eval mode, checkpoint dict) from ``PRIOR_DIR/checkpoints/{best,last}.pt``."""
-    from ..storage.checkpoint import CheckpointError, load_checkpoint
-    from .transformer import Prior
-
-    ckpt_dir = Path(prior_dir) / "checkpoints"
-    names = [which] if which else ["best", "last"]
-    paths = [ckpt_dir / f"{n}.pt" for n in names if (ckpt_dir / f"{n}.pt").is_file()]
-    if not paths:
-        raise UserError(f"{prior_dir} holds no prior checkpoint ({' or '.join(names)}.pt)")
-    ckpt = load_checkpoint(paths[0], map_location="cpu")
-    if ckpt.get("kind") != "vqkit-prior":
-        raise CheckpointError(f"{paths[0]} is not a prior checkpoint (vqkit prior writes them)")
-    model = Prior(PriorConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    add_masked_sample_arguments(parser)  # --decode-steps --schedule ... --edit --region ...
 
 
 def _class_labels(
@@ -256,26 +237,6 @@ def _class_labels(
             f"class id {cid} out of range: this prior has classes 0..{len(classes) - 1}"
         )
     return torch.full((count,), cid)
-
-
-def load_sample_tokenizer(prior_dir: str | Path, ckpt: dict[str, Any], run_dir: Any, device: Any):
-    """The tokenizer a prior was trained on: its pinned copy in PRIOR_DIR/tokenizer/ when
-    there is one (the tokenizer run may have trained on or be gone), else the run's file,
-    checked against the recorded hash (the error says how to recover)."""
-    from .codes import load_tokenizer
-
-    stored = ckpt.get("tokenizer") or {}
-    pinned = stored.get("pinned")
-    run_dir = run_dir or stored.get("run_dir")
-    if run_dir is None:
-        raise UserError(f"{prior_dir}: no tokenizer recorded; pass --tokenizer RUN_DIR")
-    return load_tokenizer(
-        run_dir,
-        checkpoint=stored.get("checkpoint"),
-        device=device,
-        expect_sha256=stored.get("sha256"),
-        pinned=Path(prior_dir) / pinned if pinned else None,
-    )
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -314,8 +275,16 @@ def run_sample(args: argparse.Namespace) -> int:
         args.num,
         {
             "prior": str(Path(args.prior).resolve()),
+            "checkpoint": args.checkpoint,
+            "step": ckpt.get("step"),
+            "kind": model.config.kind,
             "seed": args.seed,
+            "device": str(device),
+            # the batches share one generator: another batch size draws other samples
+            "batch_size": args.batch_size,
             "options": opts.to_dict(),
+            # a masked prior's decoding, its passes made explicit (MaskedSampleOptions)
+            **({"masked_options": masked["masked"].to_dict()} if masked else {}),
             "class": args.class_id,
             "classes": classes,
             "tokenizer_sha256": tok.sha256,

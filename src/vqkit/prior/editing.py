@@ -22,6 +22,7 @@ anything is refused unless ``--overwrite``.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,11 @@ def add_masked_sample_arguments(parser: argparse.ArgumentParser) -> None:
     ``--outside``."""
     group = parser.add_argument_group("masked prior: decoding and editing")
     add_arguments(group, MaskedSampleOptions)
+    # the old name of --decode-steps (vqkit prior --steps is optimizer steps): still read,
+    # with a note; not in --help
+    group.add_argument(
+        "--steps", dest="legacy_steps", type=int, default=None, help=argparse.SUPPRESS
+    )
     group.add_argument(
         "--edit", metavar="IMAGE", default=None, help="regenerate a region of this image"
     )
@@ -113,15 +119,27 @@ def add_masked_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 def masked_sample_options(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     """The keyword arguments a masked prior's ``sample`` takes from the flags
-    (``{"masked": MaskedSampleOptions}``; ``{}`` for an autoregressive prior); one-line
-    ValueError for a masked-prior flag on an autoregressive prior."""
+    (``{"masked": MaskedSampleOptions}``, ``decode_steps`` made explicit for a new
+    sample; ``{}`` for an autoregressive prior); one-line ValueError for a masked-prior
+    flag on an autoregressive prior. ``--steps``, the old name of ``--decode-steps``,
+    is read with a one-line note on stderr."""
     given = {
         f.name: getattr(args, f.name)
         for f in option_fields(MaskedSampleOptions)
         if getattr(args, f.name, None) is not None
     }
-    mopts = MaskedSampleOptions.from_dict(given, where="sample options")
     flags = ["--" + k.replace("_", "-") for k in given]
+    legacy = getattr(args, "legacy_steps", None)
+    if legacy is not None:
+        print("note: vqkit sample --steps is now --decode-steps", file=sys.stderr)
+        if given.get("decode_steps", legacy) != legacy:
+            raise UserError(
+                f"--steps {legacy} and --decode-steps {given['decode_steps']}: --steps is the "
+                "old name of --decode-steps; give --decode-steps only"
+            )
+        flags += [] if "decode_steps" in given else ["--steps"]
+        given["decode_steps"] = legacy
+    mopts = MaskedSampleOptions.from_dict(given, where="sample options")
     flags += [f for f, v in (("--edit", args.edit), ("--region", args.region)) if v]
     flags += ["--outside"] if args.outside else []
     if not model.config.masked:
@@ -133,8 +151,9 @@ def masked_sample_options(args: argparse.Namespace, model: Any) -> dict[str, Any
         return {}
     if args.edit is None and (args.region or args.outside):
         raise UserError("--region and --outside go with --edit IMAGE")
-    if args.edit is None and mopts.steps is not None:  # before anything is written
-        reveal_counts(model.seq_len, mopts.steps, mopts.schedule)
+    if args.edit is None:  # every code is decoded: the passes are known before anything is written
+        mopts = mopts.resolved(model.seq_len)
+        reveal_counts(model.seq_len, mopts.decode_steps, mopts.schedule)
     return {"masked": mopts}
 
 
@@ -167,6 +186,8 @@ def run_edit(
     x = normalize(image[None]).to(device)
     codes = tok.model.encode(x)
     num, bs = args.num, args.batch_size
+    # the passes for this region's codes, made explicit (edit.json records them)
+    masked = {**masked, "masked": masked["masked"].resolved(int(hidden.sum()))}
     edited = model.sample(
         num,
         opts,

@@ -4,7 +4,7 @@ tokenizer beside it (``DIR/tokenizer/``) so the directory stands alone.
 The prior's weights are ``checkpoints/last.pt`` (the model the run's final ``eval.json``
 measured). Its tokenizer is the one ``vqkit sample`` would use: the copy pinned in
 ``PRIOR_RUN/tokenizer/``, else the run's file, refused when its hash differs from the
-one the prior was trained with (:func:`vqkit.prior.cli.load_sample_tokenizer`);
+one the prior was trained with (:func:`vqkit.prior.loading.load_sample_tokenizer`);
 ``config.json`` records its identity and location (see :mod:`vqkit.prior.pretrained`).
 """
 
@@ -20,8 +20,8 @@ from ..models.codes_io import model_identity
 from ..models.weights import load_state_strict
 from ..storage.checkpoint import CheckpointError, load_checkpoint
 from ..training.export import describe_data
-from .cli import load_sample_tokenizer
 from .config import PriorConfig
+from .loading import load_sample_tokenizer
 from .transformer import Prior
 
 __all__ = ["export_prior_run", "is_prior_run"]

@@ -40,7 +40,7 @@ others stay hidden. One generator drives the draws and the noise: same seed, sam
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -49,8 +49,14 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..options import Options, nonneg, option, positive_int
 from .config import SCHEDULE_NAMES, PriorConfig, schedule_name
-from .sampling import SampleOptions, draw_labels, filter_logits, guide, in_eval_batches
-from .transformer import flatten_codes
+from .sampling import (
+    SampleOptions,
+    draw_labels,
+    filter_logits,
+    flatten_codes,
+    guide,
+    in_eval_batches,
+)
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -69,6 +75,7 @@ __all__ = [
 
 EVAL_RATIOS = (0.25, 0.5, 0.9)
 DEFAULT_STEPS = 10  # MaskGIT's 8 to 12 passes at 8 x 8 maps
+LEGACY_STEPS = "steps"  # decode_steps's name before it was renamed, still read
 
 
 def check_schedule(name: str) -> None:
@@ -103,7 +110,8 @@ def reveal_counts(n: int, steps: int, schedule: str) -> list[int]:
         raise UserError(f"steps must be a positive int; got {steps}")
     if steps > n:
         raise UserError(
-            f"--steps {steps} is more than the {n} codes to decode: each pass fixes at least one"
+            f"--decode-steps {steps} is more than the {n} codes to decode: each pass fixes at "
+            "least one"
         )
     hidden = [n]
     for s in range(1, steps + 1):
@@ -213,7 +221,7 @@ class MaskedSampleOptions(Options):
     """How a masked prior decodes (flags of ``vqkit sample``; refused for an
     autoregressive prior)."""
 
-    steps: int | None = option(
+    decode_steps: int | None = option(
         None,
         f"masked prior: decoding passes (default {DEFAULT_STEPS}, or the codes to decode if fewer)",
         type=int,
@@ -231,21 +239,50 @@ class MaskedSampleOptions(Options):
         check=nonneg,
     )
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> MaskedSampleOptions:
+        """Also reads ``steps``, the name of ``decode_steps`` before it was renamed (so
+        that metadata written then, e.g. an ``edit.json``, keeps loading)."""
+        return super().from_dict(_renamed(values, where), where=where)
+
+    def resolved(self, hidden: int) -> MaskedSampleOptions:
+        """These options with ``decode_steps`` made explicit for ``hidden`` codes to
+        decode per map (default: ``min(DEFAULT_STEPS, hidden)``): what :func:`decode`
+        runs, and what ``samples.json`` records so that a sample can be drawn again."""
+        if self.decode_steps is not None:
+            return self
+        return replace(self, decode_steps=min(DEFAULT_STEPS, hidden))
+
+
+def _renamed(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with the old name ``steps`` read as ``decode_steps`` (a None
+    ``decode_steps`` counts as not given; two different values are refused)."""
+    if LEGACY_STEPS not in values:
+        return values
+    values = dict(values)
+    old = values.pop(LEGACY_STEPS)
+    if values.get("decode_steps") not in (None, old):
+        raise UserError(
+            f"{where}: steps (the old name of decode_steps) is {old!r} but decode_steps is "
+            f"{values['decode_steps']!r}; give decode_steps only"
+        )
+    values["decode_steps"] = old
+    return values
+
 
 def _split_options(
     options: SampleOptions | None, masked: MaskedSampleOptions | None, kwargs: dict[str, Any]
 ) -> tuple[SampleOptions, MaskedSampleOptions]:
     names = {f.name for f in fields(SampleOptions)}
-    mnames = {f.name for f in fields(MaskedSampleOptions)}
+    mnames = {f.name for f in fields(MaskedSampleOptions)} | {LEGACY_STEPS}
     unknown = set(kwargs) - names - mnames
     if unknown:
         raise TypeError(f"decode() got unexpected options {sorted(unknown)}")
     base = options.to_dict() if options is not None else {}
     opts = SampleOptions.from_dict({**base, **{k: v for k, v in kwargs.items() if k in names}})
     mbase = masked.to_dict() if masked is not None else {}
-    mopts = MaskedSampleOptions.from_dict(
-        {**mbase, **{k: v for k, v in kwargs.items() if k in mnames}}
-    )
+    given = _renamed({k: v for k, v in kwargs.items() if k in mnames}, "decode()")
+    mopts = MaskedSampleOptions.from_dict({**mbase, **given})
     return opts, mopts
 
 
@@ -314,8 +351,9 @@ def decode(
 
     Args:
         options: temperature, top_k, top_p, cfg_scale (:class:`SampleOptions`);
-        masked: steps, schedule, choice_temperature (:class:`MaskedSampleOptions`);
-            both may also be given as keyword arguments.
+        masked: decode_steps, schedule, choice_temperature (:class:`MaskedSampleOptions`);
+            both may also be given as keyword arguments (``steps``: decode_steps's old
+            name).
         labels: one class id, one per map (num,), or None (the null class).
         generator: the random source (on the prior's device); None: the global RNG.
         batch_size: maps decoded together (default all).
@@ -340,7 +378,7 @@ def decode(
         raise UserError("every map of an edit must regenerate the same number of codes")
     if num and int(n[0]) == 0:
         raise UserError("nothing to decode: the region covers no code position")
-    steps = mopts.steps if mopts.steps is not None else min(DEFAULT_STEPS, int(n[0]) if num else 1)
+    steps = mopts.resolved(int(n[0]) if num else 1).decode_steps
     if num:
         reveal_counts(int(n[0]), steps, mopts.schedule)  # checks steps against the codes
     chunks = in_eval_batches(

@@ -7,8 +7,11 @@ Layout of ``--out DIR``::
                                         (:mod:`vqkit.models.codes_io`) per sample
     grid.png                            the first ``GRID`` samples (64), rewritten after
                                         each batch until it holds them
-    samples.json                        what was asked (prior, seed, options, class) and
-                                        how far it got: ``written``, ``complete``
+    samples.json                        what was asked (prior, seed, device, batch size,
+                                        sampling options, a masked prior's decoding
+                                        options, class): enough to draw the same maps
+                                        again; and how far it got: ``written``,
+                                        ``complete``
 
 Rules:
 

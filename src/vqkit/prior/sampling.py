@@ -21,6 +21,7 @@ whole prefix at every position: the slow reference).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,7 +48,29 @@ class Prior(Protocol):
     def __call__(self, codes: torch.Tensor, labels: Any = None) -> torch.Tensor: ...
 
 
-__all__ = ["SampleOptions", "filter_logits", "guide", "sample"]
+__all__ = ["SampleOptions", "filter_logits", "flatten_codes", "guide", "sample", "unflatten_codes"]
+
+
+def flatten_codes(indices: torch.Tensor, code_shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Index maps (B, *code_shape) -> raster-ordered sequences (B, T), int64.
+
+    Row-major flattening, so residual codes (B, h, w, Q) become ``[pos0 stage0 .. pos0
+    stage Q-1, pos1 stage0, ..]``. Sequences (B, T) pass through."""
+    shape = tuple(code_shape)
+    t = math.prod(shape)
+    if indices.dim() == 2 and indices.shape[1] == t:
+        return indices.long()
+    if tuple(indices.shape[1:]) != shape:
+        raise ValueError(
+            f"expected index maps (B, {', '.join(map(str, shape))}) or sequences (B, {t}); "
+            f"got shape {tuple(indices.shape)}"
+        )
+    return indices.reshape(indices.shape[0], t).long()
+
+
+def unflatten_codes(seq: torch.Tensor, code_shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Sequences (B, T) -> index maps (B, *code_shape): the inverse of :func:`flatten_codes`."""
+    return seq.reshape(seq.shape[0], *code_shape)
 
 
 def _top_p(v: float) -> str | None:

@@ -42,32 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import PriorConfig
+from .masked import decode
 from .pretrained import PretrainedPrior
-from .sampling import SampleOptions, sample
+from .sampling import SampleOptions, flatten_codes, sample
 
-__all__ = ["KVCache", "Prior", "flatten_codes", "unflatten_codes"]
-
-
-def flatten_codes(indices: torch.Tensor, code_shape: tuple[int, ...] | list[int]) -> torch.Tensor:
-    """Index maps (B, *code_shape) -> raster-ordered sequences (B, T), int64.
-
-    Row-major flattening, so residual codes (B, h, w, Q) become ``[pos0 stage0 .. pos0
-    stage Q-1, pos1 stage0, ..]``. Sequences (B, T) pass through."""
-    shape = tuple(code_shape)
-    t = math.prod(shape)
-    if indices.dim() == 2 and indices.shape[1] == t:
-        return indices.long()
-    if tuple(indices.shape[1:]) != shape:
-        raise ValueError(
-            f"expected index maps (B, {', '.join(map(str, shape))}) or sequences (B, {t}); "
-            f"got shape {tuple(indices.shape)}"
-        )
-    return indices.reshape(indices.shape[0], t).long()
-
-
-def unflatten_codes(seq: torch.Tensor, code_shape: tuple[int, ...] | list[int]) -> torch.Tensor:
-    """Sequences (B, T) -> index maps (B, *code_shape): the inverse of :func:`flatten_codes`."""
-    return seq.reshape(seq.shape[0], *code_shape)
+__all__ = ["KVCache", "Prior"]
 
 
 def _wide(logits: torch.Tensor) -> torch.Tensor:
@@ -418,8 +397,6 @@ class Prior(nn.Module, PretrainedPrior):
         """``num`` index maps (num, *code_shape); see :func:`vqkit.prior.sampling.sample`
         (autoregressive) and :func:`vqkit.prior.masked.decode` (masked)."""
         if self.config.masked:
-            from .masked import decode
-
             return decode(self, num, options, **kwargs)
         return sample(self, num, options, **kwargs)
 
