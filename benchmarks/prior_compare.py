@@ -64,7 +64,7 @@ def judge(
 
 
 def distances(extractor: Any, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-    """FD and KID (torchmetrics, through vqkit's FeatureDistances) between two feature
+    """FD and KID (vqkit's FeatureDistances: torchmetrics' formulas) between two feature
     sets already extracted."""
     from vqkit.evaluation.frechet import FeatureDistances
 

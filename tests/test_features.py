@@ -1,80 +1,186 @@
-"""Tests of vqkit's features module: the FID InceptionV3 loading path (torch-fidelity's
-network) with a randomly initialised network of the same architecture saved to a file."""
+"""Tests of vqkit's features module (and the inception module behind it): the FID
+InceptionV3 from the user's file gives torch-fidelity's features for the same weights,
+and bad weights files are one-line errors naming the file."""
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import sys
+import types
 
 import pytest
 import torch
+from torch import nn
 
-if importlib.util.find_spec("torch_fidelity") is None:  # CI installs it (--no-deps)
-    pytest.skip("torch-fidelity not installed", allow_module_level=True)
-
-from vqkit.evaluation.features import (  # noqa: E402
-    INCEPTION_FILE,
-    InceptionFeatures,
-    _inception_class,
-)
+from vqkit.errors import UserError
+from vqkit.evaluation.features import INCEPTION_FILE, InceptionFeatures
+from vqkit.evaluation.inception import FIDInceptionV3, resize_bilinear_tf1
 
 
-def random_inception_file(path):
-    """torch-fidelity's InceptionV3, randomly initialised, saved as the FID weights file
-    would be (float16 to halve the file; loading casts to the network's float32)."""
-    cls = _inception_class()
+def _torch_fidelity_modules():
+    """torch-fidelity's InceptionV3 module and its TF1 resize, loaded from the installed
+    files. Its package ``__init__`` imports torchvision (not installed here), so for the
+    load only the package is registered bare (its path, not its ``__init__``); the
+    entries are removed afterwards. The test's own reference: vqkit never does this."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        return None
+    before = set(sys.modules)
+    bare = types.ModuleType("torch_fidelity")
+    bare.__path__ = list(spec.submodule_search_locations or [])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "torch_fidelity", bare)
+        try:
+            inception = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+            resize = importlib.import_module("torch_fidelity.interpolate_compat_tensorflow")
+        finally:
+            for name in set(sys.modules) - before:
+                if name.startswith("torch_fidelity"):
+                    del sys.modules[name]
+    return inception, resize
 
-    class Unloaded(cls):
+
+@pytest.fixture(scope="module")
+def fidelity():
+    mods = _torch_fidelity_modules()
+    if mods is None:
+        pytest.skip("torch-fidelity not installed (CI installs it --no-deps)")
+    return mods
+
+
+def _randomise(net: nn.Module, seed: int) -> None:
+    """Random weights that keep activations of order 1 through the 94 convolutions (the
+    default init would shrink them towards 0), and BatchNorm statistics away from 0 / 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("conv.weight"):
+                fan_in = t[0].numel()
+                t.copy_(torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+            elif name.endswith(("bn.weight", "bn.running_var")):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            else:  # bn.bias, bn.running_mean, fc
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def fidelity_file(fidelity, tmp_path_factory):
+    """torch-fidelity's network, randomly initialised, its state dict saved as the FID
+    weights file would be; the network itself for the reference features."""
+    module = fidelity[0]
+
+    class Unloaded(module.FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None  # keep the random init
+            return None  # keep the random init: there are no real weights here
 
-    buf = io.BytesIO()
-    torch.save({}, buf)
-    buf.seek(0)
-    torch.manual_seed(0)
-    net = Unloaded("random", ["2048"], feature_extractor_weights_path=buf)
-    state = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    net = Unloaded("random", ["2048"], feature_extractor_weights_path=empty)
+    _randomise(net, 0)
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
+    torch.save(net.state_dict(), path)
+    return path, net
+
+
+def test_features_equal_torch_fidelity_for_the_same_weights(fidelity_file, tmp_path):
+    path, ref_net = fidelity_file
+    state = torch.load(path, weights_only=True)
+    assert any(k.endswith("num_batches_tracked") for k in state)  # torch's BatchNorm saved it
+    ext = InceptionFeatures(path)
+    assert set(ext.net.state_dict()) | {k for k in state if "num_batches" in k} == set(state)
+    g = torch.Generator().manual_seed(1)
+    for shape in ((2, 3, 32, 32), (1, 3, 320, 301), (1, 3, 299, 299)):  # up, down, same
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        want = ref_net(x)[0]
+        got = ext(x)
+        assert got.shape == (shape[0], 2048) and got.dtype == torch.float32
+        assert float(want.std()) > 1e-2  # features that say something
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    # the converted file has no num_batches_tracked: loads the same
+    bare = tmp_path / "converted.pth"
+    torch.save({k: v for k, v in state.items() if "num_batches" not in k}, bare)
+    x = torch.randint(0, 256, (1, 1, 28, 28), dtype=torch.uint8, generator=g)
+    torch.testing.assert_close(InceptionFeatures(bare)(x), ext(x))  # gray: replicated
+    torch.testing.assert_close(ext(x), ref_net(x.expand(-1, 3, -1, -1))[0], rtol=1e-4, atol=1e-4)
+    info = ext.describe()
+    assert info["comparable_with_papers"] and len(info["weights_sha256"]) == 64
+    assert info["weights"] == INCEPTION_FILE
+    with pytest.raises(UserError, match="expected uint8 images"):
+        ext(x.float())
+
+
+def test_resize_is_torch_fidelitys_tf1_resize(fidelity):
+    tf1 = fidelity[1].interpolate_bilinear_2d_like_tensorflow1x
+    g = torch.Generator().manual_seed(2)
+    for h, w in ((32, 32), (28, 40), (512, 300), (299, 299)):
+        x = torch.randint(0, 256, (2, 3, h, w), generator=g).float()
+        want = tf1(x, size=(299, 299), align_corners=False)
+        torch.testing.assert_close(resize_bilinear_tf1(x, 299), want, rtol=0, atol=1e-4)
+
+
+def test_resize_against_the_tf1_formula():
+    """Output pixel i samples source i * H / 299 (no half-pixel shift), float64 here."""
+    x = torch.arange(4 * 5, dtype=torch.float32).view(1, 1, 4, 5) ** 1.5
+    got = resize_bilinear_tf1(x, 7)
+    ref = torch.empty(7, 7, dtype=torch.float64)
+    src = x[0, 0].double()
+    for i in range(7):
+        for j in range(7):
+            y, xx = i * 4 / 7, j * 5 / 7
+            y0, x0 = int(y), int(xx)
+            y1, x1 = min(y0 + 1, 3), min(x0 + 1, 4)
+            top = src[y0, x0] + (src[y0, x1] - src[y0, x0]) * (xx - x0)
+            bot = src[y1, x0] + (src[y1, x1] - src[y1, x0]) * (xx - x0)
+            ref[i, j] = top + (bot - top) * (y - y0)
+    torch.testing.assert_close(got[0, 0].double(), ref, rtol=1e-6, atol=1e-4)
+
+
+def random_inception_file(path) -> dict[str, torch.Tensor]:
+    """vqkit's FID InceptionV3, randomly initialised, saved as its weights file would be
+    (float16 to halve the file; loading casts to the network's float32)."""
+    net = FIDInceptionV3()
+    _randomise(net, 3)
+    state = {k: v.half() for k, v in net.state_dict().items()}
     torch.save(state, path)
     return state
 
 
 @pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
-    return path, random_inception_file(path)
+def own_state(tmp_path_factory):
+    return random_inception_file(tmp_path_factory.mktemp("own") / INCEPTION_FILE)
 
 
-def test_loads_the_file_and_extracts_2048_features(inception_file):
-    path, state = inception_file
-    ext = InceptionFeatures(path)
-    got = ext.net.state_dict()
-    assert set(got) == set(state)
-    torch.testing.assert_close(got["fc.weight"], state["fc.weight"].float())
-    x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
-    f = ext(x)  # gray replicated to RGB
-    assert f.shape == (2, 2048) and f.dtype == torch.float32 and torch.isfinite(f).all()
-    torch.testing.assert_close(f[1:], ext(x[1:].expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
-    info = ext.describe()
-    assert info["comparable_with_papers"] and len(info["weights_sha256"]) == 64
-    with pytest.raises(ValueError, match="expected uint8 images"):
-        ext(x.float())
-
-
-def test_wrong_or_truncated_files_are_one_line_errors(inception_file, tmp_path):
-    path, state = inception_file
-    with pytest.raises(FileNotFoundError, match=f"not found: download .*{INCEPTION_FILE}"):
-        InceptionFeatures(tmp_path / "nope.pth")
+def test_bad_weights_files_are_one_line_errors_naming_the_file(own_state, tmp_path):
+    good = tmp_path / INCEPTION_FILE
+    torch.save(own_state, good)
+    InceptionFeatures(good)  # float16 tensors load (cast to the network's float32)
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(UserError, match=f"not found: download .*{INCEPTION_FILE}") as e:
+        InceptionFeatures(missing)
     trunc = tmp_path / "trunc.pth"
-    trunc.write_bytes(path.read_bytes()[: 1 << 20])
-    with pytest.raises(ValueError, match="cannot read InceptionV3 weights file") as e:
-        InceptionFeatures(trunc)
-    assert "\n" not in str(e.value)
-    wrong = tmp_path / "wrong.pth"
-    torch.save({**state, "fc.weight": torch.zeros(1000, 2048)}, wrong)  # torchvision's head
-    with pytest.raises(ValueError, match=r"not the FID InceptionV3: 1 tensors of the wrong shape"):
-        InceptionFeatures(wrong)
+    trunc.write_bytes(good.read_bytes()[: 1 << 20])
+    wrong = tmp_path / "torchvision_head.pth"
+    torch.save({**own_state, "fc.weight": torch.zeros(1000, 2048)}, wrong)  # torchvision's head
     other = tmp_path / "other.pth"
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, other)
-    with pytest.raises(ValueError, match="missing tensors") as e:
-        InceptionFeatures(other)
-    assert "\n" not in str(e.value)
+    extra = tmp_path / "aux.pth"
+    torch.save({**own_state, "AuxLogits.fc.weight": torch.zeros(1000, 768)}, extra)
+    nan = tmp_path / "nan.pth"
+    bad = own_state["Mixed_6b.branch1x1.conv.weight"].clone()
+    bad[0, 0] = float("inf")
+    torch.save({**own_state, "Mixed_6b.branch1x1.conv.weight": bad}, nan)
+    for path, message in (
+        (missing, "not found"),
+        (trunc, "cannot read the FID InceptionV3 weights file"),
+        (wrong, r"do not match the FID InceptionV3: other shapes: fc.weight \(1000, 2048\)"),
+        (other, "do not match the FID InceptionV3: missing Conv2d_1a_3x3"),
+        (extra, "do not match the FID InceptionV3: unexpected AuxLogits.fc.weight"),
+        (nan, r"non-finite values \(NaN or Inf\) in Mixed_6b.branch1x1.conv.weight"),
+    ):
+        with pytest.raises(UserError, match=message) as e:
+            InceptionFeatures(path)
+        assert "\n" not in str(e.value) and str(path) in str(e.value)

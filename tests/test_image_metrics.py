@@ -1,5 +1,7 @@
 """Tests of vqkit's image_metrics module: SSIM and MS-SSIM against an independent float64
-implementation written here from the papers' definitions, bits per pixel by hand."""
+implementation written here from the papers' definitions, vqkit's own SSIM / MS-SSIM code
+(the fewer-scale path) against pytorch-msssim's public functions on images large enough
+for them, bits per pixel by hand."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import torch.nn.functional as F
 
 from vqkit.evaluation.image_metrics import (
     MS_SSIM_BETAS,
+    _ms_ssim,
+    _ssim_and_cs,
     bits_per_pixel,
     ms_ssim,
     ms_ssim_scales,
@@ -25,7 +29,7 @@ def _gauss(window=11, sigma=1.5):
     return torch.outer(g, g)
 
 
-def _ssim_and_cs(x, y):
+def _ref_ssim_and_cs(x, y):
     """Per-image, per-channel (B, C) SSIM and contrast-structure terms: valid Gaussian
     filtering (no padding), mean over positions; population moments."""
     c = x.shape[1]
@@ -56,7 +60,7 @@ def _pair(shape, seed):
 @pytest.mark.parametrize("shape", [(3, 3, 32, 32), (2, 1, 40, 24)])
 def test_ssim_matches_a_float64_reference(shape):
     pred, target = _pair(shape, 0)
-    ref = _ssim_and_cs(pred.double(), target.double())[0].mean(1)
+    ref = _ref_ssim_and_cs(pred.double(), target.double())[0].mean(1)
     got = ssim(pred, target)
     assert got.shape == (shape[0],)
     assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got, ref)
@@ -64,23 +68,49 @@ def test_ssim_matches_a_float64_reference(shape):
     assert torch.allclose(ssim(target, target), torch.ones(shape[0], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("size, scales", [(32, 2), (64, 3), (128, 4), (192, 5)])
+@pytest.mark.parametrize(
+    "size, scales", [(21, 2), (32, 2), (45, 3), (64, 3), (128, 4), (150, 4), (192, 5)]
+)
 def test_ms_ssim_matches_a_float64_reference(size, scales):
     assert ms_ssim_scales(size) == scales
-    pred, target = _pair((2, 3, size, size), 1)
+    pred, target = _pair((2, 3, size, size + 3), 1)
     x, y = pred.double(), target.double()
     betas = torch.tensor(MS_SSIM_BETAS[:scales], dtype=torch.float64)
     betas = betas / betas.sum()
     ref = torch.ones(2, 3, dtype=torch.float64)
     for j in range(scales):
-        s, cs = _ssim_and_cs(x, y)
+        s, cs = _ref_ssim_and_cs(x, y)
         term = s if j == scales - 1 else cs
         ref = ref * term.clamp_min(0) ** betas[j]
-        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+        pad = [n % 2 for n in x.shape[2:]]  # odd sides: one zero row/column, counted
+        x, y = F.avg_pool2d(x, 2, padding=pad), F.avg_pool2d(y, 2, padding=pad)
     ref = ref.mean(1)  # per channel, then the mean over channels
     got, used = ms_ssim(pred, target)
     assert used == scales
-    assert torch.allclose(got, ref, atol=1e-4, rtol=0), (got, ref)
+    # 5 scales: pytorch-msssim's weights as they are (they sum to 1.0001)
+    # fewer scales: the window made in float32 as pytorch-msssim makes it (~5e-8 here)
+    tol = 1e-4 if scales == 5 else 1e-6
+    assert torch.allclose(got, ref, atol=tol, rtol=0), (got, ref, (got - ref).abs().max())
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 192, 192), (1, 1, 175, 203), (2, 3, 11, 30)])
+def test_own_ssim_code_matches_pytorch_msssim_public_functions(shape):
+    """vqkit's SSIM / MS-SSIM code (used for fewer scales) and pytorch-msssim's public
+    ``ssim`` / ``ms_ssim`` agree to float64 rounding where the latter apply."""
+    from pytorch_msssim import ms_ssim as lib_ms_ssim
+    from pytorch_msssim import ssim as lib_ssim
+
+    pred, target = _pair(shape, 2)
+    x, y = pred.double(), target.double()
+    kw = {"data_range": 255, "size_average": False, "win_size": 11, "win_sigma": 1.5}
+    own = _ssim_and_cs(x, y)[0].mean(1)
+    torch.testing.assert_close(own, lib_ssim(x, y, K=(0.01, 0.03), **kw), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ssim(pred, target), own, rtol=1e-12, atol=0)
+    if min(shape[-2:]) > 160:
+        betas = torch.tensor(MS_SSIM_BETAS, dtype=torch.float64)
+        want = lib_ms_ssim(x, y, K=(0.01, 0.03), weights=list(MS_SSIM_BETAS), **kw)
+        torch.testing.assert_close(_ms_ssim(x, y, betas), want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(ms_ssim(pred, target)[0], want, rtol=1e-12, atol=0)
 
 
 def test_bad_input():

@@ -105,7 +105,9 @@ def test_bad_input_is_one_clear_line(setup, tmp_path):
     opts = LossOptions(perceptual_weight=1.0, perceptual_weights=str(tmp_path / "vgg.pth"))
     with pytest.raises(ValueError, match="needs RGB images; the model has 1 channel"):
         VQGANLoss(opts, in_channels=1)
-    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+    with pytest.raises(
+        ValueError, match="VGG16 weights file .*vgg.pth not found: .*vgg16-397923af.pth"
+    ):
         VQGANLoss(opts, in_channels=3)
     with pytest.raises(ValueError, match="needs images of at least 24 px; .*--disc-layers"):
         VQGANLoss(LossOptions(disc_weight=1.0), 3).discriminator_loss(x, x, step=0)

@@ -1,12 +1,50 @@
-"""Tests of vqkit's perceptual module: LPIPS-VGG from the wheel's heads and a backbone
-file, against a float64 computation written here, and its loading errors."""
+"""Tests of vqkit's perceptual module: LPIPS-VGG from vqkit's shipped heads and a backbone
+file, against a float64 computation written here, the heads against torchmetrics' copy,
+and its loading errors."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
-from vqkit.losses.perceptual import LPIPS, VGG16_FILE, lpips_heads_path, vgg16_features
+from vqkit.errors import UserError
+from vqkit.losses.perceptual import LPIPS, LPIPS_HEADS, VGG16_FILE, vgg16_features
+
+
+def _torchmetrics_heads_file() -> Path | None:
+    """The heads inside the installed torchmetrics wheel, found without importing it (the
+    test's own reference; the library never reads it)."""
+    spec = importlib.util.find_spec("torchmetrics")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root, "functional", "image", "lpips_models", "vgg.pth")
+        if path.is_file():
+            return path
+    return None
+
+
+def test_shipped_heads_equal_torchmetrics_heads():
+    from safetensors.torch import load_file
+
+    ours = load_file(str(LPIPS_HEADS))
+    assert sorted(ours) == [f"lin{i}.model.1.weight" for i in range(5)]
+    assert [tuple(v.shape) for v in ours.values()] == [
+        (1, c, 1, 1) for c in (64, 128, 256, 512, 512)
+    ]
+    assert all(float(v.min()) >= 0 for v in ours.values())  # LPIPS' heads are non-negative
+    assert (LPIPS_HEADS.parent / "LICENSE-LPIPS").is_file()
+    ref_file = _torchmetrics_heads_file()
+    if ref_file is None:
+        pytest.skip("torchmetrics not installed: no reference copy of the heads")
+    ref = torch.load(ref_file, map_location="cpu", weights_only=True)
+    assert set(ref) == set(ours)
+    for k, v in ref.items():
+        assert torch.equal(ours[k], v), k
+    net = LPIPS()
+    for i, head in enumerate(net.heads):
+        assert torch.equal(head.weight, ref[f"lin{i}.model.1.weight"])
 
 
 def random_vgg_file(path):
@@ -28,7 +66,9 @@ def vgg_file(tmp_path_factory):
 def test_lpips_matches_a_float64_reference(vgg_file):
     path, feats = vgg_file
     net = LPIPS(path)
-    heads = torch.load(lpips_heads_path(), map_location="cpu", weights_only=True)
+    from safetensors.torch import load_file
+
+    heads = load_file(str(LPIPS_HEADS))
     torch.testing.assert_close(net.heads[2].weight, heads["lin2.model.1.weight"])
     g = torch.Generator().manual_seed(1)
     x = torch.rand(2, 3, 20, 20, generator=g) * 2 - 1
@@ -63,22 +103,32 @@ def test_lpips_matches_a_float64_reference(vgg_file):
 
 def test_loading_errors_are_one_line(vgg_file, tmp_path):
     path, _ = vgg_file
-    with pytest.raises(FileNotFoundError, match=f"not found: download .*{VGG16_FILE}"):
+    with pytest.raises(UserError, match=f"not found: download .*{VGG16_FILE}"):
         LPIPS(tmp_path / "missing.pth")
     trunc = tmp_path / "trunc.pth"
     trunc.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(ValueError, match="cannot read VGG16 weights file") as e:
+    with pytest.raises(ValueError, match="cannot read torchvision's VGG16 weights file") as e:
         LPIPS(trunc)
     assert "\n" not in str(e.value)
     other = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, other)
-    with pytest.raises(ValueError, match="not torchvision's VGG16: 26 missing tensors"):
+    with pytest.raises(
+        UserError,
+        match=r"weights do not match torchvision's VGG16: missing features.0.bias, .* and 21 more",
+    ) as e:
         LPIPS(other)
+    assert "\n" not in str(e.value) and str(other) in str(e.value)
     wrong = tmp_path / "wrong.pth"
     state = torch.load(path, weights_only=True)
     state["features.0.weight"] = torch.zeros(64, 1, 3, 3)  # a one-channel VGG
     torch.save(state, wrong)
-    with pytest.raises(ValueError, match=r"wrong shape \(e.g. features.0.weight"):
+    with pytest.raises(UserError, match=r"other shapes: features.0.weight \(64, 1, 3, 3\)"):
+        LPIPS(wrong)
+    state["features.0.weight"] = torch.full((64, 3, 3, 3), float("nan"))
+    torch.save(state, wrong)
+    with pytest.raises(
+        UserError, match=r"wrong.pth: non-finite values \(NaN or Inf\) in features.0"
+    ):
         LPIPS(wrong)
     with pytest.raises(ValueError, match="RGB images"):
         LPIPS()(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))

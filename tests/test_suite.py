@@ -4,7 +4,6 @@ labels each figure with what produced it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 
@@ -17,9 +16,8 @@ from vqkit.evaluation.reconstruction import evaluate
 from vqkit.evaluation.suite import QualitySuite
 from vqkit.models import VQVAE, export_safetensors
 
+from .test_features import random_inception_file
 from .test_perceptual import random_vgg_file
-
-HAVE_FIDELITY = importlib.util.find_spec("torch_fidelity") is not None
 
 
 def _refuse(*args, **kwargs):
@@ -43,18 +41,14 @@ def test_whole_evaluation_offline(tmp_path, monkeypatch, capsys):
     random_vgg_file(vgg)
     args = ["eval", str(ckpt), "--data", "builtin", "--limit", "2", "--out", str(tmp_path / "ev")]
     args += ["--features", str(feats), "--lpips-weights", str(vgg), "--kid-subset-size", "2"]
-    if HAVE_FIDELITY:
-        from .test_features import random_inception_file
-
-        random_inception_file(tmp_path / "inception.pth")
-        args += ["--inception-weights", str(tmp_path / "inception.pth")]
+    random_inception_file(tmp_path / "inception.pth")
+    args += ["--inception-weights", str(tmp_path / "inception.pth")]
     capsys.readouterr()
     assert main(args) == 0, capsys.readouterr().err
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
     want = {"psnr", "ssim", "ms_ssim", "lpips", "bits_per_pixel", "codes_used"}
     want |= {"fd_vqkit_features", "fd_vqkit_features_kid", "fd_vqkit_features_kid_std"}
-    if HAVE_FIDELITY:
-        want |= {"rfid", "rfid_kid"}
+    want |= {"rfid", "rfid_kid"}
     assert want <= set(ev), want - set(ev)
     labels = ev["labels"]
     unlabelled = set(ev) - set(labels) - {"labels", "fd_vqkit_features_kid_std", "rfid_kid_std"}
@@ -65,8 +59,10 @@ def test_whole_evaluation_offline(tmp_path, monkeypatch, capsys):
     assert "not comparable with papers' rFID" in fd["note"] and len(fd["sha256"]) == 64
     assert "2 scales (the standard 5 need > 160 px" in labels["ms_ssim"]  # 28 px: 2 scales
     assert "gray replicated to RGB" in labels["lpips"]
-    if HAVE_FIDELITY:
-        assert labels["rfid"]["figure"] == "rFID" and labels["rfid"]["images"] == 2
+    rfid = labels["rfid"]
+    assert rfid["figure"] == "rFID" and rfid["images"] == 2 and rfid["comparable_with_papers"]
+    assert rfid["feature_space"] == "InceptionV3-FID (pool3, 2048-d)"
+    assert rfid["weights"] == "inception.pth" and "vqkit FD / KID" in rfid["computed_by"]
     for key in ("ssim", "ms_ssim"):
         assert 0 < ev[key] <= 1
 

@@ -9,12 +9,7 @@ each network comes from a file the user names, checked key by key before use.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import io
 import os
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +17,13 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..losses.perceptual import check_state, load_state_file
 from ..storage.fileio import file_hexdigest
+from ..storage.weights import load_weights_file
+from .inception import FIDInceptionV3
 
 __all__ = [
     "INCEPTION_FILE",
     "InceptionFeatures",
-    "ensure_torch_fidelity_importable",
     "sha256_file",
 ]
 
@@ -43,72 +38,27 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return file_hexdigest(path, "sha256")
 
 
-def ensure_torch_fidelity_importable() -> bool:
-    """Make ``torch_fidelity``'s InceptionV3 modules importable; False when the package is
-    not installed.
-
-    torch-fidelity's package ``__init__`` imports torchvision (for its CLIP and VGG
-    extractors), which vqkit never installs (no CPU wheel pairs with its torch pin); the
-    InceptionV3 extractor and its helpers do not use it. Without torchvision the package
-    is registered bare (its path, not its ``__init__``), so its submodules, and
-    torchmetrics' FID/KID modules that import them, load. Call before importing
-    ``torchmetrics.image``.
-    """
-    if "torch_fidelity" in sys.modules:
-        return True
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        return False
-    try:
-        importlib.import_module("torch_fidelity")
-    except ModuleNotFoundError as e:
-        if e.name != "torchvision":
-            raise
-        bare = types.ModuleType("torch_fidelity")
-        bare.__path__ = list(spec.submodule_search_locations or [])
-        bare.__spec__ = spec
-        sys.modules["torch_fidelity"] = bare
-    return True
-
-
-def _inception_class() -> type:
-    if not ensure_torch_fidelity_importable():
-        raise UserError(
-            "--inception-weights needs torch-fidelity's InceptionV3: "
-            "pip install --no-deps torch-fidelity (it needs no torchvision for this)"
-        )
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class _Checked(FeatureExtractorInceptionV3):
-        """torch-fidelity's network; the state it is given is checked key by key first
-        (its own load would be a multi-line strict-load error)."""
-
-        source = "?"
-
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[override]
-            check_state(self, state_dict, self.source, "the FID InceptionV3", _INCEPTION_HINT)
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    return _Checked
-
-
 class InceptionFeatures(nn.Module):
-    """The 2048-d pool3 features of FID's InceptionV3 (TF-2015 graph port), through
-    torch-fidelity's ``FeatureExtractorInceptionV3`` (bilinear resize to 299 as in TF1,
-    ``(x - 128) / 128``). Gray images are replicated to RGB, as torch-fidelity does."""
+    """The 2048-d pool3 features of FID's InceptionV3 (TF-2015 graph port,
+    :class:`~.inception.FIDInceptionV3`: bilinear resize to 299 as in TF1,
+    ``(x - 128) / 128``), from the user's weights file, loaded strictly. Gray images are
+    replicated to RGB, as torch-fidelity does."""
 
     comparable_with_papers = True
     num_features = 2048
 
     def __init__(self, weights: str | os.PathLike[str]) -> None:
         super().__init__()
-        state = load_state_file(weights, "InceptionV3 weights", _INCEPTION_HINT)
-        cls = _inception_class()
-        cls.source = str(weights)
-        buf = io.BytesIO()
-        torch.save(state, buf)  # the checked tensors, so the library reads nothing else
-        buf.seek(0)
-        self.net = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
+        self.net = FIDInceptionV3()
+        # num_batches_tracked: present when the file was saved from a torch BatchNorm
+        load_weights_file(
+            self.net,
+            weights,
+            what="the FID InceptionV3",
+            hint=_INCEPTION_HINT,
+            ignore=("num_batches_tracked",),
+        )
+        self.net.requires_grad_(False)
         self.weights = Path(weights)
         self.sha256 = sha256_file(weights)
         self.name = "InceptionV3-FID (pool3, 2048-d)"
@@ -123,13 +73,14 @@ class InceptionFeatures(nn.Module):
             )
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        return self.net(images)[0].float()
+        return self.net(images)
 
     def describe(self) -> dict[str, Any]:
         return {
             "feature_space": self.name,
             "weights": self.weights.name,
             "weights_sha256": self.sha256,
-            "network": "torch-fidelity FeatureExtractorInceptionV3",
+            "network": "vqkit FIDInceptionV3 (the TF-2015 FID graph, as pytorch-fid / "
+            "torch-fidelity port it)",
             "comparable_with_papers": True,
         }

@@ -3,33 +3,61 @@
 FD: ``||mu_r - mu_f||^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))`` of the features' means and
 (unbiased) covariances (Heusel et al. 2017); KID: the unbiased MMD^2 with the cubic
 polynomial kernel ``(f.g / d + 1)^3``, averaged over random subsets (Binkowski et al.
-2018). Both are torchmetrics' ``FrechetInceptionDistance`` / ``KernelInceptionDistance``
-fed with features vqkit extracts once (one network pass per image for both).
+2018). Both are computed here in float64 on features vqkit extracts once (one network
+pass per image for both), the way torchmetrics' ``FrechetInceptionDistance`` /
+``KernelInceptionDistance`` compute them (the trace of the square root as the sum of the
+square roots of the eigenvalues of ``S_r S_f``; KID's subsets drawn by ``randperm``).
+torchmetrics is not imported: its image package imports torch-fidelity when that is
+installed, which in turn needs torchvision.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .features import ensure_torch_fidelity_importable
 
-__all__ = ["FeatureDistances"]
+__all__ = ["FeatureDistances", "frechet_distance", "kernel_distance"]
 
 
-class _Given(nn.Module):
-    """The 'network' handed to torchmetrics: the features are already computed."""
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FD of two feature sets (N, F), (M, F), in float64: ``||mu_r - mu_f||^2 +
+    tr(S_r) + tr(S_f) - 2 sum_i sqrt(lambda_i(S_r S_f))`` (the eigenvalues of the product
+    of two PSD matrices are real and non-negative up to rounding; their real parts)."""
+    real, fake = real.double(), fake.double()
+    d = real.shape[1]
+    s_r, s_f = (torch.cov(x.T).reshape(d, d) for x in (real, fake))  # (d, d) also for d = 1
+    mean = (real.mean(0) - fake.mean(0)).square().sum()
+    root = torch.linalg.eigvals(s_r @ s_f).sqrt().real.sum()
+    return float(mean + s_r.trace() + s_f.trace() - 2 * root)
 
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
+def _poly_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Unbiased MMD^2 of (m, d) sets with the kernel ``(x.y / d + 1)^3``."""
+    m, d = x.shape
+    k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    off = (k_xx.sum() - k_xx.diagonal().sum()) + (k_yy.sum() - k_yy.diagonal().sum())
+    return off / (m * (m - 1)) - 2 * k_xy.sum() / m**2
+
+
+def kernel_distance(
+    real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int, seed: int
+) -> tuple[float, float]:
+    """KID of two feature sets: mean and (population) std of :func:`_poly_mmd` over
+    ``subsets`` pairs of random subsets of ``subset_size`` rows, drawn without
+    replacement by ``randperm`` from a generator seeded with ``seed``, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    real, fake = real.double(), fake.double()
+    scores = []
+    for _ in range(subsets):
+        r = real[torch.randperm(len(real), generator=g)[:subset_size]]
+        f = fake[torch.randperm(len(fake), generator=g)[:subset_size]]
+        scores.append(_poly_mmd(r, f))
+    values = torch.stack(scores)
+    return float(values.mean()), float(values.std(unbiased=False))
 
 
 class FeatureDistances:
@@ -63,31 +91,16 @@ class FeatureDistances:
         self.fake.append(self.extractor(fake).double().cpu())
 
     def compute(self) -> dict[str, Any]:
-        ensure_torch_fidelity_importable()  # torchmetrics.image imports it when installed
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
-
         real, fake = torch.cat(self.real), torch.cat(self.fake)
         n = min(len(real), len(fake))
         if n < 2:
             raise UserError(f"FD and KID need at least 2 images; got {n}")
-        given = _Given(real.shape[1])
-        fd = FrechetInceptionDistance(feature=given, reset_real_features=False)
-        fd.update(real, real=True)
-        fd.update(fake, real=False)
         size = min(self.kid_subset_size, n)
-        with warnings.catch_warnings():  # "saves all features": it is handed them all anyway
-            warnings.filterwarnings("ignore", message=".*will save all extracted features")
-            kid = KernelInceptionDistance(feature=given, subsets=self.kid_subsets, subset_size=size)
-        kid.update(real, real=True)
-        kid.update(fake, real=False)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            kid_mean, kid_std = kid.compute()
+        kid, kid_std = kernel_distance(real, fake, self.kid_subsets, size, self.seed)
         return {
-            "fd": float(fd.compute()),
-            "kid": float(kid_mean),
-            "kid_std": float(kid_std),
+            "fd": frechet_distance(real, fake),
+            "kid": kid,
+            "kid_std": kid_std,
             "kid_subsets": self.kid_subsets,
             "kid_subset_size": size,
             "images": n,

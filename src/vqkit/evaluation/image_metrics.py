@@ -3,7 +3,10 @@
 SSIM and MS-SSIM are pytorch-msssim's (Wang et al.'s valid-window definition, as
 scikit-image), called on uint8 images (values 0..255
 as float64, data range 255, Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03): the
-setting of taming-transformers, LlamaGen and Open-MAGVIT2's evaluations. Images here
+setting of taming-transformers, LlamaGen and Open-MAGVIT2's evaluations. Its public
+``ssim`` / ``ms_ssim`` compute SSIM and the standard 5-scale MS-SSIM; MS-SSIM with fewer
+scales, for images under 161 px (which its ``ms_ssim`` refuses), is computed here by the
+same definition (:func:`_ssim_and_cs`). Images here
 are the model's scale, [-0.5, 0.5]; ``vqkit.data.denormalize`` maps them to what a viewer
 sees (rounded, clamped uint8).
 """
@@ -71,6 +74,55 @@ def ms_ssim_scales(size: int) -> int:
     return 0
 
 
+def _window(channels: int, like: torch.Tensor) -> torch.Tensor:
+    """The normalised 1-D Gaussian (WINDOW taps, SIGMA), (channels, 1, 1, WINDOW), made in
+    float32 and cast, as pytorch-msssim makes its window (so the figures are its figures
+    to float64 rounding)."""
+    t = torch.arange(WINDOW, dtype=torch.float32) - WINDOW // 2
+    g = torch.exp(-(t**2) / (2 * SIGMA**2))
+    g = (g / g.sum()).to(like)
+    return g.view(1, 1, 1, WINDOW).repeat(channels, 1, 1, 1)
+
+
+def _blur(x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+    """Gaussian-weighted local mean per channel, valid positions only: (B, C, H, W) ->
+    (B, C, H - WINDOW + 1, W - WINDOW + 1); separable, rows then columns."""
+    c = x.shape[1]
+    x = F.conv2d(x, win.transpose(2, 3), groups=c)
+    return F.conv2d(x, win, groups=c)
+
+
+def _ssim_and_cs(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SSIM and its contrast-structure term, (B, C) each, of float (B, C, H, W) images at
+    DATA_RANGE: the means over valid window positions of
+    ``l * cs`` and ``cs``, with ``l = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)``,
+    ``cs = (2 s_xy + C2) / (s_x^2 + s_y^2 + C2)`` (Gaussian-weighted moments,
+    ``s_xy = E[xy] - mu_x mu_y``; ``C1 = (0.01 R)^2``, ``C2 = (0.03 R)^2``)."""
+    c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
+    win = _window(x.shape[1], x)
+    mx, my = _blur(x, win), _blur(y, win)
+    sxx = _blur(x * x, win) - mx * mx
+    syy = _blur(y * y, win) - my * my
+    sxy = _blur(x * y, win) - mx * my
+    cs = (2 * sxy + c2) / (sxx + syy + c2)
+    lum = (2 * mx * my + c1) / (mx * mx + my * my + c1)
+    return (lum * cs).flatten(2).mean(-1), cs.flatten(2).mean(-1)
+
+
+def _ms_ssim(x: torch.Tensor, y: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """Per-image MS-SSIM (B,) of float images over ``len(betas)`` scales, finest first:
+    per channel ``prod_j relu(cs_j)^beta_j``, the last scale's SSIM in place of its cs,
+    2x2 average pooling between scales (odd sides padded, as pytorch-msssim); then the
+    mean over channels."""
+    terms = []
+    for j in range(len(betas)):
+        s, cs = _ssim_and_cs(x, y)
+        terms.append(torch.relu(s if j == len(betas) - 1 else cs))
+        pad = [n % 2 for n in x.shape[2:]]
+        x, y = F.avg_pool2d(x, 2, padding=pad), F.avg_pool2d(y, 2, padding=pad)
+    return torch.prod(torch.stack(terms) ** betas.view(-1, 1, 1), dim=0).mean(1)
+
+
 def ms_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Per-image MS-SSIM (B,) float64 of uint8 batches, and the number of scales used.
 
@@ -78,32 +130,29 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int
     them), the last scale's full SSIM in place of its ``cs``; then the mean over channels
     (pytorch-msssim). With 5 scales this is pytorch-msssim's ``ms_ssim``; smaller images
     get fewer scales (:func:`ms_ssim_scales`) with the first weights renormalised to sum
-    to 1, through the library's per-scale SSIM: report the scale count with the figure.
+    to 1 (:func:`_ms_ssim`): report the scale count with the figure.
     """
     from pytorch_msssim import ms_ssim as _ms_ssim_lib
-    from pytorch_msssim.ssim import _fspecial_gauss_1d, _ssim
 
     _check(pred, target)
     scales = ms_ssim_scales(min(pred.shape[-2:]))
     if scales < 2:
         raise UserError(f"MS-SSIM needs images of at least 21 px; got {tuple(pred.shape)}")
     x, y = pred.double(), target.double()
-    kw = {"data_range": DATA_RANGE, "K": (0.01, 0.03)}
     if scales == len(MS_SSIM_BETAS):
         value = _ms_ssim_lib(
-            x, y, size_average=False, win_size=WINDOW, win_sigma=SIGMA, weights=None, **kw
+            x,
+            y,
+            data_range=DATA_RANGE,
+            size_average=False,
+            win_size=WINDOW,
+            win_sigma=SIGMA,
+            weights=None,
+            K=(0.01, 0.03),
         )
         return value, scales
     betas = torch.tensor(MS_SSIM_BETAS[:scales], dtype=torch.float64)
-    betas = (betas / betas.sum()).view(-1, 1, 1)
-    win = _fspecial_gauss_1d(WINDOW, SIGMA).repeat([x.shape[1], 1, 1, 1]).double()
-    terms = []
-    for j in range(scales):
-        s, cs = _ssim(x, y, win=win, size_average=False, **kw)  # (B, C) each
-        terms.append(torch.relu(s if j == scales - 1 else cs))
-        pad = [n % 2 for n in x.shape[2:]]
-        x, y = F.avg_pool2d(x, 2, padding=pad), F.avg_pool2d(y, 2, padding=pad)
-    return torch.prod(torch.stack(terms) ** betas, dim=0).mean(1), scales
+    return _ms_ssim(x, y, betas / betas.sum()), scales
 
 
 def bits_per_pixel(positions: int, codes_per_position: int, num_codes: int, pixels: int) -> float:

@@ -109,7 +109,7 @@ class QualitySuite:
         if "lpips" in figures:
             gray = "; gray replicated to RGB" if self.channels == 1 else ""
             labels["lpips"] = (
-                "LPIPS-VGG v0.1 (heads from the torchmetrics wheel, the user's VGG16 weights), "
+                "LPIPS-VGG v0.1 (heads shipped with vqkit, the user's VGG16 weights), "
                 f"images clamped to [-1, 1]{gray}; mean over images"
             )
         for key, dist in self.distances.items():
@@ -121,7 +121,8 @@ class QualitySuite:
             what = "rFID" if info.get("comparable_with_papers") else f"FD ({dist.extractor.name})"
             labels[key] = {
                 "figure": what,
-                "computed_by": "torchmetrics FrechetInceptionDistance on vqkit-extracted features",
+                "computed_by": "vqkit FD / KID (torchmetrics' formulas, float64) on "
+                "vqkit-extracted features",
                 "images": out["images"],
                 **info,
             }

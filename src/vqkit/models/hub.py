@@ -9,7 +9,7 @@ A pretrained directory holds three files:
   "info": what else the model needs (a prior: its tokenizer's hash and location, its
   classes)}``;
 * ``model.safetensors``: every weight and buffer (EMA statistics, usage, FSQ's levels
-  as extra state), written and read by :mod:`vqkit.models.weights`;
+  as extra state), written and read by :mod:`vqkit.storage.weights`;
 * ``README.md``: a model card (:meth:`PretrainedMixin.generate_model_card`).
 
 Loading is strict. The mixin's own ``from_pretrained`` builds the model and loads with
@@ -36,7 +36,7 @@ import torch
 from ..errors import UserError
 from ..storage.checkpoint import FORMAT, CheckpointError
 from ..storage.fileio import atomic_write, write_json
-from .weights import export_safetensors, load_state_strict, read_safetensors
+from ..storage.weights import export_safetensors, load_state_strict, read_safetensors
 
 try:
     from huggingface_hub import PyTorchModelHubMixin as _HubBase

@@ -1,6 +1,6 @@
 """Model I/O: a :class:`VQVAE` from a training checkpoint or a safetensors export.
 
-Exported weights (``.safetensors``, written by :mod:`vqkit.models.weights`) hold the
+Exported weights (``.safetensors``, written by :mod:`vqkit.storage.weights`) hold the
 model's state dict, with the model config as JSON in the file's metadata; they load
 without torch's unpickler. ``VQVAE.save_pretrained`` / ``from_pretrained``
 (:mod:`vqkit.models.hub`) use the same file inside a directory.
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from ..storage.checkpoint import CheckpointError, load_checkpoint
+from ..storage.weights import export_safetensors, load_state_strict, read_safetensors
 from .vqvae import VQVAE, VQVAEConfig
-from .weights import export_safetensors, load_state_strict, read_safetensors
 
 __all__ = ["export_safetensors", "load_model"]
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from ..errors import UserError
 from ..models.codes_io import model_identity
-from ..models.weights import load_state_strict
 from ..storage.checkpoint import CheckpointError, load_checkpoint
+from ..storage.weights import load_state_strict
 from ..training.export import describe_data
 from .config import PriorConfig
 from .loading import load_sample_tokenizer

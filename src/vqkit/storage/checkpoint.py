@@ -8,8 +8,8 @@ Python values only, read back with ``weights_only=True`` (no pickled code):
      "loader": {...}, "rng": {"torch": ByteTensor}, "train_config": {...},
      "metrics": {...}}
 
-Model weights (``.safetensors`` exports, and models rebuilt from either file) are
-read and written beside the model, in :mod:`vqkit.models.io`.
+Model weights (``.safetensors`` exports) and other networks' weights files are read
+and written by :mod:`.weights`; :mod:`vqkit.models.io` rebuilds a model from either file.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "check_finite_state",
+    "nonfinite_tensors",
     "save_file_atomically",
     "save_checkpoint",
     "load_checkpoint",
@@ -72,9 +73,9 @@ def _float_tensors(obj: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def check_finite_state(state: Mapping[str, Any], where: str | os.PathLike[str]) -> None:
-    """Raise CheckpointError naming every tensor of ``state`` (a state dict, possibly
-    nested like an optimizer's) that holds NaN or Inf. One host sync per device."""
+def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Dotted names of the tensors of ``state`` (a state dict, possibly nested like an
+    optimizer's) that hold NaN or Inf. One host sync per device."""
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for n, t in _float_tensors(state, ""):
         if t.numel() > 0:
@@ -83,6 +84,13 @@ def check_finite_state(state: Mapping[str, Any], where: str | os.PathLike[str]) 
     for tensors in by_device.values():
         ok = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()
         bad += [n for (n, _), good in zip(tensors, ok, strict=True) if not good]
+    return bad
+
+
+def check_finite_state(state: Mapping[str, Any], where: str | os.PathLike[str]) -> None:
+    """Raise CheckpointError naming every tensor of ``state`` that holds NaN or Inf
+    (:func:`nonfinite_tensors`)."""
+    bad = nonfinite_tensors(state)
     if not bad:
         return
     listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
