@@ -9,13 +9,15 @@ the eager passes (``VQKIT_NATIVE=0``).
         --rounds 7 --src <checkout with quantizers/ibq_native.py>/src
     python -m benchmarks.bench_ibq_native --report benchmarks/results/<name>/ibq_native.json
 
-``--src`` names the vqkit source folder to measure (default: the one on the path);
-its commit is recorded. Each configuration of
-``benchmarks.bench_step`` (``--only``) gets one trainer per way (same seed); each round
-times ``--steps`` steps of every (configuration, way), the ways' order rotated from
-round to round so that load drifts hit all alike. 1 torch thread. Writes
-``benchmarks/results/<--out-dir>/ibq_native.{json,md}``; ``--report`` rewrites the
-table from a JSON record.
+The kernel was retired after this measurement (docs/results.md, "Large codebooks at
+the floor"): ``--src`` names a checkout that still has it (commit 395b9c3 or earlier,
+e.g. ``git archive 395b9c3 src | tar -x -C /tmp/ibq-kernel``; default: the vqkit on the
+path); its git commit is recorded where it is a git checkout (``null`` for an
+archive). Each configuration of ``benchmarks.bench_step`` (``--only``) gets one trainer
+per way (same seed); each round times ``--steps`` steps of every (configuration, way),
+the ways' order rotated from round to round so that load drifts hit all alike. 1 torch
+thread. Writes ``benchmarks/results/<--out-dir>/ibq_native.{json,md}``; ``--report``
+rewrites the table from a JSON record.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def _src_commit(src: str) -> str | None:
 
 def render(rec: dict) -> list[str]:
     """The Markdown lines of a record: per configuration and way the median ms per step,
-    and the per-round ratios of the eager passes to each build of the kernel."""
+    and the per-round ratios of the eager passes to each build of the kernel (paired
+    within a round, so that the machine's load drifting between rounds cancels)."""
     from benchmarks import common
 
     s = rec["settings"]
@@ -89,18 +92,18 @@ def render(rec: dict) -> list[str]:
     body = []
     for row in rec["rows"]:
         ms = {w: row["ways"][w]["rounds_ms"] for w in row["ways"]}
-        med = {w: statistics.median(v) for w, v in ms.items()}
         for w in row["ways"]:
             ratios = [e / t for e, t in zip(ms["eager"], ms[w], strict=True)]
+            ratio = statistics.median(ratios)
             body.append(
                 [
                     row["config"],
                     w,
-                    f"{med[w]:.1f}",
+                    f"{statistics.median(ms[w]):.1f}",
                     " / ".join(f"{t:.0f}" for t in ms[w]),
-                    f"{statistics.median(ratios):.3f}",
+                    f"{ratio:.3f}",
                     f"{min(ratios):.3f}-{max(ratios):.3f}",
-                    f"{100 * (1 - med[w] / med['eager']):+.1f} %",
+                    f"{100 * (1 / ratio - 1):+.1f} %",
                 ]
             )
     head = [
@@ -110,7 +113,7 @@ def render(rec: dict) -> list[str]:
         "ms/step per round",
         "eager / way, median of rounds",
         "eager / way, range",
-        "step time saved vs eager (medians)",
+        "step time vs eager (1 / median ratio - 1)",
     ]
     return [*lines, *common.md_table(head, body)]
 
