@@ -11,8 +11,6 @@ requiring grad, ``(out.loss + out.quantized.square().mean()).backward()``):
 * ``ibq`` / ``ibq_noent`` (this checkout), ``main_ibq`` / ``main_ibq_noent`` (the
   baseline's), with the entropy penalty (weight 0.05, T 0.01) and without it;
 * ``ema``: ``VectorQuantizerEMA(K, 64)``, the one-product floor (its search);
-* ``ibq_eager``: ``ibq`` with its C kernel switched off (``VQKIT_NATIVE=0``: the tiles'
-  elementwise work as eager PyTorch passes);
 * ``ibq_compiled``: ``ibq`` under ``torch.compile`` (Inductor traces the tile loop and
   fuses each tile's elementwise chain; the compile falls in the warm-up call);
 * ``dense_ibq``: the same three MSE terms and entropy penalty written densely (N x K
@@ -42,7 +40,6 @@ METHODS = (
     "ibq_noent",
     "main_ibq_noent",
     "ibq_compiled",
-    "ibq_eager",
     "dense_ibq",
 )
 D = 64
@@ -118,8 +115,6 @@ def _cell(method: str, n: int, k: int, args: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     src = args.baseline_src if method.startswith("main_") else str(common.REPO_ROOT / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, str(common.REPO_ROOT)])
-    if method == "ibq_eager":
-        env["VQKIT_NATIVE"] = "0"
     cmd = [sys.executable, "-m", MODULE, "--worker", method, str(n), str(k)]
     cmd += ["--repeats", str(args.repeats), "--time-budget", str(args.time_budget)]
     try:

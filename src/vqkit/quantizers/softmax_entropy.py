@@ -45,9 +45,12 @@ centred, every term is of the size of the result, and the float32 gradient's err
 that of the float32 logits alone (tests/test_softmax_entropy.py; the base-2 scaling and
 the row figures did not change it at the table's precision).
 
-Each tile's elementwise work runs in :mod:`vqkit.quantizers.ibq_native`'s C kernel
-where it builds (CPU, float32, eager), else as the in-place PyTorch passes below; the
-backward always takes the forward's way.
+Each tile's elementwise work is the in-place PyTorch passes of :func:`_forward_tile`
+and :func:`_backward_tile`, on every device and dtype. (A C kernel of the same work,
+built with ``-march=native``, saved 6-10 % of the K = 16384 training step with the
+penalty and 1-9 % without; built so that its bits did not depend on the host, the step
+took 1.9x as long as with these passes. It was retired: docs/results.md, "Large
+codebooks at the floor".)
 
 Memory: the K-float marginal, O(N + K) row and code figures and four (rows x K) tiles
 within ``max_scratch_bytes`` (at least one row).
@@ -71,7 +74,6 @@ import torch.nn.functional as F
 
 from ..distributed import all_reduce_sum, world_size
 from ..search import check_finite_pair, check_pair
-from . import ibq_native
 from .base import fp32_region
 
 __all__ = [
@@ -97,15 +99,15 @@ _MAX_ROWS = 256
 LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
 _EXP2_FLOOR = -64.0
-"""Exponents (base 2) are clamped here before ``exp2`` (in the eager passes and the C
-kernel alike); at T = 0.01 most logits of a row lie below. A clamped term is at most
+"""Exponents (base 2) are clamped here before ``exp2``; at T = 0.01 most logits of a
+row lie below. A clamped term is at most
 ``2^-64`` where the row's largest is 1, so the ``K <= 2^18`` clamped terms of a row move
 its sum by at most ``2^-46`` relative: far below float32 resolution. Why not lower:
 below -126 float32 ``exp2`` goes subnormal and leaves its vectorised path (7x slower on
-CPU; ``exp`` below -87, 75x), and at -126 the kernel's products of clamped terms with
-the row figures (~1e-3) were subnormal, which cost its backward a third (60 against 40
-ms at N = 2048, K = 2^14). ``exp2`` itself runs twice as fast as ``exp`` here (0.55
-against 1.05 ns an element), hence the base-2 logits."""
+CPU; ``exp`` below -87, 75x), and products of clamped terms with the row figures
+(~1e-3) go subnormal too (vector code pays a microcode assist for each). ``exp2``
+itself runs twice as fast as ``exp`` here (0.55 against 1.05 ns an element), hence the
+base-2 logits."""
 _ARGMAX_BLOCK = 128
 
 
@@ -198,7 +200,45 @@ class _IBQTerms(torch.autograd.Function):
     ) -> tuple[torch.Tensor, ...]:
         # autocast off in both passes: AOT autograd traces them under the caller's autocast
         with fp32_region(x.device):
-            return _IBQTerms._forward(ctx, x, e, w, inv_t, lookup, sync, group, scratch)
+            n, k = x.shape[0], e.shape[0]
+            ent = inv_t > 0
+            rows = _row_tile(n, k, x.element_size(), scratch)
+            buf_s = _scratch(min(rows, n), k, x)
+            buf_p = _scratch(min(rows, n), k, x) if ent else None
+            et = e.t()
+            idx = torch.empty(n, dtype=torch.int64, device=x.device)
+            m = x.new_empty(n)  # row max of s
+            z2 = x.new_empty(n)  # sum_k 2^a2_nk
+            abar = x.new_empty(n)  # sum_k p2_nk a2_nk (base 2)
+            marg = x.new_zeros(k)
+            wv = x.new_ones(n) if w is None else w
+            for r0 in range(0, n, rows):
+                r1 = min(r0 + rows, n)
+                s = _mm(x[r0:r1], et, _view(buf_s, r1 - r0, k))
+                mb, ib = row_max(s)  # ties to the lowest index
+                m[r0:r1], idx[r0:r1] = mb, ib
+                if ent:  # (the lookup alone needs only m and the index here)
+                    u_buf = _view(buf_p, r1 - r0, k)
+                    z2[r0:r1], abar[r0:r1] = _forward_tile(s, mb, wv[r0:r1], inv_t, marg, u_buf)
+            sample = batch = x.new_zeros(())
+            n_loc = x.new_tensor(float(n)) if w is None else w.sum()
+            total, ws = n_loc, 1
+            if ent:
+                h = _LN2 * (z2.log2() - abar)  # H(p2_n) in nats, both terms centred
+                sample = (h.sum() if w is None else h @ w) / n_loc.clamp(min=1.0)
+                if sync:
+                    ws = world_size(group)
+                    marg, total = all_reduce_sum([marg, total], group)
+                big_p = marg / total.clamp(min=1.0)
+                log_p = torch.log(big_p.clamp(min=torch.finfo(big_p.dtype).tiny))
+                batch = -(big_p * log_p).sum()
+            else:
+                log_p = marg
+            ctx.save_for_backward(x, e, w, idx, m, z2, abar, log_p, n_loc, total)
+            ctx.cfg = (inv_t, lookup, ws, rows)
+            ctx.device = x.device
+            ctx.mark_non_differentiable(idx)
+            return F.embedding(idx, e), idx, sample, batch
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -207,67 +247,9 @@ class _IBQTerms(torch.autograd.Function):
             return _IBQTerms._backward(ctx, g_q, g_s, g_b)
 
     @staticmethod
-    def _forward(
-        ctx: Any,
-        x: torch.Tensor,
-        e: torch.Tensor,
-        w: torch.Tensor | None,
-        inv_t: float,
-        lookup: bool,
-        sync: bool,
-        group: dist.ProcessGroup | None,
-        scratch: int,
-    ) -> tuple[torch.Tensor, ...]:
-        n, k = x.shape[0], e.shape[0]
-        ent = inv_t > 0
-        rows = _row_tile(n, k, x.element_size(), scratch)
-        buf_s = _scratch(min(rows, n), k, x)
-        # the C kernel or eager passes, the same way in the backward (its 2^a2 must be
-        # bit for bit the forward's); never where tiles are traced (no buffers)
-        native = buf_s is not None and n > 0 and ibq_native.usable(x)
-        buf_p = _scratch(min(rows, n), k, x) if ent and not native else None
-        et = e.t()
-        idx = torch.empty(n, dtype=torch.int64, device=x.device)
-        m = x.new_empty(n)  # row max of s
-        z2 = x.new_empty(n)  # sum_k 2^a2_nk
-        abar = x.new_empty(n)  # sum_k p2_nk a2_nk (base 2)
-        marg = x.new_zeros(k)
-        wv = x.new_ones(n) if w is None else w
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            s = _mm(x[r0:r1], et, _view(buf_s, r1 - r0, k))
-            mb, ib = row_max(s)  # ties to the lowest index
-            m[r0:r1], idx[r0:r1] = mb, ib
-            if ent and native:  # z2, abar and the marginal's share, from the row in cache
-                z, ab = ibq_native.forward_rows(s, mb, wv[r0:r1], inv_t, _EXP2_FLOOR, marg)
-                z2[r0:r1], abar[r0:r1] = z, ab
-            elif ent:  # (the lookup alone needs only m and the index here)
-                u_buf = _view(buf_p, r1 - r0, k)
-                z2[r0:r1], abar[r0:r1] = _forward_tile(s, mb, wv[r0:r1], inv_t, marg, u_buf)
-        sample = batch = x.new_zeros(())
-        n_loc = x.new_tensor(float(n)) if w is None else w.sum()
-        total, ws = n_loc, 1
-        if ent:
-            h = _LN2 * (z2.log2() - abar)  # H(p2_n) in nats, both terms centred
-            sample = (h.sum() if w is None else h @ w) / n_loc.clamp(min=1.0)
-            if sync:
-                ws = world_size(group)
-                marg, total = all_reduce_sum([marg, total], group)
-            big_p = marg / total.clamp(min=1.0)
-            log_p = torch.log(big_p.clamp(min=torch.finfo(big_p.dtype).tiny))
-            batch = -(big_p * log_p).sum()
-        else:
-            log_p = marg
-        ctx.save_for_backward(x, e, w, idx, m, z2, abar, log_p, n_loc, total)
-        ctx.cfg = (inv_t, lookup, ws, rows, native)
-        ctx.device = x.device
-        ctx.mark_non_differentiable(idx)
-        return F.embedding(idx, e), idx, sample, batch
-
-    @staticmethod
     def _backward(ctx: Any, g_q: Any, g_s: Any, g_b: Any) -> tuple[Any, ...]:
         x, e, w, idx, m, z2, abar, log_p, n_loc, total = ctx.saved_tensors
-        inv_t, lookup, ws, rows, native = ctx.cfg
+        inv_t, lookup, ws, rows = ctx.cfg
         ent = inv_t > 0
         n, k = x.shape[0], e.shape[0]
         lookup = lookup and g_q is not None
@@ -288,7 +270,7 @@ class _IBQTerms(torch.autograd.Function):
         et = e.t()
         dx = torch.empty_like(x)
         de = torch.zeros_like(e)
-        bufs = [_scratch(min(rows, n), k, x) for _ in range(3 if native else 4)]
+        bufs = [_scratch(min(rows, n), k, x) for _ in range(4)]
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             nb, xb = r1 - r0, x[r0:r1]
@@ -296,20 +278,16 @@ class _IBQTerms(torch.autograd.Function):
                 dx[r0:r1] = 0
                 continue
             tiles = [_view(b, nb, k) for b in bufs]
-            # the forward's very logits; the kernel or the eager passes as in the forward,
-            # so that p is bit for bit that of abar and z2 and sum_j dL/ds_nj = 0 holds
-            # to rounding (a mismatch of 1 ulp in p cost 3x in the float32 gradient of
-            # sharp rows)
+            # the forward's very logits and passes, so that p is bit for bit that of abar
+            # and z2 and sum_j dL/ds_nj = 0 holds to rounding (a mismatch of 1 ulp in p
+            # cost 3x in the float32 gradient of sharp rows)
             s = _mm(xb, et, tiles[0])
             gl = _mm(g_q[r0:r1], et, tiles[1]) if lookup else None  # g_n.e_k
             terms = None
             if ent:  # row figures, and log P_top(n) to centre log P in the row
                 top = log_p[idx[r0:r1]]
                 terms = (log_p, top, a_row[r0:r1], b_row[r0:r1], abar[r0:r1], z2[r0:r1])
-            if native:
-                dls = ibq_native.backward_rows(s, gl, m[r0:r1], inv_t, _EXP2_FLOOR, terms, tiles[2])
-            else:
-                dls = _backward_tile(s, gl, m[r0:r1], inv_t, terms, tiles)
+            dls = _backward_tile(s, gl, m[r0:r1], inv_t, terms, tiles)
             if tiles[0] is None:  # traced: no out= into a view
                 dx[r0:r1] = dls @ e
             else:
@@ -329,8 +307,11 @@ def _forward_tile(
     marg: torch.Tensor,
     u_buf: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`ibq_native.forward_rows` as eager passes (``s`` overwritten, ``u = 2^a2``
-    in ``u_buf`` where there is one, never normalised: ``1 / z`` goes to row figures)."""
+    """``(z, abar)`` of one tile of raw logits ``s`` (rows, K) with row maxima ``m`` and
+    row weights ``w``: ``a2 = (s - m) log2(e) / T``, ``u = 2^max(a2, _EXP2_FLOOR)``,
+    ``z = sum_k u``, ``abar = sum_k u a2 / z``; adds the rows' share ``(w / z) @ u`` to
+    ``marg`` (K,). In place: ``s`` overwritten, ``u`` in ``u_buf`` where there is one,
+    never normalised (``1 / z`` goes to row figures)."""
     # centred logits in base 2 (<= 0, 0 at the maximum): 2^s = e^(logit - m)
     s.sub_(m.unsqueeze(1)).mul_(LOG2E)
     s.mul_(inv_t)  # a2: the entropy's centred logits / T, base 2
@@ -349,8 +330,11 @@ def _backward_tile(
     terms: tuple[torch.Tensor, ...] | None,
     tiles: list[torch.Tensor | None],
 ) -> torch.Tensor:
-    """:func:`ibq_native.backward_rows` as eager passes: ``s`` and ``gl`` overwritten,
-    ``tiles[2:4]`` free tiles (None when traced); the result is ``s`` or ``gl``."""
+    """dL/ds of one tile of raw logits ``s`` (rows, K) with row maxima ``m``: the
+    lookup's part from ``gl = g E^T`` (None: none), the entropy's from ``terms = (log_p
+    (K,), top, a_row, b_row, abar, z2)`` (rows each; None: none); formulas in the module
+    docstring. In place: ``s`` and ``gl`` overwritten, ``tiles[2:4]`` free tiles (None
+    when traced); the result is ``s`` or ``gl``."""
     s.sub_(m.unsqueeze(1)).mul_(LOG2E)
     dls = inv_z1 = None  # the lookup's part is dls * inv_z1
     if gl is not None:
