@@ -56,7 +56,6 @@ from .schedule import Schedule
 __all__ = [
     "Cadence",
     "Job",
-    "LoaderJob",
     "Progress",
     "RunLoop",
     "ScheduledOptimizer",
@@ -178,21 +177,6 @@ class Job(Protocol):
     def periodic_eval(self) -> dict[str, Any]: ...
     def after_eval(self, record: dict[str, Any]) -> None: ...
     def save(self, *, collective: bool = True) -> None: ...
-
-
-class LoaderJob:
-    """The parts of a :class:`Job` that one resumable loader (``self.loader``: with
-    ``next_batch``, ``state_dict``, ``load_state_dict``) and one optimizer
-    (``self.scheduled``) give, written once for the jobs that have just those."""
-
-    loader: Any
-    scheduled: ScheduledOptimizer
-
-    def optimizers(self) -> list[ScheduledOptimizer]:
-        return [self.scheduled]
-
-    def next_batch(self) -> Any:
-        return self.loader.next_batch()
 
 
 @dataclass
