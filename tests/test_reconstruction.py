@@ -33,7 +33,7 @@ from vqkit.data import load_builtin
 from vqkit.evaluation.plots import plot_usage
 from vqkit.evaluation.reconstruction import SparseCounts, evaluate
 from vqkit.models import VQVAE, VQVAEConfig
-from vqkit.training.health import Window
+from vqkit.runtime.window import Window
 cfg = VQVAEConfig(in_channels=1, image_size=28, hidden=16, res_hidden=4, res_layers=1,
                   embedding_dim=30, quantizer="lfq", num_bits=30, entropy_weight=0.0)
 model = VQVAE(cfg)

@@ -7,7 +7,6 @@ of :class:`~vqkit.quantizers.BaseQuantizer`.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from ..quantizers import BaseQuantizer
 from .config import TrainConfig
 from .optim import WeightEMA
 
-__all__ = ["CodebookHealth", "Window", "seeded_generator", "with_global_usage"]
+__all__ = ["CodebookHealth", "seeded_generator", "with_global_usage"]
 
 
 def seeded_generator(seed: int, *tag: int) -> torch.Generator:
@@ -28,44 +27,6 @@ def seeded_generator(seed: int, *tag: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(hash((seed, *tag)) & ((1 << 62) - 1))
     return g
-
-
-class Window:
-    """Averages of the per-step figures over one log interval.
-
-    ``counts`` (K,) is allocated when the quantizer first reports per-code counts: never
-    for an implicit codebook too large to count (LFQ / BSQ / FSQ above their
-    ``max_bincount``, which report None), so ``--num-bits 30`` allocates no 2^30 buffer;
-    the window's usage figures are then None (null in metrics.jsonl)."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.n = 0
-        self.counts: torch.Tensor | None = None
-        self.t0 = time.perf_counter()
-        self.images = 0
-        self.revived = 0
-
-    def add(self, values: dict[str, float], counts: torch.Tensor | None, images: int) -> None:
-        for key, v in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + v
-        self.n += 1
-        if counts is not None:  # (K,), (Q, K) for rvq (pooled); None: a huge implicit grid
-            pooled = counts.reshape(-1, self.k).sum(0).cpu().to(torch.int64)
-            self.counts = pooled if self.counts is None else self.counts + pooled
-        self.images += images
-
-    def summary(self) -> dict[str, float]:
-        out = {k: v / max(self.n, 1) for k, v in self.sums.items()}
-        used = None if self.counts is None else float((self.counts > 0).float().mean())
-        out["window_usage"] = used  # type: ignore[assignment]
-        out["images_per_s"] = self.images / max(time.perf_counter() - self.t0, 1e-9)
-        out["revived"] = self.revived
-        return out
 
 
 class CodebookHealth:
