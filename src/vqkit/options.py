@@ -39,6 +39,8 @@ __all__ = [
     "positive",
     "positive_int",
     "unit_interval",
+    "unit_interval_excl_one",
+    "unit_interval_excl_zero",
 ]
 
 Check = Callable[[Any], "str | None"]
@@ -281,6 +283,16 @@ def nonneg(v: float) -> str | None:
 
 def unit_interval(v: float) -> str | None:
     return None if 0.0 <= v <= 1.0 else "in [0, 1]"
+
+
+def unit_interval_excl_one(v: float) -> str | None:
+    """[0, 1): dropout rates, EMA decays, Adam betas (1 would freeze or drop everything)."""
+    return None if 0.0 <= v < 1.0 else "in [0, 1)"
+
+
+def unit_interval_excl_zero(v: float) -> str | None:
+    """(0, 1]: fractions that must keep something (top-p mass, crop scale)."""
+    return None if 0.0 < v <= 1.0 else "in (0, 1]"
 
 
 def finite(v: float) -> str | None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..options import Options, nonneg, nonneg_int, option, positive_int
+from ..options import Options, nonneg, nonneg_int, option, positive_int, unit_interval_excl_one
 from .adversarial import (
     DISC_LOSSES,
     LeCAM,
@@ -70,7 +70,7 @@ class LossOptions(Options):
     lecam_decay: float = option(
         0.99,
         "EMA decay of LeCAM's logit anchors",
-        check=lambda v: None if 0 <= v < 1 else "in [0, 1)",
+        check=unit_interval_excl_one,
     )
 
     def __post_init__(self) -> None:

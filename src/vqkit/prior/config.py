@@ -23,15 +23,12 @@ from ..options import (
     option,
     positive_int,
     unit_interval,
+    unit_interval_excl_one,
     with_defaults,
 )
 from ..runtime.options import JobOptions
 
 __all__ = ["PriorConfig", "PriorTrainConfig"]
-
-
-def _dropout(v: float) -> str | None:
-    return None if 0.0 <= v < 1.0 else "in [0, 1)"
 
 
 KINDS = ("autoregressive", "masked")
@@ -66,7 +63,7 @@ class PriorConfig(Options):
         256, "width of the residual stream (a multiple of --n-head)", check=positive_int
     )
     dropout: float = option(
-        0.1, "dropout on attention weights and residual branches", check=_dropout
+        0.1, "dropout on attention weights and residual branches", check=unit_interval_excl_one
     )
     pos: str = option(
         "learned",

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import UserError
-from ..options import Options, option, positive, positive_int
+from ..options import Options, option, positive, positive_int, unit_interval_excl_zero
 
 
 class Prior(Protocol):
@@ -73,10 +73,6 @@ def unflatten_codes(seq: torch.Tensor, code_shape: tuple[int, ...] | list[int]) 
     return seq.reshape(seq.shape[0], *code_shape)
 
 
-def _top_p(v: float) -> str | None:
-    return None if 0.0 < v <= 1.0 else "in (0, 1]"
-
-
 @dataclass
 class SampleOptions(Options):
     """How codes are drawn (flags of ``vqkit sample``)."""
@@ -86,7 +82,9 @@ class SampleOptions(Options):
         None, "keep only the k most likely codes (>= 1; default all)", type=int, check=positive_int
     )
     top_p: float = option(
-        1.0, "keep the most likely codes whose probability mass reaches p, in (0, 1]", check=_top_p
+        1.0,
+        "keep the most likely codes whose probability mass reaches p, in (0, 1]",
+        check=unit_interval_excl_zero,
     )
     cfg_scale: float = option(
         1.0,

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..losses import LossOptions, VQGANLoss
 from ..models import VQVAE, VQVAEOutput
-from ..options import Options, option, positive
+from ..options import Options, option, positive, unit_interval_excl_one
 from ..runtime.loop import ScheduledOptimizer
 from ..runtime.schedule import Schedule
 from ..storage.checkpoint import CheckpointError
@@ -57,10 +57,6 @@ __all__ = [
 ADVERSARIAL_FIGURES = ("g_loss", "d_weight", "d_loss", "logits_real", "logits_fake", "lecam")
 
 
-def _beta_check(v: float) -> str | None:
-    return None if 0.0 <= v < 1.0 else "in [0, 1)"
-
-
 @dataclass
 class DiscriminatorOptimOptions(Options):
     """The discriminator's optimizer (Adam), declared once; composed into ``TrainConfig``."""
@@ -73,10 +69,10 @@ class DiscriminatorOptimOptions(Options):
         check=positive,
     )
     disc_beta1: float = option(
-        0.5, "Adam beta1 of the discriminator (taming: 0.5)", check=_beta_check
+        0.5, "Adam beta1 of the discriminator (taming: 0.5)", check=unit_interval_excl_one
     )
     disc_beta2: float = option(
-        0.9, "Adam beta2 of the discriminator (taming: 0.9)", check=_beta_check
+        0.9, "Adam beta2 of the discriminator (taming: 0.9)", check=unit_interval_excl_one
     )
 
 

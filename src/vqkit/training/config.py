@@ -38,6 +38,7 @@ from ..options import (
     option_fields,
     positive,
     positive_int,
+    unit_interval_excl_zero,
 )
 from ..runtime.options import JobOptions, check_resume_steps, resume_changes
 from .adversarial_step import DiscriminatorOptimOptions
@@ -48,10 +49,6 @@ __all__ = ["PRESETS", "TrainConfig", "TrainOptions", "resolve_device"]
 
 def _preset_check(name: str | None) -> str | None:
     return None if name is None or name in PRESETS else f"one of {sorted(PRESETS)}"
-
-
-def _crop_scale_check(v: float) -> str | None:
-    return None if 0.0 < v <= 1.0 else "in (0, 1]"
 
 
 @dataclass
@@ -102,7 +99,7 @@ class TrainOptions(JobOptions):
     crop_scale: float = option(
         1.0,
         "shards, --crop random: the square's side is U(this, 1) x the shorter side",
-        check=_crop_scale_check,
+        check=unit_interval_excl_zero,
         on_resume="fixed",
     )
     num_workers: int = option(

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..models import VQVAE, VQVAEOutput
-from ..options import Options, option
+from ..options import Options, option, unit_interval_excl_one
 from .optim import WeightEMA
 
 __all__ = ["PRECISIONS", "Objective", "StepOptions", "StepRunner"]
@@ -46,10 +46,6 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 }
 
 
-def _ema_check(v: float) -> str | None:
-    return None if 0.0 <= v < 1.0 else "in [0, 1)"
-
-
 @dataclass
 class StepOptions(Options):
     """How the tokenizer's step runs (declared once; composed into ``TrainConfig``)."""
@@ -58,7 +54,7 @@ class StepOptions(Options):
         0.0,
         "decay of an exponential moving average of the weights, used for evaluation and "
         "export (0: off; e.g. 0.999)",
-        check=_ema_check,
+        check=unit_interval_excl_one,
     )
     precision: str = option(
         "fp32",
