@@ -38,7 +38,7 @@ from .. import distributed
 from ..storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..storage.rundir import ARTIFACTS, RunDir
 from .loop import Cadence, Progress, RunLoop, ScheduledOptimizer, StepResult
-from .options import JobOptions
+from .options import JobOptions, resume_changes
 from .window import Window
 
 __all__ = ["Job", "LoaderJob"]
@@ -244,8 +244,6 @@ class Job:
     def changes_on_resume(self, ckpt: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """``{name: (old, new)}`` of the options this resume changes (refusing what it
         cannot change); a job refines it with its model's option groups."""
-        from .options import resume_changes
-
         return resume_changes(
             self.options,
             ckpt.get("train_config", {}),
