@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data import denormalize
 from ..losses.perceptual import LPIPS
-from .frechet import FeatureDistances
+from .frechet import FeatureDistances, paper_comparability
 from .image_metrics import ms_ssim, ms_ssim_scales, ssim
 
 __all__ = ["QualitySuite", "base_labels"]
@@ -118,16 +118,36 @@ class QualitySuite:
             figures[key] = out["fd"]
             figures[f"{key}_kid"] = out["kid"]
             figures[f"{key}_kid_std"] = out["kid_std"]
-            what = "rFID" if info.get("comparable_with_papers") else f"FD ({dist.extractor.name})"
+            n, space = out["images"], bool(info.get("comparable_with_papers"))
+            comparable, caveat = paper_comparability(space, n, out["features"])
+            name = dist.extractor.name
+            if comparable:
+                what = "rFID"
+            else:  # papers' space on too few images is not rFID as papers report it
+                what = f"FD ({name}) on {n} images" if space else f"FD ({name})"
             labels[key] = {
+                **info,
                 "figure": what,
                 "computed_by": "vqkit FD / KID (torchmetrics' formulas, float64) on "
                 "vqkit-extracted features",
-                "images": out["images"],
-                **info,
+                "images": n,
+                "feature_dims": out["features"],
+                "full_rank_covariance": out["full_rank"],
+                "feature_space_comparable_with_papers": space,
+                "comparable_with_papers": comparable,
+                "caveat": caveat,
             }
+            if out["kid_std"] is None:
+                draws = (
+                    f"one draw of all {n} images (no more images than the subset size "
+                    f"{dist.kid_subset_size}: no spread measured, _std null)"
+                )
+            else:
+                draws = (
+                    f"mean (and _std) over {out['kid_subsets']} subsets of "
+                    f"{out['kid_subset_size']} of the {n} images"
+                )
             labels[f"{key}_kid"] = (
-                f"KID in the same feature space ({what}): cubic polynomial kernel, mean (and "
-                f"_std) over {out['kid_subsets']} subsets of {out['kid_subset_size']} images"
+                f"KID in the same feature space ({what}): cubic polynomial kernel, {draws}"
             )
         return figures, labels
