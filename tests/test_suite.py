@@ -59,6 +59,12 @@ def test_whole_evaluation_offline(tmp_path, monkeypatch, capsys):
     assert fd["figure"] == "FD (vqkit-features feats)" and not fd["comparable_with_papers"]
     assert "not comparable with papers' rFID" in fd["note"] and len(fd["sha256"]) == 64
     assert "2 scales (the standard 5 need > 160 px" in labels["ms_ssim"]  # 28 px: 2 scales
+    # SSIM on both conventions, each labelled with whose it is (the papers': skimage's)
+    assert "not the tokenizer papers' convention" in labels["ssim"]
+    assert "7x7 uniform window, sample covariance" in labels["ssim_skimage"]
+    assert "data_range 1: the convention of Open-MAGVIT2" in labels["ssim_skimage"]
+    assert "data_range 2: the convention of LlamaGen" in labels["ssim_skimage_range2"]
+    assert ev["ssim_skimage"] != ev["ssim"] and ev["ssim_skimage_range2"] > ev["ssim_skimage"]
     assert "gray replicated to RGB" in labels["lpips"]
     # 2 images: papers' feature space, but not rFID as papers report it (labelled so)
     rfid = labels["rfid"]
@@ -71,7 +77,7 @@ def test_whole_evaluation_offline(tmp_path, monkeypatch, capsys):
     assert "100 subsets" not in labels["rfid_kid"]
     assert rfid["feature_space"] == "InceptionV3-FID (pool3, 2048-d)"
     assert rfid["weights"] == "inception.pth" and "vqkit FD / KID" in rfid["computed_by"]
-    for key in ("ssim", "ms_ssim"):
+    for key in ("ssim", "ms_ssim", "ssim_skimage", "ssim_skimage_range2"):
         assert 0 < ev[key] <= 1
 
 
@@ -111,7 +117,8 @@ def test_absent_figures_stay_absent():
     plain = evaluate(model, data, data_variance=0.1, limit=8)
     assert "ssim" not in plain and "labels" not in plain and "bits_per_pixel" in plain
     out = evaluate(model, data, data_variance=0.1, limit=8, suite=QualitySuite())
-    assert {"ssim", "ms_ssim"} <= set(out) and "lpips" not in out and "rfid" not in out
+    assert {"ssim", "ssim_skimage", "ssim_skimage_range2", "ms_ssim"} <= set(out)
+    assert "lpips" not in out and "rfid" not in out
     assert "lpips" not in out["labels"]
 
 

@@ -1,5 +1,7 @@
 """The figures beyond MSE/PSNR that ``vqkit eval`` reports, each with a label saying what
-produced it: SSIM, MS-SSIM, LPIPS, bits per pixel, and FD/KID in each named feature space.
+produced it: SSIM on two conventions (pytorch-msssim's Gaussian window; scikit-image's
+uniform window as LlamaGen and Open-MAGVIT2 evaluate), MS-SSIM, LPIPS, bits per pixel,
+and FD/KID in each named feature space.
 
 :class:`QualitySuite` is fed batches of real images and reconstructions (model scale,
 [-0.5, 0.5]) by :func:`vqkit.evaluation.reconstruction.evaluate` and returns
@@ -18,7 +20,7 @@ from torch import nn
 from ..data import denormalize
 from ..losses.perceptual import LPIPS
 from .frechet import FeatureDistances, paper_comparability
-from .image_metrics import ms_ssim, ms_ssim_scales, ssim
+from .image_metrics import SKIMAGE_WINDOW, ms_ssim, ms_ssim_scales, ssim, ssim_skimage
 
 __all__ = ["QualitySuite", "base_labels"]
 
@@ -44,6 +46,11 @@ def base_labels() -> dict[str, str]:
         "usage": "codes_used / K",
         "bits_per_pixel": "positions x codes per position x log2 K / pixels (H x W)",
     }
+
+
+SKIMAGE_RANGES = {"ssim_skimage": 1.0, "ssim_skimage_range2": 2.0}
+"""The papers' SSIM (:func:`ssim_skimage`) by ``data_range``: 1.0 as Open-MAGVIT2's
+``evaluation.py``, 2.0 as LlamaGen's ``reconstruction_vq_ddp.py`` (on [0, 1] images)."""
 
 
 class QualitySuite:
@@ -77,7 +84,10 @@ class QualitySuite:
         """Real ``x`` and reconstructions ``recon``, (B, C, H, W) on the model's scale."""
         real, fake = denormalize(x), denormalize(recon)
         if self.image_metrics:
-            self._add("ssim", ssim(fake.cpu(), real.cpu()))
+            fake_cpu, real_cpu = fake.cpu(), real.cpu()
+            self._add("ssim", ssim(fake_cpu, real_cpu))
+            for key, data_range in SKIMAGE_RANGES.items():
+                self._add(key, ssim_skimage(fake_cpu, real_cpu, data_range))
             if ms_ssim_scales(min(x.shape[-2:])) >= 2:
                 value, self.scales = ms_ssim(fake.cpu(), real.cpu())
                 self._add("ms_ssim", value)
@@ -98,7 +108,19 @@ class QualitySuite:
         labels: dict[str, Any] = {}
         conv = "uint8 images, data range 255, Gaussian window 11, sigma 1.5"
         if "ssim" in figures:
-            labels["ssim"] = f"SSIM ({_version('pytorch-msssim')}), {conv}; mean over images"
+            labels["ssim"] = (
+                f"SSIM ({_version('pytorch-msssim')}), {conv}; mean over images (not the "
+                "tokenizer papers' convention: see ssim_skimage)"
+            )
+        paper = {1.0: "Open-MAGVIT2's evaluation.py", 2.0: "LlamaGen's reconstruction_vq_ddp.py"}
+        for key, data_range in SKIMAGE_RANGES.items():
+            if key in figures:
+                labels[key] = (
+                    f"SSIM ({_version('scikit-image')} structural_similarity), "
+                    f"{SKIMAGE_WINDOW}x{SKIMAGE_WINDOW} uniform window, sample covariance, "
+                    f"uint8 / 255 as float32, data_range {data_range:g}: the convention of "
+                    f"{paper[data_range]}; mean over images"
+                )
         if "ms_ssim" in figures:
             std = (
                 "the standard 5 scales"
