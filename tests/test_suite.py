@@ -134,3 +134,19 @@ def test_eval_flag_errors_are_one_line(tmp_path, capsys):
     assert "make one with vqkit features" in capsys.readouterr().err
     assert main(base + ["--limit", "1"]) == 2
     assert "--limit must be >= 2" in capsys.readouterr().err
+
+
+def test_missing_ssim_packages_are_one_line(monkeypatch, tmp_path, capsys):
+    import vqkit.evaluation.suite as suite_module
+
+    real = suite_module.find_spec
+    monkeypatch.setattr(
+        suite_module, "find_spec", lambda name: None if name == "skimage" else real(name)
+    )
+    with pytest.raises(ValueError, match=r"need scikit-image: pip install 'vqkit\[eval\]'"):
+        QualitySuite()
+    args = ["train", "--out", str(tmp_path / "r"), "--steps", "1", "--no-progress"]
+    assert main(args) == 2  # at start, not at the first evaluation
+    err = capsys.readouterr().err
+    assert "--no-eval-ssim" in err and err.count("\n") == 1
+    QualitySuite(image_metrics=False)  # not asked for: not needed

@@ -30,6 +30,8 @@ from ..errors import UserError
 
 __all__ = [
     "MS_SSIM_BETAS",
+    "SKIMAGE_WINDOW",
+    "WINDOW",
     "bits_per_pixel",
     "ms_ssim",
     "ms_ssim_scales",

@@ -12,17 +12,26 @@ without the backbone file) is absent, never approximated.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..data import denormalize
+from ..errors import UserError
 from ..losses.perceptual import LPIPS
 from .frechet import FeatureDistances, paper_comparability
-from .image_metrics import SKIMAGE_WINDOW, ms_ssim, ms_ssim_scales, ssim, ssim_skimage
+from .image_metrics import (
+    SKIMAGE_WINDOW,
+    WINDOW,
+    ms_ssim,
+    ms_ssim_scales,
+    ssim,
+    ssim_skimage,
+)
 
-__all__ = ["QualitySuite", "base_labels"]
+__all__ = ["QualitySuite", "base_labels", "check_image_metric_packages"]
 
 
 def _version(package: str) -> str:
@@ -53,9 +62,21 @@ SKIMAGE_RANGES = {"ssim_skimage": 1.0, "ssim_skimage_range2": 2.0}
 ``evaluation.py``, 2.0 as LlamaGen's ``reconstruction_vq_ddp.py`` (on [0, 1] images)."""
 
 
+def check_image_metric_packages() -> None:
+    """One line naming what to install, not an ImportError at the first evaluation."""
+    need = {"pytorch_msssim": "pytorch-msssim", "skimage": "scikit-image"}
+    missing = [pkg for mod, pkg in need.items() if find_spec(mod) is None]
+    if missing:
+        raise UserError(
+            f"SSIM / MS-SSIM need {' and '.join(missing)}: pip install 'vqkit[eval]' "
+            "(or leave them out: --no-eval-ssim)"
+        )
+
+
 class QualitySuite:
-    """SSIM / MS-SSIM (``image_metrics``), LPIPS (``lpips``), FD and KID in each of
-    ``extractors`` (keyed by ``key``: e.g. ``{"rfid": InceptionFeatures(...)}``)."""
+    """SSIM on both conventions and MS-SSIM (``image_metrics``; absent for images under 11
+    px, MS-SSIM under 21 px), LPIPS (``lpips``), FD and KID in each of ``extractors``
+    (keyed by ``key``: e.g. ``{"rfid": InceptionFeatures(...)}``)."""
 
     def __init__(
         self,
@@ -65,6 +86,8 @@ class QualitySuite:
         extractors: dict[str, nn.Module] | None = None,
         kid_subset_size: int = 1000,
     ) -> None:
+        if image_metrics:
+            check_image_metric_packages()
         self.image_metrics = image_metrics
         self.lpips = lpips
         self.distances = {
@@ -83,7 +106,7 @@ class QualitySuite:
     def update(self, x: torch.Tensor, recon: torch.Tensor) -> None:
         """Real ``x`` and reconstructions ``recon``, (B, C, H, W) on the model's scale."""
         real, fake = denormalize(x), denormalize(recon)
-        if self.image_metrics:
+        if self.image_metrics and min(x.shape[-2:]) >= WINDOW:  # smaller: SSIM absent
             fake_cpu, real_cpu = fake.cpu(), real.cpu()
             self._add("ssim", ssim(fake_cpu, real_cpu))
             for key, data_range in SKIMAGE_RANGES.items():
