@@ -150,3 +150,15 @@ def test_missing_ssim_packages_are_one_line(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--no-eval-ssim" in err and err.count("\n") == 1
     QualitySuite(image_metrics=False)  # not asked for: not needed
+
+
+def test_a_non_finite_distance_is_refused_not_written_as_null():
+    class Overflow(_PaperSpace):
+        def forward(self, x):
+            return super().forward(x) * 1e300  # squares overflow to inf
+
+    suite = QualitySuite(image_metrics=False, extractors={"rfid": Overflow()})
+    x = torch.rand(8, 1, 2, 2) - 0.5
+    suite.update(x, x.flip(0))
+    with pytest.raises(ValueError, match="rfid: FD.* not finite: the features of paper space"):
+        suite.compute()

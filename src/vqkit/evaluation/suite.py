@@ -11,6 +11,7 @@ without the backbone file) is absent, never approximated.
 
 from __future__ import annotations
 
+import math
 from importlib.metadata import PackageNotFoundError, version
 from importlib.util import find_spec
 from typing import Any
@@ -157,9 +158,21 @@ class QualitySuite:
                 "LPIPS-VGG v0.1 (heads shipped with vqkit, the user's VGG16 weights), "
                 f"images clamped to [-1, 1]{gray}; mean over images"
             )
+        if "lpips" in figures and not math.isfinite(figures["lpips"]):
+            raise UserError(
+                f"LPIPS is not finite ({figures['lpips']}) on these images: the VGG16 weights "
+                "file overflows on them"
+            )
         for key, dist in self.distances.items():
             out = dist.compute()
             info = dist.extractor.describe()
+            bad = [k for k in ("fd", "kid") if not math.isfinite(out[k])]
+            if bad:  # else eval.json would hold a silent null
+                source = info.get("weights") or info.get("name") or dist.extractor.name
+                raise UserError(
+                    f"{key}: {' and '.join(bad).upper()} not finite: the features of "
+                    f"{source} overflow on these images"
+                )
             figures[key] = out["fd"]
             figures[f"{key}_kid"] = out["kid"]
             figures[f"{key}_kid_std"] = out["kid_std"]
