@@ -63,15 +63,16 @@ def judge(
     return torch.cat(feats), torch.cat(preds)
 
 
-def distances(extractor: Any, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+def distances(extractor: Any, real: torch.Tensor, fake: torch.Tensor) -> dict[str, Any]:
     """FD and KID (vqkit's FeatureDistances: torchmetrics' formulas) between two feature
-    sets already extracted."""
+    sets already extracted; ``kid_std`` None when there were no more images than one KID
+    subset (one draw, no spread)."""
     from vqkit.evaluation.frechet import FeatureDistances
 
     fdist = FeatureDistances(extractor)
     fdist.real, fdist.fake = [real], [fake]
     out = fdist.compute()
-    return {"fd": float(out["fd"]), "kid": float(out["kid"]), "kid_std": float(out["kid_std"])}
+    return {"fd": float(out["fd"]), "kid": float(out["kid"]), "kid_std": out["kid_std"]}
 
 
 def parse_setting(spec: str) -> dict[str, Any]:

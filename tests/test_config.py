@@ -109,3 +109,20 @@ def test_sizes_that_cannot_fit_are_refused_up_front(monkeypatch, tmp_path):
     assert TrainConfig.build(image_size=256, downsample=8, channel_mult="2").image_size == 256
     with pytest.raises(ValueError, match=r"--config .*: is a directory; give a JSON file"):
         TrainConfig.from_file(tmp_path)
+
+
+def test_training_evaluations_report_ssim_and_ms_ssim_by_default(tmp_path):
+    """The run's eval.json and its periodic eval records carry SSIM (both conventions)
+    and MS-SSIM without a flag; --no-eval-ssim leaves them out."""
+    from tests.test_cli import _run
+
+    assert TrainConfig().eval_ssim is True
+    out = _run(tmp_path, "run", 10)
+    ev = json.loads((out / "eval.json").read_text())
+    want = {"ssim", "ms_ssim", "ssim_skimage", "ssim_skimage_range2"}
+    assert want <= set(ev) and want <= set(ev["labels"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    periodic = [r for r in records if r.get("kind") == "eval"]
+    assert periodic and all(want <= set(r) for r in periodic)
+    off = _run(tmp_path, "off", 10, "--no-eval-ssim")
+    assert not want & set(json.loads((off / "eval.json").read_text()))

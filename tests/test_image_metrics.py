@@ -19,6 +19,7 @@ from vqkit.evaluation.image_metrics import (
     ms_ssim,
     ms_ssim_scales,
     ssim,
+    ssim_skimage,
 )
 
 
@@ -132,3 +133,54 @@ def test_bits_per_pixel():
     assert bits_per_pixel(16, 3, 1000, 256) == pytest.approx(16 * 3 * math.log2(1000) / 256)
     with pytest.raises(ValueError):
         bits_per_pixel(0, 1, 512, 1024)
+
+
+def _ref_ssim_uniform(x, y, data_range):
+    """The tokenizer papers' SSIM (scikit-image's defaults), written out in float64: per
+    channel a 7 x 7 uniform window at valid positions, sample covariance (49 / 48), then
+    the mean over positions and channels; x, y float in [0, 1] (B, C, H, W)."""
+    c = x.shape[1]
+    w = torch.full((c, 1, 7, 7), 1 / 49, dtype=torch.float64)
+
+    def filt(t):
+        return F.conv2d(t, w, groups=c)
+
+    cov = 49 / 48
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = filt(x), filt(y)
+    sxx = cov * (filt(x * x) - mx * mx)
+    syy = cov * (filt(y * y) - my * my)
+    sxy = cov * (filt(x * y) - mx * my)
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 32, 32), (2, 1, 40, 24)])
+@pytest.mark.parametrize("data_range", [1.0, 2.0])
+def test_papers_ssim_is_skimage_uniform_window_and_not_the_gaussian_one(shape, data_range):
+    """LlamaGen (data_range 2) and Open-MAGVIT2 (data_range 1) evaluate SSIM with
+    scikit-image's structural_similarity on uint8 / 255: a 7 x 7 uniform window and the
+    sample covariance. That figure, against a float64 reference written here; and it is a
+    different figure from the Gaussian-window one (by a few hundredths on 32 px pairs)."""
+    pred, target = _pair(shape, seed=5)
+    got = ssim_skimage(pred, target, data_range)
+    ref = _ref_ssim_uniform(pred.double() / 255, target.double() / 255, data_range)
+    assert got.dtype == torch.float64 and got.shape == (shape[0],)
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)  # skimage computes in float32
+    # on image-like (smooth) 32 px pairs the two conventions differ by 0.015-0.03 per image
+    g = torch.Generator().manual_seed(6)
+    coarse = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 255
+    img = F.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
+    img = img.round().clamp(0, 255).to(torch.uint8)
+    rec = img.double() + 10 * torch.randn(img.shape, generator=g, dtype=torch.float64)
+    rec = rec.round().clamp(0, 255).to(torch.uint8)
+    gap = (ssim_skimage(rec, img, data_range) - ssim(rec, img)).abs()
+    assert float(gap.min()) > 0.01, gap  # not the same figure
+
+
+def test_papers_ssim_bad_input():
+    a = torch.zeros(1, 3, 6, 6, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="at least 7 px"):
+        ssim_skimage(a, a, 1.0)
+    with pytest.raises(TypeError, match="uint8"):
+        ssim_skimage(a.float(), a.float(), 1.0)

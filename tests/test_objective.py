@@ -80,6 +80,41 @@ def test_generator_adversarial_loss_never_changes_the_discriminator(setup):
     assert float(g["d_weight"]) > 0
 
 
+@pytest.mark.parametrize("adaptive", [True, False])
+@pytest.mark.parametrize("kind", ["hinge", "non_saturating"])
+def test_the_adversarial_gradient_itself_reaches_the_tokenizer(setup, adaptive, kind):
+    """The reconstruction term reaches the decoder as well, so "the decoder got a
+    gradient" cannot tell whether the adversarial term did: here the adversarial part of
+    the loss, ``loss - nll - vq``, is differentiated alone, and its gradient at the
+    decoder's last layer must equal ``d_weight * dG/dw`` of a float64 copy (G: -mean D
+    for hinge, mean softplus(-D) for the non-saturating loss) and reach the encoder."""
+    import copy
+
+    model, x = setup
+    loss = VQGANLoss(
+        LossOptions(disc_weight=0.5, disc_layers=2, disc_loss=kind, adaptive_disc_weight=adaptive),
+        in_channels=3,
+    )
+    out = model(x)
+    g = loss.generator_loss(x, out.recon, out.vq.loss, model.last_layer, step=0)
+    adversarial = g["loss"] - g["nll"] - out.vq.loss  # = d_weight * g_loss, d_weight detached
+    params = [model.last_layer, *model.encoder.parameters()]
+    grads = torch.autograd.grad(adversarial, params, allow_unused=True)
+    got, enc = grads[0], grads[1:]
+    assert got is not None and float(got.abs().sum()) > 0
+    assert any(e is not None and float(e.abs().sum()) > 0 for e in enc)  # straight-through
+    # the float64 reference: the same weights, the discriminator in training mode (batch
+    # statistics, as frozen() keeps it), the generator's loss written out here
+    model64, disc64 = copy.deepcopy(model).double(), copy.deepcopy(loss.discriminator).double()
+    logits = disc64(model64(x.double()).recon)
+    ref_g = -logits.mean() if kind == "hinge" else torch.nn.functional.softplus(-logits).mean()
+    (ref,) = torch.autograd.grad(ref_g, model64.last_layer)
+    torch.testing.assert_close(g["g_loss"].double(), ref_g.detach(), rtol=1e-4, atol=1e-6)
+    want = float(g["d_weight"]) * ref
+    assert float(want.abs().max()) > 0
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
 def test_disc_start_switches_the_adversarial_terms(setup):
     model, x = setup
     loss = VQGANLoss(

@@ -132,3 +132,49 @@ def test_loading_errors_are_one_line(vgg_file, tmp_path):
         LPIPS(wrong)
     with pytest.raises(ValueError, match="RGB images"):
         LPIPS()(torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16))
+
+
+def _bad_vgg_files(vgg_file, tmp_path):
+    """A VGG16 file with one NaN, and one whose finite weights overflow (x 1e30 per layer:
+    the features reach inf, LPIPS NaN)."""
+    path, _ = vgg_file
+    state = torch.load(path, weights_only=True)
+    nan = dict(state, **{"features.28.bias": state["features.28.bias"].clone()})
+    nan["features.28.bias"][3] = float("nan")
+    torch.save(nan, tmp_path / "nan.pth")
+    big = {k: v * 1e30 if k.endswith("weight") else v for k, v in state.items()}
+    torch.save(big, tmp_path / "overflow.pth")
+    return tmp_path / "nan.pth", tmp_path / "overflow.pth"
+
+
+def test_a_vgg16_file_that_gives_no_finite_lpips_is_refused_at_load(vgg_file, tmp_path):
+    nan, big = _bad_vgg_files(vgg_file, tmp_path)
+    with pytest.raises(UserError, match=r"nan.pth: non-finite values \(NaN or Inf\) in features"):
+        LPIPS(nan)
+    with pytest.raises(UserError, match=r"overflow.pth: LPIPS with these VGG16 weights is not fin"):
+        LPIPS(big)
+
+
+@pytest.mark.parametrize("which", ["nan", "overflow"])
+def test_eval_and_train_refuse_a_bad_vgg16_file_naming_it(vgg_file, tmp_path, capsys, which):
+    """Both commands stop with exit 2 and one line naming the file: never ``lpips: null``
+    with exit 0, never "lower the learning rate"."""
+    from vqkit.cli import main
+    from vqkit.models import VQVAE, export_safetensors
+
+    bad = dict(zip(("nan", "overflow"), _bad_vgg_files(vgg_file, tmp_path), strict=True))[which]
+    model = VQVAE(in_channels=3, image_size=28, hidden=16, res_hidden=8, res_layers=1)
+    export_safetensors(model, tmp_path / "m.safetensors")
+    ev = tmp_path / "ev"
+    args = ["eval", str(tmp_path / "m.safetensors"), "--data", "builtin", "--limit", "4"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(ev), "--lpips-weights", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and err.count("\n") == 1 and not (ev / "eval.json").exists()
+    run = tmp_path / "run"
+    train = ["train", "--out", str(run), "--steps", "2", "--channels", "3", "--no-progress"]
+    train += ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--batch-size", "4"]
+    assert main([*train, "--perceptual-weight", "1", "--perceptual-weights", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and err.count("\n") == 1 and "learning rate" not in err
+    assert not (run / "checkpoints").exists()

@@ -9,6 +9,17 @@ pass per image for both), the way torchmetrics' ``FrechetInceptionDistance`` /
 square roots of the eigenvalues of ``S_r S_f``; KID's subsets drawn by ``randperm``).
 torchmetrics is not imported: its image package imports torch-fidelity when that is
 installed, which in turn needs torchvision.
+
+How far a figure can be trusted depends on the image count N, and is labelled, not
+hidden. Below 2 images there is no covariance: refused. N images in F feature
+dimensions give covariances of rank at most N - 1, so below F + 1 images FD compares
+rank-deficient estimates (``full_rank``: false). FD's estimate is biased upward by a term
+that shrinks like 1/N (Chong & Forsyth 2020, "Effectively Unbiased FID"): a figure is
+comparable with a paper's only on the paper's image count, and papers' rFID uses 50,000
+(ImageNet validation) or at least 10,000 images (:data:`PAPER_MIN_IMAGES`; see
+:func:`paper_comparability`). KID is unbiased, but its spread over subsets means nothing
+when every subset is all the images: with N <= the subset size it is one draw of all N,
+reported without a standard deviation.
 """
 
 from __future__ import annotations
@@ -20,7 +31,41 @@ from torch import nn
 
 from ..errors import UserError
 
-__all__ = ["FeatureDistances", "frechet_distance", "kernel_distance"]
+__all__ = [
+    "PAPER_MIN_IMAGES",
+    "FeatureDistances",
+    "frechet_distance",
+    "kernel_distance",
+    "paper_comparability",
+]
+
+PAPER_MIN_IMAGES = 10_000
+"""The fewest images papers compute rFID on (50,000: the ImageNet validation set of
+taming-transformers, LlamaGen, Open-MAGVIT2; 10,000: a CIFAR-10 test split)."""
+
+
+def paper_comparability(space_comparable: bool, images: int, features: int) -> tuple[bool, str]:
+    """``(comparable_with_papers, caveat)`` of an FD on ``images`` images in a space of
+    ``features`` dimensions: comparable only in papers' feature space
+    (``space_comparable``) and on at least :data:`PAPER_MIN_IMAGES` images; the caveat
+    says why not (or, when comparable, that a paper's figure is matched only at the same
+    image count)."""
+    why = []
+    if images <= features:
+        why.append(
+            f"{images} images in {features} feature dimensions: each covariance has rank "
+            f"at most {images - 1} < {features}"
+        )
+    if images < PAPER_MIN_IMAGES:
+        why.append(
+            f"{images} images, papers use {PAPER_MIN_IMAGES:,} or 50,000 (FD's bias shrinks "
+            "like 1/N, so it is larger on fewer images)"
+        )
+    if not space_comparable:
+        why.append("not papers' feature space")
+    if why:
+        return False, "not comparable with papers: " + "; ".join(why)
+    return True, "comparable with a paper's figure on the same number of images only"
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
@@ -62,10 +107,13 @@ def kernel_distance(
 
 class FeatureDistances:
     """Collects features of real and reconstructed (or sampled) uint8 images with
-    ``extractor`` and computes ``{"fd", "kid", "kid_std", "images"}``.
+    ``extractor`` and computes ``{"fd", "kid", "kid_std", "kid_subsets",
+    "kid_subset_size", "images", "features", "full_rank"}``.
 
-    KID uses ``kid_subsets`` subsets of ``min(kid_subset_size, n)`` images, drawn with a
-    fixed seed (the figure does not depend on the global RNG)."""
+    KID uses ``kid_subsets`` subsets of ``kid_subset_size`` images, drawn with a fixed
+    seed (the figure does not depend on the global RNG); with no more images than that,
+    one draw of all of them (every subset would be the same set), ``kid_std`` None and
+    ``kid_subsets`` 1. ``full_rank``: more images than feature dimensions."""
 
     def __init__(
         self,
@@ -95,13 +143,19 @@ class FeatureDistances:
         n = min(len(real), len(fake))
         if n < 2:
             raise UserError(f"FD and KID need at least 2 images; got {n}")
-        size = min(self.kid_subset_size, n)
-        kid, kid_std = kernel_distance(real, fake, self.kid_subsets, size, self.seed)
+        if n <= self.kid_subset_size:  # every subset is all n images: one draw, no spread
+            size, subsets = n, 1
+            kid, kid_std = float(_poly_mmd(real[:n], fake[:n])), None
+        else:
+            size, subsets = self.kid_subset_size, self.kid_subsets
+            kid, kid_std = kernel_distance(real, fake, subsets, size, self.seed)
         return {
             "fd": frechet_distance(real, fake),
             "kid": kid,
             "kid_std": kid_std,
-            "kid_subsets": self.kid_subsets,
+            "kid_subsets": subsets,
             "kid_subset_size": size,
             "images": n,
+            "features": real.shape[1],
+            "full_rank": n > real.shape[1],
         }

@@ -1,14 +1,22 @@
-"""Image-quality figures on the tokenizer papers' convention, and the code grid's rate.
+"""Image-quality figures, each on a named convention, and the code grid's rate.
 
-SSIM and MS-SSIM are pytorch-msssim's (Wang et al.'s valid-window definition, as
-scikit-image), called on uint8 images (values 0..255
-as float64, data range 255, Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03): the
-setting of taming-transformers, LlamaGen and Open-MAGVIT2's evaluations. Its public
-``ssim`` / ``ms_ssim`` compute SSIM and the standard 5-scale MS-SSIM; MS-SSIM with fewer
-scales, for images under 161 px (which its ``ms_ssim`` refuses), is computed here by the
-same definition (:func:`_ssim_and_cs`). Images here
-are the model's scale, [-0.5, 0.5]; ``vqkit.data.denormalize`` maps them to what a viewer
-sees (rounded, clamped uint8).
+Two SSIM conventions, both reported, because the papers do not share one:
+
+* :func:`ssim` and :func:`ms_ssim`: pytorch-msssim's (Wang et al. 2004's valid-window
+  definition with a Gaussian window 11, sigma 1.5, population moments, K1 = 0.01,
+  K2 = 0.03) on uint8 images as float64 values 0..255, data range 255. Its public
+  ``ssim`` / ``ms_ssim`` compute SSIM and the standard 5-scale MS-SSIM; MS-SSIM with
+  fewer scales, for images under 161 px (which its ``ms_ssim`` refuses), is computed
+  here by the same definition (:func:`_ssim_and_cs`).
+* :func:`ssim_skimage`: scikit-image's ``structural_similarity`` with its defaults (a 7 x
+  7 uniform window, sample covariance, K1 = 0.01, K2 = 0.03) on uint8 / 255 as float32,
+  the convention of LlamaGen (``tokenizer/tokenizer_image/reconstruction_vq_ddp.py``:
+  ``data_range=2.0``) and Open-MAGVIT2 (``evaluation.py``: ``data_range=1.0``). On the
+  same 32 px pairs it differs from the Gaussian one by a few hundredths: compare a
+  paper's SSIM with the figure on its convention only.
+
+Images here are the model's scale, [-0.5, 0.5]; ``vqkit.data.denormalize`` maps them to
+what a viewer sees (rounded, clamped uint8).
 """
 
 from __future__ import annotations
@@ -22,10 +30,13 @@ from ..errors import UserError
 
 __all__ = [
     "MS_SSIM_BETAS",
+    "SKIMAGE_WINDOW",
+    "WINDOW",
     "bits_per_pixel",
     "ms_ssim",
     "ms_ssim_scales",
     "ssim",
+    "ssim_skimage",
 ]
 
 WINDOW, SIGMA, DATA_RANGE = 11, 1.5, 255.0
@@ -46,7 +57,8 @@ def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (B,) float64 of uint8 (B, C, H, W) batches (pytorch-msssim): the
+    """Per-image SSIM (B,) float64 of uint8 (B, C, H, W) batches (pytorch-msssim, the
+    Gaussian-window convention; not the tokenizer papers', see :func:`ssim_skimage`): the
     mean over channels and the valid (un-padded) window positions of
     ``(2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))``,
     ``C1 = (0.01 * 255)^2``, ``C2 = (0.03 * 255)^2``, Gaussian-weighted moments."""
@@ -62,6 +74,40 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         win_sigma=SIGMA,
         K=(0.01, 0.03),
     )
+
+
+SKIMAGE_WINDOW = 7
+"""scikit-image's default ``win_size`` (uniform window, ``gaussian_weights=False``)."""
+
+
+def ssim_skimage(pred: torch.Tensor, target: torch.Tensor, data_range: float) -> torch.Tensor:
+    """Per-image SSIM (B,) float64 of uint8 (B, C, H, W) batches on the papers' convention:
+    scikit-image's ``structural_similarity(p, t, data_range=data_range, channel_axis=-1)``
+    of each image as float32 (H, W, C) ``uint8 / 255``, its defaults otherwise: the mean
+    over channels and the valid positions of a 7 x 7 uniform window of
+    ``(2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))``,
+    moments with the sample (49 / 48) covariance, ``C1 = (0.01 R)^2``, ``C2 = (0.03 R)^2``,
+    ``R = data_range`` (Open-MAGVIT2: 1.0; LlamaGen: 2.0, on the same [0, 1] images)."""
+    from skimage.metrics import structural_similarity
+
+    if pred.dtype != torch.uint8 or target.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images; got {pred.dtype} and {target.dtype}")
+    if pred.shape != target.shape or pred.dim() != 4:
+        raise UserError(
+            f"expected two (B, C, H, W) batches of one shape; got {tuple(pred.shape)} and "
+            f"{tuple(target.shape)}"
+        )
+    if min(pred.shape[-2:]) < SKIMAGE_WINDOW:
+        raise UserError(
+            f"SSIM needs images of at least {SKIMAGE_WINDOW} px; got {tuple(pred.shape)}"
+        )
+    p = (pred.permute(0, 2, 3, 1).numpy() / 255.0).astype("float32")
+    t = (target.permute(0, 2, 3, 1).numpy() / 255.0).astype("float32")
+    values = [
+        float(structural_similarity(a, b, data_range=data_range, channel_axis=-1))
+        for a, b in zip(p, t, strict=True)
+    ]
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def ms_ssim_scales(size: int) -> int:

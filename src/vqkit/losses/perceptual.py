@@ -92,6 +92,21 @@ class LPIPS(nn.Module):
             )
         self.requires_grad_(False)
         self.eval()
+        if backbone is not None:
+            self._probe(backbone, hint)
+
+    @torch.no_grad()
+    def _probe(self, backbone: str | os.PathLike[str], hint: str) -> None:
+        """Refuse, naming the file, finite weights under which LPIPS is not finite (they
+        overflow): one 32 px pair, a ramp and its negative, at load, so neither ``eval``
+        (a null figure) nor training (a NaN loss) finds out later."""
+        ramp = torch.linspace(-1, 1, 32 * 32 * 3).view(1, 3, 32, 32)
+        value = self(ramp, -ramp.flip(-1))
+        if not bool(torch.isfinite(value).all()):
+            raise UserError(
+                f"{backbone}: LPIPS with these VGG16 weights is not finite ({float(value[0])}) "
+                f"on a test image: the weights overflow; {hint}"
+            )
 
     def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)  # frozen: dropout-free eval mode always

@@ -181,7 +181,9 @@ class TrainOptions(JobOptions):
         check=_preset_check,
     )
     eval_ssim: bool = option(
-        False, "the periodic and final evaluations also report SSIM and MS-SSIM"
+        True,
+        "the periodic and final evaluations also report SSIM (both conventions: "
+        "pytorch-msssim's Gaussian window and scikit-image's, the papers') and MS-SSIM",
     )
     eval_features: str = option(
         "",

@@ -133,6 +133,10 @@ class Trainer(LoaderJob):
         self.optimizer = torch.optim.Adam(self._param_groups(), lr=self.config.lr)
         # the adversarial / perceptual objective, the discriminator and its optimizer
         self.adv = AdversarialStep.build(self.config, self.model, self.data.channels, self.device)
+        if self.config.eval_ssim:  # a missing package now, not at the first evaluation
+            from ..evaluation.suite import check_image_metric_packages
+
+            check_image_metric_packages()
         self.features = None  # the feature network of --eval-features (loaded once)
         if self.config.eval_features:
             from ..evaluation.feature_net import VqkitFeatures
