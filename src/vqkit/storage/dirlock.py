@@ -114,6 +114,13 @@ class DirLock:
             os.close(fd)  # closing releases the probe
         return None
 
+    def check_free(self) -> None:
+        """Raise the busy error now when another holder has the lock (a probe, as
+        :meth:`holder`): a command refuses before its long work, not after it."""
+        who = self.holder()
+        if who is not None:
+            raise self._error(self._busy(who))
+
     def release(self) -> None:
         """Release the lock (a no-op when not held); the file stays (module docstring)."""
         if self._fd is None:
