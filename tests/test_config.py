@@ -104,7 +104,7 @@ def test_sizes_that_cannot_fit_are_refused_up_front(monkeypatch, tmp_path):
     monkeypatch.setattr(base, "machine_memory", lambda: 16 << 30)
     with pytest.raises(ValueError, match=r"image_size 100000 .* 596.0 GiB per image"):
         TrainConfig.build(image_size=100000)
-    with pytest.raises(ValueError, match=r"channel_mult 100000 needs at least 195.3 GiB"):
+    with pytest.raises(ValueError, match=r"channel_mult 100000 needs at least \d+\.\d GiB"):
         TrainConfig.build(downsample=8, channel_mult="100000")
     assert TrainConfig.build(image_size=256, downsample=8, channel_mult="2").image_size == 256
     with pytest.raises(ValueError, match=r"--config .*: is a directory; give a JSON file"):
@@ -126,3 +126,37 @@ def test_training_evaluations_report_ssim_and_ms_ssim_by_default(tmp_path):
     assert periodic and all(want <= set(r) for r in periodic)
     off = _run(tmp_path, "off", 10, "--no-eval-ssim")
     assert not want & set(json.loads((off / "eval.json").read_text()))
+
+
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        # the last level's same-width convolutions (classic conv3, vqgan's ResNet blocks)
+        # were left out of the count: these passed the check, then the allocator failed
+        ({"downsample": 8, "hidden": 2, "channel_mult": "100000"}, "channel_mult 100000"),
+        ({"arch": "vqgan", "hidden": 32, "channel_mult": "1,1,100000"}, "channel_mult 1,1"),
+        # the discriminator was not checked at all
+        ({"disc_weight": 0.1, "disc_channels": 1000000}, "disc_channels 1000000"),
+        ({"disc_weight": 0.1, "disc_channels": 20000}, "disc_channels 20000"),
+    ],
+)
+def test_networks_that_cannot_fit_are_refused_before_allocating(monkeypatch, flags, want):
+    """--channel-mult / --disc-channels too large for memory: one UserError when the
+    config is built, naming the flag and the GiB needed (before: allocator tracebacks
+    "DefaultCPUAllocator: can't allocate memory" once the run had started)."""
+    from vqkit.errors import UserError
+    from vqkit.quantizers import base
+
+    monkeypatch.setattr(base, "machine_memory", lambda: 16 << 30)
+    with pytest.raises(UserError, match=want + r".* needs at least [\d.]+ GiB"):
+        TrainConfig.build(**flags)
+    # sizes that fit still build; a discriminator without --disc-weight is never made
+    assert TrainConfig.build(disc_weight=0.1, disc_channels=512).disc_channels == 512
+    assert TrainConfig.build(disc_channels=1000000).disc_weight == 0
+
+
+def test_vqgan_widths_are_one_line_before_the_size_check():
+    from vqkit.errors import UserError
+
+    with pytest.raises(UserError, match="multiples of 32"):
+        TrainConfig.build(arch="vqgan", hidden=48)

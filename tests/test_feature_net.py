@@ -4,6 +4,7 @@ classifier whose file carries its accuracy and sha256; loading checks both."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -72,3 +73,108 @@ def test_altered_missing_or_foreign_files_are_refused(feature_dir, tmp_path):
 def test_features_command_bad_input(tmp_path, capsys):
     assert main(["features", "--data", "builtin", "--out", str(tmp_path), "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def _damaged(tmp_path, name: str):
+    """A small saved network (no training), then one kind of damage; its folder."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from vqkit.evaluation.feature_net import save_feature_net
+
+    d = tmp_path / name
+    save_feature_net(FeatureNet(1, 10, 4), d, {"name": "n", "image_size": 28, "data": "x"})
+    st, side = d / "features.safetensors", d / "features.json"
+    with safe_open(str(st), "pt") as f:
+        info = json.loads(f.metadata()["info"])
+    # copies: load_file maps the file, which the damage below rewrites
+    state = {k: v.clone() for k, v in load_file(str(st)).items()}
+
+    def rewrite(state, info) -> None:  # a consistent file whose sidecar is dropped
+        side.unlink()
+        meta = {"info": info if isinstance(info, str) else json.dumps(info)}
+        save_file(state, str(st), metadata=meta)
+
+    if name == "truncated":
+        st.write_bytes(st.read_bytes()[:300])
+    elif name == "torch_pickle":
+        torch.save(state, st)
+    elif name == "missing_key":
+        rewrite({k: v for k, v in state.items() if k != "head.bias"}, info)
+    elif name == "extra_key":
+        rewrite({**state, "extra.weight": torch.zeros(2)}, info)
+    elif name == "wrong_shape":
+        rewrite({**state, "head.bias": torch.zeros(3)}, info)
+    elif name == "nan":
+        rewrite({**state, "head.bias": torch.full((10,), float("nan"))}, info)
+    elif name == "weights_a_folder":
+        st.unlink()
+        st.mkdir()
+    elif name == "sidecar_not_json":
+        side.write_text("{oops")
+    elif name == "sidecar_a_list":
+        side.write_text("[1]")
+    elif name == "sidecar_a_folder":
+        side.unlink()
+        side.mkdir()
+    elif name == "info_not_json":
+        rewrite(state, "{oops")
+    elif name == "info_not_a_dict":
+        rewrite(state, "3")
+    elif name == "info_missing_width":
+        rewrite(state, {k: v for k, v in info.items() if k != "width"})
+    elif name == "info_width_a_string":
+        rewrite(state, {**info, "width": "x"})
+    elif name == "info_without_image_size":
+        rewrite(state, {k: v for k, v in info.items() if k != "image_size"})
+    elif name == "info_huge_width":  # metadata that would allocate a huge network
+        rewrite(state, {**info, "width": 10**7})
+    return d
+
+
+DAMAGES = {
+    "truncated": "cannot read feature network",
+    "torch_pickle": "cannot read feature network",
+    "missing_key": "missing head.bias",
+    "extra_key": "unexpected extra.weight",
+    "wrong_shape": r"head.bias \(3,\)",
+    "nan": "non-finite values",
+    "weights_a_folder": "is not a file",
+    "sidecar_not_json": "features.json",
+    "sidecar_a_list": "features.json",
+    "sidecar_a_folder": "features.json",
+    "info_not_json": "metadata",
+    "info_not_a_dict": "not a vqkit feature network",
+    "info_missing_width": "width",
+    "info_width_a_string": "width",
+    "info_without_image_size": "image_size",
+    "info_huge_width": "width",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_feature_network_is_one_line_naming_the_file(tmp_path, damage):
+    """Each damage is a one-line UserError naming the damaged file (issue 36, item 14);
+    before: tracebacks (KeyError, AttributeError, JSONDecodeError, TypeError), "weights do
+    not match its config (Error(s) in loading state_dict for FeatureNet:)", a NaN
+    accepted."""
+    from vqkit.errors import UserError
+
+    d = _damaged(tmp_path, damage)
+    with pytest.raises(UserError) as e:
+        VqkitFeatures(d)(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    msg = str(e.value)
+    assert "\n" not in msg and str(d) in msg, msg
+    assert re.search(DAMAGES[damage], msg), msg
+
+
+def test_weights_without_sidecar_still_load(tmp_path):
+    """The safetensors file carries its info: a network copied without features.json
+    loads (its sha256 is then taken from the file)."""
+    d = tmp_path / "alone"
+    from vqkit.evaluation.feature_net import save_feature_net
+
+    save_feature_net(FeatureNet(1, 10, 4), d, {"name": "n", "image_size": 28, "data": "x"})
+    (d / "features.json").unlink()
+    net, info = load_feature_net(d / "features.safetensors")
+    assert info["width"] == 4 and len(info["sha256"]) == 64

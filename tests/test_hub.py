@@ -206,3 +206,71 @@ def test_a_local_directory_loads_without_huggingface_hub(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["OK", "0"]
+
+
+def _edit_config(path: Path, edit) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+CONFIG_DAMAGES = {  # config.json fields of the wrong JSON type, and what the error names
+    "config_an_int": (lambda c: c.update(config=3), "config"),
+    "config_a_list": (lambda c: c.update(config=[1, 2]), "config"),
+    "info_an_int": (lambda c: c.update(info=3), "info"),
+    "info_pairs": (lambda c: c.update(info=[["a", 1]]), "info"),  # dict() took it silently
+    "top_level_list": (lambda c: c.clear() or c.update(x=1), "not a vqkit"),
+}
+META_DAMAGES = {  # the weights file's metadata fields (JSON strings) of the wrong type
+    "model_config_an_int": (lambda s, m: m.update(model_config="3"), "model_config"),
+    "model_config_a_list": (lambda s, m: m.update(model_config="[1]"), "model_config"),
+    "extra_state_a_list": (lambda s, m: m.update(extra_state="[1]"), "extra_state"),
+    "aliases_a_list": (lambda s, m: m.update(aliases="[1]"), "aliases"),
+    "aliases_to_an_int": (lambda s, m: m.update(aliases='{"a": 3}'), "aliases"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CONFIG_DAMAGES) + sorted(META_DAMAGES))
+def test_non_dict_fields_are_one_line_naming_file_and_field(tmp_path, damage):
+    """A field of config.json or of the weights' metadata that is not the JSON type it
+    must be: one UserError line naming the file and the field (before: AttributeError /
+    TypeError tracebacks, or a list of pairs taken as a dict)."""
+    from vqkit.errors import UserError
+
+    model = trained("vq")
+    model.save_pretrained(tmp_path)
+    if damage in CONFIG_DAMAGES:
+        edit, field = CONFIG_DAMAGES[damage]
+        _edit_config(tmp_path, edit)
+        named = tmp_path / "config.json"
+    else:
+        edit, field = META_DAMAGES[damage]
+        _rewrite(tmp_path / "model.safetensors", edit)
+        named = tmp_path / "model.safetensors"
+    with pytest.raises(UserError) as e:
+        VQVAE.from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert str(named) in msg and field in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize(
+    "info",
+    [{"tokenizer": 3}, {"tokenizer": {"identity": 5}}, {"tokenizer": {"location": 7}}, []],
+)
+def test_prior_tokenizer_fields_of_the_wrong_type_are_one_line(tmp_path, info):
+    """A prior's info.tokenizer (or its identity / location) of the wrong JSON type:
+    one line naming config.json (before: AttributeError / TypeError tracebacks)."""
+    from vqkit.errors import UserError
+    from vqkit.prior.pretrained import load_prior_tokenizer
+
+    cfg = PriorConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=16, code_shape=[2, 2])
+    prior = Prior(cfg).eval()
+    prior.save_pretrained(tmp_path / "prior")
+    trained("vq").save_pretrained(tmp_path / "tok")
+    _edit_config(tmp_path / "prior", lambda c: c.update(info=info))
+    with pytest.raises(UserError) as e:
+        Prior.from_pretrained(tmp_path / "prior", tokenizer=tmp_path / "tok")
+    assert str(tmp_path / "prior") in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError) as e:
+        load_prior_tokenizer(tmp_path / "prior")
+    assert str(tmp_path / "prior") in str(e.value) and "\n" not in str(e.value)

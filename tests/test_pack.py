@@ -100,7 +100,8 @@ def test_in_memory_source_shards_manifest_and_bytes(tmp_path):
     out = tmp_path / "shards"
     entry = pack(data, out, 10, seed=3)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["manifest.json", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    shards = ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert names == [".lock", "manifest.json", *shards]  # .lock: the folder's lock file
     assert [s["count"] for s in entry["shards"]] == [10, 10, 5]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "vqkit-shards" and manifest["splits"]["train"] == entry
@@ -113,7 +114,7 @@ def test_in_memory_source_shards_manifest_and_bytes(tmp_path):
     digest = hashlib.sha256((out / "train-000001.tar").read_bytes()).hexdigest()
     pack(data, tmp_path / "again", 10, seed=3)
     assert hashlib.sha256((tmp_path / "again/train-000001.tar").read_bytes()).hexdigest() == digest
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
 
 def test_overwrite_replaces_and_removes_stale_shards(tmp_path):
@@ -237,7 +238,8 @@ def test_killed_overwrite_never_mixes_two_packs(tmp_path, where):
     pack(load_builtin("test").subset(slice(0, 40)), out, 10, seed=1, overwrite=True)
     keys = _keys(out)
     assert len(keys) == 40 and len(set(keys)) == 40  # each image once
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # leftovers cleaned
+    # leftovers cleaned; .lock (the folder lock's file) stays, as in a run directory
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
 
 def test_pack_argument_errors_are_one_line(tmp_path, capsys):
@@ -259,3 +261,101 @@ def test_pack_argument_errors_are_one_line(tmp_path, capsys):
     assert main(["pack", str(folder), "--out", str(tmp_path / "o2")]) == 0
     assert main(["pack", str(folder), "--out", str(tmp_path / "o2")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+# A pack of 40 images that stops after staging its first shard until its stdin closes
+# (a long pack, caught in the middle); prints READY there and DONE at the end.
+_HELD_PACK = """
+import sys
+import vqkit.data.pack as P
+from vqkit.data import load_builtin
+real, held = P._write_shard, []
+def write(path, members):
+    if not held:
+        held.append(1)
+        print("READY", flush=True)
+        sys.stdin.read()
+    real(path, members)
+P._write_shard = write
+P.pack(load_builtin("test").subset(slice(0, 40)), sys.argv[1], 10, seed=1, overwrite=True)
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_pack_into_one_folder_is_refused_naming_the_holder(tmp_path):
+    """Two ``vqkit pack --overwrite`` into one folder at once: the second is refused in
+    one line naming the first's pid, and the folder holds the first pack only (before:
+    both wrote, one could crash with FileNotFoundError, the folder mixed both)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shards"
+    pack(load_builtin("test").subset(slice(0, 40)), out, 10, seed=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    first = subprocess.Popen(
+        [sys.executable, "-c", _HELD_PACK, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert first.stdout.readline().strip() == "READY", f"rc={first.poll()}"
+        cmd = ["-m", "vqkit", "pack", "builtin", "--out", str(out), "--overwrite"]
+        second = subprocess.run(
+            [sys.executable, *cmd, "--splits", "test", "--shard-size", "7"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert f"in use by pid {first.pid} on" in second.stderr, second.stderr
+        first.stdin.close()
+        assert first.wait(timeout=60) == 0 and "DONE" in first.stdout.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["splits"]) == ["train"] and manifest["splits"]["train"]["seed"] == 1
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"train-{i:06d}.tar" for i in range(4)]
+    keys = _keys(out)
+    assert len(keys) == 40 and len(set(keys)) == 40
+
+
+@pytest.mark.timeout(180)
+def test_two_real_concurrent_packs_leave_one_whole_pack(tmp_path):
+    """Two real packs started together: each ends refused (busy, one line) or done,
+    at least one is done, and the folder holds whole packs only."""
+    import subprocess
+    import sys
+
+    folder = _write_folder(tmp_path / "imgs")
+    out = tmp_path / "shards"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "vqkit", "pack", str(folder), "--out", str(out)]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--overwrite", "--shard-size", str(k), "--seed", str(k)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        for k in (2, 3)
+    ]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    for rc, err in results:  # (stderr may also hold the loader's grayscale warning)
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        busy = last.startswith("vqkit pack: error: ") and "is in use by pid" in last
+        assert rc == 0 or (rc == 2 and busy and "Traceback" not in err), err
+    assert any(rc == 0 for rc, _ in results)
+    for split, n in (("train", 12), ("test", 6)):
+        entry = json.loads((out / "manifest.json").read_text())["splits"][split]
+        names = sorted(p.name for p in out.glob(f"{split}-*.tar"))
+        assert names == [s["name"] for s in entry["shards"]]
+        keys = [k for p in names for k in _members(out / p) if not k.endswith(".cls")]
+        assert len(keys) == n == entry["num_images"] and len(set(keys)) == n

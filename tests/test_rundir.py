@@ -179,3 +179,27 @@ def test_holder_names_the_process_holding_the_lock_without_taking_it(tmp_path):
         assert probe.holder() == f"pid {os.getpid()} on {socket.gethostname()}"
         assert not probe.locked
     assert RunDir(run).holder() is None  # released
+
+
+@pytest.mark.parametrize("call", ["pwrite", "ftruncate", "open"])
+def test_full_disk_at_the_lock_is_one_line_naming_the_lock_file(tmp_path, monkeypatch, call):
+    """ENOSPC while the lock file is created or its holder's pid written: a one-line
+    DiskFullError naming DIR/.lock (before: a bare "[Errno 28] No space left on device"),
+    and no lock is kept (a later run takes it)."""
+    import errno
+
+    run = tmp_path / "run"
+    real = getattr(os, call)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, call, full)
+    with pytest.raises(fileio.DiskFullError) as e:
+        RunDir(run).lock()
+    monkeypatch.setattr(os, call, real)
+    msg = str(e.value)
+    assert str(run / ".lock") in msg and "no space left" in msg and "\n" not in msg, msg
+    assert "[Errno" not in msg
+    with RunDir(run) as again:  # nothing half-taken stayed behind
+        assert again.locked

@@ -18,6 +18,11 @@ Other files, resized images, ``encoding="png"`` and decoded in-memory sources (C
 python, idx, builtin) are stored as lossless PNG. Every image is decoded once while packing;
 unreadable ones are skipped with a warning, as the image-folder loader skips them.
 
+One pack at a time writes a folder: ``pack`` holds the folder's lock (``out/.lock``,
+:class:`~vqkit.storage.dirlock.DirLock`, as a run directory does) from its last check of
+the existing shards to the manifest, and a second pack into the folder meanwhile is
+refused at once, naming the first one's pid and host.
+
 A pack is all-or-nothing for a reader. The new shards are written into a hidden staging
 folder ``.pack-{split}.{host}.{pid}.{random}.tmp`` beside the old ones, which stay
 readable meanwhile; a kill there leaves the old pack intact (the staging folder is
@@ -46,6 +51,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import UserError
+from ..storage.dirlock import DirLock
 from ..storage.fileio import atomic_write, clean_stale_temps, temp_path
 from ._core import ImageData, channels_to_mode
 from ._stream import MANIFEST_NAME, packing_marker
@@ -199,12 +205,9 @@ def pack(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; give a folder for the shards")
-    old = _existing(out, split) if out.is_dir() else []
-    if (old or packing_marker(out, split).exists()) and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds {split} shards; pass --overwrite (overwrite=True) to "
-            "replace them, or choose another --out"
-        )
+    _refuse_existing(out, split, overwrite)
+    if out.is_dir():
+        _lock(out).check_free()  # before the source is read, and again when locked below
     if isinstance(source, ImageData):
         origin = source.source or "ImageData"
         n, labels, classes, c, encode = _from_arrays(source)
@@ -231,14 +234,39 @@ def pack(
                 cache_dir=cache_dir,
             )
             n, labels, classes, c, encode = _from_arrays(data)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)  # shard temps and staging folders of killed packs
-    stage = _staging_folder(out, split)
-    try:
-        return _pack_into(out, stage, split, n, labels, classes, c, encode, origin, shard_size,
-                          image_size, shuffle, seed)  # fmt: skip
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    # one pack at a time per folder: two would interleave their switches (and the
+    # manifest's read-merge-write), leaving shards of both or a crash on a moved file
+    with _lock(out):
+        _refuse_existing(out, split, overwrite)  # again, now that no other pack runs
+        clean_stale_temps(out)  # shard temps and staging folders of killed packs
+        stage = _staging_folder(out, split)
+        try:
+            return _pack_into(out, stage, split, n, labels, classes, c, encode, origin,
+                              shard_size, image_size, shuffle, seed)  # fmt: skip
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _lock(out: Path) -> DirLock:
+    """The folder's lock (``out/.lock``, the run directory's kind): a second pack into
+    ``out`` while this one runs is refused at once, naming this one's pid and host."""
+
+    def busy(who: str) -> str:
+        return (
+            f"{out} is in use by {who} (another vqkit pack); wait for it to end, or choose "
+            "another --out"
+        )
+
+    return DirLock(out, busy)
+
+
+def _refuse_existing(out: Path, split: str, overwrite: bool) -> None:
+    old = _existing(out, split) if out.is_dir() else []
+    if (old or packing_marker(out, split).exists()) and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {split} shards; pass --overwrite (overwrite=True) to "
+            "replace them, or choose another --out"
+        )
 
 
 def _staging_folder(out: Path, split: str) -> Path:

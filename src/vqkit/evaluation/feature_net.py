@@ -24,8 +24,9 @@ from torch import nn
 
 from ..data import ImageData, load_dataset, normalize
 from ..errors import UserError
-from ..storage.checkpoint import save_file_atomically
+from ..storage.checkpoint import nonfinite_tensors, save_file_atomically
 from ..storage.fileio import dump_json, write_json
+from ..storage.weights import load_state_strict
 from .features import sha256_file
 
 __all__ = [
@@ -149,36 +150,99 @@ def save_feature_net(net: FeatureNet, out: str | os.PathLike[str], meta: dict[st
     return path
 
 
+_INFO_INTS = ("in_channels", "num_classes", "width", "image_size")
+
+
+def _read_sidecar(side: Path) -> dict[str, Any] | None:
+    """``features.json`` as a dict; None when absent (the weights file carries the same
+    info). UserError naming it when it is there but not a JSON object."""
+    if not side.exists():
+        return None
+    try:
+        value = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(
+            f"cannot read {side} ({reason}): remove it or make the network again with "
+            "vqkit features"
+        ) from None
+    if not isinstance(value, dict):
+        raise UserError(f"{side} is not a JSON object: remove it or make the network again")
+    return value
+
+
+def _check_info(info: Any, p: Path) -> dict[str, Any]:
+    """The metadata's info: a dict in vqkit's format whose sizes are positive ints."""
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise UserError(f"{p} is not a vqkit feature network (made by vqkit features)")
+    for key in _INFO_INTS:
+        v = info.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(
+                f"{p}: its metadata's {key} must be a positive int, got {v!r}: the file was "
+                "altered; make it again with vqkit features"
+            )
+    return info
+
+
 def load_feature_net(path: str | os.PathLike[str]) -> tuple[FeatureNet, dict[str, Any]]:
     """A saved network (its folder or ``features.safetensors``) and its info (with the
-    file's sha256). One-line errors for a missing, foreign, truncated or altered file."""
+    file's sha256). A one-line UserError naming the file for a foreign, truncated or
+    altered file (unreadable metadata, a sidecar that is not JSON or does not match,
+    missing / unexpected / misshapen tensors, NaN or Inf); FileNotFoundError when absent."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     p = Path(path)
     if p.is_dir():
         p = p / "features.safetensors"
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"feature network {p} not found: make one with vqkit features")
+    if not p.is_file():
+        raise UserError(f"feature network {p} is not a file: give the folder vqkit features wrote")
     try:
         with safe_open(str(p), framework="pt") as f:
-            info = json.loads((f.metadata() or {}).get("info", "{}"))
+            raw = (f.metadata() or {}).get("info", "{}")
         state = load_file(str(p))
     except Exception as e:  # truncated or not safetensors
-        raise UserError(f"cannot read feature network {p}: {str(e).splitlines()[0]}") from None
-    if info.get("format") != FORMAT:
-        raise UserError(f"{p} is not a vqkit feature network (made by vqkit features)")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(
+            f"cannot read feature network {p} (not a safetensors file, or truncated: {first}); "
+            "make it again with vqkit features"
+        ) from None
+    try:
+        info = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{p}: its metadata's info is not JSON ({e}): the file was altered"
+        ) from None
+    info = _check_info(info, p)
     digest = sha256_file(p)
     side = p.with_name("features.json")
-    if side.is_file() and json.loads(side.read_text()).get("sha256") != digest:
+    recorded = _read_sidecar(side)
+    if recorded is not None and recorded.get("sha256") != digest:
         raise UserError(f"{p} does not match the sha256 recorded in {side}: the file changed")
-    net = FeatureNet(info["in_channels"], info["num_classes"], info["width"])
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
+    # the two tensors whose shapes the sizes fix, before a network of those sizes is
+    # allocated (metadata claiming a huge width would be an allocator error)
+    want = {
+        "body.0.weight": (info["width"], info["in_channels"], 3, 3),
+        "head.weight": (info["num_classes"], 4 * info["width"]),
+    }
+    for key, shape in want.items():
+        got = tuple(state[key].shape) if key in state else None
+        if got != shape:
+            raise UserError(
+                f"{p}: weights do not match its metadata: {key} "
+                f"{'missing' if got is None else got} (metadata: {shape}); the file was altered"
+            )
+    bad = nonfinite_tensors(state)
+    if bad:
         raise UserError(
-            f"{p}: weights do not match its config ({str(e).splitlines()[0]})"
-        ) from None
+            f"{p}: non-finite values (NaN or Inf) in {', '.join(bad[:5])}; make the network "
+            "again with vqkit features"
+        )
+    net = FeatureNet(info["in_channels"], info["num_classes"], info["width"])
+    load_state_strict(net, state, p, what="its metadata", hint="the file was altered")
     return net.eval(), {**info, "sha256": digest}
 
 

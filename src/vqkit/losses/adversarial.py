@@ -29,6 +29,7 @@ __all__ = [
     "LeCAM",
     "PatchDiscriminator",
     "adaptive_weight",
+    "check_discriminator_fits",
     "discriminator_loss",
     "frozen",
     "generator_loss",
@@ -72,6 +73,8 @@ class PatchDiscriminator(nn.Module):
         self.main = nn.Sequential(*seq)
         self.layers = layers
         for m in self.modules():  # taming's weights_init
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) and m.weight.is_meta:
+                continue  # counted on the meta device (no values; its normal_ takes ~2 s)
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
             elif isinstance(m, nn.BatchNorm2d):
@@ -90,6 +93,29 @@ class PatchDiscriminator(nn.Module):
                 f"px; got {tuple(x.shape)}: lower --disc-layers"
             )
         return self.main(x)
+
+
+def check_discriminator_fits(
+    channels: int, layers: int, in_channels: int = 3, image_size: int = 0
+) -> None:
+    """Refuse, before anything is allocated, a discriminator whose float32 weights
+    (counted on one built on the meta device) plus one image's first activation
+    (``channels`` x (image_size / 2)²) exceed this machine's memory: a lower bound of
+    what its training needs (no gradients, optimizer state or batch)."""
+    from ..quantizers.base import machine_memory
+
+    with torch.device("meta"):
+        net = PatchDiscriminator(in_channels, channels, layers)
+    weights = 4 * sum(p.numel() for p in net.parameters())
+    activation = 4 * channels * ((image_size + 1) // 2) ** 2
+    have = machine_memory()
+    if have is not None and weights + activation > have:
+        raise UserError(
+            f"disc_channels {channels} with disc_layers {layers} needs at least "
+            f"{weights / 2**30:.1f} GiB of discriminator weights and {activation / 2**30:.1f} "
+            f"GiB per image, more than this machine's {have / 2**30:.1f} GiB; use a smaller "
+            "--disc-channels"
+        )
 
 
 def discriminator_loss(

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import UserError
 from ..storage.checkpoint import FORMAT, CheckpointError
-from ..storage.fileio import atomic_write, write_json
+from ..storage.fileio import atomic_write, json_object, write_json
 from ..storage.weights import export_safetensors, load_state_strict, read_safetensors
 
 try:
@@ -191,7 +191,7 @@ class PretrainedMixin(_HubBase, **_HUB_OPTIONS):  # type: ignore[misc, valid-typ
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{cfg_path}: unreadable ({e})") from e
         kind = stored.get("vqkit") if isinstance(stored, dict) else None
-        if kind != cls.pretrained_kind or not isinstance(stored.get("config"), dict):
+        if kind != cls.pretrained_kind:
             hint = (
                 "a run directory? write its pretrained directory with vqkit export RUN --out DIR"
                 if kind is None
@@ -200,6 +200,8 @@ class PretrainedMixin(_HubBase, **_HUB_OPTIONS):  # type: ignore[misc, valid-typ
             raise CheckpointError(
                 f"{cfg_path} is not a vqkit {cls.pretrained_kind} (it says {kind!r}): {hint}"
             )
+        json_object(stored.get("config"), "config", cfg_path, CheckpointError)
+        info = json_object(stored.get("info") or {}, "info", cfg_path, CheckpointError)
         try:
             config = cls.config_class.from_dict(stored["config"], where=str(cfg_path))
         except (TypeError, ValueError) as e:
@@ -218,7 +220,7 @@ class PretrainedMixin(_HubBase, **_HUB_OPTIONS):  # type: ignore[misc, valid-typ
             )
         model = cls(config)  # type: ignore[call-arg]
         load_state_strict(model, state, weights)  # type: ignore[arg-type]
-        model.pretrained_info = dict(stored.get("info") or {})
+        model.pretrained_info = dict(info)
         return model.to(map_location).eval()  # type: ignore[attr-defined]
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCardText:

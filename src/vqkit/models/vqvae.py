@@ -177,6 +177,47 @@ def upgrade_options(values: dict[str, Any], *, stored: bool = False) -> dict[str
     return out
 
 
+def _check_vqgan_widths(hidden: int, mult: tuple[int, ...]) -> None:
+    bad = [hidden * m for m in mult if (hidden * m) % GROUPS]
+    if bad:
+        raise UserError(
+            f"the vqgan network's level widths (hidden x channel_mult) must be multiples of "
+            f"{GROUPS} (GroupNorm groups); got {bad}"
+        )
+
+
+def network_bytes(
+    channels: int,
+    hidden: int,
+    channel_mult: str,
+    downsample: int,
+    arch: str = "classic",
+    *,
+    res_hidden: int = 1,
+    res_layers: int = 0,
+    embedding_dim: int = 1,
+) -> int:
+    """The float32 bytes of the encoder's and decoder's weights, counted on networks
+    built on the meta device (no memory is allocated, whatever the sizes). The defaults
+    of the keyword sizes give a lower bound; vqgan's attention blocks are not counted."""
+    with torch.device("meta"):
+        if arch == "vqgan":
+            mult = parse_vqgan_ch_mult(channel_mult, downsample)
+            _check_vqgan_widths(hidden, mult)  # GroupNorm's own error is not one line
+            net = {"res_layers": res_layers, "ch_mult": mult, "image_size": 1}
+            nets = [
+                VQGANEncoder(channels, hidden, **net, attn_resolutions=()),
+                VQGANDecoder(embedding_dim, hidden, channels, **net, attn_resolutions=()),
+            ]
+        else:
+            levels = {"downsample": downsample, "channel_mult": channel_mult}
+            nets = [
+                Encoder(channels, hidden, res_hidden, res_layers, **levels),
+                Decoder(embedding_dim, hidden, channels, res_hidden, res_layers, **levels),
+            ]
+    return 4 * sum(p.numel() for n in nets for p in n.parameters())
+
+
 def check_size_fits(
     image_size: int,
     channels: int,
@@ -184,32 +225,33 @@ def check_size_fits(
     channel_mult: str,
     downsample: int,
     arch: str = "classic",
+    **sizes: int,
 ) -> None:
-    """Refuse, before any data is read or weight allocated, an ``image_size`` or
-    ``channel_mult`` whose tensors cannot fit in this machine's memory: the network's
-    float32 weights (one convolution per level change, encoder and decoder: 4x4 for the
-    classic network, 3x3 for vqgan) plus one image's largest float32 activation (the
-    first level: hidden/2 channels at half the image size, or hidden x mult[0] at full
-    size for vqgan). A lower bound of what training needs; the message gives both."""
+    """Refuse, before any data is read or weight allocated, an ``image_size``, ``hidden``
+    or ``channel_mult`` whose tensors cannot fit in this machine's memory: the network's
+    float32 weights (:func:`network_bytes`, exact for the sizes given in ``sizes``:
+    ``res_hidden``, ``res_layers``, ``embedding_dim``) plus one image's largest float32
+    activation among the levels (width x side², per image). A lower bound of what
+    training needs (no gradients, optimizer state or batch); the message gives both."""
     from ..quantizers.base import machine_memory
 
     if arch == "vqgan":
         mult = parse_vqgan_ch_mult(channel_mult, downsample)
-        widths, taps = [channels, *(hidden * m for m in mult)], 9
-        activation = 4 * hidden * mult[0] * image_size * image_size
+        levels = [(hidden * m, image_size >> i) for i, m in enumerate(mult)]
     else:
         mult = parse_channel_mult(channel_mult, downsample)
-        widths, taps = [channels, hidden // 2, hidden, *(hidden * m for m in mult)], 16
         half = (image_size + 1) // 2
-        activation = 4 * max(hidden // 2, channels) * half * half
-    weights = 2 * taps * 4 * sum(a * b for a, b in zip(widths, widths[1:], strict=False))
+        levels = [(max(hidden // 2, channels), half), (hidden, half // 2)]
+        levels += [(hidden * m, half >> (i + 2)) for i, m in enumerate(mult)]
+    activation = 4 * max(w * max(1, side) ** 2 for w, side in levels)
+    weights = network_bytes(channels, hidden, channel_mult, downsample, arch, **sizes)
     have = machine_memory()
     if have is not None and weights + activation > have:
         raise UserError(
             f"image_size {image_size} with hidden {hidden} and channel_mult "
             f"{channel_mult or 'default'} needs at least {weights / 2**30:.1f} GiB of weights "
             f"and {activation / 2**30:.1f} GiB per image, more than this machine's "
-            f"{have / 2**30:.1f} GiB; use a smaller --image-size or --channel-mult"
+            f"{have / 2**30:.1f} GiB; use a smaller --image-size, --hidden or --channel-mult"
         )
 
 
@@ -235,7 +277,8 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
             self._check_vqgan()
             check_size_fits(
                 self.image_size, self.in_channels, self.hidden, self.channel_mult,
-                self.downsample, "vqgan",
+                self.downsample, "vqgan", res_layers=self.res_layers,
+                embedding_dim=self.embedding_dim,
             )  # fmt: skip
             return
         if self.attn_resolutions:
@@ -245,8 +288,10 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
         mult = parse_channel_mult(self.channel_mult, self.downsample)
         self.channel_mult = ",".join(str(m) for m in mult) if self.channel_mult else ""
         check_size_fits(
-            self.image_size, self.in_channels, self.hidden, self.channel_mult, self.downsample
-        )
+            self.image_size, self.in_channels, self.hidden, self.channel_mult, self.downsample,
+            res_hidden=self.res_hidden, res_layers=self.res_layers,
+            embedding_dim=self.embedding_dim,
+        )  # fmt: skip
 
     def _check_vqgan(self) -> None:
         if self.res_hidden != ModelOptions.res_hidden:
@@ -254,12 +299,7 @@ class VQVAEConfig(_VQVAEConfigBase, Options):  # type: ignore[misc, valid-type]
                 "res_hidden applies to arch 'classic' only (vqgan blocks are full width)"
             )
         mult = parse_vqgan_ch_mult(self.channel_mult, self.downsample)
-        bad = [self.hidden * m for m in mult if (self.hidden * m) % GROUPS]
-        if bad:
-            raise UserError(
-                f"the vqgan network's level widths (hidden x channel_mult) must be multiples of "
-                f"{GROUPS} (GroupNorm groups); got {bad}"
-            )
+        _check_vqgan_widths(self.hidden, mult)
         attn = parse_attn_resolutions(self.attn_resolutions, self.image_size, self.downsample)
         if self.channel_mult:
             self.channel_mult = ",".join(map(str, mult))

@@ -32,13 +32,27 @@ from ..models import VQVAE
 from ..models.codes_io import model_identity
 from ..models.hub import CONFIG_NAME, PretrainedMixin, measured_section
 from ..storage.checkpoint import CheckpointError
+from ..storage.fileio import json_object
 
 __all__ = ["PretrainedPrior", "check_tokenizer", "load_prior_tokenizer"]
 
 
+def _tokenizer_info(info: dict[str, Any], where: Any) -> dict[str, Any]:
+    """``info["tokenizer"]`` ({} when absent); one line naming ``where`` when it, its
+    ``identity`` or its ``location`` is not of its JSON type."""
+    tok = json_object(info.get("tokenizer") or {}, "info.tokenizer", where, CheckpointError)
+    for key in ("identity", "location"):
+        if tok.get(key) is not None and not isinstance(tok[key], str):
+            raise CheckpointError(
+                f"{where}: its 'info.tokenizer.{key}' field must be a string, not "
+                f"{type(tok[key]).__name__}"
+            )
+    return tok
+
+
 def check_tokenizer(info: dict[str, Any], tokenizer: VQVAE, where: Any) -> None:
     """ValueError unless ``tokenizer`` holds the weights the prior was trained on."""
-    want = (info.get("tokenizer") or {}).get("identity")
+    want = _tokenizer_info(info, where).get("identity")
     if want is None:
         raise UserError(f"{where}: the prior names no tokenizer to check against")
     have = model_identity(tokenizer)["tokenizer"]
@@ -59,12 +73,15 @@ def load_prior_tokenizer(
     directory) or the ``location`` its ``config.json`` names, checked against the
     recorded ``identity``."""
     prior_dir = Path(prior_dir)
+    cfg_path = prior_dir / CONFIG_NAME
     try:
-        info = json.loads((prior_dir / CONFIG_NAME).read_text(encoding="utf-8")).get("info", {})
+        stored = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{prior_dir / CONFIG_NAME}: unreadable ({e})") from e
+        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from e
+    stored = json_object(stored, "top-level", cfg_path, CheckpointError)
+    info = json_object(stored.get("info") or {}, "info", cfg_path, CheckpointError)
     if tokenizer is None:
-        location = (info.get("tokenizer") or {}).get("location")
+        location = _tokenizer_info(info, cfg_path).get("location")
         if location is None:
             raise UserError(f"{prior_dir}: no tokenizer location recorded; pass one")
         tokenizer = prior_dir / location  # an absolute location stays absolute

@@ -51,6 +51,7 @@ __all__ = [
     "file_hexdigest",
     "dump_json",
     "is_disk_full",
+    "json_object",
     "mirror_paths",
     "temp_path",
     "write_json",
@@ -288,6 +289,22 @@ def _finite(obj: Any) -> Any:
     if callable(getattr(obj, "item", None)) and tuple(getattr(obj, "shape", (1,))) == ():
         return _finite(obj.item())
     return obj
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    kinds = ((dict, "an object"), (list, "an array"), (str, "a string"), ((int, float), "a number"))
+    return next((name for t, name in kinds if isinstance(value, t)), type(value).__name__)
+
+
+def json_object(value: Any, field: str, where: Any, error: type[UserError] = UserError) -> dict:
+    """``value`` (a field read from a JSON file) when it is a JSON object; else ``error``
+    on one line naming the file and the field and what it holds instead (a list of pairs
+    is not taken for an object, as ``dict()`` would)."""
+    if not isinstance(value, dict):
+        raise error(f"{where}: its {field!r} field must be a JSON object, not {_json_type(value)}")
+    return value
 
 
 def dump_json(obj: Any, *, indent: int | None = None, sort_keys: bool = False) -> str:

@@ -1,9 +1,11 @@
 """A run directory (``vqkit train --out DIR``): one writer at a time, clean starts, exact resumes.
 
-* :meth:`RunDir.lock` takes an exclusive ``flock`` on ``DIR/.lock``. The kernel drops it
-  when the holding process dies (kill -9 included), so a lock file left behind by a dead
-  run is simply taken over; a live holder makes a second run fail at once with a message
-  naming its pid and host (written into the lock file).
+* :meth:`RunDir.lock` takes an exclusive ``flock`` on ``DIR/.lock``
+  (:class:`vqkit.storage.dirlock.DirLock`, the one lock of vqkit's output folders). The
+  kernel drops it when the holding process dies (kill -9 included), so a lock file left
+  behind by a dead run is simply taken over; a live holder makes a second run fail at
+  once with a message naming its pid and host (written into the lock file); a full disk
+  there is one line naming the lock file.
 * :meth:`RunDir.prepare` starts clean (``overwrite``: removes only the files vqkit
   writes, never unknown ones) or keeps everything (``resume``); both remove temp files
   orphaned by a killed writer.
@@ -19,10 +21,8 @@ The lock is advisory and per host-kernel; on NFS it relies on the server's lock 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import UserError
+from .dirlock import DirBusyError, DirLock
 from .fileio import (
     atomic_write,
     clean_stale_temps,
@@ -56,10 +57,9 @@ ARTIFACTS = (
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
-LOCK = ".lock"
 
 
-class RunDirBusyError(FileExistsError):
+class RunDirBusyError(DirBusyError):
     """Another live process holds the run directory's lock."""
 
 
@@ -83,9 +83,15 @@ class RunDir:
     def __init__(self, path: str | os.PathLike[str], artifacts: Iterable[str] = ARTIFACTS):
         self.path = Path(path)
         self.artifacts = tuple(artifacts)
-        self._fd: int | None = None
+        self._lock = DirLock(self.path, self._busy, RunDirBusyError)
         self._sinks: list[Sink] = []
         self._resumed_at: int | None = None  # the step truncate_metrics kept records up to
+
+    def _busy(self, who: str) -> str:
+        return (
+            f"run directory {self.path} is in use by {who}; wait for that run to end or "
+            "stop it, or choose another output directory"
+        )
 
     @property
     def checkpoints(self) -> Path:
@@ -105,71 +111,30 @@ class RunDir:
     @property
     def locked(self) -> bool:
         """Whether this object holds the lock."""
-        return self._fd is not None
+        return self._lock.locked
 
     # -- lock -------------------------------------------------------------------
     def lock(self) -> RunDir:
         """Take the directory's exclusive lock (creating the directory); a no-op if held.
 
         Raises :class:`RunDirBusyError` (a FileExistsError) when another process, or
-        another RunDir object of this process, holds it.
+        another RunDir object of this process, holds it; a one-line DiskFullError naming
+        the lock file when the disk is too full to write it.
         """
-        if self._fd is not None:
-            return self
-        self.path.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path / LOCK
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
-            os.close(fd)
-            who = "another process"
-            if len(holder) >= 2:
-                who = f"pid {holder[0]} on {holder[1]}"
-            raise RunDirBusyError(
-                f"run directory {self.path} is in use by {who}; wait for that run to end "
-                "or stop it, or choose another output directory"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        # who holds it, for the message above; the lock itself is the flock, not this text
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
+        self._lock.acquire()
         return self
 
     def holder(self) -> str | None:
         """Who holds the lock, as "pid N on HOST" ("another process" when unsaid), or None
         when nobody does (this object's own lock included: None). Takes no lock of its
         own beyond a shared probe of an instant, and creates no file."""
-        if self._fd is not None:
-            return None
-        try:
-            fd = os.open(self.path / LOCK, os.O_RDONLY)
-        except OSError:  # no lock file: never locked
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            words = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
-            return f"pid {words[0]} on {words[1]}" if len(words) >= 2 else "another process"
-        finally:
-            os.close(fd)  # closing releases the probe
-        return None
+        return self._lock.holder()
 
     def unlock(self) -> None:
         """Release the lock. The file stays: unlinking it would let a process that has
         it open lock a file no longer in the directory while a third makes a new one."""
         self.close_sinks()
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.ftruncate(fd, 0)
-        finally:
-            os.close(fd)  # closing releases the flock
+        self._lock.release()
 
     def __enter__(self) -> RunDir:
         return self.lock()

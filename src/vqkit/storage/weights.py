@@ -35,6 +35,7 @@ from .checkpoint import (
     nonfinite_tensors,
     save_file_atomically,
 )
+from .fileio import json_object
 
 __all__ = [
     "export_safetensors",
@@ -107,9 +108,13 @@ def read_safetensors(
         aliases = json.loads(meta.get("aliases", "{}"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: unreadable metadata ({e})") from e
+    for field, value in (("model_config", config), ("extra_state", extra), ("aliases", aliases)):
+        json_object(value, f"metadata {field}", path, CheckpointError)
     for name, target in aliases.items():
-        if target not in state:
-            raise CheckpointError(f"{path}: tied tensor {name!r} names missing {target!r}")
+        if not isinstance(target, str) or target not in state:
+            raise CheckpointError(
+                f"{path}: metadata aliases: tied tensor {name!r} names missing {target!r}"
+            )
         state[name] = state[target]
     return config, {**state, **extra}
 

@@ -22,6 +22,7 @@ from ..data.transforms import CROPS
 from ..distributed import resolve_device
 from ..errors import UserError
 from ..losses import LossOptions
+from ..losses.adversarial import check_discriminator_fits
 from ..models.vqvae import (
     QUANTIZER_GROUPS,
     ModelOptions,
@@ -255,9 +256,15 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
     def __post_init__(self) -> None:
         super().__post_init__()
         # sizes whose tensors cannot fit are refused before the data is resized to them
+        size = self.image_size or 32  # the data's size is not known yet: a lower bound
+        sizes = {"res_layers": self.res_layers, "embedding_dim": self.embedding_dim}
+        if self.arch != "vqgan":
+            sizes["res_hidden"] = self.res_hidden
         check_size_fits(
-            self.image_size or 32, 3, self.hidden, self.channel_mult, self.downsample, self.arch
+            size, 3, self.hidden, self.channel_mult, self.downsample, self.arch, **sizes
         )
+        if self.disc_weight > 0:  # the discriminator is built
+            check_discriminator_fits(self.disc_channels, self.disc_layers, 1, size)
         _ = self.loss  # the loss terms' own checks (a perceptual weight needs its file)
 
     # the typed option groups the step, the objective and the discriminator take: made
