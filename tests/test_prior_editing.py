@@ -311,8 +311,19 @@ def test_edits_are_drawn_and_written_batch_by_batch(runs, tmp_path, monkeypatch)
     streamed = np.stack([np.load(out / f"edit_{i:04d}.npy") for i in range(5)])
     meta = json.loads((out / "edit.json").read_text())
     assert meta["num"] == 5 and meta["written"] == 5 and meta["batch_size"] == 2
-    monkeypatch.setattr(Prior, "sample", original)
-    whole = tmp_path / "w"  # what the edits were before: one call over all of them
-    assert _sample(masked, whole, *flags, "--num", "5", "--batch-size", "2") == 0
-    again = np.stack([np.load(whole / f"edit_{i:04d}.npy") for i in range(5)])
-    assert (streamed == again).all()
+    # the same draws as one call over all five (what the edits were before)
+    from vqkit.data import normalize, read_image
+    from vqkit.prior.loading import load_prior, load_sample_tokenizer
+    from vqkit.prior.masked import MaskedSampleOptions
+    from vqkit.prior.sampling import SampleOptions
+
+    model, ckpt = load_prior(masked)
+    tok = load_sample_tokenizer(masked, ckpt, None, "cpu")
+    codes = tok.model.encode(normalize(read_image(image, 1, 28)[None]))
+    hidden = region_mask([(0, 0, 14, 14)], (28, 28), (7, 7))
+    mopts = MaskedSampleOptions.from_dict({"decode_steps": 2}).resolved(int(hidden.sum()))
+    g = torch.Generator().manual_seed(0)
+    whole = original(model, 5, SampleOptions.from_dict({}), generator=g, batch_size=2,
+                     codes=codes.expand(5, 7, 7), hidden=hidden[None].expand(5, 7, 7),
+                     masked=mopts)  # fmt: skip
+    assert np.array_equal(streamed, whole.numpy())
