@@ -310,3 +310,51 @@ def test_report_error_classifies_by_type(capsys):
     for e in (ValueError("internal"), TypeError("internal"), KeyError("internal")):
         assert report_error("eval", e) == 1
         assert "this is a bug in vqkit" in capsys.readouterr().err
+
+
+# -- issue 36: eval reads the data the model records --------------------------------------
+
+
+def test_eval_uses_the_data_the_model_records(tmp_path, capsys):
+    from .test_export import make_folder
+    from .test_prior_codes import make_tokenizer
+
+    data = make_folder(tmp_path / "images", n=12)
+    tok = make_tokenizer(tmp_path / "tok", "--data", str(data), "--batch-size", "4",
+                         "--steps", "1", "--eval-every", "1", "--log-every", "1")  # fmt: skip
+    want = {"source": str(data.resolve()), "format": "auto", "split": "holdout",
+            "image_size": 28, "channels": 1, "num_images": 1}  # fmt: skip
+    for weights in ("model.safetensors", "checkpoints/best.pt"):
+        ev = tmp_path / f"ev-{weights.replace('/', '-')}"
+        assert main(["eval", str(tok / weights), "--out", str(ev)]) == 0
+        result = json.loads((ev / "eval.json").read_text())
+        assert result["num_images"] == 1 and result["data"] == want, result["data"]
+    # the run's own eval.json names its data too
+    assert json.loads((tok / "eval.json").read_text())["data"]["source"] == str(data.resolve())
+    # --data names other data: eval.json says so
+    ev = tmp_path / "builtin"
+    assert main(["eval", str(tok / "model.safetensors"), "--data", "builtin", "--out",
+                 str(ev)]) == 0  # fmt: skip
+    result = json.loads((ev / "eval.json").read_text())
+    assert result["data"]["source"] == "builtin" and result["data"]["split"] == "test"
+    assert result["num_images"] == 1000
+    # without a data record, or with data that is gone: one line, nothing written
+    from vqkit.models import export_safetensors
+
+    bare = tmp_path / "bare.safetensors"
+    export_safetensors(load_model(tok / "model.safetensors"), bare)
+    capsys.readouterr()
+    assert main(["eval", str(bare), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "records no training data" in err and "--data" in err and err.count("\n") == 1
+    data.rename(tmp_path / "gone")
+    assert main(["eval", str(tok / "model.safetensors"), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read" in err and str(data.resolve()) in err and err.count("\n") == 1
+    assert not (tmp_path / "no").exists()
+    # --out the run itself would replace the run's own eval.json
+    (tmp_path / "gone").rename(data)
+    record = (tok / "eval.json").read_bytes()
+    assert main(["eval", str(tok / "model.safetensors"), "--out", str(tok)]) == 2
+    assert "the run's own" in capsys.readouterr().err
+    assert (tok / "eval.json").read_bytes() == record

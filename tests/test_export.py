@@ -128,3 +128,115 @@ def test_prior_run_export_names_and_checks_its_tokenizer(runs, tmp_path, capsys)
     assert main(["export", str(unpinned), "--out", str(tmp_path / "r"),
                  "--tokenizer", str(changed)]) == 2  # fmt: skip
     assert "tokenizer mismatch" in capsys.readouterr().err
+
+
+# -- issue 36: a model file remembers its data; export refuses to replace -----------------
+
+
+def make_folder(root, n: int = 40, size: int = 28):
+    """An image folder of ``n`` random grey ``size`` px PNGs in two class folders (no
+    test split: a run on it holds out the last 5% of train)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory, one_thread_module):
+    """A 2-step tokenizer run on a 40-image folder (38 train, 2 held out) and its export."""
+    root = tmp_path_factory.mktemp("folder")
+    data = make_folder(root / "images")
+    tok = make_tokenizer(root / "tok", "--data", str(data), "--batch-size", "8",
+                         "--steps", "2", "--eval-every", "2", "--log-every", "2")  # fmt: skip
+    assert main(["export", str(tok), "--out", str(root / "exported")]) == 0
+    return data, tok, root / "exported"
+
+
+def test_an_exported_tokenizer_carries_its_data(folder_run, tmp_path, capsys):
+    data, tok, exported = folder_run
+    info = json.loads((exported / "config.json").read_text())["info"]
+    want = {"source": str(data.resolve()), "format": "auto", "image_size": 28, "channels": 1,
+            "eval_split": "holdout"}  # fmt: skip
+    assert info["data"] == want
+    assert VQVAE.from_pretrained(exported).pretrained_info["data"] == want
+    assert load_model(exported / "model.safetensors").pretrained_info["data"] == want
+    assert load_model(tok / "model.safetensors").pretrained_info["data"] == want
+    # a prior on the export trains on the tokenizer's 38 + 2 images, and caches nothing
+    # in the export (a pretrained directory is not a run)
+    prior = tmp_path / "prior"
+    assert main(["prior", "--tokenizer", str(exported), "--out", str(prior),
+                 "--steps", "2", *PRIOR_FLAGS, "--batch-size", "8"]) == 0  # fmt: skip
+    assert "codes encoded: 38 train / 2 test index maps" in capsys.readouterr().out
+    assert not (exported / "codes").exists()
+    cfg = json.loads((prior / "config.json").read_text())
+    assert cfg["data"]["source"] == str(data.resolve()) and cfg["data"]["eval_split"] == "holdout"
+    assert cfg["data"]["train_sequences"] == 38 and cfg["data"]["test_sequences"] == 2
+    result = json.loads((prior / "eval.json").read_text())
+    assert result["data"]["source"] == str(data.resolve()) and result["data"]["split"] == "holdout"
+
+
+def test_a_model_without_a_readable_data_record_is_refused(folder_run, tmp_path, capsys):
+    data, tok, exported = folder_run
+    bare = tmp_path / "bare"  # weights without a data record (an older export)
+    bare.mkdir()
+    from vqkit.models import export_safetensors
+
+    export_safetensors(load_model(tok / "model.safetensors"), bare / "model.safetensors")
+    assert main(["prior", "--tokenizer", str(bare), "--out", str(tmp_path / "p"),
+                 "--steps", "1", *PRIOR_FLAGS]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "records no training data" in err and "--data" in err and err.count("\n") == 1
+    moved = tmp_path / "moved"  # the data is gone from where the model says it was
+    shutil.copytree(exported, moved / "exp")
+    shutil.move(str(data), str(tmp_path / "elsewhere"))
+    try:
+        assert main(["prior", "--tokenizer", str(moved / "exp"), "--out",
+                     str(tmp_path / "q"), "--steps", "1", *PRIOR_FLAGS]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert "cannot be read" in err and str(data.resolve()) in err and "--data" in err
+        assert err.count("\n") == 1
+    finally:
+        shutil.move(str(tmp_path / "elsewhere"), str(data))
+
+
+def test_export_refuses_the_run_itself_and_existing_outputs(folder_run, tmp_path, capsys):
+    _, tok, exported = folder_run
+    before = (tok / "config.json").read_bytes(), (tok / "model.safetensors").read_bytes()
+    for out in (tok, tok / "pretrained", tok / "checkpoints"):
+        assert main(["export", str(tok), "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "inside the run" in err and err.count("\n") == 1
+    assert ((tok / "config.json").read_bytes(), (tok / "model.safetensors").read_bytes()) == before
+    assert not (tok / "pretrained").exists()
+    card = (exported / "README.md").read_bytes()
+    assert main(["export", str(tok), "--out", str(exported), "--weights",
+                 "checkpoints/last.pt"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "exists" in err and "--overwrite" in err and err.count("\n") == 1
+    assert (exported / "README.md").read_bytes() == card
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    assert main(["export", str(tok), "--out", str(copy), "--weights", "checkpoints/last.pt",
+                 "--overwrite"]) == 0  # fmt: skip
+    assert "Not measured" in (copy / "README.md").read_text()
+
+
+def test_prior_export_refuses_the_run_itself_and_existing_outputs(runs, tmp_path, capsys):
+    tok, prior_run = runs
+    for out in (prior_run, prior_run / "x", tok):
+        assert main(["export", str(prior_run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "inside the run" in err and err.count("\n") == 1, err
+    out = tmp_path / "p"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "config.json").write_text("{}")
+    assert main(["export", str(prior_run), "--out", str(out)]) == 2
+    assert "tokenizer/config.json exists" in capsys.readouterr().err
+    assert (out / "tokenizer" / "config.json").read_text() == "{}"

@@ -178,3 +178,23 @@ def test_weights_without_sidecar_still_load(tmp_path):
     (d / "features.json").unlink()
     net, info = load_feature_net(d / "features.safetensors")
     assert info["width"] == 4 and len(info["sha256"]) == 64
+
+
+def test_features_refuses_to_replace_a_network_without_overwrite(feature_dir, tmp_path, capsys):
+    """issue 36: a second ``vqkit features`` into the same folder replaced the network (and
+    every FD measured with it) silently; now it refuses before loading any data."""
+    before = (feature_dir / "features.safetensors").read_bytes()
+    args = ["features", "--data", str(tmp_path / "no-such-data"), "--out", str(feature_dir)]
+    assert main([*args, "--steps", "2", "--width", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "features.safetensors exists" in err and "--overwrite" in err
+    assert err.count("\n") == 1  # refused before the (missing) data is read
+    assert (feature_dir / "features.safetensors").read_bytes() == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "features.json").write_text("{}")  # either file counts
+    args = ["features", "--data", "builtin", "--out", str(copy), "--steps", "2", "--width", "4"]
+    assert main(args) == 2
+    assert "features.json exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((copy / "features.json").read_text())["steps"] == 2

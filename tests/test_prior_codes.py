@@ -53,10 +53,14 @@ def test_find_checkpoint_order_and_errors(tokenizer_run, tmp_path):
     only.mkdir()
     shutil.copy(tokenizer_run / "model.safetensors", only)
     assert find_checkpoint(only) == only / "model.safetensors"
-    tok = load_tokenizer(only)  # no config.json: the model loads, the data is unknown
-    assert tok.num_codes == 32 and tok.run_config == {}
-    with pytest.raises(ValueError, match="data is unknown"):
-        load_codes(tok)
+    tok = load_tokenizer(only)  # no config.json: the model file records its data
+    assert tok.num_codes == 32 and tok.run_config == {} and tok.data["source"] == "builtin"
+    assert not tok.is_run  # nothing is cached beside a lone model file
+    from vqkit.models import export_safetensors
+
+    export_safetensors(tok.model, only / "model.safetensors")  # without the record
+    with pytest.raises(ValueError, match="records no training data; name the data with --data"):
+        load_codes(load_tokenizer(only))
     with pytest.raises(ValueError, match="holds no tokenizer checkpoint"):
         find_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="not found"):
@@ -157,3 +161,36 @@ def test_damaged_code_cache_is_named_and_rebuilt(tokenizer_run, how, capsys):
     assert err.count("\n") == 1 and f"rm -r {where}" in err
     assert torch.equal(again.codes, train.codes) and torch.equal(again.labels, train.labels)
     assert load_codes(tok)[2]  # rewritten: the next run reads it
+
+
+def test_the_pin_is_a_copy_a_cp_over_best_cannot_change(tokenizer_run, tmp_path):
+    """issue 36: the pin was a hard link to best.pt, so ``torch.save`` or ``cp`` over
+    best.pt (both write the file in place) rewrote the prior's weights too."""
+    import os
+
+    run = tmp_path / "run"
+    shutil.copytree(tokenizer_run, run, ignore=shutil.ignore_patterns("codes"))
+    best = run / "checkpoints" / "best.pt"
+    tok = load_tokenizer(run, pin=tmp_path / "pin")
+    assert tok.pinned is not None and tok.pinned.stat().st_nlink == 1
+    assert not os.path.samefile(tok.pinned, best)
+    pinned_bytes = tok.pinned.read_bytes()
+    # the user's torch.save over best.pt: written in place, same inode
+    ckpt = load_checkpoint(best)
+    with open(best, "r+b") as f:
+        torch.save({**ckpt, "step": 1234}, f)
+    assert tok.pinned.read_bytes() == pinned_bytes
+    again = load_tokenizer(run, expect_sha256=tok.sha256, pinned=tok.pinned)
+    assert again.sha256 == tok.sha256
+    # the pin damaged too: the advice names no weights that no longer exist
+    tok.pinned.write_bytes(pinned_bytes[:-1] + b"x")
+    with pytest.raises(ValueError, match="tokenizer mismatch") as e:
+        load_tokenizer(run, expect_sha256=tok.sha256, pinned=tok.pinned)
+    msg = str(e.value)
+    assert "damaged" in msg and "no copy" in msg and "Restore that file" not in msg
+    assert "\n" not in msg
+    # the run's file still holds the weights: the advice says so
+    shutil.copy(tokenizer_run / "checkpoints" / "best.pt", best)
+    with pytest.raises(ValueError, match="tokenizer mismatch") as e:
+        load_tokenizer(run, expect_sha256=tok.sha256, pinned=tok.pinned)
+    assert f"{best} still holds them" in str(e.value)

@@ -269,3 +269,61 @@ def test_torchrun_two_processes_then_resume_in_one(runs, tmp_path):
     assert main(["prior", "--out", str(out), "--resume", "--steps", "4", "--batch-size", "32",
                  "--no-progress"]) == 0  # fmt: skip
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
+
+
+@pytest.mark.timeout(120)
+def test_edit_overwrite_leaves_no_files_of_the_first_call(runs, tmp_path):
+    """issue 36: the first call's extra edit files stayed beside an edit.json describing
+    only the second; --overwrite removes only the files sample writes."""
+    _, masked, _, image = runs
+    out = tmp_path / "e"
+    flags = ["--edit", str(image), "--region", "0,0,14,14"]
+    assert _sample(masked, out, *flags, "--num", "3") == 0
+    (out / "mine.txt").write_text("the user's")
+    assert _sample(masked, out, *flags, "--num", "1") == 2  # not empty: refused
+    assert _sample(masked, out, *flags, "--num", "1", "--overwrite") == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["edit.json", "edit_0000.npy", "edit_0000.npy.json", "edit_0000.png",
+                     "grid.png", "mine.txt", "original.png", "reconstruction.png"]  # fmt: skip
+    meta = json.loads((out / "edit.json").read_text())
+    assert meta["num"] == 1 and meta["written"] == 1 and meta["complete"]
+
+
+@pytest.mark.timeout(120)
+def test_edits_are_drawn_and_written_batch_by_batch(runs, tmp_path, monkeypatch):
+    """issue 36: ``--edit --num 1e9`` held every edit in memory; now one batch at a time,
+    the same draws as one call of the same batch size."""
+    from vqkit.prior.transformer import Prior
+
+    sizes = []
+    original = Prior.sample
+
+    def spy(self, n, *args, **kwargs):
+        sizes.append(n)
+        return original(self, n, *args, **kwargs)
+
+    monkeypatch.setattr(Prior, "sample", spy)
+    _, masked, _, image = runs
+    out = tmp_path / "e"
+    flags = ["--edit", str(image), "--region", "0,0,14,14", "--decode-steps", "2"]
+    assert _sample(masked, out, *flags, "--num", "5", "--batch-size", "2") == 0
+    assert sizes == [2, 2, 1]
+    streamed = np.stack([np.load(out / f"edit_{i:04d}.npy") for i in range(5)])
+    meta = json.loads((out / "edit.json").read_text())
+    assert meta["num"] == 5 and meta["written"] == 5 and meta["batch_size"] == 2
+    # the same draws as one call over all five (what the edits were before)
+    from vqkit.data import normalize, read_image
+    from vqkit.prior.loading import load_prior, load_sample_tokenizer
+    from vqkit.prior.masked import MaskedSampleOptions
+    from vqkit.prior.sampling import SampleOptions
+
+    model, ckpt = load_prior(masked)
+    tok = load_sample_tokenizer(masked, ckpt, None, "cpu")
+    codes = tok.model.encode(normalize(read_image(image, 1, 28)[None]))
+    hidden = region_mask([(0, 0, 14, 14)], (28, 28), (7, 7))
+    mopts = MaskedSampleOptions.from_dict({"decode_steps": 2}).resolved(int(hidden.sum()))
+    g = torch.Generator().manual_seed(0)
+    whole = original(model, 5, SampleOptions.from_dict({}), generator=g, batch_size=2,
+                     codes=codes.expand(5, 7, 7), hidden=hidden[None].expand(5, 7, 7),
+                     masked=mopts)  # fmt: skip
+    assert np.array_equal(streamed, whole.numpy())

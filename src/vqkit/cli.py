@@ -132,21 +132,59 @@ def _run_dir_of(checkpoint: Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else parent
 
 
+def _eval_data(args: argparse.Namespace, model: Any, meta: dict[str, Any]) -> tuple[Any, dict]:
+    """(images, what eval.json records of them): ``--data`` (split ``--split``, default
+    test), else the data the model records (:mod:`vqkit.data.reference`; split
+    ``--split``, default the run's eval split), refused in one line when it records none
+    or it cannot be read: never the built-in set in its place."""
+    from .data.reference import (
+        check_reference,
+        data_reference,
+        describe_use,
+        load_reference,
+        reference_from_train_config,
+    )
+
+    cfg = model.config
+    if args.data is not None:
+        ref = data_reference(
+            args.data,
+            image_size=cfg.image_size,
+            channels=cfg.in_channels,
+            eval_split=args.split or "test",
+        )
+    else:
+        ref = model.pretrained_info.get("data") if hasattr(model, "pretrained_info") else None
+        if ref is None and meta.get("train_config"):  # a .pt checkpoint: its options
+            ref = reference_from_train_config(
+                meta["train_config"], image_size=cfg.image_size, channels=cfg.in_channels
+            )
+        ref = check_reference(ref, str(args.checkpoint))
+    data, split = load_reference(
+        ref,
+        args.split,
+        cache_dir=args.cache_dir,
+        where=str(args.checkpoint),
+        given=args.data is not None,
+    )
+    return data, describe_use(ref, split, len(data))
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from .data import data_variance, load_dataset
+    from .data import data_variance
     from .evaluation.plots import save_recon_grid
     from .evaluation.reconstruction import evaluate
     from .storage.fileio import dump_json, write_json
 
     model, meta, device = _load(args)
-    source = args.data if args.data is not None else meta.get("train_config", {}).get("data")
-    data = load_dataset(
-        source,
-        args.split,
-        image_size=model.config.image_size,
-        channels=model.config.in_channels,
-        cache_dir=args.cache_dir,
-    )
+    run_dir = _run_dir_of(Path(args.checkpoint))
+    out = Path(args.out) if args.out else None
+    if out is not None and out.resolve() == run_dir and (run_dir / "eval.json").is_file():
+        raise UserError(
+            f"--out {out} is the checkpoint's run: eval.json there is the run's own record; "
+            "choose another folder"
+        )
+    data, used = _eval_data(args, model, meta)
     var = meta.get("data_variance") or data_variance(data)
     result = evaluate(
         model,
@@ -158,8 +196,9 @@ def _eval(args: argparse.Namespace) -> int:
         suite=_eval_suite(args),
     )
     result.pop("counts")
+    result["data"] = used
     # beside the checkpoint's run unless --out says otherwise, never the current directory
-    out = Path(args.out) if args.out else _run_dir_of(Path(args.checkpoint)) / f"eval-{args.split}"
+    out = out or run_dir / f"eval-{used['split']}"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)
     import torch
@@ -249,18 +288,21 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .prior.export import export_prior_run, is_prior_run
-    from .training.export import export_tokenizer_run
+    from .prior.export import TOKENIZER_DIR, export_prior_run, is_prior_run, tokenizer_run_of
+    from .training.export import check_export_out, export_tokenizer_run
 
     out = Path(args.out)
     if is_prior_run(args.run):
         if args.weights:
             raise UserError("--weights is for tokenizer runs; a prior exports checkpoints/last.pt")
+        runs = [args.run, *tokenizer_run_of(args.run, args.tokenizer)]
+        check_export_out(out, runs, overwrite=args.overwrite, subdirs=("", TOKENIZER_DIR))
         export_prior_run(args.run, out, tokenizer=args.tokenizer)
         what = "prior (and its tokenizer in tokenizer/)"
     else:
         if args.tokenizer:
             raise UserError(f"--tokenizer is for prior runs; {args.run} is not one")
+        check_export_out(out, [args.run], overwrite=args.overwrite)
         export_tokenizer_run(args.run, out, weights=args.weights)
         what = "tokenizer"
     print(f"{what} written to {out}: config.json model.safetensors README.md")
@@ -277,6 +319,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run", metavar="RUN", help="a vqkit train or vqkit prior run directory")
     p.add_argument("--out", required=True, metavar="DIR", help="the pretrained directory")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the files of an existing export"
+    )
     p.add_argument(
         "--weights",
         default=None,
@@ -317,8 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "--overwrite", action="store_true", help="replace outputs that exist already"
             )
         if name == "eval":
-            p.add_argument("--data", default=None, help="dataset (default: the training one)")
-            p.add_argument("--split", default="test")
+            p.add_argument(
+                "--data",
+                default=None,
+                help="dataset (default: the one the model records it was trained on)",
+            )
+            p.add_argument(
+                "--split",
+                default=None,
+                help="split (default: the run's evaluation split; with --data: test)",
+            )
             p.add_argument("--cache-dir", default=None)
             p.add_argument("--limit", type=int, default=None, help="an evenly strided subset")
             p.add_argument(

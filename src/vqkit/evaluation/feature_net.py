@@ -25,7 +25,7 @@ from torch import nn
 from ..data import ImageData, load_dataset, normalize
 from ..errors import UserError
 from ..storage.checkpoint import nonfinite_tensors, save_file_atomically
-from ..storage.fileio import dump_json, write_json
+from ..storage.fileio import dump_json, refuse_existing, write_json
 from ..storage.weights import load_state_strict
 from .features import sha256_file
 
@@ -293,6 +293,7 @@ def add_features_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-split", default="test")
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a feature network in --out")
 
 
 def run_features(args: argparse.Namespace) -> int:
@@ -302,6 +303,10 @@ def run_features(args: argparse.Namespace) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     if not args.lr > 0:
         raise UserError("--lr must be > 0")
+    # FD/KID measured with the network in --out are tied to it: replaced only when asked,
+    # and refused before any data is read
+    out = Path(args.out)
+    refuse_existing([out / "features.safetensors", out / "features.json"], args.overwrite)
     kw = {"image_size": args.image_size, "cache_dir": args.cache_dir}
     train = load_dataset(args.data, "train", **kw)
     test = load_dataset(args.data, args.test_split, **kw, channels=train.images.shape[1])

@@ -119,14 +119,16 @@ class PretrainedMixin(_HubBase, **_HUB_OPTIONS):  # type: ignore[misc, valid-typ
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """``config.json`` and ``model.safetensors`` (the mixin's hook; atomic writes)."""
-        export_safetensors(self, save_directory / WEIGHTS_NAME)  # type: ignore[arg-type]
+        info = dict(getattr(self, "pretrained_info", {}) or {})
+        # the weights carry the info too: a model file alone still knows its data
+        export_safetensors(self, save_directory / WEIGHTS_NAME, info=info)  # type: ignore[arg-type]
         write_json(
             save_directory / CONFIG_NAME,
             {
                 "vqkit": self.pretrained_kind,
                 "format": FORMAT,
                 "config": self.config.to_dict(),
-                "info": dict(getattr(self, "pretrained_info", {}) or {}),
+                "info": info,
             },
         )
 

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from ..storage.checkpoint import CheckpointError, load_checkpoint
-from ..storage.weights import export_safetensors, load_state_strict, read_safetensors
+from ..storage.weights import (
+    export_safetensors,
+    load_state_strict,
+    read_info,
+    read_safetensors,
+)
 from .vqvae import VQVAE, VQVAEConfig
 
 __all__ = ["export_safetensors", "load_model"]
@@ -38,10 +43,13 @@ def load_model(
 ) -> VQVAE:
     """A :class:`~vqkit.models.VQVAE` from a ``.pt`` checkpoint or ``.safetensors`` export;
     CheckpointError on a damaged file, a missing or unexpected weight, or
-    (``check_finite``) a NaN/Inf weight."""
+    (``check_finite``) a NaN/Inf weight. An export's ``info`` (its record of the training
+    data, :mod:`vqkit.data.reference`) becomes the model's ``pretrained_info``."""
     path = Path(path)
     if path.suffix == ".safetensors":
         config, state = read_safetensors(path, map_location, check_finite=check_finite)
-        return _build(config, state, path)
+        model = _build(config, state, path)
+        model.pretrained_info = read_info(path)
+        return model
     ckpt = load_checkpoint(path, map_location, check_finite=check_finite)
     return _build(ckpt["model_config"], ckpt["model"], path)

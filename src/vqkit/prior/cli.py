@@ -267,9 +267,12 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UserError("--cfg-scale needs a class to guide towards (not 'null')")
     g = torch.Generator(device).manual_seed(args.seed)
     if args.edit is not None:
-        labels = _class_labels(class_id, classes, 0, args.num, null)
-        cond = labels if model.config.num_classes and not guided_null else None
-        return run_edit(args, model, tok, opts, masked, cond, g)
+
+        def edit_labels(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            labels = _class_labels(class_id, classes, start, n, null)  # one batch's
+            return labels, labels if model.config.num_classes and not guided_null else None
+
+        return run_edit(args, model, tok, opts, masked, edit_labels, g)
     writer = SampleWriter(
         args.out,
         args.num,

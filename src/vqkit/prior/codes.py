@@ -1,19 +1,24 @@
 """The tokenizer a prior models, and its data as index maps, encoded once and cached.
 
-A tokenizer is a ``vqkit train`` run directory: its weights
-(``checkpoints/best.pt``, else ``checkpoints/last.pt``, else ``model.safetensors``) and
-``config.json``, whose ``"train"`` options name the data it was trained on. The prior
-is tied to the exact weights file by its SHA-256: the train and test splits are encoded
-into ``RUN_DIR/codes/<sha256[:16]>/{train,test}.npz`` (index maps and labels) the first
-time and read back afterwards, and a prior refuses a tokenizer whose file hash differs
+A tokenizer is a ``vqkit train`` run directory (its weights: ``checkpoints/best.pt``,
+else ``checkpoints/last.pt``, else ``model.safetensors``) or a ``vqkit export``
+directory (``model.safetensors``). Its data is the one its weights record
+(:mod:`vqkit.data.reference`; a checkpoint: its run's ``"train"`` options), refused in
+one line when there is none and ``data`` is not given: never the built-in set in its
+place. The prior is tied to the exact weights file by its SHA-256: a run's train and
+test splits are encoded into ``RUN_DIR/codes/<sha256[:16]>/{train,test}.npz`` (index
+maps and labels) the first time and read back afterwards (an export directory is not a
+run: nothing is cached there), and a prior refuses a tokenizer whose file hash differs
 from the one it was trained on.
 
 The prior keeps the exact weights it was trained on: :func:`load_tokenizer` with ``pin``
-hard-links (or, across filesystems, copies) the weights file into
-``PRIOR_DIR/tokenizer/<sha256[:16]><suffix>`` first and loads, hashes and records that
-copy, so a tokenizer run that goes on training (a new ``best.pt``), is resumed or deleted
-leaves the prior usable; ``vqkit sample`` loads the pinned copy. A tokenizer run still
-locked by its trainer gets a warning (:func:`tokenizer_in_use`).
+copies the weights file into ``PRIOR_DIR/tokenizer/<sha256[:16]><suffix>`` first (a
+copy, not a hard link: ``cp`` and ``torch.save`` over ``best.pt`` write that file in
+place, and would rewrite a link too) and loads, hashes and records that copy, so a
+tokenizer run that goes on training, is resumed, overwritten or deleted leaves the
+prior usable; ``vqkit sample`` loads the pinned copy, checked against the recorded
+hash. A tokenizer run still locked by its trainer gets a warning
+(:func:`tokenizer_in_use`).
 
 A cached split is verified before use (:func:`read_cached_codes`): readable, integer,
 the tokenizer's code shape, every index in ``[0, K)``, labels matching, and the SHA-256
@@ -35,6 +40,12 @@ import numpy as np
 import torch
 
 from ..data import epoch_permutation
+from ..data.reference import (
+    check_reference,
+    data_reference,
+    load_reference,
+    reference_from_train_config,
+)
 from ..errors import UserError
 from ..models import VQVAE, load_model
 from ..storage.fileio import atomic_write, file_hexdigest, write_json
@@ -93,10 +104,17 @@ class Tokenizer:
     model: VQVAE
     run_config: dict[str, Any]
     pinned: Path | None = None  # the copy the prior keeps (loaded instead of checkpoint)
+    data: dict[str, Any] | None = None  # its record of its training data; None: unknown
 
     @property
     def num_codes(self) -> int:
         return self.model.num_codes
+
+    @property
+    def is_run(self) -> bool:
+        """Whether ``run_dir`` is a ``vqkit train`` run (where codes are cached), not an
+        export directory."""
+        return "train" in self.run_config
 
     def describe(self) -> dict[str, Any]:
         """What a prior checkpoint records to find and check its tokenizer again."""
@@ -118,18 +136,16 @@ def tokenizer_in_use(run_dir: str | os.PathLike[str]) -> str | None:
 
 
 def pin_weights(path: str | os.PathLike[str], pin_dir: str | os.PathLike[str]) -> tuple[Path, str]:
-    """(pinned copy, its sha256): ``path`` hard-linked (else copied) into ``pin_dir`` as
-    ``<sha256[:16]><suffix>``. A link made while a trainer atomically replaces ``path``
-    holds the old or the new file whole, and later replacements do not touch it; the
-    hash is of the pinned bytes."""
+    """(pinned copy, its sha256): ``path`` copied into ``pin_dir`` as
+    ``<sha256[:16]><suffix>``. A copy, never a hard link: a link shares the bytes, so a
+    ``cp`` or ``torch.save`` over ``path`` (both write in place) would rewrite the pin.
+    A trainer replaces ``path`` atomically, so the copy holds the old or the new file
+    whole; the hash is of the pinned bytes, and later loads check it."""
     src, pin = Path(path), Path(pin_dir)
     pin.mkdir(parents=True, exist_ok=True)
     tmp = pin / f".{src.name}.{os.getpid()}.{os.urandom(3).hex()}.tmp"
     try:
-        try:
-            os.link(src, tmp)
-        except OSError:  # another filesystem, or links not supported: a copy
-            shutil.copyfile(src, tmp)
+        shutil.copyfile(src, tmp)
         digest = file_sha256(tmp)
         target = pin / f"{digest[:16]}{src.suffix}"
         os.replace(tmp, target)
@@ -139,12 +155,28 @@ def pin_weights(path: str | os.PathLike[str], pin_dir: str | os.PathLike[str]) -
     return target, digest
 
 
-def _mismatch(path: Path, want: str, got: str) -> ValueError:
+def _mismatch(path: Path, want: str, got: str, origin: Path | None = None) -> ValueError:
+    """The one-line error for weights of another hash than the prior's; ``origin``: the
+    run's file when ``path`` is the prior's pinned copy (the advice names only weights
+    that still exist)."""
+    head = (
+        f"tokenizer mismatch: the prior was trained on weights with sha256 {want[:16]}..., "
+        f"but {path} has sha256 {got[:16]}..."
+    )
+    if origin is None:
+        return UserError(
+            f"{head} (the tokenizer run trained on or was resumed). Restore that file, or "
+            "pass --tokenizer DIR holding the original weights, or train a new prior on the "
+            "current tokenizer (priors keep a pinned copy in PRIOR_DIR/tokenizer/)"
+        )
+    if origin.is_file() and file_sha256(origin) == want:
+        return UserError(
+            f"{head}: the prior's pinned copy is damaged; {origin} still holds them: "
+            f"copy it over {path}"
+        )
     return UserError(
-        f"tokenizer mismatch: the prior was trained on weights with sha256 {want[:16]}..., but "
-        f"{path} has sha256 {got[:16]}... (the tokenizer run trained on or was resumed). "
-        "Restore that file, or pass --tokenizer DIR holding the original weights, or train a "
-        "new prior on the current tokenizer (priors keep a pinned copy in PRIOR_DIR/tokenizer/)"
+        f"{head}: the prior's pinned copy is damaged, and {origin} holds no copy of those "
+        "weights either; pass --tokenizer DIR holding them (a backup), or train a new prior"
     )
 
 
@@ -165,7 +197,8 @@ def load_tokenizer(
     and hash are then those of the pinned copy. ``pinned``: a copy pinned earlier,
     loaded instead of the run's file when it exists (the run directory may be gone)."""
     run = Path(run_dir)
-    if pinned is not None and Path(pinned).is_file():
+    from_pin = pinned is not None and Path(pinned).is_file()
+    if from_pin:
         path, origin = Path(pinned), run / (checkpoint or CHECKPOINT_NAMES[0])
         digest = file_sha256(path)
     else:
@@ -173,14 +206,20 @@ def load_tokenizer(
         path, digest = pin_weights(origin, pin) if pin is not None else (origin, "")
         digest = digest or file_sha256(path)
     if expect_sha256 is not None and digest != expect_sha256:
-        if path != origin and pinned is None:
+        if path != origin and not from_pin:
             path.unlink(missing_ok=True)  # pinned just now, and not the prior's weights
-        raise _mismatch(origin if pinned is None else path, expect_sha256, digest)
+        if not from_pin:
+            raise _mismatch(origin, expect_sha256, digest)
+        raise _mismatch(path, expect_sha256, digest, origin)
     model = load_model(path, map_location=device).to(device).eval()
     cfg_path = run / "config.json"
     run_config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     keep = path if path != origin else None
-    return Tokenizer(run, origin, digest, model, run_config, keep)
+    data = getattr(model, "pretrained_info", {}).get("data")
+    if data is None and isinstance(run_config.get("train"), dict):  # a checkpoint's run
+        size, channels = model.config.image_size, model.config.in_channels
+        data = reference_from_train_config(run_config["train"], image_size=size, channels=channels)
+    return Tokenizer(run, origin, digest, model, run_config, keep, data)
 
 
 @dataclass
@@ -192,6 +231,7 @@ class CodeData:
     labels: torch.Tensor
     classes: tuple[str, ...] = ()
     split: str = ""
+    data: dict[str, Any] | None = None  # the record of the images (not saved)
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
@@ -257,32 +297,24 @@ def encode_data(
     return CodeData(codes, images.labels.clone(), tuple(images.classes), images.split)
 
 
-def _load_images(tok: Tokenizer, data: str | None) -> tuple[Any, Any]:
-    """The tokenizer's train split and its eval split (or the last 5% of train, as
-    ``vqkit train`` does for a source without that split)."""
-    from ..data import load_dataset
+def _data_of(tok: Tokenizer, data: str | None) -> dict[str, Any]:
+    """The record of the images to encode: ``data`` (the tokenizer's eval split rule),
+    else the tokenizer's own; a one-line UserError when it records none."""
+    if data is None:
+        return check_reference(tok.data, f"tokenizer {tok.checkpoint}")
+    cfg = tok.model.config
+    split = (tok.data or {}).get("eval_split", "test")
+    size, channels = cfg.image_size, cfg.in_channels
+    return data_reference(data, image_size=size, channels=channels, eval_split=split)
 
-    train_cfg = tok.run_config.get("train", {})
-    if data is None and not tok.run_config:
-        raise UserError(
-            f"{tok.run_dir / 'config.json'} not found: the tokenizer's data is unknown "
-            "(pass the dataset explicitly)"
-        )
-    source = data if data is not None else train_cfg.get("data")
-    opts = {
-        "image_size": tok.model.config.image_size,
-        "channels": tok.model.config.in_channels,
-        "cache_dir": train_cfg.get("cache_dir"),
-        "format": train_cfg.get("data_format", "auto") if data is None else "auto",
-    }
-    train = load_dataset(source, "train", **opts)
-    try:
-        test = load_dataset(source, train_cfg.get("eval_split", "test"), **opts)
-    except (FileNotFoundError, ValueError):
-        n_eval = max(1, len(train) // 20)
-        test = train.subset(slice(len(train) - n_eval, None))
-        train = train.subset(slice(0, len(train) - n_eval))
-    return train, test
+
+def _load_images(tok: Tokenizer, ref: dict[str, Any], given: bool) -> tuple[Any, Any, str]:
+    """(train split, eval split, its name) of the record (the eval split: the run's,
+    or held out of train, as ``vqkit train`` does; :func:`vqkit.data.reference.load_reference`)."""
+    where, cache = f"tokenizer {tok.checkpoint}", tok.run_config.get("train", {}).get("cache_dir")
+    train, _ = load_reference(ref, "train", cache_dir=cache, where=where, given=given)
+    test, split = load_reference(ref, None, cache_dir=cache, where=where, given=given)
+    return train, test, split
 
 
 def codes_dir(tok: Tokenizer) -> Path:
@@ -343,26 +375,32 @@ def load_codes(
     progress: bool = False,
 ) -> tuple[CodeData, CodeData, bool]:
     """(train, test, cached): the tokenizer's splits as index maps, from the cache when
-    it holds them (``cached`` True), else encoded now and written there. ``data``
-    overrides the dataset of the tokenizer's ``config.json`` (and is then not cached).
+    it holds them (``cached`` True), else encoded now and written there (a run only).
+    ``data`` overrides the data the tokenizer records (and is then not cached); without
+    it, a tokenizer that records none is a one-line UserError.
     A damaged cache file (:func:`read_cached_codes`) is named in a warning on stderr and
     the splits are encoded again and rewritten."""
+    ref = _data_of(tok, data)
+    cache = data is None and tok.is_run  # an export directory is not written into
     where = codes_dir(tok)
     paths = where / "train.npz", where / "test.npz"
-    if data is None and all(p.is_file() for p in paths):
+    if cache and all(p.is_file() for p in paths):
         try:
             train, test = (read_cached_codes(p, tok) for p in paths)
+            train.data = test.data = ref
             return train, test, True
         except ValueError as e:
             print(
                 f"warning: damaged code cache, encoding again: {e} (rm -r {where} clears it)",
                 file=sys.stderr,
             )
-    train_images, test_images = _load_images(tok, data)
+    train_images, test_images, split = _load_images(tok, ref, data is not None)
     out = []
     for images in (train_images, test_images):
         out.append(encode_data(tok.model, images, batch_size=batch_size, progress=progress))
-    if data is None:
+    out[1].split = split  # "holdout": a part of train
+    out[0].data = out[1].data = ref
+    if cache:
         (where / CHECKSUMS).unlink(missing_ok=True)  # stale while the files are replaced
         for split, path in zip(out, paths, strict=True):
             split.save(path)

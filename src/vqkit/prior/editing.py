@@ -15,14 +15,17 @@ Writes into ``--out``: ``original.png`` (the image as the tokenizer sees it),
 ``reconstruction.png`` (its codes decoded, nothing regenerated), ``edit_NNNN.png`` and
 ``edit_NNNN.npy`` (index maps, with the tokenizer identity beside them as
 :mod:`vqkit.models.codes_io` writes it), ``grid.png`` (original, reconstruction, the region
-greyed out, then the edits next to them) and ``edit.json``; a folder that holds
-anything is refused unless ``--overwrite``.
+greyed out, then the first 64 edits) and ``edit.json`` (what was asked, and how far it
+got: ``written``, ``complete``), batch by batch as plain sampling writes its folder
+(:mod:`vqkit.prior.sample_writer`); a folder that holds anything is refused unless
+``--overwrite``, which removes only the files ``vqkit sample`` writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,6 @@ import torch
 
 from ..errors import UserError
 from ..options import add_arguments, option_fields
-from ..storage.fileio import write_json
 from .masked import MaskedSampleOptions, reveal_counts
 
 __all__ = [
@@ -164,19 +166,20 @@ def run_edit(
     tok: Any,
     opts: Any,
     masked: dict[str, Any],
-    labels: torch.Tensor | None,
+    labels: Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]],
     generator: torch.Generator,
 ) -> int:
     """``vqkit sample PRIOR --edit IMAGE --region ...``: ``--num`` edits of the image
-    (see the module docstring). ``labels``: the class per edit, None for the null class."""
+    (see the module docstring), drawn, decoded and written ``--batch-size`` at a time
+    (:class:`~vqkit.prior.sample_writer.SampleWriter`: memory holds one batch, whatever
+    ``--num`` is; the same draws as one call, which decodes batch after batch from the
+    same generator). ``labels(start, n)``: (the class ids recorded, the classes steering
+    the prior or None for the null class) of edits start..start+n-1."""
     from ..data import normalize, read_image
     from ..evaluation.plots import save_images
-    from ..models.codes_io import model_identity, save_codes
-    from .report import save_grid
+    from ..models.codes_io import model_identity
+    from .sample_writer import SampleWriter
 
-    out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not getattr(args, "overwrite", False):
-        raise UserError(f"{out} is not empty; pass --overwrite to write the edits into it")
     regions = [parse_region(r) for r in args.region or []]
     cfg = tok.model.config
     size = (cfg.image_size, cfg.image_size)
@@ -187,31 +190,14 @@ def run_edit(
     codes = tok.model.encode(x)
     num, bs = args.num, args.batch_size
     # the passes for this region's codes, made explicit (edit.json records them)
-    masked = {**masked, "masked": masked["masked"].resolved(int(hidden.sum()))}
-    edited = model.sample(
-        num,
-        opts,
-        labels=labels,
-        generator=generator,
-        batch_size=bs,
-        codes=codes.expand(num, *codes.shape[1:]),
-        hidden=hidden.to(device)[None].expand(num, *hidden.shape),
-        **masked,
-    )
+    mopts = masked["masked"].resolved(int(hidden.sum()))
+    reveal_counts(int(hidden.sum()), mopts.decode_steps, mopts.schedule)  # before any file
+    masked = {**masked, "masked": mopts}
     recon = tok.model.decode(codes)
-    images = torch.cat([tok.model.decode(edited[i : i + bs]) for i in range(0, num, bs)])
     pos = hidden if hidden.dim() == 2 else hidden[..., 0]
     f_h, f_w = cfg.image_size // pos.shape[0], cfg.image_size // pos.shape[1]
     pixels = pos.repeat_interleave(f_h, 0).repeat_interleave(f_w, 1).to(device)
     greyed = torch.where(pixels, torch.zeros_like(x), x)
-    out.mkdir(parents=True, exist_ok=True)
-    save_images(torch.cat((x, recon)), [out / "original.png", out / "reconstruction.png"])
-    names = [f"edit_{i:04d}" for i in range(num)]
-    save_images(images, [out / f"{n}.png" for n in names])
-    identity = model_identity(tok.model)  # beside every map, as vqkit sample writes them
-    for n, c in zip(names, edited.cpu(), strict=True):
-        save_codes(out / f"{n}.npy", c, identity)
-    save_grid(torch.cat((x, recon, greyed, images)), out / "grid.png")
     meta = {
         "prior": str(Path(args.prior).resolve()),
         "image": str(Path(args.edit).resolve()),
@@ -220,15 +206,43 @@ def run_edit(
         "codes_regenerated": int(hidden.sum()),
         "codes": int(hidden.numel()),
         "seed": args.seed,
-        "num": num,
+        # the batches share one generator: another batch size draws other edits
+        "batch_size": bs,
         "options": opts.to_dict(),
         "masked_options": masked["masked"].to_dict(),
-        "labels": labels.tolist() if labels is not None else None,
+        "class": args.class_id,
         "tokenizer_sha256": tok.sha256,
     }
-    write_json(out / "edit.json", meta)
+    writer = SampleWriter(  # refuses a non-empty --out before anything is written
+        args.out,
+        num,
+        meta,
+        model_identity(tok.model),  # beside every map, as vqkit sample writes them
+        overwrite=getattr(args, "overwrite", False),
+        prefix="edit",
+        record="edit.json",
+        head=torch.cat((x, recon, greyed)),
+    )
+    out = Path(args.out)
+    save_images(torch.cat((x, recon)), [out / "original.png", out / "reconstruction.png"])
+    hidden = hidden.to(device)[None]
+    for start in range(0, num, bs):
+        n = min(bs, num - start)
+        recorded, steer = labels(start, n)
+        edited = model.sample(
+            n,
+            opts,
+            labels=steer,
+            generator=generator,
+            batch_size=n,
+            codes=codes.expand(n, *codes.shape[1:]),
+            hidden=hidden.expand(n, *hidden.shape[1:]),
+            **masked,
+        )
+        writer.add(tok.model.decode(edited), edited, recorded)
+    writer.close()
     print(
-        f"{num} edits of {args.edit} ({int(hidden.sum())} of {hidden.numel()} codes "
+        f"{num} edits of {args.edit} ({meta['codes_regenerated']} of {meta['codes']} codes "
         f"regenerated) -> {out}/grid.png, edit_*.png, edit_*.npy"
     )
     return 0

@@ -24,7 +24,7 @@ from .config import PriorConfig
 from .loading import load_sample_tokenizer
 from .transformer import Prior
 
-__all__ = ["export_prior_run", "is_prior_run"]
+__all__ = ["export_prior_run", "is_prior_run", "tokenizer_run_of"]
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -36,6 +36,19 @@ def is_prior_run(run_dir: str | os.PathLike[str]) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and "tokenizer" in cfg and "prior" in cfg
+
+
+def tokenizer_run_of(run_dir: str | os.PathLike[str], tokenizer: str | None = None) -> list[str]:
+    """The tokenizer run of a prior run (``tokenizer``, else the one its config.json
+    records), as a list ([] when none is known): an export must not write into it."""
+    if tokenizer:
+        return [tokenizer]
+    try:
+        cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+        found = (cfg.get("tokenizer") or {}).get("run_dir")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [found] if isinstance(found, str) else []
 
 
 def export_prior_run(
@@ -54,6 +67,7 @@ def export_prior_run(
     tok = load_sample_tokenizer(run, ckpt, tokenizer, "cpu")
     model = Prior(PriorConfig.from_dict(ckpt["model_config"]))
     load_state_strict(model, ckpt["model"], path)
+    tok.model.pretrained_info = {"data": tok.data} if tok.data else {}  # its training data
     tok.model.save_pretrained(
         out / TOKENIZER_DIR,
         model_card_kwargs={

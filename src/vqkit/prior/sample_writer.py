@@ -1,4 +1,5 @@
-"""The output folder of ``vqkit sample``: written batch by batch, never a mix of two calls.
+"""The output folder of ``vqkit sample`` (and of ``vqkit sample --edit``): written batch by
+batch, never a mix of two calls.
 
 Layout of ``--out DIR``::
 
@@ -13,11 +14,15 @@ Layout of ``--out DIR``::
                                         again; and how far it got: ``written``,
                                         ``complete``
 
+``vqkit sample --edit`` (:mod:`vqkit.prior.editing`) writes ``edit_NNNN.*``, ``edit.json``
+in place of ``samples.json``, ``original.png`` and ``reconstruction.png``, and its grid
+starts with ``head`` (the original, its reconstruction, the region greyed out).
+
 Rules:
 
 * a folder that holds anything is refused unless ``overwrite``; ``overwrite`` removes only
-  the files sample writes (the names above, and temp files of killed writers), so the
-  folder never mixes two calls' samples under one ``samples.json``;
+  the files sample writes, in either mode (the names above, and temp files of killed
+  writers), so the folder never mixes two calls' files under one record;
 * samples are written as each batch is decoded, every file atomically: memory holds one
   batch and the grid's first images, whatever ``--num`` is; ``samples.json`` is rewritten
   after each batch, so a killed run leaves ``written`` complete, usable samples (and
@@ -45,14 +50,20 @@ __all__ = ["GRID", "LABELS_LISTED", "SampleWriter"]
 
 GRID = 64
 LABELS_LISTED = 4096  # samples.json is rewritten per batch: keep that cheap
-_OWN = re.compile(r"sample_\d+\.(png|npy|npy\.json)|grid\.png|samples\.json")
+# every file vqkit sample writes, plain or --edit: --overwrite removes these and no other
+_OWN = re.compile(
+    r"(sample|edit)_\d+\.(png|npy|npy\.json)|grid\.png|samples\.json|edit\.json"
+    r"|original\.png|reconstruction\.png"
+)
 
 
 class SampleWriter:
     """Writes one ``vqkit sample`` call's files into ``out`` (see the module docstring).
 
-    ``meta``: what samples.json records besides the progress; ``identity``: the tokenizer's
-    (:func:`vqkit.models.codes_io.model_identity`), written beside every index map."""
+    ``meta``: what the record (``record``: samples.json) holds besides the progress;
+    ``identity``: the tokenizer's (:func:`vqkit.models.codes_io.model_identity`), written
+    beside every index map; ``prefix``: the files' names (``sample``, ``edit``); ``head``:
+    images (N, C, H, W) the grid shows before the samples."""
 
     def __init__(
         self,
@@ -62,8 +73,13 @@ class SampleWriter:
         identity: dict[str, Any],
         *,
         overwrite: bool = False,
+        prefix: str = "sample",
+        record: str = "samples.json",
+        head: torch.Tensor | None = None,
     ) -> None:
         self.out, self.num, self.identity = Path(out), num, identity
+        self.prefix, self.record = prefix, record
+        self._head = [] if head is None else [head.cpu()]
         self.meta = {**meta, "num": num}
         self.width = max(4, len(str(num - 1)))
         self.written = 0
@@ -95,10 +111,10 @@ class SampleWriter:
         extra: dict[str, Any] = {"written": self.written, "complete": complete}
         if self._labels is not None:
             extra["labels"] = self._labels
-        write_json(self.out / "samples.json", {**self.meta, **extra})
+        write_json(self.out / self.record, {**self.meta, **extra})
 
     def name(self, i: int) -> str:
-        return f"sample_{i:0{self.width}d}"
+        return f"{self.prefix}_{i:0{self.width}d}"
 
     def add(self, images: torch.Tensor, codes: torch.Tensor, labels: torch.Tensor) -> None:
         """Write the next batch: images (B, C, H, W) in [-0.5, 0.5], codes (B, *code_shape),
@@ -117,7 +133,7 @@ class SampleWriter:
 
     def _write_grid(self) -> None:
         images = torch.cat(self._grid)
-        save_grid(images, self.out / "grid.png")
+        save_grid(torch.cat([*self._head, images]), self.out / "grid.png")
         if len(images) >= min(GRID, self.num):
             self._grid, self._grid_done = [], True
 

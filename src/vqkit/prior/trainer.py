@@ -292,6 +292,7 @@ class PriorTrainer(LoaderJob):
             "train": self.tcfg.to_dict(),
             "tokenizer": self.tokenizer.describe() if self.tokenizer is not None else None,
             "data": {
+                **(self.train_data.data or {}),  # the images the codes are of
                 "train_sequences": len(self.train_data),
                 "test_sequences": len(self.test_data),
                 "classes": list(self.train_data.classes),
@@ -335,5 +336,11 @@ class PriorTrainer(LoaderJob):
             last if last and last["step"] == self.step else {"step": self.step, **self.evaluate()}
         )
         result = {**result, "eval_sequences": self.tcfg.eval_sequences}
+        ref = self.test_data.data or {}
+        result["data"] = {  # what the figures were measured on
+            **{k: ref.get(k) for k in ("source", "format", "image_size", "channels")},
+            "split": self.test_data.split,
+            "num_maps": len(self.test_data),
+        }
         write_json(self.out / "eval.json", result)
         return result

@@ -4,12 +4,13 @@ InceptionV3, LPIPS' VGG16 backbone), and the one strict loader behind both.
 
 A model file (:func:`export_safetensors`) holds the model's state dict; its metadata
 holds ``format``, the model config as JSON (``model_config``), a module's extra state as
-JSON (``extra_state``, e.g. FSQ's levels) and ``aliases``: names of tied tensors (a
-prior's output head shares the token embedding) stored once, under the first name, and
-restored on load. safetensors' own ``save_model`` / ``load_model`` handle tied tensors
-too, but not extra state (it is not a tensor: ``save_model`` cannot write it and
-``load_model`` reports it missing), and their errors span several lines; so ties are
-found here.
+JSON (``extra_state``, e.g. FSQ's levels), what else the model needs as JSON (``info``:
+a tokenizer's record of its training data, :mod:`vqkit.data.reference`) and
+``aliases``: names of tied tensors (a prior's output head shares the token embedding)
+stored once, under the first name, and restored on load. safetensors' own
+``save_model`` / ``load_model`` handle tied tensors too, but not extra state (it is not a
+tensor: ``save_model`` cannot write it and ``load_model`` reports it missing), and their
+errors span several lines; so ties are found here.
 
 Loading is strict (:func:`load_state_strict`): a missing or unexpected key, or a tensor
 of another shape, is a one-line :class:`~vqkit.storage.checkpoint.CheckpointError`
@@ -41,6 +42,7 @@ __all__ = [
     "export_safetensors",
     "load_state_strict",
     "load_weights_file",
+    "read_info",
     "read_safetensors",
     "read_state_file",
 ]
@@ -63,14 +65,18 @@ def _split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     return state, extra, aliases
 
 
-def export_safetensors(model: nn.Module, path: str | os.PathLike[str]) -> None:
+def export_safetensors(
+    model: nn.Module, path: str | os.PathLike[str], *, info: Mapping[str, Any] | None = None
+) -> None:
     """Write the model's weights and buffers as safetensors, config (``model.config``,
-    with ``to_dict()``) and extra state in the metadata, tied tensors once; atomic, with
-    the usual file mode (umask), a full disk a CheckpointError."""
+    with ``to_dict()``), extra state and ``info`` (JSON) in the metadata, tied tensors
+    once; atomic, with the usual file mode (umask), a full disk a CheckpointError."""
     from safetensors.torch import save_file
 
     state, extra, aliases = _split_state(model)
     meta = {"format": FORMAT, "model_config": json.dumps(model.config.to_dict())}
+    if info:
+        meta["info"] = json.dumps(dict(info))
     if extra:
         meta["extra_state"] = json.dumps(extra)
     if aliases:
@@ -117,6 +123,22 @@ def read_safetensors(
             )
         state[name] = state[target]
     return config, {**state, **extra}
+
+
+def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``info`` of a file written by :func:`export_safetensors` (``{}`` when it has
+    none); CheckpointError on an unreadable file or metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        info = json.loads(meta.get("info", "{}"))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: corrupt or truncated ({e})") from e
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: its metadata's info is not a JSON object")
+    return info
 
 
 def _names(keys: list[str], limit: int = 5) -> str:

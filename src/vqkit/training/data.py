@@ -59,6 +59,7 @@ class RunData:
     train: ImageData | None = None  # in memory
     shards: ShardSet | None = None  # streamed
     describe_train: dict[str, Any] = field(default_factory=dict)
+    eval_split: str = "test"  # resolved: "holdout" when held out of train
 
     def loader(
         self,
@@ -141,6 +142,7 @@ def _in_memory(config: Any) -> RunData:
         data_variance=data_variance(train),
         train=train,
         describe_train=train.describe(),
+        eval_split=split,
     )
 
 
@@ -178,6 +180,7 @@ def _streamed(config: Any, rank: int, world_size: int) -> RunData:
         image_size=0,
         data_variance=0.0,
         shards=shards,
+        eval_split=split,
     )
     cpu = torch.device("cpu")
     probe = run.loader(config, seed=config.seed, device=cpu, rank=rank, world_size=world_size)

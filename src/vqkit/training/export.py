@@ -5,6 +5,12 @@ directory (``config.json``, ``model.safetensors``, ``README.md``; see
 The weights are the run's final export ``model.safetensors`` (the model ``eval.json``
 measured), else its ``checkpoints/best.pt`` / ``last.pt`` (then the card says the
 figures were not measured for them); ``weights`` names another file of the run.
+
+The directory carries the run's record of its training data (``config.json``'s
+``info.data`` and the weights' metadata, :mod:`vqkit.data.reference`), so ``vqkit eval``
+and ``vqkit prior`` on it use that data. :func:`check_export_out` refuses an output
+inside the run (it would replace the run's own ``config.json``) and, unless
+``overwrite``, files that exist, before anything is computed.
 """
 
 from __future__ import annotations
@@ -14,12 +20,44 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..data.reference import reference_from_train_config
 from ..errors import UserError
 from ..models import VQVAE, load_model
+from ..storage.fileio import refuse_existing
 
-__all__ = ["describe_data", "export_tokenizer_run", "run_weights"]
+__all__ = [
+    "OUTPUTS",
+    "check_export_out",
+    "describe_data",
+    "export_tokenizer_run",
+    "run_weights",
+]
 
 WEIGHTS = ("model.safetensors", "checkpoints/best.pt", "checkpoints/last.pt")
+OUTPUTS = ("config.json", "model.safetensors", "README.md")
+"""The files of a pretrained directory (``save_pretrained``)."""
+
+
+def check_export_out(
+    out: str | os.PathLike[str],
+    runs: list[str | os.PathLike[str]],
+    *,
+    overwrite: bool,
+    subdirs: tuple[str, ...] = ("",),
+) -> None:
+    """One-line UserError when ``out`` is one of ``runs`` or inside one (an export there
+    would replace the run's own records), or, unless ``overwrite``, when one of the
+    :data:`OUTPUTS` of ``out/SUBDIR`` exists."""
+    target = Path(out).resolve()
+    for run in runs:
+        home = Path(run).resolve()
+        if target == home or home in target.parents:
+            raise UserError(
+                f"--out {out} is inside the run {run}: the export would replace the run's "
+                "own records; choose a folder outside it"
+            )
+    names = [Path(out, sub, name) for sub in subdirs for name in OUTPUTS]
+    refuse_existing(names, overwrite)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -66,7 +104,17 @@ def export_tokenizer_run(
     model = load_model(path)
     evaluation = _read_json(run / "eval.json") if path.name == "model.safetensors" else {}
     run_config = _read_json(run / "config.json")
+    # the run's record of its data: the final export's own, else made from its options
+    ref = model.pretrained_info.get("data") if hasattr(model, "pretrained_info") else None
+    if ref is None:
+        train = run_config.get("train") or {}
+        cfg = model.config
+        ref = reference_from_train_config(
+            train, image_size=cfg.image_size, channels=cfg.in_channels
+        )
+    model.pretrained_info = {"data": ref} if ref else {}
     split = ((run_config.get("data") or {}).get("eval") or {}).get("split")
+    split = (ref or {}).get("eval_split", split)  # the data's eval split says "train" for holdout
     if evaluation and split:
         evaluation = {"split": split, **evaluation}
     model.save_pretrained(

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 
 from ..data import normalize
+from ..data.reference import data_reference, describe_use
 from ..evaluation.reconstruction import evaluate
 from ..losses import disc_start_warning
 from ..models import VQVAE, VQVAEConfig, export_safetensors
@@ -351,6 +352,17 @@ class Trainer(LoaderJob):
             suite=self._suite(),
         )
 
+    def data_reference(self) -> dict[str, Any]:
+        """The run's record of its data (:mod:`vqkit.data.reference`), carried by its
+        model files so that ``vqkit eval`` and ``vqkit prior`` find the data again."""
+        return data_reference(
+            self.config.data,
+            format=self.config.data_format,
+            image_size=self.model_config.image_size,
+            channels=self.model_config.in_channels,
+            eval_split=self.data.eval_split,
+        )
+
     def run_info(self) -> dict[str, Any]:
         return {
             "train": asdict(self.config),
@@ -409,8 +421,10 @@ class Trainer(LoaderJob):
         result = self.evaluate_split()
         counts = result.pop("counts")
         result["step"] = self.step
+        ref = self.data_reference()
+        result["data"] = describe_use(ref, self.data.eval_split, len(self.eval_data))
         self.run.write_json("eval.json", result)
-        export_safetensors(self.eval_model(), self.out / "model.safetensors")
+        export_safetensors(self.eval_model(), self.out / "model.safetensors", info={"data": ref})
         save_recon_grid(*self.reconstruct(32), self.out / "recon.png")
         if (self.out / "metrics.jsonl").exists():
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
