@@ -52,7 +52,13 @@ def test_whole_evaluation_offline(tmp_path, monkeypatch, capsys):
     want |= {"rfid", "rfid_kid"}
     assert want <= set(ev), want - set(ev)
     labels = ev["labels"]
-    unlabelled = set(ev) - set(labels) - {"labels", "fd_vqkit_features_kid_std", "rfid_kid_std"}
+    not_figures = {
+        "labels",
+        "data",
+        "fd_vqkit_features_kid_std",
+        "rfid_kid_std",
+    }  # data: what was measured
+    unlabelled = set(ev) - set(labels) - not_figures
     assert not unlabelled
     assert ev["bits_per_pixel"] == pytest.approx(7 * 7 * 4 / 784)  # 7x7 codes, K=16
     fd = labels["fd_vqkit_features"]
