@@ -167,6 +167,10 @@ class AdversarialStep:
             forward_sync_buffers=False,
         )
 
+    def unwrap_ddp(self) -> None:
+        """Drop the DistributedDataParallel wrapper (the job is closing its group)."""
+        self.net = self.loss.discriminator
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype is None:
             return contextlib.nullcontext()
