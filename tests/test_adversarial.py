@@ -4,6 +4,7 @@ their formulas, the adaptive weight against a hand computation, LeCAM, frozen.""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -106,3 +107,69 @@ def test_lecam():
     assert set(reg.state_dict()) == {"ema_real", "ema_fake", "steps"}
     with pytest.raises(ValueError):
         LeCAM(1.0)
+
+
+# -- LeCAM under DDP: 2 gloo processes ------------------------------------------------------
+
+LECAM_SIZES = (3, 5)  # rank 0's and rank 1's logits per step (uneven)
+
+
+def lecam_logits(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch's (real, fake) logits of one step, rank 0's rows first."""
+    g = torch.Generator().manual_seed(step)
+    n = sum(LECAM_SIZES)
+    return torch.randn(n, generator=g) + 1.0, torch.randn(n, generator=g) - 1.0
+
+
+def rank_rows(x: torch.Tensor, rank: int) -> torch.Tensor:
+    start = sum(LECAM_SIZES[:rank])
+    return x[start : start + LECAM_SIZES[rank]]
+
+
+def _lecam_rank(rank: int, world: int, port: int, out: str) -> None:
+    from .test_distributed import _init
+
+    _init(rank, world, port)
+    reg, values = LeCAM(decay=0.5), []
+    for step in range(4):
+        real, fake = lecam_logits(step)
+        values.append(reg(rank_rows(real, rank), rank_rows(fake, rank)))
+        if step == 1:  # the checkpoint: rank 0's anchors, as Trainer saves them
+            saved = [{k: v.clone() for k, v in reg.state_dict().items()} if rank == 0 else None]
+            torch.distributed.broadcast_object_list(saved, src=0)
+    resumed = LeCAM(decay=0.5)  # every rank resumes from rank 0's saved anchors
+    resumed.load_state_dict(saved[0])
+    again = []
+    for step in range(2, 4):
+        real, fake = lecam_logits(step)
+        again.append(resumed(rank_rows(real, rank), rank_rows(fake, rank)))
+    torch.save(
+        {"state": reg.state_dict(), "values": values, "resumed": resumed.state_dict(),
+         "again": again},
+        os.path.join(out, f"lecam{rank}.pt"),
+    )  # fmt: skip
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_lecam_anchors_are_the_global_batch_on_every_rank_and_resume(tmp_path):
+    """2 gloo processes with different (uneven) logits: the anchors are the EMAs of the
+    GLOBAL batch's means, identical on every rank and equal to one process fed the whole
+    batch, so rank 0's saved anchors resume every rank exactly."""
+    from .test_distributed import run_ranks
+
+    run_ranks(_lecam_rank, str(tmp_path), deadline=90.0)
+    r0, r1 = (torch.load(tmp_path / f"lecam{r}.pt") for r in range(2))
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    one = LeCAM(decay=0.5)
+    for step in range(4):
+        one(*lecam_logits(step))
+    for k in ("ema_real", "ema_fake"):
+        torch.testing.assert_close(r0["state"][k], one.state_dict()[k])
+    for r in (r0, r1):  # resumed from rank 0's checkpoint = uninterrupted, on every rank
+        for k in r["state"]:
+            assert torch.equal(r["resumed"][k], r["state"][k]), k
+        for a, b in zip(r["again"], r["values"][2:], strict=True):
+            assert torch.equal(a, b)

@@ -257,11 +257,12 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
     cfg = TrainConfig(
         out_dir=out, steps=4, init="random", dist_timeout=60.0, **SMALL, **RUN, **DISC
-    ).replace(disc_start=1)
+    ).replace(disc_start=1, lecam_weight=0.1)
     trainer = Trainer(cfg)
     assert type(trainer.adv.net).__name__ == "DistributedDataParallel"
     trainer.fit()
     state = {k: v.clone() for k, v in trainer.adv.loss.discriminator.state_dict().items()}
+    state.update({f"lecam.{k}": v.clone() for k, v in trainer.adv.loss.lecam.state_dict().items()})
     torch.save(state, os.path.join(out, f"disc{rank}.pt"))
 
 
@@ -269,13 +270,14 @@ def _ddp_rank(rank: int, world: int, port: int, out: str) -> None:
 def test_two_processes_keep_one_discriminator(tmp_path):
     """2-process ``vqkit train`` with the discriminator on (gloo, DDP): the ranks see
     different batches, yet their discriminators' weights stay identical (their
-    gradients are averaged); BatchNorm statistics are per rank (as taming's)."""
+    gradients are averaged); BatchNorm statistics are per rank (as taming's); LeCAM's
+    anchors are the global batch's, the same on both ranks and in the checkpoint."""
     run = tmp_path / "ddp"
     run.mkdir()
     run_ranks(_ddp_rank, str(run), deadline=150.0)
     d0, d1 = (torch.load(run / f"disc{r}.pt") for r in range(2))
     stats = ("running_mean", "running_var", "num_batches_tracked")
-    weights = [k for k in d0 if not k.endswith(stats)]
+    weights = [k for k in d0 if not k.endswith(stats) and not k.startswith("lecam.")]
     for k in weights:
         assert torch.equal(d0[k], d1[k]), k
     assert not torch.equal(d0["main.3.running_mean"], d1["main.3.running_mean"])  # per rank
@@ -284,6 +286,9 @@ def test_two_processes_keep_one_discriminator(tmp_path):
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     for k in weights:  # rank 0's discriminator is the one saved
         assert torch.equal(ckpt["adversarial"]["loss"]["discriminator"][k], d0[k])
+    assert int(d0["lecam.steps"]) == 3  # the discriminator steps: from disc_start = 1
+    for k, v in ckpt["adversarial"]["loss"]["lecam"].items():  # what resumes every rank
+        assert torch.equal(v, d0[f"lecam.{k}"]) and torch.equal(v, d1[f"lecam.{k}"]), k
 
 
 def test_state_dict_without_a_saved_discriminator_starts_fresh():

@@ -457,3 +457,46 @@ def test_torchrun_plain_vq_with_init_and_revival(tmp_path):
     # (revival only lifts revived codes to the threshold, 30, from below)
     usage = float((ckpt["model"]["quantizer.usage_ema"] / (1 - 0.99**6)).sum())
     assert 2 * 8 * 49 - 1.0 < usage < 2 * 8 * 49 + 32 * 30 + 1.0
+
+
+def _threads() -> int:
+    """This process's OS threads (Python's and native ones: gloo's workers included)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def _job_rank(rank: int, world: int, port: int, out: str) -> None:
+    from vqkit.training.tokenizer import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
+    before = _threads()
+    cfg = TrainConfig(
+        out_dir=out, steps=4, batch_size=8, log_every=2, eval_every=4, eval_images=16,
+        progress=False, seed=3, preset="vq-healthy", revive_every=2, dead_threshold=30.0,
+        dist_timeout=60.0, hidden=32, res_hidden=8, res_layers=1, num_embeddings=32,
+        embedding_dim=8,
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    during = _threads()
+    trainer.fit()
+    after = _threads()
+    with open(os.path.join(out, f"threads{rank}.json"), "w") as f:
+        json.dump({"before": before, "during": during, "after": after}, f)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_a_finished_job_leaves_no_gloo_thread_behind(tmp_path):
+    """The process group a job created is gone, its worker threads joined, when the job
+    returns, while the interpreter still runs. A gloo worker thread left alive destroys
+    its last collective's work (tensors whose Python objects need the GIL) whenever the
+    scheduler lets it; once the interpreter is finalising, taking the GIL ends the thread
+    inside C++ and the rank aborts ("terminate called without an active exception",
+    SIGABRT, after the run's output was written)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    run_ranks(_job_rank, str(run))
+    for r in range(WORLD):
+        n = json.loads((run / f"threads{r}.json").read_text())
+        assert n["during"] > n["before"], n  # the group's threads (the count is sound)
+        assert n["after"] == n["before"], (r, n)

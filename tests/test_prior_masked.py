@@ -155,6 +155,64 @@ def test_decoding_seeds_edits_and_bad_input():
         ar.fill(known, hidden.expand(4, 3, 4))
 
 
+@pytest.mark.parametrize("choice", [0.0, 1e-40, 4.5])
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_tiny_temperatures_decode_the_greedy_limit(temperature, choice):
+    """A temperature that passes the > 0 check but overflows logits / T in float32 (1e-40
+    and below) decodes the T -> 0 limit: every code a pass reveals is the argmax of that
+    pass's logits, not a NaN inside torch.multinomial; also with a tiny choice
+    temperature."""
+    prior = masked_prior()
+    passes: list[tuple[torch.Tensor, torch.Tensor]] = []
+    fill = prior.fill
+
+    def spy(codes, mask, labels=None):
+        logits = fill(codes, mask, labels)
+        passes.append((mask.clone(), logits.argmax(-1)))
+        return logits
+
+    prior.fill = spy
+    g = torch.Generator().manual_seed(0)
+    kw = dict(temperature=temperature, choice_temperature=choice, decode_steps=5)
+    out = decode(prior, 3, labels=[0, 1, 2], generator=g, **kw).reshape(3, -1)
+    assert len(passes) == 5
+    after = [m for m, _ in passes[1:]] + [torch.zeros_like(passes[0][0])]
+    for (hidden, argmax), still in zip(passes, after, strict=True):
+        revealed = hidden & ~still
+        assert revealed.any()
+        assert torch.equal(out[revealed], argmax[revealed])
+    # the limit does not depend on how tiny T is once the draws are one-hot
+    prior.fill = fill
+    g = torch.Generator().manual_seed(0)
+    kw["temperature"] = 1e-30
+    assert torch.equal(out, decode(prior, 3, labels=[0, 1, 2], generator=g, **kw).reshape(3, -1))
+    # a tiny choice temperature at T = 1 draws (no NaN either)
+    g = torch.Generator().manual_seed(0)
+    assert decode(prior, 2, generator=g, choice_temperature=choice, decode_steps=4).shape[0] == 2
+
+
+@pytest.mark.parametrize("choice", [1e39, 1e300])
+def test_huge_choice_temperature_still_decodes_every_hidden_code(choice):
+    """tau g overflows float32 to -inf for half the hidden codes: they must still rank
+    above the fixed codes, so each pass reveals its own count of hidden codes."""
+    prior = masked_prior()
+    seen: list[list[int]] = []
+    fill = prior.fill
+
+    def spy(codes, mask, labels=None):
+        seen.append(mask.sum(1).tolist())
+        return fill(codes, mask, labels)
+
+    prior.fill = spy
+    counts = reveal_counts(12, 10, "linear")
+    expected = [[12 - sum(counts[:i])] * 8 for i in range(10)]
+    for seed in range(20):
+        seen.clear()
+        g = torch.Generator().manual_seed(seed)
+        decode(prior, 8, generator=g, choice_temperature=choice, decode_steps=10, schedule="linear")
+        assert seen == expected
+
+
 def test_decode_steps_keeps_reading_its_old_name_steps():
     """``steps`` was decode_steps's name: stored options and keyword arguments that use
     it still load, as decode_steps; a clash of the two names is refused."""

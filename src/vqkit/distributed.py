@@ -11,6 +11,7 @@ MASTER_ADDR and MASTER_PORT; :func:`init_from_env` reads them (``env://``).
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 from typing import Any
@@ -84,13 +85,32 @@ def init_from_env(device: torch.device, timeout_s: float = 1800.0) -> bool:
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # DistributedDataParallel imports torch's compiler stack (torch._dynamo) on first use;
+    # imported while a process group exists, it keeps hidden references to the group
+    # (measured: 10), so destroy_process_group could never free it nor join its worker
+    # threads (see teardown). Importing it first (list_backends: public, no side effect)
+    # leaves the group to the ones who hold it.
+    torch.compiler.list_backends()
     dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
     return True
 
 
 def teardown() -> None:
-    """Destroy the default process group if one is initialised."""
+    """Destroy the default process group if one is initialised, and with it its worker
+    threads (joined here, while the interpreter runs).
+
+    The caller must have dropped whatever else holds the group (a
+    DistributedDataParallel wrapper's reducer): the group then dies here with its last
+    reference. A group kept alive past this point keeps gloo's worker threads alive; one
+    of them destroys the work of the last collective (tensors whose Python objects need
+    the GIL) whenever the scheduler lets it, and if the interpreter is finalising by
+    then, taking the GIL ends that thread inside C++: the process aborts with
+    "terminate called without an active exception" after its work is done."""
     if dist.is_available() and dist.is_initialized():
+        # wrappers the caller dropped but a reference cycle still holds: freed now, while
+        # the group's registry holds it, so that it is not their reducer (destroyed with
+        # the GIL held) that lets go of it last and joins the threads
+        gc.collect()
         dist.destroy_process_group()
 
 

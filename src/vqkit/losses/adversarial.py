@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..errors import UserError
 
 __all__ = [
@@ -179,7 +180,12 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
 class LeCAM(nn.Module):
     """LeCAM regulariser with EMAs (decay ``decay``) of the mean real and fake logits;
-    :meth:`forward` updates the EMAs (in training mode) and returns the penalty."""
+    :meth:`forward` updates the EMAs (in training mode) and returns the penalty.
+
+    Under torch.distributed the means are those of the GLOBAL batch (the ranks' logit
+    sums and counts all-reduced in one collective; every rank must call :meth:`forward`
+    in training mode together), so the anchors are identical on every rank and the one
+    checkpoint (rank 0's) resumes them all exactly; in one process the local means."""
 
     def __init__(self, decay: float = 0.99) -> None:
         super().__init__()
@@ -195,10 +201,24 @@ class LeCAM(nn.Module):
             with torch.no_grad():
                 # the first batch sets the EMAs (no bias towards the zero start)
                 d = self.decay if int(self.steps) > 0 else 0.0
-                self.ema_real.mul_(d).add_((1 - d) * logits_real.detach().float().mean())
-                self.ema_fake.mul_(d).add_((1 - d) * logits_fake.detach().float().mean())
+                real, fake = _global_means(logits_real.detach(), logits_fake.detach())
+                self.ema_real.mul_(d).add_((1 - d) * real)
+                self.ema_fake.mul_(d).add_((1 - d) * fake)
                 self.steps += 1
         return (
             F.relu(logits_real - self.ema_fake).pow(2).mean()
             + F.relu(self.ema_real - logits_fake).pow(2).mean()
         )
+
+
+def _global_means(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 means of ``real`` and ``fake`` over every rank's rows (the ranks' batches
+    may differ in size: sums and counts are all-reduced, in float64); the local means in
+    one process."""
+    if distributed.world_size() == 1:
+        return real.float().mean(), fake.float().mean()
+    stats = torch.stack([real.double().sum(), fake.double().sum()])
+    counts = torch.tensor([real.numel(), fake.numel()], dtype=torch.float64, device=stats.device)
+    total = distributed.all_reduce_sum([torch.cat([stats, counts])])[0]
+    means = (total[:2] / total[2:]).float()
+    return means[0], means[1]

@@ -30,7 +30,8 @@ new sample, the region's codes for an edit). The codes still hidden after pass s
 ``m_s = floor(n gamma(s / S))``, forced strictly decreasing to ``m_S = 0``
 (:func:`reveal_counts`: codes revealed per pass, each >= 1, summing to n; S <= n).
 Pass s: logits of every code (guided, divided by the temperature, top-k / top-p
-filtered exactly as :mod:`vqkit.prior.sampling`), one draw ``x_t`` per hidden code,
+filtered exactly as :mod:`vqkit.prior.sampling`: :func:`~vqkit.prior.sampling.tempered_logits`,
+so a tiny temperature is the greedy limit), one draw ``x_t`` per hidden code,
 its confidence ``log p(x_t) + tau_s g_t`` with Gumbel noise ``g_t`` and the choice
 temperature annealed to zero, ``tau_s = tau (1 - (s + 1) / S)``; the
 ``m_{s-1} - m_s`` most confident hidden codes are fixed (never hidden again), the
@@ -52,10 +53,10 @@ from .config import SCHEDULE_NAMES, PriorConfig, schedule_name
 from .sampling import (
     SampleOptions,
     draw_labels,
-    filter_logits,
     flatten_codes,
     guide,
     in_eval_batches,
+    tempered_logits,
 )
 
 __all__ = [
@@ -316,13 +317,17 @@ def _decode_batch(
         if guided:
             logits = guide(logits[:b], logits[b:], opts.cfg_scale)
         # draws and confidences of the hidden codes only (row-major order of (b, T))
-        sel = filter_logits(logits[hidden].float() / opts.temperature, opts.top_k, opts.top_p)
+        sel = tempered_logits(logits[hidden], opts)
         logp = torch.log_softmax(sel, dim=-1)
         x = torch.multinomial(logp.exp(), 1, generator=generator)
         c = logp.gather(-1, x).squeeze(-1)
         tau = mopts.choice_temperature * (1.0 - (s + 1) / steps)
         if tau > 0:
             c = c + tau * _gumbel(c.shape, generator, c.device)
+        # a hidden code's confidence stays above the fixed codes' -inf: a huge choice
+        # temperature overflows tau g to -inf, and topk would then re-pick a fixed code
+        # and leave a hidden one undecoded
+        c = c.clamp(min=torch.finfo(c.dtype).min)
         draw = codes.masked_scatter(hidden, x.squeeze(-1))
         # fixed codes have no confidence: they are never chosen again
         conf = torch.full(codes.shape, float("-inf"), device=codes.device).masked_scatter(hidden, c)

@@ -48,7 +48,15 @@ class Prior(Protocol):
     def __call__(self, codes: torch.Tensor, labels: Any = None) -> torch.Tensor: ...
 
 
-__all__ = ["SampleOptions", "filter_logits", "flatten_codes", "guide", "sample", "unflatten_codes"]
+__all__ = [
+    "SampleOptions",
+    "filter_logits",
+    "flatten_codes",
+    "guide",
+    "sample",
+    "tempered_logits",
+    "unflatten_codes",
+]
 
 
 def flatten_codes(indices: torch.Tensor, code_shape: tuple[int, ...] | list[int]) -> torch.Tensor:
@@ -121,16 +129,22 @@ def filter_logits(
     return logits
 
 
+def tempered_logits(logits: torch.Tensor, opts: SampleOptions) -> torch.Tensor:
+    """float32 ``(l - max l) / temperature`` of (..., V) logits, then top-k / top-p
+    filtered: what both kinds of prior draw from (``softmax`` of it)."""
+    # shifted so the largest logit is 0, divided in float64: a tiny temperature (1e-40)
+    # then gives 0 and -inf (the greedy limit), never inf - inf = NaN, and the result
+    # fits float32
+    logits = logits.double()
+    logits = ((logits - logits.amax(-1, keepdim=True)) / opts.temperature).float()
+    return filter_logits(logits, opts.top_k, opts.top_p)
+
+
 def _draw(
     logits: torch.Tensor, opts: SampleOptions, generator: torch.Generator | None
 ) -> torch.Tensor:
     """One code per row of (B, V) logits, int64 (B,)."""
-    # shifted so the largest logit is 0, divided in float64: a tiny temperature (1e-40)
-    # then gives 0 and -inf (greedy), never inf - inf = NaN, and the result fits float32
-    logits = logits.double()
-    logits = ((logits - logits.amax(-1, keepdim=True)) / opts.temperature).float()
-    logits = filter_logits(logits, opts.top_k, opts.top_p)
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(tempered_logits(logits, opts), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

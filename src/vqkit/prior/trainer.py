@@ -186,6 +186,13 @@ class PriorTrainer(LoaderJob):
         )
 
     # -- state ------------------------------------------------------------------------
+    def release(self) -> None:
+        """Let go of the DistributedDataParallel wrapper: the runtime then destroys the
+        group, whose worker threads are joined only once nothing holds it (see
+        :func:`vqkit.distributed.teardown`)."""
+        if hasattr(self, "ddp"):
+            self.ddp = self.model
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "model_config": self.config.to_dict(),

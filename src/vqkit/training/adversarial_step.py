@@ -26,6 +26,9 @@ reduce there). Its BatchNorm layers normalise with each rank's own batch, as tam
 BatchNorm layer per forward (3 layers x 3 forwards a step) and change the recipe being
 reproduced. The running statistics are never used (the discriminator is only run in
 training mode) and are not broadcast (``forward_sync_buffers=False``); rank 0's are saved.
+LeCAM's anchors, which the loss does use, are EMAs of the global batch's mean logits (one
+all-reduce in :class:`~vqkit.losses.adversarial.LeCAM`): the same on every rank, so rank
+0's saved anchors resume every rank exactly.
 """
 
 from __future__ import annotations
@@ -159,6 +162,10 @@ class AdversarialStep:
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             forward_sync_buffers=False,
         )
+
+    def unwrap_ddp(self) -> None:
+        """Drop the DistributedDataParallel wrapper (the job is closing its group)."""
+        self.net = self.loss.discriminator
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype is None:

@@ -113,8 +113,7 @@ class TrainOptions(JobOptions):
     prefetch: bool = option(
         False,
         "draw the next batch in a background thread during the step (same batches); off "
-        "by default: it measured within noise of the plain loader here, and a torchrun "
-        "test aborted once with it on",
+        "by default: it measured within noise of the plain loader here",
     )
     cache_dir: str = option(None, "decoded-dataset cache (default $VQKIT_CACHE)", type=str)
     eval_split: str = option(

@@ -187,10 +187,16 @@ class Trainer(LoaderJob):
         self.runner.forward = self.ddp  # what the step calls (before any compile traces it)
 
     def release(self) -> None:
-        """Stop the data workers (the runtime then releases the directory and group)."""
+        """Stop the data workers and let go of the DistributedDataParallel wrappers (the
+        runtime then releases the directory and destroys the group: its worker threads
+        are joined only once nothing holds it, see :func:`vqkit.distributed.teardown`)."""
         loader = getattr(self, "loader", None)
         if loader is not None and hasattr(loader, "close"):
             loader.close()
+        if hasattr(self, "ddp"):
+            self.ddp = self.runner.forward = self.model
+        if getattr(self, "adv", None) is not None:
+            self.adv.unwrap_ddp()
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """One group for everything, a second at ``lr * codebook_lr_scale`` for the
