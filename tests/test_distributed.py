@@ -460,8 +460,17 @@ def test_torchrun_plain_vq_with_init_and_revival(tmp_path):
 
 
 def _threads() -> int:
-    """This process's OS threads (Python's and native ones: gloo's workers included)."""
-    return len(os.listdir("/proc/self/task"))
+    """This process's threads of the process group (gloo's loop and workers, the TCP
+    store's), by their OS names: OpenMP's unnamed workers come and go with the thread
+    settings and are not the group's."""
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended while we listed
+            pass
+    return sum(n.startswith(("gloo", "pt_gloo", "pt_tcpstore")) for n in names)
 
 
 def _job_rank(rank: int, world: int, port: int, out: str) -> None:
