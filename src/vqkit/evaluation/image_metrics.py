@@ -44,7 +44,7 @@ MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 """Wang, Simoncelli & Bovik (2003)'s weights of the five scales, finest first."""
 
 
-def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
+def _check(pred: torch.Tensor, target: torch.Tensor, window: int = WINDOW) -> None:
     if pred.dtype != torch.uint8 or target.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images; got {pred.dtype} and {target.dtype}")
     if pred.shape != target.shape or pred.dim() != 4:
@@ -52,8 +52,8 @@ def _check(pred: torch.Tensor, target: torch.Tensor) -> None:
             f"expected two (B, C, H, W) batches of one shape; got {tuple(pred.shape)} and "
             f"{tuple(target.shape)}"
         )
-    if min(pred.shape[-2:]) < WINDOW:
-        raise UserError(f"SSIM needs images of at least {WINDOW} px; got {tuple(pred.shape)}")
+    if min(pred.shape[-2:]) < window:
+        raise UserError(f"SSIM needs images of at least {window} px; got {tuple(pred.shape)}")
 
 
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -90,17 +90,7 @@ def ssim_skimage(pred: torch.Tensor, target: torch.Tensor, data_range: float) ->
     ``R = data_range`` (Open-MAGVIT2: 1.0; LlamaGen: 2.0, on the same [0, 1] images)."""
     from skimage.metrics import structural_similarity
 
-    if pred.dtype != torch.uint8 or target.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 images; got {pred.dtype} and {target.dtype}")
-    if pred.shape != target.shape or pred.dim() != 4:
-        raise UserError(
-            f"expected two (B, C, H, W) batches of one shape; got {tuple(pred.shape)} and "
-            f"{tuple(target.shape)}"
-        )
-    if min(pred.shape[-2:]) < SKIMAGE_WINDOW:
-        raise UserError(
-            f"SSIM needs images of at least {SKIMAGE_WINDOW} px; got {tuple(pred.shape)}"
-        )
+    _check(pred, target, SKIMAGE_WINDOW)
     p = (pred.permute(0, 2, 3, 1).numpy() / 255.0).astype("float32")
     t = (target.permute(0, 2, 3, 1).numpy() / 255.0).astype("float32")
     values = [

@@ -103,20 +103,18 @@ def check_discriminator_fits(
     (counted on one built on the meta device) plus one image's first activation
     (``channels`` x (image_size / 2)²) exceed this machine's memory: a lower bound of
     what its training needs (no gradients, optimizer state or batch)."""
-    from ..quantizers.base import machine_memory
+    from ..quantizers.base import check_network_memory
 
     with torch.device("meta"):
         net = PatchDiscriminator(in_channels, channels, layers)
     weights = 4 * sum(p.numel() for p in net.parameters())
     activation = 4 * channels * ((image_size + 1) // 2) ** 2
-    have = machine_memory()
-    if have is not None and weights + activation > have:
-        raise UserError(
-            f"disc_channels {channels} with disc_layers {layers} needs at least "
-            f"{weights / 2**30:.1f} GiB of discriminator weights and {activation / 2**30:.1f} "
-            f"GiB per image, more than this machine's {have / 2**30:.1f} GiB; use a smaller "
-            "--disc-channels"
-        )
+    check_network_memory(
+        f"disc_channels {channels} with disc_layers {layers}",
+        weights,
+        activation,
+        "use a smaller --disc-channels",
+    )
 
 
 def discriminator_loss(

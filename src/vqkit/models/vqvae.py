@@ -233,7 +233,7 @@ def check_size_fits(
     ``res_hidden``, ``res_layers``, ``embedding_dim``) plus one image's largest float32
     activation among the levels (width x side², per image). A lower bound of what
     training needs (no gradients, optimizer state or batch); the message gives both."""
-    from ..quantizers.base import machine_memory
+    from ..quantizers.base import check_network_memory
 
     if arch == "vqgan":
         mult = parse_vqgan_ch_mult(channel_mult, downsample)
@@ -245,14 +245,13 @@ def check_size_fits(
         levels += [(hidden * m, half >> (i + 2)) for i, m in enumerate(mult)]
     activation = 4 * max(w * max(1, side) ** 2 for w, side in levels)
     weights = network_bytes(channels, hidden, channel_mult, downsample, arch, **sizes)
-    have = machine_memory()
-    if have is not None and weights + activation > have:
-        raise UserError(
-            f"image_size {image_size} with hidden {hidden} and channel_mult "
-            f"{channel_mult or 'default'} needs at least {weights / 2**30:.1f} GiB of weights "
-            f"and {activation / 2**30:.1f} GiB per image, more than this machine's "
-            f"{have / 2**30:.1f} GiB; use a smaller --image-size, --hidden or --channel-mult"
-        )
+    check_network_memory(
+        f"image_size {image_size} with hidden {hidden} and channel_mult "
+        f"{channel_mult or 'default'}",
+        weights,
+        activation,
+        "use a smaller --image-size, --hidden or --channel-mult",
+    )
 
 
 _VQVAEConfigBase = compose(

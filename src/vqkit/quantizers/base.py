@@ -82,6 +82,19 @@ def machine_memory() -> int | None:
         return None
 
 
+def check_network_memory(what: str, weights: int, activation: int, advice: str) -> None:
+    """Refuse up front (UserError, one line) a network whose ``weights`` bytes and
+    ``activation`` bytes per image exceed this machine's memory: ``what`` names the
+    options, ``advice`` the flags to lower."""
+    have = machine_memory()
+    if have is not None and weights + activation > have:
+        raise UserError(
+            f"{what} needs at least {weights / 2**30:.1f} GiB of weights and "
+            f"{activation / 2**30:.1f} GiB per image, more than this machine's "
+            f"{have / 2**30:.1f} GiB; {advice}"
+        )
+
+
 def check_code_memory(name: str, num_codes: int, bytes_per_code: int) -> None:
     """Refuse up front a codebook whose per-code buffers (``bytes_per_code`` each, a lower
     bound: the codes and their usage statistic) exceed this machine's memory, with the
