@@ -4,10 +4,7 @@ naming the file. (The network's resize: tests/test_inception.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
-import types
 
 import pytest
 import torch
@@ -16,37 +13,6 @@ from torch import nn
 from vqkit.errors import UserError
 from vqkit.evaluation.features import INCEPTION_FILE, InceptionFeatures
 from vqkit.evaluation.inception import FIDInceptionV3
-
-
-def _torch_fidelity_modules():
-    """torch-fidelity's InceptionV3 module and its TF1 resize, loaded from the installed
-    files. Its package ``__init__`` imports torchvision (not installed here), so for the
-    load only the package is registered bare (its path, not its ``__init__``); the
-    entries are removed afterwards. The test's own reference: vqkit never does this."""
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        return None
-    before = set(sys.modules)
-    bare = types.ModuleType("torch_fidelity")
-    bare.__path__ = list(spec.submodule_search_locations or [])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "torch_fidelity", bare)
-        try:
-            inception = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
-            resize = importlib.import_module("torch_fidelity.interpolate_compat_tensorflow")
-        finally:
-            for name in set(sys.modules) - before:
-                if name.startswith("torch_fidelity"):
-                    del sys.modules[name]
-    return inception, resize
-
-
-@pytest.fixture(scope="module")
-def fidelity():
-    mods = _torch_fidelity_modules()
-    if mods is None:
-        pytest.skip("torch-fidelity not installed (CI installs it --no-deps)")
-    return mods
 
 
 def _randomise(net: nn.Module, seed: int) -> None:

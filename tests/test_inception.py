@@ -4,19 +4,9 @@ features against torch-fidelity's: tests/test_features.py.)"""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from tests.test_features import _torch_fidelity_modules
 from vqkit.evaluation.inception import resize_bilinear_tf1
-
-
-@pytest.fixture(scope="module")
-def fidelity():
-    mods = _torch_fidelity_modules()
-    if mods is None:
-        pytest.skip("torch-fidelity not installed (CI installs it --no-deps)")
-    return mods
 
 
 def test_resize_is_torch_fidelitys_tf1_resize(fidelity):

@@ -211,9 +211,8 @@ class RunLoop:
         try:
             with stop:
                 while job.step < end:
-                    stop.completed_step = False
+                    stop.completed_step = False  # _step sets it once the step is whole
                     self._step(progress, stop)
-                    stop.completed_step = True
         except KeyboardInterrupt:
             progress.close()
             self._interrupted(stop.completed_step)
