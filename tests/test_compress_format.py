@@ -1,11 +1,18 @@
-"""vqkit.compress.format: the .vqz container round trip, its documented layout, and
-one clear FormatError for every truncation, every flipped bit, a foreign file and an
-unknown version."""
+"""vqkit.compress.format: the .vqz container (version 2, and version 1 still read) round
+trip, its layout as docs/format.md specifies it, and one clear one-line FormatError for
+every truncation, every flipped bit, a foreign file, an unknown version or model, and
+every header field out of its bounds (crafted with a valid CRC), also under an
+address-space limit."""
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +21,20 @@ from vqkit.compress.format import (
     FLAG_BATCH_AXIS,
     FLAG_CODES,
     MAGIC,
+    MAX_SYMBOLS,
+    MODEL_EXACT_V1,
+    MODEL_FLOAT,
+    MODELS,
+    READ_VERSIONS,
+    VERSION,
     FormatError,
     Header,
     code_checksum,
     pack,
     unpack,
 )
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 HEADER = Header(
     tokenizer_hash="0123456789abcdef",
@@ -31,7 +46,50 @@ HEADER = Header(
     flags=FLAG_CODES | FLAG_BATCH_AXIS,
     dtype=6,
 )
+HEADER_V1 = replace(HEADER, version=1, model=MODEL_FLOAT)
 PAYLOAD = bytes(range(37))
+
+
+def craft(
+    *,
+    version: int = 2,
+    flags: int = 0,
+    dtype: int = 0,
+    model: int = 1,
+    ndim: int | None = None,
+    shape: tuple[int, ...] = (7, 7),
+    k: int = 32,
+    n: int | None = None,
+    labels: tuple[int, ...] = (0,),
+    payload: bytes = b"\x12\x34\x56",
+) -> bytes:
+    """A file's bytes written field by field as docs/format.md lays them out, with any
+    value (no bounds) and a valid CRC: only the reader's own checks can refuse it."""
+    head = b"".join([
+        MAGIC,
+        bytes([version, flags, dtype]),
+        b"" if version == 1 else bytes([model]),
+        bytes(range(16)),
+        struct.pack(f"<B{len(shape)}H", len(shape) if ndim is None else ndim, *shape),
+        struct.pack(f"<II{len(labels)}H", k, len(labels) if n is None else n, *labels),
+        b"\xab" * 8,
+    ])  # fmt: skip
+    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def refused(data: bytes, match: str) -> str:
+    with pytest.raises(FormatError, match=match) as e:
+        unpack(data)
+    msg = str(e.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+def test_constants():
+    assert VERSION == 2 and READ_VERSIONS == (1, 2)
+    assert (MODEL_FLOAT, MODEL_EXACT_V1) == (0, 1) and set(MODELS) == {0, 1}
+    assert MAX_SYMBOLS == 2**24 - 2
+    assert HEADER.version == VERSION and HEADER.model == MODEL_EXACT_V1
 
 
 def test_round_trip_and_layout():
@@ -39,7 +97,30 @@ def test_round_trip_and_layout():
     header, payload = unpack(data)
     assert header == HEADER and payload == PAYLOAD
     assert header.num_maps == 2 and header.is_codes
-    # the layout of the module docstring, read independently
+    # the layout of docs/format.md (version 2), read independently
+    assert data[:4] == MAGIC and data[4:8] == bytes([2, 3, 6, 1])
+    assert data[8:16].hex() == "0123456789abcdef" and data[16:24].hex() == "fedcba9876543210"
+    assert data[24] == 3 and struct.unpack("<3H", data[25:31]) == (8, 8, 4)
+    assert struct.unpack("<II2H", data[31:43]) == (4096, 2, 3, 10)
+    assert data[43:51] == HEADER.checksum
+    (crc,) = struct.unpack("<I", data[51:55])
+    assert crc == zlib.crc32(data[:51] + PAYLOAD) and data[55:] == PAYLOAD
+    # the smallest header: one (h, w) map
+    one = Header("00" * 8, "11" * 8, (7, 7), 512, (0,), b"\0" * 8)
+    assert len(pack(one, b"")) == 51
+    # the test's own writer agrees with pack
+    assert unpack(craft())[0] == Header(
+        bytes(range(8)).hex(), bytes(range(8, 16)).hex(), (7, 7), 32, (0,), b"\xab" * 8
+    )
+
+
+def test_version_1_is_still_read():
+    """Version 1: today's files before the model byte; read as model 0 (the float prior)."""
+    data = pack(HEADER_V1, PAYLOAD)
+    header, payload = unpack(data)
+    assert header == HEADER_V1 and payload == PAYLOAD
+    assert header.version == 1 and header.model == MODEL_FLOAT
+    # the version-1 layout, read independently: no model byte
     assert data[:4] == MAGIC and data[4:7] == bytes([1, 3, 6])
     assert data[7:15].hex() == "0123456789abcdef" and data[15:23].hex() == "fedcba9876543210"
     assert data[23] == 3 and struct.unpack("<3H", data[24:30]) == (8, 8, 4)
@@ -47,9 +128,7 @@ def test_round_trip_and_layout():
     assert data[42:50] == HEADER.checksum
     (crc,) = struct.unpack("<I", data[50:54])
     assert crc == zlib.crc32(data[:50] + PAYLOAD) and data[54:] == PAYLOAD
-    # the smallest header: one (h, w) map
-    one = Header("00" * 8, "11" * 8, (7, 7), 512, (0,), b"\0" * 8)
-    assert len(pack(one, b"")) == 50
+    assert unpack(craft(version=1))[0].model == MODEL_FLOAT
 
 
 def test_checksum_is_of_the_int64_values():
@@ -59,8 +138,9 @@ def test_checksum_is_of_the_int64_values():
     assert len(code_checksum(a)) == 8
 
 
-def test_every_truncation_is_refused():
-    data = pack(HEADER, PAYLOAD)
+@pytest.mark.parametrize("header", [HEADER, HEADER_V1], ids=["v2", "v1"])
+def test_every_truncation_is_refused(header):
+    data = pack(header, PAYLOAD)
     for n in range(len(data)):
         with pytest.raises(FormatError) as e:
             unpack(data[:n])
@@ -69,31 +149,162 @@ def test_every_truncation_is_refused():
             assert "truncated" in str(e.value) or "corrupt" in str(e.value)
 
 
-def test_every_flipped_bit_is_refused():
-    data = bytearray(pack(HEADER, PAYLOAD))
+@pytest.mark.parametrize("header", [HEADER, HEADER_V1], ids=["v2", "v1"])
+def test_every_flipped_bit_is_refused(header):
+    data = bytearray(pack(header, PAYLOAD))
     for i in range(len(data)):
-        for bit in (0, 7):
+        for bit in range(8):
             bad = bytearray(data)
             bad[i] ^= 1 << bit
-            with pytest.raises(FormatError):
+            with pytest.raises(FormatError) as e:
                 unpack(bytes(bad))
+            assert "\n" not in str(e.value)
+
+
+def test_appended_bytes_are_refused():
+    data = pack(HEADER, PAYLOAD)
+    for junk in (b"\0", b"junk", bytes(4096)):
+        refused(data + junk, "corrupt or truncated file: its CRC-32")
 
 
 def test_foreign_files_and_unknown_versions():
-    with pytest.raises(FormatError, match="not a vqkit compressed file"):
-        unpack(b"\x89PNG\r\n\x1a\n" + bytes(60))
-    with pytest.raises(FormatError, match="not a vqkit compressed file"):
-        unpack(b"")
+    refused(b"\x89PNG\r\n\x1a\n" + bytes(60), "not a vqkit compressed file")
+    refused(b"", "not a vqkit compressed file")
+    refused(b"VQK", "not a vqkit compressed file")
     data = bytearray(pack(HEADER, PAYLOAD))
-    data[4] = 2
-    with pytest.raises(FormatError, match="unknown format version 2 .this vqkit reads version 1"):
-        unpack(bytes(data))
+    data[4] = 3
+    msg = refused(bytes(data), r"unknown format version 3 \(this vqkit reads versions 1, 2\)")
+    assert "written by a newer vqkit" in msg
+    for v in (0, 255):
+        msg = refused(craft(version=v), f"unknown format version {v} ")
+        assert ("newer" in msg) == (v > 2)
+
+
+def test_unknown_models_are_refused_by_name():
+    for model in (0, 2, 255):
+        msg = refused(craft(model=model), f"unknown coding model {model} in a version-2 file")
+        assert "1 (vqkit's exact integer model, version 1)" in msg
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"flags": 4}, "flags 0x04"),
+        ({"flags": 0x80 | FLAG_CODES}, "flags 0x81"),
+        ({"flags": FLAG_BATCH_AXIS}, "batch-axis flag without the codes flag"),
+        ({"flags": FLAG_CODES, "dtype": 8}, "dtype 8"),
+        ({"flags": FLAG_CODES, "dtype": 255}, "dtype 255"),
+        ({"dtype": 3}, "dtype 3"),
+        ({"ndim": 4, "shape": (7, 7, 2, 2)}, "a code map of 4 dimensions"),
+        ({"ndim": 1, "shape": (49,)}, "a code map of 1 dimensions"),
+        ({"ndim": 0, "shape": ()}, "a code map of 0 dimensions"),
+        ({"ndim": 255, "shape": (7, 7)}, "a code map of 255 dimensions"),
+        ({"shape": (0, 7)}, r"shape .* got \(0, 7\)"),
+        ({"shape": (7, 7, 0)}, r"shape .* got \(7, 7, 0\)"),
+        ({"k": 0}, r"K = 0 outside \[2, 16777214\]"),
+        ({"k": 1}, "K = 1 outside"),
+        ({"k": 2**24 - 1}, "K = 16777215 outside"),
+        ({"k": 2**24}, "K = 16777216 outside"),
+        ({"k": 2**32 - 1}, "K = 4294967295 outside"),
+        ({"labels": ()}, "0 code maps"),
+        ({"labels": (), "payload": bytes(200_000), "n": 2**31}, "2147483648 code maps need"),
+        ({"labels": (), "payload": bytes(64), "n": 2**32 - 1}, "4294967295 code maps need"),
+        ({"labels": (0,) * 10, "n": 11, "payload": b""}, "11 code maps need"),
+        ({"flags": FLAG_CODES, "labels": (0, 0)}, "2 code maps for one .npy map"),
+    ],
+)
+def test_fields_out_of_bounds_are_refused(fields, match):
+    """Each file has a valid CRC: the bound itself refuses it, with one line."""
+    msg = refused(craft(**fields), match)
+    assert msg.startswith(("corrupt header", "truncated or corrupt header"))
+
+
+def test_fields_at_their_bounds_are_read():
+    for fields in (
+        {"k": 2},
+        {"k": MAX_SYMBOLS},
+        {"shape": (65535, 65535, 65535)},
+        {"labels": (65535,) * 3},
+        {"flags": FLAG_CODES | FLAG_BATCH_AXIS, "dtype": 7, "labels": (0, 1)},
+    ):
+        header, payload = unpack(craft(**fields))
+        assert payload == b"\x12\x34\x56"
+    # labels that fill the file exactly: the count is bounded by the bytes, not refused
+    header, payload = unpack(craft(labels=(1,) * 1000, payload=b""))
+    assert header.num_maps == 1000 and payload == b""
 
 
 def test_values_that_do_not_fit_are_refused_when_packing():
-    with pytest.raises(ValueError, match="shape"):
-        pack(Header("00" * 8, "11" * 8, (70000, 1), 4, (0,), b"\0" * 8), b"")
-    with pytest.raises(ValueError, match="class ids"):
-        pack(Header("00" * 8, "11" * 8, (2, 2), 4, (70000,), b"\0" * 8), b"")
-    with pytest.raises(ValueError, match="hash"):
-        pack(Header("00", "11" * 8, (2, 2), 4, (0,), b"\0" * 8), b"")
+    base = Header("00" * 8, "11" * 8, (2, 2), 4, (0,), b"\0" * 8)
+
+    for kw, match in (
+        ({"code_shape": (70000, 1)}, "shape"),
+        ({"code_shape": (2, 0)}, "shape"),
+        ({"code_shape": (2, 2, 2, 2)}, "shape"),
+        ({"labels": (70000,)}, "class ids"),
+        ({"labels": ()}, "0 code maps"),
+        ({"num_symbols": 1}, "K = 1 outside"),
+        ({"num_symbols": 2**24}, "K = 16777216 outside"),
+        ({"tokenizer_hash": "00"}, "hash"),
+        ({"version": 3}, "cannot write format version 3"),
+        ({"version": 1}, "unknown coding model 1 in a version-1 file"),  # no model byte
+        ({"model": MODEL_FLOAT}, "unknown coding model 0 in a version-2 file"),
+        ({"flags": 4}, "flags"),
+        ({"dtype": 2}, "dtype"),
+        ({"flags": FLAG_CODES, "labels": (0, 0)}, "2 code maps for one .npy map"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            pack(replace(base, **kw), b"")
+
+
+_UNPACK_UNDER_LIMIT = """
+import resource, sys
+from vqkit.compress.format import FormatError, unpack
+resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))  # 1.5 GiB from here on
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        header, _ = unpack(data)
+    except FormatError as e:
+        print(f"FormatError: {e}")
+    else:
+        print(f"read: {header.num_maps} maps")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_crafted_headers_under_an_address_space_limit(tmp_path):
+    """A fresh process capped at 1.5 GiB of address space reads crafted files whose
+    counts would ask for gigabytes: each ends in its one line, no MemoryError, no
+    traceback; a file whose million labels are present is read."""
+    pytest.importorskip("resource")
+    files = {
+        "maps_2e31.vqz": craft(labels=(), n=2**31, payload=bytes(200_000)),
+        "maps_max.vqz": craft(labels=(), n=2**32 - 1, payload=bytes(2_000_000)),
+        "maps_0.vqz": craft(labels=()),
+        "k_max.vqz": craft(k=2**32 - 1, shape=(65535, 65535, 65535)),
+        "ndim_4.vqz": craft(ndim=4, shape=(65535,) * 4),
+        "junk.vqz": pack(HEADER, PAYLOAD) + bytes(1 << 20),
+        "million.vqz": craft(labels=(0,) * 1_000_000),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", _UNPACK_UNDER_LIMIT, *(str(tmp_path / n) for n in files)],
+        env=env, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == len(files), run.stdout
+    got = dict(zip(files, lines, strict=True))
+    assert got.pop("million.vqz") == "read: 1000000 maps"
+    assert got["maps_2e31.vqz"].startswith("FormatError: truncated or corrupt header: 2147483648")
+    assert (
+        got["maps_0.vqz"] == "FormatError: corrupt header: 0 code maps (a file holds at least one)"
+    )
+    assert all(line.startswith("FormatError: ") for line in got.values()), got

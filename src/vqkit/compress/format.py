@@ -1,27 +1,16 @@
-"""The container of a compressed code map (``.vqz``), version 1.
+"""The container of a compressed code map (``.vqz``), format version 2; version 1 is
+still read. The byte layout, the bounds of every field and the checks a decoder makes,
+in order, are specified in ``docs/format.md``.
 
-All integers little-endian; ``ndim`` is 2 for (h, w) maps and 3 for (h, w, Q)::
-
-    offset  size        field
-    0       4           magic b"VQKZ"
-    4       1           version (1)
-    5       1           flags: bit 0 CODES (made by --codes: decompress writes .npy),
-                        bit 1 BATCH_AXIS (that .npy had a leading batch axis)
-    6       1           dtype of that .npy (index into DTYPES; 0 for images)
-    7       8           tokenizer hash: first 8 bytes of the SHA-256 of its weights file
-    15      8           prior hash: first 8 bytes of the prior's content hash
-    23      1           ndim
-    24      2 * ndim    code map shape (u16 each)
-    .       4           K, the symbols one code takes (the prior's vocabulary; u32)
-    .       4           N, the code maps in the stream (decoded as one batch; u32)
-    .       2 * N       class of each map (u16; the prior's null class: unconditional)
-    .       8           checksum of the code maps: BLAKE2b-64 of the (N, T) int64 codes
-    .       4           CRC-32 of every byte before it and of the payload
-    .       ...         payload: the range coder's stream (see :mod:`.coder`)
-
-The CRC tells a damaged file (one clear error) from a file that is intact but decodes
-to other codes than were written (the checksum: a platform whose floating-point results
-differ from the encoder's; refused rather than decoded to a wrong image).
+A file is a header (magic, version, flags, dtype, the coding model, tokenizer and prior
+hashes, code-map shape, symbol count K, the class of each of the N maps, a checksum of
+the codes) and a CRC-32 of every byte but its own, followed by the range coder's
+payload (:mod:`.coder`). :func:`unpack` trusts no field: each is bounded before
+anything is sized by it (a count of maps must have its label bytes present), so memory
+grows with the file, not with what its header claims, and every bad file is one
+:class:`FormatError` line. The CRC tells a damaged file from one that is intact but
+decodes to other codes than were written (the checksum: refused rather than decoded to
+a wrong image).
 """
 
 from __future__ import annotations
@@ -40,6 +29,11 @@ __all__ = [
     "FLAG_BATCH_AXIS",
     "FLAG_CODES",
     "MAGIC",
+    "MAX_SYMBOLS",
+    "MODELS",
+    "MODEL_EXACT_V1",
+    "MODEL_FLOAT",
+    "READ_VERSIONS",
     "VERSION",
     "FormatError",
     "Header",
@@ -49,12 +43,32 @@ __all__ = [
 ]
 
 MAGIC = b"VQKZ"
-VERSION = 1
+VERSION = 2
+"""The version this vqkit writes."""
+READ_VERSIONS = (1, 2)
+"""The versions this vqkit reads."""
 FLAG_CODES = 1
 FLAG_BATCH_AXIS = 2
 # the integer dtypes a --codes .npy may have (little-endian), by their stored index
 DTYPES = ("<i8", "<i4", "<i2", "<i1", "<u8", "<u4", "<u2", "<u1")
 HASH_BYTES = 8
+MODEL_FLOAT = 0
+"""Version-1 files (no model byte): the float prior on the writing machine's kernels."""
+MODEL_EXACT_V1 = 1
+"""vqkit's exact integer model, version 1 (:mod:`vqkit.compress.exact`)."""
+MODELS = {
+    MODEL_FLOAT: "the float prior (version-1 files; decodes only where it computes the same bits)",
+    MODEL_EXACT_V1: "vqkit's exact integer model, version 1",
+}
+"""Model byte -> what computed the coding probabilities."""
+# the model a file of each version may name (version 1 has no model byte)
+_VERSION_MODELS = {1: (MODEL_FLOAT,), 2: (MODEL_EXACT_V1,)}
+MIN_SYMBOLS = 2
+MAX_SYMBOLS = 2**24 - 2
+"""Largest K: constriction's 24-bit categorical needs ``2 <= K < 2**24 - 1``."""
+MAX_MAPS = 2**32 - 1
+# the bytes after the labels: checksum and CRC
+_TAIL = 8 + 4
 
 
 class FormatError(UserError):
@@ -63,7 +77,10 @@ class FormatError(UserError):
 
 @dataclass(frozen=True)
 class Header:
-    """Everything but the payload. ``tokenizer_hash``/``prior_hash``: 16 hex digits."""
+    """Everything but the payload. ``tokenizer_hash``/``prior_hash``: 16 hex digits;
+    ``labels``: the class of each of the N maps; ``checksum``: :func:`code_checksum` of
+    the (N, T) codes; ``version``: the format version the file has (or :func:`pack`
+    writes); ``model``: what computed the coding probabilities (:data:`MODELS`)."""
 
     tokenizer_hash: str
     prior_hash: str
@@ -73,6 +90,8 @@ class Header:
     checksum: bytes
     flags: int = 0
     dtype: int = 0
+    version: int = VERSION
+    model: int = MODEL_EXACT_V1
 
     @property
     def num_maps(self) -> int:
@@ -96,20 +115,70 @@ def _hash_bytes(hex_digest: str, what: str) -> bytes:
     return raw
 
 
+def _model_problem(version: int, model: int) -> str | None:
+    if model in _VERSION_MODELS[version]:
+        return None
+    known = ", ".join(f"{m} ({MODELS[m]})" for m in _VERSION_MODELS[version])
+    return f"unknown coding model {model} in a version-{version} file (this vqkit knows {known})"
+
+
+def _flags_problem(flags: int, dtype: int) -> str | None:
+    if flags & ~(FLAG_CODES | FLAG_BATCH_AXIS):
+        return f"flags {flags:#04x} set bits this format does not define"
+    if flags & FLAG_BATCH_AXIS and not flags & FLAG_CODES:
+        return "the batch-axis flag without the codes flag"
+    if dtype >= len(DTYPES) or (dtype and not flags & FLAG_CODES):
+        return f"dtype {dtype} (an index into {len(DTYPES)} dtypes; 0 unless the codes flag)"
+    return None
+
+
+def _shape_problem(shape: tuple[int, ...]) -> str | None:
+    if len(shape) not in (2, 3) or not all(0 < s < 1 << 16 for s in shape):
+        return f"code map shape must be 2 or 3 sizes in [1, 65535]; got {shape}"
+    return None
+
+
+def _symbols_problem(k: int) -> str | None:
+    if not MIN_SYMBOLS <= k <= MAX_SYMBOLS:
+        return f"symbol count K = {k} outside [{MIN_SYMBOLS}, {MAX_SYMBOLS}]"
+    return None
+
+
+def _maps_problem(n: int, flags: int) -> str | None:
+    if n < 1:
+        return "0 code maps (a file holds at least one)"
+    if n > MAX_MAPS:
+        return f"{n} code maps do not fit the format"
+    if flags & FLAG_CODES and not flags & FLAG_BATCH_AXIS and n != 1:
+        return f"{n} code maps for one .npy map without a batch axis"
+    return None
+
+
 def pack(header: Header, payload: bytes) -> bytes:
-    """The file's bytes."""
+    """The file's bytes, in ``header.version`` (the library writes :data:`VERSION`;
+    version 1, without the model byte, is for tests of old files). UserError for what
+    the format cannot hold."""
     h = header
-    if len(h.code_shape) not in (2, 3) or not all(0 < s < 1 << 16 for s in h.code_shape):
-        raise UserError(f"code map shape must be 2 or 3 sizes in [1, 65535]; got {h.code_shape}")
-    if not 0 < h.num_symbols < 1 << 32:
-        raise UserError(f"symbol count {h.num_symbols} does not fit the format")
+    if h.version not in READ_VERSIONS:
+        raise UserError(f"cannot write format version {h.version}; versions {READ_VERSIONS}")
+    problem = (
+        _model_problem(h.version, h.model)
+        or _flags_problem(h.flags, h.dtype)
+        or _shape_problem(h.code_shape)
+        or _symbols_problem(h.num_symbols)
+        or _maps_problem(h.num_maps, h.flags)
+    )
+    if problem:
+        raise UserError(problem)
     if not all(0 <= y < 1 << 16 for y in h.labels):
         raise UserError("class ids must be in [0, 65535]")
     if len(h.checksum) != 8:
         raise UserError("checksum must be 8 bytes")
+    model = b"" if h.version == 1 else bytes([h.model])
     parts = [
         MAGIC,
-        struct.pack("<BBB", VERSION, h.flags, h.dtype),
+        struct.pack("<BBB", h.version, h.flags, h.dtype),
+        model,
         _hash_bytes(h.tokenizer_hash, "tokenizer"),
         _hash_bytes(h.prior_hash, "prior"),
         struct.pack(f"<B{len(h.code_shape)}H", len(h.code_shape), *h.code_shape),
@@ -122,11 +191,17 @@ def pack(header: Header, payload: bytes) -> bytes:
 
 
 class _Reader:
+    """Reads fields in order; every read is of a size checked against the bytes left."""
+
     def __init__(self, data: bytes) -> None:
         self.data, self.pos = data, 0
 
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
     def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
+        if n > self.left:
             raise FormatError(
                 f"truncated: the header needs more than the file's {len(self.data)} bytes"
             )
@@ -138,28 +213,45 @@ class _Reader:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
 
 
+def _corrupt(problem: str | None) -> None:
+    if problem:
+        raise FormatError(f"corrupt header: {problem}")
+
+
 def unpack(data: bytes) -> tuple[Header, bytes]:
-    """(header, payload) of a file's bytes; FormatError when it is not a version-1
-    ``.vqz``, is truncated or fails its CRC."""
+    """(header, payload) of a file's bytes, version 1 or 2; FormatError (one line) when
+    it is not a ``.vqz``, has a version or model this vqkit does not know, a field out
+    of its bounds, is truncated or fails its CRC. Checks in the order of docs/format.md;
+    nothing is sized by a field before the field is bounded."""
     r = _Reader(bytes(data))
     if len(data) < len(MAGIC) or r.take(len(MAGIC)) != MAGIC:
         raise FormatError("not a vqkit compressed file (no VQKZ magic number)")
-    version, flags, dtype = r.ints("<BBB")
-    if version != VERSION:
+    (version,) = r.ints("<B")
+    if version not in READ_VERSIONS:
+        newer = "; it was written by a newer vqkit" if version > VERSION else ""
         raise FormatError(
-            f"unknown format version {version} (this vqkit reads version {VERSION}); "
-            "decompress it with the vqkit that wrote it"
+            f"unknown format version {version} (this vqkit reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}){newer}"
         )
-    if flags & ~(FLAG_CODES | FLAG_BATCH_AXIS) or dtype >= len(DTYPES):
-        raise FormatError(f"corrupt header: flags {flags:#x}, dtype {dtype}")
+    flags, dtype = r.ints("<BB")
+    model = MODEL_FLOAT if version == 1 else r.ints("<B")[0]
+    if problem := _model_problem(version, model):
+        raise FormatError(problem)
+    _corrupt(_flags_problem(flags, dtype))
     tok, prior = r.take(HASH_BYTES).hex(), r.take(HASH_BYTES).hex()
     (ndim,) = r.ints("<B")
     if ndim not in (2, 3):
-        raise FormatError(f"corrupt header: a code map of {ndim} dimensions")
+        raise FormatError(f"corrupt header: a code map of {ndim} dimensions (2 or 3)")
     shape = r.ints(f"<{ndim}H")
+    _corrupt(_shape_problem(shape))
     num_symbols, n = r.ints("<II")
-    if n > len(data):  # each map takes at least two bytes: a count this size is damage
-        raise FormatError(f"corrupt header: {n} code maps in a file of {len(data)} bytes")
+    _corrupt(_symbols_problem(num_symbols))
+    _corrupt(_maps_problem(n, flags))
+    if 2 * n + _TAIL > r.left:  # the labels must be there before they are read
+        raise FormatError(
+            f"truncated or corrupt header: {n} code maps need {2 * n + _TAIL} more bytes; "
+            f"the file has {r.left}"
+        )
     labels = r.ints(f"<{n}H")
     checksum = r.take(8)
     head_end = r.pos
@@ -167,7 +259,7 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     payload = r.data[r.pos :]
     if zlib.crc32(payload, zlib.crc32(r.data[:head_end])) != crc:
         raise FormatError("corrupt or truncated file: its CRC-32 does not match its bytes")
-    if min(shape) < 1 or num_symbols < 1:
-        raise FormatError(f"corrupt header: shape {shape}, {num_symbols} symbols")
-    header = Header(tok, prior, tuple(shape), num_symbols, tuple(labels), checksum, flags, dtype)
+    header = Header(
+        tok, prior, tuple(shape), num_symbols, tuple(labels), checksum, flags, dtype, version, model
+    )
     return header, payload
