@@ -6,6 +6,13 @@ cannot take): one line, exit code 2, no output at all."""
 from __future__ import annotations
 
 import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +23,7 @@ from PIL import Image  # noqa: E402
 
 from vqkit.cli import main  # noqa: E402
 from vqkit.compress import codes_to_images, images_to_codes, load_codec  # noqa: E402
+from vqkit.compress.format import pack, unpack  # noqa: E402
 
 from .test_compress_codec import make_prior, make_tokenizer  # noqa: E402
 
@@ -189,3 +197,65 @@ def test_images_the_tokenizer_cannot_take(setup, tmp_path, capsys):
     # a gray picture stored as RGB is taken as gray
     assert main(["compress", str(gray_rgb), *base]) == 0
     assert (out / "gray_rgb.vqz").is_file()
+
+
+_DECOMPRESS_UNDER_LIMIT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # 3 GiB, torch included
+from vqkit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _decompress_under_limit(vqz: Path, prior: Path, out: Path) -> subprocess.CompletedProcess:
+    """``vqkit decompress VQZ`` in a fresh process capped at 3 GiB of address space."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+    }
+    argv = ["decompress", str(vqz), "--prior", str(prior), "--out", str(out)]
+    return subprocess.run(
+        [sys.executable, "-c", _DECOMPRESS_UNDER_LIMIT, *argv],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_crafted_map_counts_end_in_one_line_under_an_address_space_limit(setup, tmp_path):
+    """Files with a valid CRC whose header is this prior's but claims 100,000 or
+    1,000,000 maps (their labels present: 200 KB and 2 MB, within the format's bound,
+    the payload of one map) or none, through the real ``vqkit decompress`` in a fresh
+    process capped at 3 GiB of address space (where the file they were made from
+    decodes): exit code 2, one line, no traceback, nothing written. Memory must follow
+    the payload present, not the map count a header claims."""
+    pytest.importorskip("resource")
+    prior, src, _ = setup
+    assert main(["compress", str(src / "a" / "x.png"), "--prior", str(prior), "--out",
+                 str(tmp_path)]) == 0  # fmt: skip
+    good = tmp_path / "x.vqz"
+    run = _decompress_under_limit(good, prior, tmp_path / "out_good")
+    assert run.returncode == 0 and (tmp_path / "out_good" / "x.png").is_file(), run.stderr
+    header, payload = unpack(good.read_bytes())
+    # zero maps: pack refuses to write it, so it is laid out here field by field
+    head = b"".join([
+        b"VQKZ", bytes([2, 0, 0, 1]), bytes.fromhex(header.tokenizer_hash + header.prior_hash),
+        struct.pack("<B2H", 2, *header.code_shape), struct.pack("<II", header.num_symbols, 0),
+        header.checksum,
+    ])  # fmt: skip
+    crafted = {
+        "none.vqz": head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload,
+        "many.vqz": pack(replace(header, labels=(header.labels[0],) * 100_000), payload),
+        "million.vqz": pack(replace(header, labels=(header.labels[0],) * 1_000_000), payload),
+    }
+    for name, data in crafted.items():
+        (tmp_path / name).write_bytes(data)
+        out = tmp_path / f"out_{name}"
+        run = _decompress_under_limit(tmp_path / name, prior, out)
+        assert run.returncode == 2, (name, run.returncode, run.stderr[-2000:])
+        assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+        assert name in run.stderr
+        assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+        if name == "none.vqz":
+            assert "0 code maps" in run.stderr
