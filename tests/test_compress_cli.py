@@ -166,7 +166,7 @@ def test_bad_files_are_refused_with_no_output(setup, tmp_path, capsys):
     other = make_prior(tmp_path / "p2", prior.parent / "tok", seed=5)
     err = _refused(capsys, out, "decompress", str(good), "--prior", str(other), "--out", str(out))
     a, b = load_codec(prior, images=False), load_codec(other, images=False)
-    assert a.prior_hash[:16] in err and b.prior_hash[:16] in err and a.tokenizer_hash[:16] in err
+    assert a.exact_hash[:16] in err and b.exact_hash[:16] in err and a.tokenizer_hash[:16] in err
 
 
 def test_images_the_tokenizer_cannot_take(setup, tmp_path, capsys):

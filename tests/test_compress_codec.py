@@ -1,7 +1,8 @@
 """vqkit.compress.codec: the API round trips (code maps of every shape and dtype,
-images), the bits against a float64 teacher-forced reference (the coding order is the
-prior's flattening order), decoding in a fresh process with another thread count, the
-identity checks, and a changed distribution refused by the checksum."""
+images), the bits against a float64 teacher-forced reference of the float prior (the
+coding order is the prior's flattening order), decoding in fresh processes under other
+CPU kernel sets and thread counts, several files decoded side by side, the identity
+checks, and a changed distribution refused by the checksum."""
 
 from __future__ import annotations
 
@@ -97,10 +98,6 @@ def _maps(codec: Codec, n: int, seed: int = 0) -> np.ndarray:
 
 def test_code_maps_round_trip_with_dtype_shape_and_classes(codec):
     maps = _maps(codec, 3)
-    torch.set_num_threads(2)  # the coding loop runs on one thread and gives this back
-    encode_codes(maps, codec)
-    assert torch.get_num_threads() == 2
-    torch.set_num_threads(1)
     for arr in (maps, maps[0], maps.astype(np.uint16), maps[1].astype(np.int32)):
         data = encode_codes(arr, codec, labels=[2, 5, 10][: 1 if arr.ndim == 2 else 3])
         back = decode_codes(data, codec)
@@ -115,8 +112,9 @@ def test_code_maps_round_trip_with_dtype_shape_and_classes(codec):
 
 def test_bits_match_a_float64_teacher_forced_reference(codec):
     """The coded distributions are the prior's p(c_t | c_<t, y) in flatten_codes
-    order: the encoder's ideal bits equal -log2 p(c | y) of a float64 copy of the prior
-    run teacher-forced (a different path), and the file is that plus little."""
+    order, through the exact integer twin: the encoder's ideal bits are -log2 p(c | y)
+    of a float64 copy of the float prior run teacher-forced (another path, other
+    arithmetic) within 0.1%, and the file is that plus little."""
     maps = _maps(codec, 4, seed=1)
     labels = torch.tensor([0, 3, 10, 9])
     stats: dict = {}
@@ -126,7 +124,7 @@ def test_bits_match_a_float64_teacher_forced_reference(codec):
     with torch.no_grad():
         nats = -ref.log_prob(torch.from_numpy(maps), labels).sum().item()
     ref_bits = nats / np.log(2.0)
-    assert stats["ideal_bits"] == pytest.approx(ref_bits, rel=1e-5)
+    assert stats["ideal_bits"] == pytest.approx(ref_bits, rel=1e-3)
     payload_bits = 8 * stats["payload_bytes"]
     assert ref_bits - 1 <= payload_bits <= ref_bits * 1.005 + 64  # termination: < 64 bits
     assert stats["header_bytes"] + stats["payload_bytes"] == len(data)
@@ -155,7 +153,7 @@ def test_residual_maps_follow_the_flattening_order(runs, tmp_path):
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
         bits = -ref.log_prob(torch.from_numpy(maps)).sum().item() / np.log(2.0)
-    assert stats["ideal_bits"] == pytest.approx(bits, rel=1e-5)
+    assert stats["ideal_bits"] == pytest.approx(bits, rel=1e-3)
 
 
 def test_images_round_trip_to_the_tokenizers_reconstruction(codec):
@@ -191,16 +189,18 @@ def test_another_prior_or_tokenizer_is_refused_naming_both(codec, runs, tmp_path
     with pytest.raises(DecodeError) as e:
         decode_codes(data, other)
     msg = str(e.value)
-    assert codec.prior_hash[:16] in msg and other.prior_hash[:16] in msg
+    assert codec.exact_hash[:16] in msg and other.exact_hash[:16] in msg
     assert codec.tokenizer_hash[:16] in msg and "\n" not in msg
     moved = Codec(codec.prior, None, "cd" * 32, codec.prior_hash, codec.classes)
+    assert moved.exact_hash == codec.exact_hash  # the twin is a function of the weights
     with pytest.raises(DecodeError, match=f"tokenizer {codec.tokenizer_hash[:16]}"):
         decode_codes(data, moved)
 
 
 def test_changed_distributions_fail_the_checksum_not_a_wrong_map(codec):
-    """What a platform computing other floating-point results would see: the same
-    hashes, other distributions. Decoding goes astray and the checksum refuses it."""
+    """What a decoder computing other distributions under the same hashes would see
+    (a bug, or a tampered payload): decoding goes astray and the checksum (or the
+    payload's bit budget) refuses it."""
     maps = _maps(codec, 2, seed=5)
     data = encode_codes(maps, codec)
     model = Prior(codec.prior.config).eval()
@@ -208,7 +208,11 @@ def test_changed_distributions_fail_the_checksum_not_a_wrong_map(codec):
     with torch.no_grad():
         model.blocks[0].mlp[0].weight.add_(0.5 * torch.randn_like(model.blocks[0].mlp[0].weight))
     drifted = Codec(model, None, codec.tokenizer_hash, codec.prior_hash, codec.classes)
-    with pytest.raises(DecodeError, match="cannot be decoded here: the decoded codes fail"):
+    assert drifted.exact_hash != codec.exact_hash
+    with pytest.raises(DecodeError, match="compressed with prior"):
+        decode_codes(data, drifted)
+    drifted.exact_hash = codec.exact_hash  # same name, other integers
+    with pytest.raises(DecodeError, match="fail the file's checksum|cannot decode the payload"):
         decode_codes(data, drifted)
 
 
@@ -224,29 +228,57 @@ def test_a_payload_that_is_not_the_codes_is_refused(codec):
     head = data[: len(data) - len(payload) - 4]
     for junk in (b"\xff" * 12, b"", bytes(range(40))):
         forged = head + struct.pack("<I", zlib.crc32(junk, zlib.crc32(head))) + junk
-        with pytest.raises(DecodeError, match="cannot decode the payload|cannot be decoded here"):
+        with pytest.raises(DecodeError, match="cannot decode the payload|fail the file's checksum"):
             decode_codes(forged, codec)
 
 
-def test_fresh_process_with_other_thread_count_decodes_the_same(codec, runs, tmp_path):
-    """Encoded here with 1 thread; decoded in a new interpreter with 2 threads."""
-    maps = _maps(codec, 4, seed=7)
-    (tmp_path / "m.vqz").write_bytes(encode_codes(maps, codec, labels=[1, 2, 3, 4]))
+KERNELS = {
+    "default kernels": {"ATEN_CPU_CAPABILITY": "default"},
+    "avx2 kernels, 2 threads": {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"},
+    "oneDNN capped at AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+
+
+def test_fresh_processes_under_other_kernels_and_threads_decode_the_same(codec, runs, tmp_path):
+    """Encoded here (this machine's best kernels, 1 thread); decoded in new interpreters
+    under ATen's default (scalar) and AVX2 kernels, oneDNN capped at AVX2, and 2
+    threads: the same codes (the float path of version 1 failed exactly this)."""
+    maps = _maps(codec, 70, seed=7)  # two groups
+    labels = [i % 11 for i in range(70)]
+    (tmp_path / "m.vqz").write_bytes(encode_codes(maps, codec, labels=labels))
     script = textwrap.dedent(
         f"""
-        import numpy as np, torch
-        torch.set_num_threads(2)
+        import os, numpy as np, torch
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         from vqkit.compress import decode_codes, load_codec
         codec = load_codec({str(runs[1])!r}, images=False)
         out = decode_codes(open({str(tmp_path / "m.vqz")!r}, "rb").read(), codec)
-        np.save({str(tmp_path / "out.npy")!r}, out)
-        print(torch.get_num_threads())
+        np.save(os.environ["OUT"], out)
+        print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
         """
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-    res = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=100
-    )
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "2"
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), maps)
+    for i, (name, extra) in enumerate(KERNELS.items()):
+        out = tmp_path / f"out{i}.npy"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **extra, "OUT": str(out)}
+        res = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=100
+        )
+        assert res.returncode == 0, (name, res.stderr)
+        if "ATEN_CPU_CAPABILITY" in extra:
+            assert res.stdout.split()[0].lower() == extra["ATEN_CPU_CAPABILITY"], res.stdout
+        np.testing.assert_array_equal(np.load(out), maps, err_msg=name)
+
+
+def test_several_files_decode_side_by_side_as_each_alone(codec):
+    from vqkit.compress.codec import decode_many
+
+    blobs = [encode_codes(_maps(codec, n, seed=n), codec, labels=n % 11) for n in (1, 3, 66)]
+    together = decode_many(codec, blobs, ["a", "b", "c"])
+    for blob, (codes, header) in zip(blobs, together, strict=True):
+        alone, _ = decode_many(codec, [blob])[0]
+        np.testing.assert_array_equal(codes, alone)
+        assert header.num_maps == codes.shape[0]
+    bad = bytearray(blobs[1])
+    bad[20] ^= 1  # the prior hash: refused naming the file, before any decoding
+    with pytest.raises(ValueError, match="^b: "):
+        decode_many(codec, [blobs[0], bytes(bad)], ["a", "b"])

@@ -2,29 +2,23 @@
 
 A code map ``c`` (h, w) or (h, w, Q) is read in the prior's raster order
 (:func:`vqkit.prior.flatten_codes`: rows, then the Q codes of a position) as
-``c_0 .. c_{T-1}``; code ``c_t`` is range-coded (:mod:`.coder`) under the prior's
-conditional distribution ``p(c_t | c_<t, y)``, so a file costs about
-``-log2 p(c | y)`` bits (the prior's NLL) plus the coder's termination and the header
-(:mod:`.format`).
+``c_0 .. c_{T-1}``; code ``c_t`` is range-coded (:mod:`.coder`) under the conditional
+distribution ``q(c_t | c_<t, y)`` of the prior's **exact integer twin**
+(:class:`.exact.ExactPrior`), so a file costs about ``-log2 q(c | y)`` bits (the prior's
+NLL: the twin's integer frequencies stay within a few millionths of a bit of the float
+prior's) plus the coder's termination and the header (:mod:`.format`, docs/format.md).
 
-**Determinism.** The decoder can only rebuild ``p(c_t | c_<t, y)`` after decoding
-``c_<t``; it runs the prior's KV-cached incremental path (one :meth:`Prior.extend`
-of one code per step, as :func:`vqkit.prior.sample` does). The encoder computes its
-distributions through *the same function* (:func:`_run`), with the same batch of maps
-in the same order, so both sides evaluate the same floating-point operations on the same
-inputs: a teacher-forced pass over the whole sequence would give slightly different
-logits and a stream the decoder misreads. The softmax is taken in float64 from the
-model's logits and quantized by constriction in integer arithmetic. If a platform still
-computes a different distribution (another CPU kernel, a GPU), decoding goes astray, and
-the checksum of the code maps stored in the file turns that into an error ("cannot be
-decoded here"), never into a wrong image. On the CPU the loop runs on one thread
-(:data:`CODING_THREADS`) on both sides, whatever the process's setting: the sums inside
-a matrix product split over another number of threads come out in another order, which
-changes logits in the last bit.
+**Any machine decodes what any machine wrote.** The twin computes integer frequencies
+by exact arithmetic (:mod:`.intmath`), so they do not depend on the CPU's kernels, the
+thread count, the torch version or the device, and the range coder (constriction) takes
+them as they are. The coding loops (:mod:`.streams`) need not mirror each other: the
+encoder runs one teacher-forced pass, the decoder one position at a time, and several
+files are decoded in one batch. A file names the twin (its digest) and the tokenizer;
+the checksum of its codes still guards against anything unforeseen: a file that does
+not decode to the codes written is refused, never decoded to a wrong image.
 
-The maps of one stream are decoded as one batch (batch composition is part of the
-floating-point path): ``encode(images)`` of N images gives one stream of N maps;
-``vqkit compress`` writes one stream per image.
+Version-1 files (float probabilities, :mod:`.legacy`) still decode where the float
+prior computes the writer's bits; elsewhere they are refused naming their version.
 """
 
 from __future__ import annotations
@@ -32,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +38,10 @@ from ..errors import UserError
 from ..prior import Prior, flatten_codes
 from ..prior.loading import load_prior, load_sample_tokenizer
 from . import format as fmt
-from .coder import CoderError, RangeDecoder, RangeEncoder
+from .coder import CoderError
+from .exact import ExactPrior
+from .legacy import decode_float
+from .streams import StreamStats, decode_streams, encode_streams
 
 __all__ = [
     "Codec",
@@ -52,19 +49,17 @@ __all__ = [
     "codes_to_images",
     "decode",
     "decode_codes",
+    "decode_many",
     "decode_maps",
     "encode",
     "encode_codes",
+    "encode_many",
     "encode_maps",
     "images_to_codes",
     "load_codec",
     "prior_hash",
     "restore_codes",
 ]
-
-
-CODING_THREADS = 1
-"""CPU threads of the coding loop on both sides (see :func:`_run`)."""
 
 
 class DecodeError(UserError):
@@ -85,11 +80,13 @@ def prior_hash(model: torch.nn.Module, config: dict[str, Any]) -> str:
 
 @dataclass
 class Codec:
-    """A prior (eval mode) and, for images, its tokenizer (a VQ-VAE in eval mode).
+    """A prior (eval mode), its exact integer twin and, for images, its tokenizer (a
+    VQ-VAE in eval mode).
 
     ``tokenizer_hash``: SHA-256 of the tokenizer's weights file, as the prior records
-    it; ``prior_hash``: :func:`prior_hash`. ``classes``: the prior's class names
-    (empty when unconditional)."""
+    it; ``prior_hash``: :func:`prior_hash` of the float prior (what version-1 files
+    name); ``exact_hash``: the twin's :meth:`.exact.ExactPrior.digest` (what version-2
+    files name). ``classes``: the prior's class names (empty when unconditional)."""
 
     prior: Prior
     tokenizer: Any | None
@@ -98,6 +95,13 @@ class Codec:
     classes: tuple[str, ...] = ()
     image_size: int | None = None
     channels: int | None = None
+    exact: ExactPrior | None = None
+    exact_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if self.exact is None:
+            self.exact = ExactPrior(self.prior).to(self.device)
+            self.exact_hash = self.exact.digest()
 
     @property
     def code_shape(self) -> tuple[int, ...]:
@@ -133,7 +137,8 @@ class Codec:
 
     def check(self, header: fmt.Header, where: str) -> None:
         """DecodeError unless ``header`` was written by this prior and tokenizer."""
-        mine = self.tokenizer_hash[:16], self.prior_hash[:16]
+        prior = self.exact_hash if header.version >= 2 else self.prior_hash
+        mine = self.tokenizer_hash[:16], prior[:16]
         if (header.tokenizer_hash, header.prior_hash) != mine:
             raise DecodeError(
                 f"{where} was compressed with prior {header.prior_hash} and tokenizer "
@@ -189,36 +194,59 @@ def _codec(prior: Codec | str | os.PathLike[str], images: bool) -> Codec:
     return prior if isinstance(prior, Codec) else load_codec(prior, images=images)
 
 
-@torch.inference_mode()
-def _run(
-    prior: Prior, labels: torch.Tensor, step: Callable[[int, np.ndarray], np.ndarray]
-) -> np.ndarray:
-    """The one autoregressive pass both sides run: for t = 0 .. T-1, the distributions
-    (N, K) float64 of ``c_t`` go to ``step(t, probs)``, which returns the codes (N,)
-    (the encoder: the known ones; the decoder: the decoded ones), fed back through the
-    KV cache. Returns the codes (N, T) int64."""
-    n, t_len = labels.shape[0], prior.seq_len
-    dev = next(prior.parameters()).device
-    was_training, threads = prior.training, torch.get_num_threads()
-    prior.eval()
-    # one CPU thread, whatever the caller's setting: a matrix product split over another
-    # number of threads sums in another order and moves logits by an ulp (measured: a
-    # third of them differ between 1 and 2 threads), enough to derail the decoder
-    torch.set_num_threads(CODING_THREADS)
-    try:
-        cache = prior.new_cache(n)
-        out = np.zeros((n, t_len), dtype=np.int64)
-        empty = torch.zeros(n, 0, dtype=torch.long, device=dev)
-        logits = prior.extend(empty, cache, labels.to(dev))[:, -1]
-        for t in range(t_len):
-            probs = torch.softmax(logits.double(), dim=-1).cpu().numpy()
-            out[:, t] = step(t, probs)
-            if t + 1 == t_len:
-                break
-            logits = prior.extend(torch.from_numpy(out[:, t : t + 1]).to(dev), cache)[:, -1]
-    finally:
-        prior.train(was_training)
-        torch.set_num_threads(threads)
+def _check_maps(codec: Codec, codes: torch.Tensor | np.ndarray) -> torch.Tensor:
+    codes = torch.as_tensor(np.asarray(codes)).long()
+    if codes.dim() != len(codec.code_shape) + 1 or tuple(codes.shape[1:]) != codec.code_shape:
+        raise UserError(
+            f"expected code maps (N, {', '.join(map(str, codec.code_shape))}); "
+            f"got {tuple(codes.shape)}"
+        )
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codec.num_symbols):
+        raise UserError(
+            f"codes must be in [0, {codec.num_symbols}) for this prior; "
+            f"got {int(codes.min())}..{int(codes.max())}"
+        )
+    if codes.shape[0] == 0:
+        raise UserError("no code maps to compress")
+    return codes
+
+
+def encode_many(
+    codec: Codec,
+    items: Sequence[tuple[torch.Tensor | np.ndarray, int | Sequence[int] | None]],
+    flags: Sequence[int] | None = None,
+    dtypes: Sequence[int] | None = None,
+    stats: list[dict[str, float]] | None = None,
+) -> list[bytes]:
+    """Several streams at once, one file's bytes each: ``items`` are ``(code maps (N,
+    *code_shape), labels)``; their groups share the prior's teacher-forced passes
+    (exact arithmetic: each file is what :func:`encode_maps` writes alone)."""
+    maps = [_check_maps(codec, codes) for codes, _ in items]
+    ys = [codec.labels(y, m.shape[0]) for m, (_, y) in zip(maps, items, strict=True)]
+    seqs = [flatten_codes(m, codec.code_shape).numpy() for m in maps]
+    st = [StreamStats() for _ in items]
+    payloads = encode_streams(codec.exact, list(zip(seqs, ys, strict=True)), st)
+    out = []
+    for i, (seq, y, payload) in enumerate(zip(seqs, ys, payloads, strict=True)):
+        header = fmt.Header(
+            codec.tokenizer_hash[:16],
+            codec.exact_hash[:16],
+            codec.code_shape,
+            codec.num_symbols,
+            tuple(int(v) for v in y),
+            fmt.code_checksum(seq),
+            flags[i] if flags else 0,
+            dtypes[i] if dtypes else 0,
+        )
+        data = fmt.pack(header, payload)
+        out.append(data)
+        if stats is not None:
+            stats[i].update(
+                ideal_bits=st[i].ideal_bits,
+                payload_bytes=len(payload),
+                header_bytes=len(data) - len(payload),
+                codes=int(seq.size),
+            )
     return out
 
 
@@ -231,52 +259,64 @@ def encode_maps(
     stats: dict[str, float] | None = None,
 ) -> bytes:
     """Code maps (N, *code_shape) -> file bytes (see :mod:`.format`)."""
-    codes = torch.as_tensor(np.asarray(codes)).long()
-    if codes.dim() != len(codec.code_shape) + 1 or tuple(codes.shape[1:]) != codec.code_shape:
-        raise UserError(
-            f"expected code maps (N, {', '.join(map(str, codec.code_shape))}); "
-            f"got {tuple(codes.shape)}"
-        )
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codec.num_symbols):
-        raise UserError(
-            f"codes must be in [0, {codec.num_symbols}) for this prior; "
-            f"got {int(codes.min())}..{int(codes.max())}"
-        )
-    n = codes.shape[0]
-    if n == 0:
-        raise UserError("no code maps to compress")
-    y = codec.labels(labels, n)
-    seq = flatten_codes(codes, codec.code_shape).numpy()
-    enc = RangeEncoder()
-    ideal = [0.0]
+    box = [stats] if stats is not None else None
+    return encode_many(codec, [(codes, labels)], [flags], [dtype], box)[0]
 
-    def step(t: int, probs: np.ndarray) -> np.ndarray:
-        enc.encode(seq[:, t], probs)
-        if stats is not None:
-            ideal[0] += float(-np.log2(probs[np.arange(n), seq[:, t]]).sum())
-        return seq[:, t]
 
-    _run(codec.prior, y, step)
-    payload = enc.finish()
-    header = fmt.Header(
-        codec.tokenizer_hash[:16],
-        codec.prior_hash[:16],
-        codec.code_shape,
-        codec.num_symbols,
-        tuple(int(v) for v in y),
-        fmt.code_checksum(seq),
-        flags,
-        dtype,
+def decode_many(
+    codec: Codec, datas: Sequence[bytes], wheres: Sequence[str] | None = None
+) -> list[tuple[np.ndarray, fmt.Header]]:
+    """Several files at once: (code maps (N, *code_shape) int64, header) of each, the
+    version-2 ones decoded side by side in one batch. DecodeError / FormatError (both
+    ValueError) for the first file that cannot be decoded here, naming it."""
+    wheres = list(wheres) if wheres is not None else ["the data"] * len(datas)
+    parsed = []
+    for data, where in zip(datas, wheres, strict=True):
+        try:
+            header, payload = fmt.unpack(data)
+        except fmt.FormatError as e:
+            raise fmt.FormatError(f"{where}: {e}") from None
+        codec.check(header, where)
+        parsed.append((header, payload, torch.tensor(header.labels, dtype=torch.long)))
+    seqs: dict[int, np.ndarray] = {}
+    current = [i for i, (h, _, _) in enumerate(parsed) if h.version >= 2]
+    try:
+        decoded = decode_streams(codec.exact, [(parsed[i][1], parsed[i][2]) for i in current])
+    except CoderError as e:
+        # which file: decode them one at a time to name it (rare: a corrupt payload)
+        for i in current:
+            try:
+                decode_streams(codec.exact, [(parsed[i][1], parsed[i][2])])
+            except CoderError:
+                raise DecodeError(f"{wheres[i]}: {e}") from None
+        raise DecodeError(f"{wheres[current[0]]}: {e}") from None
+    seqs.update(zip(current, decoded, strict=True))
+    for i, (header, payload, y) in enumerate(parsed):
+        if header.version < 2:
+            try:
+                seqs[i] = decode_float(codec.prior, payload, y)
+            except CoderError as e:
+                raise DecodeError(f"{wheres[i]}: {e}") from None
+    out = []
+    for i, (header, _, _) in enumerate(parsed):
+        if fmt.code_checksum(seqs[i]) != header.checksum:
+            raise DecodeError(_checksum_failure(wheres[i], header))
+        out.append((seqs[i].reshape(header.num_maps, *codec.code_shape), header))
+    return out
+
+
+def _checksum_failure(where: str, header: fmt.Header) -> str:
+    if header.version < 2:
+        return (
+            f"{where} cannot be decoded here: it is a version-1 file (float coding), which "
+            "decodes only where the prior computes the writer's float bits (same CPU kernels, "
+            "thread count, torch version and device); decompress it there and compress the "
+            "maps again with this vqkit (version 2 decodes anywhere)"
+        )
+    return (
+        f"{where}: the decoded codes fail the file's checksum (the payload was altered after "
+        "its CRC was computed, or it was written by a faulty encoder)"
     )
-    data = fmt.pack(header, payload)
-    if stats is not None:
-        stats.update(
-            ideal_bits=ideal[0],
-            payload_bytes=len(payload),
-            header_bytes=len(data) - len(payload),
-            codes=int(seq.size),
-        )
-    return data
 
 
 def decode_maps(
@@ -284,24 +324,7 @@ def decode_maps(
 ) -> tuple[np.ndarray, fmt.Header]:
     """File bytes -> (code maps (N, *code_shape) int64, header); DecodeError /
     FormatError (both ValueError) when they cannot be decoded here."""
-    try:
-        header, payload = fmt.unpack(data)
-    except fmt.FormatError as e:
-        raise fmt.FormatError(f"{where}: {e}") from None
-    codec.check(header, where)
-    y = torch.tensor(header.labels, dtype=torch.long)
-    try:
-        dec = RangeDecoder(payload)
-        seq = _run(codec.prior, y, lambda t, probs: dec.decode(probs))
-    except CoderError as e:
-        raise DecodeError(f"{where}: {e}") from None
-    if fmt.code_checksum(seq) != header.checksum:
-        raise DecodeError(
-            f"{where} cannot be decoded here: the decoded codes fail the file's checksum "
-            "(this machine computes the prior's distributions differently from the one "
-            "that compressed it; decompress it there, or on the same device type)"
-        )
-    return seq.reshape(len(header.labels), *codec.code_shape), header
+    return decode_many(codec, [data], [where])[0]
 
 
 def _as_images(codec: Codec, images: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""The coding loops of format version 2: code maps to range-coder payloads and back,
+under the exact integer prior (:class:`.exact.ExactPrior`).
+
+**Symbol order.** A stream's N maps are coded in groups of :data:`GROUP` consecutive
+maps (the last group may be smaller), one group after the other; inside a group,
+position t = 0 .. T-1 in the prior's raster order, and at each t the group's maps in
+order. A decoder therefore holds the KV cache of one group, never of N maps: its memory
+does not grow with the map count a header claims.
+
+**Encoder and decoder compute the same integers by construction**, not by running the
+same float operations: the exact prior's outputs do not depend on the batch a map shares
+or on whether its prefix came from a KV cache. So the encoder runs one teacher-forced
+pass per group (in chunks of positions, for bounded memory) where the decoder runs one
+position at a time, and several streams (files) are decoded side by side in one batch:
+each with its own range decoder, each group whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .coder import CoderError, RangeDecoder, RangeEncoder
+from .exact import ExactPrior
+
+__all__ = ["GROUP", "StreamStats", "decode_streams", "encode_streams"]
+
+SLACK_BITS = 128
+"""A payload of b bytes never holds codes whose information content under the integer
+frequencies exceeds ``8 b + SLACK_BITS`` (the range coder spends at least that much, less
+its termination): a decoder that gets past it is reading a corrupt or crafted payload and
+stops, so its work grows with the payload present, not with the maps a header claims."""
+
+GROUP = 64
+"""Maps per group (the format's symbol order; a decoder's batch per stream)."""
+BATCH_ROWS = 256
+"""At most this many maps (from several streams) share one decoding batch."""
+CHUNK_BYTES = 64 << 20
+"""The encoder's teacher-forced pass takes as many positions as fit this many bytes of
+logits and attention scores."""
+
+
+@dataclass
+class StreamStats:
+    """``ideal_bits``: ``sum -log2 q`` of the coded symbols under the integer
+    frequencies (what a perfect coder would spend); ``codes``: symbols coded."""
+
+    ideal_bits: float = 0.0
+    codes: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _groups(n: int) -> list[slice]:
+    return [slice(i, min(i + GROUP, n)) for i in range(0, n, GROUP)]
+
+
+def _positions_per_chunk(model: ExactPrior, rows: int) -> int:
+    per_position = rows * 8 * (3 * model.vocab_size + model.n_head * model.seq_len)
+    return max(1, min(model.seq_len, CHUNK_BYTES // max(per_position, 1)))
+
+
+def _bits(weights: torch.Tensor, symbols: torch.Tensor) -> float:
+    """``sum -log2((w_s + 1) / 2**24)`` of the coded symbols (float64: a statistic)."""
+    w = weights.gather(-1, symbols[..., None]).squeeze(-1).double() + 1
+    return float((24 - torch.log2(w)).sum())
+
+
+def encode_streams(
+    model: ExactPrior,
+    streams: Sequence[tuple[np.ndarray, torch.Tensor]],
+    stats: list[StreamStats] | None = None,
+) -> list[bytes]:
+    """Payloads of streams of sequences: each ``(codes (N, T) int64, labels (N,))``.
+    Groups of several streams are stacked into one teacher-forced pass."""
+    encoders = [RangeEncoder() for _ in streams]
+    jobs = [(i, g) for i, (codes, _) in enumerate(streams) for g in _groups(codes.shape[0])]
+    # one pass per batch of up to BATCH_ROWS maps, groups kept whole; each stream's groups
+    # are coded in order, which stacking in job order preserves
+    batch: list[tuple[int, slice]] = []
+    rows = 0
+    for job in [*jobs, None]:
+        size = 0 if job is None else job[1].stop - job[1].start
+        if batch and (job is None or rows + size > BATCH_ROWS):
+            _encode_batch(model, streams, batch, encoders, stats)
+            batch, rows = [], 0
+        if job is not None:
+            batch.append(job)
+            rows += size
+    return [enc.finish() for enc in encoders]
+
+
+def _encode_batch(model, streams, batch, encoders, stats) -> None:
+    seqs = torch.cat([torch.as_tensor(streams[i][0][g]) for i, g in batch]).long()
+    labels = torch.cat([torch.as_tensor(streams[i][1])[g] for i, g in batch]).long()
+    n, t_len = seqs.shape
+    cache = model.new_cache(n)
+    step = _positions_per_chunk(model, n)
+    start = 0
+    while start < t_len:
+        stop = min(start + step, t_len)
+        # inputs: [y, c_0 .. c_{stop-2}] -> the logits of c_start .. c_{stop-1}
+        inputs = seqs[:, max(start - 1, 0) : stop - 1]
+        logits = model.extend(inputs, cache, labels if start == 0 else None)
+        weights = ExactPrior.frequencies(logits).cpu()  # (n, L, K)
+        row = 0
+        for i, g in batch:
+            k = g.stop - g.start
+            w, s = weights[row : row + k], seqs[row : row + k, start:stop]
+            # t-major inside the group: for each position, the group's maps in order
+            encoders[i].encode(
+                s.T.reshape(-1).numpy(), w.transpose(0, 1).reshape(-1, w.shape[-1]).double().numpy()
+            )
+            if stats is not None:
+                stats[i].ideal_bits += _bits(w, s)
+                stats[i].codes += s.numel()
+            row += k
+        start = stop
+
+
+def decode_streams(
+    model: ExactPrior, streams: Sequence[tuple[bytes, torch.Tensor]]
+) -> list[np.ndarray]:
+    """The codes (N, T) int64 of each ``(payload, labels (N,))``; :class:`CoderError`
+    when a payload cannot be decoded (truncated or corrupt). Streams are decoded side by
+    side: round r takes group r of every stream that has one, in batches of up to
+    BATCH_ROWS maps."""
+    decoders = [RangeDecoder(payload) for payload, _ in streams]
+    budget = [8.0 * len(payload) + SLACK_BITS for payload, _ in streams]
+    outs = [np.zeros((len(labels), model.seq_len), dtype=np.int64) for _, labels in streams]
+    groups = [_groups(len(labels)) for _, labels in streams]
+    rounds = max((len(g) for g in groups), default=0)
+    for r in range(rounds):
+        batch: list[tuple[int, slice]] = []
+        rows = 0
+        for job in [*((i, g[r]) for i, g in enumerate(groups) if r < len(g)), None]:
+            size = 0 if job is None else job[1].stop - job[1].start
+            if batch and (job is None or rows + size > BATCH_ROWS):
+                _decode_batch(model, streams, batch, decoders, outs, budget)
+                batch, rows = [], 0
+            if job is not None:
+                batch.append(job)
+                rows += size
+    return outs
+
+
+def _decode_batch(model, streams, batch, decoders, outs, budget) -> None:
+    labels = torch.cat([torch.as_tensor(streams[i][1])[g] for i, g in batch]).long()
+    n = labels.shape[0]
+    cache = model.new_cache(n)
+    codes = torch.zeros(n, model.seq_len, dtype=torch.long)
+    logits = model.extend(torch.zeros(n, 0, dtype=torch.long), cache, labels)
+    for t in range(model.seq_len):
+        weights = ExactPrior.frequencies(logits[:, -1]).cpu()
+        table = weights.double().numpy()
+        row = 0
+        for i, g in batch:
+            k = g.stop - g.start
+            sym = torch.from_numpy(decoders[i].decode(table[row : row + k]))
+            codes[row : row + k, t] = sym
+            budget[i] -= _bits(weights[row : row + k], sym)
+            if budget[i] < 0:
+                raise CoderError(
+                    "cannot decode the payload: it ends before its codes do (corrupt, or a "
+                    "header that claims more maps than the payload holds)"
+                )
+            row += k
+        if t + 1 < model.seq_len:
+            logits = model.extend(codes[:, t : t + 1], cache)
+    row = 0
+    for i, g in batch:
+        k = g.stop - g.start
+        outs[i][g] = codes[row : row + k].numpy()
+        row += k
