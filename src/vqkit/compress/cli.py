@@ -37,9 +37,9 @@ from . import format as fmt
 from .codec import (
     Codec,
     codes_to_images,
-    decode_maps,
-    encode,
-    encode_codes,
+    decode_many,
+    encode_many,
+    images_to_codes,
     load_codec,
     restore_codes,
 )
@@ -268,15 +268,20 @@ def run_compress(args: argparse.Namespace) -> int:
 
         identity = model_identity(codec.tokenizer)
         arrays = [_read_maps(p, identity, args.unchecked) for p in inputs]
-        blobs = []
-        for p, arr in zip(inputs, arrays, strict=True):
-            try:
-                blobs.append(encode_codes(arr, codec, labels=label))
-            except ValueError as e:
-                raise UserError(f"{p}: {e}") from None
+        items, flags, dtypes = [], [], []
+        for arr in arrays:
+            batched = arr.ndim == len(codec.code_shape) + 1
+            items.append((arr if batched else arr[None], label))
+            flags.append(fmt.FLAG_CODES | (fmt.FLAG_BATCH_AXIS if batched else 0))
+            dtypes.append(fmt.DTYPES.index(f"<{arr.dtype.kind}{arr.dtype.itemsize}"))
+        blobs = encode_many(codec, items, flags, dtypes, wheres=[str(p) for p in inputs])
     else:
         images = [read_image_for(codec, p) for p in inputs]  # all checked before coding
-        blobs = [encode(x[None], codec, labels=label) for x in images]  # one stream each
+        # the tokenizer in batches, then one stream per image, coded side by side
+        codes = [images_to_codes(codec, torch.stack(images[i : i + 64]))
+                 for i in range(0, len(images), 64)]  # fmt: skip
+        maps = torch.cat(codes)
+        blobs = encode_many(codec, [(maps[i : i + 1], label) for i in range(len(images))])
     for dst, blob in zip(names, blobs, strict=True):
         _write_bytes(dst, blob)
     _report([_row(codec, *r) for r in zip(inputs, names, blobs, strict=True)])
@@ -311,8 +316,8 @@ def run_decompress(args: argparse.Namespace) -> int:
 
     identity = model_identity(codec.tokenizer)
     outputs: list[tuple[Path, list[tuple[Path, Any]]]] = []
-    for p, names, data in zip(files, out_names, datas, strict=True):
-        codes, header = decode_maps(codec, data, str(p))
+    decoded = decode_many(codec, datas, [str(p) for p in files])  # side by side
+    for p, names, (codes, header) in zip(files, out_names, decoded, strict=True):
         if header.is_codes:
             outputs.append((p, [(names[0], restore_codes(codes, header))]))
             continue

@@ -217,12 +217,19 @@ def encode_many(
     flags: Sequence[int] | None = None,
     dtypes: Sequence[int] | None = None,
     stats: list[dict[str, float]] | None = None,
+    wheres: Sequence[str] | None = None,
 ) -> list[bytes]:
     """Several streams at once, one file's bytes each: ``items`` are ``(code maps (N,
     *code_shape), labels)``; their groups share the prior's teacher-forced passes
-    (exact arithmetic: each file is what :func:`encode_maps` writes alone)."""
-    maps = [_check_maps(codec, codes) for codes, _ in items]
-    ys = [codec.labels(y, m.shape[0]) for m, (_, y) in zip(maps, items, strict=True)]
+    (exact arithmetic: each file is what :func:`encode_maps` writes alone). Bad input
+    is a UserError naming the item (``wheres``, when given)."""
+    maps, ys = [], []
+    for i, (codes, y) in enumerate(items):
+        try:
+            maps.append(_check_maps(codec, codes))
+            ys.append(codec.labels(y, maps[-1].shape[0]))
+        except ValueError as e:
+            raise UserError(f"{wheres[i]}: {e}" if wheres else str(e)) from None
     seqs = [flatten_codes(m, codec.code_shape).numpy() for m in maps]
     st = [StreamStats() for _ in items]
     payloads = encode_streams(codec.exact, list(zip(seqs, ys, strict=True)), st)

@@ -54,7 +54,7 @@ __all__ = ["ARITHMETIC", "ExactCache", "ExactPrior"]
 
 ARITHMETIC = 1
 """Version of the arithmetic defined here; files record it (format ``model`` byte)."""
-RESIDUAL_BITS = 16  # fractional bits of the residual stream
+RESIDUAL_BITS = 14  # fractional bits of the residual stream
 WEIGHT_BITS = 15  # |w| < 2**15
 ACT_BITS = 22  # |operand| < 2**22 for products with weights (22 + 15 + log2(inner) <= 53)
 QK_BITS = 20  # queries and keys: 20 + 20 + log2(head_dim) <= 53
@@ -64,7 +64,6 @@ GEMM_LIMIT = 53
 
 
 ROPE_BITS = 14  # fractional bits of the rotary tables
-_HALF = torch.tensor([(1 << s) >> 1 for s in range(63)], dtype=torch.int64)
 
 
 def _q(t: torch.Tensor, f: int, scale: float = 1.0) -> torch.Tensor:
@@ -160,13 +159,19 @@ class Linear:
 @dataclass
 class LayerNorm:
     """Integer LayerNorm of int64 rows at RESIDUAL_BITS: out ``x̂ * gamma + beta`` fitted
-    into ACT_BITS bits at ``f_out`` fractional bits."""
+    into ACT_BITS bits at ``f_out`` fractional bits.
+
+    The input is clamped to ``ln_bits`` bits (a residual stream of magnitude up to
+    ``2**(ln_bits - RESIDUAL_BITS)``: 2048 at width 128; beyond it the clamp binds,
+    the same way everywhere), so that the variance ``sum (x - mean)**2 // c`` stays
+    below 2**52: its float64 conversion is exact and its square root, correctly rounded
+    by IEEE-754, gives the same integer on every machine."""
 
     gamma: torch.Tensor  # int64, f_g fractional bits
     beta: torch.Tensor  # int64 at LN_FRAC + f_g, plus the output shift's rounding half
-    eps: torch.Tensor  # eps * 2**(2 * (RESIDUAL_BITS - s)) for a row shifted by s
+    eps: int  # eps * 2**(2 * RESIDUAL_BITS), rounded
     width: int
-    ln_bits: int  # rows are shifted to fit this many bits
+    ln_bits: int
     shift: int
     f_out: int
     bound: int
@@ -181,22 +186,18 @@ class LayerNorm:
         acc_bound = xhat * _imax(gamma) + _imax(beta)
         s = max(0, im.bit_length(acc_bound) - ACT_BITS)
         eps = im.round_decimal(decimal.Decimal(ln.eps) * (1 << (2 * RESIDUAL_BITS)))
-        eps_t = torch.tensor([eps >> (2 * k) for k in range(63)], dtype=torch.int64)
-        # d <= 2**(ln_bits + 1), so sum d**2 < 2**(2 ln_bits + 2 + log2 c) <= 2**62
-        ln_bits = (60 - (c - 1).bit_length()) // 2
+        # |d| < 2**(ln_bits + 1): the variance (a mean of d**2) < 2**52, the sum of
+        # d**2 < 2**(52 + log2 c) < 2**63
+        ln_bits = min(25, (60 - (c - 1).bit_length()) // 2)
         beta = beta + ((1 << s) >> 1)
-        return cls(gamma, beta, eps_t, c, ln_bits, s, LN_FRAC + f_g - s, (acc_bound >> s) + 1)
+        return cls(gamma, beta, eps, c, ln_bits, s, LN_FRAC + f_g - s, (acc_bound >> s) + 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        # the row's shift: its magnitude's binary exponent above ln_bits (frexp of the
-        # rounded float is exact or one above: never too small a shift)
-        big = x.abs().amax(dim=-1, keepdim=True).double()
-        s = (torch.frexp(big).exponent.long() - self.ln_bits).clamp_(min=0)
-        half = _HALF.to(x.device)
-        xs = (x + half[s]) >> s
-        d = xs - torch.div(xs.sum(dim=-1, keepdim=True), self.width, rounding_mode="floor")
+        top = (1 << self.ln_bits) - 1
+        x = x.clamp(-top, top)
+        d = x - torch.div(x.sum(dim=-1, keepdim=True), self.width, rounding_mode="floor")
         var = torch.div((d * d).sum(dim=-1, keepdim=True), self.width, rounding_mode="floor")
-        std = im.isqrt(var + self.eps[s]).clamp_(min=1)
+        std = torch.sqrt((var + self.eps).double()).long().clamp_(min=1)
         xhat = torch.div(d << LN_FRAC, std, rounding_mode="floor")
         limit = (1 << ACT_BITS) - 1
         return (torch.addcmul(self.beta, xhat, self.gamma) >> self.shift).clamp_(-limit, limit)
@@ -208,7 +209,7 @@ class LayerNorm:
         return LayerNorm(
             self.gamma.to(device),
             self.beta.to(device),
-            self.eps.to(device),
+            self.eps,
             self.width,
             self.ln_bits,
             self.shift,

@@ -307,8 +307,7 @@ def frequencies(y: torch.Tensor, precision: int = 24) -> torch.Tensor:
     k = y.shape[-1]
     free = (1 << precision) - k
     e = softmax_weights(y)  # <= 2**30; times free < 2**24: below 2**54
-    total = e.sum(dim=-1, keepdim=True)
-    w = (e * free) // total
+    w = torch.div(e * free, e.sum(dim=-1, keepdim=True), rounding_mode="floor")
     rest = free - w.sum(dim=-1, keepdim=True)
-    first = torch.argmax((e == (1 << EXP_SCALE)).to(torch.uint8), dim=-1, keepdim=True)
-    return w.scatter_add(-1, first, rest)
+    first = torch.argmax(y, dim=-1, keepdim=True)  # the first maximum (torch's rule)
+    return w.scatter_add_(-1, first, rest)

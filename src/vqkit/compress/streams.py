@@ -68,6 +68,28 @@ def _bits(weights: torch.Tensor, symbols: torch.Tensor) -> float:
     return float((24 - torch.log2(w)).sum())
 
 
+def _batches(counts: Sequence[int]):
+    """The batches of (stream, group slice) for streams of ``counts`` maps: round r
+    takes group r of every stream that has one, in batches of up to BATCH_ROWS maps.
+    A batch never holds two groups of one stream: a stream's groups are coded one after
+    the other (the encoder's chunked pass would interleave them)."""
+    groups = [_groups(n) for n in counts]
+    for r in range(max((len(g) for g in groups), default=0)):
+        batch: list[tuple[int, slice]] = []
+        rows = 0
+        for i, g in enumerate(groups):
+            if r >= len(g):
+                continue
+            size = g[r].stop - g[r].start
+            if batch and rows + size > BATCH_ROWS:
+                yield batch
+                batch, rows = [], 0
+            batch.append((i, g[r]))
+            rows += size
+        if batch:
+            yield batch
+
+
 def encode_streams(
     model: ExactPrior,
     streams: Sequence[tuple[np.ndarray, torch.Tensor]],
@@ -76,19 +98,8 @@ def encode_streams(
     """Payloads of streams of sequences: each ``(codes (N, T) int64, labels (N,))``.
     Groups of several streams are stacked into one teacher-forced pass."""
     encoders = [RangeEncoder() for _ in streams]
-    jobs = [(i, g) for i, (codes, _) in enumerate(streams) for g in _groups(codes.shape[0])]
-    # one pass per batch of up to BATCH_ROWS maps, groups kept whole; each stream's groups
-    # are coded in order, which stacking in job order preserves
-    batch: list[tuple[int, slice]] = []
-    rows = 0
-    for job in [*jobs, None]:
-        size = 0 if job is None else job[1].stop - job[1].start
-        if batch and (job is None or rows + size > BATCH_ROWS):
-            _encode_batch(model, streams, batch, encoders, stats)
-            batch, rows = [], 0
-        if job is not None:
-            batch.append(job)
-            rows += size
+    for batch in _batches([codes.shape[0] for codes, _ in streams]):
+        _encode_batch(model, streams, batch, encoders, stats)
     return [enc.finish() for enc in encoders]
 
 
@@ -130,19 +141,8 @@ def decode_streams(
     decoders = [RangeDecoder(payload) for payload, _ in streams]
     budget = [8.0 * len(payload) + SLACK_BITS for payload, _ in streams]
     outs = [np.zeros((len(labels), model.seq_len), dtype=np.int64) for _, labels in streams]
-    groups = [_groups(len(labels)) for _, labels in streams]
-    rounds = max((len(g) for g in groups), default=0)
-    for r in range(rounds):
-        batch: list[tuple[int, slice]] = []
-        rows = 0
-        for job in [*((i, g[r]) for i, g in enumerate(groups) if r < len(g)), None]:
-            size = 0 if job is None else job[1].stop - job[1].start
-            if batch and (job is None or rows + size > BATCH_ROWS):
-                _decode_batch(model, streams, batch, decoders, outs, budget)
-                batch, rows = [], 0
-            if job is not None:
-                batch.append(job)
-                rows += size
+    for batch in _batches([len(labels) for _, labels in streams]):
+        _decode_batch(model, streams, batch, decoders, outs, budget)
     return outs
 
 
@@ -160,7 +160,7 @@ def _decode_batch(model, streams, batch, decoders, outs, budget) -> None:
             k = g.stop - g.start
             sym = torch.from_numpy(decoders[i].decode(table[row : row + k]))
             codes[row : row + k, t] = sym
-            budget[i] -= _bits(weights[row : row + k], sym)
+            budget[i] -= float((24.0 - np.log2(table[row : row + k][np.arange(k), sym] + 1)).sum())
             if budget[i] < 0:
                 raise CoderError(
                     "cannot decode the payload: it ends before its codes do (corrupt, or a "
