@@ -121,6 +121,8 @@ class Linear:
             acc = f_in + f_w
             bq = _q(b, acc, scale) if b is not None else torch.zeros(w.shape[0], dtype=torch.long)
             acc_bound = int((wq.abs().sum(1) * in_bound + bq.abs()).max())
+            if acc_bound.bit_length() >= GEMM_LIMIT - 1:  # the bias and rounding half too
+                raise UserError(f"a {width}-wide layer is too wide for the exact coding model")
             if f_out is None:
                 sh = max(0, im.bit_length(acc_bound) - out_bits)
                 limits.append(torch.full((w.shape[0],), (1 << out_bits) - 1))
