@@ -78,8 +78,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         default="cpu",
-        help="cpu (default), cuda, ...: decompress on the device type that compressed "
-        "(floating-point results differ between devices; a mismatch is refused)",
+        help="cpu (default), cuda, ...: the device of the tokenizer and the prior's exact "
+        "twin (files decode to the same codes on any device)",
     )
 
 
