@@ -77,13 +77,15 @@ def encode_streams(
     Groups of several streams are stacked into one teacher-forced pass."""
     encoders = [RangeEncoder() for _ in streams]
     jobs = [(i, g) for i, (codes, _) in enumerate(streams) for g in _groups(codes.shape[0])]
-    # one pass per batch of up to BATCH_ROWS maps, groups kept whole; each stream's groups
-    # are coded in order, which stacking in job order preserves
+    # one pass per batch of up to BATCH_ROWS maps, groups kept whole, at most one group
+    # of a stream: a pass codes its positions chunk by chunk, so two groups of a stream in
+    # one pass would interleave their chunks; batches in job order code each stream's
+    # groups one after the other
     batch: list[tuple[int, slice]] = []
     rows = 0
     for job in [*jobs, None]:
         size = 0 if job is None else job[1].stop - job[1].start
-        if batch and (job is None or rows + size > BATCH_ROWS):
+        if batch and (job is None or rows + size > BATCH_ROWS or job[0] == batch[-1][0]):
             _encode_batch(model, streams, batch, encoders, stats)
             batch, rows = [], 0
         if job is not None:
