@@ -1,6 +1,7 @@
 """The tables of ``bench_exact_coding`` from its committed raw JSON.
 
-    python -m benchmarks.report_exact_coding benchmarks/results/exact_coding_cifar10/exact_coding.json
+    python -m benchmarks.report_exact_coding \\
+        benchmarks/results/exact_coding_cifar10/exact_coding.json
 
 Writes ``exact_coding.md`` beside the JSON: portability (files decoded to the encoder's
 codes under each kernel configuration, before and after), bits per code against the
@@ -64,7 +65,8 @@ def report(data: dict) -> list[str]:
         f"{enc['ideal_bits_per_code']:.5f} | {rel(enc['ideal_bits_per_code'])} |",
         f"| files: payload | {enc['file_payload_bits_per_code']:.5f} | "
         f"{rel(enc['file_payload_bits_per_code'])} |",
-        f"| files: with the {enc['header_bytes']}-byte header | {enc['file_bits_per_code']:.4f} | |",
+        f"| files: with the {enc['header_bytes']}-byte header | "
+        f"{enc['file_bits_per_code']:.4f} | |",
         f"| streams of 250: ideal | {enc['stream_ideal_bits_per_code']:.5f} | "
         f"{rel(enc['stream_ideal_bits_per_code'])} |",
         f"| streams of 250: payload | {enc['stream_payload_bits_per_code']:.5f} | "
@@ -90,9 +92,7 @@ def report(data: dict) -> list[str]:
         bm = statistics.median(b) if b else None
         am = statistics.median(a) if a else None
         ratio = f"{am / bm:.2f}" if am and bm else ""
-        lines.append(
-            f"| {label} | {common.fmt(bm, '.1f')} | {common.fmt(am, '.1f')} | {ratio} |"
-        )
+        lines.append(f"| {label} | {common.fmt(bm, '.1f')} | {common.fmt(am, '.1f')} | {ratio} |")
     extra = data.get("speed_threads")
     if extra:
         lines += ["", "Two threads (after only; the float path had to run on one):", ""]

@@ -54,7 +54,7 @@ __all__ = ["ARITHMETIC", "ExactCache", "ExactPrior"]
 
 ARITHMETIC = 1
 """Version of the arithmetic defined here; files record it (format ``model`` byte)."""
-RESIDUAL_BITS = 14  # fractional bits of the residual stream
+RESIDUAL_BITS = 16  # fractional bits of the residual stream
 WEIGHT_BITS = 15  # |w| < 2**15
 ACT_BITS = 22  # |operand| < 2**22 for products with weights (22 + 15 + log2(inner) <= 53)
 QK_BITS = 20  # queries and keys: 20 + 20 + log2(head_dim) <= 53
@@ -164,7 +164,7 @@ class LayerNorm:
     into ACT_BITS bits at ``f_out`` fractional bits.
 
     The input is clamped to ``ln_bits`` bits (a residual stream of magnitude up to
-    ``2**(ln_bits - RESIDUAL_BITS)``: 2048 at width 128; beyond it the clamp binds,
+    ``2**(ln_bits - RESIDUAL_BITS)``: 512 at widths up to 1024; beyond it the clamp binds,
     the same way everywhere), so that the variance ``sum (x - mean)**2 // c`` stays
     below 2**52: its float64 conversion is exact and its square root, correctly rounded
     by IEEE-754, gives the same integer on every machine."""

@@ -70,12 +70,12 @@ _PREC = 60  # decimal digits of the table computations
 
 
 def bit_length(bound: int | float) -> int:
-    """The least e >= 0 with ``|bound| < 2**e`` (an exact function of the binary
-    exponent: ``math.frexp`` is exact)."""
+    """The least integer e with ``|bound| < 2**e`` (negative for a bound below 1/2; an
+    exact function of the binary exponent: ``math.frexp`` is exact)."""
     if bound == 0:
         return 0
     mantissa, e = math.frexp(abs(bound))
-    return max(int(e), 0)
+    return int(e)
 
 
 def frac_bits(bound: int | float, bits: int) -> int:
