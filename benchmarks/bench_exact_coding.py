@@ -199,8 +199,9 @@ def phase_decode(args) -> dict:
 
 
 def phase_speed(args) -> dict:
-    """Files one at a time and streams of 250, through the public API, 1 thread."""
-    torch = _setup(1)
+    """Files one at a time and streams of 250, through the public API (1 thread, or
+    THREADS)."""
+    torch = _setup(int(os.environ.get("THREADS", "1")))
     from vqkit.data import load_dataset
 
     cc, codec = _codec(args)
@@ -300,9 +301,11 @@ def run(args) -> None:
         for name, env in list(CONFIGS.items())[:3]
     }
     result["speed"] = {"before": [], "after": []}
+    result["speed_threads"] = []
     for _ in range(args.rounds):
         result["speed"]["before"].append(_worker(args, "speed", base=True))
         result["speed"]["after"].append(_worker(args, "speed"))
+        result["speed_threads"].append(_worker(args, "speed", env={"THREADS": "2"}))
     common.finish_meta(meta)
     out = common.RESULTS_DIR / args.name
     (out).mkdir(parents=True, exist_ok=True)
@@ -321,7 +324,7 @@ def main() -> None:
     p.add_argument("--before-files", type=int, default=1000)
     p.add_argument("--speed-files", type=int, default=300)
     p.add_argument("--speed-streams", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--note", default=None)
     # worker side
