@@ -6,6 +6,9 @@ Formats:
 * image folders (PNG/JPEG tree, optionally class and split subfolders, or a tar of one):
   :func:`load_image_folder`
 * idx (MNIST / Fashion-MNIST, raw or .gz): :func:`load_idx`, :func:`read_idx`
+* audio (WAV folders, tars of them, the Free Spoken Digit Dataset): :func:`load_audio`
+  gives an :class:`AudioData` of mono float32 clips (random crops, whole clips);
+  :func:`resample` changes their rate
 * the built-in set shipped in ``vqkit/assets`` (a Fashion-MNIST subset): :func:`load_builtin`
 * WebDataset-layout tar shards (a brace pattern or a directory of ``{split}-NNNNNN.tar``,
   written by :func:`vqkit.data.pack.pack`): :func:`open_shards`, streamed by
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 from ._cache import CACHE_ENV, default_cache_dir
 from ._core import ImageData, data_variance, denormalize, normalize
+from .audio import AudioData, decode_wav
+from .audiofolder import audio_splits, detect_modality, load_audio
 from .cifar import (
     CIFAR10_MD5,
     CIFAR10_URL,
@@ -32,6 +37,7 @@ from .decode import read_image
 from .idx import load_idx, read_idx
 from .imagefolder import load_image_folder
 from .loader import BatchLoader, epoch_permutation, iterate_batches
+from .resample import resample
 from .shards import ShardLoader, ShardSet, is_shard_source, open_shards
 from .sources import (
     BUILTIN_DIR,
@@ -49,21 +55,26 @@ __all__ = [
     "CIFAR10_MD5",
     "CIFAR10_URL",
     "FASHION_MNIST_DIR",
+    "AudioData",
     "BatchLoader",
     "DatasetDownloadError",
     "DatasetFormat",
     "ImageData",
     "ShardLoader",
     "ShardSet",
+    "audio_splits",
     "available_splits",
     "data_variance",
+    "decode_wav",
     "default_cache_dir",
     "denormalize",
     "detect_format",
+    "detect_modality",
     "download_cifar10",
     "epoch_permutation",
     "is_shard_source",
     "iterate_batches",
+    "load_audio",
     "load_builtin",
     "load_cifar10",
     "load_dataset",
@@ -73,5 +84,6 @@ __all__ = [
     "open_shards",
     "read_idx",
     "read_image",
+    "resample",
     "verify_cifar10_archive",
 ]

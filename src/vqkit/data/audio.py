@@ -87,9 +87,7 @@ def decode_wav(source: bytes | str | os.PathLike[str], name: str | None = None) 
             tag = int(msg.split(":", 1)[1].strip())
             kind = _FORMAT_NAMES.get(tag, "compressed")
             extra = (
-                " (this Python's wave module reads plain PCM headers only)"
-                if tag == 0xFFFE
-                else ""
+                " (this Python's wave module reads plain PCM headers only)" if tag == 0xFFFE else ""
             )
             raise UserError(
                 f"{where}: {kind} WAV (format tag {tag}), not PCM{extra}; convert it to "

@@ -88,7 +88,7 @@ def _is_audio(rel: str) -> bool:
 
 
 def detect_modality(source: str | os.PathLike[str]) -> Literal["image", "audio"]:
-    """"audio" for a folder or tar holding WAV files and no images, else "image" (the
+    """ "audio" for a folder or tar holding WAV files and no images, else "image" (the
     image loaders then say what they find). Both kinds in one source: one line naming
     an example of each."""
     path = Path(source)
@@ -261,9 +261,7 @@ def load_audio(
         rate if rate is not None else next(iter(rates)),
         torch.tensor([labels[i] for i in keep], dtype=torch.int64),
         classes,
-        torch.tensor(
-            [index[speaker_of[i]] if speaker_of else 0 for i in keep], dtype=torch.int64
-        ),
+        torch.tensor([index[speaker_of[i]] if speaker_of else 0 for i in keep], dtype=torch.int64),
         speaker_names,
         tuple(f"{path}:{selected[i]}" if tar else str(path / selected[i]) for i in keep),
         str(path),

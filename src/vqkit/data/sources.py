@@ -11,6 +11,7 @@ from typing import Literal
 from ..errors import UserError
 from ._cache import resolve_cache_dir
 from ._core import ImageData, archive_error
+from .audiofolder import audio_splits, detect_modality
 from .cifar import (
     CIFAR10_ARCHIVE,
     CIFAR10_FOLDER,
@@ -68,7 +69,9 @@ def _tar_looks_like_cifar(path: Path) -> bool:
 
 
 def detect_format(source: str | os.PathLike[str]) -> str:
-    """The format :func:`load_dataset` would use for an existing path (no decoding).
+    """The format :func:`load_dataset` would use for an existing path (no decoding), or
+    "audio" for a folder or tar of WAV files (:func:`~vqkit.data.load_audio` reads it; a
+    source with both images and audio is one-line error).
 
     Raises FileNotFoundError if the path does not exist and ValueError if it matches no
     known format; both messages name the path.
@@ -89,15 +92,20 @@ def detect_format(source: str | os.PathLike[str]) -> str:
             return "cifar10"
         if any(p.name.startswith(("train-images", "t10k-images")) for p in path.iterdir()):
             return "idx"
-        return "imagefolder"
+        return _folder_kind(path)
     name = path.name.lower()
     if name == CIFAR10_ARCHIVE:
         return "cifar10"
     if is_tar_path(path):
-        return "cifar10" if _tar_looks_like_cifar(path) else "imagefolder"
+        return "cifar10" if _tar_looks_like_cifar(path) else _folder_kind(path)
     if "idx3-ubyte" in name or "idx1-ubyte" in name:
         return "idx"
     raise UserError(f"{path}: unrecognised dataset file; {_FORMATS_HELP}")
+
+
+def _folder_kind(path: Path) -> str:
+    # "audio" (vqkit.data.audiofolder) for WAV files alone; both kinds in one source: error
+    return "audio" if detect_modality(path) == "audio" else "imagefolder"
 
 
 _TRAIN_TEST = ["test", "train"]
@@ -149,6 +157,8 @@ def available_splits(
             except (FileNotFoundError, ValueError):
                 pass
         return found
+    if fmt == "audio":
+        return audio_splits(path)
     return image_folder_splits(path)
 
 
@@ -229,6 +239,8 @@ def load_dataset(
         else:
             raise FileNotFoundError(f"dataset source not found: {path}; {_FORMATS_HELP}")
     fmt = detect_format(path) if format == "auto" else format
+    if fmt == "audio":
+        raise UserError(f"{path}: an audio dataset (WAV files); load it with vqkit.data.load_audio")
     if fmt == "cifar10":
         return load_cifar10(
             path,
