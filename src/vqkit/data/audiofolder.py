@@ -234,7 +234,7 @@ def load_audio(
             (r0, f0), (r1, f1) = list(rates.items())[:2]
             raise UserError(
                 f"{path}: clips at different rates ({f0}: {r0} Hz, {f1}: {r1} Hz); "
-                "pass rate= (--sample-rate) to resample them to one"
+                "pass rate= to resample them to one"
             )
         converted += wav.channels > 1
         clips.append(samples)
