@@ -294,3 +294,25 @@ def test_the_search_builds_no_n_by_k_tensor():
     n_by_k = 2 * 64 * big * 4
     assert 0 < largest < n_by_k / 4, largest
     assert out.indices.shape == (2, 1 + 4 + 16 + 64)
+
+
+def test_compiles_to_one_graph_and_runs_in_bf16():
+    q = make((1, 2, 4)).eval()
+    x = torch.randn(2, C, 4, 4)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(q)(x)
+    assert explain.graph_count == 1 and explain.graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(q.train(), backend="aot_eager", fullgraph=True)
+    xc = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the residual pass stays float32
+        out = compiled(xc)
+    out.loss.backward()
+    eager = q(x)
+    assert torch.equal(out.indices, eager.indices) and out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    xb = x.bfloat16().requires_grad_(True)
+    ob = q(xb)
+    (ob.loss + ob.quantized.float().sum()).backward()
+    assert ob.quantized.dtype == xb.grad.dtype == torch.bfloat16
+    assert torch.equal(ob.indices, q(xb.detach().float()).indices)
