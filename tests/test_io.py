@@ -18,6 +18,7 @@ OPTIONS = {
     "bsq": {"num_bits": 6},
     "gvq": {"num_embeddings": 16, "groups": 2},
     "rvq": {"num_embeddings": 16, "num_quantizers": 2},
+    "multiscale": {"num_embeddings": 16, "scales": "1,2"},  # the tiny model's 2 x 2 grid
 }
 
 

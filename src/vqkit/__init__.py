@@ -10,6 +10,7 @@ from .quantizers.bsq import BSQ
 from .quantizers.grouped import GroupedVQ
 from .quantizers.ibq import IBQ
 from .quantizers.lfq import LFQ
+from .quantizers.multiscale import MultiScaleVQ
 from .quantizers.simvq import SimVQ
 from .search import nearest_code, squared_distances
 
@@ -21,6 +22,7 @@ __all__ = [
     "GroupedVQ",
     "IBQ",
     "LFQ",
+    "MultiScaleVQ",
     "QuantizerOutput",
     "ResidualVQ",
     "SimVQ",

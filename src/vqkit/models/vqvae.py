@@ -413,9 +413,10 @@ class VQVAE(nn.Module, PretrainedMixin):
 
     @property
     def index_dims(self) -> int:
-        """Dimensions of a batch of index maps: 3 (B, h, w), or 4 (B, h, w, Q) when the
-        quantizer gives several codes per position (rvq)."""
-        return 4 if self.quantizer.codes_per_position > 1 else 3
+        """Dimensions of a batch of index maps: 3 (B, h, w), 4 (B, h, w, Q) when the
+        quantizer gives several codes per position (rvq), 2 (B, L) for multiscale's
+        concatenated scales."""
+        return self.quantizer.index_dims(2)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -428,7 +429,7 @@ class VQVAE(nn.Module, PretrainedMixin):
         """Code indices (B, h, w) ((B, h, w, Q) for rvq) -> images (B, C, f*h, f*w) in
         [-0.5, 0.5] (unclamped)."""
         if indices.dim() != self.index_dims:
-            want = "(B, h, w, Q)" if self.index_dims == 4 else "(B, h, w)"
+            want = {2: "(B, L)", 3: "(B, h, w)", 4: "(B, h, w, Q)"}[self.index_dims]
             raise UserError(f"expected an index map {want}; got shape {tuple(indices.shape)}")
         return self.decoder(self.quantizer.decode(indices))
 

@@ -12,6 +12,7 @@ from .fsq import FSQ, FSQOptions, parse_levels
 from .grouped import GroupedVQ, GroupedVQOptions
 from .ibq import IBQ, IBQOptions, ibq_lookup
 from .lfq import LFQ, BinaryOptions, BinaryQuantizer, LFQOptions
+from .multiscale import MultiScaleOptions, MultiScaleVQ
 from .output import QuantizerOutput
 from .registry import (
     QuantizerKind,
@@ -32,6 +33,8 @@ __all__ = [
     "BinaryQuantizer",
     "LFQ",
     "LFQOptions",
+    "MultiScaleOptions",
+    "MultiScaleVQ",
     "BaseQuantizer",
     "CodebookOptions",
     "CodebookQuantizer",

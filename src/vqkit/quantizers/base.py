@@ -134,7 +134,8 @@ class BaseQuantizer(nn.Module):
 
     * ``num_codes``: how many values one index takes (K; the FSQ grid size; per stage
       for a residual quantizer), and ``codes_per_position`` (1, or Q stages: indices
-      then carry a last axis of size Q).
+      then carry a last axis of size Q); ``index_dims(spatial_dims)``, the dimensions
+      of a batch of indices.
     * ``forward(x) -> QuantizerOutput``, ``encode(x) -> indices``, ``decode(indices)``.
     * ``supports_init`` / ``init_codebook_kmeans(x, iters, generator)``: set the
       codebook from data (k-means over the latents of every rank).
@@ -223,6 +224,13 @@ class BaseQuantizer(nn.Module):
     ) -> torch.Tensor:
         """:meth:`revive_dead_codes` on the kept ``x`` (layout as given)."""
         raise NotImplementedError
+
+    def index_dims(self, spatial_dims: int) -> int:
+        """Dimensions of a batch of indices for inputs with ``spatial_dims`` spatial
+        dimensions: ``(B, *spatial)``, plus the stage axis when ``codes_per_position >
+        1``. A quantizer whose codes are not one per grid position (MultiScaleVQ's
+        ``(B, L)``) says so here."""
+        return 1 + spatial_dims + (1 if self.codes_per_position > 1 else 0)
 
     def codebook_lr_parameters(self) -> list[nn.Parameter]:
         """The parameters trained at the codebook learning rate (empty: none are
