@@ -358,3 +358,30 @@ def test_eval_uses_the_data_the_model_records(tmp_path, capsys):
     assert main(["eval", str(tok / "model.safetensors"), "--out", str(tok)]) == 2
     assert "the run's own" in capsys.readouterr().err
     assert (tok / "eval.json").read_bytes() == record
+
+
+def test_multiscale_codes_round_trip_through_encode_and_decode(tmp_path, capsys):
+    """A multi-scale tokenizer's maps are (L,) sequences (every scale coarse to fine):
+    encode writes them with index_shape [L] in the sidecar, decode reads them back; a
+    grid-shaped map is refused in one line naming the expected (L,)."""
+    from PIL import Image
+
+    from vqkit.models.codes_io import sidecar_path
+
+    out = _run(tmp_path, "ms", 2, "--quantizer", "multiscale", "--scales", "1,2,4,7")
+    model = str(out / "model.safetensors")
+    Image.new("L", (28, 28), 90).save(tmp_path / "img.png")
+    codes = tmp_path / "codes"
+    assert main(["encode", model, str(tmp_path / "img.png"), "--out", str(codes)]) == 0
+    idx = np.load(codes / "img.npy")
+    assert idx.shape == (1 + 4 + 16 + 49,)
+    meta = json.loads(sidecar_path(codes / "img.npy").read_text())
+    assert meta["index_shape"] == [70] and meta["grid"] == [7, 7]
+    dec = tmp_path / "dec"
+    assert main(["decode", model, str(codes / "img.npy"), "--out", str(dec)]) == 0
+    assert (dec / "img.png").is_file()
+    capsys.readouterr()
+    np.save(tmp_path / "grid.npy", np.zeros((7, 7), dtype=np.int64))
+    assert main(["decode", model, str(tmp_path / "grid.npy"), "--out", str(dec)]) == 2
+    err = capsys.readouterr().err
+    assert "(L) or (B, L)" in err and err.count("\n") == 1

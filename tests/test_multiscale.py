@@ -240,7 +240,9 @@ def test_options_build_and_canonical_scales():
     assert opts.scales == "1,2,4"
     q = opts.build(C)
     assert isinstance(q, MultiScaleVQ) and q.scales == [1, 2, 4] and len(q.phis) == 1
-    assert q.num_codes == 8 and q.codes_per_position == 1 and q.index_dims(2) == 2
+    assert (
+        q.num_codes == 8 and q.codes_per_position == 1 and q.code_shape((8, 8)) == (q.code_length,)
+    )
     default = build_quantizer("multiscale", C)
     assert default.scales == [1, 2, 3, 4, 5, 6, 8] and len(default.phis) == 4
     assert default.phi_ratio == 0.5 and default.commitment_cost == 0.25

@@ -8,7 +8,8 @@
 
       {"format": "vqkit-codes", "version": 1,
        "tokenizer": "<sha256 of the model's weights and config>",
-       "num_codes": K, "codes_per_position": Q, "grid": [h, w]}
+       "num_codes": K, "codes_per_position": Q, "grid": [h, w],
+       "index_shape": one map's index shape: [h, w], [h, w, Q] or [L] (multi-scale)}
 
 The identity (:func:`model_identity`) hashes what decoding depends on: the model's config
 and every tensor of its state dict, so the same weights give the same hash whether they
@@ -84,6 +85,7 @@ def model_identity(model: Any) -> dict[str, Any]:
         "num_codes": int(model.num_codes),
         "codes_per_position": int(model.quantizer.codes_per_position),
         "grid": [side, side],
+        "index_shape": list(model.code_shape),
     }
 
 
@@ -142,6 +144,13 @@ def _check_identity(path: Path, meta: dict[str, Any], want: dict[str, Any]) -> N
             )
 
 
+def _axis_names(shape: tuple[int, ...], q: int) -> list[str]:
+    """The axes of one map for messages: h, w[, Q], or L (multi-scale codes)."""
+    if len(shape) == 1:
+        return ["L"]
+    return ["h", "w", "Q"] if q > 1 else ["h", "w"]
+
+
 def read_codes(
     path: str | os.PathLike[str], identity: dict[str, Any], *, unchecked: bool = False
 ) -> np.ndarray:
@@ -160,11 +169,13 @@ def read_codes(
     if meta is not None:
         _check_identity(path, meta, identity)
     q = identity["codes_per_position"]
-    nd = 4 if q > 1 else 3
+    grid = tuple(identity["grid"])
+    shape = tuple(identity.get("index_shape") or ((*grid, q) if q > 1 else grid))
+    nd = len(shape) + 1
     if idx.ndim == nd - 1:
         idx = idx[None]
-    grid = tuple(identity["grid"])
-    want = f"(h, w{', Q' if q > 1 else ''}) or (B, h, w{', Q' if q > 1 else ''})"
+    one = ", ".join(_axis_names(shape, q))
+    want = f"({one}) or (B, {one})"
     if not np.issubdtype(idx.dtype, np.integer) or idx.ndim != nd:
         raise UserError(
             f"{path}: expected an integer index map {want} for this model "
@@ -174,11 +185,11 @@ def read_codes(
         raise UserError(f"{path}: {idx.shape[-1]} codes per position; this model has {q}")
     if idx.size == 0:
         raise UserError(f"{path}: the index map is empty (shape {idx.shape}); nothing to decode")
-    if not unchecked and tuple(idx.shape[1:3]) != grid:
+    if not unchecked and tuple(idx.shape[1:]) != shape:
         raise UserError(
             f"{path}: shape {tuple(idx.shape)} is not an index map of this model, whose maps "
-            f"are {grid[0]}x{grid[1]} ({want}); pass --unchecked to decode a raw array of "
-            "another size"
+            f"are {'x'.join(map(str, shape))} ({want}); pass --unchecked to decode a raw "
+            "array of another size"
         )
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= identity["num_codes"]:

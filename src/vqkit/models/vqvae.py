@@ -412,11 +412,16 @@ class VQVAE(nn.Module, PretrainedMixin):
         return int(self.quantizer.num_codes)
 
     @property
+    def code_shape(self) -> tuple[int, ...]:
+        """One image's indices: (h, w), (h, w, Q) when the quantizer gives several codes
+        per position (rvq), (L,) for multiscale's concatenated scales."""
+        side = self.config.image_size // self.config.downsample
+        return self.quantizer.code_shape((side, side))
+
+    @property
     def index_dims(self) -> int:
-        """Dimensions of a batch of index maps: 3 (B, h, w), 4 (B, h, w, Q) when the
-        quantizer gives several codes per position (rvq), 2 (B, L) for multiscale's
-        concatenated scales."""
-        return self.quantizer.index_dims(2)
+        """Dimensions of a batch of index maps: ``1 + len(code_shape)``."""
+        return 1 + len(self.code_shape)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -134,8 +134,8 @@ class BaseQuantizer(nn.Module):
 
     * ``num_codes``: how many values one index takes (K; the FSQ grid size; per stage
       for a residual quantizer), and ``codes_per_position`` (1, or Q stages: indices
-      then carry a last axis of size Q); ``index_dims(spatial_dims)``, the dimensions
-      of a batch of indices.
+      then carry a last axis of size Q); ``code_shape(grid)``, the indices of one
+      input of that spatial grid (``(*grid)``, ``(*grid, Q)``, MultiScaleVQ's ``(L,)``).
     * ``forward(x) -> QuantizerOutput``, ``encode(x) -> indices``, ``decode(indices)``.
     * ``supports_init`` / ``init_codebook_kmeans(x, iters, generator)``: set the
       codebook from data (k-means over the latents of every rank).
@@ -225,12 +225,13 @@ class BaseQuantizer(nn.Module):
         """:meth:`revive_dead_codes` on the kept ``x`` (layout as given)."""
         raise NotImplementedError
 
-    def index_dims(self, spatial_dims: int) -> int:
-        """Dimensions of a batch of indices for inputs with ``spatial_dims`` spatial
-        dimensions: ``(B, *spatial)``, plus the stage axis when ``codes_per_position >
-        1``. A quantizer whose codes are not one per grid position (MultiScaleVQ's
-        ``(B, L)``) says so here."""
-        return 1 + spatial_dims + (1 if self.codes_per_position > 1 else 0)
+    def code_shape(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one input's indices for an input of spatial size ``grid``:
+        ``grid``, plus the stage axis Q when ``codes_per_position > 1``. A quantizer whose
+        codes are not one per grid position (MultiScaleVQ: ``(L,)``) says so here; index
+        files and their sidecars record it."""
+        q = self.codes_per_position
+        return (*grid, q) if q > 1 else tuple(grid)
 
     def codebook_lr_parameters(self) -> list[nn.Parameter]:
         """The parameters trained at the codebook learning rate (empty: none are

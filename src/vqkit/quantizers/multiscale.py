@@ -112,7 +112,7 @@ class MultiScaleVQ(LossTrainedQuantizer):
     :meth:`split_codes` gives the per-scale maps ``[(B, s_i, s_i)]``;
     :meth:`decode` reconstructs from the first N scales (progressive decoding).
     ``num_codes`` = K (each index takes K values); ``codes_per_position`` = 1 and
-    :meth:`index_dims` = 2: the index map is the sequence ``(B, L)``, not the input's
+    :meth:`code_shape` is ``(L,)``: the index map is the sequence ``(B, L)``, not the input's
     grid. ``forward`` takes no padding mask (a padded position has no meaning at a
     coarser scale): a mask is refused.
 
@@ -184,9 +184,10 @@ class MultiScaleVQ(LossTrainedQuantizer):
         """L = sum s_i^2, the codes of one map."""
         return sum(s * s for s in self.scales)
 
-    def index_dims(self, spatial_dims: int) -> int:
-        """2: a batch of codes is ``(B, L)`` whatever the input's grid."""
-        return 2
+    def code_shape(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        """``(L,)``: one map's codes, every scale's flattened coarse to fine, for the
+        grid the last scale must equal."""
+        return (self.code_length,)
 
     def split_codes(self, codes: torch.Tensor) -> list[torch.Tensor]:
         """``(B, L')`` codes, L' a prefix length ``sum_{i<N} s_i^2`` -> the first N
