@@ -385,3 +385,11 @@ def test_multiscale_codes_round_trip_through_encode_and_decode(tmp_path, capsys)
     assert main(["decode", model, str(tmp_path / "grid.npy"), "--out", str(dec)]) == 2
     err = capsys.readouterr().err
     assert "(L) or (B, L)" in err and err.count("\n") == 1
+
+
+def test_multiscale_bits_per_pixel_count_every_scale(tmp_path):
+    """eval.json's bits per pixel of a multi-scale tokenizer: all L = 1 + 4 + 16 + 49
+    codes of an image (K = 32: 5 bits each) over its 28 x 28 pixels."""
+    out = _run(tmp_path, "msb", 1, "--quantizer", "multiscale", "--scales", "1,2,4,7")
+    result = json.loads((out / "eval.json").read_text())
+    assert result["bits_per_pixel"] == pytest.approx(70 * 5 / (28 * 28))

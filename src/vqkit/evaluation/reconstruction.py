@@ -68,7 +68,8 @@ def evaluate(
       * ``codes_used``, ``usage``: codes used at least once, and that over K;
       * ``counts``: per-code counts (list; rvq: pooled over stages), or above
         :data:`DENSE_COUNTS_MAX` codes a :class:`SparseCounts`; ``num_images``;
-      * ``bits_per_pixel``: of the code grid (positions x codes per position x log2 K / pixels);
+      * ``bits_per_pixel``: of the codes (one image's codes x log2 K / pixels: positions x
+        codes per position, or a multi-scale map's L);
       * with a ``suite``: its figures (SSIM, MS-SSIM, LPIPS, FD/KID per feature space) and
         ``labels``, what produced each figure.
     """
@@ -136,7 +137,9 @@ def evaluate(
     used = int((counts > 0).sum())
     h, w = data.images.shape[-2:]
     f = model.config.downsample
-    bpp = bits_per_pixel((h // f) * (w // f), model.quantizer.codes_per_position, k, h * w)
+    # every code of one image (h/f x w/f positions x Q; a multi-scale map's L codes)
+    codes = math.prod(model.quantizer.code_shape((h // f, w // f)))
+    bpp = bits_per_pixel(codes, 1, k, h * w)
     result = {
         "num_images": n,
         "mse": mse,

@@ -54,7 +54,10 @@ def base_labels() -> dict[str, str]:
         "batch_perplexity": "mean perplexity over groups of 32 images",
         "codes_used": "codes used at least once on the split",
         "usage": "codes_used / K",
-        "bits_per_pixel": "positions x codes per position x log2 K / pixels (H x W)",
+        "bits_per_pixel": (
+            "one image's codes (positions x codes per position; multi-scale: every scale) "
+            "x log2 K / pixels (H x W)"
+        ),
     }
 
 
