@@ -106,9 +106,12 @@ class QuantizerChoice:
         Options.__post_init__(self)  # type: ignore[arg-type]
         kind = get_kind(self.quantizer)
         own = kind.option_names()
+        # this config's own defaults: a model may take a kind's options with other
+        # defaults (the audio codec's rvq, options.with_defaults), still one declaration
+        defaults = type(self).defaults()  # type: ignore[attr-defined]
         # sorted: the report must not depend on set order (hash randomisation)
         stray = sorted(
-            n for n in QUANTIZER_OPTION_NAMES - own if getattr(self, n) != QUANTIZER_DEFAULTS[n]
+            n for n in QUANTIZER_OPTION_NAMES - own if getattr(self, n) != defaults[n]
         )  # one default per name: compose refuses two declarations that differ
         if stray:
             where = "; ".join(
