@@ -106,7 +106,7 @@ def test_per_scale_health_in_the_training_records(tmp_path):
     for g, name in enumerate(groups):
         want = codebook_health(rows[g])
         assert groups[name]["codes_used"] == want["codes_used"]
-        assert groups[name]["usage"] == want["window_usage"]
+        assert groups[name]["window_usage"] == want["window_usage"]
         assert groups[name]["window_perplexity"] == want["perplexity"]
         assert groups[name]["dead"] == int(
             dead_codes(usage[g], trainer.config.dead_threshold).sum()

@@ -127,7 +127,7 @@ class CodebookHealth:
                 group_counts,
                 self.quantizer.group_code_usage(),
                 self.config.dead_threshold,
-                perplexity_key="window_perplexity",
+                window=True,
             )
         return out
 
