@@ -393,3 +393,58 @@ def test_multiscale_bits_per_pixel_count_every_scale(tmp_path):
     out = _run(tmp_path, "msb", 1, "--quantizer", "multiscale", "--scales", "1,2,4,7")
     result = json.loads((out / "eval.json").read_text())
     assert result["bits_per_pixel"] == pytest.approx(70 * 5 / (28 * 28))
+
+
+def test_multiscale_progressive_decode_and_eval_pictures(tmp_path, capsys):
+    """``vqkit decode --scales N`` equals decoding the first N scales' codes; a bad N,
+    and --scales on a single-scale tokenizer, are one line and write nothing. ``vqkit
+    eval`` of a multi-scale tokenizer writes per-scale figures and progressive.png (8
+    rows: the original, then 1 .. 4 scales), and says so; a vq tokenizer's neither."""
+    from PIL import Image
+
+    out = _run(tmp_path, "ms", 2, "--quantizer", "multiscale", "--scales", "1,2,4,7")
+    model_path = str(out / "model.safetensors")
+    model = load_model(out / "model.safetensors")
+    Image.new("L", (28, 28), 90).save(tmp_path / "img.png")
+    codes = tmp_path / "codes"
+    assert main(["encode", model_path, str(tmp_path / "img.png"), "--out", str(codes)]) == 0
+    idx = torch.from_numpy(np.load(codes / "img.npy"))[None]
+    for n in (1, 2, 4):
+        dec = tmp_path / f"dec{n}"
+        args = ["decode", model_path, str(codes / "img.npy"), "--out", str(dec)]
+        assert main([*args, "--scales", str(n)]) == 0
+        with Image.open(dec / "img.png") as im:
+            got = np.asarray(im)
+        prefix = idx[:, : sum(s * s for s in (1, 2, 4, 7)[:n])]
+        want = model.decoder(model.quantizer.decode(prefix))
+        assert torch.equal(want, model.decode(idx, num_scales=n))
+        want = ((want + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0, 0].numpy()
+        assert np.array_equal(got, want)
+    capsys.readouterr()
+    for bad in ("0", "5"):
+        dec = tmp_path / f"bad{bad}"
+        args = ["decode", model_path, str(codes / "img.npy"), "--out", str(dec), "--scales", bad]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "in [1, 4]" in err and err.count("\n") == 1 and not dec.exists()
+    ev = tmp_path / "ev"
+    assert main(["eval", model_path, "--out", str(ev), "--limit", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert str(ev / "progressive.png") in printed
+    result = json.loads((ev / "eval.json").read_text())
+    assert list(result["code_groups"]) == ["1x1", "2x2", "4x4", "7x7"]
+    assert all(g["codes_used"] + g["dead"] == 32 for g in result["code_groups"].values())
+    with Image.open(ev / "progressive.png") as im:  # 8 rows x 5 columns of 28 px, pad 2, x2
+        assert im.size == ((5 * 30 + 2) * 2, (8 * 30 + 2) * 2)
+
+    vq = _run(tmp_path, "vq", 2, "--quantizer", "vq")
+    vq_path = str(vq / "model.safetensors")
+    assert main(["encode", vq_path, str(tmp_path / "img.png"), "--out", str(tmp_path / "c")]) == 0
+    capsys.readouterr()
+    args = ["decode", vq_path, str(tmp_path / "c" / "img.npy"), "--out", str(tmp_path / "d")]
+    assert main([*args, "--scales", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "multi-scale tokenizer" in err and err.count("\n") == 1
+    assert main(["eval", vq_path, "--out", str(tmp_path / "vqev"), "--limit", "64"]) == 0
+    assert "code_groups" not in json.loads((tmp_path / "vqev" / "eval.json").read_text())
+    assert not (tmp_path / "vqev" / "progressive.png").exists()

@@ -70,3 +70,49 @@ def test_init_defaults_adapt_to_the_codebook_size():
     resolved = explicit.with_health_defaults(True, True, 32 * 64, 65536)
     assert resolved.init_iters == 7
     assert CodebookHealth(resolved, Q(65536)).init_batch_count(64, 1) == 5
+
+
+def test_per_scale_health_in_the_training_records(tmp_path):
+    """A multi-scale run's train records carry ``code_groups``: per scale the window's
+    perplexity, usage, codes used and dead codes (by the per-scale usage EMA), each
+    scale's window counts adding up to its positions; a vq run's records carry none."""
+    import json
+
+    from vqkit.metrics import codebook_health, dead_codes
+    from vqkit.training.tokenizer import Trainer
+
+    common = dict(steps=4, batch_size=8, log_every=4, eval_every=4, eval_images=16, progress=False)
+    cfg = TrainConfig.build(
+        out_dir=str(tmp_path / "ms"), quantizer="multiscale", scales="1,2,4,7", **common, **SMALL
+    )
+    trainer = Trainer(cfg)
+    captured = {}
+    real = trainer.health.figures
+
+    def spy(counts, group_counts=None):
+        captured["rows"] = None if group_counts is None else group_counts.clone()
+        return real(counts, group_counts)
+
+    trainer.health.figures = spy
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "ms" / "metrics.jsonl").open()]
+    train = [r for r in records if r.get("kind") == "train"][-1]
+    groups = train["code_groups"]
+    assert list(groups) == ["1x1", "2x2", "4x4", "7x7"]
+    rows = captured["rows"]
+    assert rows.shape == (4, 32)
+    assert rows.sum(1).tolist() == [4 * 8 * s * s for s in (1, 2, 4, 7)]  # 4 steps x 8 images
+    usage = trainer.model.quantizer.group_code_usage()
+    for g, name in enumerate(groups):
+        want = codebook_health(rows[g])
+        assert groups[name]["codes_used"] == want["codes_used"]
+        assert groups[name]["window_usage"] == want["window_usage"]
+        assert groups[name]["window_perplexity"] == want["perplexity"]
+        assert groups[name]["dead"] == int(
+            dead_codes(usage[g], trainer.config.dead_threshold).sum()
+        )
+    # a single-scale run: nothing new
+    cfg = TrainConfig.build(out_dir=str(tmp_path / "vq"), quantizer="vq", **common, **SMALL)
+    Trainer(cfg).fit()
+    records = [json.loads(line) for line in (tmp_path / "vq" / "metrics.jsonl").open()]
+    assert not any("code_groups" in r for r in records)

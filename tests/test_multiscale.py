@@ -318,3 +318,37 @@ def test_compiles_to_one_graph_and_runs_in_bf16():
     (ob.loss + ob.quantized.float().sum()).backward()
     assert ob.quantized.dtype == xb.grad.dtype == torch.bfloat16
     assert torch.equal(ob.indices, q(xb.detach().float()).indices)
+
+
+def test_code_groups_counts_equal_a_direct_count_of_split_codes():
+    """The contract's per-group view: ``code_groups`` names the scales, the rows of
+    ``counts`` are each scale's bincount of its ``split_codes`` map, in training and in
+    eval; ``group_code_usage`` is the per-scale EMA; ``code_prefix`` keeps the first n
+    scales' codes, and single-group quantizers have none of it."""
+    q = make((1, 2, 4))
+    assert q.code_groups == ("1x1", "2x2", "4x4")
+    x = torch.randn(5, C, 4, 4)
+    for mode in (True, False):
+        out = q.train(mode)(x)
+        direct = torch.stack(
+            [torch.bincount(m.reshape(-1), minlength=K) for m in q.split_codes(out.indices)]
+        )
+        assert torch.equal(out.counts, direct)
+    torch.testing.assert_close(q.group_code_usage(), q.scale_code_usage())
+    codes = q.encode(x)
+    assert torch.equal(q.code_prefix(codes, 2), codes[:, :5])
+    assert torch.equal(q.code_prefix(codes, 3), codes)
+    torch.testing.assert_close(q.decode(q.code_prefix(codes, 2)), q.decode(codes, num_scales=2))
+    for n in (0, 4, 1.5, True):
+        with pytest.raises(UserError, match=r"in \[1, 3\]"):
+            q.code_prefix(codes, n)
+    with pytest.raises(UserError, match=r"in \[1, 2\]"):  # a prefix holds fewer scales
+        q.code_prefix(codes[:, :5], 3)
+    with pytest.raises(UserError, match="first N scales"):
+        q.code_prefix(codes[:, :4], 1)
+    vq = build_quantizer("vq", C, num_embeddings=K)
+    assert vq.code_groups is None and vq.group_code_usage() is None
+    with pytest.raises(UserError, match="multi-scale tokenizer"):
+        vq.code_prefix(torch.zeros(2, 4, 4, dtype=torch.long), 1)
+    rvq = build_quantizer("rvq", C, num_embeddings=K)
+    assert rvq.code_groups is None  # its stages stay pooled in the health figures

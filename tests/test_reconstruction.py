@@ -61,3 +61,45 @@ def test_huge_implicit_codebook_allocates_no_k_sized_buffers(tmp_path):
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
     assert (tmp_path / "usage.png").stat().st_size > 0
+
+
+def test_per_scale_figures_and_progressive_reconstructions():
+    """evaluate() of a multi-scale tokenizer adds ``code_groups``: each scale's
+    figures from a direct count of its ``split_codes`` maps over the split; a vq
+    tokenizer's result has no new key. progressive_reconstructions decodes the first
+    n scales' codes, the last one the full reconstruction."""
+    from vqkit.data import load_builtin, normalize
+    from vqkit.errors import UserError
+    from vqkit.evaluation.reconstruction import evaluate, progressive_reconstructions
+    from vqkit.metrics import perplexity
+    from vqkit.models import VQVAE, VQVAEConfig
+
+    small = dict(in_channels=1, image_size=28, hidden=16, res_hidden=4, res_layers=1)
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(**small, quantizer="multiscale", scales="1,2,4,7"))
+    data = load_builtin("test").subset(slice(0, 40))
+    res = evaluate(model, data, data_variance=0.1, batch_size=16, batch_perplexity_size=8)
+    q = model.quantizer
+    with torch.no_grad():
+        maps = q.split_codes(model.encode(normalize(data.images)))
+    assert list(res["code_groups"]) == ["1x1", "2x2", "4x4", "7x7"]
+    k = model.num_codes
+    for m, fig in zip(maps, res["code_groups"].values(), strict=True):
+        direct = torch.bincount(m.reshape(-1), minlength=k)
+        assert fig["codes_used"] == int((direct > 0).sum())
+        assert fig["dead"] == k - fig["codes_used"]
+        assert fig["usage"] == fig["codes_used"] / k
+        assert fig["perplexity"] == pytest.approx(float(perplexity(direct)), rel=1e-6)
+    vq = VQVAE(VQVAEConfig(**small, quantizer="vq"))
+    plain = evaluate(vq, data, data_variance=0.1, batch_size=16, batch_perplexity_size=8)
+    assert set(res) - set(plain) == {"code_groups"}
+    x = normalize(data.images[:3])
+    recons = progressive_reconstructions(model, x)
+    assert len(recons) == 4
+    codes = model.encode(x)
+    for n, r in enumerate(recons, 1):
+        prefix = codes[:, : sum(s * s for s in (1, 2, 4, 7)[:n])]
+        torch.testing.assert_close(r, model.decoder(q.decode(prefix)))
+    torch.testing.assert_close(recons[-1], model(x).recon)
+    with pytest.raises(UserError, match="multi-scale"):
+        progressive_reconstructions(vq, x)

@@ -172,8 +172,8 @@ def _eval_data(args: argparse.Namespace, model: Any, meta: dict[str, Any]) -> tu
 
 def _eval(args: argparse.Namespace) -> int:
     from .data import data_variance
-    from .evaluation.plots import save_recon_grid
-    from .evaluation.reconstruction import evaluate
+    from .evaluation.plots import save_progressive_grid, save_recon_grid
+    from .evaluation.reconstruction import evaluate, progressive_reconstructions
     from .storage.fileio import dump_json, write_json
 
     model, meta, device = _load(args)
@@ -208,8 +208,12 @@ def _eval(args: argparse.Namespace) -> int:
     pick = torch.linspace(0, len(data) - 1, min(32, len(data))).round().long()
     x = normalize(data.images[pick].to(device))  # strided: every class of sorted data
     save_recon_grid(x, model(x).recon, out / "recon.png")
+    written = [out / "eval.json", out / "recon.png"]
+    if model.quantizer.code_groups is not None:  # multi-scale: 1 scale .. all, per image
+        written.append(out / "progressive.png")
+        save_progressive_grid(x[:8], progressive_reconstructions(model, x[:8]), written[-1])
     print(dump_json(result, indent=2))
-    print(f"wrote {out / 'eval.json'} and {out / 'recon.png'}")
+    print(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
     return 0
 
 
@@ -277,6 +281,8 @@ def _decode(args: argparse.Namespace) -> int:
     stems = _output_names(inputs, out, "")
     # all checked (tokenizer identity, shape, range) before anything is written
     maps = [read_codes(p, identity, unchecked=args.unchecked) for p in inputs]
+    if args.scales is not None:  # the first N scales' codes (a multi-scale tokenizer's)
+        maps = [model.quantizer.code_prefix(torch.from_numpy(m), args.scales).numpy() for m in maps]
     outputs = [decoded_names(stem, len(idx)) for stem, idx in zip(stems, maps, strict=True)]
     refuse_existing([n for names in outputs for n in names], args.overwrite)
     for p, stem, idx, names in zip(inputs, stems, maps, outputs, strict=True):
@@ -400,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="decode raw arrays: skip the tokenizer identity (NAME.npy.json) and "
                 "grid-size checks (see vqkit.models.codes_io)",
+            )
+            p.add_argument(
+                "--scales",
+                type=int,
+                default=None,
+                help="multi-scale tokenizers: reconstruct from the first N scales only",
             )
     from .data.pack import add_pack_arguments
     from .prior.cli import add_prior_arguments, add_sample_arguments

@@ -13,6 +13,7 @@ __all__ = [
     "codebook_health",
     "dead_codes",
     "ema_debias",
+    "group_health",
     "perplexity",
     "usage_fraction",
 ]
@@ -91,3 +92,30 @@ def codebook_health(
         "codes_used": used,
         "dead": dead,
     }
+
+
+def group_health(
+    names: tuple[str, ...],
+    counts: torch.Tensor,
+    usage: torch.Tensor | None = None,
+    threshold: float = 1.0,
+    window: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Each code group's health, ``{name: {"perplexity", "usage", "codes_used",
+    "dead"}}`` from its row of ``counts`` (G, K) (and of ``usage`` (G, K), the EMA per
+    group, which decides ``dead`` when given: below ``threshold``; else dead = unused in
+    ``counts``); rows in the order of ``names``. ``window``: the first two named
+    ``window_perplexity`` and ``window_usage`` (a train record's log window)."""
+    if counts.shape[0] != len(names):
+        raise ValueError(f"{len(names)} code groups but counts of shape {tuple(counts.shape)}")
+    out = {}
+    for g, name in enumerate(names):
+        h = codebook_health(counts[g], None if usage is None else usage[g], threshold)
+        pre = "window_" if window else ""
+        out[name] = {
+            f"{pre}perplexity": h["perplexity"],
+            f"{pre}usage": h["window_usage"],
+            "codes_used": h["codes_used"],
+            "dead": h["dead"],
+        }
+    return out

@@ -20,6 +20,7 @@ __all__ = [
     "recon_pairs",
     "save_images",
     "save_recon_grid",
+    "save_progressive_grid",
     "plot_curves",
     "plot_usage",
 ]
@@ -74,6 +75,18 @@ def save_recon_grid(
     rows = []
     for i in range(0, originals.shape[0], per_row):
         rows += [originals[i : i + per_row], recons[i : i + per_row]]
+    _save_png(image_grid(rows), path, scale)
+
+
+def save_progressive_grid(
+    originals: torch.Tensor,
+    recons: Sequence[torch.Tensor],
+    path: str | os.PathLike[str],
+    scale: int = 2,
+) -> None:
+    """PNG with one row per image: the original, then its reconstructions ``recons[n]``
+    (each (B, C, H, W)) from 1 scale up to all of them, one column each."""
+    rows = [torch.stack([originals[i], *(r[i] for r in recons)]) for i in range(len(originals))]
     _save_png(image_grid(rows), path, scale)
 
 

@@ -10,12 +10,12 @@ import torch
 
 from ..data import ImageData, normalize
 from ..errors import UserError
-from ..metrics import perplexity
+from ..metrics import group_health, perplexity
 from ..models import VQVAE
 from .image_metrics import bits_per_pixel
 from .suite import QualitySuite, base_labels
 
-__all__ = ["DENSE_COUNTS_MAX", "SparseCounts", "evaluate"]
+__all__ = ["DENSE_COUNTS_MAX", "SparseCounts", "evaluate", "progressive_reconstructions"]
 
 DENSE_COUNTS_MAX = 1 << 24
 """Above this many codes (an implicit codebook: LFQ / BSQ with many bits, a large FSQ
@@ -70,6 +70,10 @@ def evaluate(
         :data:`DENSE_COUNTS_MAX` codes a :class:`SparseCounts`; ``num_images``;
       * ``bits_per_pixel``: of the codes (one image's codes x log2 K / pixels: positions x
         codes per position, or a multi-scale map's L);
+      * ``code_groups``, only for a quantizer with code groups (a multi-scale
+        tokenizer's scales, its ``code_groups``): per group name, ``perplexity``,
+        ``usage``, ``codes_used`` of that group's codes over the split, and ``dead``,
+        its codes no image of the split used;
       * with a ``suite``: its figures (SSIM, MS-SSIM, LPIPS, FD/KID per feature space) and
         ``labels``, what produced each figure.
     """
@@ -87,6 +91,8 @@ def evaluate(
     dense = k <= DENSE_COUNTS_MAX
     counts = torch.zeros(k if dense else 0, dtype=torch.int64)
     sparse = SparseCounts(k)
+    groups = model.quantizer.code_groups
+    per_group = torch.zeros(len(groups) if groups else 0, k, dtype=torch.int64)
     sq_err = 0.0
     sq_err_clamped = 0.0
     n_pix = 0
@@ -113,6 +119,8 @@ def evaluate(
                 counts += torch.bincount(idx.reshape(-1), minlength=k)
             else:
                 sparse.add(idx.reshape(-1))
+            if groups is not None:  # (G, K): each scale's assignments in this batch
+                per_group += out.vq.counts.reshape(len(groups), k).cpu()
             # full groups only, so every figure is over the same number of images
             for j in range(0, x.shape[0] - batch_perplexity_size + 1, batch_perplexity_size):
                 group = idx[j : j + batch_perplexity_size].reshape(-1)
@@ -154,8 +162,30 @@ def evaluate(
         "counts": counts.tolist() if dense else sparse,
         "bits_per_pixel": bpp,
     }
+    if groups is not None:
+        result["code_groups"] = group_health(groups, per_group)
     if suite is not None:
         figures, labels = suite.compute()
         result.update(figures)
         result["labels"] = {**base_labels(), **labels}
     return result
+
+
+@torch.no_grad()
+def progressive_reconstructions(model: VQVAE, x: torch.Tensor) -> list[torch.Tensor]:
+    """A multi-scale tokenizer's reconstructions of images ``x`` (B, C, H, W) from its
+    first 1, 2, ..., S scales (``VQVAE.decode(codes, num_scales=n)``): S tensors
+    (B, C, H, W), the last the full reconstruction. UserError for a tokenizer without
+    code groups (one scale)."""
+    groups = model.quantizer.code_groups
+    if groups is None:
+        raise UserError(
+            "progressive decoding needs a multi-scale tokenizer (--quantizer multiscale)"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        codes = model.encode(x)
+        return [model.decode(codes, num_scales=n) for n in range(1, len(groups) + 1)]
+    finally:
+        model.train(was_training)

@@ -433,12 +433,16 @@ class VQVAE(nn.Module, PretrainedMixin):
         return self.quantizer.encode(self.encode_latents(x))
 
     @torch.no_grad()
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Code indices (B, h, w) ((B, h, w, Q) for rvq) -> images (B, C, f*h, f*w) in
-        [-0.5, 0.5] (unclamped)."""
+    def decode(self, indices: torch.Tensor, num_scales: int | None = None) -> torch.Tensor:
+        """Code indices (B, h, w) ((B, h, w, Q) for rvq, (B, L) for multiscale) -> images
+        (B, C, f*h, f*w) in [-0.5, 0.5] (unclamped). ``num_scales`` N: a multi-scale
+        tokenizer's reconstruction from its first N scales (the quantizer's
+        ``code_prefix``; UserError for a single-scale tokenizer or N out of range)."""
         if indices.dim() != self.index_dims:
             want = {2: "(B, L)", 3: "(B, h, w)", 4: "(B, h, w, Q)"}[self.index_dims]
             raise UserError(f"expected an index map {want}; got shape {tuple(indices.shape)}")
+        if num_scales is not None:
+            indices = self.quantizer.code_prefix(indices, num_scales)
         return self.decoder(self.quantizer.decode(indices))
 
     @staticmethod

@@ -150,6 +150,11 @@ class BaseQuantizer(nn.Module):
       rows that ``revive_dead_codes``' mask indexes (their optimizer state restarts
       after a revival); a subset of ``codebook_lr_parameters()``.
     * ``counts_are_global``: training-mode ``counts`` are already summed over ranks.
+    * ``code_groups``: names of the code groups whose health is reported one by one,
+      the rows of ``counts`` (G, K) (MultiScaleVQ: its scales); None (the default): one
+      group. ``group_code_usage() -> (G, K) | None``: their usage statistic.
+    * ``code_prefix(codes, n)``: the codes of the first ``n`` groups, which ``decode``
+      takes (progressive decoding); refused (UserError) without groups.
 
     A quantizer without a codebook (FSQ) keeps the defaults: no init, no revival.
     Subclasses set ``embedding_dim`` and ``num_codes`` and implement ``forward``.
@@ -242,6 +247,27 @@ class BaseQuantizer(nn.Module):
         """The parameters of shape (K, ...) whose row k is code k (empty: no code is a
         parameter row)."""
         return []
+
+    @property
+    def code_groups(self) -> tuple[str, ...] | None:
+        """Names of the code groups reported one by one (each a row of ``counts``, which is
+        then (G, K)), coarse to fine; None: the codes are one group (the default; a
+        residual quantizer's stages are pooled)."""
+        return None
+
+    def group_code_usage(self) -> torch.Tensor | None:
+        """Float32 (G, K): :meth:`code_usage` per code group (rows as ``code_groups``);
+        None without groups or when usage is not tracked."""
+        return None
+
+    def code_prefix(self, codes: torch.Tensor, n: int) -> torch.Tensor:
+        """The codes of the first ``n`` code groups of ``codes`` (batch first), which
+        :meth:`decode` reconstructs from (progressive decoding). UserError (one line) for
+        a quantizer without groups, or ``n`` out of range."""
+        raise UserError(
+            f"{type(self).__name__} codes are one group: decoding the first {n} scales "
+            "needs a multi-scale tokenizer (--quantizer multiscale)"
+        )
 
     @property
     def counts_are_global(self) -> bool:

@@ -189,6 +189,30 @@ class MultiScaleVQ(LossTrainedQuantizer):
         grid the last scale must equal."""
         return (self.code_length,)
 
+    @property
+    def code_groups(self) -> tuple[str, ...]:
+        """The scales, coarse to fine, named by their sides (``"1x1"`` ... ``"8x8"``): the
+        rows of ``counts`` (S, K)."""
+        return tuple(f"{s}x{s}" for s in self.scales)
+
+    def group_code_usage(self) -> torch.Tensor | None:
+        """:meth:`scale_code_usage`, (S, K)."""
+        return self.scale_code_usage()
+
+    def code_prefix(self, codes: torch.Tensor, n: int) -> torch.Tensor:
+        """``(B, L')`` codes -> the first ``n`` scales' ``(B, sum_{i<n} s_i^2)``; ``n`` must
+        lie in [1, the scales ``L'`` holds] (UserError, one line)."""
+        try:
+            held = self._prefix_scales(codes)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= held:
+            raise UserError(
+                f"the number of scales must be an int in [1, {held}] (the scales "
+                f"{','.join(map(str, self.scales[:held]))} these codes hold); got {n!r}"
+            )
+        return codes[:, : sum(s * s for s in self.scales[:n])]
+
     def split_codes(self, codes: torch.Tensor) -> list[torch.Tensor]:
         """``(B, L')`` codes, L' a prefix length ``sum_{i<N} s_i^2`` -> the first N
         scales' maps ``[(B, s_i, s_i)]``."""

@@ -20,18 +20,25 @@ class Window:
     the window adds up for ``window_usage``; None: no counts. ``rate_key``: the record's
     throughput figure, ``items`` added per step over the wall time of the window (the only
     figure that is not restored: time is not state); ``tallies``: counts reported as
-    sums, 0 in a window without any (``revived``)."""
+    sums, 0 in a window without any (``revived``); ``per_group``: keep the counts' rows
+    too (``group_counts`` (G, K): a quantizer's ``code_groups``, e.g. the scales)."""
 
     def __init__(
-        self, k: int | None = None, rate_key: str = "items_per_s", tallies: tuple[str, ...] = ()
+        self,
+        k: int | None = None,
+        rate_key: str = "items_per_s",
+        tallies: tuple[str, ...] = (),
+        per_group: bool = False,
     ) -> None:
         self.k, self.rate_key, self.tally_names = k, rate_key, tallies
+        self.per_group = per_group
         self.reset()
 
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.seen: dict[str, int] = {}  # steps that reported each figure
         self.counts: torch.Tensor | None = None
+        self.group_counts: torch.Tensor | None = None
         self.items = 0
         self.tallies: dict[str, int] = dict.fromkeys(self.tally_names, 0)
         self.t0 = time.perf_counter()
@@ -47,6 +54,10 @@ class Window:
             # (K,), (Q, K) for rvq (pooled); None: a huge implicit grid is never counted
             pooled = counts.reshape(-1, self.k).sum(0).cpu().to(torch.int64)
             self.counts = pooled if self.counts is None else self.counts + pooled
+            if self.per_group:
+                rows = counts.reshape(-1, self.k).cpu().to(torch.int64)
+                old = self.group_counts
+                self.group_counts = rows if old is None else old + rows
         self.items += items
 
     def tally(self, name: str, n: int) -> None:
@@ -75,6 +86,7 @@ class Window:
             "sums": dict(self.sums),
             "seen": dict(self.seen),
             "counts": self.counts,
+            "group_counts": self.group_counts,
             "items": self.items,
             "tallies": dict(self.tallies),
         }
@@ -91,5 +103,7 @@ class Window:
         self.seen = {k: int(v) for k, v in seen.items()}
         counts = state.get("counts")
         self.counts = None if counts is None else counts.cpu().to(torch.int64)
+        rows = state.get("group_counts")  # absent in checkpoints of before it
+        self.group_counts = None if rows is None else rows.cpu().to(torch.int64)
         self.items = int(state.get("items", 0))
         self.tallies.update({k: int(v) for k, v in state.get("tallies", {}).items()})

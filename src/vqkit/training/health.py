@@ -7,13 +7,14 @@ of :class:`~vqkit.quantizers.BaseQuantizer`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..codebook import kmeans_defaults, reset_optimizer_rows
 from ..errors import UserError
-from ..metrics import codebook_health, perplexity, usage_fraction
+from ..metrics import codebook_health, group_health, perplexity, usage_fraction
 from ..quantizers import BaseQuantizer
 from .config import TrainConfig
 from .optim import WeightEMA
@@ -98,10 +99,15 @@ class CodebookHealth:
             weight_ema.reset_rows(model, "quantizer.", mask)
         return int(mask.sum())
 
-    def figures(self, window_counts: torch.Tensor | None) -> dict[str, float | None]:
+    def figures(
+        self, window_counts: torch.Tensor | None, group_counts: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """``dead`` (by the quantizer's usage statistic when it keeps one, else codes
         unused in the window), ``codes_used`` and ``window_perplexity``; None each when
-        the quantizer counts no codes (a huge implicit codebook)."""
+        the quantizer counts no codes (a huge implicit codebook). With code groups (the
+        quantizer's ``code_groups``, e.g. a multi-scale tokenizer's scales) and the
+        window's ``group_counts`` (G, K), also ``code_groups``: per group name, the same
+        three figures and ``window_usage`` (:func:`vqkit.metrics.group_health`)."""
         if window_counts is None:
             return {"dead": None, "codes_used": None, "window_perplexity": None}
         h = codebook_health(
@@ -109,11 +115,21 @@ class CodebookHealth:
             ema_counts=self.quantizer.code_usage(),
             threshold=self.config.dead_threshold,
         )
-        return {
+        out: dict[str, Any] = {
             "dead": h["dead"],
             "codes_used": h["codes_used"],
             "window_perplexity": h["perplexity"],
         }
+        names = self.quantizer.code_groups
+        if names is not None and group_counts is not None:
+            out["code_groups"] = group_health(
+                names,
+                group_counts,
+                self.quantizer.group_code_usage(),
+                self.config.dead_threshold,
+                window=True,
+            )
+        return out
 
 
 def with_global_usage(values: dict[str, float], counts: torch.Tensor | None) -> None:

@@ -127,7 +127,12 @@ class Trainer(LoaderJob):
         self.config = self.options = config.with_health_defaults(
             q.supports_init, q.supports_revival, vectors, self.model.num_codes
         )
-        self.window = Window(self.model.num_codes, self.rate_key, tallies=("revived",))
+        self.window = Window(
+            self.model.num_codes,
+            self.rate_key,
+            tallies=("revived",),
+            per_group=q.code_groups is not None,  # the per-scale health of multiscale
+        )
         self.health = CodebookHealth(self.config, q)
         if self.config.channels_last:  # before the optimizer state exists (its layout)
             self.model.to(memory_format=torch.channels_last)
@@ -288,7 +293,7 @@ class Trainer(LoaderJob):
             disc = {"disc_steps": max(self.window.steps(k) for k in ADVERSARIAL_FIGURES)}
         return {
             "epoch": self.loader.epoch,
-            **self.health.figures(self.window.counts),
+            **self.health.figures(self.window.counts, self.window.group_counts),
             **disc,
         }
 
