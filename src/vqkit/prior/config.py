@@ -99,9 +99,10 @@ class PriorConfig(Options):
         if self.code_shape and (len(self.code_shape) not in (2, 3) or min(self.code_shape) < 1):
             if len(self.code_shape) == 1:  # a multi-scale tokenizer's (L,) sequences
                 raise UserError(
-                    f"the tokenizer's codes are one sequence of {self.code_shape[0]} per image "
-                    "(multi-scale); the autoregressive and masked priors take (h, w) or (h, w, Q) "
-                    "maps, and a next-scale prior is not available yet"
+                    f"code_shape {self.code_shape}: the tokenizer's codes are one sequence of "
+                    f"{self.code_shape[0]} per image (multi-scale); the autoregressive and "
+                    "masked priors take (h, w) or (h, w, Q) maps, and a next-scale prior is "
+                    "not available yet"
                 )
             raise UserError(f"code_shape must be (h, w) or (h, w, Q); got {self.code_shape}")
         for name in ("vocab_size", "num_classes"):
