@@ -352,3 +352,95 @@ def test_code_groups_counts_equal_a_direct_count_of_split_codes():
         vq.code_prefix(torch.zeros(2, 4, 4, dtype=torch.long), 1)
     rvq = build_quantizer("rvq", C, num_embeddings=K)
     assert rvq.code_groups is None  # its stages stay pooled in the health figures
+
+
+# -- distributed: 2 processes (gloo, CPU) under the harness of test_distributed.py ---------
+
+MS_RUN = dict(
+    steps=4, batch_size=8, log_every=2, eval_every=4, eval_images=16, progress=False, seed=3,
+    quantizer="multiscale", scales="1,2,4,7", phi_convs=2, init="kmeans", init_batches=1,
+    revive_every=2, dead_threshold=30.0, hidden=32, res_hidden=8, res_layers=1,
+    num_embeddings=32, embedding_dim=8,
+)  # fmt: skip
+
+
+def _ms_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a 2-process multiscale ``Trainer`` run (k-means init, revival every 2
+    steps): saves its model's state and, per training step, the quantizer's local and
+    global (S, K) counts."""
+    import os
+
+    from vqkit.training.tokenizer import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
+    trainer = Trainer(TrainConfig.build(out_dir=out, dist_timeout=60.0, **MS_RUN))
+    q = trainer.model.quantizer
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = q._global_counts
+
+    def spy(counts: torch.Tensor) -> torch.Tensor:
+        summed = real(counts)
+        steps.append((counts.clone(), summed.clone()))
+        return summed
+
+    q._global_counts = spy
+    trainer.finish = lambda: {"step": trainer.step}  # no final evaluation, pictures
+    trainer.fit()
+    res = {
+        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        "local": torch.stack([a for a, _ in steps]),
+        "global": torch.stack([b for _, b in steps]),
+        "scale_usage": q.scale_code_usage().clone(),
+        "group_usage": q.group_code_usage().clone(),
+        "decay": q.usage_decay,
+    }
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ddp_two_processes_hold_identical_codebooks_phis_and_per_scale_statistics(tmp_path):
+    """2-rank multiscale training (gloo, each rank under the harness's deadline), k-means
+    init and revival on: every rank ends with the same codebook, phi convs and usage
+    statistics (pooled and per scale); each step's (S, K) counts are the sum of the ranks'
+    own; the per-scale usage EMA is that of those global counts; the records' per-scale
+    health is that of the global batches' counts."""
+    import json
+
+    from tests.test_distributed import run_ranks
+    from vqkit.metrics import codebook_health
+
+    run_ranks(_ms_rank, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["model"].keys() == r1["model"].keys()
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    assert any(k.startswith("quantizer.phis.") for k in r0["model"])
+    assert torch.equal(r0["scale_usage"], r1["scale_usage"])
+    assert torch.equal(r0["group_usage"], r0["scale_usage"])
+    # the counts: 4 steps x (S, K); global = rank 0's + rank 1's, the same on both ranks
+    assert r0["global"].shape == (4, 4, 32)
+    assert torch.equal(r0["global"], r1["global"])
+    assert torch.equal(r0["global"], r0["local"] + r1["local"])
+    assert not torch.equal(r0["local"], r1["local"])  # the shards differ
+    sides = torch.tensor([1, 2, 4, 7])
+    assert torch.equal(r0["global"].sum(-1), (2 * 8 * sides**2).expand(4, 4))
+    # the per-scale usage EMA (since the k-means init restarted it) of the global counts
+    decay = r0["decay"]
+    ema = torch.zeros(4, 32)
+    for c in r0["global"]:
+        ema = ema * decay + c.float() * (1 - decay)
+    torch.testing.assert_close(r0["scale_usage"], ema / (1 - decay**4))
+    # the records (rank 0's) give the health of the global counts of their window
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    assert sum(r["revived"] for r in train) > 0  # revival ran (and changed the codebook)
+    for rec, window in zip(train, (r0["global"][:2].sum(0), r0["global"][2:].sum(0)), strict=True):
+        groups = rec["code_groups"]
+        assert list(groups) == ["1x1", "2x2", "4x4", "7x7"]
+        for g, name in enumerate(groups):
+            want = codebook_health(window[g])
+            assert groups[name]["codes_used"] == want["codes_used"], name
+            assert groups[name]["window_perplexity"] == want["perplexity"], name
+        assert rec["codes_used"] == codebook_health(window.sum(0))["codes_used"]
