@@ -24,10 +24,15 @@ SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding
 DISC = dict(disc_weight=0.8, disc_start=3, disc_layers=2, disc_channels=8)
 RUN = dict(batch_size=8, log_every=3, eval_every=4, eval_images=16, progress=False, seed=3)
 RATES = ("images_per_s", "codes_per_s")  # wall time, not state
+# VAR's multi-scale tokenizer with k-means init and revival: its per-scale usage EMA and
+# window counts (code_groups) must come back too
+MULTISCALE = dict(quantizer="multiscale", scales="1,2,4,7", phi_convs=2, init="kmeans")
+MULTISCALE.update(init_batches=1, revive_every=2, dead_threshold=30.0)
 
 
-def _tokenizer(out: Path, adversarial: bool, resume: bool = False) -> Trainer:
-    cfg = TrainConfig(out_dir=str(out), steps=10, **RUN, **SMALL, **(DISC if adversarial else {}))
+def _tokenizer(out: Path, adversarial: bool, resume: bool = False, **extra: Any) -> Trainer:
+    more = {**(DISC if adversarial else {}), **extra}
+    cfg = TrainConfig(out_dir=str(out), steps=10, **RUN, **SMALL, **more)
     trainer = Trainer(cfg, resume=resume)
     trainer.finish = lambda: {"step": trainer.step}  # no final evaluation, pictures
     return trainer
@@ -63,6 +68,7 @@ def _same_run(a: Path, b: Path) -> None:
 JOBS = {
     "tokenizer": lambda out, resume=False: _tokenizer(out, False, resume),
     "adversarial": lambda out, resume=False: _tokenizer(out, True, resume),
+    "multiscale": lambda out, resume=False: _tokenizer(out, False, resume, **MULTISCALE),
     "prior": lambda out, resume=False: prior_trainer(out, resume=resume),
     "masked": lambda out, resume=False: masked_trainer(out, resume=resume),
 }
