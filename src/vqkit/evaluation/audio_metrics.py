@@ -12,7 +12,8 @@
   ``torchaudio.functional.melscale_fbanks(..., norm=None, mel_scale="htk")``), then
   ``log10(mel + 1e-5)``. 0 for identical signals.
 * :func:`stoi`: short-time objective intelligibility (Taal et al. 2011) by ``pystoi``.
-* :func:`pesq_nb`: narrowband PESQ (ITU-T P.862, MOS-LQO) by ``pesq`` at 8 or 16 kHz.
+* :func:`pesq_nb`: narrowband PESQ (ITU-T P.862; MOS-LQO, as ``pesq``'s 'nb' mode
+  returns it) at 8 or 16 kHz.
   ``pesq`` and ``pystoi`` are the optional extra ``vqkit[audio-eval]``; without them these
   two raise one line naming it.
 
@@ -81,8 +82,8 @@ def _pair(reference: object, degraded: object) -> tuple[np.ndarray, np.ndarray]:
 
 def si_sdr(reference: object, estimate: object, *, zero_mean: bool = True) -> float:
     """SI-SDR of ``estimate`` against ``reference`` (both (T,)), in dB, float64 (module
-    docstring). +inf when the estimate equals it (a scaled copy: > 250 dB); a silent reference is one
-    line (the ratio is undefined)."""
+    docstring). +inf when the estimate equals it (a scaled copy: > 250 dB); a silent
+    reference is one line (the ratio is undefined)."""
     s, e = _pair(reference, estimate)
     if zero_mean:
         s, e = s - s.mean(), e - e.mean()
@@ -189,8 +190,9 @@ def _need(module: str, what: str):
 
 
 def pesq_nb(reference: object, degraded: object, rate: int = 8000) -> float:
-    """Narrowband PESQ (MOS-LQO, about 1.0-4.5) of ``degraded`` against ``reference``
-    (both (T,), one length, at ``rate`` 8000 or 16000 Hz) by ``pesq`` (mode 'nb')."""
+    """Narrowband PESQ (ITU-T P.862) of ``degraded`` against ``reference`` (both (T,), one
+    length, at ``rate`` 8000 or 16000 Hz) by ``pesq``'s mode 'nb', which returns MOS-LQO
+    (4.55 for identical signals)."""
     pesq = _need("pesq", "PESQ")
     if rate not in (8000, 16000):
         raise UserError(f"PESQ works at 8000 or 16000 Hz, not {rate}: resample first")
