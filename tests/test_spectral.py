@@ -159,7 +159,6 @@ def test_padded_batch_equals_unpadded_rows(name):
     f = LOSSES[name]
     x, y = signals(b=2, t=1600)
     padded_x, padded_y = x.clone(), y.clone()
-    lengths = torch.tensor([1600, 1600])
     # garbage past the length changes nothing when the length says so
     short = 1200
     gx = torch.cat([x[:, :short], 5 * torch.randn(2, 400, dtype=x.dtype)], 1)
