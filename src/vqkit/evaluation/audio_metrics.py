@@ -10,7 +10,9 @@
   8 kHz, mapped by 80 triangular filters on the HTK mel scale
   ``mel(f) = 2595 log10(1 + f / 700)`` from 0 Hz to Nyquist, unnormalised (the filters of
   ``torchaudio.functional.melscale_fbanks(..., norm=None, mel_scale="htk")``), then
-  ``log10(mel + 1e-5)``. 0 for identical signals.
+  ``log10(mel + 1e-5)``. 0 for identical signals. The filterbank is
+  :func:`vqkit.losses.spectral.mel_filterbank` (re-exported here), the one the codec's
+  mel loss trains with.
 * :func:`stoi`: short-time objective intelligibility (Taal et al. 2011) by ``pystoi``.
 * :func:`pesq_nb`: narrowband PESQ (ITU-T P.862; MOS-LQO, as ``pesq``'s 'nb' mode
   returns it) at 8 or 16 kHz.
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..losses.spectral import MEL_EPS, mel_filterbank
 
 __all__ = [
     "AUDIO_EVAL_EXTRA",
@@ -51,7 +54,6 @@ __all__ = [
 ]
 
 AUDIO_EVAL_EXTRA = "pip install 'vqkit[audio-eval]'"
-MEL_EPS = 1e-5  # the floor inside log10(mel + eps): -100 dB of a full-scale magnitude
 
 
 def _mono(x: object, what: str) -> np.ndarray:
@@ -101,44 +103,6 @@ def si_sdr(reference: object, estimate: object, *, zero_mean: bool = True) -> fl
 
 
 # --------------------------------------------------------------------------- mel distance
-
-
-def mel_filterbank(
-    n_mels: int = 80,
-    n_fft: int = 512,
-    rate: int = 8000,
-    f_min: float = 0.0,
-    f_max: float | None = None,
-) -> torch.Tensor:
-    """Triangular HTK-mel filters, float64 (n_mels, n_fft // 2 + 1), unnormalised (peak 1):
-    filter m rises from mel point m to m + 1 and falls to m + 2, the n_mels + 2 points
-    evenly spaced in mel from ``f_min`` to ``f_max`` (Nyquist when None). A filter that
-    no FFT bin reaches (too many mels for ``n_fft``) is one line."""
-    f_max = rate / 2 if f_max is None else float(f_max)
-    if n_mels < 1 or n_fft < 2 or not 0 <= f_min < f_max <= rate / 2:
-        raise UserError(
-            f"mel filterbank: need n_mels >= 1, n_fft >= 2 and 0 <= f_min < f_max <= "
-            f"rate / 2, got n_mels={n_mels}, n_fft={n_fft}, f_min={f_min}, f_max={f_max}, "
-            f"rate={rate}"
-        )
-
-    def mel(f: float) -> float:
-        return 2595.0 * math.log10(1.0 + f / 700.0)
-
-    freqs = torch.linspace(0.0, rate / 2, n_fft // 2 + 1, dtype=torch.float64)
-    mels = torch.linspace(mel(f_min), mel(f_max), n_mels + 2, dtype=torch.float64)
-    points = 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
-    left, centre, right = points[:-2, None], points[1:-1, None], points[2:, None]
-    rising = (freqs - left) / (centre - left)
-    falling = (right - freqs) / (right - centre)
-    fb = torch.clamp(torch.minimum(rising, falling), min=0.0)
-    empty = (fb.sum(1) == 0).nonzero().flatten()
-    if empty.numel():
-        raise UserError(
-            f"mel filterbank: {empty.numel()} of {n_mels} filters hold no FFT bin "
-            f"(n_fft={n_fft} at {rate} Hz is too coarse for {n_mels} mels)"
-        )
-    return fb
 
 
 def log_mel(
