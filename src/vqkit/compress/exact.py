@@ -48,9 +48,10 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..prior import KVCache
 from . import intmath as im
 
-__all__ = ["ARITHMETIC", "ExactCache", "ExactPrior"]
+__all__ = ["ARITHMETIC", "ExactPrior"]
 
 ARITHMETIC = 1
 """Version of the arithmetic defined here; files record it (format ``model`` byte)."""
@@ -220,25 +221,6 @@ class LayerNorm:
         )
 
 
-class ExactCache:
-    """Keys and values of every layer (float64 holding integers, the GEMM operands):
-    ``k``, ``v`` (n_layer, B, n_head, max_len, head_dim); positions ``[0, length)``."""
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch: int,
-        n_head: int,
-        max_len: int,
-        head_dim: int,
-        device: torch.device,
-    ) -> None:
-        shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.v = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.length = 0
-
-
 class Block:
     """One pre-norm block in integer arithmetic (see the module docstring)."""
 
@@ -297,17 +279,15 @@ class Block:
             return im.gelu(h, f)
         return im.shift(im.gelu(h << (im.PHI_BITS - f), im.PHI_BITS), im.PHI_BITS - f)
 
-    def __call__(self, x: torch.Tensor, layer: int, cache: ExactCache) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, layer: int, cache: KVCache) -> torch.Tensor:
         b, n, c = x.shape
         start, end = cache.length, cache.length + n
         qkv = self.qkv(self.ln1(x)).view(b, n, 3, self.n_head, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, n, hd) each
         if self.rope is not None:
             q, k = self._rotate(q, start), self._rotate(k, start)
-        cache.k[layer, :, :, start:end] = k
-        cache.v[layer, :, :, start:end] = v
-        keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-        scores = torch.matmul(q.double(), keys.transpose(-1, -2)).long()
+        keys, values = cache.update(layer, k, v)  # float64 holding integers
+        scores = im.matmul(q, keys.transpose(-1, -2))
         y = im.shift(scores, self.score_shift)
         valid = None
         if n > 1:  # position start + i sees keys 0 .. start + i
@@ -316,7 +296,7 @@ class Block:
             )
         e = im.softmax_weights(y, valid)
         p = torch.div(e << PROB_BITS, e.sum(dim=-1, keepdim=True), rounding_mode="floor")
-        o = im.shift(torch.matmul(p.double(), values).long(), PROB_BITS)
+        o = im.shift(im.matmul(p, values), PROB_BITS)
         x = x + self.proj(o.transpose(1, 2).reshape(b, n, c))
         return x + self.fc2(self._gelu(self.fc1(self.ln2(x))))
 
@@ -428,13 +408,16 @@ class ExactPrior:
         h.update(json.dumps([scales, _scales({"ln_f": self.ln_f, "head": self.head})]).encode())
         return h.hexdigest()
 
-    def new_cache(self, batch: int) -> ExactCache:
+    def new_cache(self, batch: int) -> KVCache:
+        """The prior's :class:`~vqkit.prior.KVCache` in float64 (integers below 2**53:
+        the attention products' operands as they are)."""
         n, h = self.n_layer, self.n_head
-        return ExactCache(n, batch, h, self.seq_len, self.head_dim, self.device)
+        return KVCache(n, batch, h, self.seq_len, self.head_dim, device=self.device,
+                       dtype=torch.float64)  # fmt: skip
 
     @torch.inference_mode()
     def extend(
-        self, codes: torch.Tensor, cache: ExactCache, labels: torch.Tensor | None = None
+        self, codes: torch.Tensor, cache: KVCache, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         """As :meth:`vqkit.prior.Prior.extend` with a cache: an empty cache takes ``[y,
         codes]`` and gives the log2-unit logits (B, L + 1, V) of ``c_0 .. c_L``; a cache
@@ -453,7 +436,7 @@ class ExactPrior:
             x = x + self.pos[start:end]
         for i, block in enumerate(self.blocks):
             x = block(x, i, cache)
-        cache.length = end
+        cache.advance(end - start)
         return self.head(self.ln_f(x))
 
     @staticmethod
