@@ -62,10 +62,10 @@ def _positions_per_chunk(model: ExactPrior, rows: int) -> int:
     return max(1, min(model.seq_len, CHUNK_BYTES // max(per_position, 1)))
 
 
-def _bits(weights: torch.Tensor, symbols: torch.Tensor) -> float:
-    """``sum -log2((w_s + 1) / 2**24)`` of the coded symbols (float64: a statistic)."""
-    w = weights.gather(-1, symbols[..., None]).squeeze(-1).double() + 1
-    return float((24 - torch.log2(w)).sum())
+def _bits(chosen: np.ndarray) -> float:
+    """``sum -log2((w_s + 1) / 2**24)`` of the coded symbols, from their weights ``w_s``
+    (float64: the encoder's statistic and the decoder's budget)."""
+    return float((24.0 - np.log2(np.asarray(chosen, dtype=np.float64) + 1.0)).sum())
 
 
 def _batches(counts: Sequence[int]):
@@ -125,7 +125,7 @@ def _encode_batch(model, streams, batch, encoders, stats) -> None:
                 s.T.reshape(-1).numpy(), w.transpose(0, 1).reshape(-1, w.shape[-1]).double().numpy()
             )
             if stats is not None:
-                stats[i].ideal_bits += _bits(w, s)
+                stats[i].ideal_bits += _bits(w.gather(-1, s[..., None]).numpy())
                 stats[i].codes += s.numel()
             row += k
         start = stop
@@ -160,7 +160,7 @@ def _decode_batch(model, streams, batch, decoders, outs, budget) -> None:
             k = g.stop - g.start
             sym = torch.from_numpy(decoders[i].decode(table[row : row + k]))
             codes[row : row + k, t] = sym
-            budget[i] -= float((24.0 - np.log2(table[row : row + k][np.arange(k), sym] + 1)).sum())
+            budget[i] -= _bits(table[row : row + k][np.arange(k), sym])
             if budget[i] < 0:
                 raise CoderError(
                     "cannot decode the payload: it ends before its codes do (corrupt, or a "
