@@ -29,19 +29,23 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tarfile
 import warnings
-import zlib
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from ..errors import UserError
-from ._core import archive_error
-from ._stream import scan_tar
 from .audio import AUDIO_EXTENSIONS, AudioData, decode_wav
-from .imagefolder import IMAGE_EXTENSIONS, SPLIT_NAMES, _labels_for, _select_split, is_tar_path
+from .imagefolder import (
+    IMAGE_EXTENSIONS,
+    SPLIT_NAMES,
+    _labels_for,
+    _select_split,
+    is_tar_path,
+    read_tar,
+    tar_names,
+)
 from .resample import resample
 
 __all__ = ["audio_splits", "detect_modality", "is_fsdd", "load_audio"]
@@ -57,23 +61,12 @@ def _visible(rel: str) -> bool:
     return not any(p.startswith(".") or p == "__MACOSX" for p in rel.split("/"))
 
 
-def _member_name(name: str) -> str:
-    name = name.lstrip("/")
-    while name.startswith("./"):
-        name = name[2:]
-    return name
-
-
 def _all_names(path: Path) -> list[str]:
     """Every visible file of a directory tree or a tar archive (member headers only)."""
     if path.is_file():
         if not is_tar_path(path):
             raise UserError(f"{path}: not a directory or a tar archive of WAV files")
-        try:
-            with tarfile.open(path, "r:*") as tf:
-                names = [_member_name(m.name) for m in tf if m.isfile()]
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise archive_error(path, e) from e
+        names = tar_names(path)
     else:
         names = []
         for dirpath, dirs, files in os.walk(path):
@@ -166,21 +159,6 @@ def _select(
     return selected, labels, classes, None
 
 
-def _read_tar(path: Path) -> dict[str, bytes]:
-    """Every WAV member of a tar archive, in one sequential pass (nothing unpacked)."""
-    out: dict[str, bytes] = {}
-
-    def visit(tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
-        name = _member_name(m.name)
-        if m.isfile() and _visible(name) and _is_audio(name):
-            f = tf.extractfile(m)
-            assert f is not None
-            out[name] = f.read()
-
-    scan_tar(path, visit, lambda e: archive_error(path, e))
-    return out
-
-
 def load_audio(
     source: str | os.PathLike[str],
     split: str = "train",
@@ -208,7 +186,7 @@ def load_audio(
         raise UserError(f"test_percent must be in 0..100, got {test_percent}")
     detect_modality(path)  # mixed sources refused
     tar = path.is_file()
-    blobs = _read_tar(path) if tar else {}
+    blobs = read_tar(path, lambda n: _visible(n) and _is_audio(n)) if tar else {}
     names = list(blobs) if tar else [n for n in _all_names(path) if _is_audio(n)]
     if not names:
         raise UserError(f"{path}: no WAV files found (looked for {', '.join(AUDIO_EXTENSIONS)})")

@@ -21,7 +21,7 @@ import sys
 import tarfile
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -72,20 +72,31 @@ def _list_directory(root: Path) -> list[str]:
     return out
 
 
-def _member_name(name: str) -> str:
+def member_name(name: str) -> str:
+    """A tar member's path without a leading ``/`` or ``./`` (as folders give them)."""
     name = name.lstrip("/")
     while name.startswith("./"):
         name = name[2:]
     return name
 
 
-def _read_tar(path: Path) -> dict[str, bytes]:
-    """All image members of a tar archive, read in one sequential pass (no unpacking)."""
+def tar_names(path: Path) -> list[str]:
+    """Every regular file of a tar archive (member headers only, no data read)."""
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            return [member_name(m.name) for m in tf if m.isfile()]
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise archive_error(path, e) from e
+
+
+def read_tar(path: Path, keep: Callable[[str], bool]) -> dict[str, bytes]:
+    """The members of a tar archive whose name passes ``keep`` (image files here, WAV
+    files for :mod:`.audiofolder`), read in one sequential pass (no unpacking)."""
     out: dict[str, bytes] = {}
 
     def visit(tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
-        name = _member_name(m.name)
-        if m.isfile() and _is_image_name(name):
+        name = member_name(m.name)
+        if m.isfile() and keep(name):
             f = tf.extractfile(m)
             assert f is not None
             out[name] = f.read()
@@ -102,7 +113,7 @@ def folder_items(
     labels, classes)``, items the member bytes (tar) or file paths, display the names
     errors give. The image-folder loader and ``vqkit pack`` both read folders so."""
     tar = path.is_file()
-    blobs = _read_tar(path) if tar else {}  # a tar's members stay in memory (compressed)
+    blobs = read_tar(path, _is_image_name) if tar else {}  # members stay in memory (compressed)
     names = list(blobs) if tar else _list_directory(path)
     if not names:
         raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files)")
@@ -121,12 +132,7 @@ def image_folder_splits(source: str | os.PathLike[str]) -> list[str]:
     tar of one, sorted; ``["train"]`` when it has none (the whole tree is "train")."""
     path = Path(source)
     if path.is_file():
-        try:
-            with tarfile.open(path, "r:*") as tf:
-                names = [_member_name(m.name) for m in tf if m.isfile()]  # headers only
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-            raise archive_error(path, e) from e
-        names = [n for n in names if _is_image_name(n)]
+        names = [n for n in tar_names(path) if _is_image_name(n)]
     else:
         names = _list_directory(path)
     present = {part for n in names for part in n.split("/")[:-1]} & set(SPLIT_NAMES)
