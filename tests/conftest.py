@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +71,17 @@ def fidelity():
     if mods is None:
         pytest.skip("torch-fidelity not installed (CI installs it --no-deps)")
     return mods
+
+
+@pytest.fixture
+def fsdd_archive() -> Path:
+    """The shared FSDD archive (``$VQKIT_SHARED_DATA/fsdd-8k.tar.gz``, else
+    ``../shared/data`` beside the checkout or /work/shared/data); the test is skipped
+    when it is absent (users' machines)."""
+    base = os.environ.get("VQKIT_SHARED_DATA")
+    root = Path(__file__).resolve().parent.parent
+    folders = [Path(base)] if base else [root.parent / "shared" / "data", Path("/work/shared/data")]
+    for folder in folders:
+        if (folder / "fsdd-8k.tar.gz").is_file():
+            return folder / "fsdd-8k.tar.gz"
+    pytest.skip("fsdd-8k.tar.gz not found (set VQKIT_SHARED_DATA to the shared data folder)")

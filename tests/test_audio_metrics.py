@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -16,9 +15,6 @@ import torch
 
 from vqkit.errors import UserError
 from vqkit.evaluation import audio_metrics as am
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_ENV = "VQKIT_SHARED_DATA"
 
 
 def noise(n: int, seed: int = 0, scale: float = 0.1) -> np.ndarray:
@@ -229,23 +225,12 @@ def test_pesq_nb_and_stoi_order_noise_levels():
         am.pesq_nb(x, x, rate=11025)
 
 
-def _shared_fsdd() -> Path:
-    base = os.environ.get(SHARED_ENV)
-    for folder in (
-        [Path(base)] if base else [ROOT.parent / "shared" / "data", Path("/work/shared/data")]
-    ):
-        if (folder / "fsdd-8k.tar.gz").is_file():
-            return folder / "fsdd-8k.tar.gz"
-    pytest.skip(f"fsdd-8k.tar.gz not found (set {SHARED_ENV} to the shared data folder)")
-
-
-def test_fsdd_speaker_signal_scores():
+def test_fsdd_speaker_signal_scores(fsdd_archive):
     """Real speech: one speaker's 50 test clips joined (digit, then index), a delayed
     8-bit mu-law copy aligned back and scored."""
-    archive = _shared_fsdd()
     from vqkit.data.audiofolder import load_audio
 
-    data = load_audio(archive, "test", speakers=["theo"])
+    data = load_audio(fsdd_archive, "test", speakers=["theo"])
     clips = [data.clip(i) for i in range(len(data))]
     joined = am.join_by_speaker(clips, [data.speaker_names[s] for s in data.speakers.tolist()])
     assert list(joined) == ["theo"] and joined["theo"].numel() == int(data.lengths.sum())

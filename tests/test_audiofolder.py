@@ -4,7 +4,6 @@ official split on the shared archive, bad and empty files, mixed sources refused
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import wave
 from pathlib import Path
@@ -16,9 +15,6 @@ import torch
 import vqkit.data as vd
 from vqkit.data.audiofolder import audio_splits, detect_modality, hash_split, load_audio
 from vqkit.errors import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_ENV = "VQKIT_SHARED_DATA"
 
 
 def wav_bytes(values, *, rate: int = 8000, channels: int = 1) -> bytes:
@@ -149,20 +145,10 @@ def test_detection(tmp_path):
         vd.load_dataset(audio)
 
 
-def _shared_fsdd() -> Path:
-    base = os.environ.get(SHARED_ENV)
-    for folder in (
-        [Path(base)] if base else [ROOT.parent / "shared" / "data", Path("/work/shared/data")]
-    ):
-        if (folder / "fsdd-8k.tar.gz").is_file():
-            return folder / "fsdd-8k.tar.gz"
-    pytest.skip(f"fsdd-8k.tar.gz not found (set {SHARED_ENV} to the shared data folder)")
-
-
-def test_fsdd_official_split():
-    archive = _shared_fsdd()
-    assert vd.detect_format(archive) == "audio" and audio_splits(archive) == ["test", "train"]
-    test, train = load_audio(archive, "test"), load_audio(archive, "train")
+def test_fsdd_official_split(fsdd_archive):
+    assert vd.detect_format(fsdd_archive) == "audio"
+    assert audio_splits(fsdd_archive) == ["test", "train"]
+    test, train = load_audio(fsdd_archive, "test"), load_audio(fsdd_archive, "train")
     assert (len(test), len(train)) == (300, 2700)
     for data, per in ((test, 5), (train, 45)):
         assert data.rate == 8000 and data.classes == tuple("0123456789")
@@ -176,9 +162,9 @@ def test_fsdd_official_split():
         int(Path(n).stem.split("_")[0]) == y
         for n, y in zip(test.names, test.labels.tolist(), strict=True)
     )
-    held = load_audio(archive, "train", exclude_speakers=["theo"])
+    held = load_audio(fsdd_archive, "train", exclude_speakers=["theo"])
     assert len(held) == 2250 and not any("_theo_" in n for n in held.names)
-    only = load_audio(archive, "test", speakers=["theo"])
+    only = load_audio(fsdd_archive, "test", speakers=["theo"])
     assert len(only) == 50 and all("_theo_" in n for n in only.names)
     x, lengths = only.crops(torch.arange(4), 4000, torch.Generator().manual_seed(0))
     assert x.shape == (4, 1, 4000) and (lengths <= 4000).all()
