@@ -1,5 +1,5 @@
 """vqkit.compress.intmath: every primitive against an independent reference (Python
-integers, ``math.isqrt``, float64 ``erf`` / ``cos`` / ``2**x``), at the edges of the
+integers, float64 ``erf`` / ``cos`` / ``2**x``), at the edges of the
 documented bounds, and the tables the same in a fresh process on ATen's default
 (scalar) kernels."""
 
@@ -25,26 +25,6 @@ PHI_ONE = 1 << im.PHI_SCALE
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-# ---- isqrt -------------------------------------------------------------------------
-
-
-def test_isqrt_is_the_exact_floor_up_to_2_pow_52():
-    g = _gen(0)
-    rand = torch.randint(0, 1 << 52, (20000,), generator=g)
-    small = torch.arange(0, 5000)
-    roots = torch.cat([torch.randint(0, 1 << 26, (5000,), generator=g), torch.arange(0, 100)])
-    roots = torch.cat([roots, torch.tensor([(1 << 26) - 1, (1 << 25), 94906265, 67108863])])
-    squares = roots * roots
-    edges = torch.tensor([0, 1, 2, 3, 4, (1 << 52) - 1, (1 << 52) - 2, 1 << 50, (1 << 50) - 1])
-    # squares, their neighbours (where a float sqrt rounds up to the integer above)
-    v = torch.cat([rand, small, squares, squares - 1, squares + 1, edges])
-    v = v[(v >= 0) & (v < (1 << 52))]
-    got = im.isqrt(v)
-    assert got.dtype == torch.int64
-    want = torch.tensor([math.isqrt(int(x)) for x in v.tolist()], dtype=torch.int64)
-    assert torch.equal(got, want)
 
 
 # ---- shift -------------------------------------------------------------------------
@@ -321,7 +301,7 @@ out = {
     "rope32": torch.cat(im.rope_tables(17, 32)),
     "gelu": im.gelu(x, 16),
     "freq": im.frequencies(y),
-    "isqrt": im.isqrt(v),
+    "sqrt": torch.sqrt(v.double()).long(),  # the LayerNorm's root of an exact float64
     "matmul": im.matmul(a, b),
 }
 for name, t in sorted(out.items()):

@@ -16,11 +16,13 @@ integer-only transformer inference (I-BERT, Kim et al. 2021):
   bits, at a scale chosen from a bound that is proved from the integer weights, so a
   clamp never binds on a well-formed input and the GEMM's float64 sums stay exact
   (:func:`.intmath.matmul`).
-* **LayerNorm**: a per-row right shift to LN_BITS bits (LayerNorm is scale free; its eps
-  is shifted alike), integer mean and variance, :func:`.intmath.isqrt`, floor division.
-* **Attention**: integer scores scaled into log2 units by an integer multiplier, the
-  softmax as :func:`.intmath.softmax_weights` (a table of ``2**-u``), probabilities with
-  15 fractional bits, their product with the values exact.
+* **LayerNorm**: the row clamped to LN_BITS bits, integer mean and variance, the
+  correctly rounded square root of the (exactly representable) float64 variance,
+  truncated, and a floor division.
+* **Attention**: the query weights carry ``log2(e) / sqrt(head_dim)``, so integer
+  scores come out in log2 units; the softmax as :func:`.intmath.softmax_weights` (a
+  table of ``2**-u``), probabilities with 15 fractional bits, their product with the
+  values exact.
 * **GELU**: :func:`.intmath.gelu` (a table of the normal CDF).
 * **Output**: logits in log2 units with EXP_BITS fractional bits, turned into the range
   coder's integer frequencies by :func:`.intmath.frequencies`.

@@ -19,9 +19,9 @@ the order of a reduction or the device:
   interpolation in a table of the normal CDF), :func:`rope_tables` (cos / sin).
   ``math``'s and torch's float ``exp`` / ``erf`` / ``cos`` are never used: their last
   bit differs between libm versions and vector kernels.
-* **Square roots** (:func:`isqrt`): the float64 square root of an integer below ``2**52``
-  (IEEE-754 rounds it correctly on every conforming machine), then corrected to the
-  exact floor by integer comparisons.
+* **Square roots** (the twin's LayerNorm): the float64 square root of an integer below
+  ``2**53``, which float64 holds exactly; IEEE-754 rounds the root correctly on every
+  conforming machine, so its truncation is the same integer everywhere.
 * **Scales** are chosen from bounds by :func:`frac_bits`, a function of an integer or
   float's binary exponent only.
 
@@ -48,7 +48,6 @@ __all__ = [
     "frac_bits",
     "frequencies",
     "gelu",
-    "isqrt",
     "matmul",
     "rope_tables",
     "round_decimal",
@@ -101,14 +100,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     guarantees (module docstring: their bits plus log2 of the inner size at most 53),
     computed by a float64 GEMM and returned as int64."""
     return torch.matmul(a.double(), b.double()).long()
-
-
-def isqrt(v: torch.Tensor) -> torch.Tensor:
-    """``floor(sqrt(v))`` of int64 ``v`` in ``[0, 2**52)``, exactly."""
-    # the correctly rounded square root is monotone, so its floor is the exact floor or
-    # one above it (when sqrt(v) rounds up to an integer): one correction
-    s = torch.sqrt(v.double()).long()
-    return s - (s * s > v).long()
 
 
 # ---- tables (Python decimal: the same digits on every machine) --------------------
