@@ -273,12 +273,55 @@ def test_kmeans_init_and_revival():
     assert (q.codebook >= flat.min(0).values - 1e-5).all()
     assert (q.codebook <= flat.max(0).values + 1e-5).all()
     q(x)
-    dead = q.dead_codes(1.0)
-    revived = q.revive_dead_codes(x, threshold=1.0, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(revived, dead) and revived.any()
+    threshold = 4.0  # some codes are dead at this threshold, some alive
+    usage = q.scale_code_usage().double()  # (S, K)
+    sides = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    share = sides**2 / (sides**2).sum()
+    expect = (usage < threshold * share[:, None]).all(0)
+    dead = q.dead_codes(threshold)
+    assert torch.equal(dead, expect) and dead.any() and not dead.all()
+    residuals = q.scale_residuals(x)
+    assert [r.shape for r in residuals] == [(16, C), (64, C), (256, C)]
+    revived = q.revive_dead_codes(x, threshold, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(revived, dead)
+    pool = torch.cat(residuals)
     rows = q.codebook[revived]
-    assert all((flat == r).all(1).any() for r in rows)  # each revived code is an input vector
-    assert (q.code_usage()[revived] >= 1.0 - 1e-6).all()
+    assert all((pool == r).all(1).any() for r in rows)  # each revived code is a residual row
+    assert (q.code_usage()[revived] >= threshold - 1e-4).all()
+    per_scale = q.scale_code_usage()[:, revived].double()
+    assert torch.allclose(per_scale, (threshold * share)[:, None].expand_as(per_scale), rtol=1e-5)
+    assert not q.dead_codes(threshold)[revived].any()  # one usage horizon to be picked
+
+
+def test_revival_offers_every_scale_the_same_rows():
+    """Each scale offers ceil(K / S) rows: with all K codes dead, the coarse 1 x 1 scale's
+    residuals (16 rows, one per image) get as many codes as the 4 x 4 scale's (256 rows)."""
+    q = make((1, 2, 4)).train()
+    x = torch.randn(16, C, 4, 4)
+    q(x)
+    revived = q.revive_dead_codes(x, 1e6, generator=torch.Generator().manual_seed(0))
+    assert revived.all()
+    residuals = q.scale_residuals(x)  # the codebook changed, but r_0 (1 x 1) did not
+    coarse = sum(bool((residuals[0] == r).all(1).any()) for r in q.codebook)
+    assert coarse == -(-q.num_embeddings // 3)
+
+
+def test_a_code_one_coarse_scale_uses_is_alive():
+    """Pooled, a code used only at 1 x 1 (1 of 21 positions per map) at its uniform rate
+    falls below a threshold of 1; per scale it is alive."""
+    q = make((1, 2, 4)).train()
+    k = q.num_embeddings
+    counts = torch.zeros(3, k)
+    counts[0, 0] = 0.5  # code 0: half a use per batch at 1 x 1 (share 1/21 of 1.0)
+    counts[2, 1:] = 10.0
+    q.scale_usage_ema.copy_(counts)
+    q.usage_ema.copy_(counts.sum(0))
+    q.usage_updates.fill_(10**6)  # debias factor 1
+    assert bool(q.code_usage()[0] < 1.0)  # dead by the pooled rule
+    assert not q.dead_codes(1.0)[0]
+    counts[0, 0] = 0.04  # below 1/21: dead at every scale
+    q.scale_usage_ema.copy_(counts)
+    assert q.dead_codes(1.0)[0]
 
 
 def test_the_search_builds_no_n_by_k_tensor():
@@ -386,6 +429,15 @@ def _ms_rank(rank: int, world: int, port: int, out: str) -> None:
         return summed
 
     q._global_counts = spy
+    revivals: list[tuple[int, torch.Tensor]] = []
+    real_revive = q.revive_dead_codes
+
+    def spy_revive(*args, **kwargs) -> torch.Tensor:
+        mask = real_revive(*args, **kwargs)
+        revivals.append((len(steps), mask.clone()))
+        return mask
+
+    q.revive_dead_codes = spy_revive
     trainer.finish = lambda: {"step": trainer.step}  # no final evaluation, pictures
     trainer.fit()
     res = {
@@ -395,6 +447,8 @@ def _ms_rank(rank: int, world: int, port: int, out: str) -> None:
         "scale_usage": q.scale_code_usage().clone(),
         "group_usage": q.group_code_usage().clone(),
         "decay": q.usage_decay,
+        "revived_after": torch.tensor([t for t, _ in revivals]),
+        "revived": torch.stack([m for _, m in revivals]),
     }
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
 
@@ -425,12 +479,21 @@ def test_ddp_two_processes_hold_identical_codebooks_phis_and_per_scale_statistic
     assert not torch.equal(r0["local"], r1["local"])  # the shards differ
     sides = torch.tensor([1, 2, 4, 7])
     assert torch.equal(r0["global"].sum(-1), (2 * 8 * sides**2).expand(4, 4))
-    # the per-scale usage EMA (since the k-means init restarted it) of the global counts
+    # the per-scale usage EMA (since the k-means init restarted it) of the global counts,
+    # a revived code's restarted at its scale's share of the threshold (30) at every scale
     decay = r0["decay"]
-    ema = torch.zeros(4, 32)
-    for c in r0["global"]:
-        ema = ema * decay + c.float() * (1 - decay)
-    torch.testing.assert_close(r0["scale_usage"], ema / (1 - decay**4))
+    share = sides.double() ** 2 / (sides.double() ** 2).sum()
+    revived = dict(zip(r0["revived_after"].tolist(), r0["revived"], strict=True))
+    assert r0["revived"].any() and torch.equal(r0["revived"], r1["revived"])
+    ema = torch.zeros(4, 32, dtype=torch.float64)
+    for t, c in enumerate(r0["global"], start=1):
+        ema = ema * decay + c.double() * (1 - decay)
+        if t in revived:
+            start = (30.0 * share * (1 - decay**t))[:, None].expand_as(ema)
+            ema = torch.where(revived[t], start, ema)
+    torch.testing.assert_close(
+        r0["scale_usage"].double(), ema / (1 - decay**4), rtol=1e-5, atol=1e-5
+    )
     # the records (rank 0's) give the health of the global counts of their window
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]

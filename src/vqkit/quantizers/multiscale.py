@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..metrics import perplexity, usage_fraction
+from ..metrics import dead_codes, perplexity, usage_fraction
 from ..options import option, unit_interval_excl_zero
 from .base import check_indices, fp32_region
 from .codebook_base import CodebookLossOptions, LossTrainedQuantizer
@@ -48,44 +48,9 @@ from .estimators import mse_terms, straight_through
 from .masking import masked_counts
 from .output import QuantizerOutput
 from .registry import register_quantizer
+from .scales import parse_scales, phi_assignment
 
 __all__ = ["MultiScaleOptions", "MultiScaleVQ", "parse_scales", "phi_assignment"]
-
-
-def parse_scales(scales: str | Sequence[int]) -> list[int]:
-    """``"1,2,3,4,5,6,8"`` or ``[1, 2, ...]`` -> the list of sides; UserError (one
-    line) unless it is a non-empty, strictly increasing list of positive ints."""
-    if isinstance(scales, str):
-        try:
-            parsed = [int(v) for v in scales.replace(" ", "").split(",") if v]
-        except ValueError:
-            raise UserError(f"scales must be comma-separated ints; got {scales!r}") from None
-    else:
-        parsed = list(scales)
-    ok = bool(parsed) and all(isinstance(v, int) and not isinstance(v, bool) for v in parsed)
-    if not ok or parsed[0] < 1 or any(b <= a for a, b in zip(parsed[:-1], parsed[1:], strict=True)):
-        raise UserError(
-            f"scales must be strictly increasing positive ints, e.g. 1,2,3,4,5,6,8; got {scales!r}"
-        )
-    return parsed
-
-
-def phi_assignment(num_scales: int, num_convs: int) -> list[int | None]:
-    """Which of ``num_convs`` phi convs each scale uses (None: no phi), as VAR picks it:
-    the tick nearest to ``i / (S - 1)`` among ``num_convs`` evenly spaced ticks (numpy
-    ``linspace``'s arithmetic: ``start + j * step``, the last tick ``stop``)."""
-    if num_convs == 0:
-        return [None] * num_scales
-    p = num_convs
-    start, stop = (1 / 3 / p, 1 - 1 / 3 / p) if p == 4 else (1 / 2 / p, 1 - 1 / 2 / p)
-    step = (stop - start) / (p - 1) if p > 1 else 0.0
-    ticks = [start + j * step for j in range(p)]
-    ticks[-1] = stop
-    out: list[int | None] = []
-    for i in range(num_scales):
-        at = i / (num_scales - 1) if num_scales > 1 else 0.0
-        out.append(min(range(p), key=lambda j: abs(ticks[j] - at)))  # first of ties
-    return out
 
 
 class MultiScaleVQ(LossTrainedQuantizer):
@@ -123,9 +88,21 @@ class MultiScaleVQ(LossTrainedQuantizer):
     ``quantized`` its phi'd upsampled codes ``h_i``). ``code_usage()`` is the EMA of the
     pooled counts (what revival reads); :meth:`scale_code_usage` the (S, K) EMA per scale.
 
-    **Codebook health.** k-means init and revival are the base's, written once
-    (:class:`~vqkit.quantizers.CodebookQuantizer`): their vectors are those of the input
-    ``x`` at full resolution (a flat (N, C) input is taken as given).
+    **Codebook health.** k-means init is the base's (vectors of the input ``x`` at full
+    resolution). Revival is per scale, so that it cannot starve the coarse scales,
+    which see few positions (one per image at 1 x 1, against 64 at 8 x 8):
+
+    * a code is dead (:meth:`dead_codes`) only when **every** scale uses it less than
+      its share of the threshold, ``threshold * s_i^2 / sum_j s_j^2`` per global batch
+      (a code a 1 x 1 scale uses at the uniform rate is alive; pooled, it would count
+      as dead and be taken away from that scale at every revival);
+    * a dead code takes a vector of what some scale searches, its residual ``r_i``
+      (not ``f``, which no scale but the last searches): each scale offers the same
+      number of random rows of its residuals (:meth:`scale_residuals`), so the coarse
+      scales get as many new codes as the fine ones;
+    * a revived code's usage restarts at the threshold at every scale.
+
+    A flat (N, C) input to revival is taken as given (no scales).
 
     The phi convs are float32 parameters trained at the model's learning rate (as in
     VAR); ``codebook_lr_parameters()`` is the codebook only. The residual pass runs in
@@ -338,19 +315,64 @@ class MultiScaleVQ(LossTrainedQuantizer):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Input (B, C, H, W) -> int64 codes (B, L), every scale coarse to fine."""
+        cols, _ = self._residual_pass(x)
+        return torch.cat(cols, 1)
+
+    @torch.no_grad()
+    def scale_residuals(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Input (B, C, H, W) -> what each scale searches: the residuals ``r_i`` as flat
+        float32 rows ``[(B * s_i^2, C)]``, coarse to fine."""
+        return self._residual_pass(x)[1]
+
+    def _residual_pass(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The encoder's pass: each scale's codes (B, s_i^2) and searched rows (B s_i^2, C)."""
         self._validate(x, self.codebook.device)
         with fp32_region(x.device):
             rest = self._grid_input(x)
             b, c = rest.shape[:2]
-            cols = []
+            cols, rows = [], []
             for i, s in enumerate(self.scales):
                 last = i == self.num_scales - 1
                 r = rest if last else F.interpolate(rest, size=(s, s), mode="area")
-                idx, _ = self._assign(r.permute(0, 2, 3, 1).reshape(-1, c))
+                flat = r.permute(0, 2, 3, 1).reshape(-1, c)
+                idx, _ = self._assign(flat)
                 cols.append(idx.reshape(b, s * s))
+                rows.append(flat)
                 if not last:
                     rest = rest - self._scale_term(i, idx.reshape(b, s, s))
-        return torch.cat(cols, 1)
+        return cols, rows
+
+    # -- codebook health per scale ----------------------------------------------------
+    def position_shares(self) -> torch.Tensor:
+        """Float32 (S,): each scale's share of a map's positions, ``s_i^2 / sum_j s_j^2``."""
+        sides = torch.tensor(self.scales, dtype=torch.float32, device=self.codebook.device)
+        return sides**2 / (sides**2).sum()
+
+    def dead_codes(self, threshold: float = 1.0) -> torch.Tensor:
+        """Bool (K,): codes that every scale uses less than its share of ``threshold``
+        per global batch (see the class docstring)."""
+        usage = self.scale_code_usage()
+        if usage is None:
+            raise RuntimeError(f"{type(self).__name__} does not track code usage")
+        return dead_codes(usage, threshold * self.position_shares()[:, None]).all(0)
+
+    def _revive_codes(
+        self, x: torch.Tensor, threshold: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Dead codes take rows of the scales' residuals, every scale offering
+        ``ceil(K / S)`` random rows (fewer if it has fewer); a flat input as given."""
+        if x.dim() == 2:
+            return super()._revive_codes(x, threshold, generator)
+        per_scale = -(-self.num_embeddings // self.num_scales)
+        offered = []
+        for rows in self.scale_residuals(x):
+            pick = torch.randperm(rows.shape[0], generator=generator)[:per_scale]
+            offered.append(rows[pick.to(rows.device)])
+        pool = torch.cat(offered)
+        revived, vectors = self._replacements(pool, self.dead_codes(threshold), generator)
+        self._set_codes(revived, vectors)
+        self._restart_codes(revived, vectors, threshold)
+        return revived
 
     def decode(self, indices: torch.Tensor, num_scales: int | None = None) -> torch.Tensor:
         """Codes (B, L') -> f_hat after the first N scales, float32 (B, C, H, W) (or
@@ -393,6 +415,16 @@ class MultiScaleVQ(LossTrainedQuantizer):
     def _restart_statistics(self) -> None:
         super()._restart_statistics()
         self.scale_usage_ema.zero_()
+
+    @torch.no_grad()
+    def _restart_codes(
+        self, revived: torch.Tensor, vectors: torch.Tensor, threshold: float
+    ) -> None:
+        """A revived code counts as used at its share of ``threshold`` at every scale (one
+        usage horizon to be picked), and at ``threshold`` pooled."""
+        super()._restart_codes(revived, vectors, threshold)
+        start = threshold * self.position_shares()[:, None] * self._usage_debias()
+        self.scale_usage_ema.copy_(torch.where(revived, start, self.scale_usage_ema))
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, commitment_cost={self.commitment_cost}"

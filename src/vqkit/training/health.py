@@ -115,6 +115,8 @@ class CodebookHealth:
             ema_counts=self.quantizer.code_usage(),
             threshold=self.config.dead_threshold,
         )
+        if self.quantizer.code_usage() is not None:  # the quantizer's own definition
+            h["dead"] = int(self.quantizer.dead_codes(self.config.dead_threshold).sum())
         out: dict[str, Any] = {
             "dead": h["dead"],
             "codes_used": h["codes_used"],
