@@ -218,7 +218,8 @@ class Prior(nn.Module, PretrainedPrior):
             )
         self.config = c
         self.seq_len = c.seq_len
-        # positions: [y, c_0 .. c_{T-2}] (autoregressive) or [y, c_0 .. c_{T-1}] (masked)
+        # positions: [y, c_0 .. c_{T-2}] (autoregressive), [y, c_0 .. c_{T-1}] (masked),
+        # or the L codes' positions, each fed by its coarser scales (next-scale)
         self.n_pos = self.seq_len + 1 if c.masked else self.seq_len
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
         self.cls_emb = nn.Embedding(c.num_classes + 1, c.n_embd)  # last row: null class
