@@ -225,6 +225,34 @@ def test_residual_codes_end_to_end(tmp_path):
     assert _sample(prior, tmp_path / "t", "--num", "1", "--class", "0") == 2  # unconditional
 
 
+def test_multiscale_codes_end_to_end_next_scale(tmp_path, capsys):
+    """multiscale: the scales reach the prior's config from the tokenizer's quantizer; a
+    next-scale prior trains, evaluates in bits per code and samples (L,) maps that
+    decode; a single-grid tokenizer is refused in one line."""
+    tok = make_tokenizer(tmp_path / "ms", "--quantizer", "multiscale", "--scales", "1,2,4,7",
+                         "--num-embeddings", "16")  # fmt: skip
+    prior = tmp_path / "prior"
+    flags = list(PRIOR_FLAGS)
+    flags[flags.index("--eval-every") + 1] = "2"
+    with torch.no_grad():  # vqkit.cli.main runs its commands under no_grad
+        assert main(["prior", "--tokenizer", str(tok), "--out", str(prior), "--steps", "2",
+                     "--kind", "next-scale", *flags]) == 0  # fmt: skip
+    cfg = json.loads((prior / "config.json").read_text())["prior"]
+    assert cfg["code_shape"] == [70] and cfg["scales"] == [1, 2, 4, 7]
+    assert "test_bits" in json.loads((prior / "eval.json").read_text())
+    assert _sample(prior, tmp_path / "s", "--num", "3", "--class", "1", "--cfg-scale", "2") == 0
+    idx = np.load(tmp_path / "s" / "sample_0002.npy")
+    assert idx.shape == (70,) and idx.max() < 16
+    assert _sample(prior, tmp_path / "t", "--num", "1", "--decode-steps", "2") == 2
+    assert "this prior is next-scale" in capsys.readouterr().err
+    single = make_tokenizer(tmp_path / "vq")
+    with torch.no_grad():
+        assert main(["prior", "--tokenizer", str(single), "--out", str(tmp_path / "p2"),
+                     "--kind", "next-scale", *flags]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "needs a multi-scale tokenizer" in err[-1]
+
+
 @pytest.mark.timeout(180)
 def test_torchrun_two_processes_then_resume_in_one(runs, tmp_path):
     """2-process DDP (gloo) from a fresh tokenizer copy: rank 0 encodes while rank 1 waits,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from vqkit.errors import UserError
 from vqkit.prior.cli import main
 from vqkit.prior.editing import parse_region, region_mask
 from vqkit.storage.checkpoint import load_checkpoint
@@ -41,6 +42,8 @@ def test_regions_to_code_positions():
     assert r.shape == (7, 7, 3) and r.sum() == 2 * 3 and r[2, 1].all() and r[2, 2].all()
     # a non-integer ratio: 32 px over 5 codes, position j spans [6.4 j, 6.4 (j + 1))
     assert region_mask([(6, 0, 7, 1)], (32, 32), (5, 5)).nonzero().tolist() == [[0, 0], [0, 1]]
+    with pytest.raises(UserError, match="multi-scale tokenizer's \\(70\\) sequence"):
+        region_mask([(0, 0, 4, 4)], (28, 28), (70,))  # no one grid to place a box on
     assert parse_region("1,2,3,4") == (1, 2, 3, 4)
     for bad in ("1,2,3", "a,b,c,d", "1,2,3,4,5"):
         with pytest.raises(ValueError, match="x0,y0,x1,y1"):

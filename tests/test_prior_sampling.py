@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vqkit.prior import Prior, PriorConfig, SampleOptions, filter_logits, guide, sample
-from vqkit.prior.sampling import _draw
+from vqkit.prior.sampling import draw
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,11 +71,11 @@ def test_draw_follows_temperature_softmax():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(20000, 1)
     g = torch.Generator().manual_seed(0)
     for temp in (0.5, 2.0):
-        codes = _draw(logits, SampleOptions(temperature=temp), g)
+        codes = draw(logits, SampleOptions(temperature=temp), g)
         freq = torch.bincount(codes, minlength=4).double() / len(codes)
         want = torch.softmax(logits[0].double() / temp, 0)
         assert (freq - want).abs().max() < 0.015, (temp, freq, want)
-    codes = _draw(logits, SampleOptions(top_k=2), g)
+    codes = draw(logits, SampleOptions(top_k=2), g)
     assert set(codes.tolist()) == {1, 2}
 
 
@@ -156,7 +156,7 @@ def test_tiny_temperatures_are_the_greedy_limit(temperature):
     below): the draw is the argmax, not a NaN inside torch.multinomial."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 50, generator=g) * 3
-    got = _draw(logits, SampleOptions(temperature=temperature), g)
+    got = draw(logits, SampleOptions(temperature=temperature), g)
     assert torch.equal(got, logits.argmax(-1))
     m = tiny(classes=0)
     out = m.sample(2, temperature=temperature).reshape(2, -1)

@@ -138,7 +138,7 @@ def test_config_checks():
     with pytest.raises(ValueError, match="class_dropout must be in"):
         PriorConfig(class_dropout=1.5)
     with pytest.raises(ValueError, match="code_shape"):
-        PriorConfig(code_shape=[4])
+        PriorConfig(code_shape=[4, 4, 4, 4])
     with pytest.raises(ValueError, match="unknown options"):
         PriorConfig.from_dict({"n_layers": 3})
     with pytest.raises(ValueError, match="vocab_size and code_shape"):

@@ -424,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_prior_arguments(
         sub.add_parser(
-            "prior", help="train a prior (autoregressive or masked) on a tokenizer's codes"
+            "prior",
+            help="train a prior (autoregressive, masked or next-scale) on a tokenizer's codes",
         )
     )
     add_sample_arguments(

@@ -1,9 +1,11 @@
-"""Generate: priors over a tokenizer's codes, autoregressive or masked (MaskGIT).
+"""Generate: priors over a tokenizer's codes, autoregressive, masked (MaskGIT) or
+next-scale (VAR, over a multi-scale tokenizer's scales).
 
-:class:`Prior` (one transformer for both kinds, :mod:`vqkit.prior.transformer`),
+:class:`Prior` (one transformer for the three kinds, :mod:`vqkit.prior.transformer`),
 :func:`sample`, the filters and the raster order (:func:`flatten_codes`) of
 :mod:`vqkit.prior.sampling`, the masked kind's
-schedules and parallel decoding in :mod:`vqkit.prior.masked`, editing in
+schedules and parallel decoding in :mod:`vqkit.prior.masked`, the next-scale kind's
+inputs, block-causal mask and S-pass sampling in :mod:`vqkit.prior.nextscale`, editing in
 :mod:`vqkit.prior.editing`, the training job of :mod:`vqkit.prior.trainer` and the
 prior run read back by :mod:`vqkit.prior.loading` (:func:`load_prior`,
 :func:`load_sample_tokenizer`) and the ``vqkit prior`` / ``vqkit sample`` commands of

@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="vqkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    add_prior_arguments(sub.add_parser("prior", help="train a prior (autoregressive or masked)"))
+    kinds = "autoregressive, masked or next-scale"
+    add_prior_arguments(sub.add_parser("prior", help=f"train a prior ({kinds})"))
     add_sample_arguments(sub.add_parser("sample", help="draw images from a prior"))
     args = parser.parse_args(argv)
     try:

@@ -116,6 +116,18 @@ class Tokenizer:
         export directory."""
         return "train" in self.run_config
 
+    @property
+    def scales(self) -> list[int]:
+        """The sides of the tokenizer's square code groups, coarse to fine (the quantizer
+        contract's ``code_group_shapes``); empty for a tokenizer of one group."""
+        side = self.model.config.image_size // self.model.config.downsample
+        shapes = self.model.quantizer.code_group_shapes((side, side))
+        if not shapes:
+            return []
+        if any(len(g) != 2 or g[0] != g[1] for g in shapes):
+            raise UserError(f"code groups {shapes}: a next-scale prior takes square scales")
+        return [int(g[0]) for g in shapes]
+
     def describe(self) -> dict[str, Any]:
         """What a prior checkpoint records to find and check its tokenizer again."""
         return {
@@ -326,9 +338,8 @@ CHECKSUMS = "checksums.json"
 
 
 def _expected_shape(tok: Tokenizer) -> tuple[int, ...]:
-    side = tok.model.config.image_size // tok.model.config.downsample
-    q = tok.model.quantizer.codes_per_position
-    return (side, side, q) if q > 1 else (side, side)
+    # the tokenizer's own (h, w), (h, w, Q) or multi-scale (L,)
+    return tuple(tok.model.code_shape)
 
 
 def read_cached_codes(path: Path, tok: Tokenizer) -> CodeData:

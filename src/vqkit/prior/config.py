@@ -2,11 +2,13 @@
 
 :class:`PriorConfig` rebuilds a :class:`~vqkit.prior.Prior`: its ``kind``
 (``autoregressive``: causal attention, next-code prediction; ``masked``: bidirectional
-attention and a mask token, MaskGIT, see :mod:`vqkit.prior.masked`), the architecture options
-(command-line flags of ``vqkit prior``) and three shape fields that come from the
-tokenizer and its data, not from the user (``vocab_size``, ``code_shape``,
-``num_classes``). :class:`PriorTrainConfig` holds the training options. A prior
-checkpoint stores both ``to_dict()`` and rebuilds them with ``from_dict``.
+attention and a mask token, MaskGIT, see :mod:`vqkit.prior.masked`; ``next-scale``:
+block-causal attention over a multi-scale tokenizer's scales, VAR, see
+:mod:`vqkit.prior.nextscale`), the architecture options (command-line flags of
+``vqkit prior``) and four shape fields that come from the tokenizer and its data, not
+from the user (``vocab_size``, ``code_shape``, ``scales``, ``num_classes``).
+:class:`PriorTrainConfig` holds the training options. A prior checkpoint stores both
+``to_dict()`` and rebuilds them with ``from_dict``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..runtime.options import JobOptions
 __all__ = ["PriorConfig", "PriorTrainConfig"]
 
 
-KINDS = ("autoregressive", "masked")
+KINDS = ("autoregressive", "masked", "next-scale")
 # the mask-ratio schedules gamma(r) of the masked prior (vqkit.prior.masked.SCHEDULES)
 SCHEDULE_NAMES = ("cosine", "arccos", "linear")
 
@@ -47,8 +49,9 @@ class PriorConfig(Options):
 
     kind: str = option(
         "autoregressive",
-        "autoregressive (causal, one code per pass, KV cache) or masked (MaskGIT: "
-        "bidirectional, fills masked codes, decodes in a few parallel passes, edits)",
+        "autoregressive (causal, one code per pass, KV cache), masked (MaskGIT: "
+        "bidirectional, fills masked codes, decodes in a few parallel passes, edits) or "
+        "next-scale (VAR: a multi-scale tokenizer's scales, one pass per scale)",
         choices=KINDS,
     )
     mask_schedule: str = option(
@@ -80,7 +83,10 @@ class PriorConfig(Options):
     tie_weights: bool = option(True, "share the token embedding with the output head")
     # set from the tokenizer and its data, not command-line options
     vocab_size: int = 0  # the tokenizer's codes per position (K, or per stage for rvq)
-    code_shape: list[int] = field(default_factory=list)  # (h, w) or (h, w, Q)
+    code_shape: list[int] = field(default_factory=list)  # (h, w), (h, w, Q) or (L,)
+    # the sides of a multi-scale tokenizer's scales, coarse to fine (its quantizer's
+    # code_group_shapes); empty for a tokenizer of one group
+    scales: list[int] = field(default_factory=list)
     num_classes: int = 0  # 0: unconditional (only the null class)
 
     def __post_init__(self) -> None:
@@ -88,7 +94,7 @@ class PriorConfig(Options):
         if self.kind != "masked" and self.mask_schedule != "cosine":
             raise UserError(
                 f"mask_schedule={self.mask_schedule!r} applies to a masked prior "
-                "(--kind masked); this one is autoregressive"
+                f"(--kind masked); this one is {self.kind}"
             )
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
@@ -96,15 +102,27 @@ class PriorConfig(Options):
             head = self.n_embd // self.n_head
             raise UserError(f"pos='rope' needs an even head size; got {head}")
         self.code_shape = [int(s) for s in self.code_shape]  # a JSON trip gives a list
-        if self.code_shape and (len(self.code_shape) not in (2, 3) or min(self.code_shape) < 1):
-            if len(self.code_shape) == 1:  # a multi-scale tokenizer's (L,) sequences
+        self.scales = [int(s) for s in self.scales]
+        if self.code_shape and (len(self.code_shape) not in (1, 2, 3) or min(self.code_shape) < 1):
+            raise UserError(f"code_shape must be (h, w), (h, w, Q) or (L,); got {self.code_shape}")
+        pairs = zip(self.scales, self.scales[1:], strict=False)
+        if self.scales and (min(self.scales) < 1 or any(a >= b for a, b in pairs)):
+            raise UserError(f"scales must be strictly increasing positive ints; got {self.scales}")
+        length = sum(s * s for s in self.scales)
+        if self.scales and self.code_shape and self.code_shape != [length]:
+            raise UserError(
+                f"scales {self.scales} make sequences of {length} codes; code_shape is "
+                f"{self.code_shape}"
+            )
+        if self.kind == "next-scale":
+            if self.pos == "rope":  # positions are (scale, row, column): learned embeddings
+                raise UserError("a next-scale prior takes learned positions (--pos learned)")
+            if self.code_shape and len(self.scales) < 2:
                 raise UserError(
-                    f"code_shape {self.code_shape}: the tokenizer's codes are one sequence of "
-                    f"{self.code_shape[0]} per image (multi-scale); the autoregressive and "
-                    "masked priors take (h, w) or (h, w, Q) maps, and a next-scale prior is "
-                    "not available yet"
+                    f"--kind next-scale needs a multi-scale tokenizer (--quantizer multiscale "
+                    f"with 2 or more scales): these codes {self.code_shape} are one "
+                    f"{'scale' if self.scales else 'map'}, with no coarser scale to predict from"
                 )
-            raise UserError(f"code_shape must be (h, w) or (h, w, Q); got {self.code_shape}")
         for name in ("vocab_size", "num_classes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -116,8 +134,13 @@ class PriorConfig(Options):
         return self.kind == "masked"
 
     @property
+    def next_scale(self) -> bool:
+        """True for the next-scale (VAR) kind."""
+        return self.kind == "next-scale"
+
+    @property
     def seq_len(self) -> int:
-        """T = h * w (* Q): codes per image, the length of a sequence."""
+        """T = h * w (* Q), or L = sum s_i^2: codes per image, the length of a sequence."""
         return math.prod(self.code_shape) if self.code_shape else 0
 
 

@@ -66,6 +66,11 @@ def region_mask(
     meet none, ``outside``); see the module docstring. ValueError for a box that is
     empty or leaves the image, or a mask that regenerates nothing."""
     height, width = image_hw
+    if len(code_shape) < 2:  # no one grid to place a box on
+        raise UserError(
+            f"--edit --region takes codes on one (h, w) grid; these are a multi-scale "
+            f"tokenizer's ({', '.join(map(str, code_shape))}) sequence"
+        )
     h, w = int(code_shape[0]), int(code_shape[1])
     if not regions:
         raise UserError("--edit needs at least one --region x0,y0,x1,y1")
@@ -147,7 +152,7 @@ def masked_sample_options(args: argparse.Namespace, model: Any) -> dict[str, Any
     if not model.config.masked:
         if flags:
             raise UserError(
-                f"{', '.join(flags)}: a masked prior's flag; this prior is autoregressive "
+                f"{', '.join(flags)}: a masked prior's flag; this prior is {model.config.kind} "
                 "(train one with vqkit prior --kind masked)"
             )
         return {}

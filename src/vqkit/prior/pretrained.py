@@ -126,13 +126,15 @@ class PretrainedPrior(PretrainedMixin):
         tok = info.get("tokenizer") or {}
         classes = info.get("classes") or []
         arch = ", ".join(f"{k}={v}" for k, v in c.to_dict().items() if k not in
-                         ("vocab_size", "code_shape", "num_classes"))  # fmt: skip
+                         ("vocab_size", "code_shape", "scales", "num_classes"))  # fmt: skip
+        grid = " x ".join(map(str, c.code_shape))
+        if c.scales:  # a multi-scale tokenizer's one sequence
+            grid += f" (scales {','.join(map(str, c.scales))})"
         lines = [
             f"# vqkit {type(self).__name__}: a prior over a tokenizer's codes",
             "",
             f"- architecture: {arch}",
-            f"- vocabulary: {c.vocab_size} codes; code grid {' x '.join(map(str, c.code_shape))} "
-            f"({c.seq_len} codes per image)",
+            f"- vocabulary: {c.vocab_size} codes; code grid {grid} ({c.seq_len} codes per image)",
             f"- classes: {', '.join(map(str, classes)) if classes else 'none (unconditional)'}",
             f"- tokenizer: `{tok.get('location', 'not recorded')}` (identity "
             f"{str(tok.get('identity', '?'))[:16]}..., trained from "

@@ -50,6 +50,7 @@ class Prior(Protocol):
 
 __all__ = [
     "SampleOptions",
+    "draw",
     "filter_logits",
     "flatten_codes",
     "guide",
@@ -140,12 +141,21 @@ def tempered_logits(logits: torch.Tensor, opts: SampleOptions) -> torch.Tensor:
     return filter_logits(logits, opts.top_k, opts.top_p)
 
 
-def _draw(
+def draw(
     logits: torch.Tensor, opts: SampleOptions, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """One code per row of (B, V) logits, int64 (B,)."""
+    """One code per row of (B, V) logits, int64 (B,): ``softmax`` of
+    :func:`tempered_logits`, one multinomial draw per row in row order."""
     probs = torch.softmax(tempered_logits(logits, opts), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sample_options(options: SampleOptions | None, kwargs: dict[str, Any]) -> SampleOptions:
+    """``options`` with the keyword arguments given on top (each a :class:`SampleOptions`
+    field), checked."""
+    if options is None:
+        return SampleOptions(**kwargs)
+    return SampleOptions.from_dict({**options.to_dict(), **kwargs}) if kwargs else options
 
 
 def draw_labels(prior: Any, num: int, labels: Any, opts: SampleOptions) -> torch.Tensor | None:
@@ -220,7 +230,7 @@ def _sample_batch(
     for t in range(t_len):
         if guided:
             logits = guide(logits[:batch], logits[batch:], opts.cfg_scale)
-        out[:, t] = _draw(logits, opts, generator).repeat(rows // batch)
+        out[:, t] = draw(logits, opts, generator).repeat(rows // batch)
         if t + 1 == t_len:
             break
         if use_cache:
@@ -253,9 +263,7 @@ def sample(
         batch_size: samples decoded together (default: all ``num``).
         use_cache: decode with the KV cache (False: recompute the prefix each step).
     """
-    opts = options if options is not None else SampleOptions(**kwargs)
-    if options is not None and kwargs:
-        opts = SampleOptions.from_dict({**options.to_dict(), **kwargs})
+    opts = sample_options(options, kwargs)
     y = draw_labels(prior, num, labels, opts)
     chunks = in_eval_batches(
         prior,

@@ -18,7 +18,10 @@ on the same quantity in nats). A masked prior (``kind="masked"``) is the same jo
 another loss and evaluation (:class:`vqkit.prior.masked.MaskedObjective`): the
 cross-entropy of the codes hidden by a mask drawn from its schedule, and in the eval
 records the masked cross-entropy at fixed ratios (``test_masked_bits_25/50/90``, their
-mean ``test_masked_bits`` choosing ``best.pt``), not an NLL.
+mean ``test_masked_bits`` choosing ``best.pt``), not an NLL. A next-scale prior
+(``kind="next-scale"``, :mod:`vqkit.prior.nextscale`) trains and evaluates like the
+autoregressive kind: its forward gives every code's logits given the coarser scales in
+one pass, so its loss and ``test_bits`` are the same mean ``-log2 p(c_t | ...)``.
 
 Learning rate at step s (0-based) of S, warm-up W::
 
@@ -94,8 +97,9 @@ class PriorTrainer(LoaderJob):
     """One prior training run: ``PriorTrainer(...).fit()``; see the module docstring.
 
     Args:
-        config: the architecture; ``vocab_size``, ``code_shape`` and ``num_classes`` are
-            filled from ``train_data`` and ``tokenizer`` when left at 0 / empty.
+        config: the architecture; ``vocab_size``, ``code_shape``, ``scales`` and
+            ``num_classes`` are filled from ``train_data`` and ``tokenizer`` when left at
+            0 / empty.
         train_config: the training options.
         out_dir: the run directory.
         train_data, test_data: the index maps of the two splits; or ``load``, which makes
@@ -151,6 +155,8 @@ class PriorTrainer(LoaderJob):
             fill["vocab_size"] = tokenizer.num_codes
         if not config.code_shape:
             fill["code_shape"] = list(train_data.code_shape)
+        if not config.scales and tokenizer is not None and tokenizer.scales:
+            fill["scales"] = tokenizer.scales  # its quantizer's code groups, coarse to fine
         if not config.num_classes and classes:
             fill["num_classes"] = classes
         self.config = PriorConfig.from_dict({**config.to_dict(), **fill}) if fill else config

@@ -30,6 +30,13 @@ position ``t + 1`` is the distribution of ``c_t`` given the visible codes and ``
 (:meth:`Prior.fill`). It has T + 1 positions (one more position embedding) and one more
 parameter vector (the mask embedding) than the autoregressive kind of the same size;
 training, the schedules and iterative decoding are in :mod:`vqkit.prior.masked`.
+
+The next-scale kind (``config.kind == "next-scale"``, VAR, Tian et al. 2024) is the same
+module over a multi-scale tokenizer's ``(L,)`` codes with block-causal attention (a
+scale sees itself and the coarser ones), inputs made of the coarser scales' codes and one
+more embedding table (the scale embedding); its inputs, mask and S-pass sampling are in
+:mod:`vqkit.prior.nextscale`, which :meth:`Prior.forward` (so also :meth:`Prior.loss`
+and :meth:`Prior.log_prob`) and :meth:`Prior.sample` hand it to.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import nextscale
 from .config import PriorConfig
 from .masked import decode
 from .pretrained import PretrainedPrior
@@ -121,7 +129,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, c: PriorConfig, layer: int) -> None:
         super().__init__()
-        self.causal = not c.masked
+        self.causal = c.kind == "autoregressive"
         self.layer = layer
         self.n_head = c.n_head
         self.qkv = nn.Linear(c.n_embd, 3 * c.n_embd)
@@ -135,7 +143,10 @@ class SelfAttention(nn.Module):
         start: int,
         cache: KVCache | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``mask``: bool (n, start + n), True where a new position attends to a key (the
+        next-scale kind's block-causal rows); None: the kind's own pattern."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         # (B, L, C) -> (B, H, L, C/H)
@@ -147,7 +158,9 @@ class SelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         s = k.shape[2]  # positions attended to: start + n
         p = self.dropout if self.training else 0.0
-        if not self.causal:  # bidirectional: every position sees every position
+        if mask is not None:  # the rows of an explicit pattern (next-scale: block-causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        elif not self.causal:  # bidirectional: every position sees every position
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         elif s == n:  # no past: the plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -178,7 +191,7 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, *where: Any) -> torch.Tensor:
-        """``x`` (B, n, C); ``where``: (start, cache, rope), for :class:`Attention`."""
+        """``x`` (B, n, C); ``where``: (start, cache, rope[, mask]), for :class:`SelfAttention`."""
         x = x + self.attn(self.ln1(x), *where)
         return x + self.mlp(self.ln2(x))
 
@@ -205,7 +218,8 @@ class Prior(nn.Module, PretrainedPrior):
             )
         self.config = c
         self.seq_len = c.seq_len
-        # positions: [y, c_0 .. c_{T-2}] (autoregressive) or [y, c_0 .. c_{T-1}] (masked)
+        # positions: [y, c_0 .. c_{T-2}] (autoregressive), [y, c_0 .. c_{T-1}] (masked),
+        # or the L codes' positions, each fed by its coarser scales (next-scale)
         self.n_pos = self.seq_len + 1 if c.masked else self.seq_len
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
         self.cls_emb = nn.Embedding(c.num_classes + 1, c.n_embd)  # last row: null class
@@ -228,6 +242,15 @@ class Prior(nn.Module, PretrainedPrior):
         self.mask_emb: nn.Parameter | None = None
         if c.masked:  # made last: the autoregressive kind's initial draws stay as they were
             self.mask_emb = nn.Parameter(torch.randn(c.n_embd) * 0.02)
+        self.lvl_emb: nn.Embedding | None = None
+        if c.next_scale:  # the scale embedding, its mask and ancestor gathers (nextscale.py)
+            self.lvl_emb = nn.Embedding(len(c.scales), c.n_embd)
+            nn.init.normal_(self.lvl_emb.weight, std=0.02)
+            level, mask, ancestors = nextscale.layout(c.scales)
+            # not in the state dict: functions of the config
+            self.register_buffer("scale_level", level, persistent=False)
+            self.register_buffer("scale_mask", mask, persistent=False)
+            self.register_buffer("scale_ancestors", ancestors, persistent=False)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -255,9 +278,17 @@ class Prior(nn.Module, PretrainedPrior):
                 "vqkit.prior.masked.masked_bits and vqkit.prior.masked.decode)"
             )
 
+    def _one_code_at_a_time(self, what: str) -> None:
+        self._autoregressive(what)
+        if self.config.next_scale:
+            raise ValueError(
+                f"{what} is the autoregressive prior's; this prior is next-scale (use "
+                "forward, log_prob and vqkit.prior.nextscale.sample)"
+            )
+
     def new_cache(self, batch: int) -> KVCache:
         """An empty :class:`KVCache` for ``batch`` sequences on the model's device/dtype."""
-        self._autoregressive("the KV cache")
+        self._autoregressive("the KV cache")  # next-scale: one scale per extension
         c = self.config
         w = self.tok_emb.weight
         return KVCache(
@@ -304,7 +335,7 @@ class Prior(nn.Module, PretrainedPrior):
         c_{m+L-1}`` and the logits those of ``c_{m+1} .. c_{m+L}`` (L' = L). The cache
         is advanced past the new inputs.
         """
-        self._autoregressive("extend")
+        self._one_code_at_a_time("extend")
         b, n = codes.shape
         start = cache.length if cache is not None else 0
         x = self.tok_emb(codes)
@@ -335,7 +366,7 @@ class Prior(nn.Module, PretrainedPrior):
         given the codes where ``mask`` is False and the label (class dropout in training).
         """
         if not self.config.masked:
-            raise ValueError("fill is the masked prior's; this prior is autoregressive")
+            raise ValueError("fill is the masked prior's; this prior is " + self.config.kind)
         if codes.dim() != 2:
             codes = flatten_codes(codes, self.code_shape)
             mask = mask.reshape(codes.shape)
@@ -366,7 +397,11 @@ class Prior(nn.Module, PretrainedPrior):
     ) -> torch.Tensor:
         """Autoregressive kind: teacher-forced logits (B, T', V) of codes (B, T') (T' <= T,
         or index maps (B, *code_shape)): ``logits[:, t]`` scores ``c_t`` given ``c_<t``
-        and the label. Masked kind: :meth:`fill` (``mask`` required)."""
+        and the label. Masked kind: :meth:`fill` (``mask`` required). Next-scale kind:
+        the logits (B, L, V) of every code given the coarser scales' codes and the label
+        (:func:`vqkit.prior.nextscale.logits`)."""
+        if self.config.next_scale:
+            return nextscale.logits(self, codes, labels)
         if self.config.masked:
             if mask is None:
                 raise ValueError("a masked prior needs the mask of hidden codes")
@@ -376,7 +411,8 @@ class Prior(nn.Module, PretrainedPrior):
         return self.extend(codes[:, :-1], None, labels)
 
     def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean negative log-likelihood per code, in nats: ``-mean_t log p(c_t | c_<t, y)``."""
+        """Mean negative log-likelihood per code, in nats: ``-mean_t log p(c_t | c_<t, y)``
+        (next-scale: ``-mean_t log p(c_t | coarser scales, y)``)."""
         self._autoregressive("loss (the NLL)")
         seq = flatten_codes(codes, self.code_shape)
         logits = self(seq, labels)
@@ -395,7 +431,10 @@ class Prior(nn.Module, PretrainedPrior):
     @torch.no_grad()
     def sample(self, num: int, options: SampleOptions | None = None, **kwargs: Any) -> torch.Tensor:
         """``num`` index maps (num, *code_shape); see :func:`vqkit.prior.sampling.sample`
-        (autoregressive) and :func:`vqkit.prior.masked.decode` (masked)."""
+        (autoregressive), :func:`vqkit.prior.masked.decode` (masked) and
+        :func:`vqkit.prior.nextscale.sample` (next-scale)."""
+        if self.config.next_scale:
+            return nextscale.sample(self, num, options, **kwargs)
         if self.config.masked:
             return decode(self, num, options, **kwargs)
         return sample(self, num, options, **kwargs)

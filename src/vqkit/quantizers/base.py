@@ -260,6 +260,13 @@ class BaseQuantizer(nn.Module):
         None without groups or when usage is not tracked."""
         return None
 
+    def code_group_shapes(self, grid: tuple[int, ...]) -> list[tuple[int, ...]] | None:
+        """The shapes of the code groups of one input of spatial size ``grid``, coarse to
+        fine, in the order :meth:`code_shape`'s ``(L,)`` sequence concatenates them
+        (MultiScaleVQ: ``[(s, s) for s in scales]``); None: the codes are one group (the
+        default), one map of :meth:`code_shape`. A next-scale prior reads its scales here."""
+        return None
+
     def code_prefix(self, codes: torch.Tensor, n: int) -> torch.Tensor:
         """The codes of the first ``n`` code groups of ``codes`` (batch first), which
         :meth:`decode` reconstructs from (progressive decoding). UserError (one line) for

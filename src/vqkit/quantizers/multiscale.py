@@ -166,6 +166,10 @@ class MultiScaleVQ(LossTrainedQuantizer):
         grid the last scale must equal."""
         return (self.code_length,)
 
+    def code_group_shapes(self, grid: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """``[(s, s) for s in scales]``: the maps :meth:`code_shape`'s sequence holds."""
+        return [(s, s) for s in self.scales]
+
     @property
     def code_groups(self) -> tuple[str, ...]:
         """The scales, coarse to fine, named by their sides (``"1x1"`` ... ``"8x8"``): the
