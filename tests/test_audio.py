@@ -173,3 +173,53 @@ def test_subset_and_speakers():
     assert data.select_speakers(["bob"]).names == ("b",)
     with pytest.raises(UserError, match="no speaker 'eve'.*ann, bob"):
         data.select_speakers(["eve"])
+
+
+# -- writing and the crop loader -------------------------------------------------------
+
+
+def test_write_wav_round_trip_16bit(tmp_path):
+    from vqkit.data.audio import write_wav as save
+
+    x = torch.tensor([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, 1 / 32768, -3 / 65536])
+    save(tmp_path / "w.wav", x, 8000)
+    wav = decode_wav(tmp_path / "w.wav")
+    assert wav.rate == 8000 and wav.channels == 1
+    # round(x * 32768) clipped to int16: 1.0 and 2.0 -> 32767, -1.0 -> -32768; -1.5 -> -2
+    ints = np.array([0, 16384, -16384, 32767, -32768, 32767, 1, -2])
+    np.testing.assert_array_equal(wav.samples.numpy(), (ints / 32768.0).astype(np.float32))
+
+
+def _set(lengths: list[int]) -> AudioData:
+    clips = [torch.arange(n, dtype=torch.float32) + 1000 * i for i, n in enumerate(lengths)]
+    offsets = torch.tensor([0, *np.cumsum(lengths).tolist()])
+    return AudioData(torch.cat(clips), offsets, 8000, torch.zeros(len(lengths), dtype=torch.long))
+
+
+def test_crop_loader_resumes_exactly_and_crops_are_pieces_of_clips():
+    from vqkit.data.audio import CropLoader
+
+    data = _set([50, 7, 30, 64, 12, 40])
+    full = CropLoader(data, 2, 16, seed=5)
+    batches = [full.next_batch() for _ in range(8)]  # 3 batches an epoch: crosses epochs
+    part = CropLoader(data, 2, 16, seed=5)
+    for _ in range(4):
+        part.next_batch()
+    state = part.state_dict()
+    again = CropLoader(data, 2, 16, seed=5)
+    again.load_state_dict(state)
+    assert again.epoch == 1
+    for x, lengths in batches[4:]:
+        y, m = again.next_batch()
+        assert torch.equal(x, y) and torch.equal(lengths, m)
+    for x, lengths in batches:
+        assert x.shape == (2, 1, 16)
+        for row, n in zip(x[:, 0], lengths, strict=True):
+            clip = int(row[0]) // 1000
+            start = int(row[0]) - 1000 * clip
+            # a contiguous piece of one clip, zero-padded past a short clip's end
+            assert torch.equal(row[:n], torch.arange(start, start + n) + 1000.0 * clip)
+            assert int(n) == min(16, data.lengths[clip].item())
+            assert not row[n:].any()
+    with pytest.raises(UserError, match="crops of 16 samples in the state, 8 here"):
+        CropLoader(data, 2, 8, seed=5).load_state_dict(state)

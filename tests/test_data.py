@@ -590,3 +590,17 @@ def test_random_bytes_archive_is_one_line(tmp_path, suffix):
     with pytest.raises(ValueError, match="corrupt or truncated archive") as e:
         vd.load_dataset(path, "train", cache_dir=tmp_path / "c")
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_index_only_loader_visits_the_image_loaders_order():
+    """BatchLoader(N) (the audio crops' clip order) draws the indices the image loader
+    over N images would, across epochs and shards, and resumes the same way."""
+    images = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1, 1)
+    for rank in (0, 1):
+        by_images = BatchLoader(images, 3, seed=4, rank=rank, world_size=2)
+        by_count = BatchLoader(10, 3, seed=4, rank=rank, world_size=2)
+        for _ in range(5):
+            x, _ = by_images.next_batch()
+            idx = by_count.next_indices()
+            assert torch.equal(((x[:, 0, 0, 0] + 0.5) * 255).round().long(), idx)
+        assert by_count.state_dict() == by_images.state_dict()

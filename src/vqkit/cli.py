@@ -1,6 +1,7 @@
 """``vqkit`` command line.
 
-vqkit train [--data PATH] [--steps N] [--out DIR] ...   train a VQ-VAE
+vqkit train [--data PATH] [--steps N] [--out DIR] ...   train a VQ-VAE (images) or the
+                                                          speech codec (WAV data)
 vqkit eval CHECKPOINT [--data PATH] [--split test]       PSNR, SSIM, MS-SSIM, usage, bits/pixel;
       [--inception-weights F] [--features DIR] [--lpips-weights F]   rFID / FD, KID, LPIPS
 vqkit features --data PATH --out DIR                      train vqkit's own feature network
@@ -26,86 +27,6 @@ from typing import Any
 from .errors import UserError
 
 __all__ = ["main"]
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    from .losses import LossOptions
-    from .models.vqvae import RENAMED_OPTIONS, ModelOptions, QuantizerFlags
-    from .options import add_arguments, compose
-    from .training.adversarial_step import DiscriminatorOptimOptions
-    from .training.config import PRESETS, TrainConfig, TrainOptions
-    from .training.step import StepOptions
-
-    p = sub.add_parser(
-        "train",
-        help="train a VQ-VAE (default: the built-in dataset)",
-        description="Train a VQ-VAE. Every option below is declared once (vqkit.training.config, "
-        "vqkit.runtime.options, vqkit.training.step, vqkit.losses.objective, "
-        "vqkit.training.adversarial_step, vqkit.models.vqvae, and "
-        "each quantizer module); presets: " + ", ".join(PRESETS),
-    )
-    p.add_argument("--config", help="JSON file of options; command-line flags override it")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
-    add_arguments(
-        p.add_argument_group("training"),
-        compose("TrainFlags", (TrainOptions, StepOptions)),
-        aliases={"out_dir": ["--out"]},
-    )
-    add_arguments(p.add_argument_group("model"), ModelOptions)
-    add_arguments(
-        p.add_argument_group("loss terms and the discriminator"),
-        compose("LossFlags", (LossOptions, DiscriminatorOptimOptions)),
-    )
-    # every quantizer kind's options, each once (shared ones are one declaration); a
-    # renamed option keeps its old flag as an alias
-    old_flags: dict[str, list[str]] = {}
-    for old, (_, new) in RENAMED_OPTIONS.items():
-        old_flags.setdefault(new, []).append("--" + old.replace("_", "-"))
-    add_arguments(
-        p.add_argument_group("quantizer (options of the other kinds are errors)"),
-        QuantizerFlags,
-        aliases=old_flags,
-    )
-    p.set_defaults(_config_class=TrainConfig)
-
-
-def _train(args: argparse.Namespace) -> int:
-    from .options import option_fields
-    from .storage.checkpoint import load_checkpoint
-    from .training.tokenizer import TrainConfig, Trainer
-
-    given = {
-        f.name: getattr(args, f.name)
-        for f in option_fields(TrainConfig)
-        if getattr(args, f.name, None) is not None
-    }
-    if args.resume:
-        # the run's own options; only the flags that change something need be given
-        out = Path(given.get("out_dir", TrainConfig.defaults()["out_dir"]))
-        if args.config:
-            raise UserError("--resume takes the run's own options; drop --config")
-        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
-        TrainConfig.check_resume_request(given, int(ckpt.get("step", 0)), str(out))
-        cfg = TrainConfig.for_resume(ckpt.get("train_config", {}), given)
-    elif args.config:
-        cfg = TrainConfig.from_file(args.config, **given)
-    else:
-        cfg = TrainConfig.build(**given)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        return 130
-    if not trainer.is_main:  # torchrun: rank 0 reports
-        return 0
-    from .storage.fileio import dump_json
-
-    keys = ("step", "nmse", "psnr", "perplexity", "batch_perplexity", "codes_used", "usage")
-    print(dump_json({k: result[k] for k in keys if k in result}, indent=2))
-    written = [p.relative_to(trainer.out) for p in trainer.run.existing_artifacts()]
-    print(f"run written to {trainer.out}: " + " ".join(map(str, written)))
-    return 0
 
 
 def _load(args: argparse.Namespace):
@@ -348,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vqkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_train(sub)
+    from .training.cli import add_train_arguments
+
+    add_train_arguments(sub)
     for name, helptext in (
         ("eval", "evaluate a checkpoint on a split"),
         ("encode", "images -> index maps (.npy)"),
@@ -449,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     from .data.pack import run_pack
     from .evaluation.feature_net import run_features
     from .prior.cli import run_prior, run_sample
+    from .training.cli import run_train
 
     handler = {
-        "train": _train,
+        "train": run_train,
         "eval": _eval,
         "encode": _encode,
         "decode": _decode,

@@ -8,7 +8,8 @@ Formats:
 * idx (MNIST / Fashion-MNIST, raw or .gz): :func:`load_idx`, :func:`read_idx`
 * audio (WAV folders, tars of them, the Free Spoken Digit Dataset): :func:`load_audio`
   gives an :class:`AudioData` of mono float32 clips (random crops, whole clips);
-  :func:`resample` changes their rate
+  :func:`resample` changes their rate; :class:`CropLoader` gives resumable batches of
+  random crops; :func:`write_wav` writes 16-bit PCM
 * the built-in set shipped in ``vqkit/assets`` (a Fashion-MNIST subset): :func:`load_builtin`
 * WebDataset-layout tar shards (a brace pattern or a directory of ``{split}-NNNNNN.tar``,
   written by :func:`vqkit.data.pack.pack`): :func:`open_shards`, streamed by
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from ._cache import CACHE_ENV, default_cache_dir
 from ._core import ImageData, data_variance, denormalize, normalize
-from .audio import AudioData, decode_wav
+from .audio import AudioData, CropLoader, decode_wav, write_wav
 from .audiofolder import audio_splits, detect_modality, load_audio
 from .cifar import (
     CIFAR10_MD5,
@@ -56,6 +57,7 @@ __all__ = [
     "CIFAR10_URL",
     "FASHION_MNIST_DIR",
     "AudioData",
+    "CropLoader",
     "BatchLoader",
     "DatasetDownloadError",
     "DatasetFormat",
@@ -86,4 +88,5 @@ __all__ = [
     "read_image",
     "resample",
     "verify_cifar10_archive",
+    "write_wav",
 ]

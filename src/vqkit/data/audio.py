@@ -10,21 +10,37 @@ file, a non-PCM format (IEEE float, compressed, WAVE_FORMAT_EXTENSIBLE where thi
 Python's ``wave`` does not read it), an unsupported sample width. An empty WAV (0 frames)
 decodes to an empty clip; the dataset loaders refuse it for training data (see
 :mod:`vqkit.data.audiofolder`).
+
+Writing (:func:`write_wav`): mono 16-bit PCM, ``round(x * 32768)`` clipped to the int16
+range. Training batches (:class:`CropLoader`): random crops of shuffled clips, resumable
+from two integers and a count (no RNG state is saved).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import wave
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+from ..storage.fileio import atomic_write
+from .loader import BatchLoader
 
-__all__ = ["AUDIO_EXTENSIONS", "AudioData", "Wav", "decode_wav", "pad_clips"]
+__all__ = [
+    "AUDIO_EXTENSIONS",
+    "AudioData",
+    "CropLoader",
+    "Wav",
+    "decode_wav",
+    "pad_clips",
+    "write_wav",
+]
 
 AUDIO_EXTENSIONS = (".wav", ".wave")
 
@@ -238,3 +254,79 @@ class AudioData:
             x[b, 0, : piece.numel()] = piece
             lengths[b] = piece.numel()
         return x, lengths
+
+
+def write_wav(path: str | os.PathLike[str], samples: torch.Tensor, rate: int) -> None:
+    """Write mono ``samples`` (T,) float in [-1, 1] as a 16-bit PCM WAV at ``rate`` Hz
+    (``round(x * 32768)`` clipped to [-32768, 32767]; atomically)."""
+    x = samples.detach().reshape(-1).double().cpu().numpy()
+    pcm = np.clip(np.round(x * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+    def write(tmp: str) -> None:
+        with wave.open(tmp, "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(int(rate))
+            w.writeframes(pcm)
+
+    atomic_write(path, write)
+
+
+def _crop_seed(seed: int, rank: int, batch: int) -> int:
+    # a hash, not a sum: (seed 1, batch 0) and (seed 0, batch 1) must draw differently
+    digest = hashlib.sha256(f"vqkit-audio-crop:{seed}:{rank}:{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class CropLoader:
+    """Endless batches of random ``length``-sample crops (:meth:`AudioData.crops`) of the
+    clips of ``data``: ``(x, lengths)``, x float32 (B, 1, length), lengths int64 (B,).
+
+    The clip order is :class:`~vqkit.data.loader.BatchLoader`'s (a seeded permutation per
+    epoch, this rank's share of it, whole batches only); batch ``n`` of this rank draws
+    its crop starts from a generator seeded by a hash of (seed, rank, n). The state is
+    the order's (epoch, position) and ``n``, so a resumed loader yields exactly the
+    batches an uninterrupted one would."""
+
+    def __init__(
+        self,
+        data: AudioData,
+        batch_size: int,
+        length: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.data, self.length, self.seed, self.rank = data, int(length), int(seed), rank
+        self.order = BatchLoader(len(data), batch_size, seed=seed, rank=rank, world_size=world_size)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.batches = 0  # batches this rank drew: the crop generator's counter
+
+    @property
+    def epoch(self) -> int:
+        """Epoch the next batch belongs to (0-based)."""
+        return self.order.epoch
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.order.next_indices()
+        g = torch.Generator()
+        g.manual_seed(_crop_seed(self.seed, self.rank, self.batches))
+        self.batches += 1
+        x, lengths = self.data.crops(idx, self.length, generator=g)
+        return x.to(self.device), lengths.to(self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.order.state_dict(), "batches": self.batches, "length": self.length}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (the clip count, batch and crop length must
+        match: one line otherwise)."""
+        if int(state.get("length", self.length)) != self.length:
+            raise UserError(
+                f"loader state does not match: crops of {state['length']} samples in the "
+                f"state, {self.length} here"
+            )
+        self.order.load_state_dict(state)
+        self.batches = int(state.get("batches", 0))

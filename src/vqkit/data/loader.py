@@ -82,7 +82,9 @@ class BatchLoader(LoaderPosition):
     keeps host-to-device copies 4x smaller.
 
     Args:
-        data: the split to iterate (ImageData, or a uint8 (N, C, H, W) tensor).
+        data: the split to iterate (ImageData, or a uint8 (N, C, H, W) tensor), or a
+            sample count N for an index-only loader (:meth:`next_indices`; the audio
+            crops of :class:`~vqkit.data.audio.CropLoader`).
         batch_size: samples per batch (per rank).
         shuffle: new seeded order each epoch; False visits samples in order.
         seed: base seed; epoch e uses a generator seeded by hash(seed, e).
@@ -100,7 +102,7 @@ class BatchLoader(LoaderPosition):
 
     def __init__(
         self,
-        data: ImageData | torch.Tensor,
+        data: ImageData | torch.Tensor | int,
         batch_size: int,
         *,
         shuffle: bool = True,
@@ -111,7 +113,11 @@ class BatchLoader(LoaderPosition):
         shard_tail: Literal["pad", "drop"] = "pad",
         device: torch.device | str | None = None,
     ) -> None:
-        if isinstance(data, ImageData):
+        if isinstance(data, int) and not isinstance(data, bool):
+            # an index-only loader (next_indices): a set held elsewhere, e.g. audio clips
+            self.images = torch.empty(data, 0, dtype=torch.uint8)
+            self.labels = torch.zeros(data, dtype=torch.int64)
+        elif isinstance(data, ImageData):
             self.images, self.labels = data.images, data.labels
         else:
             self.images = data
@@ -182,6 +188,14 @@ class BatchLoader(LoaderPosition):
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``(images, labels)`` batch; rolls over into the next epoch as needed."""
+        idx = self.next_indices()
+        x = self.images[idx].to(self.device, non_blocking=True)
+        y = self.labels[idx].to(self.device, non_blocking=True)
+        return normalize(x), y
+
+    def next_indices(self) -> torch.Tensor:
+        """The sample indices (int64, (batch_size,) or fewer at a kept partial end) of the
+        next batch, advancing the position as :meth:`next_batch` does."""
         if self._epoch_done():  # e.g. a state loaded at the very end of an epoch
             self._epoch, self._position = self._epoch + 1, 0
         order = self._current_order()
@@ -192,9 +206,7 @@ class BatchLoader(LoaderPosition):
             # Advance now, so that state_dict() taken after an epoch's last batch already
             # points at the next epoch.
             self._epoch, self._position = self._epoch + 1, 0
-        x = self.images[idx].to(self.device, non_blocking=True)
-        y = self.labels[idx].to(self.device, non_blocking=True)
-        return normalize(x), y
+        return idx
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self

@@ -30,6 +30,7 @@ takes).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from collections.abc import Hashable, Sequence
 from typing import NamedTuple
@@ -44,6 +45,7 @@ __all__ = [
     "AUDIO_EVAL_EXTRA",
     "Alignment",
     "align",
+    "audio_eval_available",
     "join_by_speaker",
     "log_mel",
     "mel_distance",
@@ -151,6 +153,11 @@ def _need(module: str, what: str):
         return importlib.import_module(module)
     except ImportError:
         raise UserError(f"{what} needs the '{module}' package: {AUDIO_EVAL_EXTRA}") from None
+
+
+def audio_eval_available() -> bool:
+    """Whether the ``audio-eval`` extra (``pesq`` and ``pystoi``) can be imported."""
+    return all(importlib.util.find_spec(m) is not None for m in ("pesq", "pystoi"))
 
 
 def pesq_nb(reference: object, degraded: object, rate: int = 8000) -> float:

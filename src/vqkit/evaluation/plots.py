@@ -1,5 +1,6 @@
-"""Pictures a person opens: reconstruction grids (Pillow), training curves and
-codebook-usage histograms (matplotlib, headless Agg backend)."""
+"""Pictures a person opens: reconstruction grids (Pillow), training curves,
+codebook-usage histograms and the speech codec's spectrograms (matplotlib, headless Agg
+backend)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ __all__ = [
     "save_recon_grid",
     "save_progressive_grid",
     "plot_curves",
+    "plot_spectrograms",
     "plot_usage",
 ]
 
@@ -195,6 +197,49 @@ def plot_usage(counts: Any, path: str | os.PathLike[str], title: str = "") -> No
     if k:
         ax.legend(loc="upper right")
     ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_spectrograms(
+    clips: Sequence[dict[str, torch.Tensor]], rate: int, path: str | os.PathLike[str]
+) -> None:
+    """Log-mel spectrograms (:func:`~vqkit.evaluation.audio_metrics.log_mel`: 80 mels,
+    n_fft 512, hop 128), one row per clip, one column per labelled signal of that clip
+    (e.g. the original, then its decodings at a low and the full stage count); every
+    panel on one colour scale, -5 (the floor) to the largest value. A signal of 256
+    samples or fewer is zero-padded to 257 for the picture."""
+    from .audio_metrics import log_mel
+
+    def spec(x: torch.Tensor) -> np.ndarray:
+        x = x.detach().reshape(-1).double().cpu()
+        if x.numel() < 257:
+            x = torch.nn.functional.pad(x, (0, 257 - x.numel()))
+        return log_mel(x, rate).numpy()
+
+    grid = [[(label, spec(x)) for label, x in clip.items()] for clip in clips]
+    cols = max(len(row) for row in grid)
+    top = max(float(s.max()) for row in grid for _, s in row)
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(grid), cols, figsize=(3.2 * cols, 2.4 * len(grid)), squeeze=False)
+    for r, row in enumerate(grid):
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            label, s = row[c]
+            seconds = (s.shape[1] - 1) * 128 / rate
+            ax.imshow(
+                s, origin="lower", aspect="auto", vmin=-5.0, vmax=top, cmap="magma",
+                extent=(0.0, seconds, 0, s.shape[0]),
+            )  # fmt: skip
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("s", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("mel band", fontsize=8)
+            ax.tick_params(labelsize=7)
     fig.tight_layout()
     _save_fig(fig, path)
     plt.close(fig)

@@ -45,15 +45,51 @@ from ..runtime.options import JobOptions, check_resume_steps, resume_changes
 from .adversarial_step import DiscriminatorOptimOptions
 from .step import StepOptions
 
-__all__ = ["PRESETS", "TrainConfig", "TrainOptions", "resolve_device"]
+__all__ = [
+    "MODALITIES",
+    "PRESETS",
+    "TrainConfig",
+    "TrainJobOptions",
+    "TrainOptions",
+    "resolve_device",
+]
 
 
 def _preset_check(name: str | None) -> str | None:
     return None if name is None or name in PRESETS else f"one of {sorted(PRESETS)}"
 
 
+MODALITIES = ("auto", "image", "audio")
+
+
 @dataclass
-class TrainOptions(JobOptions):
+class TrainJobOptions(JobOptions):
+    """The options both jobs of ``vqkit train`` have, the image tokenizer's
+    (:class:`TrainOptions`) and the speech codec's
+    (:class:`vqkit.training.audio_trainer.AudioTrainOptions`): the data, which of the two
+    it is, and the run directory."""
+
+    data: str = option(
+        None,
+        "dataset: 'builtin', a CIFAR-10 python archive/folder, an idx directory, an image "
+        "folder or .tar(.gz) of one, 'cifar10' / 'fashion-mnist', or shards (a directory "
+        "written by 'vqkit pack', or a brace pattern): streamed, never held in memory; "
+        "audio: a folder or .tar(.gz) of WAV files, or the FSDD archive",
+        type=str,
+        on_resume="fixed",
+    )
+    modality: str = option(
+        "auto",
+        "what --data holds: image or audio (WAV files: the speech codec is trained); auto "
+        "tells them apart by the files (both kinds in one source are refused)",
+        choices=MODALITIES,
+        on_resume="fixed",
+    )
+    out_dir: str = option("runs/vqkit", "run directory")
+
+
+@dataclass
+class TrainOptions(TrainJobOptions):
     """Options of the training job (data, optimisation, codebook health, bookkeeping);
     the options every job has (steps, batch, learning rate, seed, ...) are inherited from
     their one declaration, :class:`vqkit.runtime.options.JobOptions`.
@@ -61,14 +97,6 @@ class TrainOptions(JobOptions):
     ``on_resume="fixed"`` marks the options a resumed run cannot change (they shaped the
     state in the checkpoint); the others are applied and reported when changed."""
 
-    data: str = option(
-        None,
-        "dataset: 'builtin', a CIFAR-10 python archive/folder, an idx directory, an image "
-        "folder or .tar(.gz) of one, 'cifar10' / 'fashion-mnist', or shards (a directory "
-        "written by 'vqkit pack', or a brace pattern): streamed, never held in memory",
-        type=str,
-        on_resume="fixed",
-    )
     data_format: str = option(
         "auto",
         "dataset format",
@@ -172,7 +200,6 @@ class TrainOptions(JobOptions):
         "global batch / codes), so it transfers across codebook and batch sizes",
         check=positive,
     )
-    out_dir: str = option("runs/vqkit", "run directory")
     eval_images: int = option(1000, "images of the periodic evaluation", check=positive_int)
     preset: str = option(
         None,
@@ -254,6 +281,11 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.modality == "audio":
+            raise UserError(
+                "modality 'audio' trains the speech codec (vqkit.training.audio_trainer."
+                "AudioTrainer), not this image tokenizer"
+            )
         # sizes whose tensors cannot fit are refused before the data is resized to them
         size = self.image_size or 32  # the data's size is not known yet: a lower bound
         sizes = {"res_layers": self.res_layers, "embedding_dim": self.embedding_dim}

@@ -1,0 +1,176 @@
+"""The speech codec job (vqkit.training.audio_trainer): a tiny codec trains on a synthetic
+WAV folder (and on FSDD when the shared archive is there), its loss goes down on a fixed
+batch, eval.json holds finite figures per stage count, a stopped and resumed run equals
+the uninterrupted one, and the options are checked before any data is read."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.test_job import _same_tensors
+from vqkit.data import write_wav
+from vqkit.errors import UserError
+from vqkit.models import AudioCodec
+from vqkit.storage.checkpoint import load_checkpoint
+from vqkit.training.audio_trainer import AudioTrainConfig, AudioTrainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# hop 8 at 2 kHz (250 frames/s), 3 stages of 16 codes; 0.2 s crops; loss windows <= 128
+TINY = dict(
+    sample_rate=2000, seanet_channels=4, strides="2,4", embedding_dim=8, num_quantizers=3,
+    num_embeddings=16, segment_seconds=0.2, batch_size=4, stft_resolutions="64:16:64,128:32:128",
+    mel_scales="128:32:20", progress=False, eval_clips=3, log_every=3, eval_every=4, seed=1,
+)  # fmt: skip
+
+
+def write_folder(root: Path, rate: int = 2000) -> Path:
+    """train/ (8 clips) and test/ (3 clips) of sines with a little noise, 0.6 s each."""
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("test", 3)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            t = torch.arange(int(0.6 * rate)) / rate
+            x = 0.5 * torch.sin(2 * math.pi * (90 + 37 * i) * t)
+            x = x + 0.05 * torch.randn(t.shape, generator=g)
+            write_wav(root / split / f"c{i}.wav", x, rate)
+    return root
+
+
+@pytest.fixture(scope="module")
+def wavs(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("wavs"))
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl without the throughput (wall time, not state)."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "audio_seconds_per_s"} for line in lines
+    ]
+
+
+def _same_run(a: Path, b: Path) -> None:
+    assert _records(a) == _records(b)
+    ca = load_checkpoint(a / "checkpoints" / "last.pt")
+    cb = load_checkpoint(b / "checkpoints" / "last.pt")
+    ca.pop("train_config"), cb.pop("train_config")  # their out_dir differs
+    _same_tensors(ca, cb)
+
+
+def _trainer(out: Path, data: Path, resume: bool = False, **kw: Any) -> AudioTrainer:
+    cfg = AudioTrainConfig(data=str(data), out_dir=str(out), **{"steps": 10, **TINY, **kw})
+    return AudioTrainer(cfg, resume=resume)
+
+
+def test_trains_and_writes_the_run(tmp_path, wavs):
+    result = _trainer(tmp_path / "run", wavs, steps=6, sample_clips=2).fit()
+    run = tmp_path / "run"
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev == json.loads(json.dumps(result))  # what fit returns is what is written
+    assert ev["clips"] == 3 and ev["num_codes"] == 16 and len(ev["codes_used"]) == 3
+    assert [r["num_stages"] for r in ev["stages"]] == [1, 2, 3]
+    # bitrate = frames/s * n * log2 K: 250 * n * 4 bits
+    assert [r["kbps"] for r in ev["stages"]] == [1.0, 2.0, 3.0]
+    for row in ev["stages"]:
+        assert math.isfinite(row["si_sdr"]) and math.isfinite(row["mel_distance"])
+        assert 0 < row["mel_distance"]
+        if "stoi" in row:  # the audio-eval extra; 2 kHz: no PESQ (8 or 16 kHz only)
+            assert math.isfinite(row["stoi"]) and "pesq_nb" not in row
+    assert all(1 <= u <= 16 for u in ev["codes_used"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 6]
+    assert {"si_sdr_q1", "mel_distance_q3", "si_sdr", "mel_distance"} <= set(evals[0])
+    train = [r for r in records if r["kind"] == "train"]
+    assert {"loss", "wave_l1", "stft", "mel", "vq_loss", "perplexity"} <= set(train[0])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["rates"]["hop"] == 8 and cfg["data"]["train"]["clips"] == 8
+    assert (run / "checkpoints" / "best.pt").is_file()
+    assert (run / "spectrograms.png").stat().st_size > 0
+    wav = sorted(p.name for p in (run / "samples").iterdir())
+    assert wav == [f"clip{i}_{k}.wav" for i in (0, 2) for k in ("original", "q1", "q3")]
+    # the pretrained directory loads strictly and decodes as the trained codec does
+    codec = AudioCodec.from_pretrained(run / "codec")
+    assert codec.config.num_quantizers == 3 and codec.bitrate(1) == 1000.0
+
+
+def test_loss_goes_down_on_a_fixed_batch(tmp_path, wavs):
+    """30 updates on one batch of crops (quantizer dropout on): the loss falls."""
+    trainer = _trainer(tmp_path / "fixed", wavs, lr=3e-3)
+    try:
+        batch = trainer.next_batch()
+        losses = []
+        for step in range(30):
+            for opt in trainer.optimizers():
+                opt.set_lr(step)
+            losses.append(trainer.update(batch, None).values["loss"])  # type: ignore[arg-type]
+    finally:
+        trainer.close()
+    assert all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path, wavs):
+    """Stopped at step 5, inside a log window (records at 3, 6, 9) and after an eval."""
+    _trainer(tmp_path / "full", wavs, sample_clips=0).fit()
+    part = _trainer(tmp_path / "part", wavs, sample_clips=0)
+    assert part.fit(until=5) == {"step": 5}
+    _trainer(tmp_path / "part", wavs, resume=True, sample_clips=0).fit()
+    _same_run(tmp_path / "full", tmp_path / "part")
+    full = json.loads((tmp_path / "full" / "eval.json").read_text())
+    again = json.loads((tmp_path / "part" / "eval.json").read_text())
+    assert full["stages"] == again["stages"]
+
+
+def test_resume_refuses_a_changed_codec(tmp_path, wavs):
+    _trainer(tmp_path / "r", wavs, steps=2).fit(until=1)
+    with pytest.raises(UserError, match="num_embeddings"):
+        _trainer(tmp_path / "r", wavs, resume=True, num_embeddings=32)
+    # a changed learning rate is applied and reported
+    t = _trainer(tmp_path / "r", wavs, resume=True, lr=1e-4, steps=2)
+    assert t.resume_changes == {"lr": (3e-4, 1e-4)}
+    t.close()
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"segment_seconds": 0.03}, "60 samples at 2000 Hz; the loss windows need at least 65"),
+        ({"modality": "image"}, "modality 'image'"),
+        ({"strides": "2,x"}, "strides"),
+        ({"quantizer": "fsq", "num_quantizers": 3}, "num_quantizers"),
+        ({"eval_stages": "0"}, "eval_stages"),
+    ],
+)
+def test_bad_options_one_line(kw, match):
+    with pytest.raises(UserError, match=match):
+        AudioTrainConfig(**{**TINY, **kw})
+
+
+def test_eval_stages_beyond_the_codec_refused(tmp_path, wavs):
+    with pytest.raises(UserError, match="stage counts in 1..3"):
+        _trainer(tmp_path / "s", wavs, eval_stages="1,4")
+
+
+def test_trains_on_fsdd(tmp_path, fsdd_archive):
+    """FSDD at 8 kHz (skipped without the shared archive): its official split, speakers
+    joined for PESQ / STOI."""
+    cfg = AudioTrainConfig(
+        data=str(fsdd_archive), out_dir=str(tmp_path / "f"), steps=2, batch_size=2,
+        seanet_channels=4, num_quantizers=2, num_embeddings=16, embedding_dim=8,
+        segment_seconds=0.25, progress=False, eval_clips=2, eval_limit=12, sample_clips=1,
+    )  # fmt: skip
+    trainer = AudioTrainer(cfg)
+    assert (len(trainer.train_data), len(trainer.test_data)) == (2700, 300)
+    ev = trainer.fit()
+    assert ev["clips"] == 12 and [r["kbps"] for r in ev["stages"]] == [0.1, 0.2]
+    for row in ev["stages"]:
+        assert math.isfinite(row["si_sdr"]) and math.isfinite(row["mel_distance"])
