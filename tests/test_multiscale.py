@@ -14,6 +14,7 @@ from vqkit import MultiScaleVQ
 from vqkit.errors import UserError
 from vqkit.quantizers import build_quantizer
 from vqkit.quantizers.multiscale import MultiScaleOptions, parse_scales, phi_assignment
+from vqkit.quantizers.scales import revival_quota
 
 C = 6
 K = 24
@@ -293,17 +294,34 @@ def test_kmeans_init_and_revival():
     assert not q.dead_codes(threshold)[revived].any()  # one usage horizon to be picked
 
 
-def test_revival_offers_every_scale_the_same_rows():
-    """Each scale offers ceil(K / S) rows: with all K codes dead, the coarse 1 x 1 scale's
-    residuals (16 rows, one per image) get as many codes as the 4 x 4 scale's (256 rows)."""
+def test_revival_feeds_the_scales_by_their_deficit():
+    """All K codes dead and no scale using any: each scale gets its share (K / S) of the
+    revived codes, as rows of its own residuals; the 1 x 1 scale's 16 rows (one per
+    image) get as many codes as the 4 x 4 scale's 256 rows."""
     q = make((1, 2, 4)).train()
     x = torch.randn(16, C, 4, 4)
     q(x)
+    residuals = q.scale_residuals(x)  # before the revival: what each scale searched
     revived = q.revive_dead_codes(x, 1e6, generator=torch.Generator().manual_seed(0))
     assert revived.all()
-    residuals = q.scale_residuals(x)  # the codebook changed, but r_0 (1 x 1) did not
-    coarse = sum(bool((residuals[0] == r).all(1).any()) for r in q.codebook)
-    assert coarse == -(-q.num_embeddings // 3)
+    quota = revival_quota(q.num_embeddings, torch.full((3,), q.num_embeddings))
+    assert sum(quota) == q.num_embeddings and max(quota) - min(quota) <= 1
+    at = 0
+    for rows, n in zip(residuals, quota, strict=True):
+        mine = q.codebook[at : at + n]  # the dead codes are dealt out in index order
+        assert all(bool((rows == r).all(1).any()) for r in mine)
+        at += n
+
+
+def test_revival_quota_against_a_reference():
+    cases = [(10, [3, 1, 0]), (7, [1, 1, 1]), (5, [0, 0, 0]), (0, [4, 2]), (100, [500, 30, 0, 2])]
+    for n, deficit in cases:
+        q = revival_quota(n, torch.tensor(deficit))
+        d = [float(v) for v in deficit] if sum(deficit) else [1.0] * len(deficit)
+        exact = [n * v / sum(d) for v in d]
+        assert sum(q) == n and all(abs(a - b) < 1 for a, b in zip(q, exact, strict=True))
+    assert revival_quota(10, torch.tensor([3, 1, 0])) == [8, 2, 0]
+    assert revival_quota(2, torch.tensor([1, 1, 1])) == [1, 1, 0]  # ties: the coarser
 
 
 def test_a_code_one_coarse_scale_uses_is_alive():

@@ -48,7 +48,7 @@ from .estimators import mse_terms, straight_through
 from .masking import masked_counts
 from .output import QuantizerOutput
 from .registry import register_quantizer
-from .scales import parse_scales, phi_assignment
+from .scales import parse_scales, phi_assignment, revival_quota
 
 __all__ = ["MultiScaleOptions", "MultiScaleVQ", "parse_scales", "phi_assignment"]
 
@@ -97,17 +97,16 @@ class MultiScaleVQ(LossTrainedQuantizer):
       (a code a 1 x 1 scale uses at the uniform rate is alive; pooled, it would count
       as dead and be taken away from that scale at every revival);
     * a dead code takes a vector of what some scale searches, its residual ``r_i``
-      (not ``f``, which no scale but the last searches): each scale offers the same
-      number of random rows of its residuals (:meth:`scale_residuals`), so the coarse
-      scales get as many new codes as the fine ones;
-    * a revived code's usage restarts at the threshold at every scale.
-
-    A flat (N, C) input to revival is taken as given (no scales).
+      (:meth:`scale_residuals`; not ``f``, which no scale but the last searches); the
+      dead codes are shared among the scales in proportion to each scale's deficit, K
+      minus the codes alive at that scale (:func:`revival_quota`), so revival feeds
+      the scales that use the fewest codes, the coarse ones first;
+    * a revived code's usage restarts at the threshold at every scale (a flat (N, C)
+      input to revival is taken as given).
 
     The phi convs are float32 parameters trained at the model's learning rate (as in
     VAR); ``codebook_lr_parameters()`` is the codebook only. The residual pass runs in
-    float32, also under autocast; no N x K tensor is built (the search is
-    :func:`vqkit.search.nearest_code`).
+    float32, also under autocast; no N x K tensor is built (:func:`vqkit.search.nearest_code`).
     """
 
     def __init__(
@@ -324,8 +323,7 @@ class MultiScaleVQ(LossTrainedQuantizer):
 
     @torch.no_grad()
     def scale_residuals(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Input (B, C, H, W) -> what each scale searches: the residuals ``r_i`` as flat
-        float32 rows ``[(B * s_i^2, C)]``, coarse to fine."""
+        """(B, C, H, W) -> the residuals ``r_i`` each scale searches, ``[(B s_i^2, C)]``."""
         return self._residual_pass(x)[1]
 
     def _residual_pass(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -363,19 +361,31 @@ class MultiScaleVQ(LossTrainedQuantizer):
     def _revive_codes(
         self, x: torch.Tensor, threshold: float, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """Dead codes take rows of the scales' residuals, every scale offering
-        ``ceil(K / S)`` random rows (fewer if it has fewer); a flat input as given."""
+        """Dead codes go to the scales in proportion to each scale's deficit (K minus the
+        codes alive at that scale), each taking random rows of its scale's residuals;
+        a flat input as given."""
         if x.dim() == 2:
             return super()._revive_codes(x, threshold, generator)
-        per_scale = -(-self.num_embeddings // self.num_scales)
-        offered = []
-        for rows in self.scale_residuals(x):
-            pick = torch.randperm(rows.shape[0], generator=generator)[:per_scale]
-            offered.append(rows[pick.to(rows.device)])
-        pool = torch.cat(offered)
-        revived, vectors = self._replacements(pool, self.dead_codes(threshold), generator)
-        self._set_codes(revived, vectors)
-        self._restart_codes(revived, vectors, threshold)
+        dead = self.dead_codes(threshold)
+        usage = self.scale_code_usage()
+        assert usage is not None  # dead_codes needs it
+        alive = usage >= threshold * self.position_shares()[:, None]
+        quota = revival_quota(int(dead.sum()), self.num_embeddings - alive.sum(1))
+        order = dead.nonzero().flatten()  # the dead codes, split among scales in order
+        revived = torch.zeros_like(dead)
+        new = torch.zeros_like(self.codebook, dtype=torch.float32)
+        at = 0
+        for rows, n in zip(self.scale_residuals(x), quota, strict=True):
+            if n == 0:
+                continue
+            mine = torch.zeros_like(dead)
+            mine[order[at : at + n]] = True
+            at += n
+            got, vectors = self._replacements(rows, mine, generator)
+            self._set_codes(got, vectors)
+            new = torch.where(got[:, None], vectors, new)
+            revived |= got
+        self._restart_codes(revived, new, threshold)
         return revived
 
     def decode(self, indices: torch.Tensor, num_scales: int | None = None) -> torch.Tensor:
@@ -399,7 +409,6 @@ class MultiScaleVQ(LossTrainedQuantizer):
 
     lookup = decode
 
-    # -- per-scale statistics ----------------------------------------------------------
     @torch.no_grad()
     def _track_scale_usage(self, counts: torch.Tensor) -> None:
         """One EMA step of ``scale_usage_ema`` (S, K) with the decay and the condition of

@@ -1,13 +1,16 @@
 """The scales of a multi-scale quantizer (:mod:`vqkit.quantizers.multiscale`): the
-``--scales`` list and which of VAR's phi convolutions each scale uses."""
+``--scales`` list, which of VAR's phi convolutions each scale uses, and how revived
+codes are shared among the scales."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from ..errors import UserError
 
-__all__ = ["parse_scales", "phi_assignment"]
+__all__ = ["parse_scales", "phi_assignment", "revival_quota"]
 
 
 def parse_scales(scales: str | Sequence[int]) -> list[int]:
@@ -44,3 +47,18 @@ def phi_assignment(num_scales: int, num_convs: int) -> list[int | None]:
         at = i / (num_scales - 1) if num_scales > 1 else 0.0
         out.append(min(range(p), key=lambda j: abs(ticks[j] - at)))  # first of ties
     return out
+
+
+def revival_quota(n: int, deficit: torch.Tensor) -> list[int]:
+    """``n`` codes shared among scales in proportion to their ``deficit`` (S,) (largest
+    remainders, ties to the coarser scale; equal shares when no scale has a deficit)."""
+    d = deficit.to(torch.float64).cpu()
+    if float(d.sum()) <= 0:
+        d = torch.ones_like(d)
+    exact = n * d / d.sum()
+    quota = exact.floor().long()
+    rest = n - int(quota.sum())
+    if rest:
+        frac = exact - quota
+        quota[torch.argsort(-frac, stable=True)[:rest]] += 1
+    return quota.tolist()
