@@ -1,5 +1,6 @@
 """Wall time per sample: the autoregressive prior (KV cache) against the masked prior
-(MaskGIT) at 8 and 12 passes, at batch 1 and batch 64; and an editing grid.
+(MaskGIT) at 8 and 12 passes and, with ``--ns-prior``, the next-scale prior (one pass
+per scale, KV cache), at batch 1 and batch 64; and an editing grid.
 
 Both priors have the same architecture (``vqkit prior``'s defaults unless flags say
 otherwise: 4 blocks, 4 heads, width 256), so the same parameter count up to the masked
@@ -54,7 +55,8 @@ def shape_of(args: argparse.Namespace) -> tuple[list[int], int, int, str]:
 
 def build(kind: str, args: argparse.Namespace, shape: tuple[list[int], int, int]) -> Prior:
     """A prior of ``kind``: trained (``--ar-prior`` / ``--masked-prior``) or fresh."""
-    trained = args.ar_prior if kind == "autoregressive" else args.masked_prior
+    trained = {"autoregressive": args.ar_prior, "masked": args.masked_prior}.get(kind)
+    trained = args.ns_prior if kind == "next-scale" else trained
     if trained:
         from vqkit.prior.loading import load_prior
 
@@ -81,7 +83,7 @@ def time_one(prior: Prior, batch: int, steps: int | None, cfg_scale: float) -> t
     labels = torch.arange(batch, device=dev) % max(prior.config.num_classes, 1)
     labels = labels if prior.config.num_classes else None
     g = torch.Generator(dev).manual_seed(0)
-    kw = {"decode_steps": steps} if steps else {}
+    kw = {"decode_steps": steps} if steps and prior.config.masked else {}
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -151,6 +153,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="a vqkit train run: its code map, codes and classes")
     ap.add_argument("--ar-prior", help="a trained autoregressive prior run (default: fresh)")
     ap.add_argument("--masked-prior", help="a trained masked prior run (default: fresh)")
+    ap.add_argument("--ns-prior", help="a trained next-scale prior run (timed when given)")
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=256)
@@ -176,11 +179,16 @@ def main() -> None:
     code_shape, vocab, classes, source = shape_of(args)
     shape = (code_shape, vocab, classes)
     device = torch.device(args.device)
-    priors = {k: build(k, args, shape).to(device) for k in ("autoregressive", "masked")}
+    kinds = ("autoregressive", "masked", "next-scale")[: 3 if args.ns_prior else 2]
+    priors = {k: build(k, args, shape).to(device) for k in kinds}
     params = {k: p.num_params() for k, p in priors.items()}
     seq = priors["autoregressive"].seq_len
     methods = [("autoregressive (KV cache)", "autoregressive", None)]
     methods += [(f"masked, {s} passes", "masked", s) for s in args.masked_steps]
+    if args.ns_prior:
+        methods += [
+            ("next-scale (KV cache)", "next-scale", len(priors["next-scale"].config.scales))
+        ]
     for _, kind, steps in methods if args.rounds else ():  # warm-up: first calls
         time_one(priors[kind], 2, steps, args.cfg_scale)
     rows = []
@@ -210,7 +218,7 @@ def main() -> None:
         "n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
         "params": params, "cfg_scale": args.cfg_scale, "rounds": args.rounds,
         "threads": torch.get_num_threads(), "device": args.device,
-        "trained": {"ar": args.ar_prior, "masked": args.masked_prior},
+        "trained": {"ar": args.ar_prior, "masked": args.masked_prior, "ns": args.ns_prior},
     }  # fmt: skip
     md = [
         f"# Sampling time: autoregressive (KV cache) vs masked prior, {args.data}",

@@ -76,8 +76,15 @@ def distances(extractor: Any, real: torch.Tensor, fake: torch.Tensor) -> dict[st
 
 
 def parse_setting(spec: str) -> dict[str, Any]:
-    """``ar:CFG`` or ``masked:STEPS:CFG``."""
+    """``ar:CFG``, ``masked:STEPS:CFG`` or ``ns:CFG`` (next-scale)."""
     parts = spec.split(":")
+    if parts[0] == "ns" and len(parts) == 2:
+        return {
+            "kind": "next-scale",
+            "steps": None,
+            "cfg_scale": float(parts[1]),
+            "name": f"ns_cfg{parts[1]}",
+        }
     if parts[0] == "ar" and len(parts) == 2:
         return {
             "kind": "autoregressive",
@@ -92,15 +99,15 @@ def parse_setting(spec: str) -> dict[str, Any]:
             "cfg_scale": float(parts[2]),
             "name": f"masked{parts[1]}_cfg{parts[2]}",
         }
-    raise SystemExit(f"setting {spec!r}: expected ar:CFG or masked:STEPS:CFG")
+    raise SystemExit(f"setting {spec!r}: expected ar:CFG, masked:STEPS:CFG or ns:CFG")
 
 
 def title(s: dict[str, Any]) -> str:
-    what = (
-        "autoregressive (KV cache)"
-        if s["kind"] == "autoregressive"
-        else f"masked, {s['steps']} passes"
-    )
+    what = {
+        "autoregressive": "autoregressive (KV cache)",
+        "masked": f"masked, {s['steps']} passes",
+        "next-scale": "next-scale (KV cache)",
+    }[s["kind"]]
     return f"{what}, guidance {s['cfg_scale']:g}"
 
 
@@ -108,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ar-prior", required=True)
     ap.add_argument("--masked-prior", required=True)
+    ap.add_argument("--ns-prior", help="a next-scale prior of the same tokenizer (ns:CFG)")
     ap.add_argument("--features", required=True, help="vqkit features --out DIR")
     ap.add_argument("--settings", nargs="+", default=["ar:1", "ar:2", "masked:8:1", "masked:8:2"])
     ap.add_argument("--samples", type=int, default=10000)
@@ -138,15 +146,16 @@ def main() -> None:
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
     priors, ckpts = {}, {}
-    for kind, run in (("autoregressive", args.ar_prior), ("masked", args.masked_prior)):
+    runs = {"autoregressive": args.ar_prior, "masked": args.masked_prior}
+    if args.ns_prior:
+        runs["next-scale"] = args.ns_prior
+    for kind, run in runs.items():
         priors[kind], ckpts[kind] = load_prior(run)
-        if priors[kind].config.masked != (kind == "masked"):
-            raise SystemExit(f"{run}: not a{'' if kind == 'masked' else 'n'} {kind} prior")
-    stored = [c["tokenizer"]["sha256"] for c in ckpts.values()]
-    if stored[0] != stored[1]:
-        raise SystemExit(
-            f"the two priors use different tokenizers ({stored[0][:12]} vs {stored[1][:12]})"
-        )
+        if priors[kind].config.kind != kind:
+            raise SystemExit(f"{run}: a {priors[kind].config.kind} prior, not {kind}")
+    stored = {c["tokenizer"]["sha256"] for c in ckpts.values()}
+    if len(stored) != 1:
+        raise SystemExit(f"the priors use different tokenizers ({sorted(stored)})")
     t = ckpts["masked"]["tokenizer"]
     tok = load_tokenizer(t["run_dir"], checkpoint=t["checkpoint"], expect_sha256=t["sha256"])
     _, test_codes, _ = load_codes(tok)
@@ -314,7 +323,7 @@ def main() -> None:
                 "n_layer": priors[k].config.n_layer,
                 "n_embd": priors[k].config.n_embd,
             }
-            for k, r in (("autoregressive", args.ar_prior), ("masked", args.masked_prior))
+            for k, r in runs.items()
         },
         "features": extractor.describe(),
         "samples": len(labels),
@@ -323,7 +332,7 @@ def main() -> None:
         "seed": args.seed,
     }
     md = [
-        "# Autoregressive and masked prior on one tokenizer: samples against the test split",
+        f"# The {', '.join(runs)} priors of one tokenizer: samples against the test split",
         "",
         *common.meta_lines(meta),
         f"- tokenizer `{tok.run_dir}` (sha256 {tok.sha256[:12]}), codes "
