@@ -17,6 +17,11 @@ files are decoded in one batch. A file names the twin (its digest) and the token
 the checksum of its codes still guards against anything unforeseen: a file that does
 not decode to the codes written is refused, never decoded to a wrong image.
 
+A next-scale prior's codes (a multi-scale tokenizer's ``(L,)`` sequences, scales coarse
+to fine) are coded under its own twin (:mod:`.exact_nextscale`, format model 2), whole
+scales per pass; under either model the first scales of a map come first in its payload,
+so ``num_scales`` decodes them alone (a preview: :func:`decode`).
+
 Version-1 files (float probabilities, :mod:`.legacy`) still decode where the float
 prior computes the writer's bits; elsewhere they are refused naming their version.
 """
