@@ -259,3 +259,57 @@ def test_crafted_map_counts_end_in_one_line_under_an_address_space_limit(setup, 
         assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
         if name == "none.vqz":
             assert "0 code maps" in run.stderr
+
+
+def test_next_scale_files_and_scales_previews(setup, tmp_path, capsys):
+    """A multi-scale tokenizer with a next-scale prior: compress writes model-2 files;
+    decompress gives the full reconstruction, and --scales N the reconstruction from the
+    first N scales (VQVAE.decode(codes, num_scales=N)); --scales is refused in one line
+    for a one-map tokenizer's files, N out of range and --codes files, writing nothing."""
+    import torch
+
+    from vqkit.data import denormalize
+
+    _, src, images = setup
+    tok = make_tokenizer(tmp_path / "tok", quantizer="multiscale", scales="1,2,4,7")
+    prior = make_prior(tmp_path / "prior", tok, kind="next-scale")
+    inputs = [str(src / r) for r in ("a/x.png", "b/y.png")]
+    assert main(["compress", *inputs, "--prior", str(prior), "--out", str(tmp_path / "c"),
+                 "--class", "2"]) == 0  # fmt: skip
+    files = [str(tmp_path / "c" / r) for r in ("a/x.vqz", "b/y.vqz")]
+    assert all(unpack(Path(f).read_bytes())[0].model == 2 for f in files)
+    codec = load_codec(prior)
+    codes = images_to_codes(codec, images[[0, 2]])
+    for n in (None, 1, 3):
+        out = tmp_path / f"d{n}"
+        flags = [] if n is None else ["--scales", str(n)]
+        code, _, err = _run(capsys, "decompress", *files, "--prior", str(prior), "--out",
+                            str(out), *flags)  # fmt: skip
+        assert code == 0, err
+        with torch.no_grad():
+            want = denormalize(codec.tokenizer.decode(codes, num_scales=n))
+        for i, rel in enumerate(("a/x.png", "b/y.png")):
+            np.testing.assert_array_equal(np.asarray(Image.open(out / rel)), want[i, 0].numpy())
+    capsys.readouterr()
+    out = tmp_path / "bad"
+    err = _refused(capsys, out, "decompress", *files, "--prior", str(prior), "--out", str(out),
+                   "--scales", "5")  # fmt: skip
+    assert "an int in [1, 4] (the scales 1,2,4,7); got 5" in err
+    # a one-map tokenizer's file
+    single_tok = make_tokenizer(tmp_path / "tok1")
+    single = make_prior(tmp_path / "p1", single_tok)
+    assert main(["compress", inputs[0], "--prior", str(single), "--out", str(tmp_path / "s")]) == 0
+    err = _refused(capsys, out, "decompress", str(tmp_path / "s" / "x.vqz"), "--prior",
+                   str(single), "--out", str(out), "--scales", "2")  # fmt: skip
+    assert (
+        "needs the codes of a multi-scale tokenizer; this prior's codes (7, 7) are one map" in err
+    )
+    # index maps decompress in full
+    np.save(tmp_path / "m.npy", codes.numpy())
+    with pytest.warns(UserWarning, match="no tokenizer identity"):
+        assert main(["compress", str(tmp_path / "m.npy"), "--codes", "--prior", str(prior),
+                     "--out", str(tmp_path / "k")]) == 0  # fmt: skip
+    capsys.readouterr()
+    err = _refused(capsys, out, "decompress", str(tmp_path / "k" / "m.vqz"), "--prior",
+                   str(prior), "--out", str(out), "--scales", "2")  # fmt: skip
+    assert "holds index maps (compress --codes)" in err

@@ -29,36 +29,41 @@ from vqkit.compress import (  # noqa: E402
     load_codec,
 )
 from vqkit.compress.codec import Codec  # noqa: E402
+from vqkit.errors import UserError  # noqa: E402
 from vqkit.prior import Prior, PriorConfig, load_tokenizer  # noqa: E402
 from vqkit.storage.checkpoint import save_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 
-def make_tokenizer(out: Path) -> Path:
+def make_tokenizer(out: Path, **overrides) -> Path:
     """A tokenizer run directory holding an untrained seeded VQ-VAE (28 x 28 gray ->
-    7 x 7 maps of 32 codes): coding does not care how good its codes are."""
+    7 x 7 maps of 32 codes; ``quantizer="multiscale", scales="1,2,4,7"``: (70,)
+    sequences): coding does not care how good its codes are."""
     from vqkit.models import VQVAE
     from vqkit.models.io import export_safetensors
 
     torch.manual_seed(0)
     model = VQVAE(in_channels=1, image_size=28, hidden=32, res_hidden=8, res_layers=1,
-                  num_embeddings=32, embedding_dim=8)  # fmt: skip
+                  num_embeddings=32, embedding_dim=8, **overrides)  # fmt: skip
     out.mkdir(parents=True)
     export_safetensors(model, out / "model.safetensors")
     return out
 
 
-def make_prior(out: Path, tok_dir: Path, *, classes: int = 10, seed: int = 0) -> Path:
-    """A prior run directory without training: a seeded 1-layer prior whose embeddings
-    are scaled up so that its distributions are far from uniform (peaked and varied, as
-    a trained prior's are), saved as ``vqkit prior`` saves its checkpoints."""
+def make_prior(
+    out: Path, tok_dir: Path, *, classes: int = 10, seed: int = 0, kind: str = "autoregressive"
+) -> Path:
+    """A prior run directory without training: a seeded 1-layer prior (of ``kind``, the
+    tokenizer's scales recorded as ``vqkit prior`` records them) whose embeddings are
+    scaled up so that its distributions are far from uniform (peaked and varied, as a
+    trained prior's are), saved as ``vqkit prior`` saves its checkpoints."""
     tok = load_tokenizer(tok_dir)
     torch.manual_seed(seed)
     shape = list(tok.model.encode(torch.zeros(1, 1, 28, 28)).shape[1:])
     cfg = PriorConfig(
-        n_layer=1, n_head=2, n_embd=32, vocab_size=tok.num_codes, code_shape=shape,
-        num_classes=classes, dropout=0.0,
+        kind=kind, n_layer=1, n_head=2, n_embd=32, vocab_size=tok.num_codes, code_shape=shape,
+        num_classes=classes, dropout=0.0, scales=tok.scales,
     )  # fmt: skip
     model = Prior(cfg)
     with torch.no_grad():
@@ -282,3 +287,145 @@ def test_several_files_decode_side_by_side_as_each_alone(codec):
     bad[20] ^= 1  # the prior hash: refused naming the file, before any decoding
     with pytest.raises(ValueError, match="^b: "):
         decode_many(codec, [blobs[0], bytes(bad)], ["a", "b"])
+
+
+# ---- a multi-scale tokenizer: the next-scale prior (model 2), an autoregressive one --
+
+
+@pytest.fixture(scope="module")
+def ms(tmp_path_factory, one_thread_module):
+    """Codecs of one multi-scale tokenizer (scales 1, 2, 4, 7: (70,) codes of 32):
+    ``{"ns": next-scale, "ns2": another next-scale (seed 1), "ar": autoregressive}``."""
+    root = tmp_path_factory.mktemp("compress_ms")
+    tok = make_tokenizer(root / "tok", quantizer="multiscale", scales="1,2,4,7")
+    dirs = {
+        "ns": make_prior(root / "ns", tok, kind="next-scale"),
+        "ns2": make_prior(root / "ns2", tok, kind="next-scale", seed=1),
+        "ar": make_prior(root / "ar", tok),
+    }
+    return {name: load_codec(d) for name, d in dirs.items()} | {"dirs": dirs}
+
+
+def _float64_bits(codec: Codec, maps: np.ndarray, labels: torch.Tensor) -> float:
+    ref = Prior(codec.prior.config).double().eval()
+    ref.load_state_dict(codec.prior.state_dict())
+    with torch.no_grad():
+        return -ref.log_prob(torch.from_numpy(maps), labels).sum().item() / np.log(2.0)
+
+
+@pytest.mark.parametrize("name", ["ns", "ar"])
+def test_multiscale_codes_round_trip_at_the_float_priors_bits(ms, name):
+    """(L,) sequences, two groups of maps: back exactly, under model 2 (next-scale) or
+    model 1 (autoregressive over the scales' sequence), at the float64 prior's NLL."""
+    from vqkit.compress.format import unpack
+
+    codec = ms[name]
+    maps = _maps(codec, 70, seed=2)
+    assert maps.shape == (70, 70)
+    labels = torch.tensor([i % 11 for i in range(70)])
+    stats: dict = {}
+    data = encode_codes(maps, codec, labels=labels, stats=stats)
+    header, _ = unpack(data)
+    assert header.model == {"ns": 2, "ar": 1}[name] and header.code_shape == (70,)
+    np.testing.assert_array_equal(decode_codes(data, codec), maps)
+    ref = _float64_bits(codec, maps, labels)
+    assert stats["ideal_bits"] == pytest.approx(ref, rel=1e-3)
+    assert ref < 0.8 * maps.size * 5  # far from uniform: the test can tell models apart
+
+
+@pytest.mark.parametrize("name", ["ns", "ar"])
+def test_the_first_scales_decode_alone_and_preview_the_image(ms, name, monkeypatch):
+    """decode(num_scales=N): the first N scales' codes of every map; the range decoder
+    stops after them (one pass per scale up to N for model 2); the images are
+    VQVAE.decode(codes, num_scales=N) of the full codes."""
+    from vqkit.compress.codec import decode_maps
+    from vqkit.data import denormalize, load_dataset
+
+    codec = ms[name]
+    images = load_dataset(None, "test").images[:2]
+    codes = images_to_codes(codec, images)
+    data = encode(images, codec, labels=[1, 4])
+    full = codec.tokenizer.decode(codes, num_scales=4)
+    for n, length in ((1, 1), (2, 5), (3, 21), (4, 70)):
+        got, _ = decode_maps(codec, data, num_scales=n)
+        np.testing.assert_array_equal(got, codes[:, :length].numpy())
+        with torch.no_grad():
+            want = codec.tokenizer.decode(codes, num_scales=n)
+        assert torch.equal(decode(data, codec, num_scales=n), denormalize(want))
+        if n == 4:
+            assert torch.equal(want, full)
+    assert not torch.equal(decode(data, codec, num_scales=1), decode(data, codec))
+    calls = []
+    real = type(codec.exact).logits_range
+    monkeypatch.setattr(
+        type(codec.exact), "logits_range", lambda *a: calls.append(a[4]) or real(*a)
+    )
+    decode_maps(codec, data, num_scales=2)
+    assert calls == ([0, 1] if name == "ns" else [0, 1, 2, 3, 4])
+    # a later group is reached only through the earlier groups' every symbol
+    maps = _maps(codec, 66, seed=4)
+    blob = encode_codes(maps, codec)
+    got, _ = decode_maps(codec, blob, num_scales=3)
+    np.testing.assert_array_equal(got, maps[:, :21])
+
+
+def test_scales_of_a_one_map_prior_or_out_of_range_are_refused(codec, ms):
+    data = encode_codes(_maps(codec, 1), codec)
+    with pytest.raises(
+        UserError, match=r"multi-scale tokenizer; this prior's codes \(7, 7\) are"
+    ) as e:
+        decode(data, codec, num_scales=1)
+    assert "\n" not in str(e.value)
+    ns_data = encode_codes(_maps(ms["ns"], 1), ms["ns"])
+    for bad in (0, 5, True, 2.0):
+        with pytest.raises(UserError, match=r"an int in \[1, 4\] \(the scales 1,2,4,7\)"):
+            decode(ns_data, ms["ns"], num_scales=bad)
+
+
+def test_model_2_files_name_their_prior(ms):
+    """A model-2 file refused by an autoregressive prior of its tokenizer (naming the
+    models) and by another next-scale prior (naming both digests), before decoding."""
+    data = encode_codes(_maps(ms["ns"], 2), ms["ns"])
+    with pytest.raises(
+        DecodeError, match="coded by model 2 .*next-scale.* codes with model 1"
+    ) as e:
+        decode_codes(data, ms["ar"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(DecodeError, match="compressed with prior") as e:
+        decode_codes(data, ms["ns2"])
+    assert ms["ns"].exact_hash[:16] in str(e.value) and ms["ns2"].exact_hash[:16] in str(e.value)
+    assert ms["ns"].exact_hash != ms["ar"].exact_hash
+    ar_data = encode_codes(_maps(ms["ar"], 1), ms["ar"])
+    with pytest.raises(DecodeError, match="coded by model 1 .* codes with model 2"):
+        decode_codes(ar_data, ms["ns"])
+
+
+def test_a_masked_prior_is_refused_for_compression(tmp_path, ms):
+    tok = tmp_path / "tok"
+    make_tokenizer(tok)
+    with pytest.raises(UserError, match="masked prior; compression needs") as e:
+        load_codec(make_prior(tmp_path / "m", tok, kind="masked"))
+    assert "\n" not in str(e.value)
+
+
+def test_a_fresh_process_under_default_kernels_decodes_model_2_the_same(ms, tmp_path):
+    maps = _maps(ms["ns"], 3, seed=8)
+    (tmp_path / "m.vqz").write_bytes(encode_codes(maps, ms["ns"], labels=[0, 5, 10]))
+    script = textwrap.dedent(
+        f"""
+        import os, numpy as np, torch
+        from vqkit.compress import decode_codes, load_codec
+        codec = load_codec({str(ms["dirs"]["ns"])!r}, images=False)
+        data = open({str(tmp_path / "m.vqz")!r}, "rb").read()
+        np.save(os.environ["OUT"], decode_codes(data, codec))
+        print(torch.backends.cpu.get_cpu_capability())
+        """
+    )
+    out = tmp_path / "out.npy"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default", "OUT": str(out)}
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=100
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0].lower() == "default"
+    np.testing.assert_array_equal(np.load(out), maps)

@@ -22,6 +22,7 @@ from vqkit.compress.format import (
     FLAG_CODES,
     MAGIC,
     MAX_SYMBOLS,
+    MODEL_EXACT_NEXT_SCALE,
     MODEL_EXACT_V1,
     MODEL_FLOAT,
     MODELS,
@@ -87,7 +88,8 @@ def refused(data: bytes, match: str) -> str:
 
 def test_constants():
     assert VERSION == 2 and READ_VERSIONS == (1, 2)
-    assert (MODEL_FLOAT, MODEL_EXACT_V1) == (0, 1) and set(MODELS) == {0, 1}
+    assert (MODEL_FLOAT, MODEL_EXACT_V1, MODEL_EXACT_NEXT_SCALE) == (0, 1, 2)
+    assert set(MODELS) == {0, 1, 2}
     assert MAX_SYMBOLS == 2**24 - 2
     assert HEADER.version == VERSION and HEADER.model == MODEL_EXACT_V1
 
@@ -181,9 +183,30 @@ def test_foreign_files_and_unknown_versions():
 
 
 def test_unknown_models_are_refused_by_name():
-    for model in (0, 2, 255):
+    for model in (0, 3, 255):
         msg = refused(craft(model=model), f"unknown coding model {model} in a version-2 file")
         assert "1 (vqkit's exact integer model, version 1)" in msg
+        assert "2 (vqkit's exact integer next-scale model)" in msg
+
+
+def test_sequences_of_a_multiscale_tokenizer():
+    """An (L,) code shape: model 2 (next-scale) files hold only that; model 1 files take
+    it too (an autoregressive prior over the scales); version-1 files never had it."""
+    for model in (MODEL_EXACT_V1, MODEL_EXACT_NEXT_SCALE):
+        header = replace(HEADER, code_shape=(70,), model=model)
+        data = pack(header, PAYLOAD)
+        assert data[7] == model and data[24] == 1 and struct.unpack("<H", data[25:27]) == (70,)
+        assert unpack(data) == (header, PAYLOAD)
+        assert unpack(craft(model=model, shape=(65535,)))[0].code_shape == (65535,)
+    for shape in ((7, 7), (7, 7, 2)):
+        msg = refused(craft(model=2, shape=shape), f"a code map of {len(shape)} dimensions")
+        assert msg == f"corrupt header: a code map of {len(shape)} dimensions (1 for model 2)"
+    refused(craft(model=2, shape=(0,)), r"corrupt header: code map shape .* got \(0,\)")
+    refused(craft(version=1, shape=(49,)), r"a code map of 1 dimensions \(2 or 3 for model 0\)")
+    with pytest.raises(ValueError, match="shape must be 1 sizes"):
+        pack(replace(HEADER, model=MODEL_EXACT_NEXT_SCALE), b"")
+    with pytest.raises(ValueError, match="shape must be 2 or 3 sizes"):
+        pack(replace(HEADER_V1, code_shape=(70,)), b"")
 
 
 @pytest.mark.parametrize(
@@ -196,7 +219,6 @@ def test_unknown_models_are_refused_by_name():
         ({"flags": FLAG_CODES, "dtype": 255}, "dtype 255"),
         ({"dtype": 3}, "dtype 3"),
         ({"ndim": 4, "shape": (7, 7, 2, 2)}, "a code map of 4 dimensions"),
-        ({"ndim": 1, "shape": (49,)}, "a code map of 1 dimensions"),
         ({"ndim": 0, "shape": ()}, "a code map of 0 dimensions"),
         ({"ndim": 255, "shape": (7, 7)}, "a code map of 255 dimensions"),
         ({"shape": (0, 7)}, r"shape .* got \(0, 7\)"),

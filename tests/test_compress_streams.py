@@ -2,7 +2,9 @@
 a full group, a group and one map, three groups), their bytes follow the documented
 symbol order (re-implemented here with the range coder and the twin's frequencies), do
 not depend on how the work is batched or chunked, and a payload that ends before its
-codes stops the decoder after a few positions instead of decoding every claimed map."""
+codes stops the decoder after a few positions instead of decoding every claimed map.
+Model 2 (the next-scale twin): the same order under one teacher-forced pass, whole
+scales per pass, and ``stops`` (a prefix of the scales of each stream's last group)."""
 
 from __future__ import annotations
 
@@ -189,3 +191,80 @@ def test_the_bit_budget_never_refuses_a_valid_stream(prior, model):
     decoded = decode_streams(model, [(p, y) for p, (_, y) in zip(payloads, items, strict=True)])
     for (codes, _), out in zip(items, decoded, strict=True):
         np.testing.assert_array_equal(out, codes)
+
+
+# ---- model 2: the next-scale twin, whole scales per pass; a prefix of the scales ------
+
+
+@pytest.fixture(scope="module")
+def ns_model(one_thread_module):
+    """(next-scale prior over scales 1, 2, 3, 5 (L = 39) of 32 codes, 3 classes, its twin)."""
+    from vqkit.compress.exact_nextscale import ExactNextScale
+
+    from .test_compress_exact_nextscale import small_nextscale
+
+    prior = small_nextscale(seed=5)
+    return prior, ExactNextScale(prior)
+
+
+def _ns_stream(prior, n: int, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, prior.null_class + 1, (n,), generator=g)
+    return prior.sample(n, generator=g).reshape(n, -1).numpy().astype(np.int64), labels
+
+
+@pytest.mark.parametrize("n", [1, 65])
+def test_next_scale_round_trip_and_the_symbol_order(ns_model, monkeypatch, n):
+    """The documented order (groups of 64; inside a group, position by position in the
+    sequence order, the group's maps at each), each code under the teacher-forced
+    logits of one pass over all L positions; the same bytes whatever the chunking."""
+    prior, model = ns_model
+    codes, labels = _ns_stream(prior, n, seed=n)
+    (payload,) = encode_streams(model, [(codes, labels)])
+    np.testing.assert_array_equal(decode_streams(model, [(payload, labels)])[0], codes)
+    enc = RangeEncoder()
+    seq = torch.from_numpy(codes)
+    for start in range(0, n, 64):
+        g = slice(start, start + 64)
+        w = ExactPrior.frequencies(model.logits(seq[g], labels[g]))
+        for t in range(codes.shape[1]):
+            enc.encode(codes[g, t], w[:, t].double().numpy())
+    assert payload == enc.finish()
+    monkeypatch.setattr(streams, "CHUNK_BYTES", 1)  # one scale per pass
+    assert encode_streams(model, [(codes, labels)]) == [payload]
+
+
+@pytest.mark.parametrize("which", ["next-scale", "autoregressive"])
+def test_stops_decode_the_first_scales_of_the_last_group(ns_model, which):
+    """stops[i] = start_n: the last group of stream i up to there (the rest left 0), its
+    earlier groups in full; the decoder's passes end there (model 2: n passes)."""
+    prior, model = ns_model
+    if which == "autoregressive":
+        from .test_compress_exact_nextscale import small_nextscale
+
+        prior = small_nextscale(kind="autoregressive", seed=5)
+        model = ExactPrior(prior)
+    items = [_ns_stream(prior, n, seed=400 + n) for n in (3, 70)]
+    payloads = encode_streams(model, items)
+    stop = 5  # scales 1 and 2
+    pairs = [(p, y) for p, (_, y) in zip(payloads, items, strict=True)]
+    calls = []
+    real = model.logits_range
+    model.logits_range = lambda *a: calls.append(a[3]) or real(*a)
+    try:
+        out = decode_streams(model, pairs, [stop, stop])
+    finally:
+        del model.logits_range
+    (c3, _), (c70, _) = items
+    np.testing.assert_array_equal(out[0][:, :stop], c3[:, :stop])
+    assert not out[0][:, stop:].any()
+    np.testing.assert_array_equal(out[1][:64], c70[:64])  # the first group: in full
+    np.testing.assert_array_equal(out[1][64:, :stop], c70[64:, :stop])
+    assert not out[1][64:, stop:].any()
+    # round 0: groups 0 of both streams in one batch, the 70-map stream's first group in
+    # full; round 1: its last group up to the stop
+    full = model.boundaries[:-1]
+    assert calls == full + [b for b in full if b < stop]
+    # None: in full
+    out = decode_streams(model, pairs, [None, stop])
+    np.testing.assert_array_equal(out[0], c3)

@@ -4,7 +4,8 @@
 (N, C, H, W)); ``encode_codes`` / ``decode_codes`` for index maps (lossless);
 ``load_codec(PRIOR_DIR)`` loads the prior, its exact integer twin and its tokenizer once.
 :mod:`.codec` holds the API and the codec, :mod:`.exact` (on :mod:`.intmath`) the prior's
-integer twin whose coding frequencies are the same on every machine, :mod:`.streams` the
+integer twin whose coding frequencies are the same on every machine (and
+:mod:`.exact_nextscale` the next-scale prior's), :mod:`.streams` the
 coding loops of format version 2, :mod:`.legacy` version-1 files, :mod:`.coder` the range
 coder (constriction), :mod:`.format` the ``.vqz`` container (docs/format.md), :mod:`.cli`
 the ``vqkit compress`` / ``vqkit decompress`` commands. Needs ``pip install

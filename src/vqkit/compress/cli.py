@@ -1,7 +1,7 @@
 """``vqkit compress`` and ``vqkit decompress``: the argument declarations and handlers.
 
     vqkit compress IMAGES... --prior PRIOR_DIR --out DIR [--class C] [--codes] [--overwrite]
-    vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR [--overwrite]
+    vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR [--scales N] [--overwrite]
 
 ``compress`` writes one ``.vqz`` per input (mirroring the input paths below their
 common folder): images go through the prior's tokenizer (they must have its size and
@@ -10,7 +10,10 @@ inputs are ``.npy`` index maps (what ``vqkit encode`` writes), compressed lossle
 ``decompress`` writes PNGs (the tokenizer's reconstruction) or, for files made with
 ``--codes``, the ``.npy`` maps bit for bit, with the tokenizer's identity in a sidecar
 (:mod:`vqkit.models.codes_io`, as ``vqkit encode`` writes them; ``--codes`` inputs are
-checked against it when they have one). Both print bits per pixel and bits per code
+checked against it when they have one). ``decompress --scales N`` (a multi-scale
+tokenizer's files) decodes only the first N scales of each map and writes the
+tokenizer's reconstruction from them: a preview that reads only the start of each
+payload. Both print bits per pixel and bits per code
 per file and in total. Every input is read and checked, and every output computed,
 before the first file is written: bad input leaves no output (exit code 2), and an
 output that exists already is refused unless ``--overwrite``.
@@ -42,6 +45,7 @@ from .codec import (
     images_to_codes,
     load_codec,
     restore_codes,
+    scale_prefix,
 )
 
 __all__ = [
@@ -112,6 +116,14 @@ def add_decompress_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``vqkit decompress``."""
     parser.add_argument("files", nargs="+", metavar="FILE", help=".vqz files of vqkit compress")
     _common(parser)
+    parser.add_argument(
+        "--scales",
+        type=int,
+        default=None,
+        metavar="N",
+        help="multi-scale tokenizers: decode only the first N scales of each map and write "
+        "the reconstruction from them (a preview; image files only)",
+    )
 
 
 def _load(args: argparse.Namespace) -> Codec:
@@ -305,6 +317,13 @@ def run_decompress(args: argparse.Namespace) -> int:
     codec = _load(args)
     for p, h in zip(files, headers, strict=True):
         codec.check(h, str(p))  # every file's identity before any decoding
+        if args.scales is not None and h.is_codes:
+            raise UserError(
+                f"{p} holds index maps (compress --codes), which decompress losslessly in "
+                "full; --scales previews image files"
+            )
+    if args.scales is not None:
+        scale_prefix(codec, args.scales)  # one line for a one-map prior or N out of range
     stems = mirror_paths(files, Path(args.out), "")
     # every output's name from the headers, refused if it exists, before any decoding
     out_names = [
@@ -316,12 +335,13 @@ def run_decompress(args: argparse.Namespace) -> int:
 
     identity = model_identity(codec.tokenizer)
     outputs: list[tuple[Path, list[tuple[Path, Any]]]] = []
-    decoded = decode_many(codec, datas, [str(p) for p in files])  # side by side
+    decoded = decode_many(codec, datas, [str(p) for p in files], args.scales)  # side by side
     for p, names, (codes, header) in zip(files, out_names, decoded, strict=True):
         if header.is_codes:
             outputs.append((p, [(names[0], restore_codes(codes, header))]))
             continue
-        outputs.append((p, list(zip(names, codes_to_images(codec, codes), strict=True))))
+        images = codes_to_images(codec, codes, args.scales)
+        outputs.append((p, list(zip(names, images, strict=True))))
     rows = []
     for (src, items), data, header in zip(outputs, datas, headers, strict=True):
         for name, value in items:

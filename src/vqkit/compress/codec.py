@@ -17,6 +17,11 @@ files are decoded in one batch. A file names the twin (its digest) and the token
 the checksum of its codes still guards against anything unforeseen: a file that does
 not decode to the codes written is refused, never decoded to a wrong image.
 
+A next-scale prior's codes (a multi-scale tokenizer's ``(L,)`` sequences, scales coarse
+to fine) are coded under its own twin (:mod:`.exact_nextscale`, format model 2), whole
+scales per pass; under either model the first scales of a map come first in its payload,
+so ``num_scales`` decodes them alone (a preview: :func:`decode`).
+
 Version-1 files (float probabilities, :mod:`.legacy`) still decode where the float
 prior computes the writer's bits; elsewhere they are refused naming their version.
 """
@@ -40,6 +45,7 @@ from ..prior.loading import load_prior, load_sample_tokenizer
 from . import format as fmt
 from .coder import CoderError
 from .exact import ExactPrior
+from .exact_nextscale import exact_twin
 from .legacy import decode_float
 from .streams import StreamStats, decode_streams, encode_streams
 
@@ -59,6 +65,7 @@ __all__ = [
     "load_codec",
     "prior_hash",
     "restore_codes",
+    "scale_prefix",
 ]
 
 
@@ -86,7 +93,9 @@ class Codec:
     ``tokenizer_hash``: SHA-256 of the tokenizer's weights file, as the prior records
     it; ``prior_hash``: :func:`prior_hash` of the float prior (what version-1 files
     name); ``exact_hash``: the twin's :meth:`.exact.ExactPrior.digest` (what version-2
-    files name). ``classes``: the prior's class names (empty when unconditional)."""
+    files name; the kind's twin, :func:`.exact_nextscale.exact_twin`: model 1 for an
+    autoregressive prior, model 2 for a next-scale one). ``classes``: the prior's class
+    names (empty when unconditional)."""
 
     prior: Prior
     tokenizer: Any | None
@@ -100,12 +109,17 @@ class Codec:
 
     def __post_init__(self) -> None:
         if self.exact is None:
-            self.exact = ExactPrior(self.prior).to(self.device)
+            self.exact = exact_twin(self.prior).to(self.device)
             self.exact_hash = self.exact.digest()
 
     @property
     def code_shape(self) -> tuple[int, ...]:
         return self.prior.code_shape
+
+    @property
+    def model(self) -> int:
+        """The format's model byte of the files this codec writes (its twin's)."""
+        return self.exact.MODEL
 
     @property
     def num_symbols(self) -> int:
@@ -137,6 +151,12 @@ class Codec:
 
     def check(self, header: fmt.Header, where: str) -> None:
         """DecodeError unless ``header`` was written by this prior and tokenizer."""
+        if header.version >= 2 and header.model != self.model:
+            kind = self.prior.config.kind
+            raise DecodeError(
+                f"{where} was coded by model {header.model} ({fmt.MODELS[header.model]}); "
+                f"this prior ({kind}, {self.exact_hash[:16]}) codes with model {self.model}"
+            )
         prior = self.exact_hash if header.version >= 2 else self.prior_hash
         mine = self.tokenizer_hash[:16], prior[:16]
         if (header.tokenizer_hash, header.prior_hash) != mine:
@@ -244,6 +264,7 @@ def encode_many(
             fmt.code_checksum(seq),
             flags[i] if flags else 0,
             dtypes[i] if dtypes else 0,
+            model=codec.model,
         )
         data = fmt.pack(header, payload)
         out.append(data)
@@ -270,12 +291,41 @@ def encode_maps(
     return encode_many(codec, [(codes, labels)], [flags], [dtype], box)[0]
 
 
+def scale_prefix(codec: Codec, num_scales: int) -> int:
+    """The codes of the first ``num_scales`` scales of one map, ``sum_{i<N} s_i^2`` (the
+    prior's ``scales``, its multi-scale tokenizer's code groups); UserError (one line)
+    for a prior of one-map codes or N outside [1, S]."""
+    scales = list(codec.prior.config.scales)
+    if not scales:
+        raise UserError(
+            f"decoding the first {num_scales} scales needs the codes of a multi-scale "
+            f"tokenizer; this prior's codes {codec.code_shape} are one map"
+        )
+    n = num_scales
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(scales):
+        raise UserError(
+            f"the number of scales must be an int in [1, {len(scales)}] (the scales "
+            f"{','.join(map(str, scales))}); got {num_scales!r}"
+        )
+    return sum(s * s for s in scales[:n])
+
+
 def decode_many(
-    codec: Codec, datas: Sequence[bytes], wheres: Sequence[str] | None = None
+    codec: Codec,
+    datas: Sequence[bytes],
+    wheres: Sequence[str] | None = None,
+    num_scales: int | None = None,
 ) -> list[tuple[np.ndarray, fmt.Header]]:
     """Several files at once: (code maps (N, *code_shape) int64, header) of each, the
     version-2 ones decoded side by side in one batch. DecodeError / FormatError (both
-    ValueError) for the first file that cannot be decoded here, naming it."""
+    ValueError) for the first file that cannot be decoded here, naming it.
+
+    ``num_scales`` N (a multi-scale tokenizer's codes): the first N scales of each map
+    only, (N maps, sum_{i<N} s_i^2); the range decoder stops after them (in a file of
+    more than one group of maps, after them in the last group: the others' symbols
+    come first). A prefix is not checked against the codes' checksum (it covers every
+    code): the CRC checks the bytes, the exact model the arithmetic."""
+    stop = scale_prefix(codec, num_scales) if num_scales is not None else None
     wheres = list(wheres) if wheres is not None else ["the data"] * len(datas)
     parsed = []
     for data, where in zip(datas, wheres, strict=True):
@@ -287,13 +337,15 @@ def decode_many(
         parsed.append((header, payload, torch.tensor(header.labels, dtype=torch.long)))
     seqs: dict[int, np.ndarray] = {}
     current = [i for i, (h, _, _) in enumerate(parsed) if h.version >= 2]
+    stops = [stop] * len(current)
     try:
-        decoded = decode_streams(codec.exact, [(parsed[i][1], parsed[i][2]) for i in current])
+        streams = [(parsed[i][1], parsed[i][2]) for i in current]
+        decoded = decode_streams(codec.exact, streams, stops)
     except CoderError as e:
         # which file: decode them one at a time to name it (rare: a corrupt payload)
         for i in current:
             try:
-                decode_streams(codec.exact, [(parsed[i][1], parsed[i][2])])
+                decode_streams(codec.exact, [(parsed[i][1], parsed[i][2])], [stop])
             except CoderError:
                 raise DecodeError(f"{wheres[i]}: {e}") from None
         raise DecodeError(f"{wheres[current[0]]}: {e}") from None
@@ -306,6 +358,9 @@ def decode_many(
                 raise DecodeError(f"{wheres[i]}: {e}") from None
     out = []
     for i, (header, _, _) in enumerate(parsed):
+        if stop is not None:  # a prefix: the checksum covers every code (docstring)
+            out.append((seqs[i][:, :stop], header))
+            continue
         if fmt.code_checksum(seqs[i]) != header.checksum:
             raise DecodeError(_checksum_failure(wheres[i], header))
         out.append((seqs[i].reshape(header.num_maps, *codec.code_shape), header))
@@ -327,11 +382,12 @@ def _checksum_failure(where: str, header: fmt.Header) -> str:
 
 
 def decode_maps(
-    codec: Codec, data: bytes, where: str = "the data"
+    codec: Codec, data: bytes, where: str = "the data", num_scales: int | None = None
 ) -> tuple[np.ndarray, fmt.Header]:
     """File bytes -> (code maps (N, *code_shape) int64, header); DecodeError /
-    FormatError (both ValueError) when they cannot be decoded here."""
-    return decode_many(codec, [data], [where])[0]
+    FormatError (both ValueError) when they cannot be decoded here. ``num_scales``: the
+    first N scales only (:func:`decode_many`)."""
+    return decode_many(codec, [data], [where], num_scales)[0]
 
 
 def _as_images(codec: Codec, images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -357,12 +413,16 @@ def images_to_codes(codec: Codec, images: torch.Tensor | np.ndarray) -> torch.Te
         return codec.tokenizer.encode(normalize(x).to(codec.device)).cpu()
 
 
-def codes_to_images(codec: Codec, codes: np.ndarray) -> torch.Tensor:
-    """Index maps (N, *code_shape) -> the tokenizer's reconstruction, uint8 (N, C, H, W)."""
+def codes_to_images(codec: Codec, codes: np.ndarray, num_scales: int | None = None) -> torch.Tensor:
+    """Index maps (N, *code_shape) -> the tokenizer's reconstruction, uint8 (N, C, H, W).
+    ``num_scales`` N: a multi-scale tokenizer's codes (N maps, at least the first N
+    scales), reconstructed from their first N scales (``VQVAE.decode(codes,
+    num_scales=N)``: the quantizer's ``code_prefix``; one-map codes refused in one line)."""
     if codec.tokenizer is None:
         raise UserError("this codec has no tokenizer (loaded for code maps only)")
     with torch.inference_mode():
-        x = codec.tokenizer.decode(torch.as_tensor(codes).to(codec.device))
+        x = torch.as_tensor(codes).to(codec.device)
+        x = codec.tokenizer.decode(x, num_scales=num_scales)
     return denormalize(x).cpu()
 
 
@@ -383,12 +443,16 @@ def encode(
     return encode_maps(codec, images_to_codes(codec, images), labels, stats=stats)
 
 
-def decode(data: bytes, prior: Codec | str | os.PathLike[str]) -> torch.Tensor:
+def decode(
+    data: bytes, prior: Codec | str | os.PathLike[str], *, num_scales: int | None = None
+) -> torch.Tensor:
     """The bytes of :func:`encode` -> uint8 images (N, C, H, W), the tokenizer's
-    reconstruction of the coded maps."""
+    reconstruction of the coded maps. ``num_scales`` N (a multi-scale tokenizer's
+    files): only the first N scales are decoded, and the images are the tokenizer's
+    reconstruction from them (a preview: ``VQVAE.decode(codes, num_scales=N)``)."""
     codec = _codec(prior, images=True)
-    codes, _ = decode_maps(codec, data)
-    return codes_to_images(codec, codes)
+    codes, _ = decode_maps(codec, data, num_scales=num_scales)
+    return codes_to_images(codec, codes, num_scales)
 
 
 def encode_codes(

@@ -281,7 +281,12 @@ class Block:
             return im.gelu(h, f)
         return im.shift(im.gelu(h << (im.PHI_BITS - f), im.PHI_BITS), im.PHI_BITS - f)
 
-    def __call__(self, x: torch.Tensor, layer: int, cache: KVCache) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, layer: int, cache: KVCache, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` (B, n, C) of positions ``[start, start + n)``, the cache holding
+        ``[0, start)``. ``valid`` bool (n, start + n): the keys each new position sees
+        (None: causal, keys ``<= start + i``)."""
         b, n, c = x.shape
         start, end = cache.length, cache.length + n
         qkv = self.qkv(self.ln1(x)).view(b, n, 3, self.n_head, self.head_dim)
@@ -291,8 +296,7 @@ class Block:
         keys, values = cache.update(layer, k, v)  # float64 holding integers
         scores = im.matmul(q, keys.transpose(-1, -2))
         y = im.shift(scores, self.score_shift)
-        valid = None
-        if n > 1:  # position start + i sees keys 0 .. start + i
+        if valid is None and n > 1:  # position start + i sees keys 0 .. start + i
             valid = torch.arange(end, device=x.device) <= (
                 start + torch.arange(n, device=x.device)[:, None]
             )
@@ -333,10 +337,18 @@ class ExactPrior:
     units (int64, EXP_BITS fractional bits); :meth:`frequencies` the coder's integer
     distributions. CPU by default; :meth:`to` moves it (the results do not change)."""
 
+    KIND = "autoregressive"
+    """The kind of prior this twin mirrors (:mod:`.exact_nextscale`: next-scale)."""
+    MODEL = 1
+    """The format's model byte of the files it codes (docs/format.md, "Model 1")."""
+
     def __init__(self, prior: Any) -> None:
         c = prior.config
-        if c.masked:
-            raise UserError("the exact coding model needs an autoregressive prior")
+        if c.kind != self.KIND:
+            raise UserError(
+                f"the exact coding model {self.MODEL} takes {self.KIND} priors; this prior "
+                f"is {c.kind}"
+            )
         self.config = c.to_dict()
         self.seq_len = int(prior.seq_len)
         self.vocab_size = int(c.vocab_size)
@@ -399,9 +411,10 @@ class ExactPrior:
     def digest(self) -> str:
         """Hex SHA-256 of the arithmetic version, the config, every integer tensor and
         every scale: two twins with the same digest compute the same integers."""
-        h = hashlib.sha256(
-            json.dumps({"arithmetic": ARITHMETIC, "config": self.config}, sort_keys=True).encode()
-        )
+        head: dict[str, Any] = {"arithmetic": ARITHMETIC, "config": self.config}
+        if self.MODEL != 1:  # model 1's digest as it always was
+            head["model"] = self.MODEL
+        h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
         for name, t in sorted(self.tensors().items()):
             t = t.detach().cpu().contiguous().long()
             h.update(f"{name}|{tuple(t.shape)}|".encode())
@@ -440,6 +453,26 @@ class ExactPrior:
             x = block(x, i, cache)
         cache.advance(end - start)
         return self.head(self.ln_f(x))
+
+    @property
+    def boundaries(self) -> list[int]:
+        """Where the coding loops may cut the sequence: the decoder computes positions
+        ``[b_i, b_{i+1})`` in one pass once the codes before ``b_i`` are known (here
+        every position, one at a time: ``0 .. T``)."""
+        return list(range(self.seq_len + 1))
+
+    def logits_range(
+        self, codes: torch.Tensor, cache: KVCache, labels: torch.Tensor, lo: int, hi: int
+    ) -> torch.Tensor:
+        """The log2-unit logits (B, hi - lo, V) of positions ``[lo, hi)`` of ``codes`` (B,
+        T) (only ``c_<hi-1`` are read), the cache holding the first ``lo`` positions
+        and advanced to ``hi``: :meth:`extend` of ``[y, c_0 .. c_{hi-2}]`` or of
+        ``c_{lo-1} .. c_{hi-2}``."""
+        if cache.length != lo or not lo < hi <= self.seq_len:
+            raise ValueError(f"positions [{lo}, {hi}) after a cache of {cache.length}")
+        if lo == 0:
+            return self.extend(codes[:, : hi - 1], cache, labels)
+        return self.extend(codes[:, lo - 1 : hi - 1], cache)
 
     @staticmethod
     def frequencies(logits: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ __all__ = [
     "MAGIC",
     "MAX_SYMBOLS",
     "MODELS",
+    "MODEL_EXACT_NEXT_SCALE",
     "MODEL_EXACT_V1",
     "MODEL_FLOAT",
     "READ_VERSIONS",
@@ -56,13 +57,17 @@ MODEL_FLOAT = 0
 """Version-1 files (no model byte): the float prior on the writing machine's kernels."""
 MODEL_EXACT_V1 = 1
 """vqkit's exact integer model, version 1 (:mod:`vqkit.compress.exact`)."""
+MODEL_EXACT_NEXT_SCALE = 2
+"""vqkit's exact integer next-scale model (:mod:`vqkit.compress.exact_nextscale`): a
+next-scale prior over a multi-scale tokenizer's ``(L,)`` codes."""
 MODELS = {
     MODEL_FLOAT: "the float prior (version-1 files; decodes only where it computes the same bits)",
     MODEL_EXACT_V1: "vqkit's exact integer model, version 1",
+    MODEL_EXACT_NEXT_SCALE: "vqkit's exact integer next-scale model",
 }
 """Model byte -> what computed the coding probabilities."""
 # the model a file of each version may name (version 1 has no model byte)
-_VERSION_MODELS = {1: (MODEL_FLOAT,), 2: (MODEL_EXACT_V1,)}
+_VERSION_MODELS = {1: (MODEL_FLOAT,), 2: (MODEL_EXACT_V1, MODEL_EXACT_NEXT_SCALE)}
 MIN_SYMBOLS = 2
 MAX_SYMBOLS = 2**24 - 2
 """Largest K: constriction's 24-bit categorical needs ``2 <= K < 2**24 - 1``."""
@@ -132,9 +137,19 @@ def _flags_problem(flags: int, dtype: int) -> str | None:
     return None
 
 
-def _shape_problem(shape: tuple[int, ...]) -> str | None:
-    if len(shape) not in (2, 3) or not all(0 < s < 1 << 16 for s in shape):
-        return f"code map shape must be 2 or 3 sizes in [1, 65535]; got {shape}"
+def _ndims(version: int, model: int) -> tuple[int, ...]:
+    """The code-map ranks a file may state: an (L,) sequence (a multi-scale tokenizer's
+    scales) since version 2, and only that for the next-scale model."""
+    if model == MODEL_EXACT_NEXT_SCALE:
+        return (1,)
+    return (2, 3) if version == 1 else (1, 2, 3)
+
+
+def _shape_problem(shape: tuple[int, ...], version: int, model: int) -> str | None:
+    ndims = _ndims(version, model)
+    if len(shape) not in ndims or not all(0 < s < 1 << 16 for s in shape):
+        what = " or ".join(map(str, ndims))
+        return f"code map shape must be {what} sizes in [1, 65535] (model {model}); got {shape}"
     return None
 
 
@@ -164,7 +179,7 @@ def pack(header: Header, payload: bytes) -> bytes:
     problem = (
         _model_problem(h.version, h.model)
         or _flags_problem(h.flags, h.dtype)
-        or _shape_problem(h.code_shape)
+        or _shape_problem(h.code_shape, h.version, h.model)
         or _symbols_problem(h.num_symbols)
         or _maps_problem(h.num_maps, h.flags)
     )
@@ -240,10 +255,13 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     _corrupt(_flags_problem(flags, dtype))
     tok, prior = r.take(HASH_BYTES).hex(), r.take(HASH_BYTES).hex()
     (ndim,) = r.ints("<B")
-    if ndim not in (2, 3):
-        raise FormatError(f"corrupt header: a code map of {ndim} dimensions (2 or 3)")
+    if ndim not in (ndims := _ndims(version, model)):
+        what = " or ".join(map(str, ndims))
+        raise FormatError(
+            f"corrupt header: a code map of {ndim} dimensions ({what} for model {model})"
+        )
     shape = r.ints(f"<{ndim}H")
-    _corrupt(_shape_problem(shape))
+    _corrupt(_shape_problem(shape, version, model))
     num_symbols, n = r.ints("<II")
     _corrupt(_symbols_problem(num_symbols))
     _corrupt(_maps_problem(n, flags))

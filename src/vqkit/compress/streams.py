@@ -1,18 +1,24 @@
 """The coding loops of format version 2: code maps to range-coder payloads and back,
-under the exact integer prior (:class:`.exact.ExactPrior`).
+under an exact integer prior (:class:`.exact.ExactPrior`, model 1, or
+:class:`.exact_nextscale.ExactNextScale`, model 2).
 
 **Symbol order.** A stream's N maps are coded in groups of :data:`GROUP` consecutive
 maps (the last group may be smaller), one group after the other; inside a group,
-position t = 0 .. T-1 in the prior's raster order, and at each t the group's maps in
-order. A decoder therefore holds the KV cache of one group, never of N maps: its memory
-does not grow with the map count a header claims.
+position t = 0 .. T-1 in the prior's sequence order (raster order; a multi-scale
+tokenizer's scales coarse to fine), and at each t the group's maps in order. A decoder
+therefore holds the KV cache of one group, never of N maps: its memory does not grow
+with the map count a header claims. Since the order is the sequence order, the first
+scales of a group's maps come first: a decoder may stop after them (``stops``).
 
 **Encoder and decoder compute the same integers by construction**, not by running the
 same float operations: the exact prior's outputs do not depend on the batch a map shares
-or on whether its prefix came from a KV cache. So the encoder runs one teacher-forced
-pass per group (in chunks of positions, for bounded memory) where the decoder runs one
-position at a time, and several streams (files) are decoded side by side in one batch:
-each with its own range decoder, each group whole.
+or on whether its prefix came from a KV cache. Both loops go through the twin's
+``logits_range(codes, cache, labels, lo, hi)`` between its ``boundaries`` (every
+position for model 1, the scale boundaries for model 2): the encoder runs teacher-forced
+passes as long as memory allows (chunks of boundaries), the decoder one step at a time
+(a position, or a whole scale, whose symbols are then range-decoded position by
+position), and several streams (files) are decoded side by side in one batch: each with
+its own range decoder, each group whole.
 """
 
 from __future__ import annotations
@@ -108,19 +114,14 @@ def _encode_batch(model, streams, batch, encoders, stats) -> None:
     labels = torch.cat([torch.as_tensor(streams[i][1])[g] for i, g in batch]).long()
     n, t_len = seqs.shape
     cache = model.new_cache(n)
-    step = _positions_per_chunk(model, n)
-    start = 0
-    while start < t_len:
-        stop = min(start + step, t_len)
-        # inputs: [y, c_0 .. c_{stop-2}] -> the logits of c_start .. c_{stop-1}
-        inputs = seqs[:, max(start - 1, 0) : stop - 1]
-        logits = model.extend(inputs, cache, labels if start == 0 else None)
-        weights = ExactPrior.frequencies(logits).cpu()  # (n, L, K)
+    for lo, hi in _chunks(model.boundaries, _positions_per_chunk(model, n)):
+        logits = model.logits_range(seqs, cache, labels, lo, hi)
+        weights = ExactPrior.frequencies(logits).cpu()  # (n, hi - lo, K)
         row = 0
         for i, g in batch:
             k = g.stop - g.start
-            w, s = weights[row : row + k], seqs[row : row + k, start:stop]
-            # t-major inside the group: for each position, the group's maps in order
+            w, s = weights[row : row + k], seqs[row : row + k, lo:hi]
+            # position-major inside the group: for each position, the group's maps in order
             encoders[i].encode(
                 s.T.reshape(-1).numpy(), w.transpose(0, 1).reshape(-1, w.shape[-1]).double().numpy()
             )
@@ -128,47 +129,71 @@ def _encode_batch(model, streams, batch, encoders, stats) -> None:
                 stats[i].ideal_bits += _bits(w.gather(-1, s[..., None]).numpy())
                 stats[i].codes += s.numel()
             row += k
-        start = stop
+
+
+def _chunks(bounds: list[int], step: int) -> list[tuple[int, int]]:
+    """The encoder's passes: ``[lo, hi)`` between boundaries, each the longest that stays
+    within ``step`` positions (at least one boundary interval)."""
+    out, i = [], 0
+    while i < len(bounds) - 1:
+        j = i + 1
+        while j + 1 < len(bounds) and bounds[j + 1] - bounds[i] <= step:
+            j += 1
+        out.append((bounds[i], bounds[j]))
+        i = j
+    return out
 
 
 def decode_streams(
-    model: ExactPrior, streams: Sequence[tuple[bytes, torch.Tensor]]
+    model: ExactPrior,
+    streams: Sequence[tuple[bytes, torch.Tensor]],
+    stops: Sequence[int | None] | None = None,
 ) -> list[np.ndarray]:
     """The codes (N, T) int64 of each ``(payload, labels (N,))``; :class:`CoderError`
     when a payload cannot be decoded (truncated or corrupt). Streams are decoded side by
     side: round r takes group r of every stream that has one, in batches of up to
-    BATCH_ROWS maps."""
+    BATCH_ROWS maps. ``stops[i]`` (a boundary of the model, or None: T): stream i's last
+    group is decoded up to that position only (a prefix of its scales; the range decoder
+    stops there), its other groups in full (their symbols come first in the payload);
+    the positions not decoded are left 0."""
     decoders = [RangeDecoder(payload) for payload, _ in streams]
     budget = [8.0 * len(payload) + SLACK_BITS for payload, _ in streams]
-    outs = [np.zeros((len(labels), model.seq_len), dtype=np.int64) for _, labels in streams]
-    for batch in _batches([len(labels) for _, labels in streams]):
-        _decode_batch(model, streams, batch, decoders, outs, budget)
+    counts = [len(labels) for _, labels in streams]
+    outs = [np.zeros((n, model.seq_len), dtype=np.int64) for n in counts]
+    last = [stops[i] if stops is not None and stops[i] is not None else model.seq_len
+            for i in range(len(streams))]  # fmt: skip
+    for batch in _batches(counts):
+        ends = [last[i] if g.stop == counts[i] else model.seq_len for i, g in batch]
+        _decode_batch(model, streams, batch, ends, decoders, outs, budget)
     return outs
 
 
-def _decode_batch(model, streams, batch, decoders, outs, budget) -> None:
+def _decode_batch(model, streams, batch, ends, decoders, outs, budget) -> None:
     labels = torch.cat([torch.as_tensor(streams[i][1])[g] for i, g in batch]).long()
     n = labels.shape[0]
     cache = model.new_cache(n)
     codes = torch.zeros(n, model.seq_len, dtype=torch.long)
-    logits = model.extend(torch.zeros(n, 0, dtype=torch.long), cache, labels)
-    for t in range(model.seq_len):
-        weights = ExactPrior.frequencies(logits[:, -1]).cpu()
-        table = weights.double().numpy()
+    bounds = model.boundaries
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        if lo >= max(ends):
+            break
+        # one pass per step (a position, or a scale): its symbols, position-major
+        weights = ExactPrior.frequencies(model.logits_range(codes, cache, labels, lo, hi)).cpu()
         row = 0
-        for i, g in batch:
+        for (i, g), end in zip(batch, ends, strict=True):
             k = g.stop - g.start
-            sym = torch.from_numpy(decoders[i].decode(table[row : row + k]))
-            codes[row : row + k, t] = sym
-            budget[i] -= _bits(table[row : row + k][np.arange(k), sym])
-            if budget[i] < 0:
-                raise CoderError(
-                    "cannot decode the payload: it ends before its codes do (corrupt, or a "
-                    "header that claims more maps than the payload holds)"
-                )
+            if lo < end:
+                table = weights[row : row + k].transpose(0, 1).reshape(-1, weights.shape[-1])
+                table = table.double().numpy()
+                sym = torch.from_numpy(decoders[i].decode(table))
+                codes[row : row + k, lo:hi] = sym.view(hi - lo, k).T
+                budget[i] -= _bits(table[np.arange(len(sym)), sym.numpy()])
+                if budget[i] < 0:
+                    raise CoderError(
+                        "cannot decode the payload: it ends before its codes do (corrupt, or "
+                        "a header that claims more maps than the payload holds)"
+                    )
             row += k
-        if t + 1 < model.seq_len:
-            logits = model.extend(codes[:, t : t + 1], cache)
     row = 0
     for i, g in batch:
         k = g.stop - g.start
