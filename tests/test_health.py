@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from vqkit.training.tokenizer import TrainConfig
 
 SMALL = dict(hidden=32, res_hidden=8, res_layers=1, num_embeddings=32, embedding_dim=8)
@@ -116,3 +118,51 @@ def test_per_scale_health_in_the_training_records(tmp_path):
     Trainer(cfg).fit()
     records = [json.loads(line) for line in (tmp_path / "vq" / "metrics.jsonl").open()]
     assert not any("code_groups" in r for r in records)
+
+
+def test_rvq_stages_revive_their_own_adam_rows(tmp_path, monkeypatch):
+    """Residual VQ of gradient-trained stages in the image job: the revival's (Q, K)
+    mask restarts row i's codes in stage i's codebook only, and the weight average
+    restarts the rows revived in any stage."""
+    from vqkit import codebook as codebook_mod
+    from vqkit.training import health as health_mod
+    from vqkit.training.tokenizer import Trainer
+
+    calls, ema_rows = [], []
+    real = codebook_mod.reset_optimizer_rows
+
+    def spy(optimizer, param, rows):
+        calls.append((param, rows.clone()))
+        return real(optimizer, param, rows)
+
+    monkeypatch.setattr(health_mod, "reset_optimizer_rows", spy)
+    cfg = TrainConfig.build(
+        out_dir=str(tmp_path / "run"), steps=4, batch_size=8, revive_every=4,
+        dead_threshold=2.0, log_every=4, eval_every=4, eval_images=16, progress=False,
+        quantizer="rvq", stage="vq", num_quantizers=2, weight_ema=0.9, **SMALL,
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.config.init == "kmeans"  # rvq has codebooks: auto -> kmeans
+    ema = trainer.runner.ema
+    real_rows = ema.reset_rows
+
+    def reset_rows(model, prefix, mask):
+        ema_rows.append(mask.clone())
+        return real_rows(model, prefix, mask)
+
+    ema.reset_rows = reset_rows
+    masks = []
+    q = trainer.model.quantizer
+    real_revive = q.revive_dead_codes
+
+    def revive(*a, **k):
+        masks.append(real_revive(*a, **k))
+        return masks[-1]
+
+    q.revive_dead_codes = revive
+    trainer.fit()
+    assert len(masks) == 1 and masks[0].shape == (2, 32) and bool(masks[0].any())
+    assert [p for p, _ in calls] == [q.stage(0).codebook, q.stage(1).codebook]
+    for (_, rows), want in zip(calls, masks[0], strict=True):
+        assert torch.equal(rows, want)
+    assert len(ema_rows) == 1 and torch.equal(ema_rows[0], masks[0].any(0))

@@ -161,3 +161,50 @@ def test_residual_shared_codebook_and_options():
         ResidualVQ(2, 8, 4, quantizer_dropout=1.5)
     with pytest.raises(ValueError):
         ResidualVQ(2, 8, 4, stage="fsq")
+
+
+@pytest.mark.parametrize("stage", ["vq", "ema"])
+def test_kmeans_init_stage_by_stage_on_each_stages_residual(stage):
+    """Stage i is initialised as a lone layer would be on ``r_i``, the residual that the
+    already initialised stages 1 .. i-1 leave (float64 reference of the residuals), with
+    the one generator drawn in stage order; the residual energy falls stage by stage."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 40)  # (B, D, T) sequences
+    rvq = ResidualVQ(3, 8, 6, stage=stage)
+    rvq.init_codebook_kmeans(x, iters=3, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    r = flat_channels_first(x).double()
+    energies = [float((r**2).sum())]
+    for i in range(3):
+        lone = type(rvq.stage(i))(8, 6)
+        lone.init_codebook_kmeans(r.float(), iters=3, generator=g)
+        close64(rvq.stage(i).codebook, lone.codebook)
+        e = rvq.stage(i).codebook.detach().double()
+        r = r - e[((r[:, None] - e[None]) ** 2).sum(-1).argmin(1)]
+        energies.append(float((r**2).sum()))
+    assert all(b < a for a, b in zip(energies, energies[1:], strict=False))
+    assert rvq.supports_init and rvq.supports_revival
+
+
+def test_revival_per_stage_returns_the_stage_masks():
+    """Each stage's dead codes (its own usage statistic) take rows of its own residual,
+    computed after the earlier stages' revival; the (Q, K) mask's row i is stage i's."""
+    torch.manual_seed(0)
+    rvq = _rvq_with_codebooks(q=2, k=16, d=6).train()
+    x = 0.01 * torch.randn(4, 6, 5)  # near zero: few codes of each stage are picked
+    rvq(x)
+    dead = [rvq.stage(i).dead_codes(1.0).clone() for i in range(2)]
+    assert all(0 < int(d.sum()) < 16 for d in dead)
+    before = [rvq.stage(i).codebook.detach().clone() for i in range(2)]
+    mask = rvq.revive_dead_codes(x, threshold=1.0, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (2, 16) and torch.equal(mask, torch.stack(dead))
+    r = flat_channels_first(x).double()
+    for i in range(2):
+        e = rvq.stage(i).codebook.detach().double()
+        assert torch.equal(e[~mask[i]], before[i][~mask[i]].double())  # the living stay
+        for row in e[mask[i]]:  # each revived code is a row of r_i
+            assert bool(((r - row).abs().max(1).values < 1e-6).any())
+        r = r - e[((r[:, None] - e[None]) ** 2).sum(-1).argmin(1)]
+    shared = ResidualVQ(3, 8, 6, shared_codebook=True).train()
+    shared(x)
+    assert shared.revive_dead_codes(x, threshold=1.0).shape == (8,)

@@ -141,7 +141,8 @@ class BaseQuantizer(nn.Module):
       codebook from data (k-means over the latents of every rank).
     * ``supports_revival`` / ``revive_dead_codes(x, threshold, generator) -> mask``:
       replace codes whose usage is below ``threshold`` per global batch; returns the
-      bool (K,) mask of revived codes.
+      bool (K,) mask of revived codes, or (Q, K) for a quantizer of Q codebooks (rvq's
+      stages: row i indexes the i-th of ``code_row_parameters()`` when it lists any).
     * ``code_usage() -> (K,) | None``: the usage statistic (expected assignments per
       global training batch, recent EMA), None when not tracked; ``dead_codes``.
     * ``codebook_lr_parameters()``: the parameters that get the codebook learning rate
@@ -210,7 +211,8 @@ class BaseQuantizer(nn.Module):
         (:meth:`dead_codes`) by a vector of the current global batch ``x`` (an input of
         this layer or flat (N, C) vectors; ``mask``, True = padded, leaves positions
         out); same codes and vectors on every rank, and every rank must call it at the
-        same steps. Returns the bool (K,) mask of revived codes: pass it to
+        same steps. Returns the bool (K,) mask of revived codes ((Q, K) for Q
+        codebooks, one row each: residual VQ's stages): pass it to
         :func:`vqkit.codebook.reset_optimizer_rows` for the ``code_row_parameters()``
         (the trainer does), or momentum drags the revived rows back. See
         ``supports_revival``."""

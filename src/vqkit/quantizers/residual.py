@@ -87,7 +87,22 @@ class ResidualVQ(LayeredQuantizer):
     exactly the forward's ``quantized`` in float32.
 
     The residual is kept in float32 (also for half-precision inputs).
+
+    Codebook health (``supports_init``, ``supports_revival``): stage by stage, each on
+    its own residual, as ``forward`` computes it without quantizer dropout: stage 1 is
+    set (k-means, or its dead codes revived) from ``r_1 = x``, then ``r_2`` is taken
+    with stage 1's new codes, and so on, so every stage starts from residuals its
+    predecessors actually leave. Revival returns the (Q, K) mask, row i stage i's
+    revived codes (row i indexes the i-th of ``code_row_parameters()`` when the stages
+    are gradient-trained; ema stages list none); a stage is dead by its own usage
+    statistic, which under quantizer dropout counts only the rows that reached it. With
+    ``shared_codebook`` the one codebook is set from the residuals of every stage
+    pooled (k-means: from ``x`` alone, the later residuals depending on its codes) and
+    revival returns its (K,) mask.
     """
+
+    supports_init = True
+    supports_revival = True
 
     def __init__(
         self,
@@ -257,6 +272,53 @@ class ResidualVQ(LayeredQuantizer):
         assert total is not None
         out = total.reshape(*indices.shape[:-1], total.shape[-1])
         return out if self.channels_last else out.movedim(-1, 1)
+
+    # -- codebook health ---------------------------------------------------------------
+    def _stage_step(self, i: int, residual: torch.Tensor) -> torch.Tensor:
+        """``r_{i+1} = r_i - Q_i(r_i)`` by stage i's current codes (float32, no update)."""
+        layer = self.stage(i)
+        return residual - layer.decode(layer.encode(residual)).to(residual.dtype)
+
+    def _residual_input(self, x: torch.Tensor) -> torch.Tensor:
+        """An input or flat (N, D) vectors (already the kept rows), checked -> float32
+        (N, D)."""
+        self._validate(x, self.layers[0].codebook.device)
+        return self.to_flat(x.detach()).to(torch.float32)
+
+    def _init_codes(self, x: torch.Tensor, iters: int, generator: torch.Generator | None) -> None:
+        """k-means of stage i's codebook on ``r_i``, stage after stage (class docstring)."""
+        residual = self._residual_input(x)
+        with fp32_region(residual.device):
+            if self.shared_codebook:
+                self.layers[0].init_codebook_kmeans(residual, iters=iters, generator=generator)
+                return
+            for i, layer in enumerate(self.layers):
+                layer.init_codebook_kmeans(residual, iters=iters, generator=generator)
+                if i + 1 < self.num_quantizers:
+                    residual = self._stage_step(i, residual)
+
+    def _revive_codes(
+        self, x: torch.Tensor, threshold: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Each stage's dead codes take rows of its own residual, stage after stage:
+        the (Q, K) mask (shared codebook: (K,), from the residuals of every stage)."""
+        residual = self._residual_input(x)
+        with fp32_region(residual.device):
+            if self.shared_codebook:
+                pooled = [residual]
+                for i in range(self.num_quantizers - 1):
+                    pooled.append(self._stage_step(i, pooled[-1]))
+                return self.layers[0].revive_dead_codes(
+                    torch.cat(pooled), threshold=threshold, generator=generator
+                )
+            masks = []
+            for i, layer in enumerate(self.layers):
+                masks.append(
+                    layer.revive_dead_codes(residual, threshold=threshold, generator=generator)
+                )
+                if i + 1 < self.num_quantizers:
+                    residual = self._stage_step(i, residual)
+            return torch.stack(masks)
 
     def extra_repr(self) -> str:
         s = (

@@ -10,7 +10,15 @@ Data: ``load_audio(data, split, rate=sample_rate)`` (:mod:`vqkit.data.audiofolde
 WAV folder or tar, FSDD with its official split); training batches are
 ``segment_seconds`` crops of shuffled train clips (:class:`~vqkit.data.CropLoader`,
 resumable); a shorter clip is taken whole, zero-padded, and its padding is left out of
-every loss term and of the quantizer's statistics (``lengths``).
+every loss term and of the quantizer's statistics (``lengths``). Options:
+:mod:`vqkit.training.audio_config`.
+
+Codebook health: the image job's policy (:mod:`vqkit.training.health`, the same
+options): k-means init of the quantizer (rvq: stage by stage, each on its residual) on
+the initial encoder's frames of crops of a loader of its own at step 0, padding frames
+left out, and dead-code revival every ``revive_every`` steps from the current batch's
+frames; the train records carry ``dead``, ``codes_used``, ``window_perplexity``,
+``revived`` (and ``code_groups`` for a quantizer with groups).
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (``"train"`` records: the loss
 and its terms, perplexity, usage; ``"eval"`` records every ``eval_every`` steps on
@@ -27,154 +35,27 @@ lowest and the highest evaluated stage count).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from functools import cached_property
+import time
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from ..data import CropLoader, load_audio, write_wav
 from ..errors import UserError
-from ..losses.spectral import AudioLossOptions, AudioReconstructionLoss, parse_triples
+from ..losses.spectral import AudioReconstructionLoss
 from ..models.audio_codec import AudioCodec, AudioCodecConfig
-from ..options import (
-    Options,
-    compose,
-    nonneg_int,
-    option,
-    option_fields,
-    positive,
-    positive_int,
-    with_defaults,
-)
 from ..runtime.job import LoaderJob
 from ..runtime.loop import Progress, ScheduledOptimizer, StepResult
-from ..runtime.options import check_resume_steps, resume_changes
+from ..runtime.options import resume_changes
 from ..runtime.schedule import Schedule
 from ..runtime.window import Window
 from ..storage.checkpoint import CheckpointError
 from ..storage.rundir import ARTIFACTS
-from .config import TrainJobOptions
-from .health import with_global_usage
+from .audio_config import AudioTrainConfig, AudioTrainOptions
+from .health import CodebookHealth, HealthOptions, with_global_usage
 
 __all__ = ["AudioTrainConfig", "AudioTrainOptions", "AudioTrainer", "train_audio"]
-
-# a CPU-sized default run: 0.5 s crops at 8 kHz, 16 a batch
-_AudioJobOptions = with_defaults(
-    TrainJobOptions,
-    "_AudioJobOptions",
-    steps=2000,
-    batch_size=16,
-    eval_every=250,
-    grad_clip=1.0,  # the spectral terms' gradients spike on near-silent crops
-    out_dir="runs/vqkit-audio",
-)
-
-
-def _stages_check(text: str) -> str | None:
-    try:
-        ok = all(int(s) >= 1 for s in text.split(",")) if text.strip() else True
-    except ValueError:
-        ok = False
-    return None if ok else "'' (every stage count) or comma-separated stage counts >= 1"
-
-
-@dataclass
-class AudioTrainOptions(_AudioJobOptions):  # type: ignore[misc, valid-type]
-    """The speech codec job's own options; the options every job has (steps, batch,
-    learning rate, ...) and ``data`` / ``modality`` / ``out_dir`` are inherited from
-    their declarations (:class:`vqkit.runtime.options.JobOptions`,
-    :class:`vqkit.training.config.TrainJobOptions`), with the codec's defaults."""
-
-    segment_seconds: float = option(
-        0.5,
-        "audio: length of the random training crops in seconds (clips shorter are taken "
-        "whole and zero-padded, the padding left out of the loss)",
-        check=positive,
-        on_resume="fixed",  # the loader's state counts crops of this length
-    )
-    eval_clips: int = option(
-        16, "audio: test clips of the periodic evaluation (evenly strided)", check=positive_int
-    )
-    eval_stages: str = option(
-        "",
-        "audio: the stage counts evaluated, comma-separated ('': every count 1..Q)",
-        check=_stages_check,
-    )
-    eval_limit: int = option(
-        0, "audio: test clips of the final evaluation (0: the whole split)", check=nonneg_int
-    )
-    sample_clips: int = option(
-        3,
-        "audio: test clips drawn as spectrograms and written as WAV with their decodings",
-        check=nonneg_int,
-    )
-
-
-_AudioTrainConfigBase = compose(
-    "AudioTrainConfig",
-    (AudioTrainOptions, AudioLossOptions, AudioCodecConfig),
-    bases=(Options,),
-)
-
-
-class AudioTrainConfig(_AudioTrainConfigBase):  # type: ignore[misc, valid-type]
-    """All options of the speech codec job, flat: :class:`AudioTrainOptions`,
-    :class:`~vqkit.losses.AudioLossOptions` and the codec's
-    (:class:`~vqkit.models.AudioCodecConfig`: network, ``embedding_dim``, ``quantizer``
-    and every quantizer kind's options at the codec's defaults). Checked on construction,
-    before any data is read: the codec's own checks, and crops long enough for every
-    loss window and for one frame."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _ = self.codec_config  # the codec's checks (strides, quantizer kind's options)
-        if self.modality == "image":
-            raise UserError(
-                "modality 'image' is the image tokenizer's (vqkit.training.Trainer); the "
-                "speech codec job trains on audio"
-            )
-        need = max(n // 2 + 1 for n, _, _ in self._windows())
-        if self.segment_samples < need:
-            raise UserError(
-                f"segment_seconds {self.segment_seconds} gives {self.segment_samples} samples "
-                f"at {self.sample_rate} Hz; the loss windows need at least {need}"
-            )
-
-    def _windows(self) -> list[tuple[int, int, int]]:
-        out = []
-        if self.stft_weight > 0:
-            out += parse_triples(self.stft_resolutions)
-        if self.mel_weight > 0:
-            out += parse_triples(self.mel_scales)
-        return out or [(1, 1, 1)]
-
-    @property
-    def segment_samples(self) -> int:
-        """Samples of a training crop: ``round(segment_seconds * sample_rate)``."""
-        return max(1, round(self.segment_seconds * self.sample_rate))
-
-    @cached_property
-    def codec_config(self) -> AudioCodecConfig:
-        """The codec's options (:class:`~vqkit.models.AudioCodecConfig`), checked."""
-        return AudioCodecConfig(
-            **{f.name: getattr(self, f.name) for f in option_fields(AudioCodecConfig)}
-        )
-
-    @cached_property
-    def loss(self) -> AudioLossOptions:
-        return self.group(AudioLossOptions)
-
-    @classmethod
-    def for_resume(cls, stored: dict[str, Any], given: dict[str, Any]) -> AudioTrainConfig:
-        """A resumed run's config: its own (``stored``) with ``given`` on top."""
-        known = {f.name for f in option_fields(cls)}
-        return cls(**{**{k: v for k, v in stored.items() if k in known}, **given})
-
-    @staticmethod
-    def check_resume_request(given: dict[str, Any], step: int, where: str = "the run") -> None:
-        """``steps`` below the checkpoint's step is refused before anything is loaded."""
-        check_resume_steps(given.get("steps"), step, where)
 
 
 class AudioTrainer(LoaderJob):
@@ -211,9 +92,24 @@ class AudioTrainer(LoaderJob):
         self.test_data = load_audio(c.data, "test", rate=rate)
         torch.manual_seed(c.seed)  # the same initial weights on every rank
         self.model = AudioCodec(c.codec_config).to(self.device)
+        q = self.model.quantizer
+        if self.checkpoint is not None:  # defaults left open take the run's resolved values
+            stored = self.checkpoint.get("train_config", {})
+            c = c.replace(**c.group(HealthOptions).stored_health(stored))
+        frames = self.crop_frames
+        health = c.group(HealthOptions).health_defaults(
+            q.supports_init, q.supports_revival, c.batch_size * self.world * frames, q.num_codes
+        )
+        self.config = self.options = c = c.replace(**health)
+        self.health = CodebookHealth(c, q)
         self.stages = self._eval_stages()
         self.loss = AudioReconstructionLoss(c.loss, rate=rate).to(self.device)
-        self.window = Window(self.model.num_codes, self.rate_key)
+        self.window = Window(
+            self.model.num_codes,
+            self.rate_key,
+            tallies=("revived",),
+            per_group=q.code_groups is not None,  # a quantizer's groups, one by one
+        )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr)
         self.scheduled = ScheduledOptimizer(self.optimizer, [c.lr], Schedule.of(c))
         self.loader = CropLoader(
@@ -236,6 +132,11 @@ class AudioTrainer(LoaderJob):
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=False,
             )
+
+    @property
+    def crop_frames(self) -> int:
+        """Latent frames of a training crop: ``ceil(segment_samples / hop)``."""
+        return -(-self.config.segment_samples // self.model.hop)
 
     def _eval_stages(self) -> list[int]:
         from ..evaluation.codec_eval import parse_stages
@@ -293,6 +194,8 @@ class AudioTrainer(LoaderJob):
         mode)."""
         x, lengths = batch
         self.model.train()
+        if self.step == 0 and self.config.init == "kmeans":
+            self.init_codebook(progress)
         out = self.ddp(x, lengths)
         recon, terms = self.loss(out.recon, x, lengths)
         loss = recon + out.vq.loss
@@ -320,7 +223,51 @@ class AudioTrainer(LoaderJob):
     ) -> None:
         if self.world > 1:
             with_global_usage(values, counts)
+        if self.health.due(self.step):
+            z, mask = self._latents(*batch)
+            revived = self.health.revive(z, self.step, self.optimizer, mask=mask)
+            self.window.tally("revived", revived)
         self.window.add(values, counts, self.items(batch))
+
+    def record(self) -> dict[str, Any]:
+        """A train record's codebook health (:meth:`CodebookHealth.figures`)."""
+        return {
+            **super().record(),
+            **self.health.figures(self.window.counts, self.window.group_counts),
+        }
+
+    @torch.no_grad()
+    def _latents(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantizer's input (B, D, T) for crops ``x`` and its padding mask (B, T)."""
+        z = self.model.encoder(x)
+        return z, self.model.frame_mask(lengths.to(z.device), z.shape[-1])
+
+    def init_codebook(self, progress: Progress | None) -> None:
+        """``init="kmeans"``: k-means on the initial encoder's latents of
+        :meth:`CodebookHealth.init_batch_count` batches of crops of every rank, padding
+        frames left out. The crops come from a loader of their own (another seed), so the
+        training stream is the same with and without the init."""
+        c = self.config
+        loader = CropLoader(
+            self.train_data,
+            c.batch_size,
+            c.segment_samples,
+            seed=c.seed + 7919,
+            rank=self.rank,
+            world_size=self.world,
+            device=self.device,
+        )
+        n = self.health.init_batch_count(self.crop_frames, self.world)
+        pairs = [self._latents(*loader.next_batch()) for _ in range(n)]
+        kept = sum(int((~m).sum()) for _, m in pairs) * self.world
+        what = f"k-means init of {self.model.quantizer.num_codes} codes on {kept} latents"
+        if progress is not None:
+            progress.phase("k-means init", f"{what} ...")
+        started = time.perf_counter()
+        self.health.init_codebook([z for z, _ in pairs], [m for _, m in pairs])
+        if progress is not None:
+            progress.write(f"{what}: {time.perf_counter() - started:.1f} s")
+            progress.phase(None)
 
     def items(self, batch: Any) -> int:
         """Seconds of audio in the global batch (the records' ``audio_seconds_per_s``)."""

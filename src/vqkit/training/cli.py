@@ -21,6 +21,7 @@ def add_train_arguments(sub: argparse._SubParsersAction) -> None:
     from ..options import add_arguments, compose
     from .adversarial_step import DiscriminatorOptimOptions
     from .config import PRESETS, TrainConfig, TrainOptions
+    from .health import HealthOptions
     from .step import StepOptions
 
     p = sub.add_parser(
@@ -39,7 +40,7 @@ def add_train_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     add_arguments(
         p.add_argument_group("training"),
-        compose("TrainFlags", (TrainOptions, StepOptions)),
+        compose("TrainFlags", (TrainOptions, HealthOptions, StepOptions)),
         aliases={"out_dir": ["--out"]},
     )
     add_arguments(p.add_argument_group("model"), ModelOptions)

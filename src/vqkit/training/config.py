@@ -17,7 +17,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..codebook import kmeans_defaults
 from ..data.transforms import CROPS
 from ..distributed import resolve_device
 from ..errors import UserError
@@ -43,6 +42,7 @@ from ..options import (
 )
 from ..runtime.options import JobOptions, check_resume_steps, resume_changes
 from .adversarial_step import DiscriminatorOptimOptions
+from .health import HealthOptions
 from .step import StepOptions
 
 __all__ = [
@@ -66,7 +66,7 @@ MODALITIES = ("auto", "image", "audio")
 class TrainJobOptions(JobOptions):
     """The options both jobs of ``vqkit train`` have, the image tokenizer's
     (:class:`TrainOptions`) and the speech codec's
-    (:class:`vqkit.training.audio_trainer.AudioTrainOptions`): the data, which of the two
+    (:class:`vqkit.training.audio_config.AudioTrainOptions`): the data, which of the two
     it is, and the run directory."""
 
     data: str = option(
@@ -156,50 +156,6 @@ class TrainOptions(TrainJobOptions):
         check=positive,
         on_resume="fixed",  # 1 vs other values: a different optimizer-state layout
     )
-    init: str = option(
-        "auto",
-        "codebook init: kmeans (k-means++ and --init-iters Lloyd iterations on the latents "
-        "of --init-batches batches, all processes), random (the quantizer's own), or auto "
-        "(kmeans when the quantizer has a codebook)",
-        choices=("auto", "random", "kmeans"),
-        on_resume="fixed",
-    )
-    init_iters: int = option(
-        None,
-        "Lloyd iterations of the k-means init; default: 10 up to 4096 codes, fewer above "
-        "(ceil(40960 / K), at least 2)",
-        type=int,
-        check=nonneg_int,
-        on_resume="fixed",
-    )
-    init_batches: int = option(
-        0,
-        "batches per process for --init kmeans; 0: enough for 16 vectors per code up to "
-        "4096 codes, fewer above (16 * 4096 / K, at least 2)",
-        check=nonneg_int,
-        on_resume="fixed",
-    )
-    revive_every: int = option(
-        None,
-        "every N steps replace dead codes by latents of the current batch (and restart "
-        "their optimizer state); 0: never; default: 20 when the quantizer can revive codes",
-        type=int,
-        check=nonneg_int,
-    )
-    dead_threshold: float = option(
-        None,
-        "a code is dead when its usage is below this many assignments per global batch "
-        "(revival and the logged 'dead' count); default: --dead-fraction of a uniform "
-        "code's share",
-        type=float,
-        check=positive,
-    )
-    dead_fraction: float = option(
-        1 / 16,
-        "the default --dead-threshold as a fraction of a uniform code's share (vectors per "
-        "global batch / codes), so it transfers across codebook and batch sizes",
-        check=positive,
-    )
     eval_images: int = option(1000, "images of the periodic evaluation", check=positive_int)
     preset: str = option(
         None,
@@ -263,6 +219,7 @@ _TrainConfigBase = compose(
     "TrainConfig",
     (
         TrainOptions,
+        HealthOptions,
         StepOptions,
         LossOptions,
         DiscriminatorOptimOptions,
@@ -274,7 +231,8 @@ _TrainConfigBase = compose(
 
 
 class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
-    """All options of ``vqkit train``, flat: :class:`TrainOptions`, the loss terms'
+    """All options of ``vqkit train``, flat: :class:`TrainOptions`, the codebook health's
+    :class:`~vqkit.training.health.HealthOptions`, the loss terms'
     :class:`~vqkit.losses.LossOptions`, the discriminator's optimizer's, the model's
     :class:`~vqkit.models.vqvae.ModelOptions` and every quantizer kind's options.
     Every value is checked on construction, before any data is read."""
@@ -400,27 +358,11 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
     def with_health_defaults(
         self, supports_init: bool, supports_revival: bool, vectors_per_batch: int, codes: int
     ) -> TrainConfig:
-        """The defaults that depend on the quantizer and the batch, made explicit (so the
-        stored config keeps its meaning if the defaults change): ``init="auto"`` ->
-        kmeans when the quantizer supports it; ``revive_every=None`` -> 20 when it can
-        revive codes, else 0; ``dead_threshold=None`` -> ``dead_fraction`` of a uniform
-        code's share, ``vectors_per_batch / codes`` assignments per global batch;
-        ``init_iters=None`` -> :func:`~vqkit.codebook.kmeans_defaults`' iterations for
-        ``codes`` (10 up to 4096 codes)."""
-        init = self.init
-        if init == "auto":
-            init = "kmeans" if supports_init else "random"
-        revive = self.revive_every
-        if revive is None:
-            revive = 20 if supports_revival else 0
-        threshold = self.dead_threshold
-        if threshold is None:
-            threshold = self.dead_fraction * vectors_per_batch / max(codes, 1)
-        iters = self.init_iters
-        if iters is None:
-            iters = kmeans_defaults(codes)[1]
+        """This config with :meth:`~vqkit.training.health.HealthOptions.health_defaults`
+        applied (the open health defaults resolved for the quantizer and the batch)."""
+        health = self.group(HealthOptions)
         return self.replace(
-            init=init, revive_every=revive, dead_threshold=threshold, init_iters=iters
+            **health.health_defaults(supports_init, supports_revival, vectors_per_batch, codes)
         )
 
     def model_config(self, in_channels: int, image_size: int) -> VQVAEConfig:

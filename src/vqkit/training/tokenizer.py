@@ -76,7 +76,7 @@ from ..storage.checkpoint import CheckpointError
 from .adversarial_step import ADVERSARIAL_FIGURES, AdversarialStep
 from .config import PRESETS, TrainConfig, resolve_device
 from .data import load_run_data
-from .health import CodebookHealth, with_global_usage
+from .health import CodebookHealth, HealthOptions, with_global_usage
 from .step import StepRunner
 
 __all__ = ["PRESETS", "TrainConfig", "Trainer", "resolve_device", "train"]
@@ -111,19 +111,7 @@ class Trainer(LoaderJob):
         vectors = config.batch_size * self.world * self.model.latent_positions()
         if ckpt is not None:  # defaults left open take the run's resolved values
             stored = ckpt.get("train_config", {})
-            open_ = {
-                "init": "auto",
-                "revive_every": None,
-                "dead_threshold": None,
-                "init_iters": None,
-            }
-            config = config.replace(
-                **{
-                    k: stored[k]
-                    for k, v in open_.items()
-                    if getattr(config, k) == v and k in stored
-                }
-            )
+            config = config.replace(**config.group(HealthOptions).stored_health(stored))
         self.config = self.options = config.with_health_defaults(
             q.supports_init, q.supports_revival, vectors, self.model.num_codes
         )
