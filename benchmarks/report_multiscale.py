@@ -85,6 +85,8 @@ def copy_raw(run: Path, eval_dir: str | None, dest: Path) -> None:
             shutil.copy2(run / name, dest / name)
     if eval_dir and (run / eval_dir / "eval.json").exists():
         shutil.copy2(run / eval_dir / "eval.json", dest / f"{eval_dir}.json")
+        if (run / eval_dir / "progressive.png").exists():
+            shutil.copy2(run / eval_dir / "progressive.png", dest / "progressive.png")
 
 
 def curves(runs: list[Path], names: list[str], out: Path) -> None:
