@@ -157,6 +157,19 @@ def run(args: argparse.Namespace) -> None:
         mismatched += int(not np.array_equal(maps, codes[i : i + 1].numpy()))
     dec_s = time.perf_counter() - t0
     decoded_images = torch.cat(decoded)
+    preview = None
+    if args.preview_scales:  # decompress --scales N: the first N scales of every file
+        t0 = time.perf_counter()
+        wrong = 0
+        for i, blob in enumerate(files):
+            maps, _ = cc.decode_maps(codec, blob, f"image {i}", num_scales=args.preview_scales)
+            wrong += int(not np.array_equal(maps, codes[i : i + 1, : maps.shape[1]].numpy()))
+        preview = {
+            "scales": args.preview_scales,
+            "codes": int(maps.shape[1]),
+            "decode_images_per_s": nf / (time.perf_counter() - t0),
+            "prefix_mismatches": wrong,
+        }
     # the tokenizer's decoder at batch 1 against batches of 256: same codes, but the
     # convolutions may round differently in the last bit (pixels off by one)
     diff = (decoded_images.int() - recon[:nf].int()).abs()
@@ -175,7 +188,8 @@ def run(args: argparse.Namespace) -> None:
     for i, s in enumerate(streams):
         maps, _ = cc.decode_maps(codec, s, f"stream {i}")
         cc.codes_to_images(codec, maps)
-        s_mismatched += int((maps != codes[i * sb : (i + 1) * sb].numpy()).any(axis=(1, 2)).sum())
+        wrong = maps != codes[i * sb : (i + 1) * sb].numpy()  # (n, *code_shape)
+        s_mismatched += int(wrong.reshape(len(wrong), -1).any(axis=1).sum())
     s_dec = time.perf_counter() - t0
     s_payload = sum(len(fmt.unpack(s)[1]) for s in streams)
     s_bytes = sum(len(s) for s in streams)
@@ -216,6 +230,7 @@ def run(args: argparse.Namespace) -> None:
         # rounding reported above)
         **mse_psnr_ssim(images, recon),
         "files_psnr_ssim": mse_psnr_ssim(images[:nf], decoded_images),
+        "preview": preview,
     }
     rd = []
     for kind in ("jpeg", "webp"):
@@ -329,6 +344,15 @@ def report_lines(meta: dict, vq: dict, rd: list[dict]) -> list[str]:
         f"- speed (images/s, whole path): files encode {vq['encode_images_per_s']:.1f}, "
         f"decode {vq['decode_images_per_s']:.1f}; streams of {meta['stream_batch']}: encode "
         f"{vq['stream_encode_images_per_s']:.1f}, decode {vq['stream_decode_images_per_s']:.1f}",
+        *(
+            [
+                f"- previews (`decompress --scales {p['scales']}`: the first {p['codes']} codes "
+                f"of each file): {p['decode_images_per_s']:.1f} files/s, prefixes differing "
+                f"from the encoder's codes: {p['prefix_mismatches']}"
+            ]
+            if (p := vq.get("preview"))
+            else []
+        ),
         "",
         "## Rate-distortion (bits per pixel = bits / (H x W))",
         "",
@@ -435,6 +459,9 @@ def main() -> None:
         help="code one file per image for the first N only (batch-1 coding is the slow path)",
     )
     ap.add_argument("--stream-batch", type=int, default=250, help="maps per stream")
+    ap.add_argument(
+        "--preview-scales", type=int, help="multi-scale: also decode the first N scales"
+    )
     ap.add_argument("--qualities", type=int, nargs="+", default=list(QUALITIES))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (coding uses 1)")
     ap.add_argument("--note", help="free text stored in the results")
