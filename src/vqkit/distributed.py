@@ -212,6 +212,25 @@ def barrier(group: dist.ProcessGroup | None = None) -> None:
         dist.barrier(group)
 
 
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel on ``device`` (one GPU per process, or CPU).
+
+    ``forward_sync_buffers=False``: DDP would otherwise copy rank 0's buffers to every
+    rank before each forward. vqkit's buffers (EMA codebooks, usage statistics,
+    BatchNorm run per rank as in taming) are either identical on every rank already,
+    being computed from statistics all-reduced inside the modules, or per rank by
+    design; the copy would only cost a collective per step. (At construction DDP syncs
+    parameters and buffers from rank 0 once.) The older spelling,
+    ``broadcast_buffers=False``, is deprecated."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        forward_sync_buffers=False,
+    )
+
+
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; any other name is checked."""
     if name == "auto":

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import data_parallel
 from ..losses import LossOptions, VQGANLoss
 from ..models import VQVAE, VQVAEOutput
 from ..options import Options, option, positive, unit_interval_excl_one
@@ -155,13 +156,7 @@ class AdversarialStep:
         """Wrap the discriminator in DistributedDataParallel (under torchrun; module doc)."""
         if self.loss.discriminator is None:
             return
-        from torch.nn.parallel import DistributedDataParallel
-
-        self.net = DistributedDataParallel(
-            self.loss.discriminator,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            forward_sync_buffers=False,
-        )
+        self.net = data_parallel(self.loss.discriminator, self.device)
 
     def unwrap_ddp(self) -> None:
         """Drop the DistributedDataParallel wrapper (the job is closing its group)."""

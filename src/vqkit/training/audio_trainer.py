@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ..data import CropLoader, load_audio, write_wav
+from ..distributed import data_parallel
 from ..errors import UserError
 from ..losses.spectral import AudioReconstructionLoss
 from ..models.audio_codec import AudioCodec, AudioCodecConfig
@@ -122,16 +123,8 @@ class AudioTrainer(LoaderJob):
             device=self.device,
         )
         self.ddp: torch.nn.Module = self.model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # the quantizer's statistics are identical on every rank already (see
-            # vqkit.training.tokenizer): no buffer broadcast before each forward
-            self.ddp = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                forward_sync_buffers=False,
-            )
+        if self.world > 1:  # statistics already identical on every rank: data_parallel
+            self.ddp = data_parallel(self.model, self.device)
 
     @property
     def crop_frames(self) -> int:

@@ -129,54 +129,52 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train_audio(args: argparse.Namespace, given: dict[str, Any]) -> int:
-    from ..storage.checkpoint import load_checkpoint
-    from ..storage.fileio import dump_json
     from .audio_trainer import AudioTrainConfig, AudioTrainer
 
-    if args.resume:
-        out = Path(given.get("out_dir", AudioTrainConfig.defaults()["out_dir"]))
-        if args.config:
-            raise UserError("--resume takes the run's own options; drop --config")
-        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
-        AudioTrainConfig.check_resume_request(given, int(ckpt.get("step", 0)), str(out))
-        cfg = AudioTrainConfig.for_resume(ckpt.get("train_config", {}), given)
-    elif args.config:
+    if args.config and not args.resume:
         raise UserError(
             "--config files are read for image runs; give the speech codec's options as flags"
         )
-    else:
-        cfg = AudioTrainConfig(**given)
-    trainer = AudioTrainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        return 130
-    if not trainer.is_main:  # torchrun: rank 0 reports
-        return 0
-    keys = ("step", "clips", "stages", "codes_used")
-    print(dump_json({k: result[k] for k in keys if k in result}, indent=2))
-    written = [p.relative_to(trainer.out) for p in trainer.run.existing_artifacts()]
-    print(f"run written to {trainer.out}: " + " ".join(map(str, written)))
-    return 0
+    cfg = _resolved(AudioTrainConfig, args, given, lambda: AudioTrainConfig(**given))
+    return _fit(AudioTrainer(cfg, resume=args.resume, overwrite=args.overwrite), AUDIO_KEYS)
 
 
 def _train_image(args: argparse.Namespace, given: dict[str, Any]) -> int:
-    from ..storage.checkpoint import load_checkpoint
     from .tokenizer import TrainConfig, Trainer
 
-    if args.resume:
-        # the run's own options; only the flags that change something need be given
-        out = Path(given.get("out_dir", TrainConfig.defaults()["out_dir"]))
+    def fresh() -> Any:
         if args.config:
-            raise UserError("--resume takes the run's own options; drop --config")
-        ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
-        TrainConfig.check_resume_request(given, int(ckpt.get("step", 0)), str(out))
-        cfg = TrainConfig.for_resume(ckpt.get("train_config", {}), given)
-    elif args.config:
-        cfg = TrainConfig.from_file(args.config, **given)
-    else:
-        cfg = TrainConfig.build(**given)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+            return TrainConfig.from_file(args.config, **given)
+        return TrainConfig.build(**given)
+
+    cfg = _resolved(TrainConfig, args, given, fresh)
+    return _fit(Trainer(cfg, resume=args.resume, overwrite=args.overwrite), IMAGE_KEYS)
+
+
+AUDIO_KEYS = ("step", "clips", "stages", "codes_used")
+IMAGE_KEYS = ("step", "nmse", "psnr", "perplexity", "batch_perplexity", "codes_used", "usage")
+
+
+def _resolved(
+    config_class: Any, args: argparse.Namespace, given: dict[str, Any], fresh: Any
+) -> Any:
+    """The job's config: on ``--resume`` the run's own options (from its checkpoint;
+    only the flags that change something need be given, ``--config`` refused), else
+    ``fresh()``."""
+    if not args.resume:
+        return fresh()
+    from ..storage.checkpoint import load_checkpoint
+
+    out = Path(given.get("out_dir", config_class.defaults()["out_dir"]))
+    if args.config:
+        raise UserError("--resume takes the run's own options; drop --config")
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    config_class.check_resume_request(given, int(ckpt.get("step", 0)), str(out))
+    return config_class.for_resume(ckpt.get("train_config", {}), given)
+
+
+def _fit(trainer: Any, keys: tuple[str, ...]) -> int:
+    """Run the job; rank 0 prints the final figures named ``keys`` and what it wrote."""
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
@@ -185,7 +183,6 @@ def _train_image(args: argparse.Namespace, given: dict[str, Any]) -> int:
         return 0
     from ..storage.fileio import dump_json
 
-    keys = ("step", "nmse", "psnr", "perplexity", "batch_perplexity", "codes_used", "usage")
     print(dump_json({k: result[k] for k in keys if k in result}, indent=2))
     written = [p.relative_to(trainer.out) for p in trainer.run.existing_artifacts()]
     print(f"run written to {trainer.out}: " + " ".join(map(str, written)))

@@ -64,6 +64,7 @@ import torch
 
 from ..data import normalize
 from ..data.reference import data_reference, describe_use
+from ..distributed import data_parallel
 from ..evaluation.reconstruction import evaluate
 from ..losses import disc_start_warning
 from ..models import VQVAE, VQVAEConfig, export_safetensors
@@ -161,20 +162,8 @@ class Trainer(LoaderJob):
             self.runner.scaler,
         )
         self.ddp: torch.nn.Module = self.model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # forward_sync_buffers=False: DDP would otherwise copy rank 0's buffers to
-            # every rank before each forward. The EMA codebook and statistics are buffers
-            # that are already identical on every rank, because every update is computed
-            # from statistics all-reduced inside the quantizer; the copy would only cost a
-            # collective per step. (At construction DDP syncs parameters and buffers from
-            # rank 0 once.) The older spelling, broadcast_buffers=False, is deprecated.
-            self.ddp = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                forward_sync_buffers=False,
-            )
+        if self.world > 1:  # statistics already identical on every rank: data_parallel
+            self.ddp = data_parallel(self.model, self.device)
             if self.adv is not None:
                 self.adv.wrap_ddp()
         self.runner.forward = self.ddp  # what the step calls (before any compile traces it)
