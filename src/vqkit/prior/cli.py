@@ -4,7 +4,8 @@
     vqkit sample PRIOR_DIR --num N --out DIR [--class C] [--temperature T] [--top-k K]
                  [--top-p P] [--cfg-scale S] [--seed S] [--batch-size B]
                  [--decode-steps S --schedule cosine --choice-temperature T]  (masked prior)
-                 [--edit IMAGE --region x0,y0,x1,y1 [--region ...] [--outside]]
+                 [--edit IMAGE --region x0,y0,x1,y1 [--region ...] [--outside]]  (masked)
+                 [--edit IMAGE --keep-scales N]  (next-scale prior)
 
 The integrator adds them to ``vqkit.cli`` as subcommands::
 
@@ -209,8 +210,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_arguments(parser.add_argument_group("sampling"), SampleOptions)
     from .editing import add_masked_sample_arguments
+    from .scale_editing import add_scale_edit_arguments
 
     add_masked_sample_arguments(parser)  # --decode-steps --schedule ... --edit --region ...
+    add_scale_edit_arguments(parser)  # --keep-scales (with --edit, a next-scale prior)
 
 
 def _class_labels(
@@ -247,6 +250,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from ..models.codes_io import model_identity
     from .editing import masked_sample_options, run_edit
     from .sample_writer import SampleWriter
+    from .scale_editing import check_scale_edit, run_scale_edit
 
     opts = SampleOptions.from_dict(_given(args, SampleOptions), where="sample options")
     if args.num < 1:
@@ -255,6 +259,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be >= 1; got {args.batch_size}")
     device = resolve_device(args.device)
     model, ckpt = load_prior(args.prior, args.checkpoint, device)
+    check_scale_edit(args, model)
     masked = masked_sample_options(args, model)  # the kind is the prior run's
     tok = load_sample_tokenizer(args.prior, ckpt, args.tokenizer, device)
     classes = list(ckpt.get("classes", []))
@@ -272,6 +277,8 @@ def run_sample(args: argparse.Namespace) -> int:
             labels = _class_labels(class_id, classes, start, n, null)  # one batch's
             return labels, labels if model.config.num_classes and not guided_null else None
 
+        if model.config.kind == "next-scale":
+            return run_scale_edit(args, model, tok, opts, edit_labels, g)
         return run_edit(args, model, tok, opts, masked, edit_labels, g)
     writer = SampleWriter(
         args.out,

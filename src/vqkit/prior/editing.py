@@ -147,7 +147,9 @@ def masked_sample_options(args: argparse.Namespace, model: Any) -> dict[str, Any
         flags += [] if "decode_steps" in given else ["--steps"]
         given["decode_steps"] = legacy
     mopts = MaskedSampleOptions.from_dict(given, where="sample options")
-    flags += [f for f, v in (("--edit", args.edit), ("--region", args.region)) if v]
+    # --edit is also the next-scale prior's (with --keep-scales: vqkit.prior.scale_editing)
+    edit = args.edit if model.config.kind != "next-scale" else None
+    flags += [f for f, v in (("--edit", edit), ("--region", args.region)) if v]
     flags += ["--outside"] if args.outside else []
     if not model.config.masked:
         if flags:

@@ -41,8 +41,8 @@ top-p exactly as the autoregressive prior (:mod:`vqkit.prior.sampling`: ``guide`
 ``draw``), one multinomial draw per code in row-major (map, position) order from the
 caller's generator. ``use_cache=False`` recomputes scales 0..k at every pass (the
 reference). ``keep_scales=n`` with ``codes`` keeps the first n scales of given maps and
-draws the finer ones (an edit of the detail of an image, in Python only: ``vqkit sample
---edit`` edits regions with a masked prior).
+draws the finer ones (an edit of the detail of an image; on the command line ``vqkit
+sample --edit IMAGE --keep-scales N``, :mod:`vqkit.prior.scale_editing`).
 """
 
 from __future__ import annotations
