@@ -221,7 +221,8 @@ def main() -> None:
         "trained": {"ar": args.ar_prior, "masked": args.masked_prior, "ns": args.ns_prior},
     }  # fmt: skip
     md = [
-        f"# Sampling time: autoregressive (KV cache) vs masked prior, {args.data}",
+        f"# Sampling time: {', '.join(priors)} priors, "
+        f"{'codes of ' + source if args.tokenizer else args.data}",
         "",
         *common.meta_lines(meta),
         f"- code map {code_shape} ({seq} codes) of {vocab}, {classes} classes ({source}); "
