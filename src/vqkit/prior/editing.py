@@ -41,6 +41,7 @@ __all__ = [
     "parse_region",
     "region_mask",
     "run_edit",
+    "write_edits",
 ]
 
 
@@ -233,8 +234,35 @@ def run_edit(
     out = Path(args.out)
     save_images(torch.cat((x, recon)), [out / "original.png", out / "reconstruction.png"])
     hidden = hidden.to(device)[None]
-    for start in range(0, num, bs):
-        n = min(bs, num - start)
+    write_edits(
+        writer, model, tok, codes, opts, labels, generator, num, bs,
+        lambda n: {"hidden": hidden.expand(n, *hidden.shape[1:]), **masked},
+    )  # fmt: skip
+    print(
+        f"{num} edits of {args.edit} ({meta['codes_regenerated']} of {meta['codes']} codes "
+        f"regenerated) -> {out}/grid.png, edit_*.png, edit_*.npy"
+    )
+    return 0
+
+
+def write_edits(
+    writer: Any,
+    model: Any,
+    tok: Any,
+    codes: torch.Tensor,
+    opts: Any,
+    labels: Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]],
+    generator: torch.Generator,
+    num: int,
+    batch_size: int,
+    kind_kwargs: Callable[[int], dict[str, Any]],
+) -> None:
+    """The batch loop of every edit (a masked prior's regions, a next-scale prior's
+    kept scales): ``num`` edits of the image's ``codes`` (1, ...), ``batch_size`` at a
+    time, drawn by ``model.sample`` with ``kind_kwargs(n)`` (what the kind keeps),
+    decoded by the tokenizer and written by ``writer``, which is then closed."""
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
         recorded, steer = labels(start, n)
         edited = model.sample(
             n,
@@ -243,13 +271,7 @@ def run_edit(
             generator=generator,
             batch_size=n,
             codes=codes.expand(n, *codes.shape[1:]),
-            hidden=hidden.expand(n, *hidden.shape[1:]),
-            **masked,
+            **kind_kwargs(n),
         )
         writer.add(tok.model.decode(edited), edited, recorded)
     writer.close()
-    print(
-        f"{num} edits of {args.edit} ({meta['codes_regenerated']} of {meta['codes']} codes "
-        f"regenerated) -> {out}/grid.png, edit_*.png, edit_*.npy"
-    )
-    return 0

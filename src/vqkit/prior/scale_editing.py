@@ -72,11 +72,12 @@ def run_scale_edit(
 ) -> int:
     """``--num`` edits of ``--edit IMAGE`` that keep its first ``--keep-scales`` scales,
     drawn, decoded and written ``--batch-size`` at a time (as
-    :func:`vqkit.prior.editing.run_edit`); ``labels(start, n)``: (the class ids
+    :func:`vqkit.prior.editing.write_edits`); ``labels(start, n)``: (the class ids
     recorded, the classes steering the prior or None for the null class)."""
     from ..data import normalize, read_image
     from ..evaluation.plots import save_images
     from ..models.codes_io import model_identity
+    from .editing import write_edits
     from .sample_writer import SampleWriter
 
     cfg = tok.model.config
@@ -113,20 +114,10 @@ def run_scale_edit(
     )
     out = Path(args.out)
     save_images(torch.cat((x, recon)), [out / "original.png", out / "reconstruction.png"])
-    for start in range(0, args.num, args.batch_size):
-        n = min(args.batch_size, args.num - start)
-        recorded, steer = labels(start, n)
-        edited = model.sample(
-            n,
-            opts,
-            labels=steer,
-            generator=generator,
-            batch_size=n,
-            codes=codes.expand(n, *codes.shape[1:]),
-            keep_scales=keep,
-        )
-        writer.add(tok.model.decode(edited), edited, recorded)
-    writer.close()
+    write_edits(
+        writer, model, tok, codes, opts, labels, generator, args.num, args.batch_size,
+        lambda n: {"keep_scales": keep},
+    )  # fmt: skip
     print(
         f"{args.num} edits of {args.edit} (the first {keep} scales kept, "
         f"{meta['codes_regenerated']} of {model.seq_len} codes drawn) -> "
