@@ -259,12 +259,8 @@ class CodebookHealth:
         three figures and ``window_usage`` (:func:`vqkit.metrics.group_health`)."""
         if window_counts is None:
             return {"dead": None, "codes_used": None, "window_perplexity": None}
-        h = codebook_health(
-            window_counts,
-            ema_counts=self.quantizer.code_usage(),
-            threshold=self.config.dead_threshold,
-        )
-        if self.quantizer.code_usage() is not None:  # the quantizer's own definition
+        h = codebook_health(window_counts)  # dead: unused in the window, unless ...
+        if self.quantizer.code_usage() is not None:  # ... the quantizer's own definition
             h["dead"] = int(self.quantizer.dead_codes(self.config.dead_threshold).sum())
         out: dict[str, Any] = {
             "dead": h["dead"],
