@@ -63,3 +63,31 @@ def test_fsq_levels_travel_in_the_metadata_and_a_mismatch_is_refused(tmp_path):
     save_file(state, str(path), metadata=meta)
     with pytest.raises(CheckpointError, match="levels"):
         load_model(path)
+
+
+def test_load_any_reads_a_codec_or_a_tokenizer_from_every_file(tmp_path):
+    """A codec from a .pt checkpoint, a safetensors file and a pretrained directory; a
+    tokenizer's pretrained directory too; load_model refuses a codec in one line."""
+    from vqkit.models import AudioCodec
+    from vqkit.models.io import load_any
+    from vqkit.storage.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    codec = AudioCodec(sample_rate=2000, seanet_channels=4, strides="2,4", embedding_dim=8,
+                       num_quantizers=2, num_embeddings=16).eval()  # fmt: skip
+    codec.pretrained_info = {"data": "wavs/"}
+    codec.save_pretrained(tmp_path / "codec")
+    save_checkpoint(tmp_path / "c.pt", {"model_config": codec.config.to_dict(),
+                                        "model": codec.state_dict()})  # fmt: skip
+    x = torch.randn(1, 1, 100) * 0.1
+    for path in (tmp_path / "c.pt", tmp_path / "codec" / "model.safetensors", tmp_path / "codec"):
+        loaded = load_any(path)
+        assert isinstance(loaded, AudioCodec) and torch.equal(loaded.encode(x), codec.encode(x))
+    assert load_any(tmp_path / "codec").pretrained_info == {"data": "wavs/"}
+    tiny("vq").save_pretrained(tmp_path / "tok")
+    assert isinstance(load_any(tmp_path / "tok"), VQVAE)
+    for path in (tmp_path / "c.pt", tmp_path / "codec" / "model.safetensors"):
+        with pytest.raises(CheckpointError, match="holds an audio codec, not an image tokenizer"):
+            load_model(path)
+    with pytest.raises(CheckpointError, match="holds no config.json"):
+        load_any(tmp_path)

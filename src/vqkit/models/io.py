@@ -1,14 +1,20 @@
-"""Model I/O: a :class:`VQVAE` from a training checkpoint or a safetensors export.
+"""Model I/O: a :class:`VQVAE` or an :class:`AudioCodec` from a training checkpoint, a
+safetensors export or a pretrained directory.
 
 Exported weights (``.safetensors``, written by :mod:`vqkit.storage.weights`) hold the
 model's state dict, with the model config as JSON in the file's metadata; they load
 without torch's unpickler. ``VQVAE.save_pretrained`` / ``from_pretrained``
-(:mod:`vqkit.models.hub`) use the same file inside a directory.
+(:mod:`vqkit.models.hub`) use the same file inside a directory. Which model a file holds
+is read from its stored config (a codec's has a ``sample_rate``; :func:`is_codec_config`),
+a directory's from its ``config.json`` (``"vqkit": "audio-codec"`` or ``"tokenizer"``):
+:func:`load_any` loads either.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +27,37 @@ from ..storage.weights import (
     read_info,
     read_safetensors,
 )
+from .audio_codec import AudioCodec, AudioCodecConfig
+from .hub import CONFIG_NAME
 from .vqvae import VQVAE, VQVAEConfig
 
-__all__ = ["export_safetensors", "load_model"]
+__all__ = ["export_safetensors", "is_codec_config", "load_any", "load_model"]
 
 
-def _build(config: dict[str, Any], state: dict[str, Any], where: Path) -> VQVAE:
+def is_codec_config(config: Mapping[str, Any]) -> bool:
+    """Whether a stored model config is an audio codec's (:class:`AudioCodecConfig`, the
+    only one with a ``sample_rate``) rather than an image tokenizer's."""
+    return "sample_rate" in config
+
+
+def _build(config: dict[str, Any], state: dict[str, Any], where: Path) -> Any:
+    cls, cfg = (AudioCodec, AudioCodecConfig) if is_codec_config(config) else (VQVAE, VQVAEConfig)
     try:
-        model = VQVAE(VQVAEConfig.from_dict(config))
+        model = cls(cfg.from_dict(config))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: invalid model config in checkpoint: {e}") from e
     load_state_strict(model, state, where)
     return model
+
+
+def _load_file(path: Path, map_location: str | torch.device, check_finite: bool) -> Any:
+    if path.suffix == ".safetensors":
+        config, state = read_safetensors(path, map_location, check_finite=check_finite)
+        model = _build(config, state, path)
+        model.pretrained_info = read_info(path)
+        return model
+    ckpt = load_checkpoint(path, map_location, check_finite=check_finite)
+    return _build(ckpt["model_config"], ckpt["model"], path)
 
 
 def load_model(
@@ -45,11 +70,27 @@ def load_model(
     CheckpointError on a damaged file, a missing or unexpected weight, or
     (``check_finite``) a NaN/Inf weight. An export's ``info`` (its record of the training
     data, :mod:`vqkit.data.reference`) becomes the model's ``pretrained_info``."""
+    model = _load_file(Path(path), map_location, check_finite)
+    if not isinstance(model, VQVAE):
+        raise CheckpointError(f"{path} holds an audio codec, not an image tokenizer")
+    return model
+
+
+def load_any(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    *,
+    check_finite: bool = True,
+) -> VQVAE | AudioCodec:
+    """The image tokenizer or audio codec of a ``.pt`` checkpoint, a ``.safetensors``
+    export or a pretrained directory (``save_pretrained``; loaded strictly, with its
+    ``pretrained_info``); CheckpointError (one line) otherwise."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        config, state = read_safetensors(path, map_location, check_finite=check_finite)
-        model = _build(config, state, path)
-        model.pretrained_info = read_info(path)
-        return model
-    ckpt = load_checkpoint(path, map_location, check_finite=check_finite)
-    return _build(ckpt["model_config"], ckpt["model"], path)
+    if not path.is_dir():
+        return _load_file(path, map_location, check_finite)
+    try:
+        kind = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")).get("vqkit")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # from_pretrained says what is wrong with the directory
+    cls = AudioCodec if kind == AudioCodec.pretrained_kind else VQVAE
+    return cls.from_pretrained(path, map_location=map_location)
