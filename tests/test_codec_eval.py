@@ -140,3 +140,29 @@ def test_spectrogram_picture(tmp_path):
                       tmp_path / "s.png")  # fmt: skip
     with Image.open(tmp_path / "s.png") as im:
         assert im.size[0] > 300 and im.size[1] > 300
+
+
+def test_report_and_samples(tmp_path, monkeypatch):
+    """codec_report heads evaluate_codec's figures with the rates and says whether PESQ /
+    STOI are in; write_samples writes the strided clips, their decodings at the lowest and
+    highest stage count (what decode_clip gives), and the picture."""
+    import vqkit.evaluation.codec_eval as ce
+    from vqkit.data import decode_wav
+
+    model, data = _codec(), _data([700, 500, 300, 900])
+    monkeypatch.setattr(ce, "audio_eval_available", lambda: False)
+    report = ce.codec_report(model, data, stages=[1, 3], limit=2)
+    assert report == {"sample_rate": 2000, "frames_per_second": 250.0,
+                      "speech_scores": "absent: pip install 'vqkit[audio-eval]' for PESQ and STOI",
+                      **evaluate_codec(model, data, stages=[1, 3], limit=2)}  # fmt: skip
+    model.train()
+    written = ce.write_samples(model, data, [1, 2, 3], 2, tmp_path)
+    assert model.training  # restored
+    names = [p.name for p in written]
+    assert names == [f"clip{i}_{k}.wav" for i in (0, 3) for k in ("original", "q1", "q3")] + [
+        "spectrograms.png"
+    ]
+    _, decoded = decode_clip(model.eval(), data.clip(3), [1, 3])
+    got = decode_wav(tmp_path / "samples" / "clip3_q3.wav").samples
+    assert torch.allclose(got, decoded[1], atol=1 / 32768)  # 16-bit PCM of the decoding
+    assert ce.write_samples(model, data, [1, 3], 0, tmp_path / "none") == []

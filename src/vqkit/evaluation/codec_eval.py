@@ -23,22 +23,44 @@ once for all stage counts together: the stage counts' code prefixes are one batc
 stages past ``n`` set to -1 (no code). Codebook health (:func:`codes_used`): the codes
 each stage uses on the clips, from ``encode``'s indices and ``num_codes`` alone (the
 quantizer contract).
+
+:func:`codec_report` is what an ``eval.json`` of the codec holds (the training job's
+final one and ``vqkit eval``'s); :func:`write_samples` the spectrograms and WAV samples
+beside it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data.audio import AudioData
+from ..data.audio import AudioData, write_wav
 from ..errors import UserError
 from ..models.audio_codec import AudioCodec
-from .audio_metrics import align, join_by_speaker, mel_distance, pesq_nb, si_sdr, stoi
+from .audio_metrics import (
+    align,
+    audio_eval_available,
+    join_by_speaker,
+    mel_distance,
+    pesq_nb,
+    si_sdr,
+    stoi,
+)
 
-__all__ = ["codes_used", "decode_clip", "evaluate_codec", "parse_stages", "pick_clips"]
+__all__ = [
+    "codec_report",
+    "codes_used",
+    "decode_clip",
+    "evaluate_codec",
+    "parse_stages",
+    "pick_clips",
+    "write_samples",
+]
 
 MEL_MIN_SAMPLES = 257  # mel_distance's n_fft 512 needs more than 256 samples
 
@@ -189,3 +211,61 @@ def evaluate_codec(
         "silent_clips": int(silent),
         "short_clips": int(short),
     }
+
+
+def codec_report(
+    model: AudioCodec, data: AudioData, *, stages: Sequence[int] | None = None, limit: int = 0
+) -> dict[str, Any]:
+    """:func:`evaluate_codec` with PESQ / STOI when the ``audio-eval`` extra is installed,
+    headed by the codec's ``sample_rate``, ``frames_per_second`` and what ``speech_scores``
+    are: the body of the codec's ``eval.json``."""
+    speech = audio_eval_available()
+    result = evaluate_codec(model, data, stages=stages, limit=limit, speech_scores=speech)
+    return {
+        "sample_rate": model.config.sample_rate,
+        "frames_per_second": model.frames_per_second,
+        "speech_scores": "joined per speaker, aligned"
+        if speech
+        else "absent: pip install 'vqkit[audio-eval]' for PESQ and STOI",
+        **result,
+    }
+
+
+def write_samples(
+    model: AudioCodec,
+    data: AudioData,
+    stages: Sequence[int],
+    count: int,
+    out: str | os.PathLike[str],
+) -> list[Path]:
+    """``count`` strided clips of ``data`` as ``out/samples/clipI_original.wav`` and
+    ``clipI_q{n}.wav`` (decoded with the lowest and the highest of ``stages``), and their
+    log-mel spectrograms as ``out/spectrograms.png`` (in eval mode, restored after);
+    returns the files written (none for ``count`` 0)."""
+    from .plots import plot_spectrograms
+
+    if count == 0 or len(data) == 0:
+        return []
+    out = Path(out)
+    shown = sorted({min(stages), max(stages)})
+    rate, rows, written = model.config.sample_rate, [], []
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in pick_clips(data, count):
+            clip = data.clip(i)
+            _, decoded = decode_clip(model, clip, shown)
+            row = {"original": clip}
+            written.append(out / "samples" / f"clip{i}_original.wav")
+            write_wav(written[-1], clip, rate)
+            for q, dec in zip(shown, decoded, strict=True):
+                kbps = model.bitrate(q if model.num_stages > 1 else None) / 1000
+                row[f"{q} stage{'s' * (q > 1)}, {kbps:.2g} kbps"] = dec
+                written.append(out / "samples" / f"clip{i}_q{q}.wav")
+                write_wav(written[-1], dec, rate)
+            rows.append(row)
+    finally:
+        model.train(was_training)
+    plot_spectrograms(rows, rate, out / "spectrograms.png")
+    return [*written, out / "spectrograms.png"]

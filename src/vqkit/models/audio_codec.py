@@ -269,20 +269,81 @@ class AudioCodec(nn.Module, PretrainedMixin):
     def card_tags(self) -> list[str]:
         return ["audio-codec", "speech", f"quantizer-{self.config.quantizer}"]
 
-    def model_card_body(self, **_: Any) -> str:
+    def model_card_body(
+        self,
+        *,
+        evaluation: dict[str, Any] | None = None,
+        data: str | None = None,
+        source: str | None = None,
+        **_: Any,
+    ) -> str:
+        """The codec's card: rates, quantizer, network, data, and per stage count its
+        uncoded bitrate (frames/s x the stages' log2 K) with the figures ``evaluation``
+        measured (an ``eval.json`` of :mod:`vqkit.evaluation.codec_eval`; default the
+        ``eval`` of ``pretrained_info``, which the training job records)."""
         c = self.config
-        rates = ", ".join(
-            f"{n}: {self.bitrate(n) / 1000:.3g} kbit/s"
-            for n in (range(1, self.num_stages + 1) if c.quantizer == "rvq" else [None])
-        )
-        return "\n".join([
+        info = getattr(self, "pretrained_info", None) or {}
+        evaluation = evaluation or info.get("eval")
+        data = data or (info["data"] if isinstance(info.get("data"), str) else None)
+        fps, bits = self.frames_per_second, math.log2(self.num_codes)
+        lines = [
             "# vqkit audio codec",
             "",
-            f"- {c.sample_rate} Hz mono, hop {self.hop} ({self.frames_per_second:g} frames/s)",
+            f"- {c.sample_rate} Hz mono, hop {self.hop} ({fps:g} frames/s)",
             f"- quantizer: `{c.quantizer}`, {self.num_stages} code(s) per frame, K = "
-            f"{self.num_codes}",
-            f"- bitrate by stages used (uncoded): {rates}",
+            f"{self.num_codes} ({bits:g} bits a code)",
             f"- network: SEANet, {c.seanet_channels} base channels, strides {c.strides}, "
             f"{c.activation}{', causal' if c.causal else ''}",
+            f"- data: {f'`{data}`' if data else 'not recorded'}",
+            *([f"- exported from: `{source}`"] if source else []),
             "",
-        ])  # fmt: skip
+            "## Bitrate by stages used",
+            "",
+            f"bitrate(n) = frames/s x the n stages' log2 K = {fps:g} x n x {bits:g} bit/s "
+            "(uncoded; an entropy coder with a prior goes below it). Quantizer dropout in "
+            "training makes decoding with the first n stages valid.",
+            "",
+        ]  # fmt: skip
+        lines += self._stage_table(evaluation)
+        lines += [
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from vqkit.models import AudioCodec",
+            'codec = AudioCodec.from_pretrained("THIS_DIR_OR_REPO")',
+            "codes = codec.encode(wav, num_stages=n)   # wav: (B, 1, L) in [-1, 1]",
+            "wav = codec.decode(codes, length=L)",
+            "```",
+            "",
+            "or `vqkit encode THIS_DIR x.wav --out CODES` and "
+            "`vqkit decode THIS_DIR CODES/x.npy --out x.wav`.",
+            "",
+        ]
+        return "\n".join(lines)
+
+    def _stage_table(self, evaluation: dict[str, Any] | None) -> list[str]:
+        """| stages | kbit/s | the measured figures of that stage count |."""
+        counts = range(1, self.num_stages + 1) if self.config.quantizer == "rvq" else [None]
+        rows = {}
+        if evaluation and isinstance(evaluation.get("stages"), list):
+            rows = {r.get("num_stages"): r for r in evaluation["stages"] if isinstance(r, dict)}
+        keys = [k for k in ("si_sdr", "mel_distance", "pesq_nb", "stoi")
+                if any(isinstance(r.get(k), (int, float)) for r in rows.values())]  # fmt: skip
+        lines = [
+            "| stages | kbit/s |" + "".join(f" {k} |" for k in keys),
+            "|---:|---:|" + "---:|" * len(keys),
+        ]
+        for n in counts:
+            q = self.num_stages if n is None else n
+            row = rows.get(q, {})
+            cells = [f"{row[k]:.4g}" if isinstance(row.get(k), (int, float)) else "" for k in keys]
+            lines.append(f"| {q} | {self.bitrate(n) / 1000:.4g} |" + "".join(
+                f" {v} |" for v in cells))  # fmt: skip
+        if not keys:
+            lines += ["", "Quality not measured for these weights (no eval.json)."]
+        else:
+            split = evaluation.get("split", "test") if evaluation else "test"
+            lines += ["", f"Measured on {evaluation.get('clips', '?')} {split} clips "
+                      "(SI-SDR in dB; mel distance: log-mel L1)."]  # fmt: skip
+        return lines

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..data import CropLoader, load_audio, write_wav
+from ..data import CropLoader, load_audio
 from ..distributed import data_parallel
 from ..errors import UserError
 from ..losses.spectral import AudioReconstructionLoss
@@ -316,59 +316,17 @@ class AudioTrainer(LoaderJob):
     def finish(self) -> dict[str, Any]:
         """The final evaluation on the test split (``eval.json``), the pretrained
         directory ``codec/``, the spectrograms and WAV samples."""
-        from ..evaluation.audio_metrics import audio_eval_available
-        from ..evaluation.codec_eval import evaluate_codec
+        from ..evaluation.codec_eval import codec_report, write_samples
 
-        result = evaluate_codec(
-            self.model,
-            self.test_data,
-            stages=self.stages,
-            limit=self.config.eval_limit,
-            speech_scores=audio_eval_available(),
+        report = codec_report(
+            self.model, self.test_data, stages=self.stages, limit=self.config.eval_limit
         )
-        result = {
-            "step": self.step,
-            "split": "test",
-            "data": self.config.data,
-            "sample_rate": self.config.sample_rate,
-            "frames_per_second": self.model.frames_per_second,
-            "speech_scores": "joined per speaker, aligned"
-            if "stoi" in result["stages"][0]
-            else "absent: pip install 'vqkit[audio-eval]' for PESQ and STOI",
-            **result,
-        }
+        result = {"step": self.step, "split": "test", "data": self.config.data, **report}
         self.run.write_json("eval.json", result)
         self.model.pretrained_info = {"data": self.config.data, "eval": result}
         self.model.save_pretrained(self.out / "codec")
-        self.write_samples()
+        write_samples(self.model, self.test_data, self.stages, self.config.sample_clips, self.out)
         return result
-
-    def write_samples(self) -> None:
-        """``samples/clipI_original.wav``, ``clipI_q{n}.wav`` (one stage and all) and
-        ``spectrograms.png`` of ``sample_clips`` strided test clips."""
-        from ..evaluation.codec_eval import decode_clip, pick_clips
-        from ..evaluation.plots import plot_spectrograms
-
-        n = self.config.sample_clips
-        if n == 0:
-            return
-        shown = sorted({self.stages[0], self.stages[-1]})
-        rows = []
-        (self.out / "samples").mkdir(exist_ok=True)
-        self.model.eval()
-        rate = self.config.sample_rate
-        for i in pick_clips(self.test_data, n):
-            clip = self.test_data.clip(i)
-            _, decoded = decode_clip(self.model, clip, shown)
-            row = {"original": clip}
-            write_wav(self.out / "samples" / f"clip{i}_original.wav", clip, rate)
-            for q, dec in zip(shown, decoded, strict=True):
-                kbps = self.model.bitrate(q if self.model.num_stages > 1 else None) / 1000
-                row[f"{q} stage{'s' * (q > 1)}, {kbps:.2g} kbps"] = dec
-                write_wav(self.out / "samples" / f"clip{i}_q{q}.wav", dec, rate)
-            rows.append(row)
-        self.model.train()
-        plot_spectrograms(rows, rate, self.out / "spectrograms.png")
 
 
 def _describe(data: Any) -> dict[str, Any]:
