@@ -123,6 +123,10 @@ def test_eval_encode_decode_round_trip(tmp_path, capsys):
     )
     idx = np.load(codes / "a.npy")
     assert idx.shape == (7, 7) and idx.dtype == np.int64
+    # the run directory names its model (model.safetensors, the final weights)
+    assert main(["encode", str(out), str(img_dir / "a.png"), "--out", str(tmp_path / "c2")]) == 0
+    final = load_model(out / "model.safetensors").encode(normalize(data.images[:1]))[0].numpy()
+    assert np.array_equal(np.load(tmp_path / "c2" / "a.npy"), final)
     model = load_model(ckpt)
     expected = model.encode(normalize(data.images[:1]))[0].numpy()
     assert np.array_equal(idx, expected)

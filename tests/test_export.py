@@ -9,6 +9,7 @@ import json
 import shutil
 import socket
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +241,58 @@ def test_prior_export_refuses_the_run_itself_and_existing_outputs(runs, tmp_path
     assert main(["export", str(prior_run), "--out", str(out)]) == 2
     assert "tokenizer/config.json exists" in capsys.readouterr().err
     assert (out / "tokenizer" / "config.json").read_text() == "{}"
+
+
+@pytest.fixture(scope="module")
+def codec_run(tmp_path_factory, one_thread_module):
+    """A 2-step speech codec run (3 stages of 16 codes at 2 kHz) on a WAV folder."""
+    from vqkit.training.audio_trainer import AudioTrainConfig, AudioTrainer
+
+    from .test_audio_trainer import TINY, write_folder
+
+    root = tmp_path_factory.mktemp("codec")
+    data = write_folder(root / "wavs")
+    cfg = {**TINY, "steps": 2, "eval_every": 2, "sample_clips": 0}
+    AudioTrainer(AudioTrainConfig(data=str(data), out_dir=str(root / "run"), **cfg)).fit()
+    return data, root / "run"
+
+
+def test_codec_run_export(codec_run, tmp_path, capsys):
+    """The export loads with AudioCodec.from_pretrained as the run's codec; its card gives
+    the bitrate per stage count (250 frames/s x n x 4 bits) and the run's figures; the
+    export, the run and its checkpoint encode alike."""
+    from vqkit.models import AudioCodec
+
+    data, run = codec_run
+    out = tmp_path / "exp"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert "audio codec" in capsys.readouterr().out
+    model, trained = AudioCodec.from_pretrained(out), AudioCodec.from_pretrained(run / "codec")
+    assert model.config == trained.config
+    for k, v in trained.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    info = json.loads((out / "config.json").read_text())["info"]
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert info["data"] == str(data.resolve()) and info["eval"] == evaluation
+    card = (out / "README.md").read_text()
+    assert "bitrate(n) = frames/s x the n stages' log2 K = 250 x n x 4 bit/s" in card
+    for row in evaluation["stages"]:
+        n = row["num_stages"]
+        assert f"| {n} | {n} | {row['si_sdr']:.4g} | {row['mel_distance']:.4g} |" in card
+    # a checkpoint's weights: the bitrate without measured figures
+    last = tmp_path / "last"
+    assert main(["export", str(run), "--out", str(last), "--weights", "checkpoints/last.pt"]) == 0
+    card = (last / "README.md").read_text()
+    assert "| 3 | 3 |" in card and "Quality not measured" in card
+    assert json.loads((last / "config.json").read_text())["info"] == {"data": str(data.resolve())}
+    assert main(["export", str(run), "--out", str(last)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    # encode accepts the export, the run directory and the checkpoint: the same codes
+    wav = next((data / "test").iterdir())
+    for i, src in enumerate((out, run, run / "codec", last)):
+        assert main(["encode", str(src), str(wav), "--out", str(tmp_path / f"c{i}")]) == 0
+    codes = [np.load(tmp_path / f"c{i}" / f"{wav.stem}.npy") for i in range(4)]
+    assert all(np.array_equal(codes[0], c) for c in codes[1:3])
+    # the export records its data: vqkit eval on it needs no --data
+    assert main(["eval", str(out), "--out", str(tmp_path / "ev"), "--limit", "1"]) == 0
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["data"] == str(data.resolve())

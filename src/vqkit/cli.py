@@ -7,6 +7,9 @@ vqkit eval CHECKPOINT [--data PATH] [--split test]       PSNR, SSIM, MS-SSIM, us
 vqkit features --data PATH --out DIR                      train vqkit's own feature network
 vqkit encode CHECKPOINT IMAGES... --out DIR              images -> index maps (.npy)
 vqkit decode CHECKPOINT CODES.npy... --out DIR           index maps -> PNG images
+vqkit encode CODEC X.wav|FOLDER... --out DIR [--stages N]  WAV -> codes (stages, frames)
+vqkit decode CODEC CODES.npy... --out DIR|X.wav          codes -> WAV (original rate, length)
+vqkit eval CODEC [--data WAVS] [--out DIR]               a codec per stage count (eval.json)
 vqkit pack IMAGES --out SHARDS [--shard-size N]          any source -> WebDataset shards
 vqkit prior --tokenizer RUN_DIR --out PRIOR_DIR          train a prior over the codes
             [--kind autoregressive|masked]
@@ -15,6 +18,10 @@ vqkit sample PRIOR_DIR --edit IMAGE --region x0,y0,x1,y1  regenerate a box (mask
 vqkit compress IMAGES... --prior PRIOR_DIR --out DIR     images -> .vqz files (entropy-coded)
 vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR  .vqz -> PNG (or .npy with --codes)
 vqkit export RUN --out DIR                               a run -> save_pretrained layout
+
+CHECKPOINT / CODEC: a .pt checkpoint, a .safetensors export, a pretrained directory
+(vqkit export; a codec run's codec/) or a run directory (its final model, else
+checkpoints/best.pt, else last.pt); an audio codec's gets the audio commands.
 """
 
 from __future__ import annotations
@@ -29,16 +36,26 @@ from .errors import UserError
 __all__ = ["main"]
 
 
+def _model_path(checkpoint: str) -> Path:
+    """The model file or directory a CHECKPOINT argument names: a run directory's weights
+    (:func:`vqkit.training.export.run_weights`), anything else itself."""
+    from .training.export import run_weights
+
+    path = Path(checkpoint)
+    return run_weights(path) if (path / "checkpoints").is_dir() else path
+
+
 def _load(args: argparse.Namespace):
-    from .models import load_model
+    from .models.io import load_any
     from .storage.checkpoint import load_checkpoint
     from .training.config import resolve_device
 
     device = resolve_device(args.device)
-    model = load_model(args.checkpoint, map_location=device).to(device).eval()
+    path = _model_path(args.checkpoint)
+    model = load_any(path, map_location=device).to(device).eval()
     meta: dict[str, Any] = {}
-    if str(args.checkpoint).endswith(".pt"):
-        ckpt = load_checkpoint(args.checkpoint, map_location="cpu")
+    if path.suffix == ".pt":
+        ckpt = load_checkpoint(path, map_location="cpu")
         meta = {
             "data_variance": ckpt.get("data_variance"),
             "train_config": ckpt.get("train_config", {}),
@@ -48,9 +65,28 @@ def _load(args: argparse.Namespace):
 
 def _run_dir_of(checkpoint: Path) -> Path:
     """The run a checkpoint belongs to: RUN for RUN/checkpoints/x.pt, the folder of
-    RUN/model.safetensors."""
-    parent = checkpoint.resolve().parent
+    RUN/model.safetensors, RUN for a run directory or its pretrained RUN/codec, else a
+    pretrained directory itself."""
+    path = checkpoint.resolve()
+    if path.is_dir():
+        inside = (path.parent / "checkpoints").is_dir() and not (path / "checkpoints").is_dir()
+        return path.parent if inside else path
+    parent = path.parent
     return parent.parent if parent.name == "checkpoints" else parent
+
+
+def _is_codec(model: Any) -> bool:
+    from .models import AudioCodec
+
+    return isinstance(model, AudioCodec)
+
+
+def _image_only(args: argparse.Namespace) -> None:
+    """An audio codec's flags refused on an image tokenizer (one line)."""
+    if getattr(args, "stages", None) is not None:
+        raise UserError(
+            "--stages is for audio codecs (residual stages); this is an image tokenizer"
+        )
 
 
 def _eval_data(args: argparse.Namespace, model: Any, meta: dict[str, Any]) -> tuple[Any, dict]:
@@ -99,6 +135,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     model, meta, device = _load(args)
     run_dir = _run_dir_of(Path(args.checkpoint))
+    if _is_codec(model):
+        from .training.audio_commands import run_eval
+
+        return run_eval(args, model, meta.get("train_config") or {}, run_dir)
     out = Path(args.out) if args.out else None
     if out is not None and out.resolve() == run_dir and (run_dir / "eval.json").is_file():
         raise UserError(
@@ -175,6 +215,11 @@ def _encode(args: argparse.Namespace) -> int:
     from .storage.fileio import refuse_existing
 
     model, _, device = _load(args)
+    if _is_codec(model):
+        from .training.audio_commands import run_encode
+
+        return run_encode(args, model)
+    _image_only(args)
     identity = model_identity(model)  # recorded beside every map (NAME.npy.json)
     inputs = [Path(p) for p in args.images]
     names = _output_names(inputs, Path(args.out or "."), ".npy")  # checked before writing
@@ -196,6 +241,11 @@ def _decode(args: argparse.Namespace) -> int:
     from .storage.fileio import decoded_names, refuse_existing
 
     model, _, device = _load(args)
+    if _is_codec(model):
+        from .training.audio_commands import run_decode
+
+        return run_decode(args, model)
+    _image_only(args)
     identity = model_identity(model)
     out = Path(args.out or ".")
     inputs = [Path(p) for p in args.codes]
@@ -216,7 +266,12 @@ def _decode(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .prior.export import TOKENIZER_DIR, export_prior_run, is_prior_run, tokenizer_run_of
-    from .training.export import check_export_out, export_tokenizer_run
+    from .training.export import (
+        check_export_out,
+        export_codec_run,
+        export_tokenizer_run,
+        is_codec_run,
+    )
 
     out = Path(args.out)
     if is_prior_run(args.run):
@@ -230,8 +285,12 @@ def _export(args: argparse.Namespace) -> int:
         if args.tokenizer:
             raise UserError(f"--tokenizer is for prior runs; {args.run} is not one")
         check_export_out(out, [args.run], overwrite=args.overwrite)
-        export_tokenizer_run(args.run, out, weights=args.weights)
-        what = "tokenizer"
+        if is_codec_run(args.run):
+            export_codec_run(args.run, out, weights=args.weights)
+            what = "audio codec (AudioCodec.from_pretrained)"
+        else:
+            export_tokenizer_run(args.run, out, weights=args.weights)
+            what = "tokenizer"
     print(f"{what} written to {out}: config.json model.safetensors README.md")
     return 0
 
@@ -241,8 +300,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export",
         help="a vqkit train or vqkit prior run -> a pretrained directory (from_pretrained)",
         description="Write a run's model as config.json, model.safetensors and a README.md "
-        "model card with the run's measured figures; load it with VQVAE.from_pretrained(DIR) "
-        "or Prior.from_pretrained(DIR).",
+        "model card with the run's measured figures (a speech codec's: the bitrate per stage "
+        "count); load it with VQVAE.from_pretrained(DIR), AudioCodec.from_pretrained(DIR) or "
+        "Prior.from_pretrained(DIR).",
     )
     p.add_argument("run", metavar="RUN", help="a vqkit train or vqkit prior run directory")
     p.add_argument("--out", required=True, metavar="DIR", help="the pretrained directory")
@@ -253,8 +313,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--weights",
         default=None,
         metavar="NAME",
-        help="tokenizer run: the weights file inside RUN (default: model.safetensors, else "
-        "checkpoints/best.pt, else checkpoints/last.pt)",
+        help="tokenizer or codec run: the weights inside RUN (default: model.safetensors, a "
+        "codec run's codec/, else checkpoints/best.pt, else checkpoints/last.pt)",
     )
     p.add_argument(
         "--tokenizer",
@@ -273,22 +333,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(sub)
     for name, helptext in (
-        ("eval", "evaluate a checkpoint on a split"),
-        ("encode", "images -> index maps (.npy)"),
-        ("decode", "index maps (.npy) -> PNG images"),
+        ("eval", "evaluate a checkpoint on a split (a speech codec: per stage count)"),
+        ("encode", "images -> index maps (.npy); WAV files -> a codec's codes (.npy)"),
+        ("decode", "index maps (.npy) -> PNG images; a codec's codes -> WAV"),
     ):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("checkpoint", help="a .pt checkpoint or .safetensors export")
+        p.add_argument(
+            "checkpoint",
+            help="a .pt checkpoint, a .safetensors export, a pretrained directory or a run "
+            "directory (an image tokenizer or an audio codec)",
+        )
         p.add_argument("--device", default="auto")
         p.add_argument(
             "--out",
             default=None,
             help="output directory (eval: RUN/eval-SPLIT beside the checkpoint's run; "
-            "encode/decode: the current directory)",
+            "encode/decode: the current directory; decode of one codes file: may be X.wav)",
+        )
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace outputs that exist already"
+            + (
+                " (an audio codec's eval; an image tokenizer's eval replaces them)"
+                * (name == "eval")
+            ),
         )
         if name != "eval":
             p.add_argument(
-                "--overwrite", action="store_true", help="replace outputs that exist already"
+                "--stages",
+                type=int,
+                default=None,
+                help="audio codecs: encode with / decode from the first N residual stages "
+                "(default: all; quantizer dropout makes fewer valid)",
             )
         if name == "eval":
             p.add_argument(
@@ -302,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="split (default: the run's evaluation split; with --data: test)",
             )
             p.add_argument("--cache-dir", default=None)
-            p.add_argument("--limit", type=int, default=None, help="an evenly strided subset")
+            p.add_argument(
+                "--limit", type=int, default=None, help="an evenly strided subset (images, clips)"
+            )
             p.add_argument(
                 "--inception-weights",
                 default=None,
@@ -321,9 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--kid-subset-size", type=int, default=1000)
         elif name == "encode":
-            p.add_argument("images", nargs="+", help="PNG/JPEG files")
+            p.add_argument(
+                "images",
+                nargs="+",
+                metavar="INPUTS",
+                help="PNG/JPEG files (an image tokenizer), or WAV files and folders of them "
+                "(an audio codec)",
+            )
         else:
-            p.add_argument("codes", nargs="+", help=".npy index maps from vqkit encode")
+            p.add_argument("codes", nargs="+", help=".npy index maps or codes from vqkit encode")
             p.add_argument(
                 "--unchecked",
                 action="store_true",

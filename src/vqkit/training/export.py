@@ -1,10 +1,13 @@
-"""``vqkit export RUN --out DIR`` for a tokenizer run: the run's model as a pretrained
-directory (``config.json``, ``model.safetensors``, ``README.md``; see
-:mod:`vqkit.models.hub`), its card stating the data and the run's measured test figures.
+"""``vqkit export RUN --out DIR`` for a tokenizer run or a speech codec run: the run's
+model as a pretrained directory (``config.json``, ``model.safetensors``, ``README.md``;
+see :mod:`vqkit.models.hub`), its card stating the data and the run's measured test
+figures (a codec's: the bitrate and figures per stage count).
 
-The weights are the run's final export ``model.safetensors`` (the model ``eval.json``
-measured), else its ``checkpoints/best.pt`` / ``last.pt`` (then the card says the
-figures were not measured for them); ``weights`` names another file of the run.
+The weights are the run's final export (a tokenizer run's ``model.safetensors``, a codec
+run's pretrained ``codec/``: the model ``eval.json`` measured), else its
+``checkpoints/best.pt`` / ``last.pt`` (then the card says the figures were not measured
+for them); ``weights`` names another file of the run. :func:`run_weights` is also how
+``vqkit encode`` / ``decode`` / ``eval`` read a run directory given as the model.
 
 The directory carries the run's record of its training data (``config.json``'s
 ``info.data`` and the weights' metadata, :mod:`vqkit.data.reference`), so ``vqkit eval``
@@ -22,18 +25,23 @@ from typing import Any
 
 from ..data.reference import reference_from_train_config
 from ..errors import UserError
-from ..models import VQVAE, load_model
+from ..models import VQVAE, AudioCodec, load_model
+from ..models.io import is_codec_config, load_any
 from ..storage.fileio import refuse_existing
 
 __all__ = [
     "OUTPUTS",
     "check_export_out",
+    "codec_source",
     "describe_data",
+    "export_codec_run",
     "export_tokenizer_run",
+    "is_codec_run",
     "run_weights",
 ]
 
 WEIGHTS = ("model.safetensors", "checkpoints/best.pt", "checkpoints/last.pt")
+CODEC_WEIGHTS = ("codec", "checkpoints/best.pt", "checkpoints/last.pt")
 OUTPUTS = ("config.json", "model.safetensors", "README.md")
 """The files of a pretrained directory (``save_pretrained``)."""
 
@@ -70,16 +78,40 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def is_codec_run(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether a run directory is a speech codec run (its ``config.json`` records a codec's
+    model options, or it holds the pretrained ``codec/``)."""
+    run = Path(run_dir)
+    model = _read_json(run / "config.json").get("model")
+    return (isinstance(model, dict) and is_codec_config(model)) or (run / "codec").is_dir()
+
+
 def run_weights(run_dir: str | os.PathLike[str], weights: str | None = None) -> Path:
-    """The weights file of a tokenizer run: ``weights`` (relative to the run) or the first
-    of ``model.safetensors``, ``checkpoints/best.pt``, ``checkpoints/last.pt``."""
+    """The weights of a run: ``weights`` (relative to the run) or the first of
+    ``model.safetensors`` (a codec run: the pretrained directory ``codec``),
+    ``checkpoints/best.pt``, ``checkpoints/last.pt``."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run directory not found: {run}")
-    for rel in [weights] if weights else WEIGHTS:
-        if (run / rel).is_file():
+    codec = is_codec_run(run)
+    names = [weights] if weights else CODEC_WEIGHTS if codec else WEIGHTS
+    for rel in names:
+        if (run / rel).is_file() or (codec and (run / rel / "config.json").is_file()):
             return run / rel
-    raise UserError(f"{run} holds no tokenizer weights ({weights or ' or '.join(WEIGHTS)})")
+    what = "codec" if codec else "tokenizer"
+    raise UserError(f"{run} holds no {what} weights ({' or '.join(names)})")
+
+
+def codec_source(info: dict[str, Any], train_config: dict[str, Any]) -> str | None:
+    """The data a codec was trained on: its ``pretrained_info``'s ``data`` (a path, or a
+    record with a ``source``), else the training options' ``data``; a relative path that
+    exists here made absolute (the record is read from other working directories)."""
+    ref = info.get("data")
+    ref = ref.get("source") if isinstance(ref, dict) else ref
+    ref = ref if isinstance(ref, str) and ref else train_config.get("data")
+    if not isinstance(ref, str) or not ref:
+        return None
+    return str(Path(ref).resolve()) if Path(ref).exists() else ref
 
 
 def describe_data(run_config: dict[str, Any]) -> str:
@@ -124,5 +156,33 @@ def export_tokenizer_run(
             "data": describe_data(run_config),
             "source": str(path.resolve()),
         },
+    )
+    return model
+
+
+def export_codec_run(
+    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, weights: str | None = None
+) -> AudioCodec:
+    """Write a speech codec run's codec to ``out`` with ``save_pretrained``
+    (``AudioCodec.from_pretrained(out)`` loads it); its card states the bitrate per stage
+    count and, for the run's final codec, the figures of its ``eval.json``. Returns it."""
+    path = run_weights(run_dir, weights)
+    run = Path(run_dir)
+    model = load_any(path)
+    if not isinstance(model, AudioCodec):
+        raise UserError(f"{path} holds an image tokenizer, not the run's codec")
+    final = path.resolve() == (run / "codec").resolve()
+    evaluation = _read_json(run / "eval.json") if final else {}
+    run_config = _read_json(run / "config.json")
+    train = run_config.get("train") or {}
+    info = getattr(model, "pretrained_info", None) or {}
+    source = codec_source(info, train)
+    model.pretrained_info = {
+        **({"data": source} if source else {}),
+        **({"eval": evaluation} if evaluation else {}),
+    }
+    model.save_pretrained(
+        out,
+        model_card_kwargs={"data": source, "source": str(path.resolve())},
     )
     return model
