@@ -164,7 +164,10 @@ def test_discriminators_switch_on_at_disc_start(tmp_path, wavs):
     discriminators' weights move (their own Adam; all but the output biases, whose hinge
     gradient mean(1) - mean(1) is exactly 0 while every logit is inside the margins)."""
     trainer = _trainer(tmp_path / "d", wavs, init="random", **DISC)
+    rng = torch.get_rng_state()
     plain = _trainer(tmp_path / "p", wavs, init="random")
+    # the discriminators' init draws from a stream of its own, not the codec's
+    assert torch.equal(torch.get_rng_state(), rng)
     try:
         assert len(trainer.optimizers()) == 2 and trainer.best_from == 3
         before = _disc_params(trainer)

@@ -129,8 +129,13 @@ class AudioTrainer(LoaderJob):
         self.scheduled = ScheduledOptimizer(self.optimizer, [c.lr], Schedule.of(c))
         self.adv: DiscriminatorStep | None = None  # the discriminators, their optimizer
         if c.adversarial.disc_on:
+            # initialised from a stream of their own: the codec's random draws (quantizer
+            # dropout) and so its steps before disc_start are the run's without them
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(c.seed + 104729)
+                adversarial = AudioAdversarialLoss(c.adversarial)
             self.adv = DiscriminatorStep(
-                AudioAdversarialLoss(c.adversarial),
+                adversarial,
                 c.group(DiscriminatorOptimOptions),
                 self.device,
                 schedule=Schedule.of(c),
