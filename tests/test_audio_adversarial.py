@@ -1,6 +1,8 @@
 """Tests of vqkit's audio_adversarial module: the discriminators' shapes on odd lengths,
 the hinge / least-squares and feature-matching terms against hand-computed and float64
-references, finite gradients."""
+references, finite gradients; the codec job's loss (AudioAdversarialLoss): its one
+forward of real and fake equals separate forwards, the discriminators frozen in the
+generator's terms, nothing before disc_start, a non-finite loss in one line."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import torch
 
 from vqkit.errors import UserError
 from vqkit.losses.audio_adversarial import (
+    AudioAdversarialLoss,
+    AudioAdversarialOptions,
+    AudioDiscriminator,
     MultiPeriodDiscriminator,
     MultiScaleSTFTDiscriminator,
     audio_discriminator_loss,
@@ -117,3 +122,66 @@ def test_gradients_reach_the_waveform_and_the_discriminators():
     assert all(gr is not None and bool(torch.isfinite(gr).all()) for gr in grads)
     with pytest.raises(UserError, match=r"\(B, 1, L\)"):
         mpd(torch.randn(2, 401))
+
+
+@pytest.mark.parametrize(("kinds", "count"), [("mpd", 5), ("stft", 3), ("mpd+stft", 8)])
+def test_audio_discriminator_holds_the_named_kinds(kinds, count):
+    d = AudioDiscriminator(kinds, channels=2)
+    assert len(d(torch.randn(2, 1, 300))) == count
+    with pytest.raises(UserError, match="audio_disc must be one of"):
+        AudioDiscriminator("none")
+
+
+@pytest.mark.parametrize("kind", ["hinge", "least_squares"])
+def test_adversarial_loss_equals_separate_forwards_in_float64(kind):
+    """One forward of cat([real, fake]) gives the terms of two separate forwards (float64
+    reference); the generator's terms leave no gradient in the discriminators and keep
+    their requires_grad; nothing before disc_start."""
+    torch.manual_seed(0)
+    opts = AudioAdversarialOptions(
+        audio_disc="mpd+stft", audio_disc_loss=kind, audio_disc_channels=2, disc_start=2,
+        adv_weight=0.7, feat_match_weight=1.3,
+    )  # fmt: skip
+    loss = AudioAdversarialLoss(opts).double()
+    x = 0.3 * torch.randn(3, 1, 333, dtype=torch.float64)
+    y = (0.3 * torch.randn(3, 1, 333, dtype=torch.float64)).requires_grad_()
+    assert loss.generator_loss(x, y, step=1) == {} and loss.discriminator_loss(x, y, 1) is None
+    g = loss.generator_loss(x, y, step=2)
+    d_net = loss.discriminator
+    real, fake = d_net(x), d_net(y)
+    want_g = audio_generator_loss(fake, kind)
+    want_fm = feature_matching_loss(real, fake)
+    torch.testing.assert_close(g["g_adv"], want_g, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g["feat_match"], want_fm, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g["loss"], 0.7 * want_g + 1.3 * want_fm)
+    g["loss"].backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    assert all(p.grad is None and p.requires_grad for p in d_net.parameters())
+    d = loss.discriminator_loss(x, y, step=2)
+    torch.testing.assert_close(d["d_loss"], audio_discriminator_loss(real, d_net(y.detach()), kind))
+    d["loss"].backward()
+    assert all(p.grad is not None for p in d_net.parameters())
+
+
+def test_adversarial_loss_state_and_bad_input():
+    opts = AudioAdversarialOptions(audio_disc="stft", audio_disc_channels=2)
+    loss = AudioAdversarialLoss(opts)
+    assert set(loss.checkpoint_state()) == {"discriminator"}
+    other = AudioAdversarialLoss(opts)
+    other.load_checkpoint_state(loss.checkpoint_state())
+    for a, b in zip(loss.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert AudioAdversarialLoss(AudioAdversarialOptions()).discriminator_parameters() == []
+    x = torch.randn(2, 1, 300)
+    bad = x.clone()
+    bad[0, 0, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match="discriminator's loss is nan at step 0"):
+        loss.discriminator_loss(bad, x, step=0)
+    for kw, match in (
+        ({"audio_disc": "gan"}, "audio_disc must be one of"),
+        ({"audio_disc_loss": "wgan"}, "audio_disc_loss must be one of"),
+        ({"audio_disc_channels": 0}, "audio_disc_channels must be a positive int"),
+        ({"adv_weight": -1.0}, "adv_weight must be >= 0"),
+    ):
+        with pytest.raises(UserError, match=match):
+            AudioAdversarialOptions(**kw)

@@ -1,18 +1,21 @@
 """The speech codec job (vqkit.training.audio_trainer): a tiny codec trains on a synthetic
 WAV folder (and on FSDD when the shared archive is there), its loss goes down on a fixed
 batch, eval.json holds finite figures per stage count, a stopped and resumed run equals
-the uninterrupted one, and the options are checked before any data is read."""
+the uninterrupted one (with and without discriminators), the discriminators switch on
+at disc_start and not before, and the options are checked before any data is read."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.test_distributed import run_ranks
 from tests.test_job import _same_tensors
 from vqkit.data import write_wav
 from vqkit.errors import UserError
@@ -62,6 +65,10 @@ def _same_run(a: Path, b: Path) -> None:
     cb = load_checkpoint(b / "checkpoints" / "last.pt")
     ca.pop("train_config"), cb.pop("train_config")  # their out_dir differs
     _same_tensors(ca, cb)
+
+
+# both discriminators at width 2, on from step 3 (0-based)
+DISC = dict(audio_disc="mpd+stft", audio_disc_channels=2, disc_start=3, disc_lr=1e-3)
 
 
 def _trainer(out: Path, data: Path, resume: bool = False, **kw: Any) -> AudioTrainer:
@@ -118,16 +125,95 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path, wavs):
     assert last < 0.8 * first, (first, last)
 
 
-def test_resume_equals_the_uninterrupted_run(tmp_path, wavs):
-    """Stopped at step 5, inside a log window (records at 3, 6, 9) and after an eval."""
-    _trainer(tmp_path / "full", wavs, sample_clips=0).fit()
-    part = _trainer(tmp_path / "part", wavs, sample_clips=0)
+@pytest.mark.parametrize("disc", [{}, {**DISC, "audio_disc": "stft"}], ids=["plain", "disc"])
+def test_resume_equals_the_uninterrupted_run(tmp_path, wavs, disc):
+    """Stopped at step 5, inside a log window (records at 3, 6, 9) and after an eval;
+    with a discriminator on from step 3, so it has trained before and after the stop
+    (its weights and Adam state are in the compared checkpoints; the STFT one alone, as
+    the multi-period one adds nothing to resume but time)."""
+    _trainer(tmp_path / "full", wavs, sample_clips=0, **disc).fit()
+    part = _trainer(tmp_path / "part", wavs, sample_clips=0, **disc)
     assert part.fit(until=5) == {"step": 5}
-    _trainer(tmp_path / "part", wavs, resume=True, sample_clips=0).fit()
+    _trainer(tmp_path / "part", wavs, resume=True, sample_clips=0, **disc).fit()
     _same_run(tmp_path / "full", tmp_path / "part")
     full = json.loads((tmp_path / "full" / "eval.json").read_text())
     again = json.loads((tmp_path / "part" / "eval.json").read_text())
     assert full["stages"] == again["stages"]
+    ckpt = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.pt")
+    if disc:  # steps 3..9: 7 discriminator updates; records at 3 (none), 6 (3), 9 (3)
+        steps = {int(s["step"]) for s in ckpt["adversarial"]["optimizer"]["state"].values()}
+        assert steps == {7}
+        train = _train_records(tmp_path / "part")
+        assert [r["disc_steps"] for r in train] == [0, 3, 3, 1]
+        assert all({"g_adv", "feat_match", "d_loss"} <= set(r) for r in train[1:])
+        assert not {"g_adv", "feat_match", "d_loss"} & set(train[0])
+    else:
+        assert "adversarial" not in ckpt
+        assert "disc_steps" not in _train_records(tmp_path / "part")[0]
+
+
+def _disc_params(trainer: AudioTrainer) -> dict[str, torch.Tensor]:
+    net = trainer.adv.loss.discriminator
+    return {k: p.detach().clone() for k, p in net.named_parameters()}
+
+
+def test_discriminators_switch_on_at_disc_start(tmp_path, wavs):
+    """Steps 0..2: the codec's step only (no adversarial figures, the discriminators'
+    weights untouched, the loss the reconstruction-only one); from step 3: finite
+    g_adv, feat_match and d_loss, the adversarial terms in the codec's loss, and the
+    discriminators' weights move (their own Adam; all but the output biases, whose hinge
+    gradient mean(1) - mean(1) is exactly 0 while every logit is inside the margins)."""
+    trainer = _trainer(tmp_path / "d", wavs, init="random", **DISC)
+    rng = torch.get_rng_state()
+    plain = _trainer(tmp_path / "p", wavs, init="random")
+    # the discriminators' init draws from a stream of its own, not the codec's
+    assert torch.equal(torch.get_rng_state(), rng)
+    try:
+        assert len(trainer.optimizers()) == 2 and trainer.best_from == 3
+        before = _disc_params(trainer)
+        for step in range(5):
+            batch = trainer.next_batch()
+            for t in (trainer, plain):
+                t.step = step
+                for opt in t.optimizers():
+                    opt.set_lr(step)
+            rng = torch.get_rng_state()  # quantizer dropout: the same draws for both
+            values = trainer.update(batch, None).values  # type: ignore[arg-type]
+            after = _disc_params(trainer)
+            moved = [not torch.equal(before[k], after[k]) for k in after if "post.bias" not in k]
+            if step < 3:  # the same step as without discriminators
+                assert not any(moved) and not {"g_adv", "feat_match", "d_loss"} & set(values)
+                torch.set_rng_state(rng)
+                assert values == plain.update(batch, None).values  # type: ignore[arg-type]
+            else:
+                assert all(moved), step
+                for k in ("g_adv", "feat_match", "d_loss", "loss"):
+                    assert math.isfinite(values[k]), (k, values)
+                extra = values["g_adv"] + values["feat_match"]  # weights 1, the defaults
+                want = values["recon"] + values["vq_loss"] + extra
+                assert values["loss"] == pytest.approx(want, rel=1e-5)
+            before = after
+    finally:
+        trainer.close()
+        plain.close()
+
+
+def test_discriminators_on_resume_start_fresh_or_refuse(tmp_path, wavs):
+    """Switched on at resume: a fresh discriminator (noted); another kind than the
+    checkpoint's: one line naming the flags; switched off: dropped (noted)."""
+    _trainer(tmp_path / "r", wavs, steps=2, sample_clips=0).fit(until=1)
+    on = _trainer(tmp_path / "r", wavs, resume=True, steps=3, **DISC)
+    assert on.adv.load_state_dict(None) == ["the discriminator starts fresh"]
+    on.fit(until=2)
+    with pytest.raises(UserError, match="does not fit these options .*--audio-disc/"):
+        _trainer(tmp_path / "r", wavs, resume=True, steps=3, **{**DISC, "audio_disc": "stft"})
+    off = _trainer(tmp_path / "r", wavs, resume=True, steps=3)
+    assert off.adv is None
+    off.close()
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert off.load_state_dict(ckpt) == [
+        "the checkpoint's discriminator is dropped (--audio-disc none)"
+    ]
 
 
 def test_resume_refuses_a_changed_codec(tmp_path, wavs):
@@ -231,3 +317,39 @@ def test_codebook_health_on_fsdd(tmp_path, fsdd_archive):
     ).fit()
     assert on["codes_used"][0] >= 4 * off["codes_used"][0], (on["codes_used"], off["codes_used"])
     assert sum(on["codes_used"]) >= 2 * sum(off["codes_used"])
+
+
+def _ddp_rank(rank: int, world: int, port: int, data: str, out: str) -> None:
+    torch.set_num_threads(1)
+    env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
+    kw = {**TINY, **DISC, "disc_start": 1, "eval_every": 100, "init": "random"}
+    cfg = AudioTrainConfig(data=data, out_dir=out, steps=3, dist_timeout=60.0, **kw)
+    AudioTrainer.finish = lambda self: {"step": self.step}  # this process only: no exports
+    trainer = AudioTrainer(cfg)
+    assert type(trainer.adv.net).__name__ == "DistributedDataParallel"
+    trainer.fit()
+    state = {k: v.clone() for k, v in trainer.adv.loss.discriminator.state_dict().items()}
+    torch.save(state, os.path.join(out, f"disc{rank}.pt"))
+
+
+@pytest.mark.timeout(180)
+def test_two_processes_keep_one_discriminator(tmp_path, wavs):
+    """2-process training with both discriminators (gloo, DDP): the ranks see different
+    crops, yet their discriminators stay identical (gradients averaged), and rank 0's is
+    the one saved."""
+    run = tmp_path / "ddp"
+    run.mkdir()
+    run_ranks(_ddp_rank, str(wavs), str(run), deadline=150.0)
+    d0, d1 = (torch.load(run / f"disc{r}.pt") for r in range(2))
+    for k in d0:
+        assert torch.equal(d0[k], d1[k]), k
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    start = _disc_params_of(ckpt)
+    assert set(start) == set(d0) and all(torch.equal(start[k], d0[k]) for k in d0)
+    train = _train_records(run)
+    assert train[-1]["disc_steps"] == 2 and math.isfinite(train[-1]["d_loss"])
+
+
+def _disc_params_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return ckpt["adversarial"]["loss"]["discriminator"]

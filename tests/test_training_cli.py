@@ -67,3 +67,24 @@ def test_a_flag_of_the_other_job_is_one_line(tmp_path, wavs, capsys):
     assert "--segment-seconds applies to audio data" in _error(capsys)
     assert main(["train", "--modality", "audio", "--out", out]) == 2
     assert "needs --data" in _error(capsys)
+    assert main(["train", "--data", str(wavs), "--disc-weight", "1", "--out", out]) == 2
+    assert "--disc-weight applies to image data" in _error(capsys)
+    assert main(["train", "--audio-disc", "mpd", "--out", out]) == 2
+    assert "--audio-disc applies to audio data" in _error(capsys)
+    bad = ["train", "--data", str(wavs), "--audio-disc-channels", "0", "--out", out]
+    assert main(bad) == 2
+    assert "audio_disc_channels must be a positive int; got 0" in _error(capsys)
+
+
+def test_the_codec_trains_with_a_discriminator_from_disc_start(tmp_path, wavs, capsys):
+    """The discriminator's flags: the codec's own (--audio-disc, ...) and the ones both
+    jobs share (--disc-start, --disc-lr)."""
+    out = tmp_path / "gan"
+    args = ["train", "--data", str(wavs), "--out", str(out), "--steps", "2", *TINY]
+    args += ["--audio-disc", "stft", "--audio-disc-channels", "2", "--disc-start", "1"]
+    assert main([*args, "--disc-lr", "1e-3", "--audio-disc-loss", "least_squares"]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (train,) = [r for r in records if r["kind"] == "train"]
+    assert train["disc_steps"] == 1 and {"g_adv", "feat_match", "d_loss"} <= set(train)
+    stored = json.loads((out / "config.json").read_text())["train"]
+    assert (stored["audio_disc"], stored["disc_start"], stored["disc_lr"]) == ("stft", 1, 1e-3)

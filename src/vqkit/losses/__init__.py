@@ -3,8 +3,8 @@ discriminator and GAN losses (:mod:`.adversarial_step`), and their combination w
 options (:mod:`.objective`); the speech codec's waveform, multi-resolution STFT and mel
 losses (:mod:`.spectral`)."""
 
-from .adversarial import LeCAM, PatchDiscriminator, adaptive_weight
-from .objective import LossOptions, VQGANLoss, disc_start_warning
+from .adversarial import LeCAM, PatchDiscriminator, adaptive_weight, disc_start_warning
+from .objective import LossOptions, VQGANLoss
 from .perceptual import LPIPS
 from .spectral import (
     AudioLossOptions,

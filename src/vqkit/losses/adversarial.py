@@ -10,13 +10,18 @@
 * :class:`LeCAM`: Tseng et al. (2021)'s regulariser
   ``mean(relu(D(x) - ema_fake)^2) + mean(relu(ema_real - D(x^))^2)``;
 * :func:`frozen`: the discriminator as the generator step must see it (no gradients into
-  its weights, no BatchNorm statistics updated).
+  its weights, no BatchNorm statistics updated);
+* what both jobs' discriminators share (the image's PatchGAN, the speech codec's
+  :mod:`.audio_adversarial`): :class:`DiscStartOptions` (``disc_start``, declared once),
+  :func:`disc_start_warning` and :func:`check_disc_loss` (a non-finite loss is one line).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +29,17 @@ from torch import nn
 
 from .. import distributed
 from ..errors import UserError
+from ..options import Options, nonneg_int, option
 
 __all__ = [
     "DISC_LOSSES",
+    "DiscStartOptions",
     "LeCAM",
     "PatchDiscriminator",
     "adaptive_weight",
+    "check_disc_loss",
     "check_discriminator_fits",
+    "disc_start_warning",
     "discriminator_loss",
     "frozen",
     "generator_loss",
@@ -38,6 +47,42 @@ __all__ = [
 
 DISC_LOSSES = ("hinge", "non_saturating")
 MAX_ADAPTIVE_WEIGHT = 1e4  # taming's clamp
+
+
+@dataclass
+class DiscStartOptions(Options):
+    """What every job's discriminator options share, declared once: the image's
+    (:class:`~vqkit.losses.objective.LossOptions`) and the speech codec's
+    (:class:`~vqkit.losses.audio_adversarial.AudioAdversarialOptions`). A subclass says
+    whether its options switch a discriminator on (:attr:`disc_on`)."""
+
+    disc_start: int = option(0, "step at which the discriminator switches on", check=nonneg_int)
+
+    @property
+    def disc_on(self) -> bool:
+        """Whether these options switch a discriminator on."""
+        raise NotImplementedError
+
+
+def disc_start_warning(options: DiscStartOptions, steps: int) -> str | None:
+    """The warning a run should print when its discriminator would never switch on."""
+    if options.disc_on and options.disc_start >= steps:
+        return (
+            f"disc_start={options.disc_start} is not before steps={steps}: the discriminator "
+            "never switches on in this run"
+        )
+    return None
+
+
+def check_disc_loss(loss: torch.Tensor, step: int, detail: str = "") -> None:
+    """FloatingPointError (one line) when a discriminator's ``loss`` is not finite, raised
+    before anything is updated; ``detail``: what else the line should say (the logits)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"the discriminator's loss is {value} at step {step}{detail}: lower the "
+            "discriminator's learning rate or the adversarial weight"
+        )
 
 
 class PatchDiscriminator(nn.Module):

@@ -20,11 +20,21 @@ its hidden layers (``DiscOutput``). The terms (EnCodec's):
 * feature matching: ``1/(K L) sum_k sum_l mean|D_k^l(x) - D_k^l(x^)| / mean|D_k^l(x)|``,
   the L1 distance of each layer normalised by the real features' mean magnitude, so
   layers and discriminators of different scales weigh alike (EnCodec's ``L_feat``).
+
+:class:`AudioAdversarialLoss` is the speech codec job's use of them
+(:mod:`vqkit.training.audio_trainer`, options :class:`AudioAdversarialOptions`): the
+discriminators ``--audio-disc`` names (:class:`AudioDiscriminator`: their
+sub-discriminators in one list), from ``disc_start`` on the generator's
+``adv_weight * L_adv + feat_match_weight * L_feat`` with the discriminators frozen, and
+the discriminators' own loss; real and fake crops go through one forward each time (no
+layer mixes the rows of a batch, so the concatenation is two forwards' result).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +42,15 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ..errors import UserError
+from ..options import nonneg, option, positive_int
+from .adversarial import DiscStartOptions, check_disc_loss, frozen
 
 __all__ = [
+    "AUDIO_DISCS",
     "AUDIO_DISC_LOSSES",
+    "AudioAdversarialLoss",
+    "AudioAdversarialOptions",
+    "AudioDiscriminator",
     "DiscOutput",
     "MultiPeriodDiscriminator",
     "MultiScaleSTFTDiscriminator",
@@ -46,6 +62,7 @@ __all__ = [
 ]
 
 AUDIO_DISC_LOSSES = ("hinge", "least_squares")
+AUDIO_DISCS = ("none", "mpd", "stft", "mpd+stft")
 
 # one sub-discriminator's (logits, hidden feature maps)
 DiscOutput = tuple[torch.Tensor, list[torch.Tensor]]
@@ -212,3 +229,140 @@ def feature_matching_loss(real: list[DiscOutput], fake: list[DiscOutput]) -> tor
             a = a.detach()
             terms.append((a - b).abs().mean() / a.abs().mean().clamp(min=1e-8))
     return torch.stack(terms).mean()
+
+
+@dataclass
+class AudioAdversarialOptions(DiscStartOptions):
+    """The speech codec's discriminators and adversarial terms (off by default);
+    ``disc_start`` is the image job's declaration (:class:`DiscStartOptions`), and the
+    discriminators' optimizer is the image job's too
+    (:class:`vqkit.training.adversarial_step.DiscriminatorOptimOptions`: ``disc_lr``,
+    ``disc_beta1``, ``disc_beta2``). The weights are starting points, not tuned."""
+
+    audio_disc: str = option(
+        "none",
+        "audio: the codec's discriminators: none, mpd (HiFi-GAN's multi-period), stft "
+        "(EnCodec's multi-scale STFT) or mpd+stft",
+        choices=AUDIO_DISCS,
+    )
+    audio_disc_loss: str = option(
+        "hinge",
+        "audio: the discriminators' loss: hinge (EnCodec) or least_squares (HiFi-GAN)",
+        choices=AUDIO_DISC_LOSSES,
+    )
+    audio_disc_channels: int = option(
+        32,
+        "audio: the discriminators' width c: the multi-period one's convs c, 4c, 16c, 32c "
+        "(HiFi-GAN: 32), the STFT one's c throughout (EnCodec: 32)",
+        check=positive_int,
+    )
+    adv_weight: float = option(
+        1.0, "audio: weight of the adversarial term of the codec's loss", check=nonneg
+    )
+    feat_match_weight: float = option(
+        1.0,
+        "audio: weight of the (normalised) feature-matching term of the codec's loss",
+        check=nonneg,
+    )
+
+    @property
+    def disc_on(self) -> bool:
+        return self.audio_disc != "none"
+
+
+class AudioDiscriminator(nn.Module):
+    """The discriminators ``kinds`` names (``"mpd"``, ``"stft"``, ``"mpd+stft"``) at width
+    ``channels`` (:class:`AudioAdversarialOptions`); ``forward`` returns every
+    sub-discriminator's output, the multi-period ones first."""
+
+    def __init__(self, kinds: str = "mpd+stft", channels: int = 32) -> None:
+        super().__init__()
+        if kinds not in AUDIO_DISCS[1:]:
+            raise UserError(f"audio_disc must be one of {list(AUDIO_DISCS[1:])}; got {kinds!r}")
+        nets: list[nn.Module] = []
+        if "mpd" in kinds.split("+"):
+            c = channels
+            nets.append(MultiPeriodDiscriminator(channels=(c, 4 * c, 16 * c, 32 * c)))
+        if "stft" in kinds.split("+"):
+            nets.append(MultiScaleSTFTDiscriminator(channels=channels))
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> list[DiscOutput]:
+        return [out for net in self.nets for out in net(x)]
+
+
+def _split(outs: list[DiscOutput], n: int) -> tuple[list[DiscOutput], list[DiscOutput]]:
+    """The outputs of a forward on ``cat([real, fake])`` as (real's, fake's): rows ``:n``
+    and ``n:`` of every logit and feature map."""
+    real = [(lg[:n], [f[:n] for f in fs]) for lg, fs in outs]
+    fake = [(lg[n:], [f[n:] for f in fs]) for lg, fs in outs]
+    return real, fake
+
+
+class AudioAdversarialLoss(nn.Module):
+    """The speech codec's adversarial terms (module docstring). ``x`` and ``recon`` are
+    (B, 1, L) crops whose padding the caller has zeroed in both (the discriminators then
+    see zeros past every clip's end, real and fake alike)."""
+
+    # what a resumed run is told (vqkit.training.adversarial_step.DiscriminatorStep)
+    shape_flags = "--audio-disc/--audio-disc-channels"
+    off_flag = "--audio-disc none"
+
+    def __init__(self, options: AudioAdversarialOptions) -> None:
+        super().__init__()
+        self.options = options
+        self.discriminator: AudioDiscriminator | None = None
+        if options.disc_on:
+            self.discriminator = AudioDiscriminator(options.audio_disc, options.audio_disc_channels)
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        """What the discriminators' optimizer updates (empty without discriminators)."""
+        return [] if self.discriminator is None else list(self.discriminator.parameters())
+
+    def disc_active(self, step: int) -> bool:
+        return self.discriminator is not None and step >= self.options.disc_start
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a training checkpoint holds: the discriminators' weights (none without)."""
+        if self.discriminator is None:
+            return {}
+        return {"discriminator": self.discriminator.state_dict()}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`checkpoint_state`; ValueError / RuntimeError when it does not fit."""
+        if set(state) != set(self.checkpoint_state()):
+            raise UserError(f"the checkpoint's loss state holds {sorted(state)}")
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+
+    def generator_loss(
+        self, x: torch.Tensor, recon: torch.Tensor, step: int
+    ) -> dict[str, torch.Tensor]:
+        """``{"loss", "g_adv", "feat_match"}`` from ``disc_start`` on (``loss``: their
+        weighted sum, to add to the codec's), ``{}`` before. The discriminators are
+        :func:`frozen`: this loss reaches the codec only."""
+        if not self.disc_active(step):
+            return {}
+        assert self.discriminator is not None
+        with frozen(self.discriminator):
+            real, fake = _split(self.discriminator(torch.cat([x.detach(), recon])), len(x))
+        o = self.options
+        g = audio_generator_loss(fake, o.audio_disc_loss)
+        fm = feature_matching_loss(real, fake)
+        return {"loss": o.adv_weight * g + o.feat_match_weight * fm, "g_adv": g, "feat_match": fm}
+
+    def discriminator_loss(
+        self, x: torch.Tensor, recon: torch.Tensor, step: int, net: nn.Module | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """``{"loss", "d_loss"}`` on real ``x`` and (detached) ``recon``; None before
+        ``disc_start``. ``net``: what runs the discriminators (their DistributedDataParallel
+        wrapper under torchrun; default: them). FloatingPointError (one line) when the loss
+        is not finite, before anything is updated."""
+        if not self.disc_active(step):
+            return None
+        run = self.discriminator if net is None else net
+        assert run is not None
+        real, fake = _split(run(torch.cat([x.detach(), recon.detach()])), len(x))
+        d = audio_discriminator_loss(real, fake, self.options.audio_disc_loss)
+        check_disc_loss(d, step)
+        return {"loss": d, "d_loss": d}

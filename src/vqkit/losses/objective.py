@@ -16,7 +16,6 @@ config); :class:`VQGANLoss` holds the discriminator (its own optimizer, see
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,24 +23,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..options import Options, nonneg, nonneg_int, option, positive_int, unit_interval_excl_one
+from ..options import nonneg, option, positive_int, unit_interval_excl_one
 from .adversarial import (
     DISC_LOSSES,
+    DiscStartOptions,
     LeCAM,
     PatchDiscriminator,
     adaptive_weight,
+    check_disc_loss,
     discriminator_loss,
     frozen,
     generator_loss,
 )
 from .perceptual import LPIPS, VGG16_FILE
 
-__all__ = ["LossOptions", "VQGANLoss", "disc_start_warning"]
+__all__ = ["LossOptions", "VQGANLoss"]
 
 
 @dataclass
-class LossOptions(Options):
-    """The reconstruction, perceptual and adversarial terms (all off by default)."""
+class LossOptions(DiscStartOptions):
+    """The reconstruction, perceptual and adversarial terms (all off by default);
+    ``disc_start`` is the one declaration both jobs share (:class:`DiscStartOptions`)."""
 
     rec_loss: str = option("l2", "reconstruction term: l2 (MSE) or l1", choices=("l1", "l2"))
     perceptual_weight: float = option(
@@ -55,7 +57,6 @@ class LossOptions(Options):
     disc_weight: float = option(
         0.0, "weight of the adversarial term (0: no discriminator)", check=nonneg
     )
-    disc_start: int = option(0, "step at which the discriminator switches on", check=nonneg_int)
     disc_loss: str = option("hinge", "GAN loss: hinge or non_saturating", choices=DISC_LOSSES)
     disc_layers: int = option(
         3, "stride-2 layers of the PatchGAN discriminator", check=positive_int
@@ -81,20 +82,18 @@ class LossOptions(Options):
                 f"VGG16 weights ({VGG16_FILE}), downloaded by you; vqkit never downloads"
             )
 
-
-def disc_start_warning(options: LossOptions, steps: int) -> str | None:
-    """The warning a run should print when its discriminator would never switch on."""
-    if options.disc_weight > 0 and options.disc_start >= steps:
-        return (
-            f"disc_start={options.disc_start} is not before steps={steps}: the discriminator "
-            "never switches on in this run"
-        )
-    return None
+    @property
+    def disc_on(self) -> bool:
+        return self.disc_weight > 0
 
 
 class VQGANLoss(nn.Module):
     """The objective of one tokenizer. ``in_channels``: the images' channels (LPIPS and
     the perceptual term need 3)."""
+
+    # what a resumed run is told (vqkit.training.adversarial_step.DiscriminatorStep)
+    shape_flags = "--disc-layers/--disc-channels/--lecam-weight"
+    off_flag = "--disc-weight 0"
 
     def __init__(self, options: LossOptions, in_channels: int) -> None:
         super().__init__()
@@ -216,11 +215,6 @@ class VQGANLoss(nn.Module):
         if self.lecam is not None:
             reg = self.lecam(logits_real, logits_fake)
             out.update(lecam=reg, loss=d + self.options.lecam_weight * reg)
-        value = float(out["loss"].detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"the discriminator's loss is {value} at step {step} (real logits "
-                f"{float(out['logits_real'])}, fake {float(out['logits_fake'])}): lower the "
-                "discriminator's learning rate or --disc-weight"
-            )
+        logits = f" (real logits {float(out['logits_real'])}, fake {float(out['logits_fake'])})"
+        check_disc_loss(out["loss"], step, logits)
         return out

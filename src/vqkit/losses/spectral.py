@@ -50,6 +50,7 @@ __all__ = [
     "mel_filterbank",
     "parse_triples",
     "waveform_l1",
+    "zero_padding",
 ]
 
 STFT_EPS = 1e-7  # Parallel WaveGAN's floor of the power before sqrt and log
@@ -141,8 +142,14 @@ def _prepare(
         raise UserError(
             f"audio loss: lengths must be (B,) = ({x.shape[0]},) ints in [1, {x.shape[1]}]"
         )
-    keep = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
-    return x * keep, y * keep, lengths
+    return zero_padding(x, lengths), zero_padding(y, lengths), lengths
+
+
+def zero_padding(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, T) or (B, 1, T) with the samples past each row's length (``lengths``,
+    (B,)) set to 0."""
+    keep = torch.arange(x.shape[-1], device=x.device) < lengths.to(x.device)[:, None]
+    return x * (keep if x.dim() == 2 else keep[:, None, :])
 
 
 def waveform_l1(

@@ -1,7 +1,7 @@
 """The speech codec job's options (:class:`AudioTrainOptions`, its own) and its flat
 configuration (:class:`AudioTrainConfig`: its own, the codebook health's, the audio loss
-terms' and the codec's), checked on construction before any data is read; the job is
-:mod:`vqkit.training.audio_trainer`."""
+terms', the discriminators' and their optimizer's, and the codec's), checked on
+construction before any data is read; the job is :mod:`vqkit.training.audio_trainer`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from functools import cached_property
 from typing import Any
 
 from ..errors import UserError
+from ..losses.audio_adversarial import AudioAdversarialOptions
 from ..losses.spectral import AudioLossOptions, parse_triples
 from ..models.audio_codec import AudioCodecConfig
 from ..options import (
@@ -23,6 +24,7 @@ from ..options import (
     with_defaults,
 )
 from ..runtime.options import check_resume_steps
+from .adversarial_step import DiscriminatorOptimOptions
 from .config import TrainJobOptions
 from .health import HealthOptions
 
@@ -82,7 +84,14 @@ class AudioTrainOptions(_AudioJobOptions):  # type: ignore[misc, valid-type]
 
 _AudioTrainConfigBase = compose(
     "AudioTrainConfig",
-    (AudioTrainOptions, HealthOptions, AudioLossOptions, AudioCodecConfig),
+    (
+        AudioTrainOptions,
+        HealthOptions,
+        AudioLossOptions,
+        AudioAdversarialOptions,
+        DiscriminatorOptimOptions,
+        AudioCodecConfig,
+    ),
     bases=(Options,),
 )
 
@@ -91,7 +100,10 @@ class AudioTrainConfig(_AudioTrainConfigBase):  # type: ignore[misc, valid-type]
     """All options of the speech codec job, flat: :class:`AudioTrainOptions`, the
     codebook health's :class:`~vqkit.training.health.HealthOptions` (the image job's
     declarations: k-means init and revival every 20 steps when the quantizer supports
-    them), :class:`~vqkit.losses.AudioLossOptions` and the codec's
+    them), :class:`~vqkit.losses.AudioLossOptions`, the discriminators'
+    (:class:`~vqkit.losses.audio_adversarial.AudioAdversarialOptions`, ``disc_start``
+    the image job's declaration) and their optimizer's (the image job's
+    :class:`~vqkit.training.adversarial_step.DiscriminatorOptimOptions`) and the codec's
     (:class:`~vqkit.models.AudioCodecConfig`: network, ``embedding_dim``, ``quantizer``
     and every quantizer kind's options at the codec's defaults). Checked on construction,
     before any data is read: the codec's own checks, and crops long enough for every
@@ -135,6 +147,10 @@ class AudioTrainConfig(_AudioTrainConfigBase):  # type: ignore[misc, valid-type]
     @cached_property
     def loss(self) -> AudioLossOptions:
         return self.group(AudioLossOptions)
+
+    @cached_property
+    def adversarial(self) -> AudioAdversarialOptions:
+        return self.group(AudioAdversarialOptions)
 
     def replace(self, **changes: Any) -> AudioTrainConfig:
         return type(self)(**{**asdict(self), **changes})

@@ -13,6 +13,17 @@ resumable); a shorter clip is taken whole, zero-padded, and its padding is left 
 every loss term and of the quantizer's statistics (``lengths``). Options:
 :mod:`vqkit.training.audio_config`.
 
+Discriminators (``--audio-disc mpd|stft|mpd+stft``; none by default, and then the step
+is exactly the reconstruction-only one): from ``disc_start`` on, the codec's loss adds
+``adv_weight * g_adv + feat_match_weight * feat_match``
+(:class:`~vqkit.losses.audio_adversarial.AudioAdversarialLoss`, the discriminators
+frozen), and after the codec's update the discriminators take their own step (the shared
+:class:`~vqkit.training.adversarial_step.DiscriminatorStep`: Adam at ``disc_lr`` on the
+run's schedule, DistributedDataParallel under torchrun, checkpointed) on the same crops
+and the detached reconstruction, both with their padding zeroed. The train records
+carry ``g_adv``, ``feat_match``, ``d_loss`` (means over the window's steps that had
+them) and ``disc_steps``; best.pt is chosen from ``disc_start`` on.
+
 Codebook health: the image job's policy (:mod:`vqkit.training.health`, the same
 options): k-means init of the quantizer (rvq: stage by stage, each on its residual) on
 the initial encoder's frames of crops of a loader of its own at step 0, padding frames
@@ -44,7 +55,9 @@ import torch
 from ..data import CropLoader, load_audio
 from ..distributed import data_parallel
 from ..errors import UserError
-from ..losses.spectral import AudioReconstructionLoss
+from ..losses.adversarial import disc_start_warning
+from ..losses.audio_adversarial import AudioAdversarialLoss
+from ..losses.spectral import AudioReconstructionLoss, zero_padding
 from ..models.audio_codec import AudioCodec, AudioCodecConfig
 from ..runtime.job import LoaderJob
 from ..runtime.loop import Progress, ScheduledOptimizer, StepResult
@@ -53,6 +66,7 @@ from ..runtime.schedule import Schedule
 from ..runtime.window import Window
 from ..storage.checkpoint import CheckpointError
 from ..storage.rundir import ARTIFACTS
+from .adversarial_step import DiscriminatorOptimOptions, DiscriminatorStep
 from .audio_config import AudioTrainConfig, AudioTrainOptions
 from .health import CodebookHealth, HealthOptions, with_global_usage
 
@@ -113,6 +127,20 @@ class AudioTrainer(LoaderJob):
         )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=c.lr)
         self.scheduled = ScheduledOptimizer(self.optimizer, [c.lr], Schedule.of(c))
+        self.adv: DiscriminatorStep | None = None  # the discriminators, their optimizer
+        if c.adversarial.disc_on:
+            # initialised from a stream of their own: the codec's random draws (quantizer
+            # dropout) and so its steps before disc_start are the run's without them
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(c.seed + 104729)
+                adversarial = AudioAdversarialLoss(c.adversarial)
+            self.adv = DiscriminatorStep(
+                adversarial,
+                c.group(DiscriminatorOptimOptions),
+                self.device,
+                schedule=Schedule.of(c),
+                lr=c.lr,
+            )
         self.loader = CropLoader(
             self.train_data,
             c.batch_size,
@@ -125,6 +153,8 @@ class AudioTrainer(LoaderJob):
         self.ddp: torch.nn.Module = self.model
         if self.world > 1:  # statistics already identical on every rank: data_parallel
             self.ddp = data_parallel(self.model, self.device)
+            if self.adv is not None:
+                self.adv.wrap_ddp()
 
     @property
     def crop_frames(self) -> int:
@@ -143,9 +173,20 @@ class AudioTrainer(LoaderJob):
         return parse_stages(self.config.eval_stages, q)
 
     def release(self) -> None:
-        """Let go of the DistributedDataParallel wrapper before the group is destroyed."""
+        """Let go of the DistributedDataParallel wrappers before the group is destroyed."""
         if hasattr(self, "ddp"):
             self.ddp = self.model
+        if getattr(self, "adv", None) is not None:
+            self.adv.unwrap_ddp()
+
+    def optimizers(self) -> list[ScheduledOptimizer]:
+        """The codec's optimizer, and the discriminators' when there are any."""
+        return [self.scheduled, *([] if self.adv is None else self.adv.optimizers())]
+
+    @property
+    def best_from(self) -> int:
+        """best.pt: reconstruction-only weights drop out once the discriminators are on."""
+        return 0 if self.adv is None else self.adv.objective_final_from
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -154,6 +195,7 @@ class AudioTrainer(LoaderJob):
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "loader": self.loader.state_dict(),
+            **({} if self.adv is None else {"adversarial": self.adv.state_dict()}),
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> list[str]:
@@ -168,7 +210,10 @@ class AudioTrainer(LoaderJob):
         for group in self.optimizer.param_groups:  # a changed --lr applies
             group["lr"] = self.config.lr
         self.loader.load_state_dict(ckpt["loader"])
-        return []
+        if self.adv is None:  # --audio-disc none
+            dropped = (ckpt.get("adversarial") or {}).get("loss")
+            return [DiscriminatorStep.dropped_note(AudioAdversarialLoss)] if dropped else []
+        return self.adv.load_state_dict(ckpt.get("adversarial"))
 
     def changes_on_resume(self, ckpt: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         return resume_changes(
@@ -184,7 +229,8 @@ class AudioTrainer(LoaderJob):
     def update(self, batch: tuple[torch.Tensor, torch.Tensor], progress: Progress) -> StepResult:
         """One update on crops ``x`` (B, 1, L) with their real ``lengths`` (B,): the
         reconstruction terms plus the quantizer's loss (quantizer dropout acts: training
-        mode)."""
+        mode), from ``disc_start`` on plus the adversarial terms, then the
+        discriminators' step on the same crops (module docstring)."""
         x, lengths = batch
         self.model.train()
         if self.step == 0 and self.config.init == "kmeans":
@@ -192,6 +238,12 @@ class AudioTrainer(LoaderJob):
         out = self.ddp(x, lengths)
         recon, terms = self.loss(out.recon, x, lengths)
         loss = recon + out.vq.loss
+        if self.adv is not None:  # the discriminators see the crops' padding zeroed
+            real, fake = zero_padding(x, lengths), zero_padding(out.recon, lengths)
+            adversarial = self.adv.loss.generator_loss(real, fake, self.step)
+            if adversarial:
+                loss = loss + adversarial.pop("loss")
+                terms.update(adversarial)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         values = {
@@ -207,6 +259,8 @@ class AudioTrainer(LoaderJob):
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             values["grad_norm"] = float(norm)
         self.optimizer.step()
+        if self.adv is not None:
+            values.update(self.adv.discriminator_step(real, fake.detach(), self.step))
         counts = out.vq.counts
         sum_counts = counts is not None and not self.model.quantizer.counts_are_global
         return StepResult(values, counts, sum_counts)
@@ -223,10 +277,12 @@ class AudioTrainer(LoaderJob):
         self.window.add(values, counts, self.items(batch))
 
     def record(self) -> dict[str, Any]:
-        """A train record's codebook health (:meth:`CodebookHealth.figures`)."""
+        """A train record's codebook health (:meth:`CodebookHealth.figures`) and, with
+        discriminators, ``disc_steps``."""
         return {
             **super().record(),
             **self.health.figures(self.window.counts, self.window.group_counts),
+            **({} if self.adv is None else self.adv.record(self.window)),
         }
 
     @torch.no_grad()
@@ -272,7 +328,13 @@ class AudioTrainer(LoaderJob):
             "loss": f"{values['loss']:.3f}",
             **({"mel": f"{values['mel']:.3f}"} if "mel" in values else {}),
             "ppl": f"{values['perplexity']:.1f}",
+            **({"d": f"{values['d_loss']:.3f}"} if "d_loss" in values else {}),
         }
+
+    def announce(self) -> None:
+        warning = disc_start_warning(self.config.adversarial, self.config.steps)
+        if warning:
+            print(f"warning: {warning}", flush=True)
 
     # -- evaluation --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:

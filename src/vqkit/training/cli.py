@@ -31,7 +31,8 @@ def add_train_arguments(sub: argparse._SubParsersAction) -> None:
         "WAV data (--modality, or told apart by the files). Every option below is declared "
         "once (vqkit.training.config, vqkit.runtime.options, vqkit.training.step, "
         "vqkit.losses.objective, vqkit.training.adversarial_step, vqkit.models.vqvae, "
-        "vqkit.training.audio_trainer, vqkit.models.audio_codec, vqkit.losses.spectral, and "
+        "vqkit.training.audio_trainer, vqkit.models.audio_codec, vqkit.losses.spectral, "
+        "vqkit.losses.audio_adversarial, and "
         "each quantizer module; the codec's defaults differ where its module says so); "
         "presets (images): " + ", ".join(PRESETS),
     )
@@ -64,7 +65,9 @@ def add_train_arguments(sub: argparse._SubParsersAction) -> None:
 
 def _audio_flags() -> type:
     """The speech codec job's options that the image job has not: its own, the codec
-    network's and the audio loss terms' (each still declared once, in its module)."""
+    network's, the audio loss terms' and the discriminators' (each still declared once,
+    in its module; ``disc_start`` and the discriminator's optimizer are both jobs')."""
+    from ..losses.audio_adversarial import AudioAdversarialOptions
     from ..losses.spectral import AudioLossOptions
     from ..models.audio_codec import AudioModelOptions
     from ..options import compose, option_fields
@@ -73,7 +76,9 @@ def _audio_flags() -> type:
 
     image = {f.name for f in option_fields(TrainConfig)}
     return compose(
-        "AudioFlags", (AudioTrainOptions, AudioModelOptions, AudioLossOptions), exclude=image
+        "AudioFlags",
+        (AudioTrainOptions, AudioModelOptions, AudioLossOptions, AudioAdversarialOptions),
+        exclude=image,
     )
 
 

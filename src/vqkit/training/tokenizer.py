@@ -74,7 +74,7 @@ from ..runtime.prefetch import Prefetcher
 from ..runtime.schedule import Schedule
 from ..runtime.window import Window
 from ..storage.checkpoint import CheckpointError
-from .adversarial_step import ADVERSARIAL_FIGURES, AdversarialStep
+from .adversarial_step import AdversarialStep
 from .config import PRESETS, TrainConfig, resolve_device
 from .data import load_run_data
 from .health import CodebookHealth, HealthOptions, with_global_usage
@@ -265,9 +265,7 @@ class Trainer(LoaderJob):
         self.window.add(values, counts, x.shape[0] * self.world)
 
     def record(self) -> dict[str, Any]:
-        disc = {}
-        if self.adv is not None and self.adv.optimizer is not None:
-            disc = {"disc_steps": max(self.window.steps(k) for k in ADVERSARIAL_FIGURES)}
+        disc = {} if self.adv is None else self.adv.record(self.window)
         return {
             "epoch": self.loader.epoch,
             **self.health.figures(self.window.counts, self.window.group_counts),
