@@ -88,3 +88,33 @@ def test_the_codec_trains_with_a_discriminator_from_disc_start(tmp_path, wavs, c
     assert train["disc_steps"] == 1 and {"g_adv", "feat_match", "d_loss"} <= set(train)
     stored = json.loads((out / "config.json").read_text())["train"]
     assert (stored["audio_disc"], stored["disc_start"], stored["disc_lr"]) == ("stft", 1, 1e-3)
+
+
+def _as_config(flags: list[str]) -> dict:
+    """``--name value`` flags (and ``--no-x`` switches) as a ``--config`` file's object."""
+    out, i = {}, 0
+    while i < len(flags):
+        name = flags[i][2:].replace("-", "_")
+        if name.startswith("no_"):
+            out[name[3:]], i = False, i + 1
+        else:
+            value = flags[i + 1]
+            out[name] = json.loads(value) if value.replace(".", "", 1).isdigit() else value
+            i += 2
+    return out
+
+
+def test_a_config_file_of_codec_options_trains_the_codec(tmp_path, wavs, capsys):
+    # the file's data and modality choose the job, its keys are the codec's options
+    cfg = {"data": str(wavs), "steps": 2, "out_dir": str(tmp_path / "run"), **_as_config(TINY)}
+    cfg["num_embeddings"] = 8
+    path = tmp_path / "codec.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(path)]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["num_embeddings"] == 8 and saved["train"]["strides"] == "2,4"
+    capsys.readouterr()
+    # a key of neither job is refused in one line, naming it
+    path.write_text(json.dumps({**cfg, "out_dir": str(tmp_path / "b"), "bogus": 1}))
+    assert main(["train", "--config", str(path)]) == 2
+    assert "unknown keys ['bogus']" in _error(capsys)

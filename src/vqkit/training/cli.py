@@ -89,7 +89,12 @@ def _train_modality(args: argparse.Namespace) -> str:
     from ..data import detect_modality
     from .audio_trainer import AudioTrainConfig, AudioTrainer
 
-    asked = args.modality or "auto"
+    from .config import read_config_values
+
+    # a --config file's data / modality count as flags given under the command line's
+    filed = read_config_values(args.config) if args.config and not args.resume else {}
+    asked = args.modality or filed.get("modality") or "auto"
+    data = args.data or filed.get("data")
     if args.resume:
         default = AudioTrainConfig.defaults() if asked == "audio" else None
         out = Path(args.out_dir or (default or {}).get("out_dir", "runs/vqkit"))
@@ -99,11 +104,11 @@ def _train_modality(args: argparse.Namespace) -> str:
         if last.is_file():
             return "audio" if load_checkpoint(last).get("kind") == AudioTrainer.kind else "image"
         return "audio" if asked == "audio" else "image"
-    source = Path(args.data) if args.data else None
+    source = Path(data) if isinstance(data, str) and data else None
     found = detect_modality(source) if source is not None and source.exists() else "image"
     if asked == "image" and found == "audio":
         raise UserError(
-            f"--modality image, but {args.data} holds WAV files (audio); drop --modality "
+            f"--modality image, but {data} holds WAV files (audio); drop --modality "
             "(or give --modality audio) to train the speech codec"
         )
     return found if asked == "auto" else asked
@@ -136,11 +141,13 @@ def run_train(args: argparse.Namespace) -> int:
 def _train_audio(args: argparse.Namespace, given: dict[str, Any]) -> int:
     from .audio_trainer import AudioTrainConfig, AudioTrainer
 
-    if args.config and not args.resume:
-        raise UserError(
-            "--config files are read for image runs; give the speech codec's options as flags"
-        )
-    cfg = _resolved(AudioTrainConfig, args, given, lambda: AudioTrainConfig(**given))
+    from .config import read_config_file
+
+    def fresh() -> Any:
+        filed = read_config_file(args.config, AudioTrainConfig) if args.config else {}
+        return AudioTrainConfig(**{**filed, **given})
+
+    cfg = _resolved(AudioTrainConfig, args, given, fresh)
     return _fit(AudioTrainer(cfg, resume=args.resume, overwrite=args.overwrite), AUDIO_KEYS)
 
 

@@ -278,24 +278,7 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
         """Options from a JSON file, then ``overrides`` on top. A ``preset`` among the
         ``overrides`` (named on the command line) applies over the file's values (and under
         the other overrides); a ``preset`` in the file applies under the file's values."""
-        try:
-            values = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config file not found: {path}") from None
-        except OSError as e:  # a folder, no permission, ...: the reason, not "[Errno 21]"
-            reason = (e.strerror or str(e)).lower()
-            raise UserError(f"--config {path}: {reason}; give a JSON file of options") from e
-        except UnicodeDecodeError as e:
-            raise UserError(f"config file {path} is not text (JSON): {e}") from e
-        except json.JSONDecodeError as e:
-            raise UserError(f"config file {path} is not valid JSON: {e}") from e
-        if not isinstance(values, dict):
-            raise UserError(f"config file {path} must hold a JSON object")
-        values = upgrade_options(values)  # names an older vqkit wrote (e.g. config.json)
-        known = {f.name for f in option_fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise UserError(f"config file {path}: unknown keys {sorted(unknown)}")
+        values = read_config_file(path, cls)
         preset = overrides.get("preset")
         if preset is not None:
             if _preset_check(preset):
@@ -372,3 +355,33 @@ class TrainConfig(_TrainConfigBase, Options):  # type: ignore[misc, valid-type]
             image_size=image_size,
             **{k: getattr(self, k) for k in names},
         )
+
+
+def read_config_values(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object of a ``--config`` file, with the option names an older vqkit wrote
+    upgraded; one line when it is missing, unreadable, not JSON or not an object."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except OSError as e:  # a folder, no permission, ...: the reason, not "[Errno 21]"
+        reason = (e.strerror or str(e)).lower()
+        raise UserError(f"--config {path}: {reason}; give a JSON file of options") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not text (JSON): {e}") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file {path} is not valid JSON: {e}") from e
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a JSON object")
+    return upgrade_options(values)  # names an older vqkit wrote (e.g. config.json)
+
+
+def read_config_file(path: str | os.PathLike[str], config_class: Any) -> dict[str, Any]:
+    """:func:`read_config_values`, every key one of ``config_class``'s options (either
+    job's flat config: the one reader of both jobs' ``--config`` files)."""
+    values = read_config_values(path)
+    unknown = set(values) - {f.name for f in option_fields(config_class)}
+    if unknown:
+        raise UserError(f"config file {path}: unknown keys {sorted(unknown)}")
+    return values
+
