@@ -88,7 +88,6 @@ def _train_modality(args: argparse.Namespace) -> str:
     names a source of WAV files, or a source holds both kinds."""
     from ..data import detect_modality
     from .audio_trainer import AudioTrainConfig, AudioTrainer
-
     from .config import read_config_values
 
     # a --config file's data / modality count as flags given under the command line's
@@ -140,7 +139,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _train_audio(args: argparse.Namespace, given: dict[str, Any]) -> int:
     from .audio_trainer import AudioTrainConfig, AudioTrainer
-
     from .config import read_config_file
 
     def fresh() -> Any:

@@ -384,4 +384,3 @@ def read_config_file(path: str | os.PathLike[str], config_class: Any) -> dict[st
     if unknown:
         raise UserError(f"config file {path}: unknown keys {sorted(unknown)}")
     return values
-
