@@ -17,7 +17,14 @@ The decoded signal is aligned to the original by cross-correlation (``align``, l
 (Ogg container included for Opus) * 8 / the signal's duration. The table is the mean over
 speakers; the JSON keeps every speaker's figures and lag.
 
-    python -m benchmarks.bench_audio_anchors [--speaker-plot theo] [--plot-seconds 4]
+    python -m benchmarks.bench_audio_anchors [--speaker-plot theo] [--plot-seconds 4] \
+        [--codec RUN_OR_MODEL --stages 3,7 --out DIR]
+
+``--codec``: a vqkit speech codec (a run directory, checkpoint or exported directory) is
+measured side by side, one row per stage count of ``--stages``, on the same joined
+signals and scores: the whole signal is encoded with that many stages and decoded
+(``vqkit encode`` / ``decode``'s ``wav_to_codes`` / ``codes_to_wav``); its "file kbps" is
+the raw bitrate, frames x stages x log2 K per second of signal.
 
 Needs the Debian packages ``codec2`` and ``opus-tools`` and the ``audio-eval`` extra.
 """
@@ -66,6 +73,7 @@ ISSUE = {
     "Opus 6": (2.88, 0.86),
     "Opus 8": (3.77, 0.93),
 }
+PICTURED = ("codec2 3200", "codec2 2400", "Opus 6")  # beside the original (and vqkit's rows)
 TOOLS = ("c2enc", "c2dec", "opusenc", "opusdec")
 
 
@@ -78,6 +86,20 @@ def run(cmd: list[str]) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+
+
+def code_vqkit(x: np.ndarray, model, stages: int) -> tuple[np.ndarray, float]:
+    """The signal through a vqkit codec with ``stages`` stages: (decoded float64 signal,
+    raw bits)."""
+    from vqkit.data.audio import Wav
+    from vqkit.models.codes_io import AudioCodes
+    from vqkit.training.audio_commands import codes_to_wav, wav_to_codes
+
+    wav = Wav(torch.from_numpy(x).float(), RATE, channels=1)
+    with torch.no_grad():
+        codes = wav_to_codes(model, wav, stages)
+        y = codes_to_wav(model, AudioCodes(codes, RATE, x.size, 1))
+    return y.double().numpy().reshape(-1), codes.size * np.log2(model.num_codes)
 
 
 def code(x: np.ndarray, kind: str, setting: str, tmp: Path) -> tuple[np.ndarray, int]:
@@ -161,7 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speaker-plot", default="theo", help="speaker of the spectrogram picture")
     p.add_argument("--plot-seconds", type=float, default=4.0)
     p.add_argument("--out", type=Path, default=out_dir("audio_anchors"))
+    p.add_argument("--codec", help="a vqkit speech codec measured beside the anchors")
+    p.add_argument("--stages", default="3,7", help="--codec's stage counts, comma-separated")
     args = p.parse_args(argv)
+    model = None
+    if args.codec:
+        from vqkit.models.io import load_any
+        from vqkit.training.export import run_weights
+
+        src = Path(args.codec)  # a run directory has checkpoints/; else a model file or dir
+        model = load_any(run_weights(src) if (src / "checkpoints").is_dir() else src).eval()
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: apt-get install -y codec2 opus-tools")
@@ -186,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                 y, size = code(x, kind, setting, Path(tmp))
                 s = score(x, y)
                 aligned = s.pop("aligned")
-                if who == args.speaker_plot and name in ("codec2 3200", "Opus 6"):
+                if who == args.speaker_plot and name in PICTURED:
                     pictures[name] = aligned
                 s["file_kbps"] = size * 8 / (x.size / RATE) / 1000
                 s["seconds"] = x.size / RATE
@@ -194,6 +225,24 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name:12s} {who:9s} lag {s['lag']:5d} PESQ {s['pesq_nb']:.3f} "
                       f"STOI {s['stoi']:.3f} SI-SDR {s['si_sdr']:6.2f} mel "
                       f"{s['mel_distance']:.3f} {s['file_kbps']:.2f} kbps", flush=True)  # fmt: skip
+        for n in (int(t) for t in args.stages.split(",")) if model is not None else ():
+            name = f"vqkit {n} stages"
+            per[name] = {}
+            for who, x in signals.items():
+                y, bits = code_vqkit(x, model, n)
+                s = score(x, y)
+                aligned = s.pop("aligned")
+                if who == args.speaker_plot:
+                    pictures[name] = aligned
+                s["file_kbps"] = bits / (x.size / RATE) / 1000
+                s["seconds"] = x.size / RATE
+                per[name][who] = s
+                print(f"{name:12s} {who:9s} lag {s['lag']:5d} PESQ {s['pesq_nb']:.3f} "
+                      f"STOI {s['stoi']:.3f} {s['file_kbps']:.2f} kbps", flush=True)  # fmt: skip
+    if model is not None:
+        meta["codec"] = {"path": args.codec, "stages": args.stages,
+                         "bitrates_kbps": {n: model.bitrate(n) / 1000
+                                           for n in range(1, model.num_stages + 1)}}  # fmt: skip
     keys = ("file_kbps", "pesq_nb", "stoi", "si_sdr", "mel_distance")
     mean = {
         name: {k: statistics.fmean(v[k] for v in rows.values()) for k in keys}
@@ -206,13 +255,13 @@ def main(argv: list[str] | None = None) -> None:
         spectrogram_png(
             png,
             [(f"original ({args.speaker_plot}, FSDD test, joined)", signals[args.speaker_plot])]
-            + [(f"{n} (aligned)", pictures[n]) for n in ("codec2 3200", "Opus 6")],
+            + [(f"{n} (aligned)", y) for n, y in pictures.items()],
             args.plot_seconds,
         )
     rows = [
         [name, f"{m['file_kbps']:.2f}", f"{m['pesq_nb']:.2f}", f"{m['stoi']:.3f}",
-         f"{m['si_sdr']:.1f}", f"{m['mel_distance']:.3f}", f"{ISSUE[name][0]:.2f}",
-         f"{ISSUE[name][1]:.3f}"]
+         f"{m['si_sdr']:.1f}", f"{m['mel_distance']:.3f}",
+         *((f"{ISSUE[name][0]:.2f}", f"{ISSUE[name][1]:.3f}") if name in ISSUE else ("–", "–"))]
         for name, m in mean.items()
     ]  # fmt: skip
     md = [
