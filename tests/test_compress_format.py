@@ -1,4 +1,5 @@
-"""vqkit.compress.format: the .vqz container (version 2, and version 1 still read) round
+"""vqkit.compress.format: the .vqz container (version 2, version 3 for audio clips, and
+version 1 still read) round
 trip, its layout as docs/format.md specifies it, and one clear one-line FormatError for
 every truncation, every flipped bit, a foreign file, an unknown version or model, and
 every header field out of its bounds (crafted with a valid CRC), also under an
@@ -18,6 +19,8 @@ import numpy as np
 import pytest
 
 from vqkit.compress.format import (
+    AUDIO_VERSION,
+    FLAG_AUDIO,
     FLAG_BATCH_AXIS,
     FLAG_CODES,
     MAGIC,
@@ -28,6 +31,7 @@ from vqkit.compress.format import (
     MODELS,
     READ_VERSIONS,
     VERSION,
+    AudioInfo,
     FormatError,
     Header,
     code_checksum,
@@ -63,6 +67,7 @@ def craft(
     n: int | None = None,
     labels: tuple[int, ...] = (0,),
     payload: bytes = b"\x12\x34\x56",
+    audio: tuple[int, int, int] | None = None,
 ) -> bytes:
     """A file's bytes written field by field as docs/format.md lays them out, with any
     value (no bounds) and a valid CRC: only the reader's own checks can refuse it."""
@@ -72,7 +77,9 @@ def craft(
         b"" if version == 1 else bytes([model]),
         bytes(range(16)),
         struct.pack(f"<B{len(shape)}H", len(shape) if ndim is None else ndim, *shape),
-        struct.pack(f"<II{len(labels)}H", k, len(labels) if n is None else n, *labels),
+        struct.pack("<II", k, len(labels) if n is None else n),
+        struct.pack("<III", *audio) if audio is not None else b"",
+        struct.pack(f"<{len(labels)}H", *labels),
         b"\xab" * 8,
     ])  # fmt: skip
     return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
@@ -87,7 +94,8 @@ def refused(data: bytes, match: str) -> str:
 
 
 def test_constants():
-    assert VERSION == 2 and READ_VERSIONS == (1, 2)
+    assert VERSION == 2 and READ_VERSIONS == (1, 2, 3) and AUDIO_VERSION == 3
+    assert FLAG_AUDIO == 4
     assert (MODEL_FLOAT, MODEL_EXACT_V1, MODEL_EXACT_NEXT_SCALE) == (0, 1, 2)
     assert set(MODELS) == {0, 1, 2}
     assert MAX_SYMBOLS == 2**24 - 2
@@ -174,12 +182,12 @@ def test_foreign_files_and_unknown_versions():
     refused(b"", "not a vqkit compressed file")
     refused(b"VQK", "not a vqkit compressed file")
     data = bytearray(pack(HEADER, PAYLOAD))
-    data[4] = 3
-    msg = refused(bytes(data), r"unknown format version 3 \(this vqkit reads versions 1, 2\)")
+    data[4] = 4
+    msg = refused(bytes(data), r"unknown format version 4 \(this vqkit reads versions 1, 2, 3\)")
     assert "written by a newer vqkit" in msg
     for v in (0, 255):
         msg = refused(craft(version=v), f"unknown format version {v} ")
-        assert ("newer" in msg) == (v > 2)
+        assert ("newer" in msg) == (v > 3)
 
 
 def test_unknown_models_are_refused_by_name():
@@ -268,7 +276,7 @@ def test_values_that_do_not_fit_are_refused_when_packing():
         ({"num_symbols": 1}, "K = 1 outside"),
         ({"num_symbols": 2**24}, "K = 16777216 outside"),
         ({"tokenizer_hash": "00"}, "hash"),
-        ({"version": 3}, "cannot write format version 3"),
+        ({"version": 4}, "cannot write format version 4"),
         ({"version": 1}, "unknown coding model 1 in a version-1 file"),  # no model byte
         ({"model": MODEL_FLOAT}, "unknown coding model 0 in a version-2 file"),
         ({"flags": 4}, "flags"),
@@ -330,3 +338,48 @@ def test_crafted_headers_under_an_address_space_limit(tmp_path):
         got["maps_0.vqz"] == "FormatError: corrupt header: 0 code maps (a file holds at least one)"
     )
     assert all(line.startswith("FormatError: ") for line in got.values()), got
+
+
+AUDIO = Header("00" * 8, "11" * 8, (16, 3), 512, (0, 0, 0), b"\0" * 8, flags=FLAG_AUDIO,
+               version=AUDIO_VERSION, audio=AudioInfo(8000, 14000, 44))  # fmt: skip
+
+
+def test_audio_clips_round_trip_in_version_3():
+    data = pack(AUDIO, PAYLOAD)
+    assert data[4] == 3 and data[5] == FLAG_AUDIO
+    assert unpack(data) == (AUDIO, PAYLOAD)
+    # the audio block sits between N and the labels: rate, length, frames (u32 each)
+    at = 4 + 4 + 16 + 1 + 2 * 2 + 4 + 4
+    assert struct.unpack("<III", data[at : at + 12]) == (8000, 14000, 44)
+    assert len(data) == 61 + 2 * 3 + len(PAYLOAD)  # the header: 61 + 2N bytes
+    assert len(pack(replace(AUDIO, labels=(0,), audio=AudioInfo(8000, 10, 2)), b"")) == 63
+
+
+def test_crafted_audio_headers_are_refused_in_one_line():
+    one = {"version": 3, "flags": FLAG_AUDIO, "shape": (16, 3), "labels": (0, 0)}
+    assert unpack(craft(**one, audio=(8000, 9000, 20)))[0].audio == AudioInfo(8000, 9000, 20)
+    for kw, match in (
+        ({"version": 2}, r"flags 0x04 set bits version 2 does not define"),
+        ({"audio": (0, 9000, 20)}, r"sample rate 0 Hz outside \[1, 768000\]"),
+        ({"audio": (768001, 9000, 20)}, "sample rate 768001 Hz outside"),
+        ({"audio": (8000, 0, 20)}, "an audio clip of 0 samples"),
+        ({"audio": (8000, 9000, 0)}, "0 frames"),
+        ({"audio": (8000, 9000, 33)}, "2 windows of 16 frames for a clip of 33 frames"),
+        ({"audio": (8000, 9000, 2**32 - 1)}, "2 windows of 16 frames for a clip of 4294967295"),
+        ({"shape": (16, 3, 2)}, r"a code map of 3 dimensions \(2 for model 1 and an audio clip\)"),
+        ({"model": 2}, "a code map of 2 dimensions"),
+        ({"flags": FLAG_AUDIO | FLAG_CODES | FLAG_BATCH_AXIS}, "batch-axis flag on an audio"),
+        ({"audio": None, "labels": ()}, "0 code maps"),
+    ):
+        args = {**one, "audio": (8000, 9000, 20), **kw}
+        if args["audio"] is None:
+            args["n"] = 0
+        msg = refused(craft(**args), match)
+        assert "\n" not in msg
+    # the audio block cut short: truncated, never read past the bytes present
+    head = craft(**one, audio=(8000, 9000, 20))
+    refused(head[: 4 + 4 + 16 + 1 + 4 + 8 + 6], "truncated")
+    with pytest.raises(ValueError, match="audio block without the audio flag"):
+        pack(replace(AUDIO, flags=0), b"")
+    with pytest.raises(ValueError, match="audio flag, or the flag without it"):
+        pack(replace(AUDIO, audio=None), b"")

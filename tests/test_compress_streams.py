@@ -4,7 +4,8 @@ symbol order (re-implemented here with the range coder and the twin's frequencie
 not depend on how the work is batched or chunked, and a payload that ends before its
 codes stops the decoder after a few positions instead of decoding every claimed map.
 Model 2 (the next-scale twin): the same order under one teacher-forced pass, whole
-scales per pass, and ``stops`` (a prefix of the scales of each stream's last group)."""
+scales per pass, and ``stops`` (a prefix of the scales of each stream's last group).
+``tails``: a stream's last map coded only up to a position (a speech codec's last window)."""
 
 from __future__ import annotations
 
@@ -268,3 +269,38 @@ def test_stops_decode_the_first_scales_of_the_last_group(ns_model, which):
     # None: in full
     out = decode_streams(model, pairs, [None, stop])
     np.testing.assert_array_equal(out[0], c3)
+
+
+def _reference_tails(
+    model: ExactPrior, codes: np.ndarray, labels: torch.Tensor, tail: int
+) -> bytes:
+    """The documented order with a short last map: at position t, every map of the group
+    in order, the stream's last map only while t < tail."""
+    enc = RangeEncoder()
+    seq = torch.from_numpy(codes)
+    n = codes.shape[0]
+    for start in range(0, n, 64):
+        g = slice(start, min(start + 64, n))
+        k = seq[g].shape[0]
+        w = ExactPrior.frequencies(model.extend(seq[g, :-1], model.new_cache(k), labels[g]))
+        for t in range(codes.shape[1]):
+            rows = [r for r in range(k) if start + r < n - 1 or t < tail]
+            enc.encode(codes[g][rows, t], w[rows, t].double().numpy())
+    return enc.finish()
+
+
+@pytest.mark.parametrize("n", [1, 65])
+def test_tails_code_a_short_last_map(prior, model, n):
+    codes, labels = _stream(prior, n, seed=7)
+    tail = 7
+    junk = codes.copy()
+    junk[-1, tail:] = 0  # the uncoded positions: read as inputs only, never coded
+    stats = [StreamStats()]
+    (payload,) = encode_streams(model, [(junk, labels)], stats, tails=[tail])
+    assert payload == _reference_tails(model, junk, labels, tail)
+    assert stats[0].codes == (n - 1) * codes.shape[1] + tail
+    (back,) = decode_streams(model, [(payload, labels)], tails=[tail])
+    assert np.array_equal(back[:-1], codes[:-1]) and np.array_equal(
+        back[-1, :tail], codes[-1, :tail]
+    )
+    assert not back[-1, tail:].any()  # not decoded: left 0

@@ -2,6 +2,8 @@
 
     vqkit compress IMAGES... --prior PRIOR_DIR --out DIR [--class C] [--codes] [--overwrite]
     vqkit decompress FILES.vqz... --prior PRIOR_DIR --out DIR [--scales N] [--overwrite]
+    vqkit compress CLIPS.wav... --prior AUDIO_PRIOR --out DIR      (a speech codec's prior)
+    vqkit decompress FILES.vqz... --prior AUDIO_PRIOR --out DIR [--codes]
 
 ``compress`` writes one ``.vqz`` per input (mirroring the input paths below their
 common folder): images go through the prior's tokenizer (they must have its size and
@@ -14,9 +16,14 @@ checked against it when they have one). ``decompress --scales N`` (a multi-scale
 tokenizer's files) decodes only the first N scales of each map and writes the
 tokenizer's reconstruction from them: a preview that reads only the start of each
 payload. Both print bits per pixel and bits per code
-per file and in total. Every input is read and checked, and every output computed,
-before the first file is written: bad input leaves no output (exit code 2), and an
-output that exists already is refused unless ``--overwrite``.
+per file and in total. With the prior of a speech codec the inputs are WAV files (any
+rate, resampled to the codec's), each coded as one clip (:mod:`.audio`, format version
+3); ``decompress`` writes the WAV at the original rate and length, or with ``--codes``
+the clip's codes ``(stages, frames)`` as ``.npy`` with a sidecar naming the codec, the
+rate and the length; both print kbit/s against the codec's raw rate. Every input is
+read and checked, and every output computed, before the first file is written: bad
+input leaves no output (exit code 2), and an output that exists already is refused
+unless ``--overwrite``.
 
 ``vqkit.cli`` registers them like ``prior``/``sample``::
 
@@ -123,6 +130,12 @@ def add_decompress_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="multi-scale tokenizers: decode only the first N scales of each map and write "
         "the reconstruction from them (a preview; image files only)",
+    )
+    parser.add_argument(
+        "--codes",
+        action="store_true",
+        help="audio files: write each clip's codes (stages, frames) as .npy (and a sidecar) "
+        "instead of the WAV",
     )
 
 
@@ -268,12 +281,52 @@ def _write_png(path: Path, image: torch.Tensor) -> None:
     _write_bytes(path, buf.getvalue())
 
 
+def _audio_rates(codec: Codec, rows: list[tuple[Path, Path, int, Any]]) -> None:
+    """Per clip and in total: bytes, seconds, kbit/s of the file and the codec's raw rate
+    at the prior's stages."""
+    from ..prior.audio_codes import audio_rates
+
+    raw = audio_rates(codec.tokenizer, codec.code_shape[1], 0.0)["raw_kbps"]
+    for src, dst, size, info in rows:
+        sec = info.length / info.rate
+        print(f"{src} -> {dst}: {size} bytes, {sec:.3f} s, {8 * size / sec / 1000:.3f} kbit/s")
+    size, sec = sum(r[2] for r in rows), sum(r[3].length / r[3].rate for r in rows)
+    kbps = 8 * size / sec / 1000
+    print(
+        f"total: {len(rows)} clips, {size} bytes, {sec:.3f} s, {kbps:.3f} kbit/s "
+        f"({raw:.3f} raw at {codec.code_shape[1]} stages: {kbps / raw:.3f} of it)"
+    )
+
+
+def _compress_audio(args: argparse.Namespace, codec: Codec, inputs: list[Path], names) -> int:
+    """WAV clips -> one ``.vqz`` each (:mod:`.audio`)."""
+    from ..data import decode_wav
+    from .audio import encode_clips, wav_codes
+
+    if args.codes or args.class_id is not None:
+        raise UserError("a speech codec's prior compresses WAV clips (no --codes, no --class)")
+    clips = []
+    for p in inputs:  # all read and encoded before anything is written
+        wav = decode_wav(p)
+        if wav.samples.numel() == 0:
+            raise UserError(f"{p}: empty WAV (0 frames); nothing to compress")
+        clips.append(wav_codes(codec, wav.samples, wav.rate))
+    blobs = encode_clips(codec, clips)
+    for dst, blob in zip(names, blobs, strict=True):
+        _write_bytes(dst, blob)
+    rows = zip(inputs, names, blobs, clips, strict=True)
+    _audio_rates(codec, [(p, n, len(b), c[1]) for p, n, b, c in rows])
+    return 0
+
+
 def run_compress(args: argparse.Namespace) -> int:
     """Compress every input; nothing is written unless all of them compress."""
     codec = _load(args)
     inputs = [Path(p) for p in args.inputs]
     names = mirror_paths(inputs, Path(args.out), SUFFIX)  # collisions refused first
     refuse_existing(names, args.overwrite)
+    if codec.audio:
+        return _compress_audio(args, codec, inputs, names)
     label = _class_id(args.class_id, codec)
     if args.codes:
         from ..models.codes_io import model_identity
@@ -300,6 +353,37 @@ def run_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decompress_audio(
+    args: argparse.Namespace, codec: Codec, files: list[Path], datas: list[bytes]
+) -> int:
+    """Clips' files -> WAVs at their rate and length, or (``--codes``) their codes."""
+    from ..data import write_wav
+    from ..models.codes_io import codec_identity, save_audio_codes
+    from .audio import codes_to_wav, decode_clips
+
+    if args.scales is not None:
+        raise UserError("--scales previews a multi-scale tokenizer's images, not audio clips")
+    suffix = ".npy" if args.codes else ".wav"
+    names = mirror_paths(files, Path(args.out), suffix)
+    refuse_existing(names, args.overwrite)
+    decoded = decode_clips(codec, datas, [str(p) for p in files])  # all, before writing
+    model = codec.tokenizer
+    for name, (codes, header) in zip(names, decoded, strict=True):
+        info = header.audio
+        name.parent.mkdir(parents=True, exist_ok=True)
+        if not args.codes:
+            write_wav(name, codes_to_wav(codec, codes, info), info.rate)
+            continue
+        # the codes file of `vqkit encode` (models/codes_io.py): `vqkit decode` reads it
+        save_audio_codes(
+            name, codes.T.contiguous().numpy(), codec_identity(model),
+            original_rate=info.rate, length=info.length,
+        )  # fmt: skip
+    done = zip(files, names, datas, decoded, strict=True)
+    _audio_rates(codec, [(p, n, len(d), h.audio) for p, n, d, (_, h) in done])
+    return 0
+
+
 def run_decompress(args: argparse.Namespace) -> int:
     """Decompress every file; nothing is written unless all of them decode."""
     files = [Path(p) for p in args.files]
@@ -317,6 +401,11 @@ def run_decompress(args: argparse.Namespace) -> int:
     codec = _load(args)
     for p, h in zip(files, headers, strict=True):
         codec.check(h, str(p))  # every file's identity before any decoding
+    if codec.audio:
+        return _decompress_audio(args, codec, files, datas)
+    if args.codes:
+        raise UserError("--codes writes an audio clip's codes; image files hold theirs already")
+    for p, h in zip(files, headers, strict=True):
         if args.scales is not None and h.is_codes:
             raise UserError(
                 f"{p} holds index maps (compress --codes), which decompress losslessly in "

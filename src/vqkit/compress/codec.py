@@ -23,7 +23,8 @@ scales per pass; under either model the first scales of a map come first in its 
 so ``num_scales`` decodes them alone (a preview: :func:`decode`).
 
 Version-1 files (float probabilities, :mod:`.legacy`) still decode where the float
-prior computes the writer's bits; elsewhere they are refused naming their version.
+prior computes the writer's bits; elsewhere they are refused naming their version. A
+speech codec's clips (version 3) are coded by :mod:`.audio` with this codec.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class Codec:
     name); ``exact_hash``: the twin's :meth:`.exact.ExactPrior.digest` (what version-2
     files name; the kind's twin, :func:`.exact_nextscale.exact_twin`: model 1 for an
     autoregressive prior, model 2 for a next-scale one). ``classes``: the prior's class
-    names (empty when unconditional)."""
+    names (empty when unconditional). ``audio``: the tokenizer is a speech codec (its
+    clips: :mod:`.audio`)."""
 
     prior: Prior
     tokenizer: Any | None
@@ -106,6 +108,7 @@ class Codec:
     channels: int | None = None
     exact: ExactPrior | None = None
     exact_hash: str = ""
+    audio: bool = False
 
     def __post_init__(self) -> None:
         if self.exact is None:
@@ -151,6 +154,9 @@ class Codec:
 
     def check(self, header: fmt.Header, where: str) -> None:
         """DecodeError unless ``header`` was written by this prior and tokenizer."""
+        if header.is_audio != self.audio:  # a clip's windows: vqkit.compress.audio
+            what = ("an image tokenizer's", "a speech codec's")
+            raise DecodeError(f"{where} holds {what[header.is_audio]} codes, not this prior's")
         if header.version >= 2 and header.model != self.model:
             kind = self.prior.config.kind
             raise DecodeError(
@@ -207,6 +213,7 @@ def load_codec(
         classes=tuple(ckpt.get("classes") or ()),
         image_size=model_cfg.get("image_size"),
         channels=model_cfg.get("in_channels"),
+        audio=stored.get("modality") == "audio",
     )
 
 

@@ -8,7 +8,10 @@ position t = 0 .. T-1 in the prior's sequence order (raster order; a multi-scale
 tokenizer's scales coarse to fine), and at each t the group's maps in order. A decoder
 therefore holds the KV cache of one group, never of N maps: its memory does not grow
 with the map count a header claims. Since the order is the sequence order, the first
-scales of a group's maps come first: a decoder may stop after them (``stops``).
+scales of a group's maps come first: a decoder may stop after them (``stops``). A
+stream's last map may be shorter than T (``tails``: a speech codec's last window of a
+clip, :mod:`.audio`): its positions from its tail on are not coded, and at those
+positions the order simply skips it.
 
 **Encoder and decoder compute the same integers by construction**, not by running the
 same float operations: the exact prior's outputs do not depend on the batch a map shares
@@ -96,20 +99,50 @@ def _batches(counts: Sequence[int]):
             yield batch
 
 
+def _row_ends(
+    batch: list[tuple[int, slice]],
+    counts: Sequence[int],
+    seq_len: int,
+    group_ends: Sequence[int] | None = None,
+    tails: Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """(rows,) the positions coded in each map of a batch: T, the stream's stop in its
+    last group (``group_ends``), its tail in its last map (``tails``)."""
+    ends = []
+    for i, g in batch:
+        last_group = g.stop == counts[i]
+        end = group_ends[i] if group_ends is not None and last_group else seq_len
+        row = [end] * (g.stop - g.start)
+        if tails is not None and tails[i] is not None and last_group:
+            row[-1] = min(end, int(tails[i]))
+        ends.extend(row)
+    return torch.tensor(ends, dtype=torch.long)
+
+
+def _coded(ends: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """(hi - lo, k) bool: which of k maps (their ``ends``) code each position of [lo, hi)."""
+    return torch.arange(lo, hi)[:, None] < ends[None, :]
+
+
 def encode_streams(
     model: ExactPrior,
     streams: Sequence[tuple[np.ndarray, torch.Tensor]],
     stats: list[StreamStats] | None = None,
+    tails: Sequence[int | None] | None = None,
 ) -> list[bytes]:
     """Payloads of streams of sequences: each ``(codes (N, T) int64, labels (N,))``.
-    Groups of several streams are stacked into one teacher-forced pass."""
+    Groups of several streams are stacked into one teacher-forced pass. ``tails[i]``
+    (None: T): the positions coded of stream i's last map (the others' values there
+    are read as inputs only, never coded: any valid code)."""
     encoders = [RangeEncoder() for _ in streams]
-    for batch in _batches([codes.shape[0] for codes, _ in streams]):
-        _encode_batch(model, streams, batch, encoders, stats)
+    counts = [codes.shape[0] for codes, _ in streams]
+    for batch in _batches(counts):
+        ends = _row_ends(batch, counts, model.seq_len, tails=tails)
+        _encode_batch(model, streams, batch, ends, encoders, stats)
     return [enc.finish() for enc in encoders]
 
 
-def _encode_batch(model, streams, batch, encoders, stats) -> None:
+def _encode_batch(model, streams, batch, ends, encoders, stats) -> None:
     seqs = torch.cat([torch.as_tensor(streams[i][0][g]) for i, g in batch]).long()
     labels = torch.cat([torch.as_tensor(streams[i][1])[g] for i, g in batch]).long()
     n, t_len = seqs.shape
@@ -122,12 +155,12 @@ def _encode_batch(model, streams, batch, encoders, stats) -> None:
             k = g.stop - g.start
             w, s = weights[row : row + k], seqs[row : row + k, lo:hi]
             # position-major inside the group: for each position, the group's maps in order
-            encoders[i].encode(
-                s.T.reshape(-1).numpy(), w.transpose(0, 1).reshape(-1, w.shape[-1]).double().numpy()
-            )
+            coded = _coded(ends[row : row + k], lo, hi)
+            syms, table = s.T[coded], w.transpose(0, 1)[coded]
+            encoders[i].encode(syms.numpy(), table.double().numpy())
             if stats is not None:
-                stats[i].ideal_bits += _bits(w.gather(-1, s[..., None]).numpy())
-                stats[i].codes += s.numel()
+                stats[i].ideal_bits += _bits(table.gather(-1, syms[:, None]).numpy())
+                stats[i].codes += syms.numel()
             row += k
 
 
@@ -148,6 +181,7 @@ def decode_streams(
     model: ExactPrior,
     streams: Sequence[tuple[bytes, torch.Tensor]],
     stops: Sequence[int | None] | None = None,
+    tails: Sequence[int | None] | None = None,
 ) -> list[np.ndarray]:
     """The codes (N, T) int64 of each ``(payload, labels (N,))``; :class:`CoderError`
     when a payload cannot be decoded (truncated or corrupt). Streams are decoded side by
@@ -155,6 +189,7 @@ def decode_streams(
     BATCH_ROWS maps. ``stops[i]`` (a boundary of the model, or None: T): stream i's last
     group is decoded up to that position only (a prefix of its scales; the range decoder
     stops there), its other groups in full (their symbols come first in the payload);
+    ``tails[i]``: the positions coded of stream i's last map (:func:`encode_streams`);
     the positions not decoded are left 0."""
     decoders = [RangeDecoder(payload) for payload, _ in streams]
     budget = [8.0 * len(payload) + SLACK_BITS for payload, _ in streams]
@@ -163,7 +198,7 @@ def decode_streams(
     last = [stops[i] if stops is not None and stops[i] is not None else model.seq_len
             for i in range(len(streams))]  # fmt: skip
     for batch in _batches(counts):
-        ends = [last[i] if g.stop == counts[i] else model.seq_len for i, g in batch]
+        ends = _row_ends(batch, counts, model.seq_len, last, tails)
         _decode_batch(model, streams, batch, ends, decoders, outs, budget)
     return outs
 
@@ -175,18 +210,20 @@ def _decode_batch(model, streams, batch, ends, decoders, outs, budget) -> None:
     codes = torch.zeros(n, model.seq_len, dtype=torch.long)
     bounds = model.boundaries
     for lo, hi in zip(bounds, bounds[1:], strict=False):
-        if lo >= max(ends):
+        if lo >= int(ends.max()):
             break
         # one pass per step (a position, or a scale): its symbols, position-major
         weights = ExactPrior.frequencies(model.logits_range(codes, cache, labels, lo, hi)).cpu()
         row = 0
-        for (i, g), end in zip(batch, ends, strict=True):
+        for i, g in batch:
             k = g.stop - g.start
-            if lo < end:
-                table = weights[row : row + k].transpose(0, 1).reshape(-1, weights.shape[-1])
-                table = table.double().numpy()
+            coded = _coded(ends[row : row + k], lo, hi)
+            if bool(coded.any()):
+                table = weights[row : row + k].transpose(0, 1)[coded].double().numpy()
                 sym = torch.from_numpy(decoders[i].decode(table))
-                codes[row : row + k, lo:hi] = sym.view(hi - lo, k).T
+                block = codes[row : row + k, lo:hi].T.clone()
+                block[coded] = sym
+                codes[row : row + k, lo:hi] = block.T
                 budget[i] -= _bits(table[np.arange(len(sym)), sym.numpy()])
                 if budget[i] < 0:
                     raise CoderError(

@@ -2,7 +2,7 @@
 
 from .audio_codec import AudioCodec, AudioCodecConfig, AudioModelOptions
 from .convnets import Decoder, Encoder, ResidualStack
-from .io import export_safetensors, load_model
+from .io import export_safetensors, load_any, load_model
 from .seanet import SEANetDecoder, SEANetEncoder, Snake1d
 from .vqvae import VQVAE, ModelOptions, ShapeOptions, VQVAEConfig, VQVAEOutput
 
@@ -23,4 +23,5 @@ __all__ = [
     "ResidualStack",
     "export_safetensors",
     "load_model",
+    "load_any",
 ]

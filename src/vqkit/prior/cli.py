@@ -1,6 +1,7 @@
 """``vqkit prior`` and ``vqkit sample``: the argument declarations and the handlers.
 
     vqkit prior --tokenizer RUN_DIR --out PRIOR_DIR [--steps N] [--n-layer L] ...
+                [--audio-window W] [--audio-stages N]  (a speech codec's run)
     vqkit sample PRIOR_DIR --num N --out DIR [--class C] [--temperature T] [--top-k K]
                  [--top-p P] [--cfg-scale S] [--seed S] [--batch-size B]
                  [--decode-steps S --schedule cosine --choice-temperature T]  (masked prior)
@@ -54,7 +55,8 @@ def add_prior_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         metavar="RUN_DIR",
-        help="vqkit train run directory (default with --resume: the stored one)",
+        help="vqkit train run directory, of an image tokenizer or a speech codec (WAV data), "
+        "or its export directory (default with --resume: the stored one)",
     )
     parser.add_argument(
         "--tokenizer-checkpoint",
@@ -95,6 +97,7 @@ def run_prior(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..runtime.options import check_resume_steps, resume_changes
     from ..storage.checkpoint import load_checkpoint
+    from .audio_codes import load_audio_codes
     from .codes import PIN_DIR, load_codes, load_tokenizer, tokenizer_in_use
     from .trainer import PriorTrainer
 
@@ -144,14 +147,24 @@ def run_prior(args: argparse.Namespace) -> int:
                 "checkpoints of that run do not change",
                 file=sys.stderr,
             )
+        progress = train_config.progress and job.is_main
         with job.rank0_first():  # rank 0 encodes and fills the cache first
-            train, test, cached = load_codes(
-                tok, data=args.data, progress=train_config.progress and job.is_main
-            )
+            if tok.is_audio:  # clips cut into windows of frames (vqkit.prior.audio_codes)
+                train, test, cached = load_audio_codes(
+                    tok,
+                    window=train_config.audio_window,
+                    stages=train_config.audio_stages,
+                    data=args.data,
+                    progress=progress,
+                )
+            else:
+                _refuse_audio_options(train_config)
+                train, test, cached = load_codes(tok, data=args.data, progress=progress)
         if job.is_main:
             how = "cached" if cached else "encoded"
+            what = "windows (frames, stages)" if tok.is_audio else "index maps"
             print(
-                f"codes {how}: {len(train)} train / {len(test)} test index maps "
+                f"codes {how}: {len(train)} train / {len(test)} test {what} "
                 f"{tuple(train.code_shape)} of {tok.num_codes} codes ({tok.checkpoint})"
             )
         return train, test, tok
@@ -166,10 +179,20 @@ def run_prior(args: argparse.Namespace) -> int:
         return 130
     if trainer.is_main:
         print(json.dumps(result, indent=2))
-        print(
-            f"prior written to {out}: checkpoints/ metrics.jsonl curves.png samples.png eval.json"
-        )
+        samples = "samples/*.wav" if trainer.audio else "samples.png"
+        print(f"prior written to {out}: checkpoints/ metrics.jsonl curves.png {samples} eval.json")
     return 0
+
+
+def _refuse_audio_options(train_config: PriorTrainConfig) -> None:
+    """An image tokenizer's prior: the speech codec's options must keep their defaults."""
+    defaults = PriorTrainConfig()
+    for name in ("audio_window", "audio_stages"):
+        if getattr(train_config, name) != getattr(defaults, name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{flag} applies to a speech codec's codes; this tokenizer is an image one"
+            )
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,6 +285,11 @@ def run_sample(args: argparse.Namespace) -> int:
     check_scale_edit(args, model)
     masked = masked_sample_options(args, model)  # the kind is the prior run's
     tok = load_sample_tokenizer(args.prior, ckpt, args.tokenizer, device)
+    if tok.is_audio:
+        raise UserError(
+            f"{args.prior} is a speech codec's prior: vqkit sample draws images; its run "
+            "writes WAV samples (samples/step_N_i.wav) at each evaluation"
+        )
     classes = list(ckpt.get("classes", []))
     null = model.null_class
     # an edit steers with the null class unless --class names one

@@ -47,7 +47,7 @@ from ..data.reference import (
     reference_from_train_config,
 )
 from ..errors import UserError
-from ..models import VQVAE, load_model
+from ..models import VQVAE, AudioCodec, load_any
 from ..storage.fileio import atomic_write, file_hexdigest, write_json
 from ..storage.rundir import RunDir
 
@@ -101,7 +101,7 @@ class Tokenizer:
     run_dir: Path
     checkpoint: Path
     sha256: str
-    model: VQVAE
+    model: VQVAE | AudioCodec
     run_config: dict[str, Any]
     pinned: Path | None = None  # the copy the prior keeps (loaded instead of checkpoint)
     data: dict[str, Any] | None = None  # its record of its training data; None: unknown
@@ -109,6 +109,12 @@ class Tokenizer:
     @property
     def num_codes(self) -> int:
         return self.model.num_codes
+
+    @property
+    def is_audio(self) -> bool:
+        """A speech codec (:mod:`vqkit.prior.audio_codes` makes its codes), not an image
+        tokenizer."""
+        return isinstance(self.model, AudioCodec)
 
     @property
     def is_run(self) -> bool:
@@ -120,6 +126,8 @@ class Tokenizer:
     def scales(self) -> list[int]:
         """The sides of the tokenizer's square code groups, coarse to fine (the quantizer
         contract's ``code_group_shapes``); empty for a tokenizer of one group."""
+        if self.is_audio:  # frames of Q codes: one group
+            return []
         side = self.model.config.image_size // self.model.config.downsample
         shapes = self.model.quantizer.code_group_shapes((side, side))
         if not shapes:
@@ -137,6 +145,7 @@ class Tokenizer:
             # relative to the prior run directory: PRIOR_DIR/tokenizer/<name>
             "pinned": f"{PIN_DIR}/{self.pinned.name}" if self.pinned is not None else None,
             "num_codes": self.num_codes,
+            "modality": "audio" if self.is_audio else "image",
             "model_config": self.model.config.to_dict(),
         }
 
@@ -223,12 +232,13 @@ def load_tokenizer(
         if not from_pin:
             raise _mismatch(origin, expect_sha256, digest)
         raise _mismatch(path, expect_sha256, digest, origin)
-    model = load_model(path, map_location=device).to(device).eval()
+    model = load_any(path, map_location=device).to(device).eval()
     cfg_path = run / "config.json"
     run_config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     keep = path if path != origin else None
     data = getattr(model, "pretrained_info", {}).get("data")
-    if data is None and isinstance(run_config.get("train"), dict):  # a checkpoint's run
+    audio = isinstance(model, AudioCodec)  # its clips: vqkit.prior.audio_codes
+    if data is None and not audio and isinstance(run_config.get("train"), dict):
         size, channels = model.config.image_size, model.config.in_channels
         data = reference_from_train_config(run_config["train"], image_size=size, channels=channels)
     return Tokenizer(run, origin, digest, model, run_config, keep, data)
@@ -391,6 +401,8 @@ def load_codes(
     it, a tokenizer that records none is a one-line UserError.
     A damaged cache file (:func:`read_cached_codes`) is named in a warning on stderr and
     the splits are encoded again and rewritten."""
+    if tok.is_audio:
+        raise UserError("a speech codec's codes: vqkit.prior.audio_codes.load_audio_codes")
     ref = _data_of(tok, data)
     cache = data is None and tok.is_run  # an export directory is not written into
     where = codes_dir(tok)

@@ -175,7 +175,28 @@ class PriorTrainConfig(_PriorJobOptions):  # type: ignore[misc, valid-type]
     eval_sequences: int = option(
         2000, "sequences per split of each evaluation (evenly strided); 0: all", check=nonneg_int
     )
-    num_samples: int = option(16, "images in the sample grid of each evaluation", check=nonneg_int)
+    num_samples: int = option(
+        16,
+        "images in the sample grid of each evaluation (a speech codec's prior: WAV clips "
+        "of one window each)",
+        check=nonneg_int,
+    )
+    audio_window: int = option(
+        32,
+        "a speech codec's codes: frames per sequence; each clip is cut into windows of this "
+        "many frames from its start, the last one shorter (its padding left out of the "
+        "loss), and vqkit compress codes a clip window by window (32: every FSDD clip but "
+        "one in 1000 whole at 25 frames/s)",
+        check=positive_int,
+        on_resume="fixed",
+    )
+    audio_stages: int = option(
+        0,
+        "a speech codec's codes: model the first N residual stages only (the codes of the "
+        "codec's bitrate at N stages); 0: all",
+        check=nonneg_int,
+        on_resume="fixed",
+    )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> PriorTrainConfig:

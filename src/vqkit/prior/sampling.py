@@ -49,6 +49,7 @@ class Prior(Protocol):
 
 
 __all__ = [
+    "PAD",
     "SampleOptions",
     "draw",
     "filter_logits",
@@ -58,6 +59,13 @@ __all__ = [
     "tempered_logits",
     "unflatten_codes",
 ]
+
+
+PAD = -1
+"""A padded position of a sequence: the tail of a window shorter than the prior's
+sequence (a speech codec's last window of a clip, :mod:`vqkit.prior.audio_codes`).
+Padding is always a suffix: an autoregressive prior's loss and log-likelihood leave it
+out, and the codes before it never see it (causal attention)."""
 
 
 def flatten_codes(indices: torch.Tensor, code_shape: tuple[int, ...] | list[int]) -> torch.Tensor:

@@ -14,14 +14,21 @@ A prior run directory follows the conventions of ``vqkit train``::
     tensorboard/         with ``--tensorboard``: the metrics records and the sample grids
 
 Loss: the mean over codes of ``-log2 p(c_t | c_<t, y)`` (bits per code; the model trains
-on the same quantity in nats). A masked prior (``kind="masked"``) is the same job with
-another loss and evaluation (:class:`vqkit.prior.masked.MaskedObjective`): the
-cross-entropy of the codes hidden by a mask drawn from its schedule, and in the eval
-records the masked cross-entropy at fixed ratios (``test_masked_bits_25/50/90``, their
-mean ``test_masked_bits`` choosing ``best.pt``), not an NLL. A next-scale prior
-(``kind="next-scale"``, :mod:`vqkit.prior.nextscale`) trains and evaluates like the
-autoregressive kind: its forward gives every code's logits given the coarser scales in
-one pass, so its loss and ``test_bits`` are the same mean ``-log2 p(c_t | ...)``.
+on the same quantity in nats). A speech codec's codes (:mod:`vqkit.prior.audio_codes`:
+windows of frames, the last of a clip padded with PAD) train the autoregressive kind
+only, their padding left out of the loss and of ``test_bits``; their eval records add
+each stage's bits per code (``test_bits_stage{s}``) and the bitrates: ``test_kbps``
+(test bits per code x codes per second: what entropy coding with the prior spends),
+``raw_kbps`` (the codec's uncoded rate at the modelled stages) and ``kbps_ratio``. Its
+samples are WAV clips of one window each (``samples/step_N_i.wav``). A masked prior
+(``kind="masked"``) is the same job with another loss and evaluation
+(:class:`vqkit.prior.masked.MaskedObjective`): the cross-entropy of the codes hidden by
+a mask drawn from its schedule, and in the eval records the masked cross-entropy at
+fixed ratios (``test_masked_bits_25/50/90``, their mean ``test_masked_bits`` choosing
+``best.pt``), not an NLL. A next-scale prior (``kind="next-scale"``,
+:mod:`vqkit.prior.nextscale`) trains and evaluates like the autoregressive kind: its
+forward gives every code's logits given the coarser scales in one pass, so its loss and
+``test_bits`` are the same mean ``-log2 p(c_t | ...)``.
 
 Learning rate at step s (0-based) of S, warm-up W::
 
@@ -65,9 +72,11 @@ from ..runtime.loop import Progress, ScheduledOptimizer, StepResult
 from ..runtime.schedule import Schedule
 from ..storage.checkpoint import CheckpointError
 from ..storage.fileio import write_json
+from .audio_codes import audio_rates, decode_windows, stage_bits
 from .codes import CodeData, SequenceLoader, Tokenizer
 from .config import PriorConfig, PriorTrainConfig
 from .masked import MaskedObjective
+from .sampling import PAD
 from .transformer import Prior
 
 __all__ = ["ARTIFACTS", "PriorTrainer", "lr_at"]
@@ -76,6 +85,9 @@ LN2 = math.log(2.0)
 # what a prior run writes into its directory (removed by --overwrite; sample PNGs too)
 ARTIFACTS = ("metrics.jsonl", "config.json", "eval.json", "curves.png", "samples.png")
 
+# what eval.json says of the data the figures were measured on
+_IMAGE_KEYS = ("source", "format", "image_size", "channels")
+_AUDIO_KEYS = ("source", "modality", "sample_rate", "audio_window", "audio_stages")
 # the prior's data, made once the process group exists: (train, test, tokenizer)
 CodeLoad = Callable[["PriorTrainer"], tuple[CodeData, CodeData, "Tokenizer | None"]]
 
@@ -114,7 +126,7 @@ class PriorTrainer(LoaderJob):
     loss_key = "bits"
     rate_key = "codes_per_s"
     artifacts = ARTIFACTS
-    artifact_globs = ("samples/step_*.png",)
+    artifact_globs = ("samples/step_*.png", "samples/step_*.wav")
 
     def __init__(
         self,
@@ -160,6 +172,12 @@ class PriorTrainer(LoaderJob):
         if not config.num_classes and classes:
             fill["num_classes"] = classes
         self.config = PriorConfig.from_dict({**config.to_dict(), **fill}) if fill else config
+        self.audio = tokenizer is not None and tokenizer.is_audio
+        if self.audio and self.config.kind != "autoregressive":
+            raise UserError(
+                f"a speech codec's codes take an autoregressive prior (--kind "
+                f"autoregressive); this one is {self.config.kind}"
+            )
         # the masked kind's loss and evaluation; None: the autoregressive kind's own
         self.objective = MaskedObjective(self.config) if self.config.masked else None
         self.best_key = self.objective.best_key if self.objective else "test_bits"
@@ -234,22 +252,32 @@ class PriorTrainer(LoaderJob):
 
     # -- metrics ----------------------------------------------------------------------
     @torch.no_grad()
-    def bits_per_code(self, data: CodeData, limit: int = 0, batch_size: int = 256) -> float:
-        """Mean ``-log2 p(c_t | c_<t, y)`` over the codes of ``limit`` sequences (0: all),
-        in eval mode (no dropout, true labels). The subset is evenly strided, so a
-        class-sorted split (image folders) is still covered."""
+    def position_bits(
+        self, data: CodeData, limit: int = 0, batch_size: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of ``-log2 p(c_t | c_<t, y)`` at each position t, codes present there),
+        float64 (T,) each, over ``limit`` sequences (0: all, evenly strided), in eval
+        mode (no dropout, true labels); PAD codes are not counted."""
         seq, labels = strided(data, limit)
         n = seq.shape[0]
         labels = labels if self.config.num_classes else None
         was = self.model.training
         self.model.eval()
-        total = 0.0
+        total = torch.zeros(self.model.seq_len, dtype=torch.float64)
+        count = torch.zeros(self.model.seq_len, dtype=torch.float64)
         for i in range(0, n, batch_size):
             x = seq[i : i + batch_size].to(self.device)
             y = labels[i : i + batch_size].to(self.device) if labels is not None else None
-            total += float(-self.model.log_prob(x, y).double().sum())
+            total -= self.model.log_probs(x, y).double().sum(0).cpu() / LN2
+            count += (x != PAD).sum(0).double().cpu()
         self.model.train(was)
-        return total / (max(n, 1) * self.model.seq_len) / LN2
+        return total, count
+
+    def bits_per_code(self, data: CodeData, limit: int = 0, batch_size: int = 256) -> float:
+        """Mean ``-log2 p(c_t | c_<t, y)`` over the codes of ``limit`` sequences (0: all;
+        :meth:`position_bits`), PAD left out."""
+        total, count = self.position_bits(data, limit, batch_size)
+        return float(total.sum() / count.sum().clamp_min(1))
 
     def evaluate(self) -> dict[str, float]:
         lim = self.tcfg.eval_sequences
@@ -266,10 +294,22 @@ class PriorTrainer(LoaderJob):
                 )
             finally:
                 self.model.train(was)
+        if not self.audio:
+            return {
+                "test_bits": self.bits_per_code(self.test_data, lim),
+                "train_bits": self.bits_per_code(self.train_data, lim),
+            }
+        total, count = self.position_bits(self.test_data, lim)
+        bits = float(total.sum() / count.sum().clamp_min(1))
+        stages = self.config.code_shape[-1]
+        per_stage = stage_bits(total, count, stages)
         return {
-            "test_bits": self.bits_per_code(self.test_data, lim),
+            "test_bits": bits,
             "train_bits": self.bits_per_code(self.train_data, lim),
-        }
+            **{f"test_bits_stage{s}": v for s, v in enumerate(per_stage)},
+            **{f"test_{k}" if k == "kbps" else k: v
+               for k, v in audio_rates(self.tokenizer.model, stages, bits).items()},
+        }  # fmt: skip
 
     # -- the job the runtime drives (vqkit.runtime) ------------------------------------
     def train_step(self, seq: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -278,9 +318,11 @@ class PriorTrainer(LoaderJob):
         self.model.train()
         if self.objective is not None:  # the masked kind: hidden codes only
             loss = self.objective.loss(self.ddp, seq, labels if self.config.num_classes else None)
-        else:
-            logits = self.ddp(seq, labels if self.config.num_classes else None)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), seq.reshape(-1))
+        else:  # PAD (a padded suffix, audio windows) left out of the mean
+            logits = self.ddp(seq.clamp_min(0), labels if self.config.num_classes else None)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), seq.reshape(-1), ignore_index=PAD
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.tcfg.grad_clip or math.inf
@@ -336,6 +378,15 @@ class PriorTrainer(LoaderJob):
 
         g = torch.Generator(self.device).manual_seed(self.tcfg.seed)
         codes = self.model.sample(n, labels=self.sample_labels(n), generator=g)
+        if self.audio:  # one window each, as WAV clips
+            from ..data import write_wav
+
+            codec = self.tokenizer.model.to(self.device)
+            (self.out / "samples").mkdir(exist_ok=True)
+            for i, wav in enumerate(decode_windows(codec, codes).cpu()):
+                name = f"step_{self.step:07d}_{i}.wav"
+                write_wav(self.out / "samples" / name, wav[0], codec.config.sample_rate)
+            return
         images = self.tokenizer.model.to(self.device).decode(codes)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         save_grid(images, path)
@@ -351,7 +402,7 @@ class PriorTrainer(LoaderJob):
         result = {**result, "eval_sequences": self.tcfg.eval_sequences}
         ref = self.test_data.data or {}
         result["data"] = {  # what the figures were measured on
-            **{k: ref.get(k) for k in ("source", "format", "image_size", "channels")},
+            **{k: ref.get(k) for k in (_AUDIO_KEYS if self.audio else _IMAGE_KEYS)},
             "split": self.test_data.split,
             "num_maps": len(self.test_data),
         }

@@ -52,7 +52,7 @@ from . import nextscale
 from .config import PriorConfig
 from .masked import decode
 from .pretrained import PretrainedPrior
-from .sampling import SampleOptions, flatten_codes, sample
+from .sampling import PAD, SampleOptions, flatten_codes, sample
 
 __all__ = ["KVCache", "Prior"]
 
@@ -412,21 +412,30 @@ class Prior(nn.Module, PretrainedPrior):
 
     def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean negative log-likelihood per code, in nats: ``-mean_t log p(c_t | c_<t, y)``
-        (next-scale: ``-mean_t log p(c_t | coarser scales, y)``)."""
+        (next-scale: ``-mean_t log p(c_t | coarser scales, y)``). Codes :data:`PAD`
+        (a padded suffix) are left out of the mean."""
         self._autoregressive("loss (the NLL)")
         seq = flatten_codes(codes, self.code_shape)
-        logits = self(seq, labels)
-        return F.cross_entropy(_wide(logits).reshape(-1, logits.shape[-1]), seq.reshape(-1))
+        logits = self(seq.clamp_min(0), labels)
+        return F.cross_entropy(
+            _wide(logits).reshape(-1, logits.shape[-1]), seq.reshape(-1), ignore_index=PAD
+        )
 
     def log_prob(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(c | y)`` in nats, (B,): the sum over the T codes of index maps
-        (B, *code_shape) or sequences (B, T). Runs in the model's current mode."""
+        (B, *code_shape) or sequences (B, T), codes :data:`PAD` (a padded suffix) left
+        out. Runs in the model's current mode."""
+        return self.log_probs(indices, labels).sum(-1)
+
+    def log_probs(self, indices: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Each code's ``log p(c_t | c_<t, y)`` in nats, (B, T); 0 at :data:`PAD`."""
         self._autoregressive("log_prob")
         seq = flatten_codes(indices, self.code_shape)
         if seq.shape[1] != self.seq_len:
             raise ValueError(f"expected {self.seq_len} codes per sequence; got {seq.shape[1]}")
-        logp = torch.log_softmax(_wide(self(seq, labels)), dim=-1)
-        return logp.gather(-1, seq[..., None]).squeeze(-1).sum(-1)
+        real = seq.clamp_min(0)
+        logp = torch.log_softmax(_wide(self(real, labels)), dim=-1)
+        return logp.gather(-1, real[..., None]).squeeze(-1).masked_fill(seq == PAD, 0.0)
 
     @torch.no_grad()
     def sample(self, num: int, options: SampleOptions | None = None, **kwargs: Any) -> torch.Tensor:
