@@ -30,7 +30,7 @@ from ..data.resample import resample, resampled_length
 from ..errors import UserError
 from ..prior.audio_codes import clip_codes, window_count
 from . import format as fmt
-from .codec import Codec, DecodeError, load_codec
+from .codec import Codec, DecodeError, load_codec, unpack_checked
 from .coder import CoderError
 from .streams import StreamStats, decode_streams, encode_streams
 
@@ -149,12 +149,7 @@ def decode_clips(
     wheres = list(wheres) if wheres is not None else ["the data"] * len(datas)
     window, stages = _shape(codec)
     parsed = []
-    for data, where in zip(datas, wheres, strict=True):
-        try:
-            header, payload = fmt.unpack(data)
-        except fmt.FormatError as e:
-            raise fmt.FormatError(f"{where}: {e}") from None
-        codec.check(header, where)
+    for (header, payload), where in zip(unpack_checked(codec, datas, wheres), wheres, strict=True):
         info = check_clip(codec, header, where)
         tail = (info.frames - (header.num_maps - 1) * window) * stages
         parsed.append((header, (payload, torch.tensor(header.labels)), tail))

@@ -8,23 +8,18 @@ distribution ``q(c_t | c_<t, y)`` of the prior's **exact integer twin**
 NLL: the twin's integer frequencies stay within a few millionths of a bit of the float
 prior's) plus the coder's termination and the header (:mod:`.format`, docs/format.md).
 
-**Any machine decodes what any machine wrote.** The twin computes integer frequencies
-by exact arithmetic (:mod:`.intmath`), so they do not depend on the CPU's kernels, the
-thread count, the torch version or the device, and the range coder (constriction) takes
-them as they are. The coding loops (:mod:`.streams`) need not mirror each other: the
-encoder runs one teacher-forced pass, the decoder one position at a time, and several
-files are decoded in one batch. A file names the twin (its digest) and the tokenizer;
-the checksum of its codes still guards against anything unforeseen: a file that does
-not decode to the codes written is refused, never decoded to a wrong image.
+**Any machine decodes what any machine wrote.** The twin's integer frequencies come from
+exact arithmetic (:mod:`.intmath`), independent of CPU kernels, threads, torch version and
+device; the range coder (constriction) takes them as they are. The coding loops
+(:mod:`.streams`) need not mirror each other (one teacher-forced pass to encode, one
+position at a time to decode, files batched). A file names the twin and the tokenizer,
+and the checksum of its codes refuses a file that does not decode to the codes written.
 
-A next-scale prior's codes (a multi-scale tokenizer's ``(L,)`` sequences, scales coarse
-to fine) are coded under its own twin (:mod:`.exact_nextscale`, format model 2), whole
-scales per pass; under either model the first scales of a map come first in its payload,
-so ``num_scales`` decodes them alone (a preview: :func:`decode`).
-
-Version-1 files (float probabilities, :mod:`.legacy`) still decode where the float
-prior computes the writer's bits; elsewhere they are refused naming their version. A
-speech codec's clips (version 3) are coded by :mod:`.audio` with this codec.
+A next-scale prior's codes (a multi-scale tokenizer's ``(L,)`` sequences) use its own
+twin (:mod:`.exact_nextscale`, format model 2), whole scales per pass; the first scales
+of a map come first in its payload, so ``num_scales`` decodes them alone (a preview).
+Version-1 files (float probabilities, :mod:`.legacy`) decode only where the float prior
+computes the writer's bits. Speech codec clips (version 3): :mod:`.audio`.
 """
 
 from __future__ import annotations
@@ -317,6 +312,20 @@ def scale_prefix(codec: Codec, num_scales: int) -> int:
     return sum(s * s for s in scales[:n])
 
 
+def unpack_checked(codec: Codec, datas: Sequence[bytes], wheres: Sequence[str]) -> list:
+    """Each file's (header, payload), the header checked against ``codec``; one line
+    naming the first file that does not fit."""
+    out = []
+    for data, where in zip(datas, wheres, strict=True):
+        try:
+            header, payload = fmt.unpack(data)
+        except fmt.FormatError as e:
+            raise fmt.FormatError(f"{where}: {e}") from None
+        codec.check(header, where)
+        out.append((header, payload))
+    return out
+
+
 def decode_many(
     codec: Codec,
     datas: Sequence[bytes],
@@ -334,14 +343,8 @@ def decode_many(
     code): the CRC checks the bytes, the exact model the arithmetic."""
     stop = scale_prefix(codec, num_scales) if num_scales is not None else None
     wheres = list(wheres) if wheres is not None else ["the data"] * len(datas)
-    parsed = []
-    for data, where in zip(datas, wheres, strict=True):
-        try:
-            header, payload = fmt.unpack(data)
-        except fmt.FormatError as e:
-            raise fmt.FormatError(f"{where}: {e}") from None
-        codec.check(header, where)
-        parsed.append((header, payload, torch.tensor(header.labels, dtype=torch.long)))
+    parsed = [(h, payload, torch.tensor(h.labels, dtype=torch.long))
+              for h, payload in unpack_checked(codec, datas, wheres)]  # fmt: skip
     seqs: dict[int, np.ndarray] = {}
     current = [i for i, (h, _, _) in enumerate(parsed) if h.version >= 2]
     stops = [stop] * len(current)
