@@ -12,8 +12,7 @@ prior's) plus the coder's termination and the header (:mod:`.format`, docs/forma
 exact arithmetic (:mod:`.intmath`), independent of CPU kernels, threads, torch version and
 device; the range coder (constriction) takes them as they are. The coding loops
 (:mod:`.streams`) need not mirror each other (one teacher-forced pass to encode, one
-position at a time to decode, files batched). A file names the twin and the tokenizer,
-and the checksum of its codes refuses a file that does not decode to the codes written.
+position at a time to decode, files batched); a checksum of the codes guards the rest.
 
 A next-scale prior's codes (a multi-scale tokenizer's ``(L,)`` sequences) use its own
 twin (:mod:`.exact_nextscale`, format model 2), whole scales per pass; the first scales
