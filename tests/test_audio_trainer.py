@@ -247,6 +247,27 @@ def test_trains_on_fsdd(tmp_path, fsdd_archive):
         assert math.isfinite(row["si_sdr"]) and math.isfinite(row["mel_distance"])
 
 
+def test_holdout_speaker_trains_on_the_others(tmp_path):
+    """--holdout-speaker: the other speakers' train clips train, the held-out speaker's
+    test clips evaluate (an FSDD-named folder: 2 digits x 3 speakers x 6 takes, 0-4 the
+    test takes); eval.json names the speaker; an unknown one is refused in one line."""
+    rec = tmp_path / "fsdd" / "recordings"
+    rec.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for d in range(2):
+        for who in ("ann", "bob", "cy"):
+            for i in range(6):
+                write_wav(rec / f"{d}_{who}_{i}.wav", 0.3 * torch.randn(700, generator=g), 2000)
+    trainer = _trainer(tmp_path / "h", tmp_path / "fsdd", steps=1, holdout_speaker="bob")
+    train, test = trainer.train_data, trainer.test_data
+    assert [train.speaker_names[s] for s in train.speakers] == ["ann", "cy"] * 2
+    assert [test.speaker_names[s] for s in test.speakers] == ["bob"] * 10
+    assert all("_5.wav" in n for n in train.names) and not any("_5" in n for n in test.names)
+    assert trainer.fit()["holdout_speaker"] == "bob"
+    with pytest.raises(UserError, match="no speaker 'dan' .speakers: ann, bob, cy"):
+        _trainer(tmp_path / "u", tmp_path / "fsdd", holdout_speaker="dan")
+
+
 def _train_records(out: Path) -> list[dict[str, Any]]:
     return [r for r in _records(out) if r["kind"] == "train"]
 

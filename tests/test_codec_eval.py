@@ -111,16 +111,23 @@ def test_figures_are_the_clip_means_of_their_definitions():
 
 
 def test_speech_scores_join_each_speaker(monkeypatch):
-    """PESQ / STOI score each speaker's clips joined in split order, then average."""
+    """PESQ / STOI score each speaker's clips joined in split order, then average; each
+    speaker's score is kept under its name."""
     import vqkit.evaluation.codec_eval as ce
 
     seen = []
-    monkeypatch.setattr(ce, "stoi", lambda ref, deg, rate: seen.append(ref.numel()) or 0.5)
+    monkeypatch.setattr(
+        ce, "stoi", lambda ref, deg, rate: seen.append(ref.numel()) or ref.numel() / 4000
+    )
     model = _codec()
     data = _data([700, 500, 300, 900])  # speakers a, b, a, b
-    ev = evaluate_codec(model, data, stages=[3], speech_scores=True)
+    row = evaluate_codec(model, data, stages=[3], speech_scores=True)["stages"][0]
     assert seen == [700 + 300, 500 + 900]
-    assert ev["stages"][0]["stoi"] == 0.5 and "pesq_nb" not in ev["stages"][0]  # 2 kHz
+    assert row["stoi"] == pytest.approx((0.25 + 0.35) / 2) and "pesq_nb" not in row  # 2 kHz
+    assert row["per_speaker"] == {"a": {"stoi": 0.25}, "b": {"stoi": 0.35}}
+    unnamed = AudioData(data.samples, data.offsets, 2000, data.labels)  # no speakers: one
+    row = evaluate_codec(model, unnamed, stages=[3], speech_scores=True)["stages"][0]
+    assert row["per_speaker"] == {"all": {"stoi": 2400 / 4000}}
 
 
 def test_wrong_rate_one_line():

@@ -99,29 +99,10 @@ def encode_clips(
         sums.append(fmt.code_checksum(codes.numpy()))
     st = [StreamStats() for _ in clips]
     payloads = encode_streams(codec.exact, streams, st, tails)
-    out = []
-    for i, ((_, info), (_, y), payload) in enumerate(zip(clips, streams, payloads, strict=True)):
-        header = fmt.Header(
-            codec.tokenizer_hash[:16],
-            codec.exact_hash[:16],
-            codec.code_shape,
-            codec.num_symbols,
-            tuple(int(v) for v in y),
-            sums[i],
-            fmt.FLAG_AUDIO,
-            version=fmt.AUDIO_VERSION,
-            model=codec.model,
-            audio=info,
-        )
-        out.append(fmt.pack(header, payload))
-        if stats is not None:
-            stats[i].update(
-                ideal_bits=st[i].ideal_bits,
-                payload_bytes=len(payload),
-                header_bytes=len(out[-1]) - len(payload),
-                codes=st[i].codes,
-            )
-    return out
+    return [
+        codec.pack(payload, y, sums[i], st[i], stats[i] if stats else None, audio=info)
+        for i, ((_, info), (_, y), payload) in enumerate(zip(clips, streams, payloads, strict=True))
+    ]
 
 
 def check_clip(codec: Codec, header: fmt.Header, where: str) -> fmt.AudioInfo:

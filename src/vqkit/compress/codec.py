@@ -146,6 +146,24 @@ class Codec:
             raise UserError(f"class id {int(y[bad][0])} out of range: the prior has {have}")
         return y
 
+    def pack(self, payload: bytes, labels: Sequence[int], checksum: bytes, stream: StreamStats,
+             stats: dict[str, float] | None = None, *, flags: int = 0, dtype: int = 0,
+             audio: fmt.AudioInfo | None = None) -> bytes:  # fmt: skip
+        """One file's bytes: this codec's header (version 3 with a clip's ``audio`` block)
+        over ``payload``; ``stats`` takes the stream's bits, the bytes and the codes."""
+        version = fmt.AUDIO_VERSION if audio is not None else fmt.VERSION
+        header = fmt.Header(
+            self.tokenizer_hash[:16], self.exact_hash[:16], self.code_shape, self.num_symbols,
+            tuple(int(v) for v in labels), checksum, flags | (fmt.FLAG_AUDIO if audio else 0),
+            dtype, version=version, model=self.model, audio=audio,
+        )  # fmt: skip
+        data = fmt.pack(header, payload)
+        if stats is not None:
+            header_bytes = len(data) - len(payload)
+            stats.update(ideal_bits=stream.ideal_bits, payload_bytes=len(payload),
+                         header_bytes=header_bytes, codes=stream.codes)  # fmt: skip
+        return data
+
     def check(self, header: fmt.Header, where: str) -> None:
         """DecodeError unless ``header`` was written by this prior and tokenizer."""
         if header.is_audio != self.audio:  # a clip's windows: vqkit.compress.audio
@@ -254,29 +272,11 @@ def encode_many(
     seqs = [flatten_codes(m, codec.code_shape).numpy() for m in maps]
     st = [StreamStats() for _ in items]
     payloads = encode_streams(codec.exact, list(zip(seqs, ys, strict=True)), st)
-    out = []
-    for i, (seq, y, payload) in enumerate(zip(seqs, ys, payloads, strict=True)):
-        header = fmt.Header(
-            codec.tokenizer_hash[:16],
-            codec.exact_hash[:16],
-            codec.code_shape,
-            codec.num_symbols,
-            tuple(int(v) for v in y),
-            fmt.code_checksum(seq),
-            flags[i] if flags else 0,
-            dtypes[i] if dtypes else 0,
-            model=codec.model,
-        )
-        data = fmt.pack(header, payload)
-        out.append(data)
-        if stats is not None:
-            stats[i].update(
-                ideal_bits=st[i].ideal_bits,
-                payload_bytes=len(payload),
-                header_bytes=len(data) - len(payload),
-                codes=int(seq.size),
-            )
-    return out
+    return [
+        codec.pack(payload, y, fmt.code_checksum(seq), st[i], stats[i] if stats else None,
+                   flags=flags[i] if flags else 0, dtype=dtypes[i] if dtypes else 0)
+        for i, (seq, y, payload) in enumerate(zip(seqs, ys, payloads, strict=True))
+    ]  # fmt: skip
 
 
 def encode_maps(

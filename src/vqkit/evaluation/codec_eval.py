@@ -14,7 +14,8 @@ For each stage count ``n`` (the first ``n`` residual stages decode; every ``n`` 
   speaker, that speaker's clips joined in split order (:func:`~.audio_metrics.join_by_speaker`)
   and the decoded clips joined the same way, the decoded signal lined up with the
   original by :func:`~.audio_metrics.align` (lag within one frame), scored, and the
-  mean over the speakers reported (a source without speakers is one "speaker"). FSDD's
+  mean over the speakers reported, and each speaker's under ``per_speaker`` (keyed by
+  name; a source without speakers is one "speaker", ``"all"``). FSDD's
   clips last about 0.4 s, too short for PESQ and STOI alone; joined, a speaker's 50 test
   clips make about 20 s. PESQ works at 8 or 16 kHz only; elsewhere it is left out.
 
@@ -126,16 +127,19 @@ def _speech_scores(
     rate: int,
     max_lag: int,
 ) -> dict[str, Any]:
-    """Mean narrowband PESQ and STOI over the speakers (module docstring)."""
+    """Mean narrowband PESQ and STOI over the speakers, and each speaker's under
+    ``per_speaker`` (module docstring)."""
     refs = join_by_speaker(originals, speakers)
     decs = join_by_speaker(decoded, speakers)
-    pesq_values, stoi_values, failed = [], [], []
+    pesq_values, stoi_values, failed, each = [], [], [], {}
     for who, ref in refs.items():
         deg = align(ref, decs[who], max_lag=max_lag).degraded
-        stoi_values.append(stoi(ref, deg, rate))
+        each[str(who)] = {"stoi": stoi(ref, deg, rate)}
+        stoi_values.append(each[str(who)]["stoi"])
         if rate in (8000, 16000):
             try:
-                pesq_values.append(pesq_nb(ref, deg, rate))
+                each[str(who)]["pesq_nb"] = pesq_nb(ref, deg, rate)
+                pesq_values.append(each[str(who)]["pesq_nb"])
             except UserError as e:  # e.g. no utterance found in a near-silent signal
                 failed.append(f"{who}: {e}")
     out: dict[str, Any] = {"stoi": _mean(stoi_values)}
@@ -143,6 +147,7 @@ def _speech_scores(
         out["pesq_nb"] = _mean(pesq_values) if pesq_values else None
         if failed:
             out["pesq_failed"] = failed
+    out["per_speaker"] = each
     return out
 
 
@@ -159,7 +164,7 @@ def evaluate_codec(
     the model's rate (``data.rate`` must be it), in eval mode (restored after).
 
     Returns ``{"clips", "stages": [{"num_stages", "kbps", "si_sdr", "mel_distance"[,
-    "pesq_nb", "stoi"]}, ...], "codes_used": [per stage], "num_codes", "silent_clips",
+    "pesq_nb", "stoi", "per_speaker"]}, ...], "codes_used": [per stage], "num_codes", "silent_clips",
     "short_clips"}``. ``speech_scores``: PESQ / STOI too (one line naming the
     ``audio-eval`` extra when it is absent)."""
     rate = model.config.sample_rate
@@ -181,8 +186,10 @@ def evaluate_codec(
         model.train(was_training)
     silent = sum(float(c.double().pow(2).sum()) == 0.0 for c in originals)
     short = sum(c.numel() < MEL_MIN_SAMPLES for c in originals)
-    speakers = (
-        [int(data.speakers[i]) for i in pick] if data.speakers is not None else [0] * len(pick)
+    speakers = (  # by name where the source names them: per_speaker is keyed by them
+        [data.speaker_names[int(data.speakers[i])] for i in pick]
+        if data.speakers is not None and data.speaker_names
+        else ["all"] * len(pick)
     )
     rows = []
     for j, n in enumerate(stages):

@@ -75,6 +75,13 @@ class AudioTrainOptions(_AudioJobOptions):  # type: ignore[misc, valid-type]
     eval_limit: int = option(
         0, "audio: test clips of the final evaluation (0: the whole split)", check=nonneg_int
     )
+    holdout_speaker: str = option(
+        "",
+        "audio: a held-out-speaker run: train on every other speaker's train clips and "
+        "evaluate on this speaker's test clips (FSDD names george, jackson, lucas, nicolas, "
+        "theo, yweweler; '': every speaker in both)",
+        on_resume="fixed",  # the training clips, and so the loader's order, depend on it
+    )
     sample_clips: int = option(
         3,
         "audio: test clips drawn as spectrograms and written as WAV with their decodings",

@@ -7,7 +7,8 @@ state, step and evaluation to the runtime (:class:`vqkit.runtime.job.LoaderJob`:
 process group, run directory, exact resume, RNG, log window, best.pt, the run loop).
 
 Data: ``load_audio(data, split, rate=sample_rate)`` (:mod:`vqkit.data.audiofolder`: a
-WAV folder or tar, FSDD with its official split); training batches are
+WAV folder or tar, FSDD with its official split; ``holdout_speaker``: train on the other
+speakers' train clips, evaluate on that speaker's test clips); training batches are
 ``segment_seconds`` crops of shuffled train clips (:class:`~vqkit.data.CropLoader`,
 resumable); a shorter clip is taken whole, zero-padded, and its padding is left out of
 every loss term and of the quantizer's statistics (``lengths``). Options:
@@ -103,8 +104,9 @@ class AudioTrainer(LoaderJob):
     def _setup(self) -> None:
         c = self.config
         rate = c.sample_rate
-        self.train_data = load_audio(c.data, "train", rate=rate)
-        self.test_data = load_audio(c.data, "test", rate=rate)
+        held = [c.holdout_speaker] if c.holdout_speaker else None
+        self.train_data = load_audio(c.data, "train", rate=rate, exclude_speakers=held)
+        self.test_data = load_audio(c.data, "test", rate=rate, speakers=held)
         torch.manual_seed(c.seed)  # the same initial weights on every rank
         self.model = AudioCodec(c.codec_config).to(self.device)
         q = self.model.quantizer
@@ -383,7 +385,10 @@ class AudioTrainer(LoaderJob):
         report = codec_report(
             self.model, self.test_data, stages=self.stages, limit=self.config.eval_limit
         )
-        result = {"step": self.step, "split": "test", "data": self.config.data, **report}
+        result = {"step": self.step, "split": "test", "data": self.config.data}
+        if self.config.holdout_speaker:  # the test clips are that speaker's alone
+            result["holdout_speaker"] = self.config.holdout_speaker
+        result.update(report)
         self.run.write_json("eval.json", result)
         self.model.pretrained_info = {"data": self.config.data, "eval": result}
         self.model.save_pretrained(self.out / "codec")
