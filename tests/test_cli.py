@@ -96,6 +96,12 @@ def test_eval_encode_decode_round_trip(tmp_path, capsys):
     result = json.loads((ev / "eval.json").read_text())
     assert result["num_images"] == 1000 and 0 <= result["usage"] <= 1
     assert (ev / "recon.png").is_file()
+    # a second evaluation into the same folder replaces nothing unless told to
+    assert main(["eval", str(ckpt), "--out", str(ev), "--limit", "8"]) == 2
+    assert "eval.json exists" in capsys.readouterr().err
+    assert json.loads((ev / "eval.json").read_text())["num_images"] == 1000
+    assert main(["eval", str(ckpt), "--out", str(ev), "--limit", "8", "--overwrite"]) == 0
+    assert json.loads((ev / "eval.json").read_text())["num_images"] == 8
 
     # a test image through encode -> .npy -> decode -> PNG
     from vqkit.data import load_dataset

@@ -131,7 +131,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import data_variance
     from .evaluation.plots import save_progressive_grid, save_recon_grid
     from .evaluation.reconstruction import evaluate, progressive_reconstructions
-    from .storage.fileio import dump_json, write_json
+    from .storage.fileio import dump_json, refuse_existing, write_json
 
     model, meta, device = _load(args)
     run_dir = _run_dir_of(Path(args.checkpoint))
@@ -146,6 +146,11 @@ def _eval(args: argparse.Namespace) -> int:
             "choose another folder"
         )
     data, used = _eval_data(args, model, meta)
+    # beside the checkpoint's run unless --out says otherwise, never the current directory
+    out = out or run_dir / f"eval-{used['split']}"
+    outputs = [out / "eval.json", out / "recon.png", out / "progressive.png"]
+    refuse_existing(outputs, args.overwrite)  # before the evaluation's minutes
+    outputs[-1].unlink(missing_ok=True)  # --overwrite: no stale picture of another model
     var = meta.get("data_variance") or data_variance(data)
     result = evaluate(
         model,
@@ -158,8 +163,6 @@ def _eval(args: argparse.Namespace) -> int:
     )
     result.pop("counts")
     result["data"] = used
-    # beside the checkpoint's run unless --out says otherwise, never the current directory
-    out = out or run_dir / f"eval-{used['split']}"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval.json", result)
     import torch
@@ -353,11 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--overwrite",
             action="store_true",
-            help="replace outputs that exist already"
-            + (
-                " (an audio codec's eval; an image tokenizer's eval replaces them)"
-                * (name == "eval")
-            ),
+            help="replace outputs that exist already",
         )
         if name != "eval":
             p.add_argument(

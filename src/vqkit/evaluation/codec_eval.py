@@ -164,8 +164,8 @@ def evaluate_codec(
     the model's rate (``data.rate`` must be it), in eval mode (restored after).
 
     Returns ``{"clips", "stages": [{"num_stages", "kbps", "si_sdr", "mel_distance"[,
-    "pesq_nb", "stoi", "per_speaker"]}, ...], "codes_used": [per stage], "num_codes", "silent_clips",
-    "short_clips"}``. ``speech_scores``: PESQ / STOI too (one line naming the
+    "pesq_nb", "stoi", "per_speaker"]}, ...], "codes_used": [per stage], "num_codes",
+    "silent_clips", "short_clips"}``. ``speech_scores``: PESQ / STOI too (one line naming the
     ``audio-eval`` extra when it is absent)."""
     rate = model.config.sample_rate
     if data.rate != rate:
