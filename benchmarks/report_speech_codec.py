@@ -149,7 +149,7 @@ def main() -> None:
                 shutil.copyfile(getattr(args, role), out / roles[role])
     meta = common.run_meta(MODULE, args.note)
     read = {name: json.loads((out / file).read_text()) for name, file in runs.items()}
-    lines = ["# Speech codec evaluations", "", *common.meta_lines(meta), ""]
+    lines: list[str] = []
     result: dict = {"meta": meta, "inputs": {"runs": runs, "holdout": roles, "speaker": speaker}}
     if read:
         lines += ["## By stage count", "", *run_table(read), ""]
@@ -165,6 +165,7 @@ def main() -> None:
                   f"speakers against the one trained without {speaker}.", "",
                   *holdout_table(rows, speaker), ""]  # fmt: skip
     common.finish_meta(meta)
+    lines = ["# Speech codec evaluations", "", *common.meta_lines(meta), "", *lines]
     common.write_results(out, "report", result, lines)
     print("\n".join(lines))
 
