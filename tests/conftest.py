@@ -15,6 +15,18 @@ import pytest
 import torch
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (pyproject's addopts) each worker takes its share of the cores,
+    for torch and for the processes it starts: torch's default of a thread per core in
+    every worker would oversubscribe them, and a torch process sharing its core with
+    another slows tenfold or more. A single process keeps torch's default."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = max(1, len(os.sched_getaffinity(0)) // workers)
+        torch.set_num_threads(share)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+
 @contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     before = torch.get_num_threads()
