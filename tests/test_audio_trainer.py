@@ -264,6 +264,8 @@ def test_holdout_speaker_trains_on_the_others(tmp_path):
     assert [test.speaker_names[s] for s in test.speakers] == ["bob"] * 10
     assert all("_5.wav" in n for n in train.names) and not any("_5" in n for n in test.names)
     assert trainer.fit()["holdout_speaker"] == "bob"
+    described = json.loads((tmp_path / "h" / "config.json").read_text())["data"]
+    assert (described["train"]["speakers"], described["test"]["speakers"]) == (2, 1)
     with pytest.raises(UserError, match="no speaker 'dan' .speakers: ann, bob, cy"):
         _trainer(tmp_path / "u", tmp_path / "fsdd", holdout_speaker="dan")
 

@@ -403,7 +403,8 @@ def _describe(data: Any) -> dict[str, Any]:
         "clips": len(data),
         "seconds": round(data.seconds, 3),
         "rate": data.rate,
-        "speakers": len(data.speaker_names),
+        # the speakers present (a held-out split keeps every name, not every speaker)
+        "speakers": len(set(data.speakers.tolist())) if data.speaker_names else 0,
     }
 
 
