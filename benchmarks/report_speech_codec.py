@@ -5,18 +5,17 @@
         --runs "1,200 steps=runs/fsdd-codec/eval-test/eval.json" \\
                "4,800 steps=runs/fsdd-codec-long/eval-test/eval.json" \\
         --seen runs/fsdd-codec/eval-test/eval.json \\
-        --holdout runs/fsdd-codec-holdout/eval-test/eval.json --speaker george \\
-        --out benchmarks/results/fsdd_codec_holdout
+        --holdout george=runs/fsdd-codec-holdout/eval-test/eval.json \\
+        --out benchmarks/results/fsdd_codec_report
 
 * ``--runs NAME=EVAL ...``: per stage count, kbit/s, PESQ-NB, STOI, SI-SDR and mel
   distance of each evaluation (the means over the speakers, as ``eval.json`` has them).
-* ``--seen EVAL --holdout EVAL --speaker S``: the held-out-speaker comparison. Both
-  evaluations must cover every speaker's test clips with ``per_speaker`` scores (``vqkit
-  eval RUN``): ``--seen`` of a model trained on every speaker, ``--holdout`` of one
-  trained without ``S`` (``--holdout-speaker S``). Per stage count: PESQ-NB / STOI on
-  ``S``'s clips (unseen by the held-out model only), the same on the other speakers'
-  clips (seen by both; their mean), and the held-out model's loss on ``S`` against the
-  main model's.
+* ``--seen EVAL --holdout S=EVAL ...``: the held-out-speaker comparison, a table per
+  held-out speaker ``S``. The evaluations must cover every speaker's test clips with
+  ``per_speaker`` scores (``vqkit eval RUN``): ``--seen`` of a model trained on every
+  speaker, each ``--holdout`` of one trained without ``S`` (``--holdout-speaker S``).
+  Per stage count: PESQ-NB / STOI on ``S``'s clips (unseen by the held-out model only)
+  and on the other speakers' clips (seen by both; their mean), under each model.
 
 Every input is copied into ``--out`` (``<name>.json``) and the tables are made from the
 copies, so the committed table is reproducible from committed files (``--from-copies``
@@ -124,8 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="*", default=[], help="NAME=EVAL_JSON evaluations")
     ap.add_argument("--seen", help="eval.json of the model trained on every speaker")
-    ap.add_argument("--holdout", help="eval.json of the model trained without --speaker")
-    ap.add_argument("--speaker", help="the held-out speaker")
+    ap.add_argument("--holdout", nargs="*", default=[],
+                    help="SPEAKER=EVAL_JSON of a model trained without SPEAKER")  # fmt: skip
     ap.add_argument("--out", required=True, help="folder for the copies and the report")
     ap.add_argument("--from-copies", action="store_true",
                     help="rebuild report.md from the copies --out/report.json names")  # fmt: skip
@@ -134,32 +133,34 @@ def main() -> None:
     out = Path(args.out)
     if args.from_copies:
         kept = json.loads((out / "report.json").read_text())["inputs"]
-        runs, roles = kept["runs"], kept["holdout"]
-        speaker = kept["speaker"]
+        runs, seen_file, held_files = kept["runs"], kept["seen"], kept["holdout"]
     else:
         out.mkdir(parents=True, exist_ok=True)
-        runs, roles, speaker = {}, {}, args.speaker
+        runs, held_files = {}, {}
         for item in args.runs:
             name, _, path = item.partition("=")
             runs[name] = f"{slug(name)}.json"
             shutil.copyfile(path, out / runs[name])
-        for role in ("seen", "holdout"):
-            if getattr(args, role):
-                roles[role] = f"{role}.json"
-                shutil.copyfile(getattr(args, role), out / roles[role])
+        seen_file = "seen.json" if args.seen else None
+        if args.seen:
+            shutil.copyfile(args.seen, out / seen_file)
+        for item in args.holdout:
+            speaker, _, path = item.partition("=")
+            held_files[speaker] = f"holdout_{slug(speaker)}.json"
+            shutil.copyfile(path, out / held_files[speaker])
     meta = common.run_meta(MODULE, args.note)
     read = {name: json.loads((out / file).read_text()) for name, file in runs.items()}
     lines: list[str] = []
-    result: dict = {"meta": meta, "inputs": {"runs": runs, "holdout": roles, "speaker": speaker}}
+    inputs = {"runs": runs, "seen": seen_file, "holdout": held_files}
+    result: dict = {"meta": meta, "inputs": inputs, "holdout_rows": {}}
     if read:
         lines += ["## By stage count", "", *run_table(read), ""]
-    if roles.get("seen") and roles.get("holdout"):
-        if not speaker:
-            raise SystemExit("--speaker names the held-out speaker")
-        seen = json.loads((out / roles["seen"]).read_text())
-        held = json.loads((out / roles["holdout"]).read_text())
-        rows = holdout_rows(seen, held, speaker)
-        result["holdout_rows"] = rows
+    if held_files and not seen_file:
+        raise SystemExit("--holdout needs --seen: the model trained on every speaker")
+    for speaker, file in held_files.items():
+        seen = json.loads((out / seen_file).read_text())
+        rows = holdout_rows(seen, json.loads((out / file).read_text()), speaker)
+        result["holdout_rows"][speaker] = rows
         lines += [f"## Held-out speaker: {speaker}", "",
                   f"Each speaker's test clips joined and aligned; the model trained on all 6 "
                   f"speakers against the one trained without {speaker}.", "",
