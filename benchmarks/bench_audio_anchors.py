@@ -37,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,22 @@ def code(x: np.ndarray, kind: str, setting: str, tmp: Path) -> tuple[np.ndarray,
     return y, bits.stat().st_size
 
 
+def coders(model, stages: list[int], tmp: Path) -> dict[str, Callable]:
+    """Each row's coder, ``x -> (decoded signal, coded bits)``: the anchors (the bytes of
+    their files), then the vqkit codec at each of ``stages`` (its raw bits)."""
+    out: dict[str, Callable] = {}
+    for name, (kind, setting) in CODECS.items():
+
+        def anchor(x: np.ndarray, kind: str = kind, setting: str = setting):
+            y, size = code(x, kind, setting, tmp)
+            return y, 8.0 * size
+
+        out[name] = anchor
+    for n in stages:
+        out[f"vqkit {n} stages"] = lambda x, n=n: code_vqkit(x, model, n)
+    return out
+
+
 def speaker_signals() -> dict[str, np.ndarray]:
     from vqkit.data.audiofolder import load_audio
     from vqkit.evaluation.audio_metrics import join_by_speaker
@@ -210,35 +227,23 @@ def main(argv: list[str] | None = None) -> None:
     signals = speaker_signals()
     per: dict[str, dict[str, dict]] = {}
     pictures: dict[str, np.ndarray] = {}
+    stages = [int(t) for t in args.stages.split(",")] if model is not None else []
+    pictured = {*PICTURED, *(f"vqkit {n} stages" for n in stages)}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (kind, setting) in CODECS.items():
+        for name, coder in coders(model, stages, Path(tmp)).items():
             per[name] = {}
             for who, x in signals.items():
-                y, size = code(x, kind, setting, Path(tmp))
+                y, bits = coder(x)
                 s = score(x, y)
                 aligned = s.pop("aligned")
-                if who == args.speaker_plot and name in PICTURED:
-                    pictures[name] = aligned
-                s["file_kbps"] = size * 8 / (x.size / RATE) / 1000
-                s["seconds"] = x.size / RATE
-                per[name][who] = s
-                print(f"{name:12s} {who:9s} lag {s['lag']:5d} PESQ {s['pesq_nb']:.3f} "
-                      f"STOI {s['stoi']:.3f} SI-SDR {s['si_sdr']:6.2f} mel "
-                      f"{s['mel_distance']:.3f} {s['file_kbps']:.2f} kbps", flush=True)  # fmt: skip
-        for n in (int(t) for t in args.stages.split(",")) if model is not None else ():
-            name = f"vqkit {n} stages"
-            per[name] = {}
-            for who, x in signals.items():
-                y, bits = code_vqkit(x, model, n)
-                s = score(x, y)
-                aligned = s.pop("aligned")
-                if who == args.speaker_plot:
+                if who == args.speaker_plot and name in pictured:
                     pictures[name] = aligned
                 s["file_kbps"] = bits / (x.size / RATE) / 1000
                 s["seconds"] = x.size / RATE
                 per[name][who] = s
-                print(f"{name:12s} {who:9s} lag {s['lag']:5d} PESQ {s['pesq_nb']:.3f} "
-                      f"STOI {s['stoi']:.3f} {s['file_kbps']:.2f} kbps", flush=True)  # fmt: skip
+                print(f"{name:14s} {who:9s} lag {s['lag']:5d} PESQ {s['pesq_nb']:.3f} "
+                      f"STOI {s['stoi']:.3f} SI-SDR {s['si_sdr']:6.2f} mel "
+                      f"{s['mel_distance']:.3f} {s['file_kbps']:.2f} kbps", flush=True)  # fmt: skip
     if model is not None:
         meta["codec"] = {"path": args.codec, "stages": args.stages,
                          "bitrates_kbps": {n: model.bitrate(n) / 1000
