@@ -65,12 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     count = len(clips) if args.limit is None else min(args.limit, len(clips))
     signals = [clips.clip(i) for i in range(count)]
     if args.join_speakers:  # one signal per speaker, its clips in split order
-        who = (
-            [clips.speaker_names[s] for s in clips.speakers[:count]]
-            if clips.speaker_names
-            else [0] * count
-        )
-        signals = list(join_by_speaker(signals, who).values())
+        signals = list(join_by_speaker(signals, clips.speaker_labels(range(count))).values())
     stages = codec.code_shape[1]
     started = time.perf_counter()
     items = [wav_codes(codec, x, rate) for x in signals]

@@ -173,6 +173,10 @@ def test_subset_and_speakers():
     assert data.select_speakers(["bob"]).names == ("b",)
     with pytest.raises(UserError, match="no speaker 'eve'.*ann, bob"):
         data.select_speakers(["eve"])
+    assert data.speaker_labels([2, 1]) == ["ann", "bob"]
+    assert data.speaker_labels(range(3)) == ["ann", "bob", "ann"]
+    unnamed = AudioData(data.samples, data.offsets, 8000, data.labels)
+    assert unnamed.speaker_labels(range(3)) == ["all"] * 3
 
 
 # -- writing and the crop loader -------------------------------------------------------

@@ -201,6 +201,13 @@ class AudioData:
             self.speaker_names, names, self.source, self.split, self.converted,
         )  # fmt: skip
 
+    def speaker_labels(self, index: torch.Tensor | list[int]) -> list[str]:
+        """The speaker of each clip at ``index`` by name; ``"all"`` for every clip of a
+        source that names no speakers (one speaker)."""
+        if self.speakers is None or not self.speaker_names:
+            return ["all"] * len(torch.as_tensor(index).reshape(-1))
+        return [self.speaker_names[int(self.speakers[int(i)])] for i in index]
+
     def select_speakers(
         self, speakers: list[str] | None = None, *, exclude: list[str] | None = None
     ) -> AudioData:

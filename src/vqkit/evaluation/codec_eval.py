@@ -186,11 +186,7 @@ def evaluate_codec(
         model.train(was_training)
     silent = sum(float(c.double().pow(2).sum()) == 0.0 for c in originals)
     short = sum(c.numel() < MEL_MIN_SAMPLES for c in originals)
-    speakers = (  # by name where the source names them: per_speaker is keyed by them
-        [data.speaker_names[int(data.speakers[i])] for i in pick]
-        if data.speakers is not None and data.speaker_names
-        else ["all"] * len(pick)
-    )
+    speakers = data.speaker_labels(pick)  # per_speaker is keyed by these names
     rows = []
     for j, n in enumerate(stages):
         sdr, mel = [], []
