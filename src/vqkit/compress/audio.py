@@ -28,7 +28,7 @@ import torch
 
 from ..data.resample import resample, resampled_length
 from ..errors import UserError
-from ..prior.audio_codes import clip_codes, window_count
+from ..prior.audio_codes import clip_codes, windows
 from . import format as fmt
 from .codec import Codec, DecodeError, load_codec, unpack_checked
 from .coder import CoderError
@@ -91,10 +91,10 @@ def encode_clips(
             raise UserError(f"expected codes ({info.frames}, {stages}); got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codec.num_symbols):
             raise UserError(f"codes must be in [0, {codec.num_symbols}) for this prior")
-        n = window_count(info.frames, window)
-        padded = torch.zeros(n * window, stages, dtype=torch.long)  # 0: read, never coded
-        padded[: info.frames] = codes
-        streams.append((padded.reshape(n, window * stages).numpy(), codec.labels(None, n)))
+        # the prior's training cuts; its padding read as code 0 here, never coded
+        cut = windows(codes, window).clamp_min(0)
+        n = cut.shape[0]
+        streams.append((cut.reshape(n, window * stages).numpy(), codec.labels(None, n)))
         tails.append((info.frames - (n - 1) * window) * stages)
         sums.append(fmt.code_checksum(codes.numpy()))
     st = [StreamStats() for _ in clips]
