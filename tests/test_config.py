@@ -20,6 +20,13 @@ def test_config_file(tmp_path):
     cfg_path.write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         TrainConfig.from_file(cfg_path)
+    # strict JSON: a repeated option is not settled silently by the last one
+    cfg_path.write_text('{"steps": 7, "lr": 1e-3, "steps": 70}')
+    with pytest.raises(ValueError, match="not valid JSON: key 'steps' appears twice"):
+        TrainConfig.from_file(cfg_path)
+    cfg_path.write_text('{"lr": NaN}')
+    with pytest.raises(ValueError, match="NaN is not a JSON value"):
+        TrainConfig.from_file(cfg_path)
 
 
 def test_preset_sets_defaults_and_explicit_values_win():

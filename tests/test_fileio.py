@@ -18,9 +18,11 @@ import torch
 from vqkit.storage import fileio
 from vqkit.storage.fileio import (
     DiskFullError,
+    StrictJSONError,
     atomic_write,
     clean_stale_temps,
     dump_json,
+    loads_json,
     write_json,
 )
 
@@ -142,6 +144,31 @@ def test_write_json_is_strict(tmp_path):
     text = (tmp_path / "eval.json").read_text()
     assert "NaN" not in text and text.endswith("\n")
     assert _strict_loads(text) == {"ppl": None, "mse": 0.25}
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('{"lr": NaN}', "NaN is not a JSON value"),
+        ("[1, Infinity]", "Infinity is not a JSON value"),
+        ('{"a": {"b": -Infinity}}', "-Infinity is not a JSON value"),
+        ('{"lr": 1, "lr": 2}', "key 'lr' appears twice"),
+        ('{"a": [{"k": 1, "k": 1}]}', "key 'k' appears twice"),
+    ],
+)
+def test_loads_json_refuses_what_json_loads_lets_through(text, words):
+    json.loads(text)  # Python's reader takes it (the reason for loads_json)
+    with pytest.raises(StrictJSONError, match=words):
+        loads_json(text)
+    assert issubclass(StrictJSONError, ValueError)  # one `except ValueError` for both
+
+
+def test_loads_json_reads_json_as_json_loads_does():
+    text = '{"a": [1, 2.5, -3e-2, null, true, "NaN"], "b": {"c": {}}, "": 0}'
+    assert loads_json(text) == json.loads(text)
+    assert loads_json(text.encode()) == json.loads(text)
+    with pytest.raises(json.JSONDecodeError):
+        loads_json("{")
 
 
 def _dead_pid() -> int:

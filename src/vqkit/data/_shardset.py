@@ -6,7 +6,6 @@ See :mod:`vqkit.data.shards` for the layout and the streaming loader.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..storage.fileio import loads_json
 from ._core import ImageData
 from ._stream import (
     MANIFEST_NAME,
@@ -144,8 +144,8 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        m = loads_json(path.read_text())
+    except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable manifest ({e})") from e
     return m if isinstance(m, dict) and m.get("format") == MANIFEST_FORMAT else None
 

@@ -52,7 +52,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..storage.dirlock import DirLock
-from ..storage.fileio import atomic_write, clean_stale_temps, temp_path
+from ..storage.fileio import atomic_write, clean_stale_temps, loads_json, temp_path
 from ._core import ImageData, channels_to_mode
 from ._stream import MANIFEST_NAME, packing_marker
 from .decode import GRAY_MODES, decode_image
@@ -345,10 +345,10 @@ def _pack_into(
     manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": 1, "splits": {}}
     if manifest_path.is_file():
         try:
-            prev = json.loads(manifest_path.read_text())
+            prev = loads_json(manifest_path.read_text())
             if isinstance(prev, dict) and prev.get("format") == MANIFEST_FORMAT:
                 manifest = prev
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             pass  # replaced below
     manifest.setdefault("splits", {})[split] = entry
     text = json.dumps(manifest, indent=1).encode()

@@ -25,7 +25,7 @@ from torch import nn
 from ..data import ImageData, load_dataset, normalize
 from ..errors import UserError
 from ..storage.checkpoint import nonfinite_tensors, save_file_atomically
-from ..storage.fileio import dump_json, refuse_existing, write_json
+from ..storage.fileio import dump_json, loads_json, refuse_existing, write_json
 from ..storage.weights import load_state_strict
 from .features import sha256_file
 
@@ -159,8 +159,8 @@ def _read_sidecar(side: Path) -> dict[str, Any] | None:
     if not side.exists():
         return None
     try:
-        value = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        value = loads_json(side.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UserError(
             f"cannot read {side} ({reason}): remove it or make the network again with "
@@ -211,8 +211,8 @@ def load_feature_net(path: str | os.PathLike[str]) -> tuple[FeatureNet, dict[str
             "make it again with vqkit features"
         ) from None
     try:
-        info = json.loads(raw)
-    except json.JSONDecodeError as e:
+        info = loads_json(raw)
+    except ValueError as e:
         raise UserError(
             f"{p}: its metadata's info is not JSON ({e}): the file was altered"
         ) from None
@@ -332,6 +332,6 @@ def run_features(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     path = save_feature_net(net, args.out, meta)
-    print(dump_json(json.loads(Path(args.out, "features.json").read_text()), indent=2))
+    print(dump_json(loads_json(Path(args.out, "features.json").read_text()), indent=2))
     print(f"wrote {path} (test accuracy {acc:.4f})")
     return 0

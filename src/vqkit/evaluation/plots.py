@@ -4,7 +4,6 @@ backend)."""
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..storage.fileio import atomic_write
+from ..storage.fileio import atomic_write, loads_json
 
 __all__ = [
     "image_grid",
@@ -126,7 +125,7 @@ def plot_curves(metrics_path: str | os.PathLike[str], path: str | os.PathLike[st
     for line in Path(metrics_path).read_text().splitlines():
         if line.strip():
             try:
-                rec = json.loads(line)
+                rec = loads_json(line)
             except ValueError:  # e.g. a line cut short by a kill; plot the rest
                 bad += 1
                 continue

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..storage.fileio import atomic_write, write_json
+from ..storage.fileio import atomic_write, loads_json, write_json
 
 __all__ = [
     "FORMAT",
@@ -149,7 +149,7 @@ def _read_sidecar(path: Path) -> dict[str, Any] | None:
     if not sidecar.is_file():
         return None
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = loads_json(sidecar.read_text())
     except (OSError, ValueError) as e:
         raise UserError(
             f"{sidecar}: unreadable index-map sidecar ({e}); delete it to decode {path.name} "

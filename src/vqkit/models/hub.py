@@ -26,7 +26,6 @@ A model class opts in by subclassing :class:`PretrainedMixin` and naming its
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,7 +34,7 @@ import torch
 
 from ..errors import UserError
 from ..storage.checkpoint import FORMAT, CheckpointError
-from ..storage.fileio import atomic_write, json_object, write_json
+from ..storage.fileio import atomic_write, json_object, loads_json, write_json
 from ..storage.weights import export_safetensors, load_state_strict, read_safetensors
 
 try:
@@ -187,7 +186,7 @@ class PretrainedMixin(_HubBase, **_HUB_OPTIONS):  # type: ignore[misc, valid-typ
         directory = _resolve(pretrained_model_name_or_path, hub_args)
         cfg_path = directory / CONFIG_NAME
         try:
-            stored = json.loads(cfg_path.read_text(encoding="utf-8"))
+            stored = loads_json(cfg_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise CheckpointError(f"{directory} holds no {CONFIG_NAME}") from None
         except (OSError, ValueError) as e:

@@ -12,7 +12,6 @@ a directory's from its ``config.json`` (``"vqkit": "audio-codec"`` or ``"tokeniz
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 
 from ..storage.checkpoint import CheckpointError, load_checkpoint
+from ..storage.fileio import loads_json
 from ..storage.weights import (
     export_safetensors,
     load_state_strict,
@@ -89,7 +89,7 @@ def load_any(
     if not path.is_dir():
         return _load_file(path, map_location, check_finite)
     try:
-        kind = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")).get("vqkit")
+        kind = loads_json((path / CONFIG_NAME).read_text(encoding="utf-8")).get("vqkit")
     except (OSError, ValueError, AttributeError):
         kind = None  # from_pretrained says what is wrong with the directory
     cls = AudioCodec if kind == AudioCodec.pretrained_kind else VQVAE

@@ -28,7 +28,6 @@ is named in a warning and encoded again.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -48,7 +47,7 @@ from ..data.reference import (
 )
 from ..errors import UserError
 from ..models import VQVAE, AudioCodec, load_any
-from ..storage.fileio import atomic_write, file_hexdigest, write_json
+from ..storage.fileio import atomic_write, file_hexdigest, loads_json, write_json
 from ..storage.rundir import RunDir
 
 __all__ = [
@@ -234,7 +233,7 @@ def load_tokenizer(
         raise _mismatch(path, expect_sha256, digest, origin)
     model = load_any(path, map_location=device).to(device).eval()
     cfg_path = run / "config.json"
-    run_config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    run_config = loads_json(cfg_path.read_text()) if cfg_path.is_file() else {}
     keep = path if path != origin else None
     data = getattr(model, "pretrained_info", {}).get("data")
     audio = isinstance(model, AudioCodec)  # its clips: vqkit.prior.audio_codes
@@ -359,7 +358,7 @@ def read_cached_codes(path: Path, tok: Tokenizer) -> CodeData:
     what is wrong otherwise."""
     sums_path = path.parent / CHECKSUMS
     try:
-        sums = json.loads(sums_path.read_text()) if sums_path.is_file() else {}
+        sums = loads_json(sums_path.read_text()) if sums_path.is_file() else {}
     except (OSError, ValueError):
         sums = {}
     want = sums.get(path.name) if isinstance(sums, dict) else None

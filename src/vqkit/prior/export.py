@@ -10,7 +10,6 @@ one the prior was trained with (:func:`vqkit.prior.loading.load_sample_tokenizer
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from ..errors import UserError
 from ..models.codes_io import model_identity
 from ..storage.checkpoint import CheckpointError, load_checkpoint
+from ..storage.fileio import loads_json
 from ..storage.weights import load_state_strict
 from ..training.export import describe_data
 from .config import PriorConfig
@@ -32,7 +32,7 @@ TOKENIZER_DIR = "tokenizer"
 def is_prior_run(run_dir: str | os.PathLike[str]) -> bool:
     """Whether ``run_dir`` is a ``vqkit prior`` run (its config.json names a tokenizer)."""
     try:
-        cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+        cfg = loads_json((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and "tokenizer" in cfg and "prior" in cfg
@@ -44,7 +44,7 @@ def tokenizer_run_of(run_dir: str | os.PathLike[str], tokenizer: str | None = No
     if tokenizer:
         return [tokenizer]
     try:
-        cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+        cfg = loads_json((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
         found = (cfg.get("tokenizer") or {}).get("run_dir")
     except (OSError, ValueError, AttributeError):
         return []
@@ -87,7 +87,7 @@ def export_prior_run(
     }
     evaluation: dict[str, Any] = {}
     try:
-        evaluation = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+        evaluation = loads_json((run / "eval.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
     if evaluation.get("step") != ckpt.get("step"):

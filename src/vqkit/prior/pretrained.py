@@ -20,7 +20,6 @@ A prior's codes mean something only with the tokenizer it was trained on, so its
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from ..models import VQVAE
 from ..models.codes_io import model_identity
 from ..models.hub import CONFIG_NAME, PretrainedMixin, measured_section
 from ..storage.checkpoint import CheckpointError
-from ..storage.fileio import json_object
+from ..storage.fileio import json_object, loads_json
 
 __all__ = ["PretrainedPrior", "check_tokenizer", "load_prior_tokenizer"]
 
@@ -75,7 +74,7 @@ def load_prior_tokenizer(
     prior_dir = Path(prior_dir)
     cfg_path = prior_dir / CONFIG_NAME
     try:
-        stored = json.loads(cfg_path.read_text(encoding="utf-8"))
+        stored = loads_json(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: unreadable ({e})") from e
     stored = json_object(stored, "top-level", cfg_path, CheckpointError)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..evaluation.plots import image_grid
-from ..storage.fileio import atomic_write
+from ..storage.fileio import atomic_write, loads_json
 
 __all__ = ["plot_prior_curves", "save_grid"]
 
@@ -36,7 +35,7 @@ def plot_prior_curves(metrics_path: str | os.PathLike[str], path: str | os.PathL
     cross-entropy at fixed ratios) and learning rate against step, from a prior run's
     ``metrics.jsonl``; ValueError when it holds no records."""
     records = [
-        json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()
+        loads_json(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()
     ]
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]

@@ -21,8 +21,12 @@ pictures, JSON, the decoded-data cache) goes through :func:`atomic_write`:
 * a temp file orphaned by a killed writer (kill -9, power loss) is removed later by
   :func:`clean_stale_temps`, which reads the writer's host and pid from the name.
 
-JSON is strict: :func:`dump_json` / :func:`write_json` never write ``NaN`` or
-``Infinity`` (which most JSON readers reject); a non-finite float becomes ``null``.
+JSON is strict both ways: :func:`dump_json` / :func:`write_json` never write ``NaN`` or
+``Infinity`` (which most JSON readers reject); a non-finite float becomes ``null``. And
+:func:`loads_json`, the one reader of every JSON file vqkit opens (configs, sidecars,
+manifests, metadata, metrics lines), refuses what Python's ``json.loads`` lets through:
+``NaN`` / ``Infinity`` literals and an object naming a key twice (which ``json.loads``
+settles silently by keeping the last).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from ..errors import UserError
 
 __all__ = [
     "DiskFullError",
+    "StrictJSONError",
     "atomic_write",
     "clean_stale_temps",
     "disk_full_error",
@@ -52,6 +57,7 @@ __all__ = [
     "dump_json",
     "is_disk_full",
     "json_object",
+    "loads_json",
     "mirror_paths",
     "temp_path",
     "write_json",
@@ -305,6 +311,32 @@ def json_object(value: Any, field: str, where: Any, error: type[UserError] = Use
     if not isinstance(value, dict):
         raise error(f"{where}: its {field!r} field must be a JSON object, not {_json_type(value)}")
     return value
+
+
+class StrictJSONError(ValueError):
+    """Text that ``json.loads`` would take but RFC 8259 JSON does not allow (a
+    :class:`ValueError`, as ``json.JSONDecodeError`` is, so one ``except ValueError``
+    catches both)."""
+
+
+def _no_constant(name: str) -> Any:
+    raise StrictJSONError(f"{name} is not a JSON value (write null, or a number)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise StrictJSONError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def loads_json(text: str | bytes) -> Any:
+    """Strict JSON text -> Python: as ``json.loads``, but ``NaN`` / ``Infinity`` /
+    ``-Infinity`` and repeated keys in an object raise :class:`StrictJSONError`
+    (malformed text raises ``json.JSONDecodeError``; both are ValueErrors)."""
+    return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
 
 
 def dump_json(obj: Any, *, indent: int | None = None, sort_keys: bool = False) -> str:

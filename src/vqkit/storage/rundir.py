@@ -21,7 +21,6 @@ The lock is advisory and per host-kernel; on NFS it relies on the server's lock 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -38,6 +37,7 @@ from .fileio import (
     disk_full_error,
     dump_json,
     is_disk_full,
+    loads_json,
     write_json,
 )
 from .tensorboard import TENSORBOARD_DIR, TensorBoardSink
@@ -208,7 +208,7 @@ class RunDir:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = loads_json(line)
             except ValueError:
                 dropped += 1
                 continue

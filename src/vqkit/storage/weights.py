@@ -36,7 +36,7 @@ from .checkpoint import (
     nonfinite_tensors,
     save_file_atomically,
 )
-from .fileio import json_object
+from .fileio import json_object, loads_json
 
 __all__ = [
     "export_safetensors",
@@ -109,10 +109,10 @@ def read_safetensors(
     if check_finite:
         check_finite_state(state, path)
     try:
-        config = json.loads(meta["model_config"])
-        extra = json.loads(meta.get("extra_state", "{}"))
-        aliases = json.loads(meta.get("aliases", "{}"))
-    except json.JSONDecodeError as e:
+        config = loads_json(meta["model_config"])
+        extra = loads_json(meta.get("extra_state", "{}"))
+        aliases = loads_json(meta.get("aliases", "{}"))
+    except ValueError as e:
         raise CheckpointError(f"{path}: unreadable metadata ({e})") from e
     for field, value in (("model_config", config), ("extra_state", extra), ("aliases", aliases)):
         json_object(value, f"metadata {field}", path, CheckpointError)
@@ -133,7 +133,7 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-        info = json.loads(meta.get("info", "{}"))
+        info = loads_json(meta.get("info", "{}"))
     except Exception as e:
         raise CheckpointError(f"cannot read {path}: corrupt or truncated ({e})") from e
     if not isinstance(info, dict):

@@ -10,7 +10,6 @@ command-line flags (a preset named on the command line applies over the file).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -41,6 +40,7 @@ from ..options import (
     unit_interval_excl_zero,
 )
 from ..runtime.options import JobOptions, check_resume_steps, resume_changes
+from ..storage.fileio import loads_json
 from .adversarial_step import DiscriminatorOptimOptions
 from .health import HealthOptions
 from .step import StepOptions
@@ -361,7 +361,7 @@ def read_config_values(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON object of a ``--config`` file, with the option names an older vqkit wrote
     upgraded; one line when it is missing, unreadable, not JSON or not an object."""
     try:
-        values = json.loads(Path(path).read_text())
+        values = loads_json(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
     except OSError as e:  # a folder, no permission, ...: the reason, not "[Errno 21]"
@@ -369,7 +369,7 @@ def read_config_values(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(f"--config {path}: {reason}; give a JSON file of options") from e
     except UnicodeDecodeError as e:
         raise UserError(f"config file {path} is not text (JSON): {e}") from e
-    except json.JSONDecodeError as e:
+    except ValueError as e:
         raise UserError(f"config file {path} is not valid JSON: {e}") from e
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a JSON object")

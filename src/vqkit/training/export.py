@@ -18,7 +18,6 @@ inside the run (it would replace the run's own ``config.json``) and, unless
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from ..data.reference import reference_from_train_config
 from ..errors import UserError
 from ..models import VQVAE, AudioCodec, load_model
 from ..models.io import is_codec_config, load_any
-from ..storage.fileio import refuse_existing
+from ..storage.fileio import loads_json, refuse_existing
 
 __all__ = [
     "OUTPUTS",
@@ -70,7 +69,7 @@ def check_export_out(
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = loads_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except ValueError as e:
