@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import sys
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,39 +46,6 @@ def one_thread_module() -> Iterator[None]:
     """One thread while a module-scoped fixture builds its runs (request it there)."""
     with _torch_threads(1):
         yield
-
-
-def _torch_fidelity_modules():
-    """torch-fidelity's InceptionV3 module and its TF1 resize, loaded from the installed
-    files. Its package ``__init__`` imports torchvision (not installed here), so for the
-    load only the package is registered bare (its path, not its ``__init__``); the
-    entries are removed afterwards. The test's own reference: vqkit never does this."""
-    spec = importlib.util.find_spec("torch_fidelity")
-    if spec is None:
-        return None
-    before = set(sys.modules)
-    bare = types.ModuleType("torch_fidelity")
-    bare.__path__ = list(spec.submodule_search_locations or [])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "torch_fidelity", bare)
-        try:
-            inception = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
-            resize = importlib.import_module("torch_fidelity.interpolate_compat_tensorflow")
-        finally:
-            for name in set(sys.modules) - before:
-                if name.startswith("torch_fidelity"):
-                    del sys.modules[name]
-    return inception, resize
-
-
-@pytest.fixture(scope="module")
-def fidelity():
-    """(torch-fidelity's InceptionV3 module, its TF1 resize module), the reference of
-    tests/test_features.py and tests/test_inception.py; skipped without the package."""
-    mods = _torch_fidelity_modules()
-    if mods is None:
-        pytest.skip("torch-fidelity not installed (CI installs it --no-deps)")
-    return mods
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Tests of vqkit's FID InceptionV3 module (vqkit.evaluation.inception): its TF1 bilinear
-resize against torch-fidelity's and against the formula in float64. (The network's
+resize against torch-fidelity's (stored: tests/fid_reference.py) and against the
+formula in float64. (The network's
 features against torch-fidelity's: tests/test_features.py.)"""
 
 from __future__ import annotations
@@ -8,14 +9,17 @@ import torch
 
 from vqkit.evaluation.inception import resize_bilinear_tf1
 
+from . import fid_reference
 
-def test_resize_is_torch_fidelitys_tf1_resize(fidelity):
-    tf1 = fidelity[1].interpolate_bilinear_2d_like_tensorflow1x
-    g = torch.Generator().manual_seed(2)
-    for h, w in ((32, 32), (28, 40), (512, 300), (299, 299)):
-        x = torch.randint(0, 256, (2, 3, h, w), generator=g).float()
-        want = tf1(x, size=(299, 299), align_corners=False)
-        torch.testing.assert_close(resize_bilinear_tf1(x, 299), want, rtol=0, atol=1e-4)
+
+def test_resize_is_torch_fidelitys_tf1_resize():
+    """torch-fidelity 0.4.0's TF1 resize of the same images (4,096 stored positions of
+    each output, tests/fid_reference.py)."""
+    tensors, _ = fid_reference.load()
+    where = fid_reference.resize_positions()
+    for i, x in enumerate(fid_reference.resize_inputs()):
+        got = resize_bilinear_tf1(x, 299).reshape(-1)[where]
+        torch.testing.assert_close(got, tensors[f"resize_{i}"], rtol=0, atol=1e-4)
 
 
 def test_resize_against_the_tf1_formula():
