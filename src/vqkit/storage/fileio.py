@@ -314,9 +314,10 @@ def json_object(value: Any, field: str, where: Any, error: type[UserError] = Use
 
 
 class StrictJSONError(ValueError):
-    """Text that ``json.loads`` would take but RFC 8259 JSON does not allow (a
-    :class:`ValueError`, as ``json.JSONDecodeError`` is, so one ``except ValueError``
-    catches both)."""
+    """Text that ``json.loads`` would take and vqkit refuses: ``NaN`` / ``Infinity``,
+    which are not JSON at all, and a key repeated in one object, which RFC 8259 says
+    should not happen and readers settle differently (a :class:`ValueError`, as
+    ``json.JSONDecodeError`` is, so one ``except ValueError`` catches both)."""
 
 
 def _no_constant(name: str) -> Any:
