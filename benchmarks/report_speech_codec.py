@@ -157,8 +157,8 @@ def main() -> None:
         lines += ["## By stage count", "", *run_table(read), ""]
     if held_files and not seen_file:
         raise SystemExit("--holdout needs --seen: the model trained on every speaker")
+    seen = json.loads((out / seen_file).read_text()) if held_files else None
     for speaker, file in held_files.items():
-        seen = json.loads((out / seen_file).read_text())
         rows = holdout_rows(seen, json.loads((out / file).read_text()), speaker)
         result["holdout_rows"][speaker] = rows
         lines += [f"## Held-out speaker: {speaker}", "",

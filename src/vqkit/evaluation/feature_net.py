@@ -160,7 +160,7 @@ def _read_sidecar(side: Path) -> dict[str, Any] | None:
         return None
     try:
         value = loads_json(side.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, or not strict JSON
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UserError(
             f"cannot read {side} ({reason}): remove it or make the network again with "

@@ -397,6 +397,7 @@ class AudioTrainer(LoaderJob):
 
 
 def _describe(data: Any) -> dict[str, Any]:
+    named = data.speakers is not None and bool(data.speaker_names)
     return {
         "source": data.source,
         "split": data.split,
@@ -404,7 +405,7 @@ def _describe(data: Any) -> dict[str, Any]:
         "seconds": round(data.seconds, 3),
         "rate": data.rate,
         # the speakers present (a held-out split keeps every name, not every speaker)
-        "speakers": len(set(data.speakers.tolist())) if data.speaker_names else 0,
+        "speakers": len(set(data.speakers.tolist())) if named else 0,
     }
 
 
